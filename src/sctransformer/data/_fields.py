@@ -1,0 +1,99 @@
+"""AnnData field for phenotype columns where a missing value means "unknown"."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scvi.data.fields import BaseAnnDataField
+
+
+def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
+    """Codes of ``values`` among ``categories``; ``-1`` for missing values and unseen categories."""
+    as_str = values.astype(object).where(values.notna(), None)
+    as_str = as_str.map(lambda v: None if v is None else str(v))
+    return pd.Categorical(as_str, categories=categories).codes.astype(np.int64)
+
+
+def observed_categories(values: pd.Series) -> list[str]:
+    """Sorted string categories of a column, missing values left out."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        present = values.cat.remove_unused_categories().cat.categories
+    else:
+        present = pd.unique(values.dropna())
+    return sorted(str(v) for v in present)
+
+
+class PhenotypeObsField(BaseAnnDataField):
+    """Categorical ``.obs`` column whose missing values (NaN) mean "unknown".
+
+    Unlike :class:`scvi.data.fields.CategoricalObsField`, missing values are allowed: they get code
+    ``-1``, are fed to the model as the slot's [MASK] token and are never used as training targets.
+    Category codes are written to ``adata.obs[f"_scvi_phenotype_{key}"]``.
+
+    Parameters
+    ----------
+    registry_key
+        Key in the data registry.
+    obs_key
+        Column of ``adata.obs`` holding the phenotype.
+    categories
+        Fixed category list (from a trained model); by default the sorted observed categories.
+        Values outside it become ``-1`` (unknown).
+    """
+
+    CATEGORIES_KEY = "categorical_mapping"
+    ORIGINAL_ATTR_KEY = "original_key"
+
+    def __init__(self, registry_key: str, obs_key: str, categories: list[str] | None = None) -> None:
+        super().__init__()
+        self._registry_key = registry_key
+        self._obs_key = obs_key
+        self._categories = categories
+
+    @property
+    def registry_key(self) -> str:
+        """Key in the data registry."""
+        return self._registry_key
+
+    @property
+    def attr_name(self) -> str:
+        """AnnData attribute holding the codes."""
+        return "obs"
+
+    @property
+    def attr_key(self) -> str:
+        """Column holding the codes."""
+        return f"_scvi_phenotype_{self._obs_key}"
+
+    @property
+    def is_empty(self) -> bool:
+        """Never empty."""
+        return False
+
+    def validate_field(self, adata: AnnData) -> None:
+        """Check that the phenotype column exists."""
+        if self._obs_key not in adata.obs:
+            raise KeyError(f"phenotype column {self._obs_key!r} not found in adata.obs")
+
+    def register_field(self, adata: AnnData) -> dict:
+        """Write the category codes and return the category list."""
+        self.validate_field(adata)
+        column = adata.obs[self._obs_key]
+        categories = self._categories if self._categories is not None else observed_categories(column)
+        adata.obs[self.attr_key] = category_codes(column, categories)
+        super().register_field(adata)
+        return {self.CATEGORIES_KEY: np.asarray(categories, dtype=object), self.ORIGINAL_ATTR_KEY: self._obs_key}
+
+    def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs) -> dict:
+        """Register on a new AnnData with the source's categories."""
+        self._categories = [str(c) for c in state_registry[self.CATEGORIES_KEY]]
+        return self.register_field(adata_target)
+
+    def get_summary_stats(self, state_registry: dict) -> dict:
+        """Number of categories."""
+        return {f"n_{self.registry_key}": len(state_registry[self.CATEGORIES_KEY])}
+
+    def view_state_registry(self, state_registry: dict) -> None:
+        """No rich view."""
+        return None

@@ -1,0 +1,128 @@
+"""Checks of user input that run before anything heavy, with errors that say how to fix it."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+_CHUNK_ROWS = 10_000
+
+
+def get_matrix(adata: AnnData, layer: str | None):
+    """The count matrix: ``adata.layers[layer]`` or ``adata.X``."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is empty; pass the layer that holds counts with layer=...")
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer {layer!r} not found in adata.layers (available: {list(adata.layers)}); "
+            "pass one of these, or layer=None to use adata.X"
+        )
+    return adata.layers[layer]
+
+
+def _row_chunks(matrix, n_obs: int):
+    for start in range(0, n_obs, _CHUNK_ROWS):
+        chunk = matrix[start : start + _CHUNK_ROWS]
+        yield chunk.data if sp.issparse(chunk) else np.asarray(chunk)
+
+
+def check_counts(adata: AnnData, layer: str | None) -> None:
+    """Raise if the count matrix is empty, not numeric, or holds NaN/inf, negative or fractional values.
+
+    Every stored value is checked, chunk by chunk (backed matrices are never loaded whole).
+    """
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if adata.n_obs == 0:
+        raise ValueError("adata has zero cells; there is nothing to train on or embed")
+    if adata.n_vars == 0:
+        raise ValueError("adata has zero genes; pass an AnnData whose var holds genes")
+    matrix = get_matrix(adata, layer)
+    dtype = getattr(matrix, "dtype", None)
+    if dtype is None or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise TypeError(f"{where} has dtype {dtype}; it must hold numeric counts")
+    if dtype == np.bool_:
+        raise TypeError(f"{where} holds booleans; pass integer counts (e.g. layer='counts')")
+    for values in _row_chunks(matrix, adata.n_obs):
+        if values.size == 0:
+            continue
+        if np.issubdtype(values.dtype, np.floating):
+            if not np.isfinite(values).all():
+                raise ValueError(
+                    f"{where} holds NaN or infinite values; remove or fix them before setup_anndata"
+                )
+            if (values != np.round(values)).any():
+                raise ValueError(
+                    f"{where} holds non-integer values; pass raw counts (e.g. layer='counts'), "
+                    "not normalised or log-transformed data"
+                )
+        if (values < 0).any():
+            raise ValueError(f"{where} holds negative values; pass raw, non-negative counts")
+
+
+def gene_identifiers(adata: AnnData, gene_key: str | None) -> pd.Index:
+    """Gene identifiers: ``adata.var[gene_key]`` or ``adata.var_names``, checked to be unique."""
+    if gene_key is None:
+        ids = pd.Index(adata.var_names.astype(str))
+        where = "adata.var_names"
+    else:
+        if gene_key not in adata.var:
+            raise KeyError(
+                f"gene_key {gene_key!r} not found in adata.var (available: {list(adata.var.columns)})"
+            )
+        column = adata.var[gene_key]
+        if column.isna().any():
+            raise ValueError(f"adata.var[{gene_key!r}] has missing gene identifiers; fill or drop them")
+        ids = pd.Index(column.astype(str))
+        where = f"adata.var[{gene_key!r}]"
+    if not ids.is_unique:
+        dup = ids[ids.duplicated()].unique()[:5].tolist()
+        raise ValueError(
+            f"{where} has duplicate gene identifiers (e.g. {dup}); make them unique, e.g. with "
+            "adata.var_names_make_unique(), or pass gene_key= a column of unique identifiers"
+        )
+    return ids
+
+
+def check_obs_key(adata: AnnData, key: str, role: str) -> None:
+    """Raise if ``key`` is not a column of ``adata.obs``."""
+    if key not in adata.obs:
+        raise KeyError(
+            f"{role} {key!r} not found in adata.obs (available: {list(adata.obs.columns)})"
+        )
+
+
+def check_phenotype_column(adata: AnnData, key: str) -> None:
+    """Raise if a phenotype column has no known value; warn if it has one category only."""
+    check_obs_key(adata, key, "phenotype key")
+    column = adata.obs[key]
+    if column.notna().sum() == 0:
+        raise ValueError(
+            f"phenotype column {key!r} has no known value (all NaN); drop it from phenotype_keys"
+        )
+    if pd.api.types.is_float_dtype(column.dtype) and column.dropna().nunique() > 0.5 * len(column):
+        raise ValueError(
+            f"phenotype column {key!r} looks continuous ({column.dropna().nunique()} distinct "
+            "float values); phenotypes must be categorical labels"
+        )
+    if column.dropna().nunique() == 1:
+        warnings.warn(
+            f"phenotype column {key!r} has a single category; its head learns nothing useful",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def empty_cells(adata: AnnData, layer: str | None) -> np.ndarray:
+    """Indices of cells with no counts."""
+    matrix = get_matrix(adata, layer)
+    totals = np.zeros(adata.n_obs)
+    for start in range(0, adata.n_obs, _CHUNK_ROWS):
+        chunk = matrix[start : start + _CHUNK_ROWS]
+        totals[start : start + chunk.shape[0]] = np.asarray(chunk.sum(axis=1)).ravel()
+    return np.flatnonzero(totals == 0)

@@ -1,0 +1,729 @@
+"""The user-facing GeneTransformer model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import nullcontext
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import scvi
+import torch
+from anndata import AnnData
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.dataloaders import DataSplitter
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+
+from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, TARGET_SUM, phenotype_registry_key
+from sctransformer._settings import settings
+from sctransformer.data import (
+    GeneVocabulary,
+    PhenotypeObsField,
+    check_counts,
+    empty_cells,
+    gene_identifiers,
+    get_matrix,
+    iter_minibatches,
+    observed_categories,
+    phenotype_codes,
+)
+from sctransformer.data._validation import check_obs_key, check_phenotype_column
+from sctransformer.module import GeneTransformerModule, Pooling, TokenizedCells
+from sctransformer.train import MaskedModelingPlan
+
+from ._save_load import read_model_dir, write_model_dir
+
+logger = logging.getLogger("sctransformer")
+
+try:
+    __version__ = version("sctransformer")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0+unknown"
+
+_FIXED_BIN_CELLS = 10_000
+
+
+def _check_hyperparameters(
+    *,
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    d_ff: int | None,
+    dropout: float,
+    max_length: int,
+    value_encoding: str,
+    n_bins: int,
+    binning: str,
+    n_unexpressed: int,
+    label_smoothing: float,
+) -> None:
+    def positive_int(name: str, value: Any, minimum: int = 1) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+    positive_int("d_model", d_model)
+    positive_int("n_layers", n_layers)
+    positive_int("n_heads", n_heads)
+    positive_int("max_length", max_length)
+    positive_int("n_bins", n_bins, 2)
+    positive_int("n_unexpressed", n_unexpressed, 0)
+    if d_ff is not None:
+        positive_int("d_ff", d_ff)
+    if d_model % n_heads:
+        raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}; e.g. n_heads=4 with d_model=128")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if value_encoding not in ("binned", "continuous"):
+        raise ValueError(f"value_encoding must be 'binned' or 'continuous', got {value_encoding!r}")
+    if binning not in ("quantile", "fixed"):
+        raise ValueError(f"binning must be 'quantile' or 'fixed', got {binning!r}")
+
+
+def _fixed_bin_edges(adata: AnnData, layer: str | None, n_bins: int, seed: int) -> torch.Tensor:
+    """Quantiles of the non-zero log1p-normalised values of (up to 10,000) cells as bin edges."""
+    matrix = get_matrix(adata, layer)
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, _FIXED_BIN_CELLS), replace=False))
+    import scipy.sparse as sp
+
+    block = sp.csr_matrix(matrix[rows])
+    totals = np.asarray(block.sum(1)).ravel()
+    totals[totals == 0] = 1
+    normalised = sp.diags(TARGET_SUM / totals) @ block
+    values = np.log1p(normalised.data[normalised.data > 0])
+    if values.size == 0:
+        raise ValueError("the counts have no non-zero value to place fixed bin edges on")
+    edges = np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1])
+    return torch.as_tensor(edges, dtype=torch.float32)
+
+
+class GeneTransformer(BaseModelClass):
+    """Transformer over cells as sentences of their expressed genes.
+
+    Pre-trained by masked modelling of expression values and (optionally) phenotypes; gives cell
+    embeddings, phenotype predictions and gene embeddings.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :func:`sctransformer.setup_anndata`.
+    d_model
+        Token width.
+    n_layers
+        Number of transformer blocks.
+    n_heads
+        Attention heads per block; must divide ``d_model``.
+    d_ff
+        Hidden width of the feed-forward layers; default ``4 * d_model``.
+    dropout
+        Dropout rate.
+    max_length
+        Maximum number of gene tokens per cell (the ``[CLS]`` and phenotype tokens come on top).
+        Cells with more expressed genes keep the most expressed ones.
+    value_encoding
+        ``"binned"``: expression bins with a cross-entropy loss; ``"continuous"``: an MLP on the
+        log1p-normalised value with a mean-squared-error loss.
+    n_bins
+        Number of expression bins (``value_encoding="binned"``).
+    binning
+        ``"quantile"``: per-cell quantile bins; ``"fixed"``: fixed edges on log1p-normalised
+        values, placed at quantiles of this AnnData's values and saved with the model.
+    n_unexpressed
+        Unexpressed genes sampled per cell during training as targets of an is-zero head (``0``
+        disables the head).
+    label_smoothing
+        Label smoothing of the expression-bin cross-entropy.
+    cell_expression_loss
+        Also predict masked values from the ``[CLS]`` output, which trains the ``[CLS]``
+        embedding to summarise the cell.
+    seed
+        Seed of the weight initialisation; default ``sctransformer.settings.seed``.
+
+    Examples
+    --------
+    >>> adata = sct.datasets.pbmc68k()
+    >>> sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    >>> model = sct.GeneTransformer(adata)
+    >>> model.train()
+    >>> adata.obsm["X_sct"] = model.get_latent_representation()
+    """
+
+    _module_cls = GeneTransformerModule
+    _training_plan_cls = MaskedModelingPlan
+    _data_splitter_cls = DataSplitter
+    _train_runner_cls = TrainRunner
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_ff: int | None = None,
+        dropout: float = 0.1,
+        max_length: int = 256,
+        value_encoding: Literal["binned", "continuous"] = "binned",
+        n_bins: int = 16,
+        binning: Literal["quantile", "fixed"] = "quantile",
+        n_unexpressed: int = 0,
+        label_smoothing: float = 0.1,
+        cell_expression_loss: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        hyperparameters = {k: v for k, v in locals().items() if k not in ("self", "adata", "__class__")}
+        _check_hyperparameters(**{k: v for k, v in hyperparameters.items() if k not in ("cell_expression_loss", "seed")})
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
+        if self._get_most_recent_anndata_manager(adata) is None:
+            raise ValueError(
+                "adata is not set up; call sctransformer.setup_anndata(adata, ...) before creating the model"
+            )
+        super().__init__(adata)
+        self._check_registered_shape(adata)
+        setup_args = self.adata_manager.registry["setup_args"]
+        vocabulary = GeneVocabulary(gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY]))
+        categories = {
+            key: [str(c) for c in self.adata_manager.get_state_registry(phenotype_registry_key(key))[PhenotypeObsField.CATEGORIES_KEY]]
+            for key in setup_args[SETUP_ARGS.PHENOTYPE_KEYS] or []
+        }
+        seed = settings.seed if seed is None else seed
+        bin_edges = None
+        if binning == "fixed":
+            bin_edges = _fixed_bin_edges(adata, setup_args[SETUP_ARGS.LAYER], n_bins, seed)
+        self._build(hyperparameters | {"seed": seed}, vocabulary, categories, setup_args, bin_edges)
+        self.init_params_ = self._get_init_params(locals())
+        self.init_params_["non_kwargs"]["seed"] = seed
+
+    # ------------------------------------------------------------------ construction
+    def _build(
+        self,
+        hyperparameters: dict[str, Any],
+        vocabulary: GeneVocabulary,
+        phenotype_categories: dict[str, list[str]],
+        setup_args: dict[str, Any],
+        bin_edges: torch.Tensor | None,
+    ) -> None:
+        self.vocabulary_ = vocabulary
+        self.phenotype_categories_ = phenotype_categories
+        self.setup_args_ = {k: setup_args.get(k) for k in SETUP_ARGS}
+        self.hyperparameters_ = dict(hyperparameters)
+        hp = self.hyperparameters_
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hp["seed"])
+            self.module = GeneTransformerModule(
+                len(vocabulary),
+                [len(c) for c in phenotype_categories.values()],
+                d_model=hp["d_model"],
+                n_layers=hp["n_layers"],
+                n_heads=hp["n_heads"],
+                d_ff=hp["d_ff"] or 4 * hp["d_model"],
+                dropout=hp["dropout"],
+                max_length=hp["max_length"],
+                value_encoding=hp["value_encoding"],
+                n_bins=hp["n_bins"],
+                binning=hp["binning"],
+                bin_edges=bin_edges if bin_edges is not None else (torch.zeros(hp["n_bins"] - 1) if hp["binning"] == "fixed" else None),
+                label_smoothing=hp["label_smoothing"],
+                predict_zeros=hp["n_unexpressed"] > 0,
+                cell_expression_loss=hp["cell_expression_loss"],
+            )
+        n_params = sum(p.numel() for p in self.module.parameters())
+        self._model_summary_string = (
+            f"GeneTransformer: {hp['n_layers']} layers, d_model={hp['d_model']}, "
+            f"{hp['n_heads']} heads, {len(vocabulary)} genes, max_length={hp['max_length']}, "
+            f"{hp['value_encoding']} values, phenotypes {list(phenotype_categories) or 'none'}, "
+            f"{n_params / 1e6:.2f}M parameters"
+        )
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        phenotype_keys: list[str] | None = None,
+        gene_key: str | None = None,
+        _phenotype_categories: dict[str, list[str]] | None = None,
+    ) -> None:
+        """Register an AnnData for sctransformer.
+
+        Validates the input, then registers the count matrix, the batch column and the phenotype
+        columns with scvi-tools' :class:`~scvi.data.AnnDataManager`. Nothing heavy happens here.
+
+        Parameters
+        ----------
+        adata
+            Cells x genes AnnData; ``X`` or ``layer`` holds raw counts (sparse CSR preferred).
+        layer
+            Layer holding the counts; ``None`` for ``adata.X``.
+        batch_key
+            ``.obs`` column of batch labels.
+        phenotype_keys
+            Categorical ``.obs`` columns to model as phenotype tokens (cell type, tissue, ...);
+            missing values (NaN) mean "unknown": such cells are not used as targets for that key.
+        gene_key
+            ``.var`` column holding gene identifiers; default ``adata.var_names``.
+
+        Returns
+        -------
+        Nothing; adds ``adata.obs["_scvi_batch"]``, ``adata.obs["_scvi_phenotype_<key>"]`` (category
+        codes) and ``adata.uns["_scvi_uuid"]``, ``adata.uns["_scvi_manager_uuid"]``.
+
+        Notes
+        -----
+        Cells without any counts are kept with a warning: they are embedded from the ``[CLS]`` and
+        phenotype tokens alone.
+        """
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
+        if adata.is_view:
+            raise ValueError(
+                "adata is a view (a subset of another AnnData); call adata = adata.copy() first "
+                "so that setup_anndata does not write into the parent object"
+            )
+        if isinstance(phenotype_keys, str):
+            phenotype_keys = [phenotype_keys]
+        phenotype_keys = list(phenotype_keys or [])
+        if len(set(phenotype_keys)) != len(phenotype_keys):
+            raise ValueError(f"phenotype_keys has duplicates: {phenotype_keys}")
+        if batch_key is not None:
+            check_obs_key(adata, batch_key, "batch_key")
+            if adata.obs[batch_key].isna().any():
+                raise ValueError(f"adata.obs[{batch_key!r}] has missing values; every cell needs a batch")
+            if batch_key in phenotype_keys:
+                raise ValueError(f"{batch_key!r} is both batch_key and a phenotype key; choose one role")
+        for key in phenotype_keys:
+            if _phenotype_categories is None:
+                check_phenotype_column(adata, key)
+            else:
+                check_obs_key(adata, key, "phenotype key")
+        gene_identifiers(adata, gene_key)
+        check_counts(adata, layer)
+        n_empty = len(empty_cells(adata, layer))
+        if n_empty:
+            warnings.warn(
+                f"{n_empty} cells have no counts; they are embedded from the [CLS] and phenotype "
+                "tokens only. Filter them out (sc.pp.filter_cells(adata, min_counts=1)) if unwanted",
+                UserWarning,
+                stacklevel=2,
+            )
+        setup_method_args = cls._get_setup_method_args(
+            cls=cls, adata=adata, layer=layer, batch_key=batch_key, phenotype_keys=phenotype_keys, gene_key=gene_key
+        )
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        ]
+        categories = _phenotype_categories or {}
+        fields += [
+            PhenotypeObsField(phenotype_registry_key(key), key, categories.get(key)) for key in phenotype_keys
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not contain unnormalized count data.*")
+            manager.register_fields(adata)
+        cls.register_manager(manager)
+
+    @classmethod
+    def _registered_manager(cls, adata: AnnData) -> AnnDataManager | None:
+        """The manager ``adata`` was set up with, or ``None`` (also for a copy of a set-up AnnData)."""
+        try:
+            return cls._get_most_recent_anndata_manager(adata)
+        except ValueError:  # a copy carries the original's registration ids, not its registration
+            return None
+
+    def _check_registered_shape(self, adata: AnnData) -> None:
+        stats = self.adata_manager.summary_stats
+        if (adata.n_obs, adata.n_vars) != (stats["n_cells"], stats["n_vars"]):
+            raise ValueError(
+                f"adata changed shape since setup_anndata ({stats['n_cells']} x {stats['n_vars']} "
+                f"then, {adata.n_obs} x {adata.n_vars} now); call setup_anndata again"
+            )
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+        gene_mask_prob: float = 0.15,
+        phenotype_mask_prob: float = 0.5,
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        precision: str | None = None,
+        early_stopping: bool = False,
+        seed: int | None = None,
+        datasplitter_kwargs: dict[str, Any] | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Pre-train (and, with phenotypes, fine-tune) by masked modelling, with Lightning.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells; default scales with the number of cells
+            (``clip(20_000 // n_cells, 5, 50)``).
+        batch_size
+            Cells per minibatch.
+        lr, weight_decay
+            AdamW learning rate and weight decay.
+        warmup_fraction
+            Share of steps in linear learning-rate warm-up, followed by cosine decay.
+        gene_mask_prob
+            Share of gene values hidden and predicted.
+        phenotype_mask_prob
+            Share of phenotype tokens hidden and predicted.
+        train_size, validation_size
+            Shares of cells for training and validation (scvi-tools' ``DataSplitter``); cells in
+            neither are a test set, listed in ``model.test_indices``.
+        accelerator, devices
+            Lightning device selection; ``"auto"`` takes a GPU when there is one.
+        precision
+            Lightning precision; default ``"bf16-mixed"`` on GPUs that support it, else 32-bit.
+        early_stopping
+            Stop when ``loss_validation`` stops improving.
+        seed
+            Seed of the data split and masking; default ``sctransformer.settings.seed``.
+        datasplitter_kwargs
+            More options of :class:`scvi.dataloaders.DataSplitter`.
+        **trainer_kwargs
+            More options of :class:`scvi.train.Trainer` (a Lightning ``Trainer``).
+        """
+        if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < 1):
+            raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if not 0 <= warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
+        for name, p in (("gene_mask_prob", gene_mask_prob), ("phenotype_mask_prob", phenotype_mask_prob)):
+            if not 0 <= p < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+        if gene_mask_prob == 0 and not self.phenotype_categories_:
+            raise ValueError("gene_mask_prob=0 with no phenotype keys leaves nothing to learn")
+        if not 0 < train_size <= 1:
+            raise ValueError(f"train_size must be in (0, 1], got {train_size!r}")
+        if self.adata is None:
+            raise ValueError("the model has no AnnData to train on; load it with adata=...")
+        self._validate_anndata(self.adata)
+        self._check_registered_shape(self.adata)
+        n_train = int(round(train_size * self.adata.n_obs))
+        if n_train < 1:
+            raise ValueError(f"train_size={train_size} leaves no training cell of {self.adata.n_obs}")
+
+        seed = settings.seed if seed is None else seed
+        if max_epochs is None:
+            max_epochs = int(np.clip(20_000 // max(1, self.adata.n_obs), 5, 50))
+        accelerator_is_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        if precision is None and accelerator_is_gpu and torch.cuda.is_bf16_supported():
+            precision = "bf16-mixed"
+        if precision is not None:
+            trainer_kwargs["precision"] = precision
+        has_validation = (validation_size if validation_size is not None else 1 - train_size) > 0
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if has_validation else None)
+        trainer_kwargs.setdefault("gradient_clip_val", 1.0)
+        trainer_kwargs.setdefault("early_stopping_monitor", "loss_validation")
+        trainer_kwargs.setdefault("log_every_n_steps", 1)
+        trainer_kwargs.setdefault("deterministic", "warn" if not accelerator_is_gpu else False)
+        trainer_kwargs.setdefault("benchmark", accelerator_is_gpu)
+
+        previous_seed = scvi.settings.seed
+        scvi.settings.seed = seed  # seeds the DataSplitter's shuffle and the global RNGs
+        try:
+            pl.seed_everything(seed, workers=True, verbose=False)
+            datamodule = self._data_splitter_cls(
+                self.adata_manager,
+                train_size=train_size,
+                validation_size=validation_size,
+                batch_size=batch_size,
+                shuffle_set_split=True,
+                load_sparse_tensor=True,
+                **(datasplitter_kwargs or {}),
+            )
+            plan = self._training_plan_cls(
+                self.module,
+                column_to_gene=self._column_to_gene(self.adata),
+                phenotype_keys=list(self.phenotype_categories_),
+                lr=lr,
+                weight_decay=weight_decay,
+                warmup_fraction=warmup_fraction,
+                gene_mask_prob=gene_mask_prob,
+                phenotype_mask_prob=phenotype_mask_prob,
+                n_unexpressed=self.hyperparameters_["n_unexpressed"],
+                seed=seed,
+            )
+            runner = self._train_runner_cls(
+                self,
+                training_plan=plan,
+                data_splitter=datamodule,
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                early_stopping=early_stopping,
+                **trainer_kwargs,
+            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+                warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
+                warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+                runner()
+        finally:
+            scvi.settings.seed = previous_seed
+        self.train_settings_ = {
+            "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+            "warmup_fraction": warmup_fraction, "gene_mask_prob": gene_mask_prob,
+            "phenotype_mask_prob": phenotype_mask_prob, "train_size": train_size,
+            "validation_size": validation_size, "seed": seed,
+        }
+
+    # ------------------------------------------------------------------ inference
+    def _column_to_gene(self, adata: AnnData) -> np.ndarray:
+        ids = gene_identifiers(adata, self.setup_args_[SETUP_ARGS.GENE_KEY])
+        return self.vocabulary_.column_to_gene(ids)
+
+    def _inference_adata(self, adata: AnnData | None) -> AnnData:
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("the model has no AnnData attached; pass adata=...")
+            return self.adata
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
+        check_counts(adata, self.setup_args_[SETUP_ARGS.LAYER])
+        return adata
+
+    def _forward(
+        self, adata: AnnData, batch_size: int | None
+    ) -> Iterator[tuple[np.ndarray, TokenizedCells, torch.Tensor]]:
+        """Yield ``(cell indices, tokens, hidden states)`` with every phenotype token masked."""
+        batch_size = batch_size or settings.batch_size
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        column_to_gene = torch.as_tensor(self._column_to_gene(adata))
+        device = next(self.module.parameters()).device
+        column_to_gene = column_to_gene.to(device)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if device.type == "cuda" and torch.cuda.is_bf16_supported()
+            else nullcontext()
+        )
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.inference_mode(), autocast:
+                for idx, x in iter_minibatches(adata, layer=self.setup_args_[SETUP_ARGS.LAYER], batch_size=batch_size):
+                    tokens = self.module.tokenize(x.to(device), column_to_gene)
+                    masked = torch.full((len(idx), self.module.n_phenotypes), -1, dtype=torch.long, device=device)
+                    yield idx, tokens, self.module.encode(tokens, masked)
+        finally:
+            self.module.train(was_training)
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        *,
+        pooling: Pooling = "cls",
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Cell embeddings ``(n_cells, d_model)``.
+
+        Phenotype tokens are masked, so the embedding does not depend on the labels. A cell gets
+        the same embedding whatever the minibatch it is in.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's count layer; default the AnnData the model was built on.
+            It need not be set up and is not modified.
+        pooling
+            ``"cls"``: the ``[CLS]`` token's output; ``"mean"``: mean over expressed-gene tokens.
+        batch_size
+            Cells per minibatch; default ``sctransformer.settings.batch_size``.
+        """
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        adata = self._inference_adata(adata)
+        out = np.zeros((adata.n_obs, self.hyperparameters_["d_model"]), dtype=np.float32)
+        for idx, tokens, hidden in self._forward(adata, batch_size):
+            out[idx] = self.module.pool(hidden, tokens, pooling).float().cpu().numpy()
+        return out
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        *,
+        phenotype: str | list[str] | None = None,
+        batch_size: int | None = None,
+        return_probabilities: bool = False,
+    ) -> pd.DataFrame | tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+        """Predict phenotypes from the masked phenotype tokens.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's count layer; default the model's own. Not modified.
+        phenotype
+            Phenotype key(s) to predict; default all of the model's.
+        batch_size
+            Cells per minibatch.
+        return_probabilities
+            Also return, per phenotype, a cells x categories DataFrame of probabilities.
+
+        Returns
+        -------
+        DataFrame indexed like ``adata.obs`` with a categorical column ``<key>`` (predicted label)
+        and ``<key>_confidence`` (its softmax probability) per phenotype; with
+        ``return_probabilities``, also a dict of probability DataFrames.
+        """
+        keys = self._phenotype_selection(phenotype)
+        adata = self._inference_adata(adata)
+        slots = {key: list(self.phenotype_categories_).index(key) for key in keys}
+        probabilities = {key: np.zeros((adata.n_obs, len(self.phenotype_categories_[key])), np.float32) for key in keys}
+        for idx, _, hidden in self._forward(adata, batch_size):
+            logits = self.module.phenotype_logits(hidden)
+            for key, slot in slots.items():
+                probabilities[key][idx] = logits[slot].float().softmax(-1).cpu().numpy()
+        table = pd.DataFrame(index=adata.obs_names.copy())
+        frames = {}
+        for key in keys:
+            cats = self.phenotype_categories_[key]
+            p = probabilities[key]
+            table[key] = pd.Categorical.from_codes(p.argmax(1), categories=cats)
+            table[f"{key}_confidence"] = p.max(1)
+            frames[key] = pd.DataFrame(p, index=table.index, columns=cats)
+        return (table, frames) if return_probabilities else table
+
+    def _phenotype_selection(self, phenotype: str | list[str] | None) -> list[str]:
+        if not self.phenotype_categories_:
+            raise ValueError(
+                "the model has no phenotype keys to predict; set up the AnnData with "
+                "phenotype_keys=[...] and train a model on it"
+            )
+        keys = list(self.phenotype_categories_) if phenotype is None else ([phenotype] if isinstance(phenotype, str) else list(phenotype))
+        unknown = [k for k in keys if k not in self.phenotype_categories_]
+        if unknown:
+            raise KeyError(f"phenotype {unknown} not modelled; the model predicts {list(self.phenotype_categories_)}")
+        return keys
+
+    def get_gene_embedding(self) -> pd.DataFrame:
+        """The gene-identity embedding table, genes x ``d_model``, indexed by gene identifier."""
+        weights = self.module.gene_embedding.weight.detach().float().cpu().numpy()
+        return pd.DataFrame(weights, index=self.vocabulary_.index.copy())
+
+    # ------------------------------------------------------------------ persistence
+    @property
+    def history(self) -> dict[str, pd.DataFrame]:
+        """Per-epoch training curves: ``{metric_name: DataFrame indexed by epoch}``."""
+        return {name: frame.astype(float) for name, frame in (self.history_ or {}).items()}
+
+    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Save weights (safetensors) and everything else (JSON) into ``dir_path``.
+
+        The directory is written beside the target and renamed into place, so an interrupted save
+        leaves any previous model there intact. Nothing is pickled.
+        """
+        history = {
+            name: {"epoch": [int(i) for i in frame.index], "value": [float(v) for v in frame.iloc[:, 0]]}
+            for name, frame in self.history.items()
+        }
+        state = {
+            "model_class": type(self).__name__,
+            "sctransformer_version": __version__,
+            "torch_version": torch.__version__,
+            "hyperparameters": self.hyperparameters_,
+            "setup_args": self.setup_args_,
+            "vocabulary": self.vocabulary_.genes,
+            "phenotype_categories": self.phenotype_categories_,
+            "is_trained": bool(self.is_trained_),
+            "train_settings": getattr(self, "train_settings_", None),
+            "history": history,
+            "indices": {
+                name: None if getattr(self, f"{name}_indices_") is None else [int(i) for i in getattr(self, f"{name}_indices_")]
+                for name in ("train", "validation", "test")
+            },
+        }
+        write_model_dir(dir_path, state, self.module.state_dict(), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, *, adata: AnnData | None = None, accelerator: str = "cpu") -> GeneTransformer:
+        """Load a model saved with :meth:`save`.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        adata
+            AnnData to attach (for further training or as the default of the getters). Its genes
+            are aligned to the saved vocabulary by identifier; genes outside it are ignored. If it
+            is not set up, it is set up with the saved settings (phenotype columns it lacks are
+            treated as unknown).
+        accelerator
+            ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        """
+        state, weights = read_model_dir(dir_path)
+        if state.get("model_class") != cls.__name__:
+            raise ValueError(f"{dir_path} holds a {state.get('model_class')!r}, not a {cls.__name__}")
+        vocabulary = GeneVocabulary(state["vocabulary"])
+        categories = {k: list(v) for k, v in state["phenotype_categories"].items()}
+        setup_args = state["setup_args"]
+        model = cls.__new__(cls)
+        if adata is not None:
+            if not isinstance(adata, AnnData):
+                raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
+            vocabulary.column_to_gene(gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY]))
+            if cls._registered_manager(adata) is None:
+                cls.setup_anndata(
+                    adata,
+                    layer=setup_args[SETUP_ARGS.LAYER],
+                    batch_key=setup_args[SETUP_ARGS.BATCH_KEY] if setup_args[SETUP_ARGS.BATCH_KEY] in adata.obs else None,
+                    phenotype_keys=[k for k in categories if k in adata.obs],
+                    gene_key=setup_args[SETUP_ARGS.GENE_KEY],
+                    _phenotype_categories=categories,
+                )
+            BaseModelClass.__init__(model, adata)
+        else:
+            BaseModelClass.__init__(model, registry={"setup_args": setup_args, "field_registries": {}})
+        model._build(state["hyperparameters"], vocabulary, categories, setup_args, None)
+        try:
+            model.module.load_state_dict(weights, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"the weights in {dir_path} do not fit the saved hyper-parameters: {err}") from err
+        model.init_params_ = {"kwargs": {}, "non_kwargs": dict(state["hyperparameters"])}
+        model.is_trained_ = state["is_trained"]
+        model.train_settings_ = state.get("train_settings")
+        model.history_ = {
+            name: pd.DataFrame({name: h["value"]}, index=pd.Index(h["epoch"], name="epoch"))
+            for name, h in state["history"].items()
+        }
+        for name, idx in state["indices"].items():
+            setattr(model, f"{name}_indices_", None if idx is None else np.asarray(idx))
+        model.module.eval()
+        model.to_device("cuda" if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu")
+        return model
+
+    def __repr__(self) -> str:
+        trained = "trained" if self.is_trained_ else "not trained"
+        return f"{self._model_summary_string} ({trained})"
+
+
+setup_anndata = GeneTransformer.setup_anndata

@@ -1,0 +1,99 @@
+"""Model directories: weights as safetensors, everything else as JSON; atomic writes, no pickle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sctransformer._constants import MODEL_FORMAT_VERSION
+
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "model.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_model_dir(
+    dir_path: str | os.PathLike, state: dict[str, Any], weights: dict[str, torch.Tensor], *, overwrite: bool
+) -> Path:
+    """Write ``state`` (JSON) and ``weights`` (safetensors) into ``dir_path``.
+
+    Files are written into a temporary directory beside the target, which is then renamed into
+    place, so an interrupted save never leaves a half-written model where a good one was.
+    """
+    target = Path(dir_path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a directory; choose another path")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"{target} is not empty; pass overwrite=True to replace its contents")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        save_file(weights, staging / WEIGHTS_FILE)
+        state = {**state, "format_version": MODEL_FORMAT_VERSION, "weights_sha256": _sha256(staging / WEIGHTS_FILE)}
+        with open(staging / STATE_FILE, "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if target.exists():
+            retired = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def read_model_dir(dir_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check a model directory written by :func:`write_model_dir`."""
+    path = Path(dir_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory holding a saved sctransformer model")
+    missing = [name for name in (STATE_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not a saved sctransformer model: {', '.join(missing)} missing "
+            "(save a model with model.save(dir))"
+        )
+    try:
+        with open(path / STATE_FILE) as f:
+            state = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path / STATE_FILE} is not valid JSON ({err}); the model is damaged") from err
+    version = state.get("format_version")
+    if not isinstance(version, int) or version > MODEL_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was saved in model format {version!r} by sctransformer "
+            f"{state.get('sctransformer_version', 'unknown')}; this sctransformer reads format "
+            f"{MODEL_FORMAT_VERSION} and older: upgrade sctransformer"
+        )
+    expected = state.get("weights_sha256")
+    if expected != _sha256(path / WEIGHTS_FILE):
+        raise ValueError(
+            f"{path / WEIGHTS_FILE} does not match the checksum recorded in {STATE_FILE}; "
+            "the weights file is damaged or was replaced"
+        )
+    try:
+        weights = load_file(path / WEIGHTS_FILE)
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{path / WEIGHTS_FILE} could not be read as safetensors: {err}") from err
+    return state, weights

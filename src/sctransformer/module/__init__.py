@@ -1,0 +1,15 @@
+"""Plain-torch building blocks: tokenizer, attention, the gene transformer module."""
+
+from ._attention import EncoderBlock, SelfAttention
+from ._module import GeneTransformerModule, LossOutput, Pooling
+from ._tokenizer import TokenizedCells, Tokenizer
+
+__all__ = [
+    "EncoderBlock",
+    "GeneTransformerModule",
+    "LossOutput",
+    "Pooling",
+    "SelfAttention",
+    "TokenizedCells",
+    "Tokenizer",
+]

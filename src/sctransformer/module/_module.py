@@ -1,0 +1,305 @@
+"""The gene transformer as a plain torch module: embeddings, encoder, heads, losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._attention import EncoderBlock
+from ._tokenizer import Binning, TokenizedCells, Tokenizer, ValueEncoding
+
+Pooling = Literal["cls", "mean"]
+
+
+@dataclass
+class LossOutput:
+    """Losses of one minibatch: the weighted ``total`` and each component separately.
+
+    Attributes
+    ----------
+    total
+        Sum of the components (the quantity that is minimised).
+    components
+        Each loss term by name: ``expression``, ``expression_from_cell``, ``is_zero``,
+        ``phenotype_<key>``. Terms with nothing to score in this minibatch are absent.
+    metrics
+        Accuracies of the masked predictions, by name (not differentiated).
+    counts
+        Number of scored items behind each component and metric (for weighted averaging).
+    """
+
+    total: torch.Tensor
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _mlp(d_in: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_in), nn.GELU(), nn.LayerNorm(d_in), nn.Linear(d_in, d_out))
+
+
+class GeneTransformerModule(nn.Module):
+    """Encoder of cells as ``[CLS] [phenotype tokens ...] gene tokens ...`` sentences.
+
+    Each gene token is the sum of a gene-identity embedding and an expression-value embedding
+    (a bin embedding or an MLP of the continuous value). There is no positional embedding: a cell
+    is a set of genes. Each phenotype key has its own token slot and its own table of categories
+    plus a mask/unknown entry.
+
+    Parameters
+    ----------
+    n_genes
+        Vocabulary size.
+    phenotype_sizes
+        Number of categories of each phenotype key, in slot order.
+    d_model, n_layers, n_heads, d_ff, dropout
+        Transformer size.
+    max_length, value_encoding, n_bins, binning, bin_edges
+        Tokenizer settings, see :class:`~sctransformer.module.Tokenizer`.
+    label_smoothing
+        Label smoothing of the cross-entropy over expression bins.
+    predict_zeros
+        Add the is-zero head, trained on sampled unexpressed genes.
+    cell_expression_loss
+        Also predict masked values from the ``[CLS]`` output and the gene embedding, which makes
+        the ``[CLS]`` embedding summarise the cell.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        phenotype_sizes: list[int],
+        *,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float,
+        max_length: int,
+        value_encoding: ValueEncoding,
+        n_bins: int,
+        binning: Binning,
+        bin_edges: torch.Tensor | None,
+        label_smoothing: float,
+        predict_zeros: bool,
+        cell_expression_loss: bool,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = Tokenizer(
+            n_genes,
+            max_length=max_length,
+            value_encoding=value_encoding,
+            n_bins=n_bins,
+            binning=binning,
+            bin_edges=bin_edges,
+        )
+        self.value_encoding = value_encoding
+        self.n_bins = n_bins
+        self.phenotype_sizes = list(phenotype_sizes)
+        self.label_smoothing = label_smoothing
+        self.predict_zeros = predict_zeros
+        self.cell_expression_loss = cell_expression_loss
+
+        self.gene_embedding = nn.Embedding(n_genes, d_model)
+        if value_encoding == "binned":
+            self.bin_embedding = nn.Embedding(n_bins + 1, d_model)  # last row: [MASK]
+        else:
+            self.value_mlp = nn.Sequential(
+                nn.Linear(1, d_model), nn.GELU(), nn.Linear(d_model, d_model)
+            )
+            self.value_mask = nn.Parameter(torch.zeros(d_model))
+        self.cls = nn.Parameter(torch.zeros(d_model))
+        # each table's last row is [MASK] / unknown
+        self.phenotype_embeddings = nn.ModuleList(nn.Embedding(n + 1, d_model) for n in phenotype_sizes)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+
+        n_out = n_bins if value_encoding == "binned" else 1
+        self.expression_head = _mlp(d_model, n_out)
+        if cell_expression_loss:
+            self.cell_query = nn.Linear(d_model, d_model)
+            self.cell_expression_head = nn.Linear(d_model, n_out)
+        if predict_zeros:
+            self.is_zero_head = nn.Linear(d_model, 1)
+        self.phenotype_heads = nn.ModuleList(_mlp(d_model, n) for n in phenotype_sizes)
+        nn.init.normal_(self.cls, std=0.02)
+
+    @property
+    def n_phenotypes(self) -> int:
+        """Number of phenotype token slots."""
+        return len(self.phenotype_sizes)
+
+    @property
+    def n_prefix(self) -> int:
+        """Number of tokens before the gene tokens (``[CLS]`` and the phenotype slots)."""
+        return 1 + self.n_phenotypes
+
+    def tokenize(
+        self,
+        x: torch.Tensor,
+        column_to_gene: torch.Tensor,
+        *,
+        n_unexpressed: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> TokenizedCells:
+        """Tokenize a minibatch of counts, see :class:`~sctransformer.module.Tokenizer`."""
+        return self.tokenizer(x, column_to_gene, n_unexpressed=n_unexpressed, generator=generator)
+
+    def embed_tokens(
+        self,
+        tokens: TokenizedCells,
+        phenotype_inputs: torch.Tensor,
+        value_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings ``(n, n_prefix + length, d)`` and the key mask.
+
+        ``phenotype_inputs`` is ``(n, n_phenotypes)``; ``-1`` feeds the slot's [MASK] token.
+        ``value_mask`` marks gene tokens whose value is hidden (sampled unexpressed genes are
+        always hidden).
+        """
+        hidden_values = tokens.is_unexpressed if value_mask is None else value_mask | tokens.is_unexpressed
+        genes = self.gene_embedding(tokens.gene_ids)
+        if self.value_encoding == "binned":
+            bins = tokens.bins.masked_fill(hidden_values | (tokens.bins < 0), self.n_bins)
+            values = self.bin_embedding(bins)
+        else:
+            values = self.value_mlp(tokens.values.unsqueeze(-1))
+            values = torch.where(hidden_values.unsqueeze(-1), self.value_mask, values)
+        gene_tokens = genes + values
+
+        n = gene_tokens.shape[0]
+        prefix = [self.cls.expand(n, 1, -1)]
+        for slot, table in enumerate(self.phenotype_embeddings):
+            codes = phenotype_inputs[:, slot]
+            codes = torch.where(codes < 0, table.num_embeddings - 1, codes)
+            prefix.append(table(codes).unsqueeze(1))
+        x = torch.cat([*prefix, gene_tokens], 1)
+        key_mask = torch.cat(
+            [tokens.is_token.new_ones(n, self.n_prefix), tokens.is_token], 1
+        )
+        return x, key_mask
+
+    def encode(
+        self,
+        tokens: TokenizedCells,
+        phenotype_inputs: torch.Tensor,
+        value_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states ``(n, n_prefix + length, d)``."""
+        x, key_mask = self.embed_tokens(tokens, phenotype_inputs, value_mask)
+        for block in self.blocks:
+            x = block(x, key_mask)
+        return self.norm(x)
+
+    def pool(self, hidden: torch.Tensor, tokens: TokenizedCells, pooling: Pooling) -> torch.Tensor:
+        """Cell embedding ``(n, d)``: the ``[CLS]`` output or the mean over expressed-gene tokens."""
+        if pooling == "cls":
+            return hidden[:, 0]
+        weights = (tokens.is_token & ~tokens.is_unexpressed).to(hidden.dtype)
+        gene_hidden = hidden[:, self.n_prefix :]
+        total = (gene_hidden * weights.unsqueeze(-1)).sum(1)
+        # cells with no expressed gene fall back to the [CLS] output
+        n_tokens = weights.sum(1, keepdim=True)
+        return torch.where(n_tokens > 0, total / n_tokens.clamp(min=1), hidden[:, 0])
+
+    def phenotype_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Logits ``(n, n_categories)`` of each phenotype head, read at its token slot."""
+        return [head(hidden[:, 1 + slot]) for slot, head in enumerate(self.phenotype_heads)]
+
+    def _value_loss(
+        self, prediction: torch.Tensor, tokens: TokenizedCells, scored: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and accuracy of value predictions at the ``scored`` gene tokens."""
+        if self.value_encoding == "binned":
+            logits = prediction[scored]
+            target = tokens.bins[scored]
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+            accuracy = (logits.argmax(-1) == target).float().mean()
+        else:
+            pred = prediction[scored].squeeze(-1).float()
+            target = tokens.values[scored]
+            loss = F.mse_loss(pred, target)
+            # "accuracy" of a continuous prediction: within 0.5 (log1p units) of the truth
+            accuracy = ((pred - target).abs() < 0.5).float().mean()
+        return loss, accuracy
+
+    def loss(
+        self,
+        hidden: torch.Tensor,
+        tokens: TokenizedCells,
+        value_mask: torch.Tensor,
+        phenotype_targets: torch.Tensor,
+        phenotype_mask: torch.Tensor,
+        phenotype_names: list[str],
+        phenotype_weights: list[torch.Tensor | None] | None = None,
+    ) -> LossOutput:
+        """Masked-modelling losses of a minibatch.
+
+        Parameters
+        ----------
+        hidden
+            Output of :meth:`encode`.
+        tokens
+            The minibatch's tokens.
+        value_mask
+            ``(n, length)`` gene tokens whose value was hidden and is scored.
+        phenotype_targets
+            ``(n, n_phenotypes)`` true category codes; ``-1`` for unknown (never scored).
+        phenotype_mask
+            ``(n, n_phenotypes)`` phenotype slots that were fed [MASK] and are scored.
+        phenotype_names
+            Name of each phenotype slot, for the component names.
+        phenotype_weights
+            Optional class weights per phenotype slot.
+        """
+        out = LossOutput(total=hidden.new_zeros(()))
+        gene_hidden = hidden[:, self.n_prefix :]
+        expressed = tokens.is_token & ~tokens.is_unexpressed
+        scored = value_mask & expressed
+        n_scored = int(scored.sum())
+        if n_scored > 0:
+            prediction = self.expression_head(gene_hidden)
+            loss, accuracy = self._value_loss(prediction, tokens, scored)
+            out.components["expression"] = loss
+            out.metrics["expression_accuracy"] = accuracy
+            out.counts["expression"] = out.counts["expression_accuracy"] = n_scored
+            if self.cell_expression_loss:
+                query = self.cell_query(hidden[:, 0]).unsqueeze(1)
+                from_cell = self.cell_expression_head(query * self.gene_embedding(tokens.gene_ids))
+                loss, accuracy = self._value_loss(from_cell, tokens, scored)
+                out.components["expression_from_cell"] = loss
+                out.metrics["expression_from_cell_accuracy"] = accuracy
+                out.counts["expression_from_cell"] = n_scored
+                out.counts["expression_from_cell_accuracy"] = n_scored
+        if self.predict_zeros:
+            zero_scored = (value_mask & expressed) | tokens.is_unexpressed
+            if bool(zero_scored.any()):
+                logits = self.is_zero_head(gene_hidden[zero_scored]).squeeze(-1).float()
+                target = tokens.is_unexpressed[zero_scored].float()
+                out.components["is_zero"] = F.binary_cross_entropy_with_logits(logits, target)
+                out.metrics["is_zero_accuracy"] = ((logits > 0).float() == target).float().mean()
+                out.counts["is_zero"] = out.counts["is_zero_accuracy"] = int(zero_scored.sum())
+        for slot, logits in enumerate(self.phenotype_logits(hidden)):
+            target = phenotype_targets[:, slot]
+            rows = phenotype_mask[:, slot] & (target >= 0)
+            n_rows = int(rows.sum())
+            if n_rows == 0:
+                continue
+            name = phenotype_names[slot]
+            weight = None if phenotype_weights is None else phenotype_weights[slot]
+            out.components[f"phenotype_{name}"] = F.cross_entropy(
+                logits[rows].float(), target[rows], weight=weight
+            )
+            out.metrics[f"phenotype_{name}_accuracy"] = (
+                (logits[rows].argmax(-1) == target[rows]).float().mean()
+            )
+            out.counts[f"phenotype_{name}"] = out.counts[f"phenotype_{name}_accuracy"] = n_rows
+        for value in out.components.values():
+            out.total = out.total + value
+        return out

@@ -1,0 +1,76 @@
+"""Loss curves per component, train vs validation."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ._utils import finish
+
+if TYPE_CHECKING:
+    from sctransformer.model import GeneTransformer
+
+_STAGES = ("train", "validation")
+
+
+def training_history(
+    model: GeneTransformer,
+    *,
+    metrics: list[str] | None = None,
+    ncols: int = 3,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | Axes | list[Axes] | None:
+    """Per-epoch curves of each loss component and accuracy, train and validation in one panel.
+
+    Parameters
+    ----------
+    model
+        A trained (or loaded) :class:`~sctransformer.GeneTransformer`.
+    metrics
+        Metric names without the stage suffix (``"loss"``, ``"expression"``,
+        ``"phenotype_cell_type_accuracy"``, ...); default all that were logged.
+    ncols
+        Panels per row.
+    ax
+        Axes to draw a single metric into (requires exactly one metric).
+    show, return_fig
+        As in scanpy: a Figure if ``return_fig``, nothing when shown, else the Axes.
+    """
+    history = model.history
+    if not history:
+        raise ValueError("the model has no training history; train it first")
+    available = sorted({name.rsplit("_", 1)[0] for name in history if name.rsplit("_", 1)[-1] in _STAGES})
+    available.sort(key=lambda name: (name != "loss", "accuracy" in name, name))
+    if metrics is None:
+        metrics = available
+    unknown = [m for m in metrics if m not in available]
+    if unknown:
+        raise KeyError(f"metrics {unknown} were not logged; available: {available}")
+    if ax is not None:
+        if len(metrics) != 1:
+            raise ValueError("ax= draws one metric; pass metrics=[name]")
+        fig, axes = ax.figure, [ax]
+    else:
+        ncols = min(ncols, len(metrics))
+        nrows = math.ceil(len(metrics) / ncols)
+        fig, grid = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
+        axes = list(grid.ravel())
+        for extra in axes[len(metrics) :]:
+            extra.remove()
+        axes = axes[: len(metrics)]
+    for metric, panel in zip(metrics, axes):
+        for stage, style in zip(_STAGES, ("-", "--")):
+            frame = history.get(f"{metric}_{stage}")
+            if frame is not None and len(frame):
+                panel.plot(frame.index, frame.iloc[:, 0], style, marker="o", markersize=3, label=stage)
+        panel.set_title(metric)
+        panel.set_xlabel("epoch")
+        panel.legend(frameon=False)
+    fig.tight_layout()
+    return finish(fig, axes[0] if ax is not None else axes, show=show, return_fig=return_fig)

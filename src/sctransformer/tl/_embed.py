@@ -1,0 +1,53 @@
+"""Cell embeddings into ``.obsm``."""
+
+from __future__ import annotations
+
+from anndata import AnnData
+
+from sctransformer._keys import KEYS
+from sctransformer.model import GeneTransformer
+from sctransformer.module import Pooling
+
+from ._utils import record_run
+
+
+def embed(
+    adata: AnnData,
+    model: GeneTransformer,
+    *,
+    key_added: str = KEYS.EMBEDDING,
+    pooling: Pooling = "cls",
+    batch_size: int | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Embed cells with a trained model.
+
+    Parameters
+    ----------
+    adata
+        AnnData holding counts in the model's layer (need not be set up).
+    model
+        Trained :class:`~sctransformer.GeneTransformer`.
+    key_added
+        ``.obsm`` key to write.
+    pooling
+        ``"cls"`` or ``"mean"``, see :meth:`~sctransformer.GeneTransformer.get_latent_representation`.
+    batch_size
+        Cells per minibatch.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``adata`` (or its copy) if ``copy``, else ``None``; sets
+
+    ``.obsm[key_added]``
+        Cells x ``d_model`` embedding.
+    ``.uns["sct"][key_added]``
+        The parameters of the run.
+    """
+    embedding = model.get_latent_representation(adata, pooling=pooling, batch_size=batch_size)
+    adata = adata.copy() if copy else adata
+    adata.obsm[key_added] = embedding
+    record_run(adata, key_added, "embed", model, {"pooling": pooling})
+    return adata if copy else None

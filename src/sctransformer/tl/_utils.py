@@ -1,0 +1,16 @@
+"""Shared helpers of the ``tl`` functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anndata import AnnData
+
+from sctransformer._keys import KEYS
+
+
+def record_run(adata: AnnData, key_added: str, function: str, model: Any, params: dict[str, Any]) -> None:
+    """Record a tool's parameters in ``adata.uns["sct"][key_added]``."""
+    runs = dict(adata.uns.get(KEYS.UNS, {}))
+    runs[key_added] = {"function": function, "model": repr(model), "params": params}
+    adata.uns[KEYS.UNS] = runs

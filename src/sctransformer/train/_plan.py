@@ -1,0 +1,179 @@
+"""Lightning training plan for masked modelling of expression values and phenotypes."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from sctransformer._constants import REGISTRY_KEYS, phenotype_registry_key
+from sctransformer.module import GeneTransformerModule, LossOutput, TokenizedCells
+
+
+def mask_tokens(
+    tokens: TokenizedCells,
+    phenotypes: torch.Tensor,
+    *,
+    gene_mask_prob: float,
+    phenotype_mask_prob: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw the masks of one minibatch.
+
+    Returns
+    -------
+    value_mask
+        ``(n, length)``: each expressed gene token's value is hidden with ``gene_mask_prob``.
+    phenotype_mask
+        ``(n, n_phenotypes)``: each phenotype token is replaced by [MASK] with
+        ``phenotype_mask_prob``; unknown phenotypes (code ``-1``) are always masked.
+    """
+    device = tokens.gene_ids.device
+    draw = torch.rand(tokens.gene_ids.shape, generator=generator, device=device)
+    value_mask = (draw < gene_mask_prob) & tokens.is_token & ~tokens.is_unexpressed
+    draw = torch.rand(phenotypes.shape, generator=generator, device=device)
+    phenotype_mask = (draw < phenotype_mask_prob) | (phenotypes < 0)
+    return value_mask, phenotype_mask
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_factor: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up to 1 over ``warmup_steps``, then cosine decay."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class MaskedModelingPlan(pl.LightningModule):
+    """Trains a :class:`~sctransformer.module.GeneTransformerModule` by masked modelling.
+
+    Each step hides ``gene_mask_prob`` of the gene values and ``phenotype_mask_prob`` of the
+    phenotype tokens and scores their prediction. Validation hides every phenotype (as at
+    inference) and uses a fixed seed per minibatch so that its curves are comparable across epochs.
+    Metrics are logged per epoch as ``<name>_train`` and ``<name>_validation``.
+
+    Parameters
+    ----------
+    module
+        The module to train.
+    column_to_gene
+        Vocabulary index of each column of the training AnnData (``-1``: not in vocabulary).
+    phenotype_keys
+        Phenotype column names, in the module's slot order.
+    lr, weight_decay
+        AdamW settings.
+    warmup_fraction
+        Share of all steps spent in linear warm-up before cosine decay.
+    gene_mask_prob, phenotype_mask_prob
+        Masking rates.
+    n_unexpressed
+        Unexpressed genes sampled per cell as is-zero targets (``0`` for none).
+    class_weights
+        Optional per-class loss weights of each phenotype slot.
+    seed
+        Seed of the validation masks.
+    """
+
+    def __init__(
+        self,
+        module: GeneTransformerModule,
+        *,
+        column_to_gene: np.ndarray,
+        phenotype_keys: list[str],
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+        gene_mask_prob: float = 0.15,
+        phenotype_mask_prob: float = 0.5,
+        n_unexpressed: int = 0,
+        class_weights: list[torch.Tensor | None] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("column_to_gene", torch.as_tensor(column_to_gene, dtype=torch.long))
+        self.phenotype_keys = list(phenotype_keys)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_fraction = warmup_fraction
+        self.gene_mask_prob = gene_mask_prob
+        self.phenotype_mask_prob = phenotype_mask_prob
+        self.n_unexpressed = n_unexpressed
+        self.class_weights = class_weights
+        self.seed = seed
+
+    def _phenotypes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = batch[REGISTRY_KEYS.X_KEY].shape[0]
+        columns = [batch[phenotype_registry_key(k)].view(n).long() for k in self.phenotype_keys]
+        if not columns:
+            return torch.empty(n, 0, dtype=torch.long, device=self.device)
+        return torch.stack(columns, 1)
+
+    def _step(self, batch: dict[str, torch.Tensor], *, stage: str, generator: torch.Generator | None) -> LossOutput:
+        phenotypes = self._phenotypes(batch)
+        tokens = self.module.tokenize(
+            batch[REGISTRY_KEYS.X_KEY],
+            self.column_to_gene,
+            n_unexpressed=self.n_unexpressed,
+            generator=generator,
+        )
+        phenotype_rate = 1.0 if stage == "validation" else self.phenotype_mask_prob
+        value_mask, phenotype_mask = mask_tokens(
+            tokens,
+            phenotypes,
+            gene_mask_prob=self.gene_mask_prob,
+            phenotype_mask_prob=phenotype_rate,
+            generator=generator,
+        )
+        hidden = self.module.encode(tokens, phenotypes.masked_fill(phenotype_mask, -1), value_mask)
+        weights = None
+        if self.class_weights is not None:
+            weights = [None if w is None else w.to(hidden.device) for w in self.class_weights]
+        out = self.module.loss(
+            hidden, tokens, value_mask, phenotypes, phenotype_mask, self.phenotype_keys, weights
+        )
+        n = phenotypes.shape[0]
+        self.log(f"loss_{stage}", out.total, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        for name, value in {**out.components, **out.metrics}.items():
+            self.log(f"{name}_{stage}", value, on_step=False, on_epoch=True, batch_size=out.counts[name])
+        return out
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One optimisation step; stops with an error on a non-finite loss."""
+        out = self._step(batch, stage="train", generator=None)
+        if not torch.isfinite(out.total):
+            bad = [k for k, v in out.components.items() if not torch.isfinite(v)]
+            raise FloatingPointError(
+                f"non-finite training loss at step {self.global_step} (components {bad}); "
+                "lower the learning rate (lr=...) or check the input counts"
+            )
+        return out.total
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Score the validation cells with seeded masks."""
+        generator = torch.Generator(device=self.device).manual_seed(self.seed + batch_idx)
+        self._step(batch, stage="validation", generator=generator)
+
+    def configure_optimizers(self):
+        """AdamW with linear warm-up and cosine decay, stepped every batch."""
+        decay, no_decay = [], []
+        for name, param in self.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_norm_or_bias = param.ndim < 2 or "embedding" in name.split(".")[0]
+            (no_decay if is_norm_or_bias else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(self.warmup_fraction * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps=warmup, total_steps=total)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,220 @@
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import sctransformer as sct
+
+from ..conftest import QUIET, TINY, fingerprint
+
+
+def train_quietly(model, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(**{"max_epochs": 2, "batch_size": 32, **QUIET, **kwargs})
+
+
+def test_bare_form_pretrains_on_x_without_phenotypes(adata):
+    adata.X = adata.layers["counts"].copy()
+    sct.setup_anndata(adata)
+    model = sct.GeneTransformer(adata, **TINY)
+    train_quietly(model)
+    assert model.is_trained
+    history = model.history
+    for name in ("loss", "expression", "expression_from_cell", "expression_accuracy"):
+        for stage in ("train", "validation"):
+            assert f"{name}_{stage}" in history, f"{name}_{stage}"
+            assert np.isfinite(history[f"{name}_{stage}"].to_numpy()).all()
+    assert not any(k.startswith("phenotype") for k in history)
+    assert model.get_latent_representation().shape == (adata.n_obs, TINY["d_model"])
+    with pytest.raises(ValueError, match="no phenotype keys"):
+        model.predict()
+
+
+def test_training_reduces_the_loss_and_learns_cell_types(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    train_quietly(model, max_epochs=12, lr=3e-3)
+    loss = model.history["loss_train"].iloc[:, 0].to_numpy()
+    assert loss[-1] < loss[0]
+    predicted = model.predict()["cell_type"].astype(str).to_numpy()
+    assert (predicted == adata.obs["cell_type"].astype(str).to_numpy()).mean() > 0.8
+
+
+def test_same_seed_gives_same_weights(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    states = []
+    for _ in range(2):
+        model = sct.GeneTransformer(adata, **TINY, seed=3)
+        train_quietly(model, seed=5)
+        states.append(model.module.state_dict())
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)
+    other = sct.GeneTransformer(adata, **TINY, seed=4)
+    assert not torch.equal(other.module.gene_embedding.weight, states[0]["gene_embedding.weight"])
+
+
+def test_embedding_does_not_depend_on_batch_size_or_order(trained):
+    model, data = trained
+    reference = model.get_latent_representation(data, batch_size=64)
+    for batch_size in (1, 7, 1000):
+        np.testing.assert_allclose(model.get_latent_representation(data, batch_size=batch_size), reference, atol=1e-5)
+    order = np.random.default_rng(0).permutation(data.n_obs)
+    shuffled = model.get_latent_representation(data[order].copy(), batch_size=13)
+    np.testing.assert_allclose(shuffled, reference[order], atol=1e-5)
+    mean = model.get_latent_representation(data, pooling="mean", batch_size=5)
+    np.testing.assert_allclose(mean, model.get_latent_representation(data, pooling="mean", batch_size=150), atol=1e-5)
+
+
+def test_embedding_and_prediction_do_not_modify_adata_and_accept_views(trained):
+    model, data = trained
+    before = fingerprint(data)
+    model.get_latent_representation(data)
+    model.predict(data)
+    assert fingerprint(data) == before
+    view = data[10:20]
+    np.testing.assert_allclose(model.get_latent_representation(view), model.get_latent_representation(data)[10:20], atol=1e-5)
+
+
+def test_predictions_do_not_use_the_labels(trained):
+    model, data = trained
+    relabelled = data.copy()
+    relabelled.obs["cell_type"] = "type_0"
+    a = model.predict(data)
+    b = model.predict(relabelled)
+    pd.testing.assert_frame_equal(a, b)
+    assert ((a["cell_type_confidence"] > 0) & (a["cell_type_confidence"] <= 1)).all()
+
+
+def test_save_load_round_trip_gives_identical_embedding(trained, tmp_path):
+    model, data = trained
+    model.save(tmp_path / "m")
+    state = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert state["vocabulary"] == list(data.var_names)
+    assert state["phenotype_categories"] == {"cell_type": ["type_0", "type_1", "type_2"]}
+    assert not list(tmp_path.glob("**/*.pt")) and not list(tmp_path.glob("**/*.pkl"))
+    loaded = sct.GeneTransformer.load(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.get_latent_representation(data), model.get_latent_representation(data))
+    pd.testing.assert_frame_equal(loaded.predict(data), model.predict(data))
+    assert set(loaded.history) == set(model.history)
+    np.testing.assert_array_equal(loaded.test_indices, model.test_indices)
+
+
+def test_save_refuses_a_non_empty_directory_without_overwrite(trained, tmp_path):
+    model, _ = trained
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="overwrite=True"):
+        model.save(target)
+    assert (target / "notes.txt").read_text() == "mine"
+    model.save(target, overwrite=True)
+    assert not (target / "notes.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_load_aligns_genes_of_a_query_by_identifier(trained, tmp_path, caplog):
+    model, data = trained
+    model.save(tmp_path / "m")
+    # the query has the genes in another order, one gene missing and one the model never saw
+    permutation = np.random.default_rng(1).permutation(data.n_vars)
+    order = permutation[1:]
+    query = data[:, order].copy()
+    query.var_names = [*query.var_names[:-1], "NEW_GENE"]
+    query.obs = query.obs.drop(columns=[c for c in query.obs if c.startswith("_scvi")])
+    with caplog.at_level("INFO", logger="sctransformer"):
+        loaded = sct.GeneTransformer.load(tmp_path / "m", adata=query)
+    assert "58 / 59 genes in vocabulary" in caplog.text
+    c2g = loaded._column_to_gene(query)
+    np.testing.assert_array_equal(c2g[:-1], data.var_names.get_indexer(query.var_names[:-1]))
+    assert c2g[-1] == -1
+    # a cell's tokens name the same genes whatever the column order of the AnnData
+    from sctransformer.data import to_torch_csr
+    from sctransformer.module import Tokenizer
+
+    untruncated = Tokenizer(data.n_vars, max_length=10_000)
+    in_query = untruncated(to_torch_csr(query.layers["counts"][:5]), torch.as_tensor(c2g))
+    in_data = untruncated(to_torch_csr(data.layers["counts"][:5]), torch.arange(data.n_vars))
+    missing = {int(permutation[0]), int(order[-1])}  # left out, and renamed to NEW_GENE
+    for i in range(5):
+        expected = set(in_data.gene_ids[i][in_data.is_token[i]].tolist()) - missing
+        assert set(in_query.gene_ids[i][in_query.is_token[i]].tolist()) == expected
+    assert loaded.predict()["cell_type"].notna().all()
+
+
+def test_load_onto_data_without_shared_genes_is_refused(trained, tmp_path):
+    model, data = trained
+    model.save(tmp_path / "m")
+    query = data.copy()
+    query.var_names = [f"other_{i}" for i in range(query.n_vars)]
+    with pytest.raises(ValueError, match="shares 0 genes"):
+        sct.GeneTransformer.load(tmp_path / "m", adata=query)
+
+
+def test_load_refuses_a_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a saved sctransformer model"):
+        sct.GeneTransformer.load(tmp_path / "x")
+
+
+def test_model_requires_setup(adata):
+    with pytest.raises(ValueError, match="setup_anndata"):
+        sct.GeneTransformer(adata)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"d_model": 30, "n_heads": 4}, "must divide"),
+        ({"max_length": 0}, "max_length"),
+        ({"n_bins": 1}, "n_bins"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"value_encoding": "log"}, "value_encoding"),
+        ({"binning": "uniform"}, "binning"),
+    ],
+)
+def test_hyperparameters_out_of_range_are_refused(adata, kwargs, message):
+    sct.setup_anndata(adata, layer="counts")
+    with pytest.raises(ValueError, match=message):
+        sct.GeneTransformer(adata, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"gene_mask_prob": 1.0}, "gene_mask_prob"),
+        ({"phenotype_mask_prob": -0.1}, "phenotype_mask_prob"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"batch_size": 0}, "batch_size"),
+    ],
+)
+def test_training_options_out_of_range_are_refused(adata, kwargs, message):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    with pytest.raises(ValueError, match=message):
+        model.train(**kwargs)
+    assert not model.is_trained
+
+
+def test_adata_changed_after_setup_is_refused(adata):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    model.adata._inplace_subset_obs(np.arange(100))
+    with pytest.raises(ValueError, match="changed shape"):
+        model.train(max_epochs=1)
+
+
+def test_fixed_bins_and_continuous_values_train(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    for kwargs in ({"binning": "fixed"}, {"value_encoding": "continuous"}, {"n_unexpressed": 5}):
+        model = sct.GeneTransformer(adata, **{**TINY, **kwargs})
+        train_quietly(model, max_epochs=1)
+        assert np.isfinite(model.history["loss_train"].to_numpy()).all()
+    edges = sct.GeneTransformer(adata, **{**TINY, "binning": "fixed"}).module.tokenizer.bin_edges
+    assert edges.shape == (TINY["n_bins"] - 1,) and (edges.diff() >= 0).all() and edges[0] > 0

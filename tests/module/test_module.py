@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from sctransformer.data import to_torch_csr
+from sctransformer.module import GeneTransformerModule, SelfAttention
+
+
+def make_module(**overrides) -> GeneTransformerModule:
+    kwargs = dict(
+        d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0, max_length=12, value_encoding="binned",
+        n_bins=4, binning="quantile", bin_edges=None, label_smoothing=0.1, predict_zeros=True,
+        cell_expression_loss=True,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return GeneTransformerModule(20, [3, 2], **kwargs)
+
+
+def counts(seed: int = 0, n_cells: int = 6) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(2.0, size=(n_cells, 20)).astype(np.float32)
+    x[rng.random(x.shape) > 0.5] = 0
+    return to_torch_csr(sp.csr_matrix(x))
+
+
+@pytest.mark.parametrize("value_encoding", ["binned", "continuous"])
+def test_losses_are_finite_and_every_component_gets_gradient(value_encoding):
+    module = make_module(value_encoding=value_encoding)
+    tokens = module.tokenize(counts(), torch.arange(20), n_unexpressed=3)
+    value_mask = tokens.is_token & ~tokens.is_unexpressed
+    targets = torch.tensor([[0, 1], [1, -1], [2, 0], [0, 1], [-1, 0], [1, 1]])
+    hidden = module.encode(tokens, torch.full_like(targets, -1), value_mask)
+    out = module.loss(hidden, tokens, value_mask, targets, torch.ones_like(targets, dtype=torch.bool), ["a", "b"])
+    assert set(out.components) == {"expression", "expression_from_cell", "is_zero", "phenotype_a", "phenotype_b"}
+    assert torch.isfinite(out.total)
+    assert out.counts["phenotype_a"] == 5 and out.counts["phenotype_b"] == 5  # unknown (-1) never scored
+    out.total.backward()
+    for name in ("expression_head", "cell_expression_head", "is_zero_head", "phenotype_heads", "gene_embedding"):
+        grads = [p.grad for n, p in module.named_parameters() if n.startswith(name)]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), name
+
+
+def test_cell_embedding_does_not_depend_on_the_other_cells_in_the_batch():
+    module = make_module().eval()
+    x = counts(n_cells=8)
+    with torch.no_grad():
+        tokens = module.tokenize(x, torch.arange(20))
+        full = module.pool(module.encode(tokens, torch.full((8, 2), -1)), tokens, "cls")
+        for i in range(8):
+            single = module.tokenize(to_torch_csr(sp.csr_matrix(x.to_dense()[i : i + 1].numpy())), torch.arange(20))
+            alone = module.pool(module.encode(single, torch.full((1, 2), -1)), single, "cls")
+            torch.testing.assert_close(alone[0], full[i], atol=1e-5, rtol=1e-5)
+
+
+def test_mean_pooling_ignores_padding_and_unexpressed_tokens():
+    module = make_module().eval()
+    tokens = module.tokenize(counts(), torch.arange(20), n_unexpressed=2)
+    hidden = torch.randn(tokens.gene_ids.shape[0], module.n_prefix + tokens.gene_ids.shape[1], 16)
+    pooled = module.pool(hidden, tokens, "mean")
+    for i in range(hidden.shape[0]):
+        keep = (tokens.is_token[i] & ~tokens.is_unexpressed[i]).numpy()
+        expected = hidden[i, module.n_prefix :][keep].mean(0) if keep.any() else hidden[i, 0]
+        torch.testing.assert_close(pooled[i], expected)
+
+
+def test_a_cell_without_genes_is_embedded_from_special_tokens():
+    module = make_module().eval()
+    x = torch.zeros(2, 20)
+    x[1, 3] = 5
+    tokens = module.tokenize(x, torch.arange(20))
+    hidden = module.encode(tokens, torch.full((2, 2), -1))
+    assert torch.isfinite(hidden).all()
+    assert torch.isfinite(module.pool(hidden, tokens, "mean")).all()
+
+
+def test_attention_probabilities_match_sdpa_output():
+    torch.manual_seed(0)
+    attention = SelfAttention(16, 4).eval()
+    x = torch.randn(3, 7, 16)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 5:] = False
+    probs = attention.attention_probabilities(x, mask)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 4, 7))
+    assert (probs[0, :, :, 5:] == 0).all()
+    _, _, v = attention._heads(x)
+    manual = (probs @ v).transpose(1, 2).reshape(3, 7, 16)
+    torch.testing.assert_close(attention.out(manual), attention(x, mask), atol=1e-5, rtol=1e-5)

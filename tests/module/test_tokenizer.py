@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sctransformer.data import to_torch_csr
+from sctransformer.module import Tokenizer
+
+
+def naive_tokenize(x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int, n_bins: int, edges=None):
+    """Per-cell numpy reference: expressed in-vocabulary genes, by decreasing count then gene index."""
+    cells = []
+    for row in x:
+        library = np.float32(row.sum())
+        entries = [(int(column_to_gene[j]), np.float32(row[j])) for j in range(len(row)) if row[j] > 0 and column_to_gene[j] >= 0]
+        entries.sort(key=lambda e: (-e[1], e[0]))
+        n = len(entries)
+        genes, values, bins = [], [], []
+        for gene, count in entries[:max_length]:
+            value = np.log1p(count / library * np.float32(1e4))
+            if edges is None:
+                n_lower = sum(1 for _, c in entries if c < count)
+                b = (n_lower * n_bins) // n
+            else:
+                b = int(np.searchsorted(edges, value, side="right"))
+            genes.append(gene)
+            values.append(value)
+            bins.append(b)
+        cells.append((genes, values, bins, n))
+    return cells
+
+
+def check_against_naive(x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int, n_bins: int, edges=None) -> None:
+    tokenizer = Tokenizer(
+        int(column_to_gene.max()) + 1 if (column_to_gene >= 0).any() else 1,
+        max_length=max_length,
+        n_bins=n_bins,
+        binning="quantile" if edges is None else "fixed",
+        bin_edges=None if edges is None else torch.as_tensor(edges),
+    )
+    out = tokenizer(to_torch_csr(sp.csr_matrix(x)), torch.as_tensor(column_to_gene))
+    reference = naive_tokenize(x, column_to_gene, max_length=max_length, n_bins=n_bins, edges=edges)
+    for i, (genes, values, bins, n) in enumerate(reference):
+        k = len(genes)
+        assert out.n_expressed[i] == n
+        assert out.is_token[i].sum() == k
+        assert out.is_token[i, :k].all()
+        assert out.gene_ids[i, :k].tolist() == genes
+        np.testing.assert_allclose(out.values[i, :k].numpy(), values, rtol=1e-5)
+        assert out.bins[i, :k].tolist() == bins
+        assert (out.bins[i, k:] == -1).all()
+    assert out.gene_ids.shape[1] == max((len(c[0]) for c in reference), default=0)
+
+
+def random_counts(rng, n_cells: int, n_genes: int, density: float) -> np.ndarray:
+    x = rng.poisson(3.0, size=(n_cells, n_genes)).astype(np.float32)
+    x[rng.random((n_cells, n_genes)) > density] = 0
+    return x
+
+
+@pytest.mark.parametrize("max_length", [1, 5, 40])
+def test_quantile_bins_tokens_and_truncation_match_naive(max_length):
+    rng = np.random.default_rng(0)
+    x = random_counts(rng, 12, 30, 0.4)
+    x[3] = 0  # a cell with no counts
+    x[5, :] = 0
+    x[5, 7] = 4  # a cell with one gene
+    column_to_gene = np.arange(30)
+    column_to_gene[[2, 11]] = -1  # genes outside the vocabulary (still count in the library)
+    check_against_naive(x, column_to_gene, max_length=max_length, n_bins=7)
+
+
+def test_fixed_bins_match_naive():
+    rng = np.random.default_rng(1)
+    x = random_counts(rng, 10, 25, 0.5)
+    values = np.unique(np.log1p(x / x.sum(1, keepdims=True) * 1e4)[x > 0])
+    edges = ((values[:-1] + values[1:]) / 2)[:: max(1, len(values) // 6)][:5].astype(np.float32)
+    check_against_naive(x, np.arange(25), max_length=10, n_bins=len(edges) + 1, edges=edges)
+
+
+def test_columns_map_to_vocabulary_rows():
+    # columns in another order than the vocabulary: tokens carry vocabulary ids
+    rng = np.random.default_rng(2)
+    x = random_counts(rng, 6, 10, 0.6)
+    permutation = rng.permutation(10)
+    check_against_naive(x, permutation, max_length=10, n_bins=4)
+
+
+def test_dense_and_sparse_input_agree():
+    rng = np.random.default_rng(3)
+    x = random_counts(rng, 5, 12, 0.5)
+    tokenizer = Tokenizer(12, max_length=8, n_bins=4)
+    a = tokenizer(to_torch_csr(sp.csr_matrix(x)), torch.arange(12))
+    b = tokenizer(torch.as_tensor(x), torch.arange(12))
+    c = tokenizer(torch.as_tensor(x).to_sparse_csc() if hasattr(torch.Tensor, "to_sparse_csc") else torch.as_tensor(x), torch.arange(12))
+    for other in (b, c):
+        assert torch.equal(a.gene_ids, other.gene_ids)
+        assert torch.equal(a.bins, other.bins)
+
+
+def test_ties_are_broken_by_gene_index_and_share_a_bin():
+    x = np.array([[2, 5, 2, 2, 0, 1]], dtype=np.float32)
+    out = Tokenizer(6, max_length=3, n_bins=4)(torch.as_tensor(x), torch.arange(6))
+    # sorted by count (5, then the three 2s by gene index 0, 2, 3), truncated to 3
+    assert out.gene_ids[0].tolist() == [1, 0, 2]
+    # 5 genes expressed; the 2s have one gene (the 1) below them: bin floor(4 * 1 / 5) = 0
+    assert out.bins[0].tolist() == [(4 * 4) // 5, 0, 0]
+
+
+def test_unexpressed_samples_are_distinct_and_not_expressed():
+    rng = np.random.default_rng(4)
+    x = random_counts(rng, 8, 40, 0.3)
+    gen = torch.Generator().manual_seed(0)
+    out = Tokenizer(40, max_length=5, n_bins=4)(torch.as_tensor(x), torch.arange(40), n_unexpressed=6, generator=gen)
+    sampled = out.gene_ids[:, -6:]
+    assert out.is_unexpressed[:, -6:].all() and not out.is_unexpressed[:, :-6].any()
+    for i in range(8):
+        genes = sampled[i].tolist()
+        assert len(set(genes)) == 6
+        assert all(x[i, g] == 0 for g in genes)
+    assert (out.bins[out.is_unexpressed] == -1).all()
+
+
+def test_unexpressed_sampling_with_a_nearly_full_cell():
+    x = np.ones((1, 5), dtype=np.float32)
+    x[0, 2] = 0
+    out = Tokenizer(5, max_length=5, n_bins=2)(torch.as_tensor(x), torch.arange(5), n_unexpressed=3)
+    assert out.is_unexpressed[0].sum() == 1  # only gene 2 is unexpressed
+    assert out.gene_ids[0][out.is_unexpressed[0]].tolist() == [2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_cells=st.integers(1, 6),
+    n_genes=st.integers(1, 15),
+    density=st.floats(0.0, 1.0),
+    scale=st.sampled_from([1, 1000, 10**6]),
+    max_length=st.integers(1, 20),
+    n_bins=st.integers(2, 9),
+    seed=st.integers(0, 10_000),
+)
+def test_random_matrices_match_naive(n_cells, n_genes, density, scale, max_length, n_bins, seed):
+    rng = np.random.default_rng(seed)
+    x = (random_counts(rng, n_cells, n_genes, density) * scale).astype(np.float32)
+    if seed % 3 == 0:
+        x[x > 0] = 7  # all-equal values
+    check_against_naive(x, np.arange(n_genes), max_length=max_length, n_bins=n_bins)

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+import sctransformer as sct
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    plt.close("all")
+
+
+def test_embedding_computes_umap_once_and_follows_scanpys_return_rule(trained):
+    model, data = trained
+    adata = data.copy()
+    sct.tl.embed(adata, model)
+    sct.tl.predict(adata, model)
+    fig = sct.pl.embedding(adata, color=["cell_type", "sct_cell_type"], return_fig=True)
+    assert isinstance(fig, Figure)
+    assert adata.obsm["X_sct_umap"].shape == (adata.n_obs, 2)
+    first = adata.obsm["X_sct_umap"].copy()
+    axes = sct.pl.embedding(adata, color="cell_type", show=False)
+    assert isinstance(axes, Axes)
+    np.testing.assert_array_equal(adata.obsm["X_sct_umap"], first)  # not recomputed
+    assert "cell_type_colors" in adata.uns
+    adata.obsm["X_sct"] = adata.obsm["X_sct"] + 1.0  # stale: recomputed
+    sct.pl.embedding(adata, color="cell_type", show=False)
+    assert adata.uns["X_sct_umap"]["source_fingerprint"] != "" and not np.array_equal(adata.obsm["X_sct_umap"], first)
+
+
+def test_embedding_without_the_embedding_says_what_to_run(trained):
+    _, data = trained
+    with pytest.raises(KeyError, match="sct.tl.embed"):
+        sct.pl.embedding(data.copy(), color="cell_type")
+
+
+def test_training_history_draws_train_and_validation_per_component(trained):
+    model, _ = trained
+    fig = sct.pl.training_history(model, return_fig=True)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0] == "loss"
+    assert {"expression", "phenotype_cell_type", "phenotype_cell_type_accuracy"} <= set(titles)
+    loss_ax = fig.axes[0]
+    assert sorted(line.get_label() for line in loss_ax.get_lines()) == ["train", "validation"]
+    assert len(loss_ax.get_lines()[0].get_xdata()) == 3  # one point per epoch
+    ax = sct.pl.training_history(model, metrics=["loss"], show=False)
+    assert isinstance(ax, list) and isinstance(ax[0], Axes)
+    with pytest.raises(KeyError, match="available"):
+        sct.pl.training_history(model, metrics=["nope"], show=False)

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+import sctransformer as sct
+
+from ..conftest import fingerprint
+
+
+def test_embed_writes_obsm_and_records_parameters(trained):
+    model, data = trained
+    adata = data.copy()
+    assert sct.tl.embed(adata, model, pooling="mean") is None
+    np.testing.assert_allclose(adata.obsm["X_sct"], model.get_latent_representation(data, pooling="mean"), atol=1e-6)
+    assert adata.uns["sct"]["X_sct"]["params"] == {"pooling": "mean"}
+    sct.tl.embed(adata, model, key_added="X_other")
+    assert "X_other" in adata.obsm and "X_other" in adata.uns["sct"]
+
+
+def test_predict_writes_labels_confidence_and_probabilities(trained):
+    model, data = trained
+    adata = data.copy()
+    sct.tl.predict(adata, model)
+    assert isinstance(adata.obs["sct_cell_type"].dtype, pd.CategoricalDtype)
+    assert list(adata.obs["sct_cell_type"].cat.categories) == ["type_0", "type_1", "type_2"]
+    probs = adata.obsm["sct_cell_type_probs"]
+    assert list(probs.columns) == ["type_0", "type_1", "type_2"]
+    np.testing.assert_allclose(probs.to_numpy().sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(adata.obs["sct_cell_type_confidence"], probs.to_numpy().max(1))
+    assert (adata.obs["sct_cell_type"].astype(str) == probs.idxmax(axis=1)).all()
+
+
+def test_copy_leaves_the_input_untouched(trained):
+    model, data = trained
+    adata = data.copy()
+    before = fingerprint(adata)
+    out = sct.tl.embed(adata, model, copy=True)
+    out = sct.tl.predict(out, model, copy=True)
+    assert fingerprint(adata) == before
+    assert "X_sct" in out.obsm and "sct_cell_type" in out.obs
+
+
+def test_tools_run_on_an_unregistered_query_without_changing_it(trained):
+    model, data = trained
+    query = data[:40].copy()
+    query.obs = query.obs[["cell_type"]].copy()
+    query.uns = {}
+    sct.tl.embed(query, model)
+    sct.tl.predict(query, model)
+    assert not any(c.startswith("_scvi") for c in query.obs)
+    assert set(query.uns) == {"sct"}
