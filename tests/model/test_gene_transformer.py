@@ -39,11 +39,11 @@ def test_bare_form_pretrains_on_x_without_phenotypes(adata):
 def test_training_reduces_the_loss_and_learns_cell_types(adata):
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     model = sct.GeneTransformer(adata, **TINY)
-    train_quietly(model, max_epochs=12, lr=3e-3)
+    train_quietly(model, max_epochs=40, lr=3e-3)
     loss = model.history["loss_train"].iloc[:, 0].to_numpy()
     assert loss[-1] < loss[0]
     predicted = model.predict()["cell_type"].astype(str).to_numpy()
-    assert (predicted == adata.obs["cell_type"].astype(str).to_numpy()).mean() > 0.8
+    assert (predicted == adata.obs["cell_type"].astype(str).to_numpy()).mean() > 0.9
 
 
 def test_same_seed_gives_same_weights(adata):

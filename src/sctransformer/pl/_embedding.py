@@ -13,6 +13,8 @@ from matplotlib.figure import Figure
 
 from sctransformer._keys import KEYS
 
+from ._utils import finish
+
 
 def _fingerprint(x: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
@@ -68,12 +70,6 @@ def embedding(
         sc.pp.neighbors(adata, use_rep=basis, n_neighbors=n_neighbors, key_added=neighbors_key)
         sc.tl.umap(adata, neighbors_key=neighbors_key, key_added=umap_key)
         adata.uns[umap_key] = {**adata.uns.get(umap_key, {}), "source_fingerprint": fingerprint}
-    result = sc.pl.embedding(adata, basis=umap_key, color=color, ax=ax, show=False, return_fig=return_fig, **kwargs)
-    if return_fig:
-        return result
-    if show if show is not None else sc.settings.autoshow:
-        import matplotlib.pyplot as plt
-
-        plt.show()
-        return None
-    return result
+    axes = sc.pl.embedding(adata, basis=umap_key, color=color, ax=ax, show=False, **kwargs)
+    fig = (axes[0] if isinstance(axes, list) else axes).figure
+    return finish(fig, axes, show=show, return_fig=return_fig)
