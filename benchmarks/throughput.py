@@ -58,9 +58,13 @@ def main() -> None:
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     counts = adata.layers["counts"].tocsr()
     bs = args.batch_size
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    print(f"data: pbmc68k tiled to {adata.n_obs} cells x {adata.n_vars} genes, "
-          f"{counts.getnnz(1).mean():.0f} expressed genes per cell; batch size {bs}\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
+    print(
+        f"data: pbmc68k tiled to {adata.n_obs} cells x {adata.n_vars} genes, "
+        f"{counts.getnnz(1).mean():.0f} expressed genes per cell; batch size {bs}\n"
+    )
 
     rows = []
     model = sct.GeneTransformer(adata)
@@ -69,8 +73,13 @@ def main() -> None:
     t_batched = timed(lambda: [model.module.tokenize(b, column_to_gene) for b in batches], 3)
     t_naive = timed(lambda: naive_tokenize(counts, 256, 16), 1)
     rows.append(("tokenize, batched on device (torch)", f"{adata.n_obs / t_batched:,.0f} cells/s", ""))
-    rows.append(("tokenize, per-cell Python loop (naive)", f"{adata.n_obs / t_naive:,.0f} cells/s",
-                 f"batched is {t_naive / t_batched:.0f}x faster"))
+    rows.append(
+        (
+            "tokenize, per-cell Python loop (naive)",
+            f"{adata.n_obs / t_naive:,.0f} cells/s",
+            f"batched is {t_naive / t_batched:.0f}x faster",
+        )
+    )
 
     for d_model, n_layers, dropout in [(64, 2, 0.1), (64, 2, 0.0), (128, 2, 0.1), (256, 4, 0.1)]:
         m = sct.GeneTransformer(adata, d_model=d_model, n_layers=n_layers, n_heads=4, dropout=dropout)
@@ -81,7 +90,9 @@ def main() -> None:
 
         def step(module=module, optimizer=optimizer, batch=batch, phenotypes=phenotypes):
             tokens = module.tokenize(batch, column_to_gene)
-            value_mask, pheno_mask = mask_tokens(tokens, phenotypes, gene_mask_prob=0.15, phenotype_mask_prob=0.5)
+            value_mask, pheno_mask = mask_tokens(
+                tokens, phenotypes, gene_mask_prob=0.15, phenotype_mask_prob=0.5
+            )
             hidden = module.encode(tokens, phenotypes.masked_fill(pheno_mask, -1), value_mask)
             loss = module.loss(hidden, tokens, value_mask, phenotypes, pheno_mask, ["cell_type"]).total
             optimizer.zero_grad()
@@ -97,7 +108,13 @@ def main() -> None:
         sub = adata[: min(adata.n_obs, 512)].copy()
         t_embed = timed(lambda m=m, sub=sub: m.get_latent_representation(sub, batch_size=64), 1)
         name = f"train step d={d_model} L={n_layers} dropout={dropout}"
-        rows.append((name, f"{bs / t_step:,.0f} cells/s", f"{n_tokens / t_step:,.0f} tokens/s; tokenizer {100 * t_tok / t_step:.1f}% of step"))
+        rows.append(
+            (
+                name,
+                f"{bs / t_step:,.0f} cells/s",
+                f"{n_tokens / t_step:,.0f} tokens/s; tokenizer {100 * t_tok / t_step:.1f}% of step",
+            )
+        )
         rows.append((f"embed d={d_model} L={n_layers}", f"{sub.n_obs / t_embed:,.0f} cells/s", ""))
 
     width = max(len(r[0]) for r in rows) + 2

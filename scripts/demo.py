@@ -40,7 +40,9 @@ def logistic_regression_baseline(adata, train_idx: np.ndarray, test_idx: np.ndar
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="demo_out", help="output directory")
     parser.add_argument("--max-epochs", type=int, default=None, help="training epochs (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -51,7 +53,9 @@ def main() -> None:
     sct.settings.seed = args.seed
 
     adata = sct.datasets.pbmc68k()
-    print(f"data: pbmc68k, {adata.n_obs} cells x {adata.n_vars} genes, {adata.obs['cell_type'].nunique()} cell types")
+    print(
+        f"data: pbmc68k, {adata.n_obs} cells x {adata.n_vars} genes, {adata.obs['cell_type'].nunique()} cell types"
+    )
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     model = sct.GeneTransformer(adata)
     print(model)
@@ -75,9 +79,13 @@ def main() -> None:
     summary = {
         "n_test_cells": len(test_idx),
         "train_minutes": round(train_minutes, 2),
-        "sctransformer_macro_f1": round(float(f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)), 3),
+        "sctransformer_macro_f1": round(
+            float(f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)), 3
+        ),
         "sctransformer_accuracy": round(float(accuracy_score(truth, predicted)), 3),
-        "logreg_macro_f1": round(float(f1_score(truth, baseline, labels=labels, average="macro", zero_division=0)), 3),
+        "logreg_macro_f1": round(
+            float(f1_score(truth, baseline, labels=labels, average="macro", zero_division=0)), 3
+        ),
         "logreg_accuracy": round(float(accuracy_score(truth, baseline)), 3),
     }
 
@@ -96,14 +104,24 @@ def main() -> None:
     adata.write_h5ad(out / "pbmc68k_sct.h5ad")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
-    print("\nheld-out cell-type annotation (pbmc68k, %d test cells never seen in training)" % len(test_idx))
+    print(f"\nheld-out cell-type annotation (pbmc68k, {len(test_idx)} test cells never seen in training)")
     print(f"  {'method':<44}{'macro-F1':>9}{'accuracy':>10}")
-    print(f"  {'sctransformer (masked cell-type token)':<44}{summary['sctransformer_macro_f1']:>9.3f}{summary['sctransformer_accuracy']:>10.3f}")
-    print(f"  {'logistic regression, log1p counts, all genes':<44}{summary['logreg_macro_f1']:>9.3f}{summary['logreg_accuracy']:>10.3f}")
-    print(f"training: {train_minutes:.1f} min on {platform.machine()} with {torch.get_num_threads()} torch threads; "
-          f"reloading the saved model gives the same embedding: {same}")
-    print(f"wrote {out}/pbmc68k_sct.h5ad (obsm['X_sct'], obs['sct_cell_type'], obs['sct_cell_type_confidence']),")
-    print(f"      {out}/embedding_umap.png, {out}/training_history.png, {out}/pbmc_model/, {out}/summary.json")
+    print(
+        f"  {'sctransformer (masked cell-type token)':<44}{summary['sctransformer_macro_f1']:>9.3f}{summary['sctransformer_accuracy']:>10.3f}"
+    )
+    print(
+        f"  {'logistic regression, log1p counts, all genes':<44}{summary['logreg_macro_f1']:>9.3f}{summary['logreg_accuracy']:>10.3f}"
+    )
+    print(
+        f"training: {train_minutes:.1f} min on {platform.machine()} with {torch.get_num_threads()} torch threads; "
+        f"reloading the saved model gives the same embedding: {same}"
+    )
+    print(
+        f"wrote {out}/pbmc68k_sct.h5ad (obsm['X_sct'], obs['sct_cell_type'], obs['sct_cell_type_confidence']),"
+    )
+    print(
+        f"      {out}/embedding_umap.png, {out}/training_history.png, {out}/pbmc_model/, {out}/summary.json"
+    )
 
 
 if __name__ == "__main__":

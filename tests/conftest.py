@@ -11,7 +11,9 @@ import scipy.sparse as sp
 
 import sctransformer as sct
 
-SHARED_DATA = Path(os.environ.get("SCT_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("SCT_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
 
 #: A model small enough to train in seconds.
 TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_length": 32, "n_bins": 5, "dropout": 0.0}

@@ -18,7 +18,9 @@ def test_demo_writes_results_plots_and_a_reloadable_model(tmp_path):
     out = tmp_path / "demo_out"
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(out), "--max-epochs", "3"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "macro-F1" in result.stdout and "logistic regression" in result.stdout

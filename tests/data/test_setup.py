@@ -16,7 +16,9 @@ def test_setup_registers_fields_and_codes(adata):
     sct.setup_anndata(adata, layer="counts", batch_key="batch", phenotype_keys=["cell_type"])
     codes = adata.obs["_scvi_phenotype_cell_type"].to_numpy()
     assert (codes[:5] == -1).all()
-    expected = pd.Categorical(adata.obs["cell_type"].astype(str), categories=["type_0", "type_1", "type_2"]).codes
+    expected = pd.Categorical(
+        adata.obs["cell_type"].astype(str), categories=["type_0", "type_1", "type_2"]
+    ).codes
     np.testing.assert_array_equal(codes[5:], expected[5:])
     assert adata.obs["_scvi_batch"].nunique() == 2
 
@@ -29,7 +31,12 @@ def test_nan_in_a_phenotype_means_unknown_and_is_kept(adata):
 
 
 BAD_INPUTS = {
-    "non-integer counts": (lambda a: a.layers.__setitem__("counts", a.layers["counts"] * 0.5), {}, ValueError, "non-integer"),
+    "non-integer counts": (
+        lambda a: a.layers.__setitem__("counts", a.layers["counts"] * 0.5),
+        {},
+        ValueError,
+        "non-integer",
+    ),
     "negative counts": (lambda a: a.layers["counts"].data.__setitem__(0, -3), {}, ValueError, "negative"),
     "NaN counts": (lambda a: a.layers["counts"].data.__setitem__(0, np.nan), {}, ValueError, "NaN"),
     "inf counts": (lambda a: a.layers["counts"].data.__setitem__(0, np.inf), {}, ValueError, "infinite"),
@@ -37,10 +44,30 @@ BAD_INPUTS = {
     "missing batch key": (lambda a: None, {"batch_key": "donor"}, KeyError, "donor"),
     "missing phenotype key": (lambda a: None, {"phenotype_keys": ["tissue"]}, KeyError, "tissue"),
     "missing gene key": (lambda a: None, {"gene_key": "ensembl"}, KeyError, "ensembl"),
-    "duplicate genes": (lambda a: setattr(a, "var_names", ["g0"] * 2 + list(a.var_names[2:])), {}, ValueError, "duplicate gene"),
-    "phenotype all NaN": (lambda a: a.obs.__setitem__("cell_type", np.nan), {"phenotype_keys": ["cell_type"]}, ValueError, "no known value"),
-    "batch with NaN": (lambda a: a.obs.__setitem__("batch", pd.Categorical([np.nan] + ["b"] * (a.n_obs - 1))), {"batch_key": "batch"}, ValueError, "missing values"),
-    "boolean matrix": (lambda a: a.layers.__setitem__("counts", a.layers["counts"] > 0), {}, TypeError, "booleans"),
+    "duplicate genes": (
+        lambda a: setattr(a, "var_names", ["g0"] * 2 + list(a.var_names[2:])),
+        {},
+        ValueError,
+        "duplicate gene",
+    ),
+    "phenotype all NaN": (
+        lambda a: a.obs.__setitem__("cell_type", np.nan),
+        {"phenotype_keys": ["cell_type"]},
+        ValueError,
+        "no known value",
+    ),
+    "batch with NaN": (
+        lambda a: a.obs.__setitem__("batch", pd.Categorical([np.nan] + ["b"] * (a.n_obs - 1))),
+        {"batch_key": "batch"},
+        ValueError,
+        "missing values",
+    ),
+    "boolean matrix": (
+        lambda a: a.layers.__setitem__("counts", a.layers["counts"] > 0),
+        {},
+        TypeError,
+        "booleans",
+    ),
 }
 
 
@@ -88,3 +115,11 @@ def test_vocabulary_alignment_and_coverage(caplog):
     np.testing.assert_array_equal(mapping, [3, -1, 0])
     with pytest.raises(ValueError, match="shares 0 genes"):
         vocab.column_to_gene(pd.Index(["x", "y"]))
+
+
+def test_categorical_phenotypes_keep_their_category_order(adata):
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.reorder_categories(["type_2", "type_0", "type_1"])
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    assert sct.GeneTransformer(adata, d_model=8, n_heads=2).phenotype_categories_ == {
+        "cell_type": ["type_2", "type_0", "type_1"]
+    }

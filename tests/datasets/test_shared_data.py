@@ -14,7 +14,10 @@ from ..conftest import QUIET, TINY, shared_file
 
 CASES = {
     "paul15_mouse_myeloid_progenitors.h5ad": {"phenotype_keys": ["paul15_celltype"]},
-    "kang18_ifnb_pbmc_ctrl_stim.h5ad": {"phenotype_keys": ["seurat_annotations_partial"], "batch_key": "condition"},
+    "kang18_ifnb_pbmc_ctrl_stim.h5ad": {
+        "phenotype_keys": ["seurat_annotations_partial"],
+        "batch_key": "condition",
+    },
     "cellbench_tian19_celllines_5batches.h5ad": {"phenotype_keys": ["cell_line"], "batch_key": "batch"},
     "papalexi21_eccite_crispr_lowmoi_299genes.h5ad": {"phenotype_keys": ["perturbation_target"]},
     "pbmc3k_10x_raw.h5ad": {},

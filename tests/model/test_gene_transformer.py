@@ -63,12 +63,16 @@ def test_embedding_does_not_depend_on_batch_size_or_order(trained):
     model, data = trained
     reference = model.get_latent_representation(data, batch_size=64)
     for batch_size in (1, 7, 1000):
-        np.testing.assert_allclose(model.get_latent_representation(data, batch_size=batch_size), reference, atol=1e-5)
+        np.testing.assert_allclose(
+            model.get_latent_representation(data, batch_size=batch_size), reference, atol=1e-5
+        )
     order = np.random.default_rng(0).permutation(data.n_obs)
     shuffled = model.get_latent_representation(data[order].copy(), batch_size=13)
     np.testing.assert_allclose(shuffled, reference[order], atol=1e-5)
     mean = model.get_latent_representation(data, pooling="mean", batch_size=5)
-    np.testing.assert_allclose(mean, model.get_latent_representation(data, pooling="mean", batch_size=150), atol=1e-5)
+    np.testing.assert_allclose(
+        mean, model.get_latent_representation(data, pooling="mean", batch_size=150), atol=1e-5
+    )
 
 
 def test_embedding_and_prediction_do_not_modify_adata_and_accept_views(trained):
@@ -78,7 +82,9 @@ def test_embedding_and_prediction_do_not_modify_adata_and_accept_views(trained):
     model.predict(data)
     assert fingerprint(data) == before
     view = data[10:20]
-    np.testing.assert_allclose(model.get_latent_representation(view), model.get_latent_representation(data)[10:20], atol=1e-5)
+    np.testing.assert_allclose(
+        model.get_latent_representation(view), model.get_latent_representation(data)[10:20], atol=1e-5
+    )
 
 
 def test_predictions_do_not_use_the_labels(trained):
@@ -99,7 +105,9 @@ def test_save_load_round_trip_gives_identical_embedding(trained, tmp_path):
     assert state["phenotype_categories"] == {"cell_type": ["type_0", "type_1", "type_2"]}
     assert not list(tmp_path.glob("**/*.pt")) and not list(tmp_path.glob("**/*.pkl"))
     loaded = sct.GeneTransformer.load(tmp_path / "m")
-    np.testing.assert_array_equal(loaded.get_latent_representation(data), model.get_latent_representation(data))
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(data), model.get_latent_representation(data)
+    )
     pd.testing.assert_frame_equal(loaded.predict(data), model.predict(data))
     assert set(loaded.history) == set(model.history)
     np.testing.assert_array_equal(loaded.test_indices, model.test_indices)

@@ -11,8 +11,18 @@ from sctransformer.module import GeneTransformerModule, SelfAttention
 
 def make_module(**overrides) -> GeneTransformerModule:
     kwargs = dict(
-        d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0, max_length=12, value_encoding="binned",
-        n_bins=4, binning="quantile", bin_edges=None, label_smoothing=0.1, predict_zeros=True,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_ff=32,
+        dropout=0.0,
+        max_length=12,
+        value_encoding="binned",
+        n_bins=4,
+        binning="quantile",
+        bin_edges=None,
+        label_smoothing=0.1,
+        predict_zeros=True,
         cell_expression_loss=True,
     )
     kwargs.update(overrides)
@@ -34,12 +44,26 @@ def test_losses_are_finite_and_every_component_gets_gradient(value_encoding):
     value_mask = tokens.is_token & ~tokens.is_unexpressed
     targets = torch.tensor([[0, 1], [1, -1], [2, 0], [0, 1], [-1, 0], [1, 1]])
     hidden = module.encode(tokens, torch.full_like(targets, -1), value_mask)
-    out = module.loss(hidden, tokens, value_mask, targets, torch.ones_like(targets, dtype=torch.bool), ["a", "b"])
-    assert set(out.components) == {"expression", "expression_from_cell", "is_zero", "phenotype_a", "phenotype_b"}
+    out = module.loss(
+        hidden, tokens, value_mask, targets, torch.ones_like(targets, dtype=torch.bool), ["a", "b"]
+    )
+    assert set(out.components) == {
+        "expression",
+        "expression_from_cell",
+        "is_zero",
+        "phenotype_a",
+        "phenotype_b",
+    }
     assert torch.isfinite(out.total)
     assert out.counts["phenotype_a"] == 5 and out.counts["phenotype_b"] == 5  # unknown (-1) never scored
     out.total.backward()
-    for name in ("expression_head", "cell_expression_head", "is_zero_head", "phenotype_heads", "gene_embedding"):
+    for name in (
+        "expression_head",
+        "cell_expression_head",
+        "is_zero_head",
+        "phenotype_heads",
+        "gene_embedding",
+    ):
         grads = [p.grad for n, p in module.named_parameters() if n.startswith(name)]
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), name
 
@@ -51,7 +75,9 @@ def test_cell_embedding_does_not_depend_on_the_other_cells_in_the_batch():
         tokens = module.tokenize(x, torch.arange(20))
         full = module.pool(module.encode(tokens, torch.full((8, 2), -1)), tokens, "cls")
         for i in range(8):
-            single = module.tokenize(to_torch_csr(sp.csr_matrix(x.to_dense()[i : i + 1].numpy())), torch.arange(20))
+            single = module.tokenize(
+                to_torch_csr(sp.csr_matrix(x.to_dense()[i : i + 1].numpy())), torch.arange(20)
+            )
             alone = module.pool(module.encode(single, torch.full((1, 2), -1)), single, "cls")
             torch.testing.assert_close(alone[0], full[i], atol=1e-5, rtol=1e-5)
 

@@ -16,7 +16,11 @@ def naive_tokenize(x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int
     cells = []
     for row in x:
         library = np.float32(row.sum())
-        entries = [(int(column_to_gene[j]), np.float32(row[j])) for j in range(len(row)) if row[j] > 0 and column_to_gene[j] >= 0]
+        entries = [
+            (int(column_to_gene[j]), np.float32(row[j]))
+            for j in range(len(row))
+            if row[j] > 0 and column_to_gene[j] >= 0
+        ]
         entries.sort(key=lambda e: (-e[1], e[0]))
         n = len(entries)
         genes, values, bins = [], [], []
@@ -34,7 +38,9 @@ def naive_tokenize(x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int
     return cells
 
 
-def check_against_naive(x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int, n_bins: int, edges=None) -> None:
+def check_against_naive(
+    x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int, n_bins: int, edges=None
+) -> None:
     tokenizer = Tokenizer(
         int(column_to_gene.max()) + 1 if (column_to_gene >= 0).any() else 1,
         max_length=max_length,
@@ -96,7 +102,10 @@ def test_dense_and_sparse_input_agree():
     tokenizer = Tokenizer(12, max_length=8, n_bins=4)
     a = tokenizer(to_torch_csr(sp.csr_matrix(x)), torch.arange(12))
     b = tokenizer(torch.as_tensor(x), torch.arange(12))
-    c = tokenizer(torch.as_tensor(x).to_sparse_csc() if hasattr(torch.Tensor, "to_sparse_csc") else torch.as_tensor(x), torch.arange(12))
+    c = tokenizer(
+        torch.as_tensor(x).to_sparse_csc() if hasattr(torch.Tensor, "to_sparse_csc") else torch.as_tensor(x),
+        torch.arange(12),
+    )
     for other in (b, c):
         assert torch.equal(a.gene_ids, other.gene_ids)
         assert torch.equal(a.bins, other.bins)
@@ -115,7 +124,9 @@ def test_unexpressed_samples_are_distinct_and_not_expressed():
     rng = np.random.default_rng(4)
     x = random_counts(rng, 8, 40, 0.3)
     gen = torch.Generator().manual_seed(0)
-    out = Tokenizer(40, max_length=5, n_bins=4)(torch.as_tensor(x), torch.arange(40), n_unexpressed=6, generator=gen)
+    out = Tokenizer(40, max_length=5, n_bins=4)(
+        torch.as_tensor(x), torch.arange(40), n_unexpressed=6, generator=gen
+    )
     sampled = out.gene_ids[:, -6:]
     assert out.is_unexpressed[:, -6:].all() and not out.is_unexpressed[:, :-6].any()
     for i in range(8):

@@ -34,12 +34,14 @@ def test_embedding_computes_umap_once_and_follows_scanpys_return_rule(trained):
     assert "cell_type_colors" in adata.uns
     adata.obsm["X_sct"] = adata.obsm["X_sct"] + 1.0  # stale: recomputed
     sct.pl.embedding(adata, color="cell_type", show=False)
-    assert adata.uns["X_sct_umap"]["source_fingerprint"] != "" and not np.array_equal(adata.obsm["X_sct_umap"], first)
+    assert adata.uns["X_sct_umap"]["source_fingerprint"] != "" and not np.array_equal(
+        adata.obsm["X_sct_umap"], first
+    )
 
 
 def test_embedding_without_the_embedding_says_what_to_run(trained):
     _, data = trained
-    with pytest.raises(KeyError, match="sct.tl.embed"):
+    with pytest.raises(KeyError, match=r"sct\.tl\.embed"):
         sct.pl.embedding(data.copy(), color="cell_type")
 
 

@@ -12,7 +12,9 @@ def test_embed_writes_obsm_and_records_parameters(trained):
     model, data = trained
     adata = data.copy()
     assert sct.tl.embed(adata, model, pooling="mean") is None
-    np.testing.assert_allclose(adata.obsm["X_sct"], model.get_latent_representation(data, pooling="mean"), atol=1e-6)
+    np.testing.assert_allclose(
+        adata.obsm["X_sct"], model.get_latent_representation(data, pooling="mean"), atol=1e-6
+    )
     assert adata.uns["sct"]["X_sct"]["params"] == {"pooling": "mean"}
     sct.tl.embed(adata, model, key_added="X_other")
     assert "X_other" in adata.obsm and "X_other" in adata.uns["sct"]
@@ -50,3 +52,15 @@ def test_tools_run_on_an_unregistered_query_without_changing_it(trained):
     sct.tl.predict(query, model)
     assert not any(c.startswith("_scvi") for c in query.obs)
     assert set(query.uns) == {"sct"}
+
+
+def test_predicted_labels_reuse_the_colours_of_the_true_labels(trained):
+    model, data = trained
+    adata = data.copy()
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.reorder_categories(["type_2", "type_0", "type_1"])
+    adata.uns["cell_type_colors"] = ["#ff0000", "#00ff00", "#0000ff"]
+    sct.tl.predict(adata, model)
+    colors = dict(
+        zip(adata.obs["sct_cell_type"].cat.categories, adata.uns["sct_cell_type_colors"], strict=True)
+    )
+    assert colors == {"type_2": "#ff0000", "type_0": "#00ff00", "type_1": "#0000ff"}

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,9 @@ from sctransformer.train import mask_tokens, warmup_cosine
 def tokens_for(n_cells: int = 400, n_genes: int = 50, n_unexpressed: int = 4):
     rng = np.random.default_rng(0)
     x = rng.poisson(1.0, size=(n_cells, n_genes)).astype(np.float32)
-    return Tokenizer(n_genes, max_length=30, n_bins=4)(torch.as_tensor(x), torch.arange(n_genes), n_unexpressed=n_unexpressed)
+    return Tokenizer(n_genes, max_length=30, n_bins=4)(
+        torch.as_tensor(x), torch.arange(n_genes), n_unexpressed=n_unexpressed
+    )
 
 
 @pytest.mark.parametrize(("gene_p", "pheno_p"), [(0.15, 0.5), (0.4, 0.1)])
@@ -20,7 +24,9 @@ def test_mask_rates_match_the_requested_probabilities(gene_p, pheno_p):
     phenotypes = torch.zeros(400, 3, dtype=torch.long)
     phenotypes[:50, 1] = -1
     gen = torch.Generator().manual_seed(0)
-    value_mask, phenotype_mask = mask_tokens(tokens, phenotypes, gene_mask_prob=gene_p, phenotype_mask_prob=pheno_p, generator=gen)
+    value_mask, phenotype_mask = mask_tokens(
+        tokens, phenotypes, gene_mask_prob=gene_p, phenotype_mask_prob=pheno_p, generator=gen
+    )
     eligible = tokens.is_token & ~tokens.is_unexpressed
     n = int(eligible.sum())
     rate = value_mask[eligible].float().mean().item()
@@ -34,8 +40,20 @@ def test_mask_rates_match_the_requested_probabilities(gene_p, pheno_p):
 def test_masks_are_reproducible_with_a_seeded_generator():
     tokens = tokens_for(50)
     phenotypes = torch.zeros(50, 1, dtype=torch.long)
-    a = mask_tokens(tokens, phenotypes, gene_mask_prob=0.2, phenotype_mask_prob=0.5, generator=torch.Generator().manual_seed(3))
-    b = mask_tokens(tokens, phenotypes, gene_mask_prob=0.2, phenotype_mask_prob=0.5, generator=torch.Generator().manual_seed(3))
+    a = mask_tokens(
+        tokens,
+        phenotypes,
+        gene_mask_prob=0.2,
+        phenotype_mask_prob=0.5,
+        generator=torch.Generator().manual_seed(3),
+    )
+    b = mask_tokens(
+        tokens,
+        phenotypes,
+        gene_mask_prob=0.2,
+        phenotype_mask_prob=0.5,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -46,4 +64,4 @@ def test_warmup_then_cosine_decay():
     assert factors[10] == pytest.approx(1.0)
     assert factors[60] == pytest.approx(0.5)
     assert factors[110] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))

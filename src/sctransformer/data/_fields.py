@@ -16,12 +16,14 @@ def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
 
 
 def observed_categories(values: pd.Series) -> list[str]:
-    """Sorted string categories of a column, missing values left out."""
+    """Categories of a column as strings, missing values left out.
+
+    A categorical column keeps its own category order (unused categories dropped), so predicted
+    labels line up with the column's colours; other columns are sorted.
+    """
     if isinstance(values.dtype, pd.CategoricalDtype):
-        present = values.cat.remove_unused_categories().cat.categories
-    else:
-        present = pd.unique(values.dropna())
-    return sorted(str(v) for v in present)
+        return [str(v) for v in values.cat.remove_unused_categories().cat.categories]
+    return sorted(str(v) for v in pd.unique(values.dropna()))
 
 
 class PhenotypeObsField(BaseAnnDataField):
@@ -83,7 +85,10 @@ class PhenotypeObsField(BaseAnnDataField):
         categories = self._categories if self._categories is not None else observed_categories(column)
         adata.obs[self.attr_key] = category_codes(column, categories)
         super().register_field(adata)
-        return {self.CATEGORIES_KEY: np.asarray(categories, dtype=object), self.ORIGINAL_ATTR_KEY: self._obs_key}
+        return {
+            self.CATEGORIES_KEY: np.asarray(categories, dtype=object),
+            self.ORIGINAL_ATTR_KEY: self._obs_key,
+        }
 
     def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs) -> dict:
         """Register on a new AnnData with the source's categories."""

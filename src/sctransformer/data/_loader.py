@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
+
+from sctransformer._compat import quiet_sparse_tensors
 
 from ._fields import category_codes
 from ._validation import get_matrix
@@ -17,10 +18,10 @@ from ._validation import get_matrix
 def to_torch_csr(matrix) -> torch.Tensor:
     """A scipy sparse or dense row block as a torch sparse CSR tensor (no densifying of sparse input)."""
     if not sp.issparse(matrix):
-        return torch.as_tensor(np.asarray(matrix, dtype=np.float32)).to_sparse_csr()
+        with quiet_sparse_tensors():
+            return torch.as_tensor(np.asarray(matrix, dtype=np.float32)).to_sparse_csr()
     csr = matrix.tocsr()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    with quiet_sparse_tensors():
         return torch.sparse_csr_tensor(
             torch.from_numpy(csr.indptr.astype(np.int64)),
             torch.from_numpy(csr.indices.astype(np.int64)),

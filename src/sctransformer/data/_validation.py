@@ -92,9 +92,7 @@ def gene_identifiers(adata: AnnData, gene_key: str | None) -> pd.Index:
 def check_obs_key(adata: AnnData, key: str, role: str) -> None:
     """Raise if ``key`` is not a column of ``adata.obs``."""
     if key not in adata.obs:
-        raise KeyError(
-            f"{role} {key!r} not found in adata.obs (available: {list(adata.obs.columns)})"
-        )
+        raise KeyError(f"{role} {key!r} not found in adata.obs (available: {list(adata.obs.columns)})")
 
 
 def check_phenotype_column(adata: AnnData, key: str) -> None:

@@ -50,6 +50,9 @@ class GeneVocabulary:
         if n_found < len(identifiers):
             logger.info(
                 "%d / %d genes in vocabulary (%d of the model's %d genes present)",
-                n_found, len(identifiers), n_found, len(self),
+                n_found,
+                len(identifiers),
+                n_found,
+                len(self),
             )
         return mapping

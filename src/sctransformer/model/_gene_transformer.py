@@ -22,6 +22,7 @@ from scvi.dataloaders import DataSplitter
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 
+from sctransformer._compat import quiet_sparse_tensors
 from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, TARGET_SUM, phenotype_registry_key
 from sctransformer._settings import settings
 from sctransformer.data import (
@@ -32,8 +33,6 @@ from sctransformer.data import (
     gene_identifiers,
     get_matrix,
     iter_minibatches,
-    observed_categories,
-    phenotype_codes,
 )
 from sctransformer.data._validation import check_obs_key, check_phenotype_column
 from sctransformer.module import GeneTransformerModule, Pooling, TokenizedCells
@@ -182,7 +181,9 @@ class GeneTransformer(BaseModelClass):
         seed: int | None = None,
     ) -> None:
         hyperparameters = {k: v for k, v in locals().items() if k not in ("self", "adata", "__class__")}
-        _check_hyperparameters(**{k: v for k, v in hyperparameters.items() if k not in ("cell_expression_loss", "seed")})
+        _check_hyperparameters(
+            **{k: v for k, v in hyperparameters.items() if k not in ("cell_expression_loss", "seed")}
+        )
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
         if self._get_most_recent_anndata_manager(adata) is None:
@@ -194,7 +195,12 @@ class GeneTransformer(BaseModelClass):
         setup_args = self.adata_manager.registry["setup_args"]
         vocabulary = GeneVocabulary(gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY]))
         categories = {
-            key: [str(c) for c in self.adata_manager.get_state_registry(phenotype_registry_key(key))[PhenotypeObsField.CATEGORIES_KEY]]
+            key: [
+                str(c)
+                for c in self.adata_manager.get_state_registry(phenotype_registry_key(key))[
+                    PhenotypeObsField.CATEGORIES_KEY
+                ]
+            ]
             for key in setup_args[SETUP_ARGS.PHENOTYPE_KEYS] or []
         }
         seed = settings.seed if seed is None else seed
@@ -233,7 +239,9 @@ class GeneTransformer(BaseModelClass):
                 value_encoding=hp["value_encoding"],
                 n_bins=hp["n_bins"],
                 binning=hp["binning"],
-                bin_edges=bin_edges if bin_edges is not None else (torch.zeros(hp["n_bins"] - 1) if hp["binning"] == "fixed" else None),
+                bin_edges=bin_edges
+                if bin_edges is not None
+                else (torch.zeros(hp["n_bins"] - 1) if hp["binning"] == "fixed" else None),
                 label_smoothing=hp["label_smoothing"],
                 predict_zeros=hp["n_unexpressed"] > 0,
                 cell_expression_loss=hp["cell_expression_loss"],
@@ -256,7 +264,6 @@ class GeneTransformer(BaseModelClass):
         batch_key: str | None = None,
         phenotype_keys: list[str] | None = None,
         gene_key: str | None = None,
-        _phenotype_categories: dict[str, list[str]] | None = None,
     ) -> None:
         """Register an AnnData for sctransformer.
 
@@ -287,6 +294,22 @@ class GeneTransformer(BaseModelClass):
         Cells without any counts are kept with a warning: they are embedded from the ``[CLS]`` and
         phenotype tokens alone.
         """
+        cls._register(
+            adata, layer=layer, batch_key=batch_key, phenotype_keys=phenotype_keys, gene_key=gene_key
+        )
+
+    @classmethod
+    def _register(
+        cls,
+        adata: AnnData,
+        *,
+        layer: str | None,
+        batch_key: str | None,
+        phenotype_keys: list[str] | str | None,
+        gene_key: str | None,
+        phenotype_categories: dict[str, list[str]] | None = None,
+    ) -> None:
+        """Validate and register; ``phenotype_categories`` fixes the categories (a saved model's)."""
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
         if adata.is_view:
@@ -306,7 +329,7 @@ class GeneTransformer(BaseModelClass):
             if batch_key in phenotype_keys:
                 raise ValueError(f"{batch_key!r} is both batch_key and a phenotype key; choose one role")
         for key in phenotype_keys:
-            if _phenotype_categories is None:
+            if phenotype_categories is None:
                 check_phenotype_column(adata, key)
             else:
                 check_obs_key(adata, key, "phenotype key")
@@ -321,13 +344,18 @@ class GeneTransformer(BaseModelClass):
                 stacklevel=2,
             )
         setup_method_args = cls._get_setup_method_args(
-            cls=cls, adata=adata, layer=layer, batch_key=batch_key, phenotype_keys=phenotype_keys, gene_key=gene_key
+            cls=cls,
+            adata=adata,
+            layer=layer,
+            batch_key=batch_key,
+            phenotype_keys=phenotype_keys,
+            gene_key=gene_key,
         )
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
         ]
-        categories = _phenotype_categories or {}
+        categories = phenotype_categories or {}
         fields += [
             PhenotypeObsField(phenotype_registry_key(key), key, categories.get(key)) for key in phenotype_keys
         ]
@@ -428,7 +456,7 @@ class GeneTransformer(BaseModelClass):
             raise ValueError("the model has no AnnData to train on; load it with adata=...")
         self._validate_anndata(self.adata)
         self._check_registered_shape(self.adata)
-        n_train = int(round(train_size * self.adata.n_obs))
+        n_train = round(train_size * self.adata.n_obs)
         if n_train < 1:
             raise ValueError(f"train_size={train_size} leaves no training cell of {self.adata.n_obs}")
 
@@ -483,18 +511,22 @@ class GeneTransformer(BaseModelClass):
                 early_stopping=early_stopping,
                 **trainer_kwargs,
             )
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-                warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
+            with quiet_sparse_tensors(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
                 runner()
         finally:
             scvi.settings.seed = previous_seed
         self.train_settings_ = {
-            "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-            "warmup_fraction": warmup_fraction, "gene_mask_prob": gene_mask_prob,
-            "phenotype_mask_prob": phenotype_mask_prob, "train_size": train_size,
-            "validation_size": validation_size, "seed": seed,
+            "max_epochs": max_epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "warmup_fraction": warmup_fraction,
+            "gene_mask_prob": gene_mask_prob,
+            "phenotype_mask_prob": phenotype_mask_prob,
+            "train_size": train_size,
+            "validation_size": validation_size,
+            "seed": seed,
         }
 
     # ------------------------------------------------------------------ inference
@@ -531,9 +563,13 @@ class GeneTransformer(BaseModelClass):
         self.module.eval()
         try:
             with torch.inference_mode(), autocast:
-                for idx, x in iter_minibatches(adata, layer=self.setup_args_[SETUP_ARGS.LAYER], batch_size=batch_size):
+                for idx, x in iter_minibatches(
+                    adata, layer=self.setup_args_[SETUP_ARGS.LAYER], batch_size=batch_size
+                ):
                     tokens = self.module.tokenize(x.to(device), column_to_gene)
-                    masked = torch.full((len(idx), self.module.n_phenotypes), -1, dtype=torch.long, device=device)
+                    masked = torch.full(
+                        (len(idx), self.module.n_phenotypes), -1, dtype=torch.long, device=device
+                    )
                     yield idx, tokens, self.module.encode(tokens, masked)
         finally:
             self.module.train(was_training)
@@ -598,7 +634,9 @@ class GeneTransformer(BaseModelClass):
         keys = self._phenotype_selection(phenotype)
         adata = self._inference_adata(adata)
         slots = {key: list(self.phenotype_categories_).index(key) for key in keys}
-        probabilities = {key: np.zeros((adata.n_obs, len(self.phenotype_categories_[key])), np.float32) for key in keys}
+        probabilities = {
+            key: np.zeros((adata.n_obs, len(self.phenotype_categories_[key])), np.float32) for key in keys
+        }
         for idx, _, hidden in self._forward(adata, batch_size):
             logits = self.module.phenotype_logits(hidden)
             for key, slot in slots.items():
@@ -619,10 +657,16 @@ class GeneTransformer(BaseModelClass):
                 "the model has no phenotype keys to predict; set up the AnnData with "
                 "phenotype_keys=[...] and train a model on it"
             )
-        keys = list(self.phenotype_categories_) if phenotype is None else ([phenotype] if isinstance(phenotype, str) else list(phenotype))
+        keys = (
+            list(self.phenotype_categories_)
+            if phenotype is None
+            else ([phenotype] if isinstance(phenotype, str) else list(phenotype))
+        )
         unknown = [k for k in keys if k not in self.phenotype_categories_]
         if unknown:
-            raise KeyError(f"phenotype {unknown} not modelled; the model predicts {list(self.phenotype_categories_)}")
+            raise KeyError(
+                f"phenotype {unknown} not modelled; the model predicts {list(self.phenotype_categories_)}"
+            )
         return keys
 
     def get_gene_embedding(self) -> pd.DataFrame:
@@ -633,7 +677,7 @@ class GeneTransformer(BaseModelClass):
     # ------------------------------------------------------------------ persistence
     @property
     def history(self) -> dict[str, pd.DataFrame]:
-        """Per-epoch training curves: ``{metric_name: DataFrame indexed by epoch}``."""
+        """Per-epoch training curves, one DataFrame indexed by epoch per ``<metric>_<train|validation>``."""
         return {name: frame.astype(float) for name, frame in (self.history_ or {}).items()}
 
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -641,6 +685,14 @@ class GeneTransformer(BaseModelClass):
 
         The directory is written beside the target and renamed into place, so an interrupted save
         leaves any previous model there intact. Nothing is pickled.
+
+        Parameters
+        ----------
+        dir_path
+            Directory to write ``model.safetensors`` and ``model.json`` into; created if missing.
+        overwrite
+            Replace the contents of ``dir_path`` if it is not empty; otherwise a non-empty
+            directory is refused.
         """
         history = {
             name: {"epoch": [int(i) for i in frame.index], "value": [float(v) for v in frame.iloc[:, 0]]}
@@ -658,14 +710,18 @@ class GeneTransformer(BaseModelClass):
             "train_settings": getattr(self, "train_settings_", None),
             "history": history,
             "indices": {
-                name: None if getattr(self, f"{name}_indices_") is None else [int(i) for i in getattr(self, f"{name}_indices_")]
+                name: None
+                if getattr(self, f"{name}_indices_") is None
+                else [int(i) for i in getattr(self, f"{name}_indices_")]
                 for name in ("train", "validation", "test")
             },
         }
         write_model_dir(dir_path, state, self.module.state_dict(), overwrite=overwrite)
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, *, adata: AnnData | None = None, accelerator: str = "cpu") -> GeneTransformer:
+    def load(
+        cls, dir_path: str | os.PathLike, *, adata: AnnData | None = None, accelerator: str = "cpu"
+    ) -> GeneTransformer:
         """Load a model saved with :meth:`save`.
 
         Parameters
@@ -692,13 +748,15 @@ class GeneTransformer(BaseModelClass):
                 raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
             vocabulary.column_to_gene(gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY]))
             if cls._registered_manager(adata) is None:
-                cls.setup_anndata(
+                cls._register(
                     adata,
                     layer=setup_args[SETUP_ARGS.LAYER],
-                    batch_key=setup_args[SETUP_ARGS.BATCH_KEY] if setup_args[SETUP_ARGS.BATCH_KEY] in adata.obs else None,
+                    batch_key=setup_args[SETUP_ARGS.BATCH_KEY]
+                    if setup_args[SETUP_ARGS.BATCH_KEY] in adata.obs
+                    else None,
                     phenotype_keys=[k for k in categories if k in adata.obs],
                     gene_key=setup_args[SETUP_ARGS.GENE_KEY],
-                    _phenotype_categories=categories,
+                    phenotype_categories=categories,
                 )
             BaseModelClass.__init__(model, adata)
         else:
@@ -707,7 +765,9 @@ class GeneTransformer(BaseModelClass):
         try:
             model.module.load_state_dict(weights, strict=True)
         except RuntimeError as err:
-            raise ValueError(f"the weights in {dir_path} do not fit the saved hyper-parameters: {err}") from err
+            raise ValueError(
+                f"the weights in {dir_path} do not fit the saved hyper-parameters: {err}"
+            ) from err
         model.init_params_ = {"kwargs": {}, "non_kwargs": dict(state["hyperparameters"])}
         model.is_trained_ = state["is_trained"]
         model.train_settings_ = state.get("train_settings")
@@ -718,7 +778,11 @@ class GeneTransformer(BaseModelClass):
         for name, idx in state["indices"].items():
             setattr(model, f"{name}_indices_", None if idx is None else np.asarray(idx))
         model.module.eval()
-        model.to_device("cuda" if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu")
+        model.to_device(
+            "cuda"
+            if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+            else "cpu"
+        )
         return model
 
     def __repr__(self) -> str:

@@ -45,7 +45,11 @@ def write_model_dir(
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(weights, staging / WEIGHTS_FILE)
-        state = {**state, "format_version": MODEL_FORMAT_VERSION, "weights_sha256": _sha256(staging / WEIGHTS_FILE)}
+        state = {
+            **state,
+            "format_version": MODEL_FORMAT_VERSION,
+            "weights_sha256": _sha256(staging / WEIGHTS_FILE),
+        }
         with open(staging / STATE_FILE, "w") as f:
             json.dump(state, f, indent=1)
             f.flush()

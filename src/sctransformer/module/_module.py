@@ -108,16 +108,12 @@ class GeneTransformerModule(nn.Module):
         if value_encoding == "binned":
             self.bin_embedding = nn.Embedding(n_bins + 1, d_model)  # last row: [MASK]
         else:
-            self.value_mlp = nn.Sequential(
-                nn.Linear(1, d_model), nn.GELU(), nn.Linear(d_model, d_model)
-            )
+            self.value_mlp = nn.Sequential(nn.Linear(1, d_model), nn.GELU(), nn.Linear(d_model, d_model))
             self.value_mask = nn.Parameter(torch.zeros(d_model))
         self.cls = nn.Parameter(torch.zeros(d_model))
         # each table's last row is [MASK] / unknown
         self.phenotype_embeddings = nn.ModuleList(nn.Embedding(n + 1, d_model) for n in phenotype_sizes)
-        self.blocks = nn.ModuleList(
-            EncoderBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers)
-        )
+        self.blocks = nn.ModuleList(EncoderBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
 
         n_out = n_bins if value_encoding == "binned" else 1
@@ -180,9 +176,7 @@ class GeneTransformerModule(nn.Module):
             codes = torch.where(codes < 0, table.num_embeddings - 1, codes)
             prefix.append(table(codes).unsqueeze(1))
         x = torch.cat([*prefix, gene_tokens], 1)
-        key_mask = torch.cat(
-            [tokens.is_token.new_ones(n, self.n_prefix), tokens.is_token], 1
-        )
+        key_mask = torch.cat([tokens.is_token.new_ones(n, self.n_prefix), tokens.is_token], 1)
         return x, key_mask
 
     def encode(

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from sctransformer._compat import quiet_sparse_tensors
 from sctransformer._constants import TARGET_SUM
 
 ValueEncoding = Literal["binned", "continuous"]
@@ -47,10 +48,11 @@ class TokenizedCells:
 def _as_csr(x: torch.Tensor) -> torch.Tensor:
     if x.layout == torch.sparse_csr:
         return x
-    if x.layout == torch.strided:
-        return x.to_sparse_csr()
-    # CSC or COO: go through dense only for this minibatch, never for the whole matrix
-    return x.to_dense().to_sparse_csr()
+    with quiet_sparse_tensors():
+        if x.layout == torch.strided:
+            return x.to_sparse_csr()
+        # CSC or COO: go through dense only for this minibatch, never for the whole matrix
+        return x.to_dense().to_sparse_csr()
 
 
 class Tokenizer(nn.Module):

@@ -41,6 +41,11 @@ def training_history(
         Axes to draw a single metric into (requires exactly one metric).
     show, return_fig
         As in scanpy: a Figure if ``return_fig``, nothing when shown, else the Axes.
+
+    Returns
+    -------
+    The Figure if ``return_fig``; ``None`` when shown; else the list of Axes (the one Axes when
+    ``ax`` was given).
     """
     history = model.history
     if not history:
@@ -64,8 +69,8 @@ def training_history(
         for extra in axes[len(metrics) :]:
             extra.remove()
         axes = axes[: len(metrics)]
-    for metric, panel in zip(metrics, axes):
-        for stage, style in zip(_STAGES, ("-", "--")):
+    for metric, panel in zip(metrics, axes, strict=True):
+        for stage, style in zip(_STAGES, ("-", "--"), strict=True):
             frame = history.get(f"{metric}_{stage}")
             if frame is not None and len(frame):
                 panel.plot(frame.index, frame.iloc[:, 0], style, marker="o", markersize=3, label=stage)

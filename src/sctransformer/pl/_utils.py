@@ -8,7 +8,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 
-def finish(fig: Figure, axes: Axes | list[Axes], *, show: bool | None, return_fig: bool) -> Figure | Axes | list[Axes] | None:
+def finish(
+    fig: Figure, axes: Axes | list[Axes], *, show: bool | None, return_fig: bool
+) -> Figure | Axes | list[Axes] | None:
     """Figure if ``return_fig``; nothing when shown; else the Axes."""
     if return_fig:
         return fig

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import pandas as pd
 from anndata import AnnData
 
 from sctransformer._keys import KEYS, confidence_key, prediction_key
 from sctransformer.model import GeneTransformer
 
 from ._utils import record_run
+
+
+def _reuse_colors(adata: AnnData, source: str, target: str) -> None:
+    """Give predicted labels the colours their true labels have in ``adata.uns``, if any."""
+    colors = adata.uns.get(f"{source}_colors")
+    column = adata.obs.get(source)
+    if colors is None or column is None or not isinstance(column.dtype, pd.CategoricalDtype):
+        return
+    by_label = dict(zip(column.cat.categories.astype(str), colors, strict=False))
+    predicted = adata.obs[target].cat.categories
+    if all(label in by_label for label in predicted):
+        adata.uns[f"{target}_colors"] = [by_label[label] for label in predicted]
 
 
 def predict(
@@ -46,6 +59,9 @@ def predict(
         Probability of the predicted label.
     ``.obsm["<key_added>_<key>_probs"]``
         DataFrame of the probability of every category.
+    ``.uns["<key_added>_<key>_colors"]``
+        The colours of ``.uns["<key>_colors"]``, when the AnnData has them, so that true and
+        predicted labels share colours in plots.
     ``.uns["sct"][key_added]``
         The parameters of the run.
     """
@@ -57,5 +73,6 @@ def predict(
         adata.obs[prediction_key(key_added, key)] = table[key].array  # keeps the categories
         adata.obs[confidence_key(key_added, key)] = table[f"{key}_confidence"].to_numpy()
         adata.obsm[f"{prediction_key(key_added, key)}_probs"] = probs
+        _reuse_colors(adata, key, prediction_key(key_added, key))
     record_run(adata, key_added, "predict", model, {"phenotypes": list(probabilities)})
     return adata if copy else None

@@ -111,7 +111,9 @@ class MaskedModelingPlan(pl.LightningModule):
             return torch.empty(n, 0, dtype=torch.long, device=self.device)
         return torch.stack(columns, 1)
 
-    def _step(self, batch: dict[str, torch.Tensor], *, stage: str, generator: torch.Generator | None) -> LossOutput:
+    def _step(
+        self, batch: dict[str, torch.Tensor], *, stage: str, generator: torch.Generator | None
+    ) -> LossOutput:
         phenotypes = self._phenotypes(batch)
         tokens = self.module.tokenize(
             batch[REGISTRY_KEYS.X_KEY],
