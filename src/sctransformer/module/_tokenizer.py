@@ -132,77 +132,65 @@ class Tokenizer(nn.Module):
         x = _as_csr(x)
         device = x.device
         n_cells = x.shape[0]
-        crow = x.crow_indices()
-        col = x.col_indices()
         val = x.values().float()
-        row = torch.repeat_interleave(torch.arange(n_cells, device=device), crow.diff())
-
+        row = torch.repeat_interleave(torch.arange(n_cells, device=device), x.crow_indices().diff())
         library = torch.zeros(n_cells, device=device).index_add_(0, row, val)
-        gene = column_to_gene.to(device)[col]
+        gene = column_to_gene.to(device)[x.col_indices()]
         keep = (val > 0) & (gene >= 0)
         row, gene, val = row[keep], gene[keep], val[keep]
-
-        # sort by (row ascending, value descending, gene ascending) with three stable sorts
-        order = torch.argsort(gene, stable=True)
-        order = order[torch.argsort(val[order], descending=True, stable=True)]
-        order = order[torch.argsort(row[order], stable=True)]
-        row, gene, val = row[order], gene[order], val[order]
-
         n_expressed = torch.bincount(row, minlength=n_cells)
-        start = torch.cumsum(n_expressed, 0) - n_expressed
-        position = torch.arange(row.numel(), device=device)
-        rank = position - start[row]
 
-        normalised = torch.log1p(val / library[row] * TARGET_SUM)
-        bins = self._bin(row, val, normalised, position, rank, n_expressed)
+        # CSR rows are contiguous: lay each cell's expressed genes out in one row of a dense block,
+        # padded with value -1 and an out-of-range gene id (both sort after every real entry)
+        width = int(n_expressed.max()) if n_cells > 0 and row.numel() > 0 else 0
+        slot = torch.arange(row.numel(), device=device) - (torch.cumsum(n_expressed, 0) - n_expressed)[row]
+        block_genes = torch.full((n_cells, width), self.n_genes, dtype=torch.long, device=device)
+        block_values = torch.full((n_cells, width), -1.0, device=device)
+        block_genes[row, slot] = gene
+        block_values[row, slot] = val
+        # order each row by decreasing value, ties by increasing gene: two stable row-wise sorts
+        block_genes, order = block_genes.sort(dim=1, stable=True)
+        block_values, order = block_values.gather(1, order).sort(dim=1, descending=True, stable=True)
+        block_genes = block_genes.gather(1, order)
 
         sampled = valid = None
         if n_unexpressed > 0:  # before truncation: every expressed gene is excluded
             sampled, valid = self._sample_unexpressed(row, gene, n_cells, n_unexpressed, generator, device)
-        kept = rank < self.max_length
-        row, gene, normalised, bins, rank = (t[kept] for t in (row, gene, normalised, bins, rank))
-        n_tokens = torch.clamp(n_expressed, max=self.max_length)
-        length = int(n_tokens.max()) if n_cells > 0 else 0
-        length_total = length + n_unexpressed
 
-        gene_ids = torch.zeros(n_cells, length_total, dtype=torch.long, device=device)
-        values = torch.zeros(n_cells, length_total, device=device)
-        bin_ids = torch.full((n_cells, length_total), -1, dtype=torch.long, device=device)
-        is_token = torch.zeros(n_cells, length_total, dtype=torch.bool, device=device)
-        gene_ids[row, rank] = gene
-        values[row, rank] = normalised
-        bin_ids[row, rank] = bins
-        is_token[row, rank] = True
+        length = min(width, self.max_length)
+        is_token = torch.arange(length, device=device) < n_expressed[:, None]
+        counts = block_values[:, :length]
+        gene_ids = block_genes[:, :length].masked_fill(~is_token, 0)
+        values = torch.log1p(counts.clamp(min=0) / library.clamp(min=1)[:, None] * TARGET_SUM)
+        values = values.masked_fill(~is_token, 0.0)
+        bin_ids = self._bin(block_values, counts, values, n_expressed).masked_fill(~is_token, -1)
         is_unexpressed = torch.zeros_like(is_token)
-
         if sampled is not None:
-            gene_ids[:, length:] = sampled
-            is_token[:, length:] = valid
-            is_unexpressed[:, length:] = valid
+            gene_ids = torch.cat([gene_ids, sampled], 1)
+            values = torch.cat([values, values.new_zeros(n_cells, n_unexpressed)], 1)
+            bin_ids = torch.cat([bin_ids, bin_ids.new_full((n_cells, n_unexpressed), -1)], 1)
+            is_token = torch.cat([is_token, valid], 1)
+            is_unexpressed = torch.cat([is_unexpressed, valid], 1)
         return TokenizedCells(gene_ids, values, bin_ids, is_token, is_unexpressed, n_expressed)
 
     def _bin(
         self,
-        row: torch.Tensor,
-        val: torch.Tensor,
-        normalised: torch.Tensor,
-        position: torch.Tensor,
-        rank: torch.Tensor,
+        block_values: torch.Tensor,
+        counts: torch.Tensor,
+        values: torch.Tensor,
         n_expressed: torch.Tensor,
     ) -> torch.Tensor:
+        """Bins of the kept tokens; ``block_values`` holds every expressed value, sorted descending."""
         if self.binning == "fixed":
-            return torch.bucketize(normalised, self.bin_edges, right=True)
-        if val.numel() == 0:
-            return torch.zeros(0, dtype=torch.long, device=val.device)
-        # entries are sorted by row then decreasing value: a run of equal values is one group
-        new_group = torch.ones_like(row, dtype=torch.bool)
-        new_group[1:] = (row[1:] != row[:-1]) | (val[1:] != val[:-1])
-        group = torch.cumsum(new_group.long(), 0) - 1
-        last_in_group = torch.zeros(int(group[-1]) + 1, dtype=torch.long, device=val.device)
-        last_in_group.scatter_reduce_(0, group, position, reduce="amax", include_self=False)
-        last_rank = rank + (last_in_group[group] - position)
-        n_lower = n_expressed[row] - last_rank - 1
-        return torch.div(n_lower * self.n_bins, n_expressed[row], rounding_mode="floor")
+            return torch.bucketize(values, self.bin_edges, right=True)
+        if counts.shape[1] == 0:
+            return torch.zeros_like(counts, dtype=torch.long)
+        # count the cell's expressed values strictly below each kept value: padding (-1) sorts
+        # first in ascending order and is subtracted
+        ascending = block_values.flip(1).contiguous()
+        n_padding = (block_values.shape[1] - n_expressed)[:, None]
+        n_lower = torch.searchsorted(ascending, counts.contiguous(), side="left") - n_padding
+        return torch.div(n_lower * self.n_bins, n_expressed.clamp(min=1)[:, None], rounding_mode="floor")
 
     def _sample_unexpressed(
         self,
