@@ -22,21 +22,10 @@ matplotlib.use("Agg")
 import numpy as np
 import scanpy as sc
 import torch
-from sklearn.linear_model import LogisticRegression
+from sklearn.decomposition import PCA
 from sklearn.metrics import accuracy_score, f1_score
 
 import sctransformer as sct
-
-
-def logistic_regression_baseline(adata, train_idx: np.ndarray, test_idx: np.ndarray, key: str) -> np.ndarray:
-    """Logistic regression on log1p(counts per 10,000) of all genes; predictions for ``test_idx``."""
-    norm = adata.copy()
-    norm.X = norm.layers["counts"].copy()
-    sc.pp.normalize_total(norm, target_sum=1e4)
-    sc.pp.log1p(norm)
-    clf = LogisticRegression(max_iter=2000, C=1.0)
-    clf.fit(norm.X[train_idx], adata.obs[key].to_numpy()[train_idx])
-    return clf.predict(norm.X[test_idx])
 
 
 def main() -> None:
@@ -72,9 +61,14 @@ def main() -> None:
     sct.tl.embed(adata, model)
     sct.tl.predict(adata, model)
 
+    all_labels = adata.obs["cell_type"].astype(str).to_numpy()
+    pca50 = PCA(n_components=50, random_state=0).fit_transform(
+        sct.metrics.log1p_normalise(adata.layers["counts"]).toarray()
+    )
     truth = adata.obs["cell_type"].to_numpy()[test_idx]
     predicted = adata.obs["sct_cell_type"].to_numpy()[test_idx]
-    baseline = logistic_regression_baseline(adata, train_idx, test_idx, "cell_type")
+    log1p_counts = sct.metrics.log1p_normalise(adata.layers["counts"])
+    baseline = sct.metrics.logistic_regression_baseline(log1p_counts, all_labels, train_idx, test_idx)
     labels = sorted(adata.obs["cell_type"].unique())
     summary = {
         "n_test_cells": len(test_idx),
@@ -87,11 +81,18 @@ def main() -> None:
             float(f1_score(truth, baseline, labels=labels, average="macro", zero_division=0)), 3
         ),
         "logreg_accuracy": round(float(accuracy_score(truth, baseline)), 3),
+        # how much cell-type information the embeddings carry: kNN fitted on the training cells
+        "knn_accuracy_X_sct": round(
+            sct.metrics.knn_probe_accuracy(adata.obsm["X_sct"], all_labels, train_idx, test_idx), 3
+        ),
+        "knn_accuracy_pca50": round(
+            sct.metrics.knn_probe_accuracy(pca50, all_labels, train_idx, test_idx), 3
+        ),
     }
 
-    sct.pl.embedding(adata, color=["cell_type", "sct_cell_type"], show=False, return_fig=True).savefig(
-        out / "embedding_umap.png", dpi=110, bbox_inches="tight"
-    )
+    sct.pl.embedding(
+        adata, color=["cell_type", "sct_cell_type", "n_genes"], wspace=0.45, show=False, return_fig=True
+    ).savefig(out / "embedding_umap.png", dpi=110, bbox_inches="tight")
     sct.pl.training_history(model, show=False, return_fig=True).savefig(
         out / "training_history.png", dpi=110, bbox_inches="tight"
     )
@@ -111,6 +112,10 @@ def main() -> None:
     )
     print(
         f"  {'logistic regression, log1p counts, all genes':<44}{summary['logreg_macro_f1']:>9.3f}{summary['logreg_accuracy']:>10.3f}"
+    )
+    print(
+        f"kNN (15 neighbours) cell-type accuracy of the embeddings on the test cells: "
+        f"X_sct {summary['knn_accuracy_X_sct']:.3f}, 50 PCs of log1p counts {summary['knn_accuracy_pca50']:.3f}"
     )
     print(
         f"training: {train_minutes:.1f} min on {platform.machine()} with {torch.get_num_threads()} torch threads; "

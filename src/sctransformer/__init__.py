@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import data, datasets, module, pl, tl, train
+from . import data, datasets, metrics, module, pl, tl, train
 from ._keys import KEYS
 from ._settings import settings
 from .model import GeneTransformer, setup_anndata
@@ -14,6 +14,7 @@ __all__ = [
     "__version__",
     "data",
     "datasets",
+    "metrics",
     "module",
     "pl",
     "settings",
