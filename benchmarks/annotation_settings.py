@@ -35,7 +35,6 @@ SETTINGS = [
     ("dropout=0", {"dropout": 0.0}, {}),
     ("value_encoding='continuous'", {"value_encoding": "continuous"}, {}),
     ("binning='fixed'", {"binning": "fixed"}, {}),
-    ("d_model=128", {"d_model": 128}, {}),
     ("phenotype_mask_prob=0.8", {}, {"phenotype_mask_prob": 0.8}),
 ]
 

@@ -91,7 +91,7 @@ def main() -> None:
     }
 
     sct.pl.embedding(
-        adata, color=["cell_type", "sct_cell_type", "n_genes"], wspace=0.45, show=False, return_fig=True
+        adata, color=["cell_type", "sct_cell_type", "n_genes"], wspace=0.6, show=False, return_fig=True
     ).savefig(out / "embedding_umap.png", dpi=110, bbox_inches="tight")
     sct.pl.training_history(model, show=False, return_fig=True).savefig(
         out / "training_history.png", dpi=110, bbox_inches="tight"

@@ -226,3 +226,19 @@ def test_fixed_bins_and_continuous_values_train(adata):
         assert np.isfinite(model.history["loss_train"].to_numpy()).all()
     edges = sct.GeneTransformer(adata, **{**TINY, "binning": "fixed"}).module.tokenizer.bin_edges
     assert edges.shape == (TINY["n_bins"] - 1,) and (edges.diff() >= 0).all() and edges[0] > 0
+
+
+def test_cells_without_counts_train_and_embed_from_special_tokens(adata):
+    x = adata.layers["counts"].tolil()
+    x[:3] = 0
+    adata.layers["counts"] = x.tocsr()
+    with pytest.warns(UserWarning, match="3 cells have no counts"):
+        sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    train_quietly(model, max_epochs=1)
+    for pooling in ("cls", "mean"):
+        embedding = model.get_latent_representation(pooling=pooling)
+        assert np.isfinite(embedding).all()
+    # an empty cell's embedding is the same whatever its (absent) genes' order: all three are equal
+    np.testing.assert_allclose(embedding[0], embedding[1], atol=1e-6)
+    assert model.predict()["cell_type_confidence"].between(0, 1).all()
