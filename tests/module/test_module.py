@@ -115,3 +115,22 @@ def test_attention_probabilities_match_sdpa_output():
     _, _, v = attention._heads(x)
     manual = (probs @ v).transpose(1, 2).reshape(3, 7, 16)
     torch.testing.assert_close(attention.out(manual), attention(x, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_class_weights_reweight_the_phenotype_loss():
+    module = make_module()
+    tokens = module.tokenize(counts(), torch.arange(20))
+    targets = torch.tensor([[0, 1], [1, 0], [2, 0], [0, 1], [2, 0], [1, 1]])
+    mask = torch.ones_like(targets, dtype=torch.bool)
+    hidden = module.encode(tokens, torch.full_like(targets, -1))
+    value_mask = torch.zeros_like(tokens.is_token)
+    plain = module.loss(hidden, tokens, value_mask, targets, mask, ["a", "b"]).components["phenotype_a"]
+    weights = [torch.tensor([1.0, 0.0, 0.0]), None]
+    only_class_0 = module.loss(hidden, tokens, value_mask, targets, mask, ["a", "b"], weights).components[
+        "phenotype_a"
+    ]
+    logits = module.phenotype_logits(hidden)[0]
+    rows = targets[:, 0] == 0
+    expected = torch.nn.functional.cross_entropy(logits[rows], targets[rows, 0])
+    torch.testing.assert_close(only_class_0, expected)
+    assert not torch.isclose(plain, only_class_0)

@@ -1,7 +1,7 @@
 """AnnData registration fields, validation, gene vocabulary and minibatch reading."""
 
 from ._fields import PhenotypeObsField, category_codes, observed_categories
-from ._loader import iter_minibatches, phenotype_codes, to_torch_csr
+from ._loader import iter_minibatches, to_torch_csr
 from ._validation import check_counts, empty_cells, gene_identifiers, get_matrix
 from ._vocabulary import GeneVocabulary
 
@@ -15,6 +15,5 @@ __all__ = [
     "get_matrix",
     "iter_minibatches",
     "observed_categories",
-    "phenotype_codes",
     "to_torch_csr",
 ]

@@ -11,7 +11,6 @@ from anndata import AnnData
 
 from sctransformer._compat import quiet_sparse_tensors
 
-from ._fields import category_codes
 from ._validation import get_matrix
 
 
@@ -30,31 +29,11 @@ def to_torch_csr(matrix) -> torch.Tensor:
         )
 
 
-def phenotype_codes(adata: AnnData, categories: dict[str, list[str]]) -> np.ndarray:
-    """``(n_obs, n_phenotypes)`` codes among the model's categories; ``-1`` for unknown or absent."""
-    codes = np.full((adata.n_obs, len(categories)), -1, dtype=np.int64)
-    for slot, (key, cats) in enumerate(categories.items()):
-        if key in adata.obs:
-            codes[:, slot] = category_codes(adata.obs[key], cats)
-    return codes
-
-
 def iter_minibatches(
-    adata: AnnData,
-    *,
-    layer: str | None,
-    batch_size: int,
-    indices: np.ndarray | None = None,
+    adata: AnnData, *, layer: str | None, batch_size: int
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Yield ``(cell indices, CSR counts)`` in order; backed matrices are read chunk by chunk."""
+    """Yield ``(cell indices, CSR counts)`` of consecutive cells; backed matrices are read chunk by chunk."""
     matrix = get_matrix(adata, layer)
-    if indices is None:
-        indices = np.arange(adata.n_obs)
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start : start + batch_size]
-        contiguous = len(idx) > 0 and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1)
-        rows = matrix[idx[0] : idx[-1] + 1] if contiguous else matrix[np.sort(idx)]
-        if not contiguous:
-            # matrix rows came sorted; put them back in the requested order
-            rows = rows[np.argsort(np.argsort(idx))]
-        yield idx, to_torch_csr(rows)
+    for start in range(0, adata.n_obs, batch_size):
+        stop = min(start + batch_size, adata.n_obs)
+        yield np.arange(start, stop), to_torch_csr(matrix[start:stop])
