@@ -1,0 +1,148 @@
+"""Saved models are safe to load and never half-written."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import sctransformer as sct
+
+
+class _CreatesAFileWhenUnpickled:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def saved(trained, tmp_path):
+    model, data = trained
+    path = tmp_path / "model"
+    model.save(path)
+    return path, model, data
+
+
+def test_a_malicious_pickle_in_the_model_directory_is_never_unpickled(saved, tmp_path):
+    path, model, data = saved
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_CreatesAFileWhenUnpickled(str(marker)))
+    for name in ("model.pt", "model.pkl", "attr.pkl"):
+        (path / name).write_bytes(payload)
+    loaded = sct.GeneTransformer.load(path)
+    assert not marker.exists()
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(data), model.get_latent_representation(data)
+    )
+    # a directory holding only a pickle is not a model
+    only_pickle = tmp_path / "only_pickle"
+    only_pickle.mkdir()
+    (only_pickle / "model.pt").write_bytes(payload)
+    with pytest.raises(FileNotFoundError, match="not a saved sctransformer model"):
+        sct.GeneTransformer.load(only_pickle)
+    assert not marker.exists()
+
+
+def test_truncated_weights_are_refused(saved):
+    path, _, _ = saved
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="checksum"):
+        sct.GeneTransformer.load(path)
+
+
+def test_a_flipped_bit_in_the_weights_is_refused(saved):
+    path, _, _ = saved
+    weights = path / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        sct.GeneTransformer.load(path)
+
+
+def test_hyperparameters_that_do_not_fit_the_weights_are_refused(saved):
+    path, _, _ = saved
+    state = json.loads((path / "model.json").read_text())
+    state["hyperparameters"]["d_model"] *= 2
+    (path / "model.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="do not fit"):
+        sct.GeneTransformer.load(path)
+
+
+def test_a_newer_format_version_names_the_version(saved):
+    path, _, _ = saved
+    state = json.loads((path / "model.json").read_text())
+    state["format_version"] = 999
+    (path / "model.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"format 999.*upgrade sctransformer"):
+        sct.GeneTransformer.load(path)
+
+
+@pytest.mark.parametrize("damage", ["missing json", "missing weights", "invalid json"])
+def test_missing_or_unreadable_files_give_a_clear_error(saved, damage):
+    path, _, _ = saved
+    if damage == "missing json":
+        (path / "model.json").unlink()
+        error, message = FileNotFoundError, "model.json missing"
+    elif damage == "missing weights":
+        (path / "model.safetensors").unlink()
+        error, message = FileNotFoundError, "model.safetensors missing"
+    else:
+        (path / "model.json").write_text("{not json")
+        error, message = ValueError, "not valid JSON"
+    with pytest.raises(error, match=message):
+        sct.GeneTransformer.load(path)
+
+
+_KILLED_SAVE = textwrap.dedent(
+    """
+    import sys, time
+    import sctransformer as sct
+    from sctransformer.model import _save_load
+
+    def slow_save_file(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+            f.flush()
+        print("writing", flush=True)
+        time.sleep(120)
+
+    _save_load.save_file = slow_save_file
+    model = sct.GeneTransformer.load(sys.argv[1])
+    model.save(sys.argv[1], overwrite=True)
+    """
+)
+
+
+def test_a_save_killed_while_writing_leaves_the_previous_model_intact(saved, tmp_path):
+    path, model, data = saved
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    script = tmp_path / "killed_save.py"
+    script.write_text(_KILLED_SAVE)
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    loaded = sct.GeneTransformer.load(path)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(data), model.get_latent_representation(data)
+    )
+    # the killed save's staging directory is beside the target, never inside it
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".model.saving-")]
+    assert leftovers
+    shutil.rmtree(leftovers[0])
