@@ -155,69 +155,6 @@ def test_load_aligns_genes_of_a_query_by_identifier(trained, tmp_path, caplog):
     assert loaded.predict()["cell_type"].notna().all()
 
 
-def test_load_onto_data_without_shared_genes_is_refused(trained, tmp_path):
-    model, data = trained
-    model.save(tmp_path / "m")
-    query = data.copy()
-    query.var_names = [f"other_{i}" for i in range(query.n_vars)]
-    with pytest.raises(ValueError, match="shares 0 genes"):
-        sct.GeneTransformer.load(tmp_path / "m", adata=query)
-
-
-def test_load_refuses_a_directory_that_is_not_a_model(tmp_path):
-    (tmp_path / "x").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a saved sctransformer model"):
-        sct.GeneTransformer.load(tmp_path / "x")
-
-
-def test_model_requires_setup(adata):
-    with pytest.raises(ValueError, match="setup_anndata"):
-        sct.GeneTransformer(adata)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"d_model": 30, "n_heads": 4}, "must divide"),
-        ({"max_length": 0}, "max_length"),
-        ({"n_bins": 1}, "n_bins"),
-        ({"dropout": 1.0}, "dropout"),
-        ({"value_encoding": "log"}, "value_encoding"),
-        ({"binning": "uniform"}, "binning"),
-    ],
-)
-def test_hyperparameters_out_of_range_are_refused(adata, kwargs, message):
-    sct.setup_anndata(adata, layer="counts")
-    with pytest.raises(ValueError, match=message):
-        sct.GeneTransformer(adata, **kwargs)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"lr": -1.0}, "lr"),
-        ({"gene_mask_prob": 1.0}, "gene_mask_prob"),
-        ({"phenotype_mask_prob": -0.1}, "phenotype_mask_prob"),
-        ({"max_epochs": 0}, "max_epochs"),
-        ({"batch_size": 0}, "batch_size"),
-    ],
-)
-def test_training_options_out_of_range_are_refused(adata, kwargs, message):
-    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
-    model = sct.GeneTransformer(adata, **TINY)
-    with pytest.raises(ValueError, match=message):
-        model.train(**kwargs)
-    assert not model.is_trained
-
-
-def test_adata_changed_after_setup_is_refused(adata):
-    sct.setup_anndata(adata, layer="counts")
-    model = sct.GeneTransformer(adata, **TINY)
-    model.adata._inplace_subset_obs(np.arange(100))
-    with pytest.raises(ValueError, match="changed shape"):
-        model.train(max_epochs=1)
-
-
 def test_fixed_bins_and_continuous_values_train(adata):
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     for kwargs in ({"binning": "fixed"}, {"value_encoding": "continuous"}, {"n_unexpressed": 5}):

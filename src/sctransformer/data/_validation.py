@@ -48,6 +48,11 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
         raise TypeError(f"{where} has dtype {dtype}; it must hold numeric counts")
     if dtype == np.bool_:
         raise TypeError(f"{where} holds booleans; pass integer counts (e.g. layer='counts')")
+    if dtype == np.float16:
+        raise TypeError(
+            f"{where} is float16, which cannot hold counts above 2048 exactly; convert it, e.g. "
+            "adata.X = adata.X.astype(np.float32)"
+        )
     for values in _row_chunks(matrix, adata.n_obs):
         if values.size == 0:
             continue

@@ -28,6 +28,7 @@ from sctransformer._settings import settings
 from sctransformer.data import (
     GeneVocabulary,
     PhenotypeObsField,
+    category_codes,
     check_counts,
     empty_cells,
     gene_identifiers,
@@ -191,7 +192,6 @@ class GeneTransformer(BaseModelClass):
                 "adata is not set up; call sctransformer.setup_anndata(adata, ...) before creating the model"
             )
         super().__init__(adata)
-        self._check_registered_shape(adata)
         setup_args = self.adata_manager.registry["setup_args"]
         vocabulary = GeneVocabulary(gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY]))
         categories = {
@@ -208,6 +208,7 @@ class GeneTransformer(BaseModelClass):
         if binning == "fixed":
             bin_edges = _fixed_bin_edges(adata, setup_args[SETUP_ARGS.LAYER], n_bins, seed)
         self._build(hyperparameters | {"seed": seed}, vocabulary, categories, setup_args, bin_edges)
+        self._check_unchanged_since_setup(adata)
         self.init_params_ = self._get_init_params(locals())
         self.init_params_["non_kwargs"]["seed"] = seed
 
@@ -373,13 +374,25 @@ class GeneTransformer(BaseModelClass):
         except ValueError:  # a copy carries the original's registration ids, not its registration
             return None
 
-    def _check_registered_shape(self, adata: AnnData) -> None:
+    def _check_unchanged_since_setup(self, adata: AnnData) -> None:
+        """Raise if the shape or a phenotype column of ``adata`` changed since it was set up."""
         stats = self.adata_manager.summary_stats
         if (adata.n_obs, adata.n_vars) != (stats["n_cells"], stats["n_vars"]):
             raise ValueError(
                 f"adata changed shape since setup_anndata ({stats['n_cells']} x {stats['n_vars']} "
                 f"then, {adata.n_obs} x {adata.n_vars} now); call setup_anndata again"
             )
+        for key, categories in self.phenotype_categories_.items():
+            field = PhenotypeObsField(phenotype_registry_key(key), key, categories)
+            if key not in adata.obs or field.attr_key not in adata.obs:
+                continue
+            if not np.array_equal(
+                category_codes(adata.obs[key], categories), adata.obs[field.attr_key].to_numpy()
+            ):
+                raise ValueError(
+                    f"adata.obs[{key!r}] changed since setup_anndata; call setup_anndata again "
+                    "(and create a new model if it has new categories)"
+                )
 
     # ------------------------------------------------------------------ training
     def train(
@@ -455,7 +468,7 @@ class GeneTransformer(BaseModelClass):
         if self.adata is None:
             raise ValueError("the model has no AnnData to train on; load it with adata=...")
         self._validate_anndata(self.adata)
-        self._check_registered_shape(self.adata)
+        self._check_unchanged_since_setup(self.adata)
         n_train = round(train_size * self.adata.n_obs)
         if n_train < 1:
             raise ValueError(f"train_size={train_size} leaves no training cell of {self.adata.n_obs}")
@@ -548,7 +561,7 @@ class GeneTransformer(BaseModelClass):
         self, adata: AnnData, batch_size: int | None
     ) -> Iterator[tuple[np.ndarray, TokenizedCells, torch.Tensor]]:
         """Yield ``(cell indices, tokens, hidden states)`` with every phenotype token masked."""
-        batch_size = batch_size or settings.batch_size
+        batch_size = settings.batch_size if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         column_to_gene = torch.as_tensor(self._column_to_gene(adata))

@@ -1,0 +1,313 @@
+"""Catalogue of malformed inputs across the public entry points.
+
+Each raises a ValueError / TypeError / KeyError (or a documented warning) that names the problem
+and the fix, before any long computation, and a failed setup leaves the AnnData unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import sctransformer as sct
+
+from .conftest import QUIET, TINY, fingerprint
+
+
+def _set_layer(value_fn):
+    return lambda a: a.layers.__setitem__("counts", value_fn(a.layers["counts"]))
+
+
+def _set_obs(key, value_fn):
+    return lambda a: a.obs.__setitem__(key, value_fn(a))
+
+
+def _int8_overflow(x):
+    dense = x.toarray()
+    dense[0, 0] = 200
+    return dense.astype(np.int16).astype(np.int8)  # 200 wraps to -56
+
+
+SETUP_CASES = {
+    "non-integer counts": (_set_layer(lambda x: x * 0.5), {}, ValueError, "non-integer"),
+    "negative counts": (
+        _set_layer(lambda x: x - 2 * sp.eye(x.shape[0], x.shape[1], format="csr")),
+        {},
+        ValueError,
+        "negative",
+    ),
+    "NaN counts": (
+        _set_layer(lambda x: sp.csr_matrix(np.where(np.eye(*x.shape) > 0, np.nan, x.toarray()))),
+        {},
+        ValueError,
+        "NaN",
+    ),
+    "inf counts": (
+        _set_layer(lambda x: sp.csr_matrix(np.where(np.eye(*x.shape) > 0, np.inf, x.toarray()))),
+        {},
+        ValueError,
+        "infinite",
+    ),
+    "int8 overflow": (_set_layer(_int8_overflow), {}, ValueError, "negative"),
+    "strings": (_set_layer(lambda x: x.toarray().astype(str).astype(object)), {}, TypeError, "numeric"),
+    "booleans": (_set_layer(lambda x: x > 0), {}, TypeError, "booleans"),
+    "float16": (_set_layer(lambda x: x.toarray().astype(np.float16)), {}, TypeError, "float16"),
+    "missing layer": (lambda a: None, {"layer": "raw_counts"}, KeyError, "raw_counts"),
+    "missing batch key": (lambda a: None, {"batch_key": "donor"}, KeyError, "donor"),
+    "missing phenotype key": (lambda a: None, {"phenotype_keys": ["tissue"]}, KeyError, "tissue"),
+    "missing gene key": (lambda a: None, {"gene_key": "ensembl"}, KeyError, "ensembl"),
+    "gene key with NaN": (
+        lambda a: a.var.__setitem__("ensembl", [np.nan] + [f"E{i}" for i in range(1, a.n_vars)]),
+        {"gene_key": "ensembl"},
+        ValueError,
+        "missing gene identifiers",
+    ),
+    "duplicate genes": (
+        lambda a: setattr(a, "var_names", ["g0"] * 2 + list(a.var_names[2:])),
+        {},
+        ValueError,
+        "duplicate gene",
+    ),
+    "phenotype all NaN": (
+        _set_obs("cell_type", lambda a: np.nan),
+        {"phenotype_keys": ["cell_type"]},
+        ValueError,
+        "no known value",
+    ),
+    "phenotype continuous": (
+        _set_obs("size", lambda a: np.random.default_rng(0).normal(size=a.n_obs)),
+        {"phenotype_keys": ["size"]},
+        ValueError,
+        "looks continuous",
+    ),
+    "batch with NaN": (
+        _set_obs("batch", lambda a: pd.Categorical([np.nan] + ["b"] * (a.n_obs - 1))),
+        {"batch_key": "batch"},
+        ValueError,
+        "missing values",
+    ),
+    "batch also a phenotype": (
+        lambda a: None,
+        {"batch_key": "batch", "phenotype_keys": ["batch"]},
+        ValueError,
+        "both batch_key",
+    ),
+    "duplicate phenotype keys": (
+        lambda a: None,
+        {"phenotype_keys": ["cell_type", "cell_type"]},
+        ValueError,
+        "duplicates",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SETUP_CASES))
+def test_setup_refuses_bad_input_and_leaves_adata_unchanged(adata, case):
+    corrupt, kwargs, error, message = SETUP_CASES[case]
+    corrupt(adata)
+    before = fingerprint(adata)
+    with pytest.raises(error, match=message):
+        sct.setup_anndata(adata, **{"layer": "counts", **kwargs})
+    assert fingerprint(adata) == before
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda a: a[:0].copy(), ValueError, "zero cells"),
+        (lambda a: a[:, :0].copy(), ValueError, "zero genes"),
+        (lambda a: a[:50], ValueError, r"adata\.copy\(\)"),
+        (lambda a: a.layers["counts"], TypeError, "must be an AnnData"),
+    ],
+    ids=["zero cells", "zero genes", "a view", "not an AnnData"],
+)
+def test_setup_refuses_empty_views_and_non_anndata(adata, make, error, message):
+    with pytest.raises(error, match=message):
+        sct.setup_anndata(make(adata), layer="counts")
+
+
+def test_documented_warnings_single_category_and_empty_cells(adata):
+    adata.obs["tissue"] = "blood"
+    x = adata.layers["counts"].tolil()
+    x[0] = 0
+    adata.layers["counts"] = x.tocsr()
+    with pytest.warns(UserWarning) as record:
+        sct.setup_anndata(adata, layer="counts", phenotype_keys=["tissue"])
+    messages = " ".join(str(w.message) for w in record)
+    assert "single category" in messages and "1 cells have no counts" in messages
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"d_model": 30, "n_heads": 4}, "must divide"),
+        ({"d_model": 64.0}, "d_model must be an integer"),
+        ({"n_layers": 0}, "n_layers"),
+        ({"max_length": 0}, "max_length"),
+        ({"n_bins": 1}, "n_bins"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"n_unexpressed": -1}, "n_unexpressed"),
+        ({"value_encoding": "log"}, "value_encoding"),
+        ({"binning": "uniform"}, "binning"),
+    ],
+)
+def test_model_hyperparameters_out_of_range_are_refused(adata, kwargs, message):
+    sct.setup_anndata(adata, layer="counts")
+    with pytest.raises(ValueError, match=message):
+        sct.GeneTransformer(adata, **kwargs)
+
+
+def test_model_on_an_adata_that_is_not_set_up(adata):
+    with pytest.raises(ValueError, match="setup_anndata"):
+        sct.GeneTransformer(adata)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"warmup_fraction": 1.0}, "warmup_fraction"),
+        ({"gene_mask_prob": 1.0}, "gene_mask_prob"),
+        ({"phenotype_mask_prob": -0.1}, "phenotype_mask_prob"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"train_size": 0.0}, "train_size"),
+    ],
+)
+def test_training_options_out_of_range_are_refused(adata, kwargs, message):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    with pytest.raises(ValueError, match=message):
+        model.train(**kwargs)
+    assert not model.is_trained
+
+
+def test_adata_whose_shape_changed_after_setup(adata):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    model.adata._inplace_subset_obs(np.arange(100))
+    with pytest.raises(ValueError, match="changed shape"):
+        model.train(max_epochs=1)
+
+
+def test_phenotype_column_changed_after_setup(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    adata.obs["cell_type"] = adata.obs["cell_type"].cat.rename_categories(["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"obs\['cell_type'\] changed since setup_anndata"):
+        model.train(max_epochs=1)
+
+
+def test_training_that_hits_a_non_finite_loss_stops_naming_the_step(adata):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    with torch.no_grad():
+        model.module.gene_embedding.weight.fill_(float("nan"))
+    with (
+        pytest.raises(FloatingPointError, match="non-finite training loss at step 0"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, **QUIET)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda m, d: m.get_latent_representation(d, pooling="max"), ValueError, "pooling"),
+        (lambda m, d: m.get_latent_representation(d, batch_size=0), ValueError, "batch_size"),
+        (lambda m, d: m.get_latent_representation(d.layers["counts"]), TypeError, "must be an AnnData"),
+        (lambda m, d: m.predict(d, phenotype="tissue"), KeyError, "not modelled"),
+        (lambda m, d: sct.tl.embed(_without_layer(d), m), KeyError, "layer 'counts' not found"),
+        (lambda m, d: sct.tl.predict(_with_nan(d), m), ValueError, "NaN"),
+        (lambda m, d: sct.tl.embed(_renamed_genes(d), m), ValueError, "shares 0 genes"),
+        (lambda m, d: sct.pl.embedding(d.copy(), color="cell_type"), KeyError, r"sct\.tl\.embed"),
+        (lambda m, d: sct.pl.training_history(m, metrics=["nope"], show=False), KeyError, "available"),
+        (
+            lambda m, d: sct.pl.training_history(m, metrics=["loss", "expression"], ax=object()),
+            ValueError,
+            "one metric",
+        ),
+    ],
+    ids=[
+        "unknown pooling",
+        "batch_size 0",
+        "not an AnnData",
+        "unknown phenotype",
+        "query without the count layer",
+        "query with NaN",
+        "query sharing no gene",
+        "plot without an embedding",
+        "unknown metric",
+        "ax with several metrics",
+    ],
+)
+def test_getters_tools_and_plots_refuse_bad_input(trained, call, error, message):
+    model, data = trained
+    with pytest.raises(error, match=message):
+        call(model, data)
+
+
+def _without_layer(adata):
+    out = adata.copy()
+    del out.layers["counts"]
+    return out
+
+
+def _with_nan(adata):
+    out = adata.copy()
+    out.layers["counts"] = out.layers["counts"].astype(np.float32)
+    out.layers["counts"].data[0] = np.nan
+    return out
+
+
+def _renamed_genes(adata):
+    out = adata.copy()
+    out.var_names = [f"other_{i}" for i in range(out.n_vars)]
+    return out
+
+
+def test_predict_and_history_of_a_model_without_phenotypes_or_training(adata):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    with pytest.raises(ValueError, match="no phenotype keys"):
+        model.predict()
+    with pytest.raises(ValueError, match="train it first"):
+        sct.pl.training_history(model)
+
+
+def test_save_and_load_refuse_bad_targets(trained, tmp_path):
+    model, data = trained
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="overwrite=True"):
+        model.save(occupied)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        model.save(a_file)
+    with pytest.raises(FileNotFoundError, match="not a directory holding a saved"):
+        sct.GeneTransformer.load(tmp_path / "nothing_here")
+    with pytest.raises(FileNotFoundError, match="not a saved sctransformer model"):
+        sct.GeneTransformer.load(occupied)
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="shares 0 genes"):
+        sct.GeneTransformer.load(tmp_path / "m", adata=_renamed_genes(data))
+    state = json.loads((tmp_path / "m" / "model.json").read_text())
+    state["model_class"] = "OtherModel"
+    (tmp_path / "m" / "model.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="holds a 'OtherModel'"):
+        sct.GeneTransformer.load(tmp_path / "m")
