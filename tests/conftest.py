@@ -45,6 +45,7 @@ def fingerprint(adata) -> dict[str, str]:
     out |= {f"obsm/{k}": h(v) for k, v in adata.obsm.items()}
     out |= {f"varm/{k}": h(v) for k, v in adata.varm.items()}
     out |= {f"varp/{k}": h(v) for k, v in adata.varp.items()}
+    out |= {f"obsp/{k}": h(v) for k, v in adata.obsp.items()}
     out["uns"] = hashlib.sha1(repr(sorted(adata.uns.keys())).encode()).hexdigest()
     return out
 
