@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
 import sctransformer as sct
 from sctransformer.data import GeneVocabulary
@@ -57,3 +58,20 @@ def test_categorical_phenotypes_keep_their_category_order(adata):
     assert sct.GeneTransformer(adata, d_model=8, n_heads=2).phenotype_categories_ == {
         "cell_type": ["type_2", "type_0", "type_1"]
     }
+
+
+def test_training_minibatches_reach_the_model_sparse(adata, monkeypatch):
+    from sctransformer.train import MaskedModelingPlan
+
+    layouts = []
+    original = MaskedModelingPlan._step
+
+    def spy(self, batch, **kwargs):
+        layouts.append(batch["X"].layout)
+        return original(self, batch, **kwargs)
+
+    monkeypatch.setattr(MaskedModelingPlan, "_step", spy)
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, d_model=8, n_heads=2, n_layers=1)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    assert layouts and all(layout == torch.sparse_csr for layout in layouts)

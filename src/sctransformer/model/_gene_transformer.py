@@ -18,7 +18,6 @@ import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
-from scvi.dataloaders import DataSplitter
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 
@@ -26,6 +25,7 @@ from sctransformer._compat import quiet_sparse_tensors
 from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, TARGET_SUM, phenotype_registry_key
 from sctransformer._settings import settings
 from sctransformer.data import (
+    EpochSeededDataSplitter,
     GeneVocabulary,
     PhenotypeObsField,
     category_codes,
@@ -37,7 +37,7 @@ from sctransformer.data import (
 )
 from sctransformer.data._validation import check_obs_key, check_phenotype_column
 from sctransformer.module import GeneTransformerModule, Pooling, TokenizedCells
-from sctransformer.train import MaskedModelingPlan
+from sctransformer.train import EpochCheckpoint, MaskedModelingPlan
 
 from ._save_load import read_model_dir, write_model_dir
 
@@ -160,7 +160,7 @@ class GeneTransformer(BaseModelClass):
 
     _module_cls = GeneTransformerModule
     _training_plan_cls = MaskedModelingPlan
-    _data_splitter_cls = DataSplitter
+    _data_splitter_cls = EpochSeededDataSplitter
     _train_runner_cls = TrainRunner
 
     def __init__(
@@ -412,6 +412,8 @@ class GeneTransformer(BaseModelClass):
         precision: str | None = None,
         early_stopping: bool = False,
         seed: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
         datasplitter_kwargs: dict[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
@@ -443,6 +445,15 @@ class GeneTransformer(BaseModelClass):
             Stop when ``loss_validation`` stops improving.
         seed
             Seed of the data split and masking; default ``sctransformer.settings.seed``.
+        checkpoint_dir
+            Write a Lightning checkpoint (weights, optimizer, scheduler, position) to
+            ``checkpoint_dir/last.ckpt`` after every epoch.
+        resume
+            Continue from ``checkpoint_dir/last.ckpt`` if it exists (else start fresh, logged). On
+            CPU, a run killed after any epoch and resumed with the same arguments ends with exactly
+            the weights of an uninterrupted run. ``history`` then holds the resumed epochs only.
+            Checkpoints are Lightning's format, which Lightning reads by unpickling: resume only
+            from checkpoints you wrote (saved models, by contrast, are safetensors + JSON).
         datasplitter_kwargs
             More options of :class:`scvi.dataloaders.DataSplitter`.
         **trainer_kwargs
@@ -465,6 +476,8 @@ class GeneTransformer(BaseModelClass):
             raise ValueError("gene_mask_prob=0 with no phenotype keys leaves nothing to learn")
         if not 0 < train_size <= 1:
             raise ValueError(f"train_size must be in (0, 1], got {train_size!r}")
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir= the directory of the checkpoints")
         if self.adata is None:
             raise ValueError("the model has no AnnData to train on; load it with adata=...")
         self._validate_anndata(self.adata)
@@ -489,6 +502,17 @@ class GeneTransformer(BaseModelClass):
         trainer_kwargs.setdefault("deterministic", "warn" if not accelerator_is_gpu else False)
         trainer_kwargs.setdefault("benchmark", accelerator_is_gpu)
 
+        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        if checkpoint_dir is not None:
+            checkpointer = EpochCheckpoint(checkpoint_dir)
+            callbacks.append(checkpointer)
+            if resume and checkpointer.last.exists():
+                logger.info("resuming training from %s", checkpointer.last)
+                trainer_kwargs["ckpt_path"] = str(checkpointer.last)
+            elif resume:
+                logger.info("no checkpoint in %s; starting training from the beginning", checkpoint_dir)
+        trainer_kwargs["callbacks"] = callbacks
+
         previous_seed = scvi.settings.seed
         scvi.settings.seed = seed  # seeds the DataSplitter's shuffle and the global RNGs
         try:
@@ -500,6 +524,7 @@ class GeneTransformer(BaseModelClass):
                 batch_size=batch_size,
                 shuffle_set_split=True,
                 load_sparse_tensor=True,
+                seed=seed,
                 **(datasplitter_kwargs or {}),
             )
             plan = self._training_plan_cls(
@@ -513,6 +538,7 @@ class GeneTransformer(BaseModelClass):
                 phenotype_mask_prob=phenotype_mask_prob,
                 n_unexpressed=self.hyperparameters_["n_unexpressed"],
                 seed=seed,
+                total_steps=self._total_steps(datamodule, max_epochs, batch_size, trainer_kwargs),
             )
             runner = self._train_runner_cls(
                 self,
@@ -541,6 +567,21 @@ class GeneTransformer(BaseModelClass):
             "validation_size": validation_size,
             "seed": seed,
         }
+
+    @staticmethod
+    def _total_steps(
+        datamodule: EpochSeededDataSplitter, max_epochs: int, batch_size: int, trainer_kwargs: dict
+    ) -> int | None:
+        """Optimisation steps of a single-device run; ``None`` where Lightning must estimate them."""
+        if (
+            trainer_kwargs.get("strategy") not in (None, "auto")
+            or trainer_kwargs.get("accumulate_grad_batches", 1) != 1
+        ):
+            return None
+        datamodule.setup()
+        n_train = len(datamodule.train_idx)
+        per_epoch = n_train // batch_size if datamodule.drop_last else -(-n_train // batch_size)
+        return max(1, max_epochs * per_epoch)
 
     # ------------------------------------------------------------------ inference
     def _column_to_gene(self, adata: AnnData) -> np.ndarray:

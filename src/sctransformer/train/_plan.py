@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from sctransformer._constants import REGISTRY_KEYS, phenotype_registry_key
+from sctransformer.data import EpochSeededDataSplitter, epoch_seed
 from sctransformer.module import GeneTransformerModule, LossOutput, TokenizedCells
 
 
@@ -73,7 +74,10 @@ class MaskedModelingPlan(pl.LightningModule):
     class_weights
         Optional per-class loss weights of each phenotype slot.
     seed
-        Seed of the validation masks.
+        Seed of the validation masks and, per epoch, of the training masks.
+    total_steps
+        Optimisation steps of the whole run, for the learning-rate schedule; default Lightning's
+        estimate (which builds the training loader early, before a checkpoint is restored).
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class MaskedModelingPlan(pl.LightningModule):
         n_unexpressed: int = 0,
         class_weights: list[torch.Tensor | None] | None = None,
         seed: int = 0,
+        total_steps: int | None = None,
     ) -> None:
         super().__init__()
         self.module = module
@@ -103,6 +108,7 @@ class MaskedModelingPlan(pl.LightningModule):
         self.n_unexpressed = n_unexpressed
         self.class_weights = class_weights
         self.seed = seed
+        self.total_steps = total_steps
 
     def _phenotypes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
@@ -142,6 +148,17 @@ class MaskedModelingPlan(pl.LightningModule):
             self.log(f"{name}_{stage}", value, on_step=False, on_epoch=True, batch_size=out.counts[name])
         return out
 
+    def on_train_epoch_start(self) -> None:
+        """Reseed the global RNG (masks, dropout) and the training shuffle from ``(seed, epoch)``.
+
+        What is drawn in an epoch then depends on the epoch only, not on what ran before, so a run
+        resumed from an epoch checkpoint continues exactly as an uninterrupted one.
+        """
+        torch.manual_seed(epoch_seed(self.seed, self.current_epoch))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if isinstance(datamodule, EpochSeededDataSplitter):
+            datamodule.reseed(self.current_epoch)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimisation step; stops with an error on a non-finite loss."""
         out = self._step(batch, stage="train", generator=None)
@@ -173,7 +190,7 @@ class MaskedModelingPlan(pl.LightningModule):
             ],
             lr=self.lr,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(self.warmup_fraction * total))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup_steps=warmup, total_steps=total)
