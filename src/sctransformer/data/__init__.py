@@ -3,7 +3,7 @@
 from ._fields import PhenotypeObsField, category_codes, observed_categories
 from ._loader import iter_minibatches, to_torch_csr
 from ._splitting import EpochSeededDataSplitter, epoch_seed
-from ._validation import check_counts, empty_cells, gene_identifiers, get_matrix
+from ._validation import check_counts, gene_identifiers, get_matrix
 from ._vocabulary import GeneVocabulary
 
 __all__ = [
@@ -12,7 +12,6 @@ __all__ = [
     "PhenotypeObsField",
     "category_codes",
     "check_counts",
-    "empty_cells",
     "epoch_seed",
     "gene_identifiers",
     "get_matrix",

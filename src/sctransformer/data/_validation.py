@@ -26,16 +26,14 @@ def get_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
-def _row_chunks(matrix, n_obs: int):
-    for start in range(0, n_obs, _CHUNK_ROWS):
-        chunk = matrix[start : start + _CHUNK_ROWS]
-        yield chunk.data if sp.issparse(chunk) else np.asarray(chunk)
-
-
-def check_counts(adata: AnnData, layer: str | None) -> None:
+def check_counts(adata: AnnData, layer: str | None) -> np.ndarray:
     """Raise if the count matrix is empty, not numeric, or holds NaN/inf, negative or fractional values.
 
     Every stored value is checked, chunk by chunk (backed matrices are never loaded whole).
+
+    Returns
+    -------
+    The total count of each cell (from the same single pass over the matrix).
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     if adata.n_obs == 0:
@@ -53,7 +51,10 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
             f"{where} is float16, which cannot hold counts above 2048 exactly; convert it, e.g. "
             "adata.X = adata.X.astype(np.float32)"
         )
-    for values in _row_chunks(matrix, adata.n_obs):
+    totals = np.zeros(adata.n_obs)
+    for start in range(0, adata.n_obs, _CHUNK_ROWS):
+        chunk = matrix[start : start + _CHUNK_ROWS]
+        values = chunk.data if sp.issparse(chunk) else np.asarray(chunk)
         if values.size == 0:
             continue
         if np.issubdtype(values.dtype, np.floating):
@@ -68,6 +69,8 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
                 )
         if (values < 0).any():
             raise ValueError(f"{where} holds negative values; pass raw, non-negative counts")
+        totals[start : start + chunk.shape[0]] = np.asarray(chunk.sum(axis=1)).ravel()
+    return totals
 
 
 def gene_identifiers(adata: AnnData, gene_key: str | None) -> pd.Index:
@@ -119,13 +122,3 @@ def check_phenotype_column(adata: AnnData, key: str) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def empty_cells(adata: AnnData, layer: str | None) -> np.ndarray:
-    """Indices of cells with no counts."""
-    matrix = get_matrix(adata, layer)
-    totals = np.zeros(adata.n_obs)
-    for start in range(0, adata.n_obs, _CHUNK_ROWS):
-        chunk = matrix[start : start + _CHUNK_ROWS]
-        totals[start : start + chunk.shape[0]] = np.asarray(chunk.sum(axis=1)).ravel()
-    return np.flatnonzero(totals == 0)

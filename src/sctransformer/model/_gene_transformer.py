@@ -13,6 +13,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import scvi
 import torch
 from anndata import AnnData
@@ -22,7 +23,7 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 
 from sctransformer._compat import quiet_sparse_tensors
-from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, TARGET_SUM, phenotype_registry_key
+from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, phenotype_registry_key
 from sctransformer._settings import settings
 from sctransformer.data import (
     EpochSeededDataSplitter,
@@ -30,12 +31,12 @@ from sctransformer.data import (
     PhenotypeObsField,
     category_codes,
     check_counts,
-    empty_cells,
     gene_identifiers,
     get_matrix,
     iter_minibatches,
 )
 from sctransformer.data._validation import check_obs_key, check_phenotype_column
+from sctransformer.metrics import log1p_normalise
 from sctransformer.module import GeneTransformerModule, Pooling, TokenizedCells
 from sctransformer.train import EpochCheckpoint, MaskedModelingPlan
 
@@ -94,13 +95,8 @@ def _fixed_bin_edges(adata: AnnData, layer: str | None, n_bins: int, seed: int) 
     matrix = get_matrix(adata, layer)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, _FIXED_BIN_CELLS), replace=False))
-    import scipy.sparse as sp
-
-    block = sp.csr_matrix(matrix[rows])
-    totals = np.asarray(block.sum(1)).ravel()
-    totals[totals == 0] = 1
-    normalised = sp.diags(TARGET_SUM / totals) @ block
-    values = np.log1p(normalised.data[normalised.data > 0])
+    normalised = log1p_normalise(sp.csr_matrix(matrix[rows]))
+    values = normalised.data[normalised.data > 0]
     if values.size == 0:
         raise ValueError("the counts have no non-zero value to place fixed bin edges on")
     edges = np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1])
@@ -335,8 +331,7 @@ class GeneTransformer(BaseModelClass):
             else:
                 check_obs_key(adata, key, "phenotype key")
         gene_identifiers(adata, gene_key)
-        check_counts(adata, layer)
-        n_empty = len(empty_cells(adata, layer))
+        n_empty = int((check_counts(adata, layer) == 0).sum())
         if n_empty:
             warnings.warn(
                 f"{n_empty} cells have no counts; they are embedded from the [CLS] and phenotype "
