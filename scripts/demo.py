@@ -28,6 +28,14 @@ from sklearn.metrics import accuracy_score, f1_score
 import sctransformer as sct
 
 
+def most_common_bin_rate(model: sct.GeneTransformer, adata) -> float:
+    """Share of all gene tokens that fall in the most common expression bin."""
+    column_to_gene = torch.as_tensor(model._column_to_gene(adata))
+    tokens = model.module.tokenize(sct.data.to_torch_csr(adata.layers["counts"]), column_to_gene)
+    bins = tokens.bins[tokens.is_token]
+    return float(torch.bincount(bins).max() / bins.numel())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -88,6 +96,12 @@ def main() -> None:
         "knn_accuracy_pca50": round(
             sct.metrics.knn_probe_accuracy(pca50, all_labels, train_idx, test_idx), 3
         ),
+        # how much the model learned about expression: masked-bin accuracy on validation cells
+        # against always predicting the most common bin of the tokens
+        "masked_expression_accuracy": round(
+            float(model.history["expression_accuracy_validation"].iloc[-1, 0]), 3
+        ),
+        "most_common_bin_rate": round(most_common_bin_rate(model, adata), 3),
     }
 
     sct.pl.embedding(
@@ -112,6 +126,10 @@ def main() -> None:
     )
     print(
         f"  {'logistic regression, log1p counts, all genes':<44}{summary['logreg_macro_f1']:>9.3f}{summary['logreg_accuracy']:>10.3f}"
+    )
+    print(
+        f"masked-expression accuracy (validation cells) {summary['masked_expression_accuracy']:.3f}; "
+        f"always predicting the most common bin: {summary['most_common_bin_rate']:.3f}"
     )
     print(
         f"kNN (15 neighbours) cell-type accuracy of the embeddings on the test cells: "
