@@ -1,5 +1,21 @@
-"""Pure functions (arrays in, numbers out): embedding probes and simple baselines."""
+"""Pure functions (arrays in, numbers out): classification metrics, embedding probes and simple baselines."""
 
+from ._baselines import annotation_baselines
+from ._classification import (
+    ClassificationReport,
+    classification_report,
+    classification_scores,
+    expected_calibration_error,
+)
 from ._probes import knn_probe_accuracy, log1p_normalise, logistic_regression_baseline
 
-__all__ = ["knn_probe_accuracy", "log1p_normalise", "logistic_regression_baseline"]
+__all__ = [
+    "ClassificationReport",
+    "annotation_baselines",
+    "classification_report",
+    "classification_scores",
+    "expected_calibration_error",
+    "knn_probe_accuracy",
+    "log1p_normalise",
+    "logistic_regression_baseline",
+]

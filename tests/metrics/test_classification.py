@@ -1,0 +1,253 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from anndata import AnnData
+from scipy import stats
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+from sctransformer.metrics import (
+    ClassificationReport,
+    classification_report,
+    classification_scores,
+    expected_calibration_error,
+)
+from sctransformer.metrics._classification import _bootstrap_scores, _encode
+
+
+def naive_ece(confidence, correct, n_bins):
+    edges = np.linspace(0, 1, n_bins + 1)
+    total = 0.0
+    for b in range(n_bins):
+        lo, hi = edges[b], edges[b + 1]
+        inside = [(c > lo or (b == 0 and c == 0)) and c <= hi for c in confidence]
+        members = [i for i, x in enumerate(inside) if x]
+        if members:
+            accuracy = sum(correct[i] for i in members) / len(members)
+            mean_confidence = sum(confidence[i] for i in members) / len(members)
+            total += len(members) / len(confidence) * abs(accuracy - mean_confidence)
+    return total
+
+
+def noisy_labels(n, n_classes=4, accuracy=0.8, seed=0):
+    rng = np.random.default_rng(seed)
+    weights = np.linspace(1, 2, n_classes)
+    y_true = rng.choice([f"t{k}" for k in range(n_classes)], size=n, p=weights / weights.sum())
+    y_pred = np.where(
+        rng.random(n) < accuracy, y_true, rng.choice([f"t{k}" for k in range(n_classes)], size=n)
+    )
+    return y_true, y_pred
+
+
+@pytest.mark.parametrize("n_bins", [1, 5, 15])
+def test_ece_matches_a_per_bin_loop(n_bins):
+    rng = np.random.default_rng(0)
+    confidence = rng.random(300)
+    confidence[:4] = [0.0, 1.0, 0.2, 0.4]  # bin edges
+    correct = rng.random(300) < confidence
+    assert expected_calibration_error(confidence, correct, n_bins=n_bins) == pytest.approx(
+        naive_ece(confidence, correct, n_bins)
+    )
+
+
+def test_ece_is_zero_when_calibrated_and_the_gap_when_overconfident():
+    assert expected_calibration_error(np.full(4, 0.75), np.array([1, 1, 1, 0])) == pytest.approx(0)
+    assert expected_calibration_error(np.full(10, 0.9), np.zeros(10, dtype=bool)) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    ("confidence", "correct", "kwargs", "match"),
+    [
+        ([0.5, 0.6], [1], {}, "one value per cell"),
+        ([1.5, 0.2], [1, 0], {}, r"\[0, 1\]"),
+        ([np.nan, 0.2], [1, 0], {}, r"\[0, 1\]"),
+        ([], [], {}, "empty"),
+        ([0.5], [2], {}, "0/1"),
+        ([0.5], [1], {"n_bins": 0}, "n_bins"),
+    ],
+)
+def test_ece_refuses_bad_input(confidence, correct, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        expected_calibration_error(np.asarray(confidence), np.asarray(correct), **kwargs)
+
+
+def test_point_estimates_equal_sklearns():
+    y_true, y_pred = noisy_labels(500)
+    report = classification_scores(y_true, y_pred, n_bootstrap=50)
+    assert isinstance(report, ClassificationReport)
+    assert report.summary.loc["accuracy", "value"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert report.summary.loc["macro_f1", "value"] == pytest.approx(
+        f1_score(y_true, y_pred, average="macro", zero_division=0)
+    )
+    labels = sorted(set(y_true))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels)
+    assert list(report.per_class.index) == labels
+    np.testing.assert_allclose(report.per_class["precision"], precision)
+    np.testing.assert_allclose(report.per_class["recall"], recall)
+    np.testing.assert_allclose(report.per_class["f1"], f1)
+    np.testing.assert_array_equal(report.per_class["support"], support)
+    assert report.n_cells == 500 and report.n_bootstrap == 50 and report.confidence_level == 0.95
+    assert list(report.summary.columns) == [
+        "value",
+        "ci_low",
+        "ci_high",
+        "t_low",
+        "t_high",
+        "binomial_low",
+        "binomial_high",
+    ]
+    assert report.summary.loc["macro_f1", ["binomial_low", "binomial_high"]].isna().all()
+
+
+def test_intervals_contain_the_estimate_and_narrow_with_more_cells():
+    widths = {}
+    for n in (200, 5000):
+        y_true, y_pred = noisy_labels(n, seed=n)
+        summary = classification_scores(y_true, y_pred, n_bootstrap=300).summary
+        for metric in ("accuracy", "macro_f1"):
+            value = summary.loc[metric, "value"]
+            for low, high in (("ci_low", "ci_high"), ("t_low", "t_high")):
+                assert summary.loc[metric, low] <= value <= summary.loc[metric, high]
+            widths[n, metric] = summary.loc[metric, "ci_high"] - summary.loc[metric, "ci_low"]
+        assert summary.loc["accuracy", "binomial_low"] <= summary.loc["accuracy", "value"]
+        assert summary.loc["accuracy", "value"] <= summary.loc["accuracy", "binomial_high"]
+    for metric in ("accuracy", "macro_f1"):
+        assert widths[5000, metric] < widths[200, metric] / 3  # ~ 1 / sqrt(n)
+
+
+def test_binomial_interval_is_scipys_clopper_pearson():
+    y_true, y_pred = noisy_labels(300, seed=3)
+    report = classification_scores(y_true, y_pred, n_bootstrap=0, confidence_level=0.9)
+    k = int((y_true == y_pred).sum())
+    expected = stats.binomtest(k, 300).proportion_ci(0.9, method="exact")
+    assert report.summary.loc["accuracy", "binomial_low"] == pytest.approx(expected.low)
+    assert report.summary.loc["accuracy", "binomial_high"] == pytest.approx(expected.high)
+
+
+def test_t_interval_uses_the_bootstrap_standard_deviation():
+    y_true, y_pred = noisy_labels(400, seed=4)
+    report = classification_scores(y_true, y_pred, n_bootstrap=200, seed=7)
+    true_codes, pred_codes, n_classes = _encode(y_true, y_pred, sorted(set(y_true)))
+    scores = _bootstrap_scores(true_codes, pred_codes, n_classes, 4, 200, np.random.default_rng(7))
+    for metric in ("accuracy", "macro_f1"):
+        value = report.summary.loc[metric, "value"]
+        half = stats.t.ppf(0.975, 199) * scores[metric].std(ddof=1)
+        assert report.summary.loc[metric, "t_low"] == pytest.approx(value - half)
+        assert report.summary.loc[metric, "t_high"] == pytest.approx(value + half)
+        low, high = np.quantile(scores[metric], [0.025, 0.975])
+        assert report.summary.loc[metric, "ci_low"] == pytest.approx(low)
+        assert report.summary.loc[metric, "ci_high"] == pytest.approx(high)
+
+
+def test_bootstrap_is_reproducible_with_a_seed():
+    y_true, y_pred = noisy_labels(300, seed=5)
+    first = classification_scores(y_true, y_pred, n_bootstrap=100, seed=1)
+    again = classification_scores(y_true, y_pred, n_bootstrap=100, seed=1)
+    other = classification_scores(y_true, y_pred, n_bootstrap=100, seed=2)
+    pd.testing.assert_frame_equal(first.summary, again.summary)
+    pd.testing.assert_frame_equal(first.per_class, again.per_class)
+    assert not first.summary[["ci_low", "ci_high"]].equals(other.summary[["ci_low", "ci_high"]])
+
+
+def test_each_resample_scores_as_sklearn_on_those_cells(monkeypatch):
+    y_true, y_pred = noisy_labels(120, seed=6)
+    y_pred[:5] = "unknown"
+    labels = sorted(set(y_true))
+    true_codes, pred_codes, n_classes = _encode(y_true, y_pred, labels)
+    monkeypatch.setattr("sctransformer.metrics._classification._CHUNK_CELLS", 250)  # 2 resamples per chunk
+    scores = _bootstrap_scores(true_codes, pred_codes, n_classes, len(labels), 5, np.random.default_rng(0))
+    cells = np.random.default_rng(0).integers(0, 120, size=(5, 120))
+    for b in range(5):
+        t, p = y_true[cells[b]], y_pred[cells[b]]
+        assert scores["accuracy"][b] == pytest.approx(accuracy_score(t, p))
+        assert scores["macro_f1"][b] == pytest.approx(
+            f1_score(t, p, labels=labels, average="macro", zero_division=0)
+        )
+        precision, recall, f1, _ = precision_recall_fscore_support(t, p, labels=labels, zero_division=0)
+        np.testing.assert_allclose(scores["precision"][b], precision)
+        np.testing.assert_allclose(scores["recall"][b], recall)
+        np.testing.assert_allclose(scores["f1"][b], f1)
+
+
+def test_missing_true_labels_are_dropped_and_unknown_predictions_count_as_wrong():
+    y_true = np.array(["a", "a", None, "b", np.nan, "b"], dtype=object)
+    y_pred = np.array(["a", "unknown", "a", "b", "b", None], dtype=object)
+    report = classification_scores(y_true, y_pred, n_bootstrap=20)
+    assert report.n_cells == 4
+    assert list(report.per_class.index) == ["a", "b"]  # "unknown" is no class of its own
+    assert report.summary.loc["accuracy", "value"] == pytest.approx(0.5)
+    # a: precision 1, recall 1/2; b: precision 1, recall 1/2
+    np.testing.assert_allclose(report.per_class["f1"], [2 / 3, 2 / 3])
+    assert report.summary.loc["macro_f1", "value"] == pytest.approx(2 / 3)
+
+
+def test_classes_absent_from_the_truth_are_not_averaged_unless_asked():
+    y_true = np.array(["a", "a", "b", "b"])
+    y_pred = np.array(["a", "c", "b", "b"])
+    default = classification_scores(y_true, y_pred, n_bootstrap=0)
+    assert list(default.per_class.index) == ["a", "b"]
+    assert default.summary.loc["macro_f1", "value"] == pytest.approx(
+        f1_score(y_true, y_pred, labels=["a", "b"], average="macro")
+    )
+    explicit = classification_scores(y_true, y_pred, labels=["a", "b", "c"], n_bootstrap=0)
+    assert explicit.summary.loc["macro_f1", "value"] == pytest.approx(
+        f1_score(y_true, y_pred, labels=["a", "b", "c"], average="macro", zero_division=0)
+    )
+
+
+def test_no_bootstrap_leaves_the_bootstrap_columns_empty_and_format_reads_well():
+    y_true, y_pred = noisy_labels(200, seed=8)
+    report = classification_scores(y_true, y_pred, n_bootstrap=0)
+    assert report.summary[["ci_low", "ci_high", "t_low", "t_high"]].isna().all().all()
+    assert report.per_class[["f1_ci_low", "f1_ci_high"]].isna().all().all()
+    assert report.format("macro_f1") == f"{report.summary.loc['macro_f1', 'value']:.3f}"
+    with_ci = classification_scores(y_true, y_pred, n_bootstrap=50)
+    row = with_ci.summary.loc["macro_f1"]
+    assert with_ci.format() == f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+    acc = with_ci.summary.loc["accuracy"]
+    assert with_ci.format("accuracy", interval="binomial", digits=2) == (
+        f"{acc['value']:.2f} [{acc['binomial_low']:.2f}, {acc['binomial_high']:.2f}]"
+    )
+    text = str(with_ci)
+    assert "macro_f1" in text and "t0" in text and "200 cells" in text and repr(with_ci) == text
+    with pytest.raises(ValueError, match="metric"):
+        with_ci.format("recall")
+
+
+@pytest.mark.parametrize(
+    ("y_true", "y_pred", "kwargs", "match"),
+    [
+        (["a", "b"], ["a"], {}, "one label per cell"),
+        ([None, np.nan], ["a", "b"], {}, "no cell has a true label"),
+        (["a", "b"], ["a", "b"], {"confidence_level": 1.0}, "confidence_level"),
+        (["a", "b"], ["a", "b"], {"confidence_level": 0}, "confidence_level"),
+        (["a", "b"], ["a", "b"], {"n_bootstrap": -1}, "n_bootstrap"),
+        (["a", "b"], ["a", "b"], {"n_bootstrap": 1}, "n_bootstrap"),
+        (["a", "b"], ["a", "b"], {"labels": []}, "labels"),
+        (["a", "b"], ["a", "b"], {"labels": ["a", "a"]}, "duplicates"),
+    ],
+)
+def test_bad_input_raises(y_true, y_pred, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        classification_scores(np.array(y_true, dtype=object), np.array(y_pred, dtype=object), **kwargs)
+
+
+def test_anndata_wrapper_reads_obs_and_changes_nothing():
+    y_true, y_pred = noisy_labels(150, seed=9)
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical(y_true), "sct_cell_type": pd.Categorical(y_pred)},
+        index=[f"c{i}" for i in range(150)],
+    )
+    obs.loc["c0", "cell_type"] = np.nan
+    adata = AnnData(obs=obs)
+    before = adata.obs.copy()
+    report = classification_report(adata, "cell_type", "sct_cell_type", n_bootstrap=30)
+    pd.testing.assert_frame_equal(adata.obs, before)
+    assert report.n_cells == 149
+    expected = classification_scores(y_true[1:], y_pred[1:], n_bootstrap=30)
+    pd.testing.assert_frame_equal(report.summary, expected.summary)
+    with pytest.raises(KeyError, match=r"pred_key='nope'.*available: cell_type, sct_cell_type"):
+        classification_report(adata, "cell_type", "nope")
+    with pytest.raises(KeyError, match="true_key='truth'"):
+        classification_report(adata, "truth", "sct_cell_type")

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from anndata import AnnData
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+
+import sctransformer as sct
+from sctransformer.metrics import expected_calibration_error
+
+from ..conftest import fingerprint
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def predicted():
+    rng = np.random.default_rng(0)
+    n = 200
+    categories = ["T cell", "B cell", "NK"]  # not alphabetical: the plot keeps this order
+    truth = rng.choice(categories, size=n)
+    confidence = rng.uniform(0.3, 1.0, size=n)
+    right = rng.random(n) < confidence
+    pred = np.where(right, truth, rng.choice(categories, size=n)).astype(object)
+    pred[:7] = "unknown"
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(truth, categories=categories),
+            "sct_cell_type": pd.Categorical(pred, categories=[*categories, "unknown"]),
+            "sct_cell_type_confidence": confidence,
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    obs.loc["c10", "cell_type"] = np.nan
+    return AnnData(obs=obs)
+
+
+@pytest.mark.parametrize("normalize", ["true", "pred", "all", None])
+def test_confusion_matrix_shows_sklearns_matrix_in_category_order(predicted, normalize):
+    before = fingerprint(predicted)
+    ax = sct.pl.confusion_matrix(predicted, "cell_type", "sct_cell_type", normalize=normalize, show=False)
+    assert isinstance(ax, Axes)
+    assert fingerprint(predicted) == before
+    rows = ["T cell", "B cell", "NK"]
+    columns = [*rows, "unknown"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == rows
+    assert [t.get_text() for t in ax.get_xticklabels()] == columns
+    known = predicted.obs["cell_type"].notna().to_numpy()
+    y_true = predicted.obs["cell_type"].astype(object)[known]
+    y_pred = predicted.obs["sct_cell_type"].astype(object)[known]
+    expected = sklearn_confusion_matrix(y_true, y_pred, labels=columns, normalize=normalize)[:3]
+    np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), expected)
+    texts = [t.get_text() for t in ax.texts]
+    assert len(texts) == expected.size
+    assert texts[0] == (f"{expected[0, 0]:.2f}" if normalize else str(int(expected[0, 0])))
+    assert len(ax.figure.axes) == 2  # the colorbar
+
+
+def test_confusion_matrix_return_rule_and_options(predicted):
+    fig = sct.pl.confusion_matrix(predicted, "cell_type", "sct_cell_type", annotate=False, return_fig=True)
+    assert isinstance(fig, Figure) and len(fig.axes[0].texts) == 0
+    _, ax = plt.subplots()
+    assert sct.pl.confusion_matrix(predicted, "cell_type", "sct_cell_type", ax=ax, show=False) is ax
+    assert sct.pl.confusion_matrix(predicted, "cell_type", "sct_cell_type", show=True) is None
+    with pytest.raises(ValueError, match="normalize"):
+        sct.pl.confusion_matrix(predicted, "cell_type", "sct_cell_type", normalize="rows")
+    with pytest.raises(KeyError, match=r"pred_key='sct_tissue'.*available"):
+        sct.pl.confusion_matrix(predicted, "cell_type", "sct_tissue")
+    with pytest.raises(KeyError, match="true_key='tissue'"):
+        sct.pl.confusion_matrix(predicted, "tissue", "sct_cell_type")
+
+
+def test_calibration_draws_accuracy_per_bin_and_the_ece_in_the_title(predicted):
+    before = fingerprint(predicted)
+    ax = sct.pl.calibration(predicted, "cell_type", "sct_cell_type", n_bins=5, show=False)
+    assert isinstance(ax, Axes)
+    assert fingerprint(predicted) == before
+    known = predicted.obs["cell_type"].notna().to_numpy()
+    obs = predicted.obs[known]
+    confidence = obs["sct_cell_type_confidence"].to_numpy()
+    correct = obs["cell_type"].astype(object).to_numpy() == obs["sct_cell_type"].astype(object).to_numpy()
+    ece = expected_calibration_error(confidence, correct, n_bins=5)
+    assert f"{ece:.3f}" in ax.get_title()
+    bars = {c.get_label(): np.array([p.get_height() for p in c]) for c in ax.containers}
+    share, accuracy = bars["share of cells"], bars["accuracy"]
+    assert share.sum() == pytest.approx(1.0)
+    edges = np.linspace(0, 1, 6)
+    for b, height in zip(np.flatnonzero(share > 0), accuracy, strict=True):
+        inside = (confidence > edges[b]) & (confidence <= edges[b + 1])
+        assert height == pytest.approx(correct[inside].mean())
+    assert any(np.allclose(line.get_xdata(), [0, 1]) for line in ax.get_lines())  # the diagonal
+
+
+def test_calibration_return_rule_and_missing_keys(predicted):
+    fig = sct.pl.calibration(predicted, "cell_type", "sct_cell_type", return_fig=True)
+    assert isinstance(fig, Figure)
+    predicted.obs["score"] = predicted.obs["sct_cell_type_confidence"]
+    ax = sct.pl.calibration(predicted, "cell_type", "sct_cell_type", confidence_key="score", show=False)
+    assert "score" in ax.get_xlabel()
+    predicted.obs.loc["c3", "score"] = np.nan  # no prediction: left out
+    ax = sct.pl.calibration(predicted, "cell_type", "sct_cell_type", confidence_key="score", show=False)
+    share = next(c for c in ax.containers if c.get_label() == "share of cells")
+    assert sum(p.get_height() for p in share) == pytest.approx(1.0)
+    adata = predicted[:, :].copy()
+    del adata.obs["sct_cell_type_confidence"]
+    with pytest.raises(KeyError, match=r"sct_cell_type_confidence.*sct\.tl\.predict"):
+        sct.pl.calibration(adata, "cell_type", "sct_cell_type")
+    with pytest.raises(KeyError, match="pred_key='nope'"):
+        sct.pl.calibration(adata, "cell_type", "nope", confidence_key="score")
