@@ -184,6 +184,9 @@ def test_model_on_an_adata_that_is_not_set_up(adata):
         ({"max_epochs": 0}, "max_epochs"),
         ({"batch_size": 0}, "batch_size"),
         ({"train_size": 0.0}, "train_size"),
+        ({"class_weight": "auto"}, "class_weight"),
+        ({"focal_gamma": -1.0}, "focal_gamma"),
+        ({"freeze": "decoder"}, "freeze"),
     ],
 )
 def test_training_options_out_of_range_are_refused(adata, kwargs, message):
@@ -235,6 +238,25 @@ def test_training_that_hits_a_non_finite_loss_stops_naming_the_step(adata):
         (lambda m, d: sct.tl.embed(_renamed_genes(d), m), ValueError, "shares 0 genes"),
         (lambda m, d: sct.pl.embedding(d.copy(), color="cell_type"), KeyError, r"sct\.tl\.embed"),
         (lambda m, d: sct.pl.training_history(m, metrics=["nope"], show=False), KeyError, "available"),
+        (lambda m, d: m.predict(d, min_confidence=1.5), ValueError, "min_confidence"),
+        (lambda m, d: sct.tl.predict(d.copy(), m, min_confidence=0.0), ValueError, "min_confidence"),
+        (
+            lambda m, d: sct.tl.predict(d.copy(), m, over_clustering="cell_type"),
+            ValueError,
+            "majority_voting",
+        ),
+        (
+            lambda m, d: sct.tl.predict(d.copy(), m, majority_voting=True, over_clustering="nope"),
+            KeyError,
+            "sc.tl.leiden",
+        ),
+        (lambda m, d: m.calibrate(d, phenotype="tissue"), KeyError, "not modelled"),
+        (lambda m, d: sct.GeneTransformer.load_query_data(d[:10], m), ValueError, "view"),
+        (
+            lambda m, d: sct.pl.confusion_matrix(d, "cell_type", "sct_cell_type", show=False),
+            KeyError,
+            "sct_cell_type",
+        ),
         (
             lambda m, d: sct.pl.training_history(m, metrics=["loss", "expression"], ax=object()),
             ValueError,
@@ -252,6 +274,13 @@ def test_training_that_hits_a_non_finite_loss_stops_naming_the_step(adata):
         "plot without an embedding",
         "unknown metric",
         "ax with several metrics",
+        "min_confidence above 1",
+        "min_confidence 0",
+        "over_clustering without majority_voting",
+        "over_clustering column missing",
+        "calibrate an unknown phenotype",
+        "query is a view",
+        "confusion matrix without predictions",
     ],
 )
 def test_getters_tools_and_plots_refuse_bad_input(trained, call, error, message):

@@ -31,6 +31,7 @@ def test_demo_writes_results_plots_and_a_reloadable_model(tmp_path):
     adata = ad.read_h5ad(out / "pbmc68k_sct.h5ad")
     assert adata.obsm["X_sct"].shape[0] == 700
     assert {"sct_cell_type", "sct_cell_type_confidence"} <= set(adata.obs)
-    for png in ("embedding_umap.png", "training_history.png"):
+    assert 0 <= summary["test_ece_calibrated"] <= 1
+    for png in ("embedding_umap.png", "training_history.png", "confusion_matrix.png", "calibration.png"):
         assert (out / png).stat().st_size > 10_000
     assert (out / "pbmc_model" / "model.safetensors").exists()

@@ -15,6 +15,12 @@ class _Keys(NamedTuple):
     UNS: str = "sct"
     #: Suffix of the ``.obs`` column that holds prediction confidence.
     CONFIDENCE_SUFFIX: str = "confidence"
+    #: Label of cells whose prediction confidence is below ``min_confidence``.
+    UNKNOWN: str = "unknown"
+    #: Suffix of the ``.obs`` column of labels after a majority vote over clusters.
+    MAJORITY_SUFFIX: str = "majority_voting"
+    #: ``.obs`` column of the clusters used by the majority vote of :func:`sctransformer.tl.predict`.
+    OVER_CLUSTERING: str = "sct_over_clustering"
 
 
 KEYS = _Keys()

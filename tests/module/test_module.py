@@ -129,8 +129,32 @@ def test_class_weights_reweight_the_phenotype_loss():
     only_class_0 = module.loss(hidden, tokens, value_mask, targets, mask, ["a", "b"], weights).components[
         "phenotype_a"
     ]
-    logits = module.phenotype_logits(hidden)[0]
+    logits = module.phenotype_logits(hidden, tokens)[0]
     rows = targets[:, 0] == 0
     expected = torch.nn.functional.cross_entropy(logits[rows], targets[rows, 0])
     torch.testing.assert_close(only_class_0, expected)
     assert not torch.isclose(plain, only_class_0)
+
+
+def test_focal_loss_matches_a_naive_reference():
+    from sctransformer.module import phenotype_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 4, generator=gen)
+    target = torch.randint(0, 4, (12,), generator=gen)
+    weight = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    p = logits.softmax(-1).numpy()
+    t = target.numpy()
+    for gamma in (0.0, 2.0):
+        per_cell = [-((1 - p[i, t[i]]) ** gamma) * np.log(p[i, t[i]]) for i in range(12)]
+        w = [float(weight[t[i]]) for i in range(12)]
+        expected_plain = np.mean(per_cell)
+        expected_weighted = np.dot(per_cell, w) / np.sum(w)
+        got = phenotype_loss(logits, target, focal_gamma=gamma)
+        got_w = phenotype_loss(logits, target, weight=weight, focal_gamma=gamma)
+        np.testing.assert_allclose(float(got), expected_plain, rtol=1e-5)
+        np.testing.assert_allclose(float(got_w), expected_weighted, rtol=1e-5)
+    torch.testing.assert_close(
+        phenotype_loss(logits, target, weight=weight),
+        torch.nn.functional.cross_entropy(logits, target, weight=weight),
+    )

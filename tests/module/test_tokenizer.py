@@ -11,8 +11,10 @@ from sctransformer.data import to_torch_csr
 from sctransformer.module import Tokenizer
 
 
-def naive_tokenize(x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int, n_bins: int, edges=None):
-    """Per-cell numpy reference: expressed in-vocabulary genes, by decreasing count then gene index."""
+def naive_tokenize(
+    x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int, n_bins: int, edges=None, scale=None
+):
+    """Per-cell numpy reference: expressed in-vocabulary genes, by decreasing count / scale then gene index."""
     cells = []
     for row in x:
         library = np.float32(row.sum())
@@ -21,7 +23,7 @@ def naive_tokenize(x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int
             for j in range(len(row))
             if row[j] > 0 and column_to_gene[j] >= 0
         ]
-        entries.sort(key=lambda e: (-e[1], e[0]))
+        entries.sort(key=lambda e: (-(e[1] / (1.0 if scale is None else np.float32(scale[e[0]]))), e[0]))
         n = len(entries)
         genes, values, bins = [], [], []
         for gene, count in entries[:max_length]:
@@ -39,7 +41,7 @@ def naive_tokenize(x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int
 
 
 def check_against_naive(
-    x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int, n_bins: int, edges=None
+    x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int, n_bins: int, edges=None, scale=None
 ) -> None:
     tokenizer = Tokenizer(
         int(column_to_gene.max()) + 1 if (column_to_gene >= 0).any() else 1,
@@ -47,9 +49,12 @@ def check_against_naive(
         n_bins=n_bins,
         binning="quantile" if edges is None else "fixed",
         bin_edges=None if edges is None else torch.as_tensor(edges),
+        gene_scale=None if scale is None else torch.as_tensor(scale),
     )
     out = tokenizer(to_torch_csr(sp.csr_matrix(x)), torch.as_tensor(column_to_gene))
-    reference = naive_tokenize(x, column_to_gene, max_length=max_length, n_bins=n_bins, edges=edges)
+    reference = naive_tokenize(
+        x, column_to_gene, max_length=max_length, n_bins=n_bins, edges=edges, scale=scale
+    )
     for i, (genes, values, bins, n) in enumerate(reference):
         k = len(genes)
         assert out.n_expressed[i] == n
@@ -78,6 +83,27 @@ def test_quantile_bins_tokens_and_truncation_match_naive(max_length):
     column_to_gene = np.arange(30)
     column_to_gene[[2, 11]] = -1  # genes outside the vocabulary (still count in the library)
     check_against_naive(x, column_to_gene, max_length=max_length, n_bins=7)
+
+
+@pytest.mark.parametrize("max_length", [3, 40])
+def test_gene_scales_reorder_and_truncate_like_naive(max_length):
+    rng = np.random.default_rng(2)
+    x = random_counts(rng, 12, 30, 0.5)
+    scale = rng.uniform(0.2, 5.0, size=30).astype(np.float32)
+    scale[[4, 9]] = 1.0  # ties of count / scale are broken by gene index
+    check_against_naive(x, np.arange(30), max_length=max_length, n_bins=5, scale=scale)
+
+
+def test_gene_scales_keep_the_relatively_high_gene_when_truncating():
+    x = np.array([[10.0, 3.0, 1.0]], dtype=np.float32)
+    tokenizer = Tokenizer(3, max_length=2, n_bins=3, gene_scale=torch.tensor([100.0, 1.0, 0.5]))
+    out = tokenizer(to_torch_csr(sp.csr_matrix(x)), torch.arange(3))
+    # 10/100 = 0.1 < 3/1 = 3 < 1/0.5 = 2 ... order: gene 1 (3.0), gene 2 (2.0); gene 0 dropped
+    assert out.gene_ids[0].tolist() == [1, 2]
+    # bins are per-cell quantiles of the counts, whatever the order
+    assert out.bins[0].tolist() == [1, 0]
+    with pytest.raises(ValueError, match="positive"):
+        Tokenizer(3, max_length=2, gene_scale=torch.tensor([1.0, 0.0, 1.0]))
 
 
 def test_fixed_bins_match_naive():

@@ -64,3 +64,41 @@ def test_predicted_labels_reuse_the_colours_of_the_true_labels(trained):
         zip(adata.obs["sct_cell_type"].cat.categories, adata.uns["sct_cell_type_colors"], strict=True)
     )
     assert colors == {"type_2": "#ff0000", "type_0": "#00ff00", "type_1": "#0000ff"}
+
+
+def test_majority_vote_matches_a_naive_count():
+    from sctransformer.tl._predict import majority_vote
+
+    rng = np.random.default_rng(0)
+    labels = pd.Categorical(
+        rng.choice(["a", "b", "c"], size=200, p=[0.5, 0.3, 0.2]), categories=["a", "b", "c"]
+    )
+    clusters = rng.integers(0, 7, size=200)
+    voted = majority_vote(pd.Series(labels), clusters)
+    for c in range(7):
+        members = np.asarray(labels)[clusters == c]
+        values, counts = np.unique(members, return_counts=True)
+        assert set(np.asarray(voted)[clusters == c]) == {values[np.argmax(counts)]}
+    assert list(voted.categories) == ["a", "b", "c"]
+
+
+def test_predict_with_min_confidence_and_majority_voting(trained):
+    model, data = trained
+    adata = data.copy()
+    before = fingerprint(adata)
+    sct.tl.predict(adata, model, min_confidence=0.4, majority_voting=True)
+    voted = adata.obs["sct_cell_type_majority_voting"]
+    clusters = adata.obs["sct_over_clustering"]
+    assert clusters.nunique() > 1
+    for c in clusters.cat.categories:
+        assert voted[clusters == c].nunique() == 1
+    low = adata.obs["sct_cell_type_confidence"] < 0.4
+    assert (adata.obs["sct_cell_type"][low] == "unknown").all()
+    assert adata.uns["sct"]["sct"]["params"]["min_confidence"] == 0.4
+    # only the documented keys were added
+    after = fingerprint(adata)
+    assert {k for k in after if after[k] != before.get(k)} == {"obs", "obsm/sct_cell_type_probs", "uns"}
+    # a user-supplied clustering is used as is
+    adata.obs["groups"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 2, "odd", "even"))
+    sct.tl.predict(adata, model, majority_voting=True, over_clustering="groups", key_added="v")
+    assert adata.obs.groupby("groups", observed=True)["v_cell_type_majority_voting"].nunique().eq(1).all()

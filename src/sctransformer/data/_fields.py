@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scvi.data.fields import BaseAnnDataField
+from scvi.data.fields import BaseAnnDataField, CategoricalObsField
 
 
 def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
@@ -102,3 +102,32 @@ class PhenotypeObsField(BaseAnnDataField):
     def view_state_registry(self, state_registry: dict) -> None:
         """No rich view."""
         return None
+
+
+class BatchObsField(CategoricalObsField):
+    """Batch column whose categories start with a reference's and are extended by new ones.
+
+    Parameters
+    ----------
+    registry_key
+        Key in the data registry.
+    obs_key
+        Column of ``adata.obs`` holding the batch; ``None`` for a single batch.
+    categories
+        A reference model's batch categories: they keep their codes, batches seen only here are
+        appended (scArches-style). ``None`` registers the observed categories.
+    """
+
+    def __init__(self, registry_key: str, obs_key: str | None, categories: list[str] | None = None) -> None:
+        super().__init__(registry_key, obs_key)
+        self._categories = categories
+
+    def register_field(self, adata: AnnData) -> dict:
+        """Register the codes; with reference categories, extend them by the new batches."""
+        if self._categories is None or self.is_default:
+            return super().register_field(adata)
+        reference = {
+            self.CATEGORICAL_MAPPING_KEY: np.asarray(self._categories, dtype=object),
+            self.ORIGINAL_ATTR_KEY: self._original_attr_key,
+        }
+        return self.transfer_field(reference, adata, extend_categories=True)

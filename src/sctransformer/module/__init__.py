@@ -1,7 +1,7 @@
 """Plain-torch building blocks: tokenizer, attention, the gene transformer module."""
 
 from ._attention import EncoderBlock, SelfAttention
-from ._module import GeneTransformerModule, LossOutput, Pooling
+from ._module import GeneTransformerModule, LossOutput, Pooling, phenotype_loss
 from ._tokenizer import TokenizedCells, Tokenizer
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "SelfAttention",
     "TokenizedCells",
     "Tokenizer",
+    "phenotype_loss",
 ]

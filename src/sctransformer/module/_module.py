@@ -13,6 +13,7 @@ from ._attention import EncoderBlock
 from ._tokenizer import Binning, TokenizedCells, Tokenizer, ValueEncoding
 
 Pooling = Literal["cls", "mean"]
+PhenotypeInput = Literal["token", "token+mean"]
 
 
 @dataclass
@@ -38,6 +39,28 @@ class LossOutput:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def phenotype_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    focal_gamma: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy, or focal loss ``-(1 - p_t)^gamma log p_t`` when ``focal_gamma > 0``.
+
+    With class weights ``w``, the mean is weighted: ``sum_i w_{y_i} l_i / sum_i w_{y_i}`` (as in
+    :func:`torch.nn.functional.cross_entropy`).
+    """
+    log_p = F.log_softmax(logits.float(), -1).gather(1, target.unsqueeze(1)).squeeze(1)
+    per_cell = -log_p
+    if focal_gamma > 0:
+        per_cell = per_cell * (1 - log_p.exp()).clamp(min=0) ** focal_gamma
+    if weight is None:
+        return per_cell.mean()
+    w = weight[target]
+    return (per_cell * w).sum() / w.sum()
+
+
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_in), nn.GELU(), nn.LayerNorm(d_in), nn.Linear(d_in, d_out))
 
@@ -58,10 +81,12 @@ class GeneTransformerModule(nn.Module):
         Number of categories of each phenotype key, in slot order.
     d_model, n_layers, n_heads, d_ff, dropout
         Transformer size.
-    max_length, value_encoding, n_bins, binning, bin_edges
+    max_length, value_encoding, n_bins, binning, bin_edges, gene_scale
         Tokenizer settings, see :class:`~sctransformer.module.Tokenizer`.
     label_smoothing
         Label smoothing of the cross-entropy over expression bins.
+    phenotype_input
+        What a phenotype head reads: its slot's output, or also the mean of the gene outputs.
     predict_zeros
         Add the is-zero head, trained on sampled unexpressed genes.
     cell_expression_loss
@@ -87,6 +112,8 @@ class GeneTransformerModule(nn.Module):
         label_smoothing: float,
         predict_zeros: bool,
         cell_expression_loss: bool,
+        phenotype_input: PhenotypeInput = "token",
+        gene_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer = Tokenizer(
@@ -96,6 +123,7 @@ class GeneTransformerModule(nn.Module):
             n_bins=n_bins,
             binning=binning,
             bin_edges=bin_edges,
+            gene_scale=gene_scale,
         )
         self.value_encoding = value_encoding
         self.n_bins = n_bins
@@ -103,6 +131,7 @@ class GeneTransformerModule(nn.Module):
         self.label_smoothing = label_smoothing
         self.predict_zeros = predict_zeros
         self.cell_expression_loss = cell_expression_loss
+        self.phenotype_input = phenotype_input
 
         self.gene_embedding = nn.Embedding(n_genes, d_model)
         if value_encoding == "binned":
@@ -123,7 +152,11 @@ class GeneTransformerModule(nn.Module):
             self.cell_expression_head = nn.Linear(d_model, n_out)
         if predict_zeros:
             self.is_zero_head = nn.Linear(d_model, 1)
-        self.phenotype_heads = nn.ModuleList(_mlp(d_model, n) for n in phenotype_sizes)
+        d_head = 2 * d_model if phenotype_input == "token+mean" else d_model
+        self.phenotype_heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(d_head, d_model), nn.GELU(), nn.LayerNorm(d_model), nn.Linear(d_model, n))
+            for n in phenotype_sizes
+        )
         nn.init.normal_(self.cls, std=0.02)
 
     @property
@@ -202,9 +235,18 @@ class GeneTransformerModule(nn.Module):
         n_tokens = weights.sum(1, keepdim=True)
         return torch.where(n_tokens > 0, total / n_tokens.clamp(min=1), hidden[:, 0])
 
-    def phenotype_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:
-        """Logits ``(n, n_categories)`` of each phenotype head, read at its token slot."""
-        return [head(hidden[:, 1 + slot]) for slot, head in enumerate(self.phenotype_heads)]
+    def phenotype_logits(self, hidden: torch.Tensor, tokens: TokenizedCells) -> list[torch.Tensor]:
+        """Logits ``(n, n_categories)`` of each phenotype head.
+
+        A head reads its slot's output; with ``phenotype_input="token+mean"`` also the mean of the
+        expressed-gene outputs (a direct path from every gene to the prediction).
+        """
+        mean = self.pool(hidden, tokens, "mean") if self.phenotype_input == "token+mean" else None
+        logits = []
+        for slot, head in enumerate(self.phenotype_heads):
+            x = hidden[:, 1 + slot]
+            logits.append(head(x if mean is None else torch.cat([x, mean], -1)))
+        return logits
 
     def _value_loss(
         self, prediction: torch.Tensor, tokens: TokenizedCells, scored: torch.Tensor
@@ -232,6 +274,7 @@ class GeneTransformerModule(nn.Module):
         phenotype_mask: torch.Tensor,
         phenotype_names: list[str],
         phenotype_weights: list[torch.Tensor | None] | None = None,
+        focal_gamma: float = 0.0,
     ) -> LossOutput:
         """Masked-modelling losses of a minibatch.
 
@@ -251,6 +294,8 @@ class GeneTransformerModule(nn.Module):
             Name of each phenotype slot, for the component names.
         phenotype_weights
             Optional class weights per phenotype slot.
+        focal_gamma
+            Focal-loss exponent of the phenotype losses; ``0`` gives the cross-entropy.
         """
         out = LossOutput(total=hidden.new_zeros(()))
         gene_hidden = hidden[:, self.n_prefix :]
@@ -279,7 +324,7 @@ class GeneTransformerModule(nn.Module):
                 out.components["is_zero"] = F.binary_cross_entropy_with_logits(logits, target)
                 out.metrics["is_zero_accuracy"] = ((logits > 0).float() == target).float().mean()
                 out.counts["is_zero"] = out.counts["is_zero_accuracy"] = int(zero_scored.sum())
-        for slot, logits in enumerate(self.phenotype_logits(hidden)):
+        for slot, logits in enumerate(self.phenotype_logits(hidden, tokens)):
             target = phenotype_targets[:, slot]
             rows = phenotype_mask[:, slot] & (target >= 0)
             n_rows = int(rows.sum())
@@ -287,8 +332,8 @@ class GeneTransformerModule(nn.Module):
                 continue
             name = phenotype_names[slot]
             weight = None if phenotype_weights is None else phenotype_weights[slot]
-            out.components[f"phenotype_{name}"] = F.cross_entropy(
-                logits[rows].float(), target[rows], weight=weight
+            out.components[f"phenotype_{name}"] = phenotype_loss(
+                logits[rows], target[rows], weight=weight, focal_gamma=focal_gamma
             )
             out.metrics[f"phenotype_{name}_accuracy"] = (
                 (logits[rows].argmax(-1) == target[rows]).float().mean()

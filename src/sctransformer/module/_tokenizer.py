@@ -59,8 +59,11 @@ class Tokenizer(nn.Module):
     """Tokenizer of cells into expressed-gene sentences.
 
     A cell becomes the list of its expressed genes that are in the vocabulary, sorted by decreasing
-    expression (ties broken by increasing vocabulary index) and truncated to ``max_length``. Its
-    state (bin edges) is held in buffers, so it is saved with the weights.
+    ``count / gene_scale`` (ties broken by increasing vocabulary index) and truncated to
+    ``max_length``. With ``gene_scale`` all ones this is the order of the counts; with each gene's
+    typical expression (Geneformer's rank-value encoding) the genes a cell expresses more than
+    usual come first, so truncation drops ubiquitous genes before cell-specific ones. Its state
+    (bin edges, gene scales) is held in buffers, so it is saved with the weights.
 
     Parameters
     ----------
@@ -80,6 +83,9 @@ class Tokenizer(nn.Module):
     bin_edges
         ``n_bins - 1`` increasing edges for ``binning="fixed"``; a value ``v`` goes to bin
         ``searchsorted(bin_edges, v, side="right")``.
+    gene_scale
+        ``(n_genes,)`` positive scale of each gene for the token order; default all ones.
+        Bins do not depend on it.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class Tokenizer(nn.Module):
         n_bins: int = 16,
         binning: Binning = "quantile",
         bin_edges: torch.Tensor | None = None,
+        gene_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.n_genes = n_genes
@@ -105,6 +112,10 @@ class Tokenizer(nn.Module):
         else:
             edges = torch.zeros(n_bins - 1)
         self.register_buffer("bin_edges", edges)
+        scale = torch.ones(n_genes) if gene_scale is None else gene_scale.float()
+        if scale.shape != (n_genes,) or not bool((scale > 0).all()):
+            raise ValueError(f"gene_scale must hold {n_genes} positive values")
+        self.register_buffer("gene_scale", scale)
 
     def forward(
         self,
@@ -148,10 +159,14 @@ class Tokenizer(nn.Module):
         block_values = torch.full((n_cells, width), -1.0, device=device)
         block_genes[row, slot] = gene
         block_values[row, slot] = val
-        # order each row by decreasing value, ties by increasing gene: two stable row-wise sorts
+        # order each row by decreasing count / gene scale, ties by increasing gene: two stable
+        # row-wise sorts (padding keeps key -1 and sorts last)
         block_genes, order = block_genes.sort(dim=1, stable=True)
-        block_values, order = block_values.gather(1, order).sort(dim=1, descending=True, stable=True)
-        block_genes = block_genes.gather(1, order)
+        block_values = block_values.gather(1, order)
+        scale = torch.cat([self.gene_scale, self.gene_scale.new_ones(1)])[block_genes]
+        key = torch.where(block_values >= 0, block_values / scale, block_values)
+        order = key.sort(dim=1, descending=True, stable=True).indices
+        block_genes, block_values = block_genes.gather(1, order), block_values.gather(1, order)
 
         sampled = valid = None
         if n_unexpressed > 0:  # before truncation: every expressed gene is excluded
@@ -163,7 +178,8 @@ class Tokenizer(nn.Module):
         gene_ids = block_genes[:, :length].masked_fill(~is_token, 0)
         values = torch.log1p(counts.clamp(min=0) / library.clamp(min=1)[:, None] * TARGET_SUM)
         values = values.masked_fill(~is_token, 0.0)
-        bin_ids = self._bin(block_values, counts, values, n_expressed).masked_fill(~is_token, -1)
+        descending = block_values.sort(dim=1, descending=True).values  # every expressed count
+        bin_ids = self._bin(descending, counts, values, n_expressed).masked_fill(~is_token, -1)
         is_unexpressed = torch.zeros_like(is_token)
         if sampled is not None:
             gene_ids = torch.cat([gene_ids, sampled], 1)

@@ -73,6 +73,8 @@ class MaskedModelingPlan(pl.LightningModule):
         Unexpressed genes sampled per cell as is-zero targets (``0`` for none).
     class_weights
         Optional per-class loss weights of each phenotype slot.
+    focal_gamma
+        Focal-loss exponent of the phenotype losses (``0``: cross-entropy).
     seed
         Seed of the validation masks and, per epoch, of the training masks.
     total_steps
@@ -93,6 +95,7 @@ class MaskedModelingPlan(pl.LightningModule):
         phenotype_mask_prob: float = 0.5,
         n_unexpressed: int = 0,
         class_weights: list[torch.Tensor | None] | None = None,
+        focal_gamma: float = 0.0,
         seed: int = 0,
         total_steps: int | None = None,
     ) -> None:
@@ -107,12 +110,18 @@ class MaskedModelingPlan(pl.LightningModule):
         self.phenotype_mask_prob = phenotype_mask_prob
         self.n_unexpressed = n_unexpressed
         self.class_weights = class_weights
+        self.focal_gamma = focal_gamma
         self.seed = seed
         self.total_steps = total_steps
 
     def _phenotypes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
-        columns = [batch[phenotype_registry_key(k)].view(n).long() for k in self.phenotype_keys]
+        unknown = torch.full((n,), -1, dtype=torch.long, device=self.device)
+        # a key the AnnData has no column for (a query without labels) is unknown in every cell
+        columns = [
+            batch[phenotype_registry_key(k)].view(n).long() if phenotype_registry_key(k) in batch else unknown
+            for k in self.phenotype_keys
+        ]
         if not columns:
             return torch.empty(n, 0, dtype=torch.long, device=self.device)
         return torch.stack(columns, 1)
@@ -140,7 +149,14 @@ class MaskedModelingPlan(pl.LightningModule):
         if self.class_weights is not None:
             weights = [None if w is None else w.to(hidden.device) for w in self.class_weights]
         out = self.module.loss(
-            hidden, tokens, value_mask, phenotypes, phenotype_mask, self.phenotype_keys, weights
+            hidden,
+            tokens,
+            value_mask,
+            phenotypes,
+            phenotype_mask,
+            self.phenotype_keys,
+            weights,
+            focal_gamma=self.focal_gamma,
         )
         n = phenotypes.shape[0]
         self.log(f"loss_{stage}", out.total, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)

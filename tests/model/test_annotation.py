@@ -1,0 +1,227 @@
+"""Annotation features of the model: class weights, focal loss, freezing, calibration, transfer."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import sctransformer as sct
+
+from ..conftest import QUIET, TINY
+
+
+def train_quietly(model, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(**{"max_epochs": 2, "batch_size": 32, **QUIET, **kwargs})
+
+
+def synthetic(seed: int, n_cells: int = 150):
+    return sct.datasets.synthetic(n_cells=n_cells, n_genes=60, n_cell_types=3, n_markers=8, seed=seed)
+
+
+def test_balanced_class_weights_match_a_naive_count(adata):
+    adata.obs["cell_type"] = pd.Categorical(
+        np.where(np.arange(adata.n_obs) < 90, "common", np.where(np.arange(adata.n_obs) < 110, "mid", "rare"))
+    )
+    adata.obs.loc[adata.obs_names[:5], "cell_type"] = np.nan
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    train_idx = np.arange(0, adata.n_obs, 2)
+    (weights,) = model._class_weights(train_idx)
+    labels = adata.obs["cell_type"].to_numpy()[train_idx]
+    labels = labels[pd.notna(labels)]
+    cats = model.phenotype_categories_["cell_type"]
+    expected = [len(labels) / (len(set(labels)) * (labels == c).sum()) for c in cats]
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-6)
+    train_quietly(model, class_weight="balanced", focal_gamma=2.0)
+    assert model.train_settings_["class_weight"] == "balanced"
+    assert np.isfinite(model.history["phenotype_cell_type_train"].to_numpy()).all()
+
+
+@pytest.mark.parametrize(
+    ("freeze", "fixed", "trained_part"),
+    [
+        (
+            "backbone",
+            ["gene_embedding", "bin_embedding", "blocks", "cls"],
+            ["phenotype_heads", "expression_head"],
+        ),
+        ("embeddings", ["gene_embedding", "bin_embedding"], ["blocks", "phenotype_heads"]),
+        ("none", [], ["gene_embedding", "blocks", "phenotype_heads"]),
+    ],
+)
+def test_freeze_modes_keep_exactly_their_parameters_fixed(adata, freeze, fixed, trained_part):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    train_quietly(model, freeze=freeze)
+    after = model.module.state_dict()
+    for prefix in fixed:
+        for k in before:
+            if k.split(".")[0] == prefix:
+                assert torch.equal(before[k], after[k]), k
+    for prefix in trained_part:
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.split(".")[0] == prefix), prefix
+    assert all(p.requires_grad for p in model.module.parameters())  # restored after training
+
+
+def test_calibration_fits_the_nll_minimising_temperature_and_keeps_labels(trained):
+    model, data = trained
+    table = model.calibrate(data, indices=np.arange(60))
+    row = table.loc["cell_type"]
+    assert row["n_cells"] == 60
+    assert row["nll_after"] <= row["nll_before"] + 1e-9
+    # naive reference: grid search of the temperature on the same cells
+    logits = model._phenotype_logits(data[:60], ["cell_type"], None)["cell_type"].astype(np.float64)
+    target = sct.data.category_codes(data.obs["cell_type"][:60], model.phenotype_categories_["cell_type"])
+
+    def nll(t):
+        z = logits / t
+        z = z - z.max(1, keepdims=True)
+        return float(-(z[np.arange(60), target] - np.log(np.exp(z).sum(1))).mean())
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 2001))
+    best = grid[np.argmin([nll(t) for t in grid])]
+    assert row["temperature"] == pytest.approx(best, rel=0.01)
+    assert row["nll_after"] == pytest.approx(nll(row["temperature"]), rel=1e-6)
+    calibrated = model.predict(data)
+    raw = model.predict(data, calibrated=False)
+    assert (calibrated["cell_type"] == raw["cell_type"]).all()
+    if abs(row["temperature"] - 1) > 0.05:
+        assert not np.allclose(calibrated["cell_type_confidence"], raw["cell_type_confidence"])
+
+
+def test_training_calibrates_on_the_validation_cells(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    train_quietly(model)
+    assert set(model.temperatures_) == {"cell_type"}
+    assert model.calibration_["cell_type"]["n_cells"] == len(model.validation_indices)
+    train_quietly(model, calibrate=False)
+    assert model.temperatures_ == {}  # a stale temperature is never kept
+
+
+def test_min_confidence_labels_uncertain_cells_unknown(trained):
+    model, data = trained
+    plain = model.predict(data)
+    threshold = float(np.median(plain["cell_type_confidence"]))
+    gated = model.predict(data, min_confidence=threshold)
+    low = plain["cell_type_confidence"].to_numpy() < threshold
+    assert (gated["cell_type"][low] == "unknown").all()
+    assert (gated["cell_type"][~low].astype(str) == plain["cell_type"][~low].astype(str)).all()
+    assert list(gated["cell_type"].cat.categories) == [*model.phenotype_categories_["cell_type"], "unknown"]
+
+
+def test_load_query_data_aligns_genes_extends_batches_and_keeps_the_reference(trained, tmp_path):
+    model, _ = trained
+    model.save(tmp_path / "ref")
+    query = synthetic(seed=7)
+    query = query[:, ::-1].copy()  # other gene order
+    query = query[:, 5:].copy()  # 55 of the 60 genes
+    query.obs["batch"] = query.obs["batch"].astype(str) + "_query"
+    query.obs = query.obs.drop(columns="cell_type")
+    from_dir = sct.GeneTransformer.load_query_data(query, tmp_path / "ref")
+    assert from_dir.gene_coverage_["n_shared"] == 55
+    assert from_dir.temperatures_ == model.temperatures_
+    from_model = sct.GeneTransformer.load_query_data(query.copy(), model)
+    for a, b in ((from_dir, model), (from_model, model)):
+        for k, v in b.module.state_dict().items():
+            torch.testing.assert_close(a.module.state_dict()[k], v.cpu(), rtol=0, atol=0)
+    np.testing.assert_allclose(
+        from_dir.get_latent_representation(query),
+        model.get_latent_representation(query),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # a query without labels can be adapted (expression only) with a frozen backbone
+    train_quietly(from_dir, freeze="backbone")
+    # scvi-tools appends the new epochs to the reference's history; the query had no labels to score
+    history = from_dir.history
+    assert len(history["loss_train"]) == len(model.history["loss_train"]) + 2
+    assert len(history["phenotype_cell_type_train"]) == len(model.history["phenotype_cell_type_train"])
+
+
+def test_load_query_data_extends_batch_categories(adata, tmp_path):
+    sct.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = sct.GeneTransformer(adata, **TINY)
+    model.save(tmp_path / "ref")
+    query = synthetic(seed=3, n_cells=40)
+    query.obs["batch"] = np.where(np.arange(40) < 20, "batch_1", "new_batch")
+    q = sct.GeneTransformer.load_query_data(query, tmp_path / "ref")
+    assert q.batch_categories_ == [*model.batch_categories_, "new_batch"]
+    codes = query.obs["_scvi_batch"].to_numpy()
+    assert (codes[:20] == model.batch_categories_.index("batch_1")).all()
+    assert (codes[20:] == len(model.batch_categories_)).all()
+
+
+def test_pretrained_model_gets_new_phenotype_slots_and_fine_tunes(adata, tmp_path):
+    sct.setup_anndata(adata, layer="counts")
+    pretrained = sct.GeneTransformer(adata, **TINY)
+    train_quietly(pretrained)
+    labelled = synthetic(seed=5)
+    sct.setup_anndata(labelled, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer.load_query_data(labelled, pretrained)
+    assert model.phenotype_categories_ == {"cell_type": ["type_0", "type_1", "type_2"]}
+    assert model.module.n_phenotypes == 1
+    for k, v in pretrained.module.state_dict().items():
+        torch.testing.assert_close(model.module.state_dict()[k], v)
+    train_quietly(model, freeze="embeddings", max_epochs=30, lr=3e-3)
+    torch.testing.assert_close(model.module.gene_embedding.weight, pretrained.module.gene_embedding.weight)
+    predicted = model.predict()["cell_type"].astype(str).to_numpy()
+    assert (predicted == labelled.obs["cell_type"].astype(str).to_numpy()).mean() > 0.8
+    model.save(tmp_path / "fine")
+    again = sct.GeneTransformer.load(tmp_path / "fine")
+    assert again.temperatures_ == model.temperatures_
+    pd.testing.assert_frame_equal(again.predict(labelled), model.predict(labelled))
+
+
+def test_unseen_query_categories_warn_and_count_as_unknown(trained):
+    model, _ = trained
+    query = synthetic(seed=8, n_cells=40)
+    query.obs["cell_type"] = query.obs["cell_type"].cat.rename_categories(["type_0", "type_1", "novel"])
+    with pytest.warns(UserWarning, match=r"categories the reference does not know: \['novel'\]"):
+        q = sct.GeneTransformer.load_query_data(query, model)
+    novel = (query.obs["cell_type"] == "novel").to_numpy()
+    assert (query.obs["_scvi_phenotype_cell_type"].to_numpy()[novel] == -1).all()
+    assert set(q.predict(query)["cell_type"].cat.categories) == {"type_0", "type_1", "type_2"}
+
+
+def test_load_query_data_refuses_too_few_genes_and_bad_references(trained, tmp_path):
+    model, _ = trained
+    query = synthetic(seed=9, n_cells=30)
+    query.var_names = [f"g{i}" if i < 40 else name for i, name in enumerate(query.var_names)]
+    with pytest.raises(ValueError, match=r"shares 20 genes .*min_gene_overlap=0.5"):
+        sct.GeneTransformer.load_query_data(query, model)
+    assert (
+        sct.GeneTransformer.load_query_data(query, model, min_gene_overlap=0.3).gene_coverage_["n_shared"]
+        == 20
+    )
+    with pytest.raises(ValueError, match="min_gene_overlap"):
+        sct.GeneTransformer.load_query_data(query, model, min_gene_overlap=1.5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a saved sctransformer model"):
+        sct.GeneTransformer.load_query_data(query, tmp_path / "empty")
+    model.save(tmp_path / "m")
+    state = json.loads((tmp_path / "m" / "model.json").read_text())
+    state["format_version"] = 99
+    state["sctransformer_version"] = "9.0"
+    (tmp_path / "m" / "model.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"format 99 by sctransformer 9\.0"):
+        sct.GeneTransformer.load_query_data(query, tmp_path / "m")
+    with pytest.raises(TypeError, match="model directory or a GeneTransformer"):
+        sct.GeneTransformer.load_query_data(query, 3)
+
+
+def test_token_plus_mean_phenotype_input_trains_and_round_trips(adata, tmp_path):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY, phenotype_input="token+mean")
+    train_quietly(model)
+    model.save(tmp_path / "m")
+    again = sct.GeneTransformer.load(tmp_path / "m")
+    pd.testing.assert_frame_equal(again.predict(adata), model.predict(adata))
