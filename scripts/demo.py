@@ -23,7 +23,6 @@ import numpy as np
 import scanpy as sc
 import torch
 from sklearn.decomposition import PCA
-from sklearn.metrics import accuracy_score, f1_score
 
 import sctransformer as sct
 
@@ -73,22 +72,29 @@ def main() -> None:
     pca50 = PCA(n_components=50, random_state=0).fit_transform(
         sct.metrics.log1p_normalise(adata.layers["counts"]).toarray()
     )
-    truth = adata.obs["cell_type"].to_numpy()[test_idx]
-    predicted = adata.obs["sct_cell_type"].to_numpy()[test_idx]
+    truth = all_labels[test_idx]
+    predicted = adata.obs["sct_cell_type"].astype(str).to_numpy()[test_idx]
     log1p_counts = sct.metrics.log1p_normalise(adata.layers["counts"])
     baseline = sct.metrics.logistic_regression_baseline(log1p_counts, all_labels, train_idx, test_idx)
-    labels = sorted(adata.obs["cell_type"].unique())
+    ours = sct.metrics.classification_scores(truth, predicted, n_bootstrap=1000, seed=0)
+    theirs = sct.metrics.classification_scores(truth, baseline, n_bootstrap=1000, seed=0)
+    test = adata[test_idx]
+    ece = {}
+    for calibrated in (False, True):
+        table = model.predict(test, calibrated=calibrated)
+        correct = table["cell_type"].astype(str).to_numpy() == truth
+        ece[calibrated] = sct.metrics.expected_calibration_error(table["cell_type_confidence"], correct)
     summary = {
         "n_test_cells": len(test_idx),
         "train_minutes": round(train_minutes, 2),
-        "sctransformer_macro_f1": round(
-            float(f1_score(truth, predicted, labels=labels, average="macro", zero_division=0)), 3
-        ),
-        "sctransformer_accuracy": round(float(accuracy_score(truth, predicted)), 3),
-        "logreg_macro_f1": round(
-            float(f1_score(truth, baseline, labels=labels, average="macro", zero_division=0)), 3
-        ),
-        "logreg_accuracy": round(float(accuracy_score(truth, baseline)), 3),
+        "sctransformer_macro_f1": round(float(ours.summary.loc["macro_f1", "value"]), 3),
+        "sctransformer_macro_f1_ci95": ours.format("macro_f1"),
+        "sctransformer_accuracy": round(float(ours.summary.loc["accuracy", "value"]), 3),
+        "logreg_macro_f1": round(float(theirs.summary.loc["macro_f1", "value"]), 3),
+        "logreg_macro_f1_ci95": theirs.format("macro_f1"),
+        "logreg_accuracy": round(float(theirs.summary.loc["accuracy", "value"]), 3),
+        "test_ece_raw": round(ece[False], 3),
+        "test_ece_calibrated": round(ece[True], 3),
         # how much cell-type information the embeddings carry: kNN fitted on the training cells
         "knn_accuracy_X_sct": round(
             sct.metrics.knn_probe_accuracy(adata.obsm["X_sct"], all_labels, train_idx, test_idx), 3
@@ -110,6 +116,12 @@ def main() -> None:
     sct.pl.training_history(model, show=False, return_fig=True).savefig(
         out / "training_history.png", dpi=110, bbox_inches="tight"
     )
+    sct.pl.confusion_matrix(test, "cell_type", "sct_cell_type", show=False, return_fig=True).savefig(
+        out / "confusion_matrix.png", dpi=110, bbox_inches="tight"
+    )
+    sct.pl.calibration(test, "cell_type", "sct_cell_type", show=False, return_fig=True).savefig(
+        out / "calibration.png", dpi=110, bbox_inches="tight"
+    )
 
     model.save(out / "pbmc_model", overwrite=True)
     reloaded = sct.GeneTransformer.load(out / "pbmc_model", adata=adata)
@@ -120,12 +132,16 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     print(f"\nheld-out cell-type annotation (pbmc68k, {len(test_idx)} test cells never seen in training)")
-    print(f"  {'method':<44}{'macro-F1':>9}{'accuracy':>10}")
+    print(f"  {'method':<46}{'macro-F1 [95% bootstrap CI]':>28}{'accuracy':>10}")
     print(
-        f"  {'sctransformer (masked cell-type token)':<44}{summary['sctransformer_macro_f1']:>9.3f}{summary['sctransformer_accuracy']:>10.3f}"
+        f"  {'sctransformer (masked cell-type token)':<46}{summary['sctransformer_macro_f1_ci95']:>28}{summary['sctransformer_accuracy']:>10.3f}"
     )
     print(
-        f"  {'logistic regression, log1p counts, all genes':<44}{summary['logreg_macro_f1']:>9.3f}{summary['logreg_accuracy']:>10.3f}"
+        f"  {'logistic regression, log1p counts, all genes':<46}{summary['logreg_macro_f1_ci95']:>28}{summary['logreg_accuracy']:>10.3f}"
+    )
+    print(
+        f"expected calibration error of the test predictions: {summary['test_ece_raw']:.3f} raw, "
+        f"{summary['test_ece_calibrated']:.3f} with the temperature fitted on the validation cells"
     )
     print(
         f"masked-expression accuracy (validation cells) {summary['masked_expression_accuracy']:.3f}; "
@@ -143,7 +159,8 @@ def main() -> None:
         f"wrote {out}/pbmc68k_sct.h5ad (obsm['X_sct'], obs['sct_cell_type'], obs['sct_cell_type_confidence']),"
     )
     print(
-        f"      {out}/embedding_umap.png, {out}/training_history.png, {out}/pbmc_model/, {out}/summary.json"
+        f"      {out}/embedding_umap.png, {out}/training_history.png, {out}/confusion_matrix.png,\n"
+        f"      {out}/calibration.png, {out}/pbmc_model/, {out}/summary.json"
     )
 
 
