@@ -120,6 +120,14 @@ def _gene_scale(
     return torch.as_tensor(scale, dtype=torch.float32)
 
 
+def _batch_categories(manager: AnnDataManager) -> list[str] | None:
+    """The batch categories an AnnData was registered with; ``None`` without a ``batch_key``."""
+    if manager.registry["setup_args"][SETUP_ARGS.BATCH_KEY] is None:
+        return None
+    mapping = manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY)[BatchObsField.CATEGORICAL_MAPPING_KEY]
+    return [str(c) for c in mapping]
+
+
 def _fixed_bin_edges(adata: AnnData, layer: str | None, n_bins: int, seed: int) -> torch.Tensor:
     """Quantiles of the non-zero log1p-normalised values of (up to 10,000) cells as bin edges."""
     matrix = get_matrix(adata, layer)
@@ -261,14 +269,7 @@ class GeneTransformer(BaseModelClass):
         bin_edges = None
         if binning == "fixed":
             bin_edges = _fixed_bin_edges(adata, setup_args[SETUP_ARGS.LAYER], n_bins, seed)
-        batch_categories = None
-        if setup_args[SETUP_ARGS.BATCH_KEY] is not None:
-            batch_categories = [
-                str(c)
-                for c in self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY)[
-                    BatchObsField.CATEGORICAL_MAPPING_KEY
-                ]
-            ]
+        batch_categories = _batch_categories(self.adata_manager)
         self._build(
             hyperparameters | {"seed": seed},
             vocabulary,
@@ -1290,15 +1291,7 @@ class GeneTransformer(BaseModelClass):
             phenotype_categories=categories,
             batch_categories=state.get("batch_categories"),
         )
-        batch_categories = state.get("batch_categories")
-        if batch_key is not None and batch_key in adata.obs:
-            manager = cls._registered_manager(adata)
-            batch_categories = [
-                str(c)
-                for c in manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY)[
-                    BatchObsField.CATEGORICAL_MAPPING_KEY
-                ]
-            ]
+        batch_categories = _batch_categories(cls._registered_manager(adata)) or state.get("batch_categories")
         model = cls._from_state(
             state,
             weights,

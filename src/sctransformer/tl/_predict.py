@@ -49,7 +49,7 @@ def majority_vote(labels: pd.Series | np.ndarray, clusters: pd.Series | np.ndarr
     clusters
         Cluster of each cell.
     """
-    labels = pd.Series(pd.Categorical(np.asarray(labels) if not isinstance(labels, pd.Series) else labels))
+    labels = pd.Series(pd.Categorical(labels))
     clusters = pd.Series(np.asarray(clusters))
     if len(labels) != len(clusters):
         raise ValueError(f"labels ({len(labels)}) and clusters ({len(clusters)}) differ in length")
