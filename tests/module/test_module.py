@@ -158,3 +158,38 @@ def test_focal_loss_matches_a_naive_reference():
         phenotype_loss(logits, target, weight=weight),
         torch.nn.functional.cross_entropy(logits, target, weight=weight),
     )
+
+
+def test_profile_token_is_the_projection_of_the_whole_profile_less_hidden_values():
+    module = make_module(cell_profile=True, max_length=4)  # truncation: most genes not tokens
+    x = counts(seed=3)
+    tokens = module.tokenize(x, torch.arange(20))
+    value_mask = torch.zeros_like(tokens.is_token)
+    value_mask[:, 1] = True  # hide each cell's second token
+    dense = x.to_dense().numpy().astype(np.float64)
+    weight = module.profile_embedding.weight.detach().numpy().astype(np.float64)
+    with torch.no_grad():
+        got = module.profile(tokens, value_mask).numpy()
+    for i in range(dense.shape[0]):
+        normalised = np.log1p(dense[i] / dense[i].sum() * 1e4)
+        hidden_gene = int(tokens.gene_ids[i, 1]) if bool(tokens.is_token[i, 1]) else None
+        total = np.zeros(weight.shape[1])
+        for g in range(20):
+            if dense[i, g] > 0 and g != hidden_gene:
+                total += normalised[g] * weight[g]
+        expected = (total - total.mean()) / np.sqrt(total.var() + 1e-5)  # layer norm at init
+        np.testing.assert_allclose(got[i], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_profile_token_is_a_prefix_token_read_by_phenotype_heads():
+    module = make_module(cell_profile=True)
+    assert module.n_prefix == 1 + 2 + 1
+    tokens = module.tokenize(counts(), torch.arange(20))
+    targets = torch.tensor([[0, 1], [1, 0], [2, 0], [0, 1], [1, 0], [1, 1]])
+    hidden = module.encode(tokens, torch.full_like(targets, -1))
+    assert hidden.shape[1] == module.n_prefix + tokens.gene_ids.shape[1]
+    mask = torch.ones_like(targets, dtype=torch.bool)
+    out = module.loss(hidden, tokens, torch.zeros_like(tokens.is_token), targets, mask, ["a", "b"])
+    out.total.backward()
+    grad = module.profile_embedding.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0

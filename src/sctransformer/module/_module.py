@@ -92,6 +92,11 @@ class GeneTransformerModule(nn.Module):
     cell_expression_loss
         Also predict masked values from the ``[CLS]`` output and the gene embedding, which makes
         the ``[CLS]`` embedding summarise the cell.
+    cell_profile
+        Add a ``[PROFILE]`` token after the phenotype slots: a learnt linear projection (then layer
+        norm) of the cell's log1p-normalised expression of every vocabulary gene, including those
+        truncated away by ``max_length``, less the values hidden for masked modelling. Phenotype
+        heads also read its output.
     """
 
     def __init__(
@@ -114,6 +119,7 @@ class GeneTransformerModule(nn.Module):
         cell_expression_loss: bool,
         phenotype_input: PhenotypeInput = "token",
         gene_scale: torch.Tensor | None = None,
+        cell_profile: bool = False,
     ) -> None:
         super().__init__()
         self.tokenizer = Tokenizer(
@@ -132,6 +138,7 @@ class GeneTransformerModule(nn.Module):
         self.predict_zeros = predict_zeros
         self.cell_expression_loss = cell_expression_loss
         self.phenotype_input = phenotype_input
+        self.cell_profile = cell_profile
 
         self.gene_embedding = nn.Embedding(n_genes, d_model)
         if value_encoding == "binned":
@@ -144,6 +151,10 @@ class GeneTransformerModule(nn.Module):
         self.phenotype_embeddings = nn.ModuleList(nn.Embedding(n + 1, d_model) for n in phenotype_sizes)
         self.blocks = nn.ModuleList(EncoderBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
+        if cell_profile:
+            self.profile_embedding = nn.EmbeddingBag(n_genes, d_model, mode="sum")
+            nn.init.normal_(self.profile_embedding.weight, std=0.02)
+            self.profile_norm = nn.LayerNorm(d_model)
 
         n_out = n_bins if value_encoding == "binned" else 1
         self.expression_head = _mlp(d_model, n_out)
@@ -152,7 +163,7 @@ class GeneTransformerModule(nn.Module):
             self.cell_expression_head = nn.Linear(d_model, n_out)
         if predict_zeros:
             self.is_zero_head = nn.Linear(d_model, 1)
-        d_head = 2 * d_model if phenotype_input == "token+mean" else d_model
+        d_head = (2 if phenotype_input == "token+mean" else 1) * d_model + cell_profile * d_model
         self.phenotype_heads = nn.ModuleList(
             nn.Sequential(nn.Linear(d_head, d_model), nn.GELU(), nn.LayerNorm(d_model), nn.Linear(d_model, n))
             for n in phenotype_sizes
@@ -166,8 +177,24 @@ class GeneTransformerModule(nn.Module):
 
     @property
     def n_prefix(self) -> int:
-        """Number of tokens before the gene tokens (``[CLS]`` and the phenotype slots)."""
-        return 1 + self.n_phenotypes
+        """Number of tokens before the gene tokens (``[CLS]``, the phenotype slots, ``[PROFILE]``)."""
+        return 1 + self.n_phenotypes + int(self.cell_profile)
+
+    def profile(self, tokens: TokenizedCells, hidden_values: torch.Tensor) -> torch.Tensor:
+        """``[PROFILE]`` input ``(n, d)``: projection of the whole profile, less the hidden values."""
+        if tokens.all_genes is None or tokens.all_values is None:
+            raise ValueError("the tokens carry no whole profile; tokenize with this module's tokenizer")
+        offsets = torch.cumsum(tokens.n_expressed, 0) - tokens.n_expressed
+        total = self.profile_embedding(
+            tokens.all_genes, offsets, per_sample_weights=tokens.all_values.to(self.profile_embedding.weight)
+        )
+        hidden = (hidden_values & tokens.is_token & ~tokens.is_unexpressed).to(total.dtype)
+        removed = torch.einsum(
+            "nl,nld->nd",
+            tokens.values.to(total.dtype) * hidden,
+            F.embedding(tokens.gene_ids, self.profile_embedding.weight),
+        )
+        return self.profile_norm(total - removed)
 
     def tokenize(
         self,
@@ -208,6 +235,8 @@ class GeneTransformerModule(nn.Module):
             codes = phenotype_inputs[:, slot]
             codes = torch.where(codes < 0, table.num_embeddings - 1, codes)
             prefix.append(table(codes).unsqueeze(1))
+        if self.cell_profile:
+            prefix.append(self.profile(tokens, hidden_values).unsqueeze(1).to(gene_tokens.dtype))
         x = torch.cat([*prefix, gene_tokens], 1)
         key_mask = torch.cat([tokens.is_token.new_ones(n, self.n_prefix), tokens.is_token], 1)
         return x, key_mask
@@ -239,14 +268,18 @@ class GeneTransformerModule(nn.Module):
         """Logits ``(n, n_categories)`` of each phenotype head.
 
         A head reads its slot's output; with ``phenotype_input="token+mean"`` also the mean of the
-        expressed-gene outputs (a direct path from every gene to the prediction).
+        expressed-gene outputs (a direct path from every gene to the prediction); with
+        ``cell_profile`` also the ``[PROFILE]`` output.
         """
-        mean = self.pool(hidden, tokens, "mean") if self.phenotype_input == "token+mean" else None
-        logits = []
-        for slot, head in enumerate(self.phenotype_heads):
-            x = hidden[:, 1 + slot]
-            logits.append(head(x if mean is None else torch.cat([x, mean], -1)))
-        return logits
+        shared = []
+        if self.phenotype_input == "token+mean":
+            shared.append(self.pool(hidden, tokens, "mean"))
+        if self.cell_profile:
+            shared.append(hidden[:, self.n_prefix - 1])
+        return [
+            head(torch.cat([hidden[:, 1 + slot], *shared], -1))
+            for slot, head in enumerate(self.phenotype_heads)
+        ]
 
     def _value_loss(
         self, prediction: torch.Tensor, tokens: TokenizedCells, scored: torch.Tensor

@@ -35,6 +35,10 @@ class TokenizedCells:
         is-zero head only); all ``False`` unless sampling was asked for.
     n_expressed
         ``(n_cells,)`` number of expressed genes in the vocabulary, before truncation.
+    all_genes, all_values
+        Every expressed vocabulary gene of every cell (before truncation), cell after cell
+        (``n_expressed`` entries each), and its log1p-normalised value: the whole profile, for
+        the cell-profile token.
     """
 
     gene_ids: torch.Tensor
@@ -43,6 +47,8 @@ class TokenizedCells:
     is_token: torch.Tensor
     is_unexpressed: torch.Tensor
     n_expressed: torch.Tensor
+    all_genes: torch.Tensor | None = None
+    all_values: torch.Tensor | None = None
 
 
 def _as_csr(x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +193,10 @@ class Tokenizer(nn.Module):
             bin_ids = torch.cat([bin_ids, bin_ids.new_full((n_cells, n_unexpressed), -1)], 1)
             is_token = torch.cat([is_token, valid], 1)
             is_unexpressed = torch.cat([is_unexpressed, valid], 1)
-        return TokenizedCells(gene_ids, values, bin_ids, is_token, is_unexpressed, n_expressed)
+        all_values = torch.log1p(val / library.clamp(min=1)[row] * TARGET_SUM)
+        return TokenizedCells(
+            gene_ids, values, bin_ids, is_token, is_unexpressed, n_expressed, gene, all_values
+        )
 
     def _bin(
         self,
