@@ -187,6 +187,7 @@ def test_model_on_an_adata_that_is_not_set_up(adata):
         ({"class_weight": "auto"}, "class_weight"),
         ({"focal_gamma": -1.0}, "focal_gamma"),
         ({"freeze": "decoder"}, "freeze"),
+        ({"deterministic": "yes"}, "deterministic"),
     ],
 )
 def test_training_options_out_of_range_are_refused(adata, kwargs, message):

@@ -46,15 +46,17 @@ def test_training_reduces_the_loss_and_learns_cell_types(adata):
     assert (predicted == adata.obs["cell_type"].astype(str).to_numpy()).mean() > 0.9
 
 
-def test_same_seed_gives_same_weights(adata):
+def test_same_seed_gives_same_weights_with_workers_and_deterministic_kernels(adata):
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     states = []
-    for _ in range(2):
+    variants = [{}, {}, {"datasplitter_kwargs": {"num_workers": 2}}, {"deterministic": True}]
+    for variant in variants:
         model = sct.GeneTransformer(adata, **TINY, seed=3)
-        train_quietly(model, seed=5)
+        train_quietly(model, seed=5, **variant)
         states.append(model.module.state_dict())
-    for key in states[0]:
-        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)
+    for state, variant in zip(states[1:], variants[1:], strict=True):
+        for key in states[0]:
+            torch.testing.assert_close(state[key], states[0][key], rtol=0, atol=0, msg=f"{key} {variant}")
     other = sct.GeneTransformer(adata, **TINY, seed=4)
     assert not torch.equal(other.module.gene_embedding.weight, states[0]["gene_embedding.weight"])
 

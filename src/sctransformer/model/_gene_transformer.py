@@ -507,6 +507,7 @@ class GeneTransformer(BaseModelClass):
         precision: str | None = None,
         early_stopping: bool = False,
         seed: int | None = None,
+        deterministic: bool | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
         datasplitter_kwargs: dict[str, Any] | None = None,
@@ -564,8 +565,19 @@ class GeneTransformer(BaseModelClass):
             the weights of an uninterrupted run. ``history`` then holds the resumed epochs only.
             Checkpoints are Lightning's format, which Lightning reads by unpickling: resume only
             from checkpoints you wrote (saved models, by contrast, are safetensors + JSON).
+        deterministic
+            ``True`` makes torch use only deterministic kernels and raise on an operation that has
+            none (Lightning's ``deterministic=True``; on CUDA it also sets
+            ``CUBLAS_WORKSPACE_CONFIG``), at some cost in speed; ``False`` allows any kernel.
+            Default: deterministic kernels with a warning for those without on CPU, any kernel on a
+            GPU. On CPU the same seed gives bitwise-identical weights either way (also with
+            DataLoader workers, ``datasplitter_kwargs={"num_workers": n}``). On a GPU, atomic-add
+            kernels make weights differ in the last bits between runs unless
+            ``deterministic=True``; results still differ between GPU models, between precisions
+            (bf16 mixed by default) and from CPU results. The GPU path is not yet tested on
+            hardware.
         datasplitter_kwargs
-            More options of :class:`scvi.dataloaders.DataSplitter`.
+            More options of :class:`scvi.dataloaders.DataSplitter`, e.g. ``num_workers``.
         **trainer_kwargs
             More options of :class:`scvi.train.Trainer` (a Lightning ``Trainer``).
         """
@@ -615,7 +627,11 @@ class GeneTransformer(BaseModelClass):
         trainer_kwargs.setdefault("gradient_clip_val", 1.0)
         trainer_kwargs.setdefault("early_stopping_monitor", "loss_validation")
         trainer_kwargs.setdefault("log_every_n_steps", 1)
-        trainer_kwargs.setdefault("deterministic", "warn" if not accelerator_is_gpu else False)
+        if deterministic not in (None, True, False):
+            raise ValueError(f"deterministic must be None, True or False, got {deterministic!r}")
+        if deterministic is None:
+            deterministic = "warn" if not accelerator_is_gpu else False
+        trainer_kwargs["deterministic"] = deterministic
         trainer_kwargs.setdefault("benchmark", accelerator_is_gpu)
 
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
