@@ -21,6 +21,12 @@ class _Keys(NamedTuple):
     MAJORITY_SUFFIX: str = "majority_voting"
     #: ``.obs`` column of the clusters used by the majority vote of :func:`sctransformer.tl.predict`.
     OVER_CLUSTERING: str = "sct_over_clustering"
+    #: ``.varp`` key of the gene graph written by :func:`sctransformer.tl.gene_graph`.
+    GENE_GRAPH: str = "sct_gene_graph"
+    #: ``.varm`` key of the gene embedding written by :func:`sctransformer.tl.gene_embedding`.
+    GENE_EMBEDDING: str = "sct_gene_embedding"
+    #: ``.var`` column of the modules written by :func:`sctransformer.tl.gene_modules`.
+    GENE_MODULE: str = "sct_gene_module"
 
 
 KEYS = _Keys()

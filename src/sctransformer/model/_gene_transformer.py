@@ -791,6 +791,56 @@ class GeneTransformer(BaseModelClass):
         self, adata: AnnData, batch_size: int | None
     ) -> Iterator[tuple[np.ndarray, TokenizedCells, torch.Tensor]]:
         """Yield ``(cell indices, tokens, hidden states)`` with every phenotype token masked."""
+        for idx, tokens, hidden, _ in self._passes(adata, batch_size, []):
+            yield idx, tokens, hidden
+
+    def _attention_layers(self, layers: Literal["last", "all"] | int | list[int]) -> list[int]:
+        """Block indices named by ``layers`` (negative integers count from the last block)."""
+        n_layers = len(self.module.blocks)
+        if layers == "last":
+            return [n_layers - 1]
+        if layers == "all":
+            return list(range(n_layers))
+        chosen = [layers] if isinstance(layers, int | np.integer) else layers
+        if (
+            isinstance(layers, str | bool)
+            or not isinstance(chosen, list | tuple)
+            or not chosen
+            or any(isinstance(x, bool) or not isinstance(x, int | np.integer) for x in chosen)
+            or any(not -n_layers <= x < n_layers for x in chosen)
+        ):
+            raise ValueError(
+                f"layers must be 'last', 'all', or block indices in [{-n_layers}, {n_layers}), got {layers!r}"
+            )
+        return sorted({int(x) % n_layers for x in chosen})
+
+    def _gene_attention(
+        self,
+        adata: AnnData,
+        *,
+        layers: Literal["last", "all"] | int | list[int] = "last",
+        heads: Literal["mean", "max"] = "mean",
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[np.ndarray, TokenizedCells, torch.Tensor]]:
+        """Yield ``(cell indices, tokens, attention)`` with ``attention`` ``(n, length, length)`` float32.
+
+        ``attention[c, i, j]`` is gene token ``i``'s attention probability to gene token ``j`` in
+        cell ``c`` (the softmax runs over all tokens, prefix tokens included), combined over heads
+        by ``heads`` and averaged over ``layers``. Phenotype tokens are masked.
+        """
+        if heads not in ("mean", "max"):
+            raise ValueError(f"heads must be 'mean' or 'max', got {heads!r}")
+        chosen = self._attention_layers(layers)
+        n_prefix = self.module.n_prefix
+        for idx, tokens, _, maps in self._passes(adata, batch_size, chosen):
+            combined = [m.amax(1) if heads == "max" else m.mean(1) for m in maps]
+            attention = torch.stack(combined).float().mean(0)[:, n_prefix:, n_prefix:]
+            yield idx, tokens, attention
+
+    def _passes(
+        self, adata: AnnData, batch_size: int | None, attention_layers: list[int]
+    ) -> Iterator[tuple[np.ndarray, TokenizedCells, torch.Tensor, list[torch.Tensor]]]:
+        """Yield ``(cell indices, tokens, hidden states, attention maps of attention_layers)``."""
         batch_size = settings.batch_size if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -813,7 +863,11 @@ class GeneTransformer(BaseModelClass):
                     masked = torch.full(
                         (len(idx), self.module.n_phenotypes), -1, dtype=torch.long, device=device
                     )
-                    yield idx, tokens, self.module.encode(tokens, masked)
+                    if attention_layers:
+                        hidden, maps = self.module.encode_with_attention(tokens, masked, attention_layers)
+                    else:
+                        hidden, maps = self.module.encode(tokens, masked), []
+                    yield idx, tokens, hidden, maps
         finally:
             self.module.train(was_training)
 

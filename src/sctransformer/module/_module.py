@@ -253,6 +253,25 @@ class GeneTransformerModule(nn.Module):
             x = block(x, key_mask)
         return self.norm(x)
 
+    def encode_with_attention(
+        self, tokens: TokenizedCells, phenotype_inputs: torch.Tensor, layers: list[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`encode`, also returning the attention probabilities of ``layers``.
+
+        Each map is ``(n, heads, n_prefix + length, n_prefix + length)``: row ``i`` is the softmax
+        over every token (prefix tokens included) of token ``i``'s attention, computed explicitly
+        (the forward pass itself stays on fused kernels).
+        """
+        if any(not 0 <= layer < len(self.blocks) for layer in layers):
+            raise ValueError(f"layers must lie in [0, {len(self.blocks)}), got {layers}")
+        x, key_mask = self.embed_tokens(tokens, phenotype_inputs)
+        maps = {}
+        for i, block in enumerate(self.blocks):
+            if i in layers:
+                maps[i] = block.attention.attention_probabilities(block.norm_attention(x), key_mask)
+            x = block(x, key_mask)
+        return self.norm(x), [maps[layer] for layer in layers]
+
     def pool(self, hidden: torch.Tensor, tokens: TokenizedCells, pooling: Pooling) -> torch.Tensor:
         """Cell embedding ``(n, d)``: the ``[CLS]`` output or the mean over expressed-gene tokens."""
         if pooling == "cls":

@@ -2,6 +2,15 @@
 
 from ._classification import calibration, confusion_matrix
 from ._embedding import embedding
+from ._gene_graph import attention, gene_graph, gene_modules
 from ._training_history import training_history
 
-__all__ = ["calibration", "confusion_matrix", "embedding", "training_history"]
+__all__ = [
+    "attention",
+    "calibration",
+    "confusion_matrix",
+    "embedding",
+    "gene_graph",
+    "gene_modules",
+    "training_history",
+]

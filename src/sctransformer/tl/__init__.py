@@ -1,6 +1,7 @@
 """Tools that take ``(adata, model)`` and write results into the AnnData under ``key_added``."""
 
 from ._embed import embed
+from ._gene_graph import AttentionAccumulator, gene_embedding, gene_graph, gene_modules
 from ._predict import predict
 
-__all__ = ["embed", "predict"]
+__all__ = ["AttentionAccumulator", "embed", "gene_embedding", "gene_graph", "gene_modules", "predict"]

@@ -14,5 +14,7 @@ def record_run(adata: AnnData, key_added: str, function: str, model: Any, params
     runs = dict(adata.uns.get(KEYS.UNS, {}))
     # None cannot be written to .h5ad; an absent parameter means None
     params = {k: v for k, v in params.items() if v is not None}
-    runs[key_added] = {"function": function, "model": repr(model), "params": params}
+    runs[key_added] = {"function": function, "params": params}
+    if model is not None:
+        runs[key_added]["model"] = repr(model)
     adata.uns[KEYS.UNS] = runs

@@ -1,0 +1,223 @@
+"""Plots of gene graphs, one cell's attention and gene modules."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import matplotlib.pyplot as plt
+import networkx as nx
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+from anndata import AnnData
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from sctransformer._keys import KEYS
+from sctransformer.data._validation import get_matrix
+
+from ._utils import finish
+
+if TYPE_CHECKING:
+    from sctransformer.model import GeneTransformer
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    if ax is None:
+        return plt.subplots(figsize=figsize)
+    return ax.figure, ax
+
+
+def gene_graph(
+    adata: AnnData,
+    genes: list[str] | str,
+    *,
+    key: str = KEYS.GENE_GRAPH,
+    n_neighbors: int = 10,
+    layout_seed: int = 0,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | Axes | None:
+    """Network of the given genes and their strongest neighbours in a gene graph.
+
+    Each named gene (large, dark nodes) is drawn with its ``n_neighbors`` highest-scoring edges
+    in ``.varp[key]`` (:func:`sctransformer.tl.gene_graph`); edge width grows with the score;
+    spring layout (networkx), seeded.
+
+    Parameters
+    ----------
+    adata
+        AnnData holding the graph.
+    genes
+        Gene names (``adata.var_names``) at the centre of the plot.
+    key
+        ``.varp`` key of the graph.
+    n_neighbors
+        Edges drawn per named gene.
+    layout_seed
+        Seed of the spring layout.
+    ax, show, return_fig
+        As in scanpy.
+    """
+    if key not in adata.varp:
+        raise KeyError(f"no gene graph in adata.varp[{key!r}]; run sct.tl.gene_graph(adata, model) first")
+    genes = [genes] if isinstance(genes, str) else list(genes)
+    if not genes:
+        raise ValueError("genes is empty; name at least one gene")
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        raise KeyError(f"genes not in adata.var_names: {missing}")
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}")
+    graph = sp.csr_matrix(adata.varp[key])
+    names = adata.var_names
+    network = nx.Graph()
+    for gene in genes:
+        i = names.get_loc(gene)
+        row = graph.getrow(i)
+        network.add_node(gene)
+        for j in row.indices[np.argsort(-row.data)[:n_neighbors]]:
+            network.add_edge(gene, names[j], weight=float(graph[i, j]))
+    isolated = [g for g in genes if network.degree(g) == 0]
+    fig, ax = _axes(ax, (6, 6))
+    position = nx.spring_layout(network, seed=layout_seed, weight="weight")
+    weights = np.array([d["weight"] for *_, d in network.edges(data=True)])
+    widths = 0.5 + 3 * weights / weights.max() if len(weights) else []
+    nx.draw_networkx_edges(network, position, width=widths, edge_color="0.6", ax=ax)
+    others = [n for n in network.nodes if n not in genes]
+    nx.draw_networkx_nodes(network, position, nodelist=others, node_size=120, node_color="#9ecae1", ax=ax)
+    nx.draw_networkx_nodes(network, position, nodelist=genes, node_size=300, node_color="#08519c", ax=ax)
+    nx.draw_networkx_labels(network, position, font_size=8, ax=ax)
+    title = f"{key}: {n_neighbors} strongest edges per gene"
+    if isolated:
+        title += f"\n(no edges: {', '.join(isolated)})"
+    ax.set_title(title, fontsize=10)
+    ax.set_axis_off()
+    return finish(fig, ax, show=show, return_fig=return_fig)
+
+
+def attention(
+    adata: AnnData,
+    model: GeneTransformer,
+    cell: int | str = 0,
+    *,
+    layers: Literal["last", "all"] | int | list[int] = "last",
+    heads: Literal["mean", "max"] = "mean",
+    n_genes: int = 30,
+    cmap: str = "viridis",
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Figure | Axes | None:
+    """Heatmap of one cell's attention among its first ``n_genes`` gene tokens.
+
+    Rows attend to columns: entry ``(i, j)`` is gene ``i``'s attention probability to gene ``j``
+    (heads combined by ``heads``, ``layers`` averaged, as in :func:`sctransformer.tl.gene_graph`).
+    Genes are in token order (the model's ranking of the cell's genes).
+
+    Parameters
+    ----------
+    adata
+        AnnData with counts in the model's layer.
+    model
+        Trained :class:`~sctransformer.GeneTransformer`.
+    cell
+        Position or ``obs_names`` entry of the cell.
+    layers, heads
+        Which attention, see :func:`sctransformer.tl.gene_graph`.
+    n_genes
+        Number of gene tokens shown.
+    cmap
+        Colour map.
+    ax, show, return_fig
+        As in scanpy.
+    """
+    if isinstance(cell, str):
+        if cell not in adata.obs_names:
+            raise KeyError(f"cell {cell!r} is not in adata.obs_names")
+        cell = adata.obs_names.get_loc(cell)
+    if isinstance(cell, bool) or not isinstance(cell, int | np.integer) or not 0 <= cell < adata.n_obs:
+        raise ValueError(f"cell must be a position in [0, {adata.n_obs}) or an obs name, got {cell!r}")
+    if isinstance(n_genes, bool) or not isinstance(n_genes, int) or n_genes < 2:
+        raise ValueError(f"n_genes must be an integer >= 2, got {n_genes!r}")
+    one = adata[[cell]]
+    (_, tokens, maps), *_ = list(model._gene_attention(one, layers=layers, heads=heads, batch_size=1))
+    n_tokens = int(tokens.is_token[0].sum())
+    if n_tokens < 2:
+        raise ValueError(f"cell {adata.obs_names[cell]!r} has {n_tokens} gene token(s); nothing to show")
+    shown = min(n_genes, n_tokens)
+    vocabulary = np.asarray(model.vocabulary_.genes)
+    names = vocabulary[tokens.gene_ids[0, :shown].cpu().numpy()]
+    matrix = maps[0, :shown, :shown].cpu().numpy()
+    fig, ax = _axes(ax, (0.22 * shown + 2, 0.22 * shown + 1.5))
+    image = ax.imshow(matrix, cmap=cmap)
+    ax.set_xticks(range(shown), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(shown), names, fontsize=7)
+    ax.set_xlabel("attended gene")
+    ax.set_ylabel("attending gene")
+    ax.set_title(f"attention in cell {adata.obs_names[cell]}", fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.6, label="attention probability")
+    return finish(fig, ax, show=show, return_fig=return_fig)
+
+
+def gene_modules(
+    adata: AnnData,
+    groupby: str,
+    *,
+    key: str = KEYS.GENE_MODULE,
+    standard_scale: Literal["var", "group"] | None = "var",
+    show: bool | None = None,
+    return_fig: bool = False,
+    **kwargs,
+):
+    """Dot plot of gene modules x groups: mean expression of each module's genes per group.
+
+    Uses :func:`scanpy.pl.dotplot` with the genes of each module of ``.var[key]``
+    (:func:`sctransformer.tl.gene_modules`) aggregated: a cell's module expression is the mean of
+    its module genes in ``adata.X`` (log-normalised expression expected). Dot size: share of cells
+    with positive module expression; colour: mean module expression, scaled per module by default.
+
+    Parameters
+    ----------
+    adata
+        AnnData with modules in ``.var[key]``.
+    groupby
+        ``.obs`` column of the groups (e.g. cell types).
+    key
+        ``.var`` column of the modules.
+    standard_scale
+        Scale per module (``"var"``) or per group, as in scanpy.
+    show, return_fig
+        As in scanpy.
+    **kwargs
+        More options of :func:`scanpy.pl.dotplot`.
+    """
+    if key not in adata.var:
+        raise KeyError(f"no modules in adata.var[{key!r}]; run sct.tl.gene_modules(adata) first")
+    if groupby not in adata.obs:
+        raise KeyError(f"groupby={groupby!r} is not a column of adata.obs")
+    modules = pd.Categorical(adata.var[key])
+    if len(modules.categories) == 0:
+        raise ValueError(f"adata.var[{key!r}] holds no module")
+    x = get_matrix(adata, None)
+    columns = []
+    for name in modules.categories:
+        members = np.flatnonzero(modules == name)
+        columns.append(np.asarray(x[:, members].mean(1)).ravel())
+    summary = AnnData(
+        X=np.column_stack(columns).astype(np.float32),
+        obs=adata.obs[[groupby]].copy(),
+        var=pd.DataFrame(index=[str(c) for c in modules.categories]),
+    )
+    return sc.pl.dotplot(
+        summary,
+        list(summary.var_names),
+        groupby,
+        standard_scale=standard_scale,
+        show=show,
+        return_fig=return_fig,
+        **kwargs,
+    )
+

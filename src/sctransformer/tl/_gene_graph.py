@@ -1,0 +1,506 @@
+"""Gene-gene graphs from attention (``.varp``), gene embeddings (``.varm``) and gene modules."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from sctransformer._keys import KEYS
+from sctransformer.model import GeneTransformer
+
+from ._utils import record_run
+
+Normalize = Literal["coexpression", "none"]
+
+#: Row block of the final scoring pass, in bytes of one dense float64 block (bounds its memory).
+_BLOCK_BYTES = 64 * 2**20
+
+
+class AttentionAccumulator:
+    """Running sum over cells of gene -> gene attention, and which genes each cell had as tokens.
+
+    Holds one dense float32 ``n_genes x n_genes`` sum (``4 n_genes^2`` bytes: 1.6 GB for 20,000
+    genes, independent of the number of cells) and a sparse cells x genes membership matrix
+    (one entry per kept token). Nothing of size ``n_genes^2`` is made per minibatch.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes of the graph.
+    normalize
+        ``"coexpression"``: each cell's attention is multiplied by its number of gene tokens
+        (``1`` = uniform attention), summed, and later divided by the number of cells in which
+        both genes are tokens: the mean attention enrichment where the pair can attend at all.
+        ``"none"``: raw attention probabilities, later divided by the number of cells (absent
+        pairs count as zero, which favours genes expressed in most cells).
+    """
+
+    def __init__(self, n_genes: int, normalize: Normalize = "coexpression") -> None:
+        if normalize not in ("coexpression", "none"):
+            raise ValueError(f"normalize must be 'coexpression' or 'none', got {normalize!r}")
+        self.n_genes = n_genes
+        self.normalize = normalize
+        self.total = torch.zeros(n_genes * n_genes, dtype=torch.float32)
+        self.n_cells = 0
+        self._membership: list[sp.csr_matrix] = []
+
+    def add(self, genes: torch.Tensor, attention: torch.Tensor) -> None:
+        """Add a minibatch.
+
+        Parameters
+        ----------
+        genes
+            ``(n, length)`` graph index of each token's gene; ``-2`` for tokens of genes outside
+            the graph (they count towards the cell's number of gene tokens), ``-1`` for padding.
+        attention
+            ``(n, length, length)`` attention of token ``i`` to token ``j``.
+        """
+        genes = genes.cpu()
+        attention = attention.detach().float().cpu()
+        n, length = genes.shape
+        if self.normalize == "coexpression":
+            n_tokens = (genes != -1).sum(1).to(attention.dtype)
+            attention = attention * n_tokens[:, None, None]
+        in_graph = genes >= 0
+        pair = in_graph[:, :, None] & in_graph[:, None, :]
+        pair &= ~torch.eye(length, dtype=torch.bool)[None]
+        cell, row, col = pair.nonzero(as_tuple=True)
+        flat = genes[cell, row] * self.n_genes + genes[cell, col]
+        self.total.index_put_((flat,), attention[cell, row, col], accumulate=True)
+        cells, slots = in_graph.nonzero(as_tuple=True)
+        self._membership.append(
+            sp.csr_matrix(
+                (np.ones(len(cells), np.float32), (cells.numpy(), genes[cells, slots].numpy())),
+                shape=(n, self.n_genes),
+            )
+        )
+        self.n_cells += n
+
+    def graph(self, top_k: int, *, min_cells: int = 10, symmetrize: bool = True) -> sp.csr_matrix:
+        """The top-``top_k`` edges of each gene as a CSR ``n_genes x n_genes`` matrix.
+
+        Parameters
+        ----------
+        top_k
+            Edges kept per gene (its highest positive scores; fewer if it has fewer).
+        min_cells
+            Pairs that are tokens together in fewer cells get no edge (their mean is noise).
+        symmetrize
+            Score a pair by the mean of both directions, ``(s_ij + s_ji) / 2``, and keep an edge
+            when it is among the top ``top_k`` of either gene, so the graph is symmetric;
+            otherwise row ``i`` holds gene ``i``'s own top ``top_k`` targets.
+        """
+        n = self.n_genes
+        total = self.total.view(n, n).numpy()
+        membership = sp.vstack(self._membership).tocsc() if self._membership else sp.csc_matrix((0, n))
+        block = max(1, _BLOCK_BYTES // (8 * max(n, 1)))
+        rows, cols, vals = [], [], []
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            together = np.asarray((membership[:, start:stop].T @ membership).todense(), dtype=np.float64)
+            summed = total[start:stop].astype(np.float64)
+            if symmetrize:
+                summed = (summed + total[:, start:stop].T) / 2
+            if self.normalize == "coexpression":
+                score = np.divide(summed, together, out=np.zeros_like(summed), where=together > 0)
+            else:
+                score = summed / max(self.n_cells, 1)
+            score[together < min_cells] = 0
+            score[np.arange(stop - start), np.arange(start, stop)] = 0
+            k = min(top_k, n - 1)
+            top = np.argpartition(-score, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((stop - start, 0), int)
+            top_scores = np.take_along_axis(score, top, 1)
+            keep = top_scores > 0
+            rows.append(np.repeat(np.arange(start, stop), keep.sum(1)))
+            cols.append(top[keep])
+            vals.append(top_scores[keep])
+        graph = sp.csr_matrix(
+            (np.concatenate(vals or [[]]), (np.concatenate(rows or [[]]), np.concatenate(cols or [[]]))),
+            shape=(n, n),
+            dtype=np.float32,
+        )
+        if symmetrize:
+            graph = graph.maximum(graph.T).tocsr()
+        graph.sort_indices()
+        return graph
+
+
+def _graph_genes(adata: AnnData, model: GeneTransformer, genes) -> tuple[np.ndarray, np.ndarray]:
+    """Columns of ``adata`` in the graph, and the vocabulary -> graph index map (``-2`` outside)."""
+    column_to_gene = model._column_to_gene(adata)
+    if genes is None:
+        columns = np.flatnonzero(column_to_gene >= 0)
+    else:
+        names = [genes] if isinstance(genes, str) else list(genes)
+        missing = [g for g in names if g not in adata.var_names]
+        if missing:
+            raise KeyError(f"genes not in adata.var_names: {missing[:10]}; pass names of adata's genes")
+        columns = np.sort(adata.var_names.get_indexer(pd.Index(names).unique()))
+        outside = columns[column_to_gene[columns] < 0]
+        if len(outside):
+            raise ValueError(
+                f"genes not in the model's vocabulary: {list(adata.var_names[outside][:10])}; "
+                "the model has never seen them"
+            )
+    if len(columns) < 2:
+        raise ValueError("a gene graph needs at least 2 genes of adata in the model's vocabulary")
+    vocabulary_to_graph = np.full(len(model.vocabulary_), -2, dtype=np.int64)
+    vocabulary_to_graph[column_to_gene[columns]] = np.arange(len(columns))
+    return columns, vocabulary_to_graph
+
+
+def _accumulate(
+    adata: AnnData,
+    model: GeneTransformer,
+    vocabulary_to_graph: np.ndarray,
+    n_genes: int,
+    *,
+    layers,
+    heads,
+    normalize: Normalize,
+    batch_size: int | None,
+) -> AttentionAccumulator:
+    accumulator = AttentionAccumulator(n_genes, normalize)
+    lookup = torch.as_tensor(vocabulary_to_graph)
+    for _, tokens, attention in model._gene_attention(adata, layers=layers, heads=heads, batch_size=batch_size):
+        genes = lookup[tokens.gene_ids.cpu()].masked_fill(~tokens.is_token.cpu(), -1)
+        accumulator.add(genes, attention)
+    return accumulator
+
+
+def gene_graph(
+    adata: AnnData,
+    model: GeneTransformer,
+    *,
+    groupby: str | None = None,
+    genes: list[str] | None = None,
+    layers: Literal["last", "all"] | int | list[int] = "last",
+    heads: Literal["mean", "max"] = "mean",
+    normalize: Normalize = "coexpression",
+    top_k: int = 20,
+    min_cells: int = 10,
+    min_group_size: int = 50,
+    symmetrize: bool = True,
+    batch_size: int | None = None,
+    key_added: str = KEYS.GENE_GRAPH,
+    copy: bool = False,
+) -> AnnData | None:
+    """Gene-gene graph from the model's attention among the genes that cells express.
+
+    Each cell is a sentence of its expressed genes (at most ``max_length``); a forward pass gives,
+    per layer and head, the attention probability ``a_c(i -> j)`` of gene token ``i`` to gene token
+    ``j`` (softmax over all tokens of the cell, prefix tokens included; phenotype tokens masked).
+    Heads are combined by ``heads``, the chosen ``layers`` averaged. With
+    ``normalize="coexpression"`` (default), the score of ``i -> j`` is
+
+    ``s_ij = mean over cells c where both are tokens of  L_c * a_c(i -> j)``
+
+    with ``L_c`` the cell's number of gene tokens, so ``1`` means "as much as uniform attention"
+    and how often two genes are expressed together does not enter the score (raw mean attention
+    favours ubiquitous genes); pairs together in fewer than ``min_cells`` cells get no edge. Rows
+    are not re-normalised. With ``symmetrize`` the pair's score is ``(s_ij + s_ji) / 2`` and an
+    edge is kept when it is among either gene's ``top_k``.
+
+    Parameters
+    ----------
+    adata
+        AnnData with counts in the model's layer (need not be set up).
+    model
+        Trained :class:`~sctransformer.GeneTransformer`.
+    groupby
+        ``.obs`` column: one graph per group, from that group's cells only, in
+        ``.varp[f"{key_added}_{group}"]``. Groups with fewer than ``min_group_size`` cells are
+        skipped with a warning.
+    genes
+        Genes of the graph (names in ``adata.var_names``); default every gene of ``adata`` in the
+        model's vocabulary. Memory is ``4 n_genes^2`` bytes (1.6 GB for 20,000 genes): pass e.g.
+        the highly variable genes for less. Other genes still take part in the attention.
+    layers
+        ``"last"`` (default), ``"all"``, a block index or a list of them (averaged).
+    heads
+        ``"mean"`` or ``"max"`` over heads.
+    normalize
+        ``"coexpression"`` or ``"none"`` (mean raw attention over all cells), see above.
+    top_k
+        Edges kept per gene; ``1 <= top_k < n_genes``.
+    min_cells
+        Minimum number of cells in which both genes are tokens for an edge.
+    min_group_size
+        Smallest group given its own graph with ``groupby``.
+    symmetrize
+        Make the graph symmetric (see above).
+    batch_size
+        Cells per minibatch.
+    key_added
+        ``.varp`` key (prefix with ``groupby``).
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``adata`` (or its copy) if ``copy``, else ``None``; sets
+
+    ``.varp[key_added]`` (or ``.varp[f"{key_added}_{group}"]`` per group)
+        Sparse CSR ``n_vars x n_vars`` scores (rows of genes outside the graph are empty).
+    ``.uns["sct"][key_added]``
+        The parameters of the run.
+    """
+    model._inference_adata(adata)  # checks the counts
+    columns, vocabulary_to_graph = _graph_genes(adata, model, genes)
+    n_genes = len(columns)
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k < n_genes:
+        raise ValueError(f"top_k must be an integer in [1, {n_genes}) (the graph's genes), got {top_k!r}")
+    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 1:
+        raise ValueError(f"min_cells must be a positive integer, got {min_cells!r}")
+    if normalize not in ("coexpression", "none"):
+        raise ValueError(f"normalize must be 'coexpression' or 'none', got {normalize!r}")
+    model._attention_layers(layers)  # checked before any forward pass
+    if heads not in ("mean", "max"):
+        raise ValueError(f"heads must be 'mean' or 'max', got {heads!r}")
+    if groupby is None:
+        subsets = {None: np.arange(adata.n_obs)}
+    else:
+        if groupby not in adata.obs:
+            raise KeyError(f"groupby={groupby!r} is not a column of adata.obs")
+        labels = adata.obs[groupby]
+        if labels.isna().any():
+            raise ValueError(f"adata.obs[{groupby!r}] has missing values; fill or drop those cells")
+        subsets = {}
+        for group, idx in labels.groupby(labels, observed=True).indices.items():
+            if len(idx) < min_group_size:
+                warnings.warn(
+                    f"group {group!r} of {groupby!r} has {len(idx)} cells (< min_group_size="
+                    f"{min_group_size}); no graph for it",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                continue
+            subsets[group] = idx
+        if not subsets:
+            raise ValueError(f"no group of {groupby!r} has min_group_size={min_group_size} cells")
+
+    graphs = {}
+    for group, idx in subsets.items():
+        cells = adata if group is None else adata[idx]
+        accumulator = _accumulate(
+            cells,
+            model,
+            vocabulary_to_graph,
+            n_genes,
+            layers=layers,
+            heads=heads,
+            normalize=normalize,
+            batch_size=batch_size,
+        )
+        small = accumulator.graph(top_k, min_cells=min_cells, symmetrize=symmetrize).tocoo()
+        full = sp.csr_matrix(
+            (small.data, (columns[small.row], columns[small.col])), shape=(adata.n_vars, adata.n_vars)
+        )
+        full.sort_indices()
+        graphs[key_added if group is None else f"{key_added}_{group}"] = full
+
+    adata = adata.copy() if copy else adata
+    for key, graph in graphs.items():
+        adata.varp[key] = graph
+    params = {
+        "groupby": groupby,
+        "groups": None if groupby is None else [str(g) for g in subsets],
+        "n_genes": n_genes,
+        "layers": layers if isinstance(layers, str) else list(np.atleast_1d(layers).astype(int).tolist()),
+        "heads": heads,
+        "normalize": normalize,
+        "top_k": int(top_k),
+        "min_cells": int(min_cells),
+        "symmetrize": symmetrize,
+    }
+    record_run(adata, key_added, "gene_graph", model, params)
+    return adata if copy else None
+
+
+def gene_embedding(
+    adata: AnnData,
+    model: GeneTransformer,
+    *,
+    kind: Literal["identity", "contextual"] = "identity",
+    batch_size: int | None = None,
+    key_added: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Gene embeddings into ``.varm``.
+
+    Parameters
+    ----------
+    adata
+        AnnData with the model's genes (any subset or order; need not be set up).
+    model
+        Trained :class:`~sctransformer.GeneTransformer`.
+    kind
+        ``"identity"``: the row of the model's gene-identity embedding table (no forward pass);
+        ``"contextual"``: the final hidden state of the gene's token, averaged over the cells of
+        ``adata`` in which it is a token.
+    batch_size
+        Cells per minibatch (``"contextual"``).
+    key_added
+        ``.varm`` key; default ``"sct_gene_embedding"`` or ``"sct_gene_embedding_contextual"``.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``adata`` (or its copy) if ``copy``, else ``None``; sets
+
+    ``.varm[key_added]``
+        Genes x ``d_model`` float32; rows of genes outside the vocabulary (or, contextual, never
+        a token in these cells) are zero and listed in
+    ``.var[f"{key_added}_defined"]``
+        ``False`` for those rows.
+    ``.uns["sct"][key_added]``
+        The parameters of the run.
+    """
+    if kind not in ("identity", "contextual"):
+        raise ValueError(f"kind must be 'identity' or 'contextual', got {kind!r}")
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
+    key_added = key_added or (KEYS.GENE_EMBEDDING if kind == "identity" else f"{KEYS.GENE_EMBEDDING}_contextual")
+    column_to_gene = model._column_to_gene(adata)
+    known = column_to_gene >= 0
+    d_model = model.hyperparameters_["d_model"]
+    out = np.zeros((adata.n_vars, d_model), dtype=np.float32)
+    if kind == "identity":
+        table = model.module.gene_embedding.weight.detach().float().cpu().numpy()
+        out[known] = table[column_to_gene[known]]
+        defined = known
+    else:
+        n_vocab = len(model.vocabulary_)
+        total = torch.zeros(n_vocab, d_model, dtype=torch.float64)
+        count = torch.zeros(n_vocab, dtype=torch.float64)
+        n_prefix = model.module.n_prefix
+        for _, tokens, hidden in model._forward(model._inference_adata(adata), batch_size):
+            keep = (tokens.is_token & ~tokens.is_unexpressed).cpu()
+            ids = tokens.gene_ids.cpu()[keep]
+            total.index_add_(0, ids, hidden[:, n_prefix:].float().cpu()[keep].double())
+            count.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+        mean = (total / count.clamp(min=1)[:, None]).float().numpy()
+        seen = count.numpy() > 0
+        defined = known & seen[np.where(known, column_to_gene, 0)]
+        out[defined] = mean[column_to_gene[defined]]
+    if not defined.all():
+        warnings.warn(
+            f"{int((~defined).sum())} genes have no {kind} embedding (outside the vocabulary"
+            f"{'' if kind == 'identity' else ' or never a token in these cells'}); their rows are zero, "
+            f"see .var[{key_added + '_defined'!r}]",
+            UserWarning,
+            stacklevel=2,
+        )
+    adata = adata.copy() if copy else adata
+    adata.varm[key_added] = out
+    adata.var[f"{key_added}_defined"] = defined
+    record_run(adata, key_added, "gene_embedding", model, {"kind": kind})
+    return adata if copy else None
+
+
+def gene_modules(
+    adata: AnnData,
+    *,
+    key: str = KEYS.GENE_GRAPH,
+    resolution: float = 1.0,
+    min_size: int = 3,
+    score: bool = True,
+    key_added: str = KEYS.GENE_MODULE,
+    random_state: int = 0,
+    copy: bool = False,
+) -> AnnData | None:
+    """Gene modules: leiden communities of a gene graph, and each cell's score for each module.
+
+    Parameters
+    ----------
+    adata
+        AnnData with a gene graph in ``.varp[key]`` (:func:`gene_graph`).
+    key
+        ``.varp`` key of the graph.
+    resolution
+        Leiden resolution (higher: more, smaller modules).
+    min_size
+        Modules with fewer genes (and genes without edges) get no module (NaN).
+    score
+        Also score every cell for every module with :func:`scanpy.tl.score_genes` (on
+        ``adata.X``, which should hold log-normalised expression for meaningful scores).
+    key_added
+        ``.var`` column of the module labels; the scores go to ``.obsm[f"{key_added}_scores"]``.
+    random_state
+        Leiden seed.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``adata`` (or its copy) if ``copy``, else ``None``; sets ``.var[key_added]`` (categorical),
+    ``.obsm[f"{key_added}_scores"]`` (cells x modules DataFrame, with ``score``) and
+    ``.uns["sct"][key_added]``.
+    """
+    if key not in adata.varp:
+        raise KeyError(f"no gene graph in adata.varp[{key!r}]; run sct.tl.gene_graph(adata, model) first")
+    if not resolution > 0:
+        raise ValueError(f"resolution must be positive, got {resolution!r}")
+    if isinstance(min_size, bool) or not isinstance(min_size, int | np.integer) or min_size < 1:
+        raise ValueError(f"min_size must be a positive integer, got {min_size!r}")
+    graph = sp.csr_matrix(adata.varp[key])
+    graph = graph.maximum(graph.T).tocsr()
+    connected = np.asarray((graph != 0).sum(1)).ravel() > 0
+    if connected.sum() < 2:
+        raise ValueError(f"the graph in adata.varp[{key!r}] has fewer than 2 genes with edges")
+    genes = AnnData(
+        obs=pd.DataFrame(index=adata.var_names[connected]),
+        obsp={"connectivities": graph[connected][:, connected]},
+    )
+    sc.tl.leiden(
+        genes,
+        resolution=resolution,
+        obsp="connectivities",
+        flavor="igraph",
+        n_iterations=-1,
+        directed=False,
+        random_state=random_state,
+        key_added="module",
+    )
+    communities = genes.obs["module"].astype(str)
+    sizes = communities.value_counts()
+    big = sizes[sizes >= min_size].index
+    # modules numbered by decreasing size
+    names = {c: f"M{i}" for i, c in enumerate(sorted(big, key=lambda c: (-sizes[c], int(c))))}
+    labels = pd.Series(np.nan, index=adata.var_names, dtype=object)
+    labels[adata.var_names[connected]] = communities.map(names).to_numpy()
+    order = [names[c] for c in sorted(big, key=lambda c: (-sizes[c], int(c)))]
+    module = pd.Categorical(labels.to_numpy(), categories=order)
+
+    scores = None
+    if score and order:
+        scores = pd.DataFrame(index=adata.obs_names)
+        light = AnnData(  # X only: score_genes writes into it, never into adata
+            X=adata.X, obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=adata.var_names)
+        )
+        for name in order:
+            members = list(adata.var_names[module == name])
+            ctrl_size = min(50, adata.n_vars - len(members))
+            sc.tl.score_genes(light, members, ctrl_size=ctrl_size, random_state=random_state, score_name=name)
+            scores[name] = light.obs[name].to_numpy()
+
+    adata = adata.copy() if copy else adata
+    adata.var[key_added] = module
+    if scores is not None:
+        adata.obsm[f"{key_added}_scores"] = scores
+    record_run(
+        adata,
+        key_added,
+        "gene_modules",
+        None,
+        {"key": key, "resolution": float(resolution), "min_size": int(min_size), "n_modules": len(order)},
+    )
+    return adata if copy else None

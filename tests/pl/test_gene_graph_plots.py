@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+import sctransformer as sct
+
+from ..conftest import fingerprint
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def with_graph(trained):
+    model, data = trained
+    adata = data.copy()
+    sct.tl.gene_graph(adata, model, top_k=5)
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    sct.tl.gene_modules(adata, score=False)
+    return model, adata
+
+
+def test_gene_graph_plot_draws_each_gene_with_its_strongest_edges(with_graph):
+    _, adata = with_graph
+    before = fingerprint(adata)
+    ax = sct.pl.gene_graph(adata, ["gene_0", "gene_8"], n_neighbors=3, show=False)
+    assert isinstance(ax, Axes)
+    labels = {t.get_text() for t in ax.texts}
+    graph = sp.csr_matrix(adata.varp["sct_gene_graph"])
+    for gene in ("gene_0", "gene_8"):
+        row = graph.getrow(adata.var_names.get_loc(gene))
+        strongest = set(adata.var_names[row.indices[np.argsort(-row.data)[:3]]])
+        assert {gene, *strongest} <= labels
+    assert fingerprint(adata) == before
+    with pytest.raises(KeyError, match="NOTAGENE"):
+        sct.pl.gene_graph(adata, ["gene_0", "NOTAGENE"], show=False)
+    with pytest.raises(KeyError, match="run sct"):
+        sct.pl.gene_graph(adata, ["gene_0"], key="missing", show=False)
+
+
+def test_attention_plot_shows_one_cells_token_attention(with_graph):
+    model, adata = with_graph
+    fig = sct.pl.attention(adata, model, cell=adata.obs_names[3], n_genes=8, return_fig=True)
+    assert isinstance(fig, Figure)
+    image = fig.axes[0].images[0].get_array()
+    (_, tokens, attention), *_ = list(model._gene_attention(adata[[3]], batch_size=1))
+    np.testing.assert_allclose(image, attention[0, :8, :8].numpy())
+    assert image.sum(1).max() <= 1 + 1e-5  # rows are (parts of) probability distributions
+    with pytest.raises(ValueError, match="cell must be"):
+        sct.pl.attention(adata, model, cell=10_000, show=False)
+
+
+def test_gene_modules_dotplot_has_one_column_per_module(with_graph):
+    _, adata = with_graph
+    dotplot = sct.pl.gene_modules(adata, "cell_type", return_fig=True)
+    assert list(dotplot.var_names) == list(adata.var["sct_gene_module"].cat.categories)
+    with pytest.raises(KeyError, match="gene_modules"):
+        sct.pl.gene_modules(adata, "cell_type", key="missing", show=False)
