@@ -57,7 +57,7 @@ def test_attention_plot_shows_one_cells_token_attention(with_graph):
     fig = sct.pl.attention(adata, model, cell=adata.obs_names[3], n_genes=8, return_fig=True)
     assert isinstance(fig, Figure)
     image = fig.axes[0].images[0].get_array()
-    (_, tokens, attention), *_ = list(model._gene_attention(adata[[3]], batch_size=1))
+    (_, _, attention), *_ = list(model._gene_attention(adata[[3]], batch_size=1))
     np.testing.assert_allclose(image, attention[0, :8, :8].numpy())
     assert image.sum(1).max() <= 1 + 1e-5  # rows are (parts of) probability distributions
     with pytest.raises(ValueError, match="cell must be"):
