@@ -1,0 +1,223 @@
+"""Are attention-graph edges enriched for genes that mark the same cell type? Against co-expression and chance.
+
+For each labelled data set: train sctransformer self-supervised (no labels, default settings;
+masked expression only, so the labels that define the marker sets are never seen), build the
+attention graph over the data set's genes (:func:`sctransformer.tl.gene_graph`, defaults:
+last layer, heads averaged, co-expression-corrected, symmetrised, ``--top-k`` edges per gene),
+and compare it with
+
+- a Pearson co-expression graph on log1p-normalised counts with the same number of edges (each
+  gene's top correlations, symmetrised like the attention graph, weakest edges dropped to match);
+- random graphs with exactly the attention graph's degrees (networkx double-edge swaps).
+
+Marker sets: the top ``--markers`` genes of each cell type by scanpy's ``rank_genes_groups``
+(Wilcoxon, on log1p-normalised counts, positive log fold change). A "same-type edge" joins two
+markers of one cell type. Printed per data set and graph: edges, same-type edges, enrichment
+over the random graphs' mean, and AUROC of the pair scores (every pair of marker genes; label:
+same type; attention: co-expression-corrected score, Pearson: correlation; unscored pairs 0).
+
+Data sets: pbmc68k (``bulk_labels``), paul15 (``paul15_celltype``), cellbench (SNG cells,
+``cell_line``), kang18 (the 832 labelled cells, ``seurat_annotations_partial``); the last three on
+their ``--genes`` most highly variable genes (scanpy ``seurat_v3`` on counts) to keep CPU time in
+minutes. papalexi21 has no cell types and pbmc3k no labels: not used.
+
+Usage: python benchmarks/gene_graph.py [--datasets pbmc68k paul15 ...] [--top-k 10] [--genes 1000]
+       [--model '<GeneTransformer kwargs JSON>'] [--graphs '<list of tl.gene_graph kwargs JSON>']
+e.g.   --model '{"cell_profile": false}' --graphs '[{}, {"normalize": "none"}, {"layers": "all", "heads": "max"}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import networkx as nx
+import numpy as np
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+from sklearn.metrics import roc_auc_score
+
+import sctransformer as sct
+
+warnings.filterwarnings("ignore")
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def load(name: str, n_genes: int) -> tuple[ad.AnnData, str]:
+    """Counts in X and the label key."""
+    if name == "pbmc68k":
+        adata = sct.datasets.pbmc68k()
+        adata.X = adata.layers.pop("counts")
+        return adata, "cell_type"
+    if name == "paul15":
+        adata, key = ad.read_h5ad(DATA / "paul15_mouse_myeloid_progenitors.h5ad"), "paul15_celltype"
+    elif name == "cellbench":
+        adata = ad.read_h5ad(DATA / "cellbench_tian19_celllines_5batches.h5ad")
+        adata, key = adata[adata.obs["demuxlet_cls"] == "SNG"].copy(), "cell_line"
+    elif name == "kang18":
+        adata = ad.read_h5ad(DATA / "kang18_ifnb_pbmc_ctrl_stim.h5ad")
+        key = "seurat_annotations_partial"
+        adata = adata[adata.obs[key].notna()].copy()
+    else:
+        raise ValueError(f"unknown data set {name!r}")
+    sc.pp.filter_genes(adata, min_cells=3)
+    sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_genes)
+    return adata[:, adata.var["highly_variable"]].copy(), key
+
+
+def marker_sets(logged: ad.AnnData, key: str, n_markers: int) -> dict[str, set[str]]:
+    sc.tl.rank_genes_groups(logged, key, method="wilcoxon")
+    result = logged.uns["rank_genes_groups"]
+    out = {}
+    for group in result["names"].dtype.names:
+        names, lfc = result["names"][group], result["logfoldchanges"][group]
+        out[group] = set(list(names[lfc > 0])[:n_markers])
+    return out
+
+
+def top_k_union(score: np.ndarray, top_k: int) -> sp.csr_matrix:
+    """Each gene's top_k positive scores, symmetrised by union (max), as tl.gene_graph does."""
+    score = score.copy()
+    np.fill_diagonal(score, 0)
+    top = np.argpartition(-score, top_k - 1, axis=1)[:, :top_k]
+    rows = np.repeat(np.arange(score.shape[0]), top_k)
+    vals = score[rows, top.ravel()]
+    keep = vals > 0
+    graph = sp.csr_matrix((vals[keep], (rows[keep], top.ravel()[keep])), shape=score.shape)
+    return graph.maximum(graph.T).tocsr()
+
+
+def edges(graph: sp.spmatrix) -> set[tuple[int, int]]:
+    coo = sp.triu(graph, k=1).tocoo()
+    return set(zip(coo.row.tolist(), coo.col.tolist(), strict=True))
+
+
+def trim(graph: sp.csr_matrix, n_edges: int) -> set[tuple[int, int]]:
+    """The ``n_edges`` strongest edges of a symmetric graph."""
+    coo = sp.triu(graph, k=1).tocoo()
+    order = np.argsort(-coo.data, kind="stable")[:n_edges]
+    return set(zip(coo.row[order].tolist(), coo.col[order].tolist(), strict=True))
+
+
+def same_type(pairs: set[tuple[int, int]], gene_types: list[set[str]]) -> int:
+    return sum(bool(gene_types[i] & gene_types[j]) for i, j in pairs)
+
+
+def auroc(score: np.ndarray, markers: np.ndarray, gene_types: list[set[str]]) -> float:
+    i, j = np.triu_indices(len(markers), k=1)
+    a, b = markers[i], markers[j]
+    label = np.array([bool(gene_types[x] & gene_types[y]) for x, y in zip(a, b, strict=True)])
+    return float(roc_auc_score(label, score[a, b]))
+
+
+def run(name: str, args: argparse.Namespace) -> list[dict]:
+    adata, key = load(name, args.genes)
+    logged = adata.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    markers = marker_sets(logged, key, args.markers)
+    names = list(adata.var_names)
+    gene_types = [{t for t, genes in markers.items() if g in genes} for g in names]
+    marker_idx = np.array([i for i, t in enumerate(gene_types) if t])
+
+    sct.setup_anndata(adata)  # no labels
+    model = sct.GeneTransformer(adata, **args.model)
+    start = time.perf_counter()
+    model.train(enable_progress_bar=False, logger=False)
+    train_minutes = (time.perf_counter() - start) / 60
+
+    x = logged.X.toarray() if sp.issparse(logged.X) else np.asarray(logged.X)
+    pearson = np.nan_to_num(np.corrcoef(x.T))
+    rows = []
+    for options in args.graphs:
+        start = time.perf_counter()
+        full = sct.tl.gene_graph(adata, model, **{"top_k": adata.n_vars - 1, **options}, copy=True)
+        graph_minutes = (time.perf_counter() - start) / 60
+        attention_score = full.varp["sct_gene_graph"].toarray()
+        attention_edges = edges(top_k_union(attention_score, args.top_k))
+        n_edges = len(attention_edges)
+
+        k = args.top_k
+        while len(edges(top_k_union(pearson, k))) < n_edges and k < adata.n_vars - 1:
+            k += 1
+        pearson_edges = trim(top_k_union(pearson, k), n_edges)
+
+        network = nx.Graph(list(attention_edges))
+        random_counts = []
+        for seed in range(args.random_graphs):
+            shuffled = network.copy()
+            nx.double_edge_swap(shuffled, nswap=4 * n_edges, max_tries=100 * n_edges, seed=seed)
+            random_counts.append(same_type({tuple(sorted(e)) for e in shuffled.edges}, gene_types))
+        expected = float(np.mean(random_counts))
+
+        label = f"attention {json.dumps(options)}" if options else "attention (sctransformer defaults)"
+        for method, pairs, score in (
+            (label, attention_edges, attention_score),
+            ("Pearson co-expression, same edge count", pearson_edges, pearson),
+        ):
+            hits = same_type(pairs, gene_types)
+            rows.append(
+                {
+                    "data": name,
+                    "method": method,
+                    "edges": len(pairs),
+                    "same_type": hits,
+                    "enrichment": hits / expected if expected else float("nan"),
+                    "auroc": auroc(score, marker_idx, gene_types),
+                    "minutes": graph_minutes,
+                }
+            )
+        rows.append(
+            {
+                "data": name,
+                "method": f"random, same degrees (mean of {args.random_graphs})",
+                "edges": n_edges,
+                "same_type": expected,
+                "enrichment": 1.0,
+                "auroc": 0.5,
+            }
+        )
+    print(
+        f"# {name}: {adata.n_obs} cells x {adata.n_vars} genes, {len(markers)} types, "
+        f"{len(marker_idx)} marker genes; training {train_minutes:.1f} min, last graph {graph_minutes:.2f} min",
+        flush=True,
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--datasets", nargs="+", default=["pbmc68k", "paul15", "cellbench", "kang18"])
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--genes", type=int, default=1000)
+    parser.add_argument("--markers", type=int, default=25)
+    parser.add_argument("--random-graphs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--model", type=json.loads, default={})
+    parser.add_argument("--graphs", type=json.loads, default=[{}])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.datasets:
+        rows += run(name, args)
+    print(
+        f"\ntop_k={args.top_k}, {args.markers} markers per type, {args.threads} threads, model {args.model}"
+    )
+    print("| data | graph | edges | same-type marker edges | enrichment vs random | AUROC (marker pairs) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['data']} | {r['method']} | {r['edges']} | {r['same_type']:.1f} | "
+            f"{r['enrichment']:.2f} | {r['auroc']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
