@@ -22,7 +22,8 @@ their ``--genes`` most highly variable genes (scanpy ``seurat_v3`` on counts) to
 minutes. papalexi21 has no cell types and pbmc3k no labels: not used.
 
 Usage: python benchmarks/gene_graph.py [--datasets pbmc68k paul15 ...] [--top-k 10] [--genes 1000]
-       [--model '<GeneTransformer kwargs JSON>'] [--graphs '<list of tl.gene_graph kwargs JSON>']
+       [--model '<GeneTransformer kwargs JSON>'] [--train '<train kwargs JSON>']
+       [--graphs '<list of tl.gene_graph kwargs JSON>']
 e.g.   --model '{"cell_profile": false}' --graphs '[{}, {"normalize": "none"}, {"layers": "all", "heads": "max"}]'
 """
 
@@ -130,7 +131,7 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
     sct.setup_anndata(adata)  # no labels
     model = sct.GeneTransformer(adata, **args.model)
     start = time.perf_counter()
-    model.train(enable_progress_bar=False, logger=False)
+    model.train(enable_progress_bar=False, logger=False, **args.train)
     train_minutes = (time.perf_counter() - start) / 60
 
     x = logged.X.toarray() if sp.issparse(logged.X) else np.asarray(logged.X)
@@ -202,6 +203,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--model", type=json.loads, default={})
     parser.add_argument("--graphs", type=json.loads, default=[{}])
+    parser.add_argument("--train", type=json.loads, default={})
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
