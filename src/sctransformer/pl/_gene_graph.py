@@ -220,4 +220,3 @@ def gene_modules(
         return_fig=return_fig,
         **kwargs,
     )
-

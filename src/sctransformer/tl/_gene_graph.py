@@ -169,10 +169,17 @@ def _accumulate(
 ) -> AttentionAccumulator:
     accumulator = AttentionAccumulator(n_genes, normalize)
     lookup = torch.as_tensor(vocabulary_to_graph)
-    for _, tokens, attention in model._gene_attention(adata, layers=layers, heads=heads, batch_size=batch_size):
+    for _, tokens, attention in model._gene_attention(
+        adata, layers=layers, heads=heads, batch_size=batch_size
+    ):
         genes = lookup[tokens.gene_ids.cpu()].masked_fill(~tokens.is_token.cpu(), -1)
         accumulator.add(genes, attention)
     return accumulator
+
+
+def group_key(key_added: str, group) -> str:
+    """``.varp`` key of one group's graph: ``f"{key_added}_{group}"``, with ``/`` (not allowed in .h5ad keys) as ``_``."""
+    return f"{key_added}_{group}".replace("/", "_")
 
 
 def gene_graph(
@@ -216,7 +223,7 @@ def gene_graph(
         Trained :class:`~sctransformer.GeneTransformer`.
     groupby
         ``.obs`` column: one graph per group, from that group's cells only, in
-        ``.varp[f"{key_added}_{group}"]``. Groups with fewer than ``min_group_size`` cells are
+        ``.varp[f"{key_added}_{group}"]`` (``/`` in a group name becomes ``_``). Groups with fewer than ``min_group_size`` cells are
         skipped with a warning.
     genes
         Genes of the graph (names in ``adata.var_names``); default every gene of ``adata`` in the
@@ -304,7 +311,7 @@ def gene_graph(
             (small.data, (columns[small.row], columns[small.col])), shape=(adata.n_vars, adata.n_vars)
         )
         full.sort_indices()
-        graphs[key_added if group is None else f"{key_added}_{group}"] = full
+        graphs[key_added if group is None else group_key(key_added, group)] = full
 
     adata = adata.copy() if copy else adata
     for key, graph in graphs.items():
@@ -368,7 +375,9 @@ def gene_embedding(
         raise ValueError(f"kind must be 'identity' or 'contextual', got {kind!r}")
     if not isinstance(adata, AnnData):
         raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
-    key_added = key_added or (KEYS.GENE_EMBEDDING if kind == "identity" else f"{KEYS.GENE_EMBEDDING}_contextual")
+    key_added = key_added or (
+        KEYS.GENE_EMBEDDING if kind == "identity" else f"{KEYS.GENE_EMBEDDING}_contextual"
+    )
     column_to_gene = model._column_to_gene(adata)
     known = column_to_gene >= 0
     d_model = model.hyperparameters_["d_model"]
