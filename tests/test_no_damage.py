@@ -66,3 +66,38 @@ def test_each_public_call_changes_only_its_documented_keys(adata, tmp_path):
     assert {"X_sct_neighbors", "X_sct_umap"} <= uns_keys(adata)
     sct.pl.training_history(model, show=False)
     plt.close("all")
+    after_plots = fingerprint(adata)
+    sct.pl.confusion_matrix(adata, "cell_type", "sct_cell_type", show=False)
+    sct.pl.calibration(adata, "cell_type", "sct_cell_type", show=False)
+    plt.close("all")
+    assert changed(after_plots, fingerprint(adata)) == set()
+
+    sct.tl.gene_graph(adata, model, top_k=3)
+    assert changed(after_plots, fingerprint(adata)) == {"varp/sct_gene_graph"}  # and uns["sct"] entry
+    assert {"sct_gene_graph"} <= set(adata.uns["sct"])
+    after_graph = fingerprint(adata)
+    sct.tl.gene_embedding(adata, model)
+    assert changed(after_graph, fingerprint(adata)) == {"varm/sct_gene_embedding", "var"}
+    assert "sct_gene_embedding_defined" in adata.var
+    after_embedding = fingerprint(adata)
+    sct.tl.gene_modules(adata, score=False)
+    assert changed(after_embedding, fingerprint(adata)) == {"var"}
+    assert {"sct_gene_embedding", "sct_gene_module"} <= set(adata.uns["sct"])
+    after_modules = fingerprint(adata)
+    sct.pl.gene_graph(adata, ["gene_0"], show=False)
+    sct.pl.attention(adata, model, cell=0, show=False)
+    sct.pl.gene_modules(adata, "cell_type", show=False)
+    plt.close("all")
+    assert changed(after_modules, fingerprint(adata)) == set()
+
+    # copy=True returns a changed copy and leaves the input as it was
+    for call in (
+        lambda: sct.tl.embed(adata, model, key_added="X_copy", copy=True),
+        lambda: sct.tl.predict(adata, model, key_added="copy", copy=True),
+        lambda: sct.tl.gene_graph(adata, model, top_k=3, key_added="copy_graph", copy=True),
+        lambda: sct.tl.gene_embedding(adata, model, key_added="copy_embedding", copy=True),
+        lambda: sct.tl.gene_modules(adata, key_added="copy_module", score=False, copy=True),
+    ):
+        result = call()
+        assert result is not adata and changed(fingerprint(result), after_modules)
+        assert changed(after_modules, fingerprint(adata)) == set()
