@@ -340,3 +340,73 @@ def test_save_and_load_refuse_bad_targets(trained, tmp_path):
     (tmp_path / "m" / "model.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match="holds a 'OtherModel'"):
         sct.GeneTransformer.load(tmp_path / "m")
+
+
+def _cli_case(tmp_path, case: str) -> list[str]:
+    """Arguments of one malformed command line (files are made in tmp_path)."""
+    import yaml
+
+    data = sct.datasets.synthetic(n_cells=30, n_genes=20, n_cell_types=2, n_markers=5)
+    data.write_h5ad(tmp_path / "cells.h5ad")
+    good = {"data": {"paths": "cells.h5ad", "layer": "counts"}, "model": dict(TINY), "output": "m"}
+    config = tmp_path / "c.yaml"
+    if case == "missing config":
+        return ["pretrain", "--config", str(tmp_path / "absent.yaml")]
+    if case == "not a mapping":
+        config.write_text("- a\n- b\n")
+    elif case == "unknown section":
+        config.write_text(yaml.safe_dump({**good, "optimizer": {}}))
+    elif case == "unknown model option":
+        config.write_text(yaml.safe_dump({**good, "model": {"d_modle": 8}}))
+    elif case == "missing data file":
+        config.write_text(yaml.safe_dump({**good, "data": {"paths": ["cells.h5ad", "gone.h5ad"]}}))
+    elif case == "no output":
+        config.write_text(yaml.safe_dump({k: v for k, v in good.items() if k != "output"}))
+    elif case == "output not empty":
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "mine.txt").write_text("x")
+        config.write_text(yaml.safe_dump(good))
+    elif case == "bad hyper-parameter":
+        config.write_text(yaml.safe_dump({**good, "model": {**TINY, "n_heads": 3}}))
+    elif case == "embed: model is not a model":
+        return ["embed", "--model", str(tmp_path), "--input", str(tmp_path / "cells.h5ad"),
+                "--output", str(tmp_path / "out.h5ad")]  # fmt: skip
+    elif case == "embed: output is the input":
+        sct.setup_anndata(data, layer="counts")
+        sct.GeneTransformer(data, **TINY).save(tmp_path / "model")
+        return ["embed", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "cells.h5ad"),
+                "--output", str(tmp_path / "cells.h5ad"), "--overwrite"]  # fmt: skip
+    elif case == "predict: missing input":
+        return ["predict", "--model", str(tmp_path), "--input", str(tmp_path / "absent.h5ad"),
+                "--output", str(tmp_path / "out.h5ad")]  # fmt: skip
+    return ["pretrain", "--config", str(config)]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing config", "does not exist"),
+        ("not a mapping", "must hold a mapping"),
+        ("unknown section", "unknown config sections"),
+        ("unknown model option", "d_modle"),
+        ("missing data file", "gone.h5ad"),
+        ("no output", "no 'output' section"),
+        ("output not empty", "--overwrite"),
+        ("bad hyper-parameter", "n_heads"),
+        ("embed: model is not a model", "not a saved sctransformer model"),
+        ("embed: output is the input", "must differ from --input"),
+        ("predict: missing input", "absent.h5ad"),
+    ],
+)
+def test_cli_refuses_bad_arguments_with_status_2(tmp_path, capsys, case, message):
+    from sctransformer.cli import main
+
+    args = _cli_case(tmp_path, case)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sctransformer {args[0]}: error:") and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a required argument missing
+        main([args[0]])
+    assert exit_info.value.code == 2

@@ -1,0 +1,225 @@
+"""Command-line entry point: ``sctransformer pretrain | embed | predict``.
+
+``pretrain`` trains a model from a config file (YAML or JSON) that records every setting::
+
+    data:
+      paths: [atlas_000.h5ad, atlas_001.h5ad]   # one path or a list; concatenated on shared genes
+      layer: counts                              # null: X
+      batch_key: batch
+      phenotype_keys: [cell_type]                # optional: fine-tuning targets
+      gene_key: null
+    model: {d_model: 64, n_layers: 2}            # GeneTransformer options
+    train: {max_epochs: 10, checkpoint_dir: ckpt/, resume: true}   # GeneTransformer.train options
+    output: model/                               # saved model; the resolved config is saved beside it
+
+``embed`` and ``predict`` apply a saved model to an ``.h5ad`` file and write a copy with the results.
+Every error in the arguments or the config is reported in one line, before any training, with exit
+status 2. The data are read into memory (streaming shards is not built yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import yaml
+
+SECTIONS = {"data", "model", "train", "output"}
+DATA_KEYS = {"paths", "layer", "batch_key", "phenotype_keys", "gene_key"}
+CONFIG_NAME = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used as it is."""
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Read and check a pretraining config (YAML or JSON); every problem is a :class:`ConfigError`."""
+    from sctransformer.model import GeneTransformer
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping with sections {sorted(SECTIONS)}")
+    unknown = set(config) - SECTIONS
+    if unknown:
+        raise ConfigError(f"unknown config sections {sorted(unknown)}; allowed: {sorted(SECTIONS)}")
+    for section in ("data", "output"):
+        if section not in config:
+            raise ConfigError(
+                f"the config has no {section!r} section; add it (see `sctransformer pretrain -h`)"
+            )
+    for section in ("data", "model", "train"):
+        config.setdefault(section, {})
+        if not isinstance(config[section] or {}, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping of options")
+        config[section] = config[section] or {}
+    data = config["data"]
+    if set(data) - DATA_KEYS:
+        raise ConfigError(
+            f"unknown keys in 'data': {sorted(set(data) - DATA_KEYS)}; allowed: {sorted(DATA_KEYS)}"
+        )
+    paths = data.get("paths")
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ConfigError("data.paths must be an .h5ad path or a non-empty list of them")
+    base = path.parent
+    resolved = [str(p if Path(p).is_absolute() else base / p) for p in paths]
+    missing = [p for p in resolved if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"data files not found: {missing}")
+    data["paths"] = resolved
+    for section, function in (("model", GeneTransformer.__init__), ("train", GeneTransformer.train)):
+        allowed = set(inspect.signature(function).parameters) - {"self", "adata", "trainer_kwargs"}
+        bad = set(config[section]) - allowed
+        if section == "train":
+            bad -= _TRAINER_OPTIONS
+        if bad:
+            raise ConfigError(
+                f"unknown {section} options {sorted(bad)}; see GeneTransformer{'.train' * (section == 'train')}"
+            )
+    if not isinstance(config["output"], str) or not config["output"]:
+        raise ConfigError("output must be the path of the directory to save the model in")
+    if not Path(config["output"]).is_absolute():
+        config["output"] = str(base / config["output"])
+    checkpoint_dir = config["train"].get("checkpoint_dir")
+    if checkpoint_dir is not None and not Path(checkpoint_dir).is_absolute():
+        config["train"]["checkpoint_dir"] = str(base / checkpoint_dir)
+    return config
+
+
+#: Lightning ``Trainer`` options accepted in the ``train`` section (passed through ``**trainer_kwargs``).
+_TRAINER_OPTIONS = {
+    "num_nodes",
+    "strategy",
+    "gradient_clip_val",
+    "accumulate_grad_batches",
+    "log_every_n_steps",
+    "enable_progress_bar",
+    "limit_train_batches",
+    "limit_val_batches",
+}
+
+
+def _load_data(data: dict[str, Any]) -> ad.AnnData:
+    parts = [ad.read_h5ad(p) for p in data["paths"]]
+    if len(parts) == 1:
+        return parts[0]
+    adata = ad.concat(parts, join="inner", label="source_file", keys=[Path(p).name for p in data["paths"]])
+    adata.obs_names_make_unique()
+    return adata
+
+
+def pretrain(config_path: str, *, overwrite: bool = False) -> Path:
+    """Train and save a model as the config says; returns the model directory."""
+    import sctransformer as sct
+
+    config = read_config(config_path)
+    output = Path(config["output"])
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"output {str(output)!r} exists and is not empty; pass --overwrite or choose another"
+        )
+    data = config["data"]
+    adata = _load_data(data)
+    sct.setup_anndata(
+        adata,
+        layer=data.get("layer"),
+        batch_key=data.get("batch_key"),
+        phenotype_keys=data.get("phenotype_keys"),
+        gene_key=data.get("gene_key"),
+    )
+    model = sct.GeneTransformer(adata, **config["model"])
+    model.train(**config["train"])
+    model.save(output, overwrite=overwrite)
+    (output / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
+    return output
+
+
+def _apply(args: argparse.Namespace, tool: str) -> Path:
+    import sctransformer as sct
+
+    source, target = Path(args.input), Path(args.output)
+    if not source.is_file():
+        raise FileNotFoundError(f"input file {str(source)!r} does not exist")
+    if target.exists() and not args.overwrite:
+        raise FileExistsError(f"output {str(target)!r} exists; pass --overwrite or choose another path")
+    if target.resolve() == source.resolve():
+        raise ValueError("--output must differ from --input: the input file is never changed")
+    model = sct.GeneTransformer.load(args.model)
+    adata = ad.read_h5ad(source)
+    if tool == "embed":
+        sct.tl.embed(adata, model, key_added=args.key_added, pooling=args.pooling, batch_size=args.batch_size)
+    else:
+        sct.tl.predict(adata, model, min_confidence=args.min_confidence, batch_size=args.batch_size)
+    adata.write_h5ad(target)
+    return target
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sctransformer", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "pretrain",
+        help="train a model from a config file",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML or JSON config file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    for name, help_ in (
+        ("embed", "write cell embeddings to .obsm"),
+        ("predict", "write predicted phenotypes to .obs"),
+    ):
+        p = commands.add_parser(name, help=help_)
+        p.add_argument("--model", required=True, help="directory of a saved model")
+        p.add_argument("--input", required=True, help=".h5ad file with counts in the model's layer")
+        p.add_argument(
+            "--output", required=True, help=".h5ad file to write (a copy of the input with the results)"
+        )
+        p.add_argument("--batch-size", type=int, default=None)
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+        if name == "embed":
+            p.add_argument("--key-added", default="X_sct")
+            p.add_argument("--pooling", choices=["cls", "mean"], default="cls")
+        else:
+            p.add_argument("--min-confidence", type=float, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for bad arguments, config or input)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pretrain":
+            out = pretrain(args.config, overwrite=args.overwrite)
+        else:
+            out = _apply(args, args.command)
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"sctransformer {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    print(json.dumps({"command": args.command, "output": str(out)}))
+    return 0
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

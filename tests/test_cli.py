@@ -1,0 +1,85 @@
+"""The command line: pretrain from a config, embed and predict with a saved model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import yaml
+
+import sctransformer as sct
+from sctransformer.cli import main
+
+from .conftest import TINY
+
+
+def write_shards(tmp_path) -> list[str]:
+    data = sct.datasets.synthetic(n_cells=120, n_genes=60, n_cell_types=3, n_markers=8, seed=0)
+    paths = []
+    for i, part in enumerate((slice(0, 70), slice(70, None))):
+        shard = data[part].copy()
+        if i == 1:
+            shard = shard[:, 2:].copy()  # the second shard lacks two genes
+        path = tmp_path / f"shard_{i}.h5ad"
+        shard.write_h5ad(path)
+        paths.append(path.name)
+    return paths
+
+
+def write_config(tmp_path, **overrides) -> str:
+    config = {
+        "data": {"paths": write_shards(tmp_path), "layer": "counts", "phenotype_keys": ["cell_type"]},
+        "model": dict(TINY),
+        "train": {"max_epochs": 1, "batch_size": 32, "enable_progress_bar": False, "checkpoint_dir": "ckpt"},
+        "output": "model",
+    }
+    config.update(overrides)
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pretrain_embed_predict_round_trip(tmp_path, capsys):
+    config = write_config(tmp_path)
+    assert main(["pretrain", "--config", config]) == 0
+    model_dir = tmp_path / "model"
+    model = sct.GeneTransformer.load(model_dir)
+    assert len(model.vocabulary_) == 58  # genes shared by both shards
+    assert model.hyperparameters_["d_model"] == TINY["d_model"]
+    saved = yaml.safe_load((model_dir / "config.yaml").read_text())
+    assert saved["train"]["max_epochs"] == 1 and saved["model"] == TINY
+    assert all(p.startswith(str(tmp_path)) for p in saved["data"]["paths"])  # resolved beside the config
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output"] == str(model_dir)
+
+    source = tmp_path / "shard_0.h5ad"
+    before = digest(source)
+    out = tmp_path / "embedded.h5ad"
+    assert main(["embed", "--model", str(model_dir), "--input", str(source), "--output", str(out)]) == 0
+    embedded = ad.read_h5ad(out)
+    expected = model.get_latent_representation(ad.read_h5ad(source))
+    np.testing.assert_allclose(embedded.obsm["X_sct"], expected, atol=1e-6)
+    out = tmp_path / "predicted.h5ad"
+    args = ["predict", "--model", str(model_dir), "--input", str(source), "--output", str(out)]
+    assert main([*args, "--min-confidence", "0.5"]) == 0
+    predicted = ad.read_h5ad(out)
+    assert {"sct_cell_type", "sct_cell_type_confidence"} <= set(predicted.obs)
+    assert digest(source) == before  # the input file is never changed
+
+
+def test_console_script_reports_errors_with_status_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sctransformer.cli", "pretrain", "--config", str(tmp_path / "none.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "config file" in result.stderr and "does not exist" in result.stderr
