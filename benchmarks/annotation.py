@@ -21,7 +21,10 @@ regression on log1p-normalised counts of all genes, on 2,000 HVGs and on 50 PCs;
 the query predictions before and after temperature scaling) is reported for sctransformer.
 
 Usage: python benchmarks/annotation.py [--threads 2] [--datasets pbmc68k paul15 ...]
-       [--pretrain-epochs 3] [--json results.json]
+       [--pretrain-epochs 3 | --no-pretrain] [--seed 0] [--json results.json]
+
+``--seed`` sets ``sct.settings.seed`` (weight initialisation, masks, the order of the cells and the
+reference's training / validation split); the reference / query split stays fixed.
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ def run_dataset(name: str, pretrain_epochs: int) -> list[dict]:
     print(json.dumps(rows[-1]), flush=True)
 
     # pre-trained on the other data sets, fine-tuned on the reference
-    corpus = pretraining_corpus(name, list(ref.var_names))
+    corpus = pretraining_corpus(name, list(ref.var_names)) if pretrain_epochs > 0 else None
     if corpus is not None:
         sct.setup_anndata(corpus)
         pretrained = sct.GeneTransformer(corpus)
@@ -199,16 +202,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--datasets", nargs="+", default=["pbmc68k", "paul15", "cellbench", "kang18"])
     parser.add_argument("--pretrain-epochs", type=int, default=3)
+    parser.add_argument("--no-pretrain", action="store_true", help="skip the pre-trained + fine-tuned model")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sct.settings.seed = args.seed
+    if args.no_pretrain:
+        args.pretrain_epochs = 0
     rows = []
     for name in args.datasets:
         rows += run_dataset(name, args.pretrain_epochs)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
-    print(f"\n{args.threads} torch threads; macro-F1 [95% bootstrap CI over query cells], accuracy, minutes")
+    print(
+        f"\nseed {args.seed}, {args.threads} torch threads; macro-F1 [95% bootstrap CI over query cells], accuracy, minutes"
+    )
     print("| method | " + " | ".join(args.datasets) + " |")
     print("|---|" + "---|" * len(args.datasets))
     for method in dict.fromkeys(r["method"] for r in rows):
