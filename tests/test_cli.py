@@ -64,9 +64,12 @@ def test_pretrain_embed_predict_round_trip(tmp_path, capsys):
     before = digest(source)
     out = tmp_path / "embedded.h5ad"
     assert main(["embed", "--model", str(model_dir), "--input", str(source), "--output", str(out)]) == 0
-    embedded = ad.read_h5ad(out)
-    expected = model.get_latent_representation(ad.read_h5ad(source))
+    embedded, original = ad.read_h5ad(out), ad.read_h5ad(source)
+    expected = model.get_latent_representation(original)
     np.testing.assert_allclose(embedded.obsm["X_sct"], expected, atol=1e-6)
+    assert (embedded.layers["counts"] != original.layers["counts"]).nnz == 0  # copied as it was
+    assert embedded.uns["sct"]["X_sct"]["function"] == "embed"
+    assert not list(tmp_path.glob(".*.partial"))
     out = tmp_path / "predicted.h5ad"
     args = ["predict", "--model", str(model_dir), "--input", str(source), "--output", str(out)]
     assert main([*args, "--min-confidence", "0.5"]) == 0

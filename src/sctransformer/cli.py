@@ -12,9 +12,11 @@
     train: {max_epochs: 10, checkpoint_dir: ckpt/, resume: true}   # GeneTransformer.train options
     output: model/                               # saved model; the resolved config is saved beside it
 
-``embed`` and ``predict`` apply a saved model to an ``.h5ad`` file and write a copy with the results.
-Every error in the arguments or the config is reported in one line, before any training, with exit
-status 2. The data are read into memory (streaming shards is not built yet).
+``embed`` and ``predict`` apply a saved model to an ``.h5ad`` file and write a copy with the results;
+the input is read backed, so its count matrix is never loaded whole (results are written beside it
+without reading X). Every error in the arguments or the config is reported in one line, before any
+training, with exit status 2. ``pretrain`` reads its data into memory (streaming shards is not built
+yet).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,23 +151,53 @@ def pretrain(config_path: str, *, overwrite: bool = False) -> Path:
     return output
 
 
+def _write_results(source: Path, target: Path, adata: ad.AnnData) -> None:
+    """Copy ``source`` to ``target`` and replace its obs, obsm and uns by ``adata``'s: X is never read.
+
+    Written beside the target and renamed into place, so a failure leaves no partial file.
+    """
+    import h5py
+
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem
+
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        shutil.copyfile(source, partial)
+        with h5py.File(partial, "r+") as store:
+            write_elem(store, "obs", adata.obs)
+            write_elem(store, "obsm", dict(adata.obsm))
+            write_elem(store, "uns", dict(adata.uns))
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def _apply(args: argparse.Namespace, tool: str) -> Path:
+    """Embed or predict the cells of an ``.h5ad`` file, read backed (X stays on disk, read in chunks)."""
     import sctransformer as sct
 
     source, target = Path(args.input), Path(args.output)
     if not source.is_file():
         raise FileNotFoundError(f"input file {str(source)!r} does not exist")
+    if source.suffix != ".h5ad" or target.suffix != ".h5ad":
+        raise ValueError("--input and --output must be .h5ad files")
     if target.exists() and not args.overwrite:
         raise FileExistsError(f"output {str(target)!r} exists; pass --overwrite or choose another path")
     if target.resolve() == source.resolve():
         raise ValueError("--output must differ from --input: the input file is never changed")
     model = sct.GeneTransformer.load(args.model)
-    adata = ad.read_h5ad(source)
-    if tool == "embed":
-        sct.tl.embed(adata, model, key_added=args.key_added, pooling=args.pooling, batch_size=args.batch_size)
-    else:
-        sct.tl.predict(adata, model, min_confidence=args.min_confidence, batch_size=args.batch_size)
-    adata.write_h5ad(target)
+    adata = ad.read_h5ad(source, backed="r")
+    try:
+        if tool == "embed":
+            sct.tl.embed(adata, model, key_added=args.key_added, pooling=args.pooling, batch_size=args.batch_size)
+        else:
+            sct.tl.predict(adata, model, min_confidence=args.min_confidence, batch_size=args.batch_size)
+    finally:
+        adata.file.close()
+    _write_results(source, target, adata)
     return target
 
 

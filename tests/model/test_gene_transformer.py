@@ -3,9 +3,11 @@ from __future__ import annotations
 import json
 import warnings
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 import sctransformer as sct
@@ -181,3 +183,17 @@ def test_cells_without_counts_train_and_embed_from_special_tokens(adata):
     # an empty cell's embedding is the same whatever its (absent) genes' order: all three are equal
     np.testing.assert_allclose(embedding[0], embedding[1], atol=1e-6)
     assert model.predict()["cell_type_confidence"].between(0, 1).all()
+
+
+def test_backed_anndata_embeds_and_predicts_like_in_memory(adata, tmp_path):
+    adata.X = adata.layers.pop("counts")  # counts in X: the part a backed file keeps on disk
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    sct.setup_anndata(adata, phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    assert not isinstance(backed.X, np.ndarray | sp.spmatrix)  # read in chunks, never whole
+    np.testing.assert_array_equal(
+        model.get_latent_representation(backed, batch_size=16), model.get_latent_representation(adata)
+    )
+    pd.testing.assert_frame_equal(model.predict(backed), model.predict(adata))
+    assert backed.isbacked
