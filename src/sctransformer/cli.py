@@ -192,7 +192,9 @@ def _apply(args: argparse.Namespace, tool: str) -> Path:
     adata = ad.read_h5ad(source, backed="r")
     try:
         if tool == "embed":
-            sct.tl.embed(adata, model, key_added=args.key_added, pooling=args.pooling, batch_size=args.batch_size)
+            sct.tl.embed(
+                adata, model, key_added=args.key_added, pooling=args.pooling, batch_size=args.batch_size
+            )
         else:
             sct.tl.predict(adata, model, min_confidence=args.min_confidence, batch_size=args.batch_size)
     finally:

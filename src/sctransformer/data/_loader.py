@@ -37,3 +37,17 @@ def iter_minibatches(
     for start in range(0, adata.n_obs, batch_size):
         stop = min(start + batch_size, adata.n_obs)
         yield np.arange(start, stop), to_torch_csr(matrix[start:stop])
+
+
+def expressed_per_cell(adata: AnnData, *, layer: str | None, chunk_size: int = 10_000) -> np.ndarray:
+    """Number of non-zero entries of each cell, read in row chunks (backed matrices are never loaded whole)."""
+    matrix = get_matrix(adata, layer)
+    out = np.zeros(adata.n_obs, dtype=np.int64)
+    for start in range(0, adata.n_obs, chunk_size):
+        block = matrix[start : start + chunk_size]
+        if sp.issparse(block):  # != 0 builds a new matrix: the user's is never touched
+            counts = np.asarray((block != 0).sum(axis=1)).ravel()
+        else:
+            counts = np.count_nonzero(np.asarray(block), axis=1)
+        out[start : start + len(counts)] = counts
+    return out

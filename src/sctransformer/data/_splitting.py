@@ -38,6 +38,49 @@ class EpochSeededRandomSampler(Sampler[int]):
         yield from torch.randperm(self.n, generator=generator).tolist()
 
 
+class LengthBucketedSampler(EpochSeededRandomSampler):
+    """Random order of ``n`` items in which each run of ``batch_size`` items has similar lengths.
+
+    Per epoch (a function of ``(seed, epoch)`` alone): shuffle, cut into pools of
+    ``pool_batches * batch_size`` items, sort each pool by length, cut the pools into batches and
+    shuffle the order of the full batches (a last, partial batch stays last, so that a
+    :class:`~torch.utils.data.BatchSampler` of the same ``batch_size`` cuts exactly these batches).
+    Minibatches are padded to their longest cell, so similar lengths waste less compute on padding.
+
+    Parameters
+    ----------
+    lengths
+        Number of tokens of each item.
+    batch_size
+        Items per minibatch.
+    seed
+        Seed of the order.
+    pool_batches
+        Batches per sorted pool: larger pools give tighter buckets and less randomness.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int, pool_batches: int = 50) -> None:
+        super().__init__(len(lengths), seed)
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long)
+        self.batch_size = batch_size
+        self.pool_batches = pool_batches
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=generator)
+        pool = self.batch_size * self.pool_batches
+        batches = []
+        for start in range(0, self.n, pool):
+            chunk = order[start : start + pool]
+            chunk = chunk[torch.sort(self.lengths[chunk], stable=True).indices]
+            batches += list(chunk.split(self.batch_size))
+        partial = [b for b in batches if len(b) < self.batch_size]
+        full = [b for b in batches if len(b) == self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        for batch in shuffled + partial:
+            yield from batch.tolist()
+
+
 class EpochSeededDataSplitter(DataSplitter):
     """scvi-tools' :class:`~scvi.dataloaders.DataSplitter`, sparse to the end and reproducibly shuffled.
 
@@ -52,11 +95,15 @@ class EpochSeededDataSplitter(DataSplitter):
         Passed to :class:`~scvi.dataloaders.DataSplitter`.
     seed
         Seed of the training order.
+    lengths
+        Optional number of tokens of every cell of the AnnData: the training loader then batches
+        cells of similar lengths together (:class:`LengthBucketedSampler`).
     """
 
-    def __init__(self, *args, seed: int, **kwargs) -> None:
+    def __init__(self, *args, seed: int, lengths=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.seed = seed
+        self.lengths = lengths
         self._samplers: list[EpochSeededRandomSampler] = []
 
     def reseed(self, epoch: int) -> None:
@@ -74,7 +121,11 @@ class EpochSeededDataSplitter(DataSplitter):
         batch_sampler = loader.sampler
         if not (isinstance(batch_sampler, BatchSampler) and isinstance(batch_sampler.sampler, RandomSampler)):
             return loader  # a distributed or user-given sampler keeps its own shuffling
-        sampler = EpochSeededRandomSampler(len(batch_sampler.sampler), self.seed)
+        if self.lengths is None:
+            sampler = EpochSeededRandomSampler(len(batch_sampler.sampler), self.seed)
+        else:  # positions of the loader's dataset are its indices into the AnnData
+            lengths = torch.as_tensor(self.lengths)[torch.as_tensor(loader.indices)]
+            sampler = LengthBucketedSampler(lengths, batch_sampler.batch_size, self.seed)
         # the epoch about to be trained, as Lightning counts it for samplers' set_epoch; also right
         # when the loader is built for a run resumed from a checkpoint
         trainer = getattr(self, "trainer", None)

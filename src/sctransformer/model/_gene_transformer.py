@@ -33,6 +33,7 @@ from sctransformer.data import (
     PhenotypeObsField,
     category_codes,
     check_counts,
+    expressed_per_cell,
     gene_identifiers,
     get_matrix,
     iter_minibatches,
@@ -508,6 +509,7 @@ class GeneTransformer(BaseModelClass):
         early_stopping: bool = False,
         seed: int | None = None,
         deterministic: bool | None = None,
+        length_bucketing: bool = False,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
         datasplitter_kwargs: dict[str, Any] | None = None,
@@ -576,6 +578,11 @@ class GeneTransformer(BaseModelClass):
             ``deterministic=True``; results still differ between GPU models, between precisions
             (bf16 mixed by default) and from CPU results. The GPU path is not yet tested on
             hardware.
+        length_bucketing
+            Put training cells with similar numbers of tokens (expressed genes, up to
+            ``max_length``) in the same minibatch (:class:`~sctransformer.data.LengthBucketedSampler`):
+            minibatches are padded to their longest cell, so this wastes less compute on padding.
+            The order stays random between batches and is set by the seed and epoch.
         datasplitter_kwargs
             More options of :class:`scvi.dataloaders.DataSplitter`, e.g. ``num_workers``.
         **trainer_kwargs
@@ -627,6 +634,8 @@ class GeneTransformer(BaseModelClass):
         trainer_kwargs.setdefault("gradient_clip_val", 1.0)
         trainer_kwargs.setdefault("early_stopping_monitor", "loss_validation")
         trainer_kwargs.setdefault("log_every_n_steps", 1)
+        if not isinstance(length_bucketing, bool):
+            raise TypeError(f"length_bucketing must be True or False, got {length_bucketing!r}")
         if deterministic not in (None, True, False):
             raise ValueError(f"deterministic must be None, True or False, got {deterministic!r}")
         if deterministic is None:
@@ -661,6 +670,12 @@ class GeneTransformer(BaseModelClass):
                 shuffle_set_split=True,
                 load_sparse_tensor=True,
                 seed=seed,
+                lengths=np.minimum(
+                    expressed_per_cell(self.adata, layer=self.setup_args_[SETUP_ARGS.LAYER]),
+                    self.hyperparameters_["max_length"],
+                )
+                if length_bucketing
+                else None,
                 **(datasplitter_kwargs or {}),
             )
             plan = self._training_plan_cls(
@@ -705,6 +720,7 @@ class GeneTransformer(BaseModelClass):
             "phenotype_mask_prob": phenotype_mask_prob,
             "class_weight": class_weight,
             "focal_gamma": focal_gamma,
+            "length_bucketing": length_bucketing,
             "freeze": freeze,
             "train_size": train_size,
             "validation_size": validation_size,

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+import sctransformer as sct
+from sctransformer.data import EpochSeededRandomSampler, LengthBucketedSampler, expressed_per_cell
+
+from ..conftest import QUIET, TINY
+
+
+def padding(order: list[int], lengths: np.ndarray, batch_size: int) -> int:
+    """Padded token slots when consecutive runs of batch_size items are padded to their longest."""
+    total = 0
+    for start in range(0, len(order), batch_size):
+        batch = lengths[order[start : start + batch_size]]
+        total += int(batch.max() * len(batch) - batch.sum())
+    return total
+
+
+def test_length_buckets_visit_every_item_once_and_cut_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=1003)
+    batch_size = 16
+    sampler = LengthBucketedSampler(lengths, batch_size, seed=7, pool_batches=10)
+    random = EpochSeededRandomSampler(len(lengths), seed=7)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        random.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(len(lengths)))  # a permutation: nothing skipped or repeated
+        assert order == list(sampler)  # a function of (seed, epoch) alone
+        assert padding(order, lengths, batch_size) < 0.2 * padding(list(random), lengths, batch_size)
+        orders.append(order)
+    assert orders[0] != orders[1]
+    # the one partial batch comes last, so a BatchSampler of the same size cuts the sorted batches
+    batches = list(torch.utils.data.BatchSampler(orders[0], batch_size, drop_last=False))
+    assert all(len(b) == batch_size for b in batches[:-1]) and len(batches[-1]) == len(lengths) % batch_size
+
+
+def test_expressed_per_cell_counts_non_zeros_of_sparse_dense_and_explicit_zeros():
+    x = sp.random(50, 30, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    x.data[:5] = 0  # explicit zeros are not expressed
+    adata = sct.datasets.synthetic(50, 30, n_markers=5)
+    adata.X = x
+    expected = (x.toarray() != 0).sum(1)
+    np.testing.assert_array_equal(expressed_per_cell(adata, layer=None, chunk_size=7), expected)
+    assert x.nnz == (x.data != 0).sum() + 5  # the user's matrix keeps its explicit zeros
+    adata.X = x.toarray()
+    np.testing.assert_array_equal(expressed_per_cell(adata, layer=None, chunk_size=7), expected)
+
+
+def test_training_with_length_buckets_is_seeded_and_learns(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    states = []
+    for _ in range(2):
+        model = sct.GeneTransformer(adata, **TINY, seed=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.train(max_epochs=2, batch_size=16, length_bucketing=True, seed=3, **QUIET)
+        states.append(model.module.state_dict())
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)
+    assert model.train_settings_["length_bucketing"] is True
+    assert np.isfinite(model.history["loss_train"].to_numpy()).all()
