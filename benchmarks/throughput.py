@@ -7,6 +7,10 @@ A second table trains on real kang18 cells (510-1,100 expressed genes; ``max_len
 minibatches in random order against length-bucketed minibatches (``train(length_bucketing=True)``):
 the same cells and steps, padded to each minibatch's longest cell.
 
+With ``transformers`` installed (``pip install transformers``; not a dependency), each model size
+without dropout is also timed as a Hugging Face ``BertModel`` fed the same cells as padded
+sequences (the architecture Geneformer uses).
+
 Usage: python benchmarks/throughput.py [--cells 2048] [--batch-size 32] [--bucket-cells 512]
 """
 
@@ -68,6 +72,50 @@ def timed(fn, repeat: int) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def bert_training_step(tokens, d_model: int, n_layers: int, n_genes: int):
+    """A Hugging Face ``BertModel`` of the same size on the same cells (Geneformer's architecture).
+
+    Input: the cells' gene ids in token order as padded sequences (absolute positions), the same
+    attention mask; a linear head predicts the expression bin of 15% masked positions (as the gene
+    transformer does). Returns ``(step, n_tokens)`` or ``(None, 0)`` without ``transformers``.
+    """
+    try:
+        from transformers import BertConfig, BertModel
+    except ImportError:
+        return None, 0
+    config = BertConfig(
+        vocab_size=n_genes + 2,  # + [PAD], [MASK]
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        intermediate_size=4 * d_model,
+        max_position_embeddings=tokens.gene_ids.shape[1] + 1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"  # torch's fused attention, as the gene transformer uses
+    bert = BertModel(config, add_pooling_layer=False).train()
+    head = torch.nn.Linear(d_model, 16)
+    optimizer = torch.optim.AdamW([*bert.parameters(), *head.parameters()], lr=1e-4)
+    input_ids = torch.where(tokens.is_token, tokens.gene_ids + 2, 0)
+    attention_mask = tokens.is_token.long()
+    generator = torch.Generator().manual_seed(0)
+    masked = (torch.rand(input_ids.shape, generator=generator) < 0.15) & tokens.is_token
+    target = tokens.bins.clamp(min=0)
+
+    def step():
+        hidden = bert(
+            input_ids=input_ids.masked_fill(masked, 1), attention_mask=attention_mask
+        ).last_hidden_state
+        loss = torch.nn.functional.cross_entropy(head(hidden[masked]), target[masked])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step, int(tokens.is_token.sum())
+
+
 def bucketing_rows(n_cells: int, bs: int) -> list[tuple[str, str, str]]:
     """Training steps over the same kang18 cells in random vs length-bucketed minibatches."""
     path = DATA / "kang18_ifnb_pbmc_ctrl_stim.h5ad"
@@ -82,7 +130,7 @@ def bucketing_rows(n_cells: int, bs: int) -> list[tuple[str, str, str]]:
     counts = adata.X.tocsr()
     lengths = np.minimum(expressed_per_cell(adata, layer=None), 1024)
     no_phenotypes = torch.zeros(bs, 0, dtype=torch.long)
-    rows = []
+    rows, bert_rows, bert_seconds = [], [], 0.0
     for name, sampler in (
         ("random minibatches", EpochSeededRandomSampler(adata.n_obs, seed=0)),
         ("length-bucketed minibatches", LengthBucketedSampler(lengths, bs, seed=0)),
@@ -102,12 +150,38 @@ def bucketing_rows(n_cells: int, bs: int) -> list[tuple[str, str, str]]:
             real += int(tokens.is_token.sum())
             padded += tokens.is_token.numel()
         seconds = time.perf_counter() - start
+        if name == "random minibatches":  # the same cells and batches through a padded BERT
+            bert_seconds, bert_real = 0.0, 0
+            for batch in batches:
+                tokens = module.tokenize(to_torch_csr(counts[np.sort(batch)]), column_to_gene)
+                bert_step, n_real = bert_training_step(tokens, 64, 2, len(model.vocabulary_))
+                if bert_step is None:
+                    break
+                bert_step()  # builds nothing new per call: time the second call of the same step
+                t0 = time.perf_counter()
+                bert_step()
+                bert_seconds += time.perf_counter() - t0
+                bert_real += n_real
+            if bert_step is not None:
+                bert_rows = [
+                    (
+                        "train HF BertModel d=64 L=2 max_length=1024, random minibatches (padded)",
+                        f"{len(batches) * bs / bert_seconds:,.1f} cells/s",
+                        f"{bert_real / bert_seconds:,.0f} real tokens/s",
+                    )
+                ]
         rows.append(
             (
                 f"train d=64 L=2 max_length=1024, {name}",
                 f"{len(batches) * bs / seconds:,.1f} cells/s",
                 f"{real / seconds:,.0f} real tokens/s; padding {1 - real / padded:.0%} of token slots",
             )
+        )
+    if bert_rows:
+        ratio = (len(batches) * bs / seconds) / (len(batches) * bs / bert_seconds)
+        rows += bert_rows
+        rows.append(
+            ("length-bucketed sctransformer / padded BERT", f"{ratio:.2f}x", "cells/s on the same cells")
         )
     return rows
 
@@ -159,7 +233,7 @@ def main() -> None:
         )
     batches = [to_torch_csr(counts[i : i + bs]) for i in range(0, adata.n_obs, bs)]
 
-    for d_model, n_layers, dropout in [(64, 2, 0.1), (64, 2, 0.0), (128, 2, 0.1), (256, 4, 0.1)]:
+    for d_model, n_layers, dropout in [(64, 2, 0.0), (64, 2, 0.1), (128, 2, 0.0), (256, 4, 0.0)]:
         m = sct.GeneTransformer(adata, d_model=d_model, n_layers=n_layers, n_heads=4, dropout=dropout)
         module = m.module.train()
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
@@ -194,6 +268,18 @@ def main() -> None:
             )
         )
         rows.append((f"embed d={d_model} L={n_layers}", f"{sub.n_obs / t_embed:,.0f} cells/s", ""))
+        if dropout == 0.0:
+            bert_step, bert_tokens = bert_training_step(tokens, d_model, n_layers, len(m.vocabulary_))
+            if bert_step is not None:
+                t_bert = timed(bert_step, 5)
+                rows.append(
+                    (
+                        f"train step HF BertModel d={d_model} L={n_layers}, padded",
+                        f"{bs / t_bert:,.0f} cells/s",
+                        f"{bert_tokens / t_bert:,.0f} tokens/s; sctransformer / BERT tokens/s: "
+                        f"{(n_tokens / t_step) / (bert_tokens / t_bert):.2f}x",
+                    )
+                )
 
     rows += bucketing_rows(args.bucket_cells, bs)
     width = max(len(r[0]) for r in rows) + 2
