@@ -227,6 +227,31 @@ def test_training_that_hits_a_non_finite_loss_stops_naming_the_step(adata):
         model.train(max_epochs=1, **QUIET)
 
 
+def test_a_non_finite_loss_mid_run_keeps_the_last_good_checkpoint(adata, tmp_path):
+    import lightning.pytorch as pl
+
+    class PoisonAtStep(pl.Callback):
+        """Turn the weights to NaN just before a step of the second epoch."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 1:
+                with torch.no_grad():
+                    pl_module.module.gene_embedding.weight.fill_(float("nan"))
+
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    steps_per_epoch = int(np.ceil(round(0.9 * adata.n_obs) / 32))
+    with (
+        pytest.raises(FloatingPointError, match=f"non-finite training loss at step {steps_per_epoch + 1}"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=3, checkpoint_dir=tmp_path, callbacks=[PoisonAtStep()], **QUIET)
+    checkpoint = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)  # our own file
+    assert checkpoint["epoch"] == 0  # the end of the first epoch, the last good one
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [

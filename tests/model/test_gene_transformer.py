@@ -197,3 +197,17 @@ def test_backed_anndata_embeds_and_predicts_like_in_memory(adata, tmp_path):
     )
     pd.testing.assert_frame_equal(model.predict(backed), model.predict(adata))
     assert backed.isbacked
+
+
+def test_csr_csc_and_dense_counts_embed_identically(trained):
+    model, data = trained
+    reference = model.get_latent_representation(data)
+    for name, convert in (
+        ("CSC", lambda x: sp.csc_matrix(x)),
+        ("dense", lambda x: x.toarray()),
+        ("dense float32", lambda x: x.toarray().astype(np.float32)),
+    ):
+        other = data.copy()
+        other.layers["counts"] = convert(data.layers["counts"])
+        np.testing.assert_array_equal(model.get_latent_representation(other), reference, err_msg=name)
+    # backed counts: test_backed_anndata_embeds_and_predicts_like_in_memory
