@@ -435,3 +435,30 @@ def test_cli_refuses_bad_arguments_with_status_2(tmp_path, capsys, case, message
     with pytest.raises(SystemExit) as exit_info:  # argparse: a required argument missing
         main([args[0]])
     assert exit_info.value.code == 2
+
+
+def test_a_single_cell_trains_without_validation_and_embeds_finitely(adata):
+    one = adata[:1].copy()
+    with pytest.warns(UserWarning, match="single category"):
+        sct.setup_anndata(one, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(one, **TINY)
+    with pytest.raises(ValueError, match="early_stopping needs validation cells"):
+        model.train(max_epochs=1, early_stopping=True, **QUIET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, **QUIET)
+    assert not any(k.endswith("_validation") for k in model.history)
+    assert model.temperatures_ == {}  # no validation cells: nothing to calibrate on
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_duplicate_cell_names_are_accepted_and_results_follow_positions(trained):
+    model, data = trained
+    duplicated = data.copy()
+    duplicated.obs_names = ["same"] * duplicated.n_obs
+    np.testing.assert_array_equal(
+        model.get_latent_representation(duplicated), model.get_latent_representation(data)
+    )
+    sct.tl.predict(duplicated, model)
+    expected = model.predict(data)["cell_type"].to_numpy()
+    np.testing.assert_array_equal(duplicated.obs["sct_cell_type"].to_numpy(), expected)

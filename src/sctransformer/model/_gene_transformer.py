@@ -19,6 +19,7 @@ import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
+from scvi.dataloaders._data_splitting import validate_data_split
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 
@@ -617,9 +618,18 @@ class GeneTransformer(BaseModelClass):
             raise ValueError("the model has no AnnData to train on; load it with adata=...")
         self._validate_anndata(self.adata)
         self._check_unchanged_since_setup(self.adata)
-        n_train = round(train_size * self.adata.n_obs)
-        if n_train < 1:
-            raise ValueError(f"train_size={train_size} leaves no training cell of {self.adata.n_obs}")
+        try:  # scvi-tools' own rule, the one its DataSplitter applies
+            _, n_validation = validate_data_split(self.adata.n_obs, train_size, validation_size)
+        except ValueError as err:
+            raise ValueError(
+                f"train_size={train_size}, validation_size={validation_size} do not split "
+                f"{self.adata.n_obs} cells: {err}"
+            ) from err
+        if early_stopping and n_validation == 0:
+            raise ValueError(
+                f"early_stopping needs validation cells, and train_size={train_size} leaves none of "
+                f"{self.adata.n_obs}; lower train_size or pass early_stopping=False"
+            )
 
         seed = settings.seed if seed is None else seed
         if max_epochs is None:
@@ -629,8 +639,10 @@ class GeneTransformer(BaseModelClass):
             precision = "bf16-mixed"
         if precision is not None:
             trainer_kwargs["precision"] = precision
-        has_validation = (validation_size if validation_size is not None else 1 - train_size) > 0
-        trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if has_validation else None)
+        # no validation cells (e.g. a single cell): no validation loop at all
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1 if n_validation > 0 else None)
+        if n_validation == 0:
+            trainer_kwargs.setdefault("limit_val_batches", 0)
         trainer_kwargs.setdefault("gradient_clip_val", 1.0)
         trainer_kwargs.setdefault("early_stopping_monitor", "loss_validation")
         trainer_kwargs.setdefault("log_every_n_steps", 1)
