@@ -228,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
         if name == "embed":
             p.add_argument("--key-added", default="X_sct")
-            p.add_argument("--pooling", choices=["cls", "mean"], default="cls")
+            p.add_argument("--pooling", choices=["profile", "cls", "mean"], default=None)
         else:
             p.add_argument("--min-confidence", type=float, default=None)
     return parser

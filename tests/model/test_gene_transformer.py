@@ -177,7 +177,7 @@ def test_cells_without_counts_train_and_embed_from_special_tokens(adata):
         sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     model = sct.GeneTransformer(adata, **TINY)
     train_quietly(model, max_epochs=1)
-    for pooling in ("cls", "mean"):
+    for pooling in ("cls", "mean", "profile"):
         embedding = model.get_latent_representation(pooling=pooling)
         assert np.isfinite(embedding).all()
     # an empty cell's embedding is the same whatever its (absent) genes' order: all three are equal
@@ -211,3 +211,17 @@ def test_csr_csc_and_dense_counts_embed_identically(trained):
         other.layers["counts"] = convert(data.layers["counts"])
         np.testing.assert_array_equal(model.get_latent_representation(other), reference, err_msg=name)
     # backed counts: test_backed_anndata_embeds_and_predicts_like_in_memory
+
+
+def test_default_embedding_is_the_profile_token_output(trained, adata):
+    model, data = trained
+    assert model.default_pooling == "profile"
+    embedding = model.get_latent_representation(data)
+    for idx, _, hidden in model._forward(data, 64):
+        np.testing.assert_array_equal(embedding[idx], hidden[:, model.module.n_prefix - 1].numpy())
+    assert not np.allclose(embedding, model.get_latent_representation(data, pooling="cls"))
+    sct.setup_anndata(adata, layer="counts")
+    plain = sct.GeneTransformer(adata, **TINY, cell_profile=False)
+    assert plain.default_pooling == "cls"
+    with pytest.raises(ValueError, match="cell_profile=True"):
+        plain.get_latent_representation(pooling="profile")

@@ -903,7 +903,7 @@ class GeneTransformer(BaseModelClass):
         self,
         adata: AnnData | None = None,
         *,
-        pooling: Pooling = "cls",
+        pooling: Pooling | None = None,
         batch_size: int | None = None,
     ) -> np.ndarray:
         """Cell embeddings ``(n_cells, d_model)``.
@@ -917,17 +917,28 @@ class GeneTransformer(BaseModelClass):
             AnnData with the model's count layer; default the AnnData the model was built on.
             It need not be set up and is not modified.
         pooling
-            ``"cls"``: the ``[CLS]`` token's output; ``"mean"``: mean over expressed-gene tokens.
+            ``"profile"``: the ``[PROFILE]`` token's output (default for models with it); ``"cls"``:
+            the ``[CLS]`` token's output (default without it); ``"mean"``: mean over expressed-gene
+            tokens. On pbmc68k the ``[PROFILE]`` output carries far more cell-type information
+            (kNN probe 0.84, as 50 principal components) than ``[CLS]`` (0.33).
         batch_size
             Cells per minibatch; default ``sctransformer.settings.batch_size``.
         """
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        pooling = self.default_pooling if pooling is None else pooling
+        if pooling not in ("cls", "mean", "profile"):
+            raise ValueError(f"pooling must be 'profile', 'cls' or 'mean', got {pooling!r}")
+        if pooling == "profile" and not self.module.cell_profile:
+            raise ValueError("pooling='profile' needs a model with the [PROFILE] token (cell_profile=True)")
         adata = self._inference_adata(adata)
         out = np.zeros((adata.n_obs, self.hyperparameters_["d_model"]), dtype=np.float32)
         for idx, tokens, hidden in self._forward(adata, batch_size):
             out[idx] = self.module.pool(hidden, tokens, pooling).float().cpu().numpy()
         return out
+
+    @property
+    def default_pooling(self) -> Pooling:
+        """``"profile"`` for models with the ``[PROFILE]`` token, else ``"cls"``."""
+        return "profile" if self.module.cell_profile else "cls"
 
     def _phenotype_logits(
         self, adata: AnnData, keys: list[str], batch_size: int | None

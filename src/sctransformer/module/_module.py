@@ -12,7 +12,7 @@ from torch import nn
 from ._attention import EncoderBlock
 from ._tokenizer import Binning, TokenizedCells, Tokenizer, ValueEncoding
 
-Pooling = Literal["cls", "mean"]
+Pooling = Literal["cls", "mean", "profile"]
 PhenotypeInput = Literal["token", "token+mean"]
 
 
@@ -273,9 +273,13 @@ class GeneTransformerModule(nn.Module):
         return self.norm(x), [maps[layer] for layer in layers]
 
     def pool(self, hidden: torch.Tensor, tokens: TokenizedCells, pooling: Pooling) -> torch.Tensor:
-        """Cell embedding ``(n, d)``: the ``[CLS]`` output or the mean over expressed-gene tokens."""
+        """Cell embedding ``(n, d)``: the ``[CLS]`` or ``[PROFILE]`` output, or the gene-token mean."""
         if pooling == "cls":
             return hidden[:, 0]
+        if pooling == "profile":
+            if not self.cell_profile:
+                raise ValueError("pooling='profile' needs a model with the [PROFILE] token (cell_profile=True)")
+            return hidden[:, self.n_prefix - 1]
         weights = (tokens.is_token & ~tokens.is_unexpressed).to(hidden.dtype)
         gene_hidden = hidden[:, self.n_prefix :]
         total = (gene_hidden * weights.unsqueeze(-1)).sum(1)

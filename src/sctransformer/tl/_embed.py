@@ -16,7 +16,7 @@ def embed(
     model: GeneTransformer,
     *,
     key_added: str = KEYS.EMBEDDING,
-    pooling: Pooling = "cls",
+    pooling: Pooling | None = None,
     batch_size: int | None = None,
     copy: bool = False,
 ) -> AnnData | None:
@@ -31,7 +31,8 @@ def embed(
     key_added
         ``.obsm`` key to write.
     pooling
-        ``"cls"`` or ``"mean"``, see :meth:`~sctransformer.GeneTransformer.get_latent_representation`.
+        ``"profile"``, ``"cls"`` or ``"mean"``; default the model's
+        (:meth:`~sctransformer.GeneTransformer.get_latent_representation`).
     batch_size
         Cells per minibatch.
     copy
@@ -46,6 +47,7 @@ def embed(
     ``.uns["sct"][key_added]``
         The parameters of the run.
     """
+    pooling = model.default_pooling if pooling is None else pooling
     embedding = model.get_latent_representation(adata, pooling=pooling, batch_size=batch_size)
     adata = adata.copy() if copy else adata
     adata.obsm[key_added] = embedding
