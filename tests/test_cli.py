@@ -9,6 +9,7 @@ import sys
 
 import anndata as ad
 import numpy as np
+import pytest
 import yaml
 
 import sctransformer as sct
@@ -86,3 +87,29 @@ def test_console_script_reports_errors_with_status_2(tmp_path):
     )
     assert result.returncode == 2
     assert "config file" in result.stderr and "does not exist" in result.stderr
+
+
+def test_pretrain_names_an_unreadable_file_skips_an_empty_one_and_logs_gene_coverage(
+    tmp_path, capsys, caplog
+):
+    config = write_config(tmp_path)
+    (tmp_path / "broken.h5ad").write_bytes(b"not an h5ad file")
+    settings = yaml.safe_load(open(config))
+    settings["data"]["paths"] = [*settings["data"]["paths"], "broken.h5ad"]
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(settings))
+    assert main(["pretrain", "--config", str(tmp_path / "broken.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read data file" in err and "broken.h5ad" in err
+    assert not (tmp_path / "model").exists()
+
+    empty = sct.datasets.synthetic(n_cells=10, n_genes=60, n_markers=5)[:0].copy()
+    empty.write_h5ad(tmp_path / "empty.h5ad")
+    settings["data"]["paths"] = [*settings["data"]["paths"][:2], "empty.h5ad"]
+    (tmp_path / "with_empty.yaml").write_text(yaml.safe_dump(settings))
+    with (
+        caplog.at_level("INFO", logger="sctransformer"),
+        pytest.warns(UserWarning, match="no cells; skipped"),
+    ):
+        assert main(["pretrain", "--config", str(tmp_path / "with_empty.yaml")]) == 0
+    assert "shard_1.h5ad: 58 of its 58 genes are in every file" in caplog.text
+    assert "shard_0.h5ad: 58 of its 60 genes are in every file" in caplog.text

@@ -26,12 +26,16 @@ import inspect
 import json
 import shutil
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import pandas as pd
 import yaml
+
+from sctransformer._settings import logger
 
 SECTIONS = {"data", "model", "train", "output"}
 DATA_KEYS = {"paths", "layer", "batch_key", "phenotype_keys", "gene_key"}
@@ -117,10 +121,40 @@ _TRAINER_OPTIONS = {
 
 
 def _load_data(data: dict[str, Any]) -> ad.AnnData:
-    parts = [ad.read_h5ad(p) for p in data["paths"]]
+    """Read the data files; several are joined on the genes they all have (by identifier).
+
+    An unreadable file is an error naming it; a file without cells is skipped with a warning; the
+    genes each file loses in the join are logged.
+    """
+    parts, names = [], []
+    for path in data["paths"]:
+        try:
+            part = ad.read_h5ad(path)
+        except Exception as err:  # h5py / anndata raise many types for a damaged file
+            raise ValueError(f"cannot read data file {path!r}: {err}") from err
+        if part.n_obs == 0:
+            warnings.warn(f"data file {path!r} has no cells; skipped", UserWarning, stacklevel=2)
+            continue
+        parts.append(part)
+        names.append(Path(path).name)
+    if not parts:
+        raise ValueError("every data file is empty; nothing to train on")
     if len(parts) == 1:
         return parts[0]
-    adata = ad.concat(parts, join="inner", label="source_file", keys=[Path(p).name for p in data["paths"]])
+    gene_key = data.get("gene_key")
+    identifiers = [pd.Index(p.var[gene_key] if gene_key else p.var_names) for p in parts]
+    shared = identifiers[0]
+    for ids in identifiers[1:]:
+        shared = shared.intersection(ids, sort=False)
+    for name, ids in zip(names, identifiers, strict=True):
+        logger.info("%s: %d of its %d genes are in every file (%.0f%%)", name, len(shared), len(ids),
+                    100 * len(shared) / max(len(ids), 1))  # fmt: skip
+    if len(shared) == 0:
+        raise ValueError(f"the data files share no gene identifier: {names}")
+    if gene_key:  # join on the identifiers, not on whatever var_names hold
+        for part in parts:
+            part.var_names = pd.Index(part.var[gene_key].astype(str))
+    adata = ad.concat(parts, join="inner", label="source_file", keys=names, merge="first")
     adata.obs_names_make_unique()
     return adata
 
