@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from scvi.dataloaders import DataSplitter
 from torch.utils.data import BatchSampler, RandomSampler, Sampler
@@ -59,7 +60,13 @@ class LengthBucketedSampler(EpochSeededRandomSampler):
         Batches per sorted pool: larger pools give tighter buckets and less randomness.
     """
 
-    def __init__(self, lengths, batch_size: int, seed: int, pool_batches: int = 50) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int] | np.ndarray | torch.Tensor,
+        batch_size: int,
+        seed: int,
+        pool_batches: int = 50,
+    ) -> None:
         super().__init__(len(lengths), seed)
         self.lengths = torch.as_tensor(lengths, dtype=torch.long)
         self.batch_size = batch_size
@@ -100,7 +107,7 @@ class EpochSeededDataSplitter(DataSplitter):
         cells of similar lengths together (:class:`LengthBucketedSampler`).
     """
 
-    def __init__(self, *args, seed: int, lengths=None, **kwargs) -> None:
+    def __init__(self, *args, seed: int, lengths: np.ndarray | torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.seed = seed
         self.lengths = lengths

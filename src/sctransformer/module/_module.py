@@ -278,7 +278,9 @@ class GeneTransformerModule(nn.Module):
             return hidden[:, 0]
         if pooling == "profile":
             if not self.cell_profile:
-                raise ValueError("pooling='profile' needs a model with the [PROFILE] token (cell_profile=True)")
+                raise ValueError(
+                    "pooling='profile' needs a model with the [PROFILE] token (cell_profile=True)"
+                )
             return hidden[:, self.n_prefix - 1]
         weights = (tokens.is_token & ~tokens.is_unexpressed).to(hidden.dtype)
         gene_hidden = hidden[:, self.n_prefix :]

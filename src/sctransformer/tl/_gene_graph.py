@@ -18,6 +18,8 @@ from sctransformer.model import GeneTransformer
 from ._utils import record_run
 
 Normalize = Literal["coexpression", "none"]
+Layers = Literal["last", "all"] | int | list[int]
+Heads = Literal["mean", "max"]
 
 #: Row block of the final scoring pass, in bytes of one dense float64 block (bounds its memory).
 _BLOCK_BYTES = 64 * 2**20
@@ -132,7 +134,9 @@ class AttentionAccumulator:
         return graph
 
 
-def _graph_genes(adata: AnnData, model: GeneTransformer, genes) -> tuple[np.ndarray, np.ndarray]:
+def _graph_genes(
+    adata: AnnData, model: GeneTransformer, genes: str | list[str] | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Columns of ``adata`` in the graph, and the vocabulary -> graph index map (``-2`` outside)."""
     column_to_gene = model._column_to_gene(adata)
     if genes is None:
@@ -162,11 +166,12 @@ def _accumulate(
     vocabulary_to_graph: np.ndarray,
     n_genes: int,
     *,
-    layers,
-    heads,
+    layers: Layers,
+    heads: Heads,
     normalize: Normalize,
     batch_size: int | None,
 ) -> AttentionAccumulator:
+    """Run every cell of ``adata`` through the model and add its gene-gene attention."""
     accumulator = AttentionAccumulator(n_genes, normalize)
     lookup = torch.as_tensor(vocabulary_to_graph)
     for _, tokens, attention in model._gene_attention(
@@ -177,7 +182,7 @@ def _accumulate(
     return accumulator
 
 
-def group_key(key_added: str, group) -> str:
+def group_key(key_added: str, group: object) -> str:
     """``.varp`` key of one group's graph: ``f"{key_added}_{group}"``, with ``/`` (not allowed in .h5ad keys) as ``_``."""
     return f"{key_added}_{group}".replace("/", "_")
 
@@ -188,8 +193,8 @@ def gene_graph(
     *,
     groupby: str | None = None,
     genes: list[str] | None = None,
-    layers: Literal["last", "all"] | int | list[int] = "last",
-    heads: Literal["mean", "max"] = "mean",
+    layers: Layers = "last",
+    heads: Heads = "mean",
     normalize: Normalize = "coexpression",
     top_k: int = 20,
     min_cells: int = 10,
