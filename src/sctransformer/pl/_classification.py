@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from anndata import AnnData
@@ -14,7 +13,7 @@ from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
 from sctransformer.metrics._classification import _bin_index, _obs_column, expected_calibration_error
 
-from ._utils import finish
+from ._utils import finish, new_axes
 
 
 def _ordered_labels(column: pd.Series, values: np.ndarray) -> list:
@@ -27,13 +26,6 @@ def _ordered_labels(column: pd.Series, values: np.ndarray) -> list:
         return sorted(present)
     except TypeError:
         return list(present)
-
-
-def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
-    if ax is None:
-        fig, ax = plt.subplots(figsize=figsize)
-        return fig, ax
-    return ax.figure, ax
 
 
 def confusion_matrix(
@@ -105,7 +97,7 @@ def confusion_matrix(
         normalize=normalize,
     )[: len(rows)]
 
-    fig, ax = _new_axes(ax, (0.45 * len(columns) + 2.5, 0.45 * len(rows) + 1.5))
+    fig, ax = new_axes(ax, (0.45 * len(columns) + 2.5, 0.45 * len(rows) + 1.5))
     image = ax.imshow(matrix, cmap=cmap, vmin=0, vmax=1 if normalize in ("true", "pred") else None)
     ax.set_xticks(np.arange(len(columns)), [str(c) for c in columns], rotation=90)
     ax.set_yticks(np.arange(len(rows)), [str(r) for r in rows])
@@ -187,7 +179,7 @@ def calibration(
     width = 1.0 / n_bins
     centers = (np.arange(n_bins) + 0.5) * width
 
-    fig, ax = _new_axes(ax, (4.0, 4.0))
+    fig, ax = new_axes(ax, (4.0, 4.0))
     filled = count > 0
     ax.bar(
         centers[filled],

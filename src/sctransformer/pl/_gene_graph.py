@@ -4,29 +4,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-import matplotlib.pyplot as plt
 import networkx as nx
 import numpy as np
 import pandas as pd
 import scanpy as sc
-import scipy.sparse as sp
 from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from sctransformer._keys import KEYS
 from sctransformer.data._validation import get_matrix
+from sctransformer.tl._gene_graph import stored_graph
 
-from ._utils import finish
+from ._utils import finish, new_axes
 
 if TYPE_CHECKING:
     from sctransformer.model import GeneTransformer
-
-
-def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
-    if ax is None:
-        return plt.subplots(figsize=figsize)
-    return ax.figure, ax
 
 
 def gene_graph(
@@ -61,8 +54,7 @@ def gene_graph(
     ax, show, return_fig
         As in scanpy.
     """
-    if key not in adata.varp:
-        raise KeyError(f"no gene graph in adata.varp[{key!r}]; run sct.tl.gene_graph(adata, model) first")
+    graph = stored_graph(adata, key)
     genes = [genes] if isinstance(genes, str) else list(genes)
     if not genes:
         raise ValueError("genes is empty; name at least one gene")
@@ -71,7 +63,6 @@ def gene_graph(
         raise KeyError(f"genes not in adata.var_names: {missing}")
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 1:
         raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}")
-    graph = sp.csr_matrix(adata.varp[key])
     names = adata.var_names
     network = nx.Graph()
     for gene in genes:
@@ -81,7 +72,7 @@ def gene_graph(
         for j in row.indices[np.argsort(-row.data)[:n_neighbors]]:
             network.add_edge(gene, names[j], weight=float(graph[i, j]))
     isolated = [g for g in genes if network.degree(g) == 0]
-    fig, ax = _axes(ax, (6, 6))
+    fig, ax = new_axes(ax, (6, 6))
     position = nx.spring_layout(network, seed=layout_seed, weight="weight")
     weights = np.array([d["weight"] for *_, d in network.edges(data=True)])
     widths = 0.5 + 3 * weights / weights.max() if len(weights) else []
@@ -151,7 +142,7 @@ def attention(
     vocabulary = np.asarray(model.vocabulary_.genes)
     names = vocabulary[tokens.gene_ids[0, :shown].cpu().numpy()]
     matrix = maps[0, :shown, :shown].cpu().numpy()
-    fig, ax = _axes(ax, (0.22 * shown + 2, 0.22 * shown + 1.5))
+    fig, ax = new_axes(ax, (0.22 * shown + 2, 0.22 * shown + 1.5))
     image = ax.imshow(matrix, cmap=cmap)
     ax.set_xticks(range(shown), names, rotation=90, fontsize=7)
     ax.set_yticks(range(shown), names, fontsize=7)

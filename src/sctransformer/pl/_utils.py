@@ -1,4 +1,4 @@
-"""Scanpy's return rule for plot functions."""
+"""Shared helpers of the plot functions: new axes, scanpy's return rule."""
 
 from __future__ import annotations
 
@@ -20,3 +20,11 @@ def finish(
         plt.show()
         return None
     return axes
+
+
+def new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    """``ax`` and its figure, or a new figure of ``figsize`` with one Axes."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+        return fig, ax
+    return ax.figure, ax

@@ -420,6 +420,13 @@ def gene_embedding(
     return adata if copy else None
 
 
+def stored_graph(adata: AnnData, key: str) -> sp.csr_matrix:
+    """The gene graph in ``adata.varp[key]`` as CSR; a clear error when there is none."""
+    if key not in adata.varp:
+        raise KeyError(f"no gene graph in adata.varp[{key!r}]; run sct.tl.gene_graph(adata, model) first")
+    return sp.csr_matrix(adata.varp[key])
+
+
 def gene_modules(
     adata: AnnData,
     *,
@@ -459,13 +466,11 @@ def gene_modules(
     ``.obsm[f"{key_added}_scores"]`` (cells x modules DataFrame, with ``score``) and
     ``.uns["sct"][key_added]``.
     """
-    if key not in adata.varp:
-        raise KeyError(f"no gene graph in adata.varp[{key!r}]; run sct.tl.gene_graph(adata, model) first")
+    graph = stored_graph(adata, key)
     if not resolution > 0:
         raise ValueError(f"resolution must be positive, got {resolution!r}")
     if isinstance(min_size, bool) or not isinstance(min_size, int | np.integer) or min_size < 1:
         raise ValueError(f"min_size must be a positive integer, got {min_size!r}")
-    graph = sp.csr_matrix(adata.varp[key])
     graph = graph.maximum(graph.T).tocsr()
     connected = np.asarray((graph != 0).sum(1)).ravel() > 0
     if connected.sum() < 2:
