@@ -271,11 +271,8 @@ def gene_graph(
         raise ValueError(f"top_k must be an integer in [1, {n_genes}) (the graph's genes), got {top_k!r}")
     if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 1:
         raise ValueError(f"min_cells must be a positive integer, got {min_cells!r}")
-    if normalize not in ("coexpression", "none"):
-        raise ValueError(f"normalize must be 'coexpression' or 'none', got {normalize!r}")
-    model._attention_layers(layers)  # checked before any forward pass
-    if heads not in ("mean", "max"):
-        raise ValueError(f"heads must be 'mean' or 'max', got {heads!r}")
+    # normalize (AttentionAccumulator), layers and heads (GeneTransformer._gene_attention) are
+    # checked where they are used, before the first forward pass
     if groupby is None:
         subsets = {None: np.arange(adata.n_obs)}
     else:
