@@ -25,6 +25,7 @@ minutes. papalexi21 has no cell types and pbmc3k no labels: not used.
 Usage: python benchmarks/gene_graph.py [--datasets pbmc68k paul15 ...] [--top-k 10] [--genes 1000]
        [--model '<GeneTransformer kwargs JSON>'] [--train '<train kwargs JSON>']
        [--graphs '<list of tl.gene_graph kwargs JSON>']
+       python benchmarks/gene_graph.py --memory 20000   (peak memory of one 20,000-gene graph)
 e.g.   --model '{"cell_profile": false}' --graphs '[{}, {"normalize": "none"}, {"layers": "all", "heads": "max"}]'
 """
 
@@ -209,6 +210,24 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def memory(n_genes: int, n_cells: int) -> None:
+    """Peak RSS of one gene graph over ``n_genes`` synthetic genes (run alone: ``--memory``)."""
+    import resource
+
+    adata = sct.datasets.synthetic(n_cells, n_genes, n_cell_types=4, n_markers=50, mean_counts=3000)
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, d_model=16, n_layers=1, n_heads=2, max_length=256)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    start = time.perf_counter()
+    sct.tl.gene_graph(adata, model, top_k=10, batch_size=64)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    accumulator = 4 * n_genes**2 / 2**30
+    print(
+        f"gene graph over {n_genes:,} genes, {n_cells} cells (256 tokens each): peak RSS +{peak - before:.2f} GiB "
+        f"(dense float32 sum {accumulator:.2f} GiB), {time.perf_counter() - start:.1f} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--datasets", nargs="+", default=["pbmc68k", "paul15", "cellbench", "kang18"])
@@ -220,8 +239,12 @@ def main() -> None:
     parser.add_argument("--model", type=json.loads, default={})
     parser.add_argument("--graphs", type=json.loads, default=[{}])
     parser.add_argument("--train", type=json.loads, default={})
+    parser.add_argument("--memory", type=int, default=None, help="only measure memory for this many genes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory:
+        memory(args.memory, n_cells=600)
+        return
     rows = []
     for name in args.datasets:
         rows += run(name, args)
