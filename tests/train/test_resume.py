@@ -18,28 +18,43 @@ SETUP = textwrap.dedent(
     """
     import sctransformer as sct
 
-    def make_model():
+    def make_model(kind, workdir):
         adata = sct.datasets.synthetic(n_cells=100, n_genes=40, seed=0)
-        sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
-        return sct.GeneTransformer(
-            adata, d_model=16, n_layers=1, n_heads=2, max_length=32, n_bins=5, dropout=0.1, seed=1
-        )
+        hyperparameters = dict(d_model=16, n_layers=1, n_heads=2, max_length=32, n_bins=5, dropout=0.1, seed=1)
+        if kind == "anndata":
+            sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+            return sct.GeneTransformer(adata, **hyperparameters)
+        paths = []
+        for i, (start, stop) in enumerate([(0, 45), (45, 100)]):
+            paths.append(f"{workdir}/shard_{i}.h5ad")
+            adata[start:stop].copy().write_h5ad(paths[-1])
+        data = sct.data.ShardedAnnData(paths, layer="counts", phenotype_keys=["cell_type"])
+        return sct.GeneTransformer.from_shards(data, **hyperparameters)
 
     TRAIN = dict(max_epochs=4, batch_size=32, seed=2, enable_progress_bar=False)
     """
 )
 
+# killed at the start of a step: 3 minibatches per epoch, so step 5 is the middle of epoch 2 and
+# step 9 the start of epoch 4
 KILLED_RUN = SETUP + textwrap.dedent(
     """
     import os, signal, sys
     import lightning.pytorch as pl
 
-    class KillAtEpoch(pl.Callback):
-        def on_train_epoch_start(self, trainer, module):
-            if trainer.current_epoch == 3:
+    kind, workdir, checkpoints, kill_at, every = sys.argv[1:6]
+
+    class KillAtStep(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == int(kill_at):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    make_model().train(**TRAIN, checkpoint_dir=sys.argv[1], callbacks=[KillAtEpoch()])
+    make_model(kind, workdir).train(
+        **TRAIN,
+        checkpoint_dir=checkpoints,
+        checkpoint_every_n_steps=int(every) if every != "none" else None,
+        callbacks=[KillAtStep()],
+    )
     """
 )
 
@@ -57,28 +72,63 @@ def _train(model, **kwargs):
     return model.module.state_dict()
 
 
-def test_a_killed_run_resumes_to_exactly_the_uninterrupted_weights(tmp_path):
+@pytest.mark.parametrize(
+    ("kind", "kill_at", "every", "checkpoint_step"),
+    [
+        ("anndata", 9, "none", 9),  # after 3 whole epochs, from the epoch-end checkpoint
+        ("anndata", 5, "2", 4),  # midway through epoch 2: one of its 3 minibatches done
+        ("shards", 5, "2", 4),
+    ],
+)
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_weights(
+    tmp_path, kind, kill_at, every, checkpoint_step
+):
     make_model, settings = _make_model_and_settings()
-    uninterrupted = _train(make_model(), **settings)
+    uninterrupted = _train(make_model(kind, tmp_path), **settings)
 
     script = tmp_path / "killed_run.py"
     script.write_text(KILLED_RUN)
     checkpoints = tmp_path / "ckpt"
-    run = subprocess.run([sys.executable, str(script), str(checkpoints)], capture_output=True, timeout=600)
-    assert run.returncode == -9, run.stderr.decode()[-2000:]  # killed by SIGKILL during epoch 4
-    assert (checkpoints / "last.ckpt").exists()
-    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["epoch"] == 2  # written after epoch 3
+    run = subprocess.run(
+        [sys.executable, str(script), kind, str(tmp_path), str(checkpoints), str(kill_at), every],
+        capture_output=True,
+        timeout=600,
+    )
+    assert run.returncode == -9, run.stderr.decode()[-2000:]  # killed by SIGKILL
+    checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == checkpoint_step
 
-    resumed = _train(make_model(), **settings, checkpoint_dir=checkpoints, resume=True)
+    resumed = _train(make_model(kind, tmp_path), **settings, checkpoint_dir=checkpoints, resume=True)
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
 
 
+def test_a_mid_epoch_resume_without_the_data_position_would_differ(tmp_path):
+    """The check above can fail: resuming midway but replaying the epoch from its start changes the weights."""
+    make_model, settings = _make_model_and_settings()
+    uninterrupted = _train(make_model("anndata", tmp_path), **settings)
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    checkpoints = tmp_path / "ckpt"
+    subprocess.run(
+        [sys.executable, str(script), "anndata", str(tmp_path), str(checkpoints), "5", "2"],
+        capture_output=True,
+        timeout=600,
+    )
+    checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    del checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # forget the data position
+    torch.save(checkpoint, checkpoints / "last.ckpt")
+    resumed = _train(make_model("anndata", tmp_path), **settings, checkpoint_dir=checkpoints, resume=True)
+    assert any(not torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):
     make_model, settings = _make_model_and_settings()
-    uninterrupted = _train(make_model(), **settings)
+    uninterrupted = _train(make_model("anndata", tmp_path), **settings)
     with caplog.at_level("INFO", logger="sctransformer"):
-        fresh = _train(make_model(), **settings, checkpoint_dir=tmp_path / "empty", resume=True)
+        fresh = _train(
+            make_model("anndata", tmp_path), **settings, checkpoint_dir=tmp_path / "empty", resume=True
+        )
     assert "starting training from the beginning" in caplog.text
     for key in uninterrupted:
         torch.testing.assert_close(fresh[key], uninterrupted[key], rtol=0, atol=0)
@@ -89,3 +139,5 @@ def test_resume_needs_a_checkpoint_directory(adata):
     model = sct.GeneTransformer(adata, d_model=8, n_heads=2, n_layers=1)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         model.train(resume=True)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        model.train(checkpoint_every_n_steps=10)

@@ -1,8 +1,15 @@
-"""AnnData registration fields, validation, gene vocabulary and minibatch reading."""
+"""AnnData registration fields, validation, gene vocabulary, minibatch reading and sharded streaming."""
 
 from ._fields import BatchObsField, PhenotypeObsField, category_codes, observed_categories
 from ._loader import expressed_per_cell, iter_minibatches, to_torch_csr
-from ._splitting import EpochSeededDataSplitter, EpochSeededRandomSampler, LengthBucketedSampler, epoch_seed
+from ._sharded import ShardBatches, ShardBlockSampler, ShardedAnnData, ShardedDataModule, split_blocks
+from ._splitting import (
+    EpochSeededDataSplitter,
+    EpochSeededRandomSampler,
+    LengthBucketedSampler,
+    epoch_seed,
+    make_resumable,
+)
 from ._validation import check_counts, gene_identifiers, get_matrix
 from ._vocabulary import GeneVocabulary
 
@@ -13,6 +20,10 @@ __all__ = [
     "GeneVocabulary",
     "LengthBucketedSampler",
     "PhenotypeObsField",
+    "ShardBatches",
+    "ShardBlockSampler",
+    "ShardedAnnData",
+    "ShardedDataModule",
     "category_codes",
     "check_counts",
     "epoch_seed",
@@ -20,6 +31,8 @@ __all__ = [
     "gene_identifiers",
     "get_matrix",
     "iter_minibatches",
+    "make_resumable",
     "observed_categories",
+    "split_blocks",
     "to_torch_csr",
 ]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from scvi.dataloaders import DataSplitter
-from torch.utils.data import BatchSampler, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -26,17 +27,27 @@ class EpochSeededRandomSampler(Sampler[int]):
         self.n = n
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of ``epoch`` from the next iteration on."""
         self.epoch = epoch
 
+    def skip_items(self, n: int) -> None:
+        """Leave out the first ``n`` items of the next iteration only (an epoch resumed midway)."""
+        self.skip = n
+
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
+        """The items of the current epoch, in order."""
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        yield from torch.randperm(self.n, generator=generator).tolist()
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        yield from self.order()[skip:]
 
 
 class LengthBucketedSampler(EpochSeededRandomSampler):
@@ -72,7 +83,8 @@ class LengthBucketedSampler(EpochSeededRandomSampler):
         self.batch_size = batch_size
         self.pool_batches = pool_batches
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
+        """The items of the current epoch, in order."""
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.n, generator=generator)
         pool = self.batch_size * self.pool_batches
@@ -84,8 +96,46 @@ class LengthBucketedSampler(EpochSeededRandomSampler):
         partial = [b for b in batches if len(b) < self.batch_size]
         full = [b for b in batches if len(b) == self.batch_size]
         shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-        for batch in shuffled + partial:
-            yield from batch.tolist()
+        return [i for batch in shuffled + partial for i in batch.tolist()]
+
+
+def make_resumable(
+    loader: DataLoader,
+    datamodule: pl.LightningDataModule,
+    sampler: Sampler,
+    skip: Callable[[int], None],
+) -> None:
+    """Give a training loader Lightning's ``state_dict`` interface: its position in the epoch.
+
+    Lightning stores the state in each checkpoint and hands it back before the loader is iterated
+    in a resumed run; an epoch interrupted after ``k`` minibatches then calls ``skip(k)`` and goes
+    on with minibatch ``k + 1``, exactly as the uninterrupted run did.
+
+    Parameters
+    ----------
+    loader
+        The training loader, whose sampler's order is set by the seed and epoch.
+    datamodule
+        Its data module, attached to the trainer.
+    sampler
+        The sampler whose ``epoch`` sets the order.
+    skip
+        Makes the loader's next iteration leave out the given number of minibatches.
+    """
+
+    def state_dict() -> dict[str, int]:
+        trainer = datamodule.trainer
+        return {
+            "epoch": trainer.current_epoch,
+            "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+        }
+
+    def load_state_dict(state: dict[str, int]) -> None:
+        if state["epoch"] == sampler.epoch and state["batches"] > 0:
+            skip(state["batches"])
+
+    loader.state_dict = state_dict
+    loader.load_state_dict = load_state_dict
 
 
 class EpochSeededDataSplitter(DataSplitter):
@@ -141,4 +191,5 @@ class EpochSeededDataSplitter(DataSplitter):
         self._samplers.append(sampler)
         # the loader draws a seed of its own when an iterator starts: keep it off the global RNG
         loader.generator = torch.Generator()
+        make_resumable(loader, self, sampler, lambda n: sampler.skip_items(n * batch_sampler.batch_size))
         return loader

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
@@ -32,6 +33,8 @@ from sctransformer.data import (
     EpochSeededDataSplitter,
     GeneVocabulary,
     PhenotypeObsField,
+    ShardedAnnData,
+    ShardedDataModule,
     category_codes,
     check_counts,
     expressed_per_cell,
@@ -43,7 +46,7 @@ from sctransformer.data import (
 from sctransformer.data._validation import check_obs_key, check_phenotype_column
 from sctransformer.metrics import expected_calibration_error, log1p_normalise
 from sctransformer.module import GeneTransformerModule, Pooling, TokenizedCells
-from sctransformer.train import EpochCheckpoint, MaskedModelingPlan
+from sctransformer.train import MaskedModelingPlan, PeriodicCheckpoint
 
 from ._save_load import read_model_dir, write_model_dir
 
@@ -54,7 +57,7 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
-_FIXED_BIN_CELLS = 10_000
+_SAMPLE_CELLS = 10_000
 Freeze = Literal["none", "backbone", "embeddings"]
 _HEADS = ("expression_head", "cell_query", "cell_expression_head", "is_zero_head", "phenotype_heads")
 
@@ -72,6 +75,8 @@ def _check_hyperparameters(
     binning: str,
     n_unexpressed: int,
     label_smoothing: float,
+    gene_ranking: str,
+    **others: Any,
 ) -> None:
     def positive_int(name: str, value: Any, minimum: int = 1) -> None:
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
@@ -95,19 +100,24 @@ def _check_hyperparameters(
         raise ValueError(f"value_encoding must be 'binned' or 'continuous', got {value_encoding!r}")
     if binning not in ("quantile", "fixed"):
         raise ValueError(f"binning must be 'quantile' or 'fixed', got {binning!r}")
+    if gene_ranking not in ("expression", "relative"):
+        raise ValueError(f"gene_ranking must be 'expression' or 'relative', got {gene_ranking!r}")
 
 
-def _gene_scale(
-    adata: AnnData, layer: str | None, column_to_gene: np.ndarray, n_genes: int, seed: int
-) -> torch.Tensor:
-    """Mean normalised expression (counts per 10k) of each gene over the cells expressing it.
-
-    From up to 10,000 cells; genes never seen expressed get the median scale.
-    """
+def _sample_counts(adata: AnnData, layer: str | None, seed: int) -> sp.csr_matrix:
+    """Counts of up to 10,000 cells drawn at random (the sample that gene scales and bin edges use)."""
     matrix = get_matrix(adata, layer)
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, _FIXED_BIN_CELLS), replace=False))
-    x = sp.csr_matrix(matrix[rows], dtype=np.float64)
+    rows = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, _SAMPLE_CELLS), replace=False))
+    return sp.csr_matrix(matrix[rows])
+
+
+def _gene_scale(sample: sp.csr_matrix, column_to_gene: np.ndarray, n_genes: int) -> torch.Tensor:
+    """Mean normalised expression (counts per 10k) of each gene over the sampled cells expressing it.
+
+    Genes never seen expressed get the median scale.
+    """
+    x = sp.csr_matrix(sample, dtype=np.float64)
     library = np.asarray(x.sum(axis=1)).ravel()
     x = sp.diags(np.divide(TARGET_SUM, library, out=np.zeros_like(library), where=library > 0)) @ x
     x = sp.csr_matrix(x)
@@ -130,12 +140,9 @@ def _batch_categories(manager: AnnDataManager) -> list[str] | None:
     return [str(c) for c in mapping]
 
 
-def _fixed_bin_edges(adata: AnnData, layer: str | None, n_bins: int, seed: int) -> torch.Tensor:
-    """Quantiles of the non-zero log1p-normalised values of (up to 10,000) cells as bin edges."""
-    matrix = get_matrix(adata, layer)
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, _FIXED_BIN_CELLS), replace=False))
-    normalised = log1p_normalise(sp.csr_matrix(matrix[rows]))
+def _fixed_bin_edges(sample: sp.csr_matrix, n_bins: int) -> torch.Tensor:
+    """Quantiles of the non-zero log1p-normalised values of the sampled cells as bin edges."""
+    normalised = log1p_normalise(sp.csr_matrix(sample))
     values = normalised.data[normalised.data > 0]
     if values.size == 0:
         raise ValueError("the counts have no non-zero value to place fixed bin edges on")
@@ -238,14 +245,7 @@ class GeneTransformer(BaseModelClass):
         seed: int | None = None,
     ) -> None:
         hyperparameters = {k: v for k, v in locals().items() if k not in ("self", "adata", "__class__")}
-        _check_hyperparameters(
-            **{
-                k: v
-                for k, v in hyperparameters.items()
-                if k
-                not in ("cell_expression_loss", "phenotype_input", "gene_ranking", "cell_profile", "seed")
-            }
-        )
+        _check_hyperparameters(**hyperparameters)
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
         if self._get_most_recent_anndata_manager(adata) is None:
@@ -254,7 +254,8 @@ class GeneTransformer(BaseModelClass):
             )
         super().__init__(adata)
         setup_args = self.adata_manager.registry["setup_args"]
-        vocabulary = GeneVocabulary(gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY]))
+        gene_ids = gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY])
+        vocabulary = GeneVocabulary(gene_ids)
         categories = {
             key: [
                 str(c)
@@ -264,34 +265,85 @@ class GeneTransformer(BaseModelClass):
             ]
             for key in setup_args[SETUP_ARGS.PHENOTYPE_KEYS] or []
         }
-        if gene_ranking not in ("expression", "relative"):
-            raise ValueError(f"gene_ranking must be 'expression' or 'relative', got {gene_ranking!r}")
         seed = settings.seed if seed is None else seed
-        gene_scale = None
-        if gene_ranking == "relative":
-            gene_scale = _gene_scale(
-                adata,
-                setup_args[SETUP_ARGS.LAYER],
-                vocabulary.column_to_gene(gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY])),
-                len(vocabulary),
-                seed,
-            )
-        bin_edges = None
-        if binning == "fixed":
-            bin_edges = _fixed_bin_edges(adata, setup_args[SETUP_ARGS.LAYER], n_bins, seed)
-        batch_categories = _batch_categories(self.adata_manager)
-        self._build(
+        self._initialise(
             hyperparameters | {"seed": seed},
             vocabulary,
             categories,
             setup_args,
-            bin_edges,
-            batch_categories,
-            gene_scale,
+            _batch_categories(self.adata_manager),
+            sample=_sample_counts(adata, setup_args[SETUP_ARGS.LAYER], seed),
+            column_to_gene=vocabulary.column_to_gene(gene_ids),
         )
         self._check_unchanged_since_setup(adata)
         self.init_params_ = self._get_init_params(locals())
         self.init_params_["non_kwargs"]["seed"] = seed
+
+    @classmethod
+    def from_shards(cls, data: ShardedAnnData, **hyperparameters: Any) -> GeneTransformer:
+        """A model of the cells of many ``.h5ad`` shards, streamed from disk.
+
+        The gene vocabulary, phenotype and batch categories come from ``data`` (built from the
+        shards' ``.obs`` and ``.var`` alone); gene scales and fixed bin edges, where the
+        hyper-parameters ask for them, from up to 10,000 cells read at random. :meth:`train` then
+        streams minibatches from the shards (:class:`~sctransformer.data.ShardedDataModule`), and
+        :meth:`get_latent_representation` and :meth:`predict` take ``data`` (or other shards)
+        in place of an AnnData.
+
+        Parameters
+        ----------
+        data
+            The shards, see :class:`~sctransformer.data.ShardedAnnData`.
+        **hyperparameters
+            As for :class:`GeneTransformer` (``d_model``, ``n_layers``, ...).
+        """
+        if not isinstance(data, ShardedAnnData):
+            raise TypeError(f"data must be a sctransformer.data.ShardedAnnData, got {type(data).__name__}")
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(cls.__init__).parameters.items()
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        unknown = sorted(set(hyperparameters) - set(defaults))
+        if unknown:
+            raise TypeError(f"unknown hyper-parameters {unknown}; GeneTransformer takes {sorted(defaults)}")
+        hp = defaults | hyperparameters
+        _check_hyperparameters(**hp)
+        hp["seed"] = settings.seed if hp["seed"] is None else hp["seed"]
+        model = cls.__new__(cls)
+        BaseModelClass.__init__(model, registry={"setup_args": data.setup_args, "field_registries": {}})
+        vocabulary = GeneVocabulary(data.genes)
+        needs_sample = hp["gene_ranking"] == "relative" or hp["binning"] == "fixed"
+        model._initialise(
+            hp,
+            vocabulary,
+            data.phenotype_categories,
+            data.setup_args,
+            data.batch_categories,
+            sample=data.sample(_SAMPLE_CELLS, hp["seed"]) if needs_sample else None,
+            column_to_gene=np.arange(len(vocabulary)),
+        )
+        model.shards_ = data
+        model.init_params_ = {"kwargs": {}, "non_kwargs": dict(model.hyperparameters_)}
+        return model
+
+    def _initialise(
+        self,
+        hyperparameters: dict[str, Any],
+        vocabulary: GeneVocabulary,
+        categories: dict[str, list[str]],
+        setup_args: dict[str, Any],
+        batch_categories: list[str] | None,
+        *,
+        sample: sp.csr_matrix | None,
+        column_to_gene: np.ndarray,
+    ) -> None:
+        """Gene scales and bin edges from the sampled counts, then the module."""
+        hp = hyperparameters
+        relative = hp["gene_ranking"] == "relative"
+        gene_scale = _gene_scale(sample, column_to_gene, len(vocabulary)) if relative else None
+        bin_edges = _fixed_bin_edges(sample, hp["n_bins"]) if hp["binning"] == "fixed" else None
+        self._build(hp, vocabulary, categories, setup_args, bin_edges, batch_categories, gene_scale)
 
     # ------------------------------------------------------------------ construction
     def _build(
@@ -305,6 +357,7 @@ class GeneTransformer(BaseModelClass):
         gene_scale: torch.Tensor | None = None,
     ) -> None:
         self.vocabulary_ = vocabulary
+        self.shards_: ShardedAnnData | None = None
         self.phenotype_categories_ = phenotype_categories
         self.batch_categories_ = batch_categories
         self.temperatures_: dict[str, float] = {}
@@ -512,6 +565,7 @@ class GeneTransformer(BaseModelClass):
         deterministic: bool | None = None,
         length_bucketing: bool = False,
         checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every_n_steps: int | None = None,
         resume: bool = False,
         datasplitter_kwargs: dict[str, Any] | None = None,
         **trainer_kwargs: Any,
@@ -560,12 +614,15 @@ class GeneTransformer(BaseModelClass):
         seed
             Seed of the data split and masking; default ``sctransformer.settings.seed``.
         checkpoint_dir
-            Write a Lightning checkpoint (weights, optimizer, scheduler, position) to
-            ``checkpoint_dir/last.ckpt`` after every epoch.
+            Write a Lightning checkpoint (weights, optimizer, scheduler, RNG state, loop and data
+            position) to ``checkpoint_dir/last.ckpt`` after every epoch.
+        checkpoint_every_n_steps
+            Also write it every this many optimisation steps (for long epochs).
         resume
             Continue from ``checkpoint_dir/last.ckpt`` if it exists (else start fresh, logged). On
-            CPU, a run killed after any epoch and resumed with the same arguments ends with exactly
-            the weights of an uninterrupted run. ``history`` then holds the resumed epochs only.
+            CPU, a run killed at any point and resumed with the same arguments ends with exactly
+            the weights of an uninterrupted run (an epoch interrupted midway goes on from the
+            minibatch after the checkpoint). ``history`` then holds the resumed epochs only.
             Checkpoints are Lightning's format, which Lightning reads by unpickling: resume only
             from checkpoints you wrote (saved models, by contrast, are safetensors + JSON).
         deterministic
@@ -614,26 +671,57 @@ class GeneTransformer(BaseModelClass):
             raise ValueError(f"train_size must be in (0, 1], got {train_size!r}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir= the directory of the checkpoints")
-        if self.adata is None:
+        if checkpoint_every_n_steps is not None and checkpoint_dir is None:
+            raise ValueError("checkpoint_every_n_steps needs checkpoint_dir= a directory for the checkpoints")
+        if not isinstance(length_bucketing, bool):
+            raise TypeError(f"length_bucketing must be True or False, got {length_bucketing!r}")
+        if deterministic not in (None, True, False):
+            raise ValueError(f"deterministic must be None, True or False, got {deterministic!r}")
+        source = self.shards_ if self.shards_ is not None else self.adata
+        if source is None:
             raise ValueError("the model has no AnnData to train on; load it with adata=...")
-        self._validate_anndata(self.adata)
-        self._check_unchanged_since_setup(self.adata)
-        try:  # scvi-tools' own rule, the one its DataSplitter applies
-            _, n_validation = validate_data_split(self.adata.n_obs, train_size, validation_size)
-        except ValueError as err:
+        if self.shards_ is None:
+            self._validate_anndata(self.adata)
+            self._check_unchanged_since_setup(self.adata)
+        elif length_bucketing:
             raise ValueError(
-                f"train_size={train_size}, validation_size={validation_size} do not split "
-                f"{self.adata.n_obs} cells: {err}"
-            ) from err
+                "length_bucketing is not available for sharded data; pass length_bucketing=False"
+            )
+        seed = settings.seed if seed is None else seed
+        shard_datamodule = None
+        if self.shards_ is not None:
+            try:
+                shard_datamodule = ShardedDataModule(
+                    self.shards_,
+                    batch_size=batch_size,
+                    train_size=train_size,
+                    validation_size=validation_size,
+                    seed=seed,
+                    **(datasplitter_kwargs or {}),
+                )
+            except ValueError as err:
+                raise ValueError(
+                    f"train_size={train_size}, validation_size={validation_size} do not split the shards' "
+                    f"blocks of cells: {err}"
+                ) from err
+            n_validation = shard_datamodule.n_val
+            # the sampler splits cells between ranks itself: Lightning must not replace it
+            trainer_kwargs.setdefault("use_distributed_sampler", False)
+        else:
+            try:  # scvi-tools' own rule, the one its DataSplitter applies
+                _, n_validation = validate_data_split(source.n_obs, train_size, validation_size)
+            except ValueError as err:
+                raise ValueError(
+                    f"train_size={train_size}, validation_size={validation_size} do not split "
+                    f"{source.n_obs} cells: {err}"
+                ) from err
         if early_stopping and n_validation == 0:
             raise ValueError(
                 f"early_stopping needs validation cells, and train_size={train_size} leaves none of "
-                f"{self.adata.n_obs}; lower train_size or pass early_stopping=False"
+                f"{source.n_obs}; lower train_size or pass early_stopping=False"
             )
-
-        seed = settings.seed if seed is None else seed
         if max_epochs is None:
-            max_epochs = int(np.clip(20_000 // max(1, self.adata.n_obs), 5, 50))
+            max_epochs = int(np.clip(20_000 // max(1, source.n_obs), 5, 50))
         accelerator_is_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         if precision is None and accelerator_is_gpu and torch.cuda.is_bf16_supported():
             precision = "bf16-mixed"
@@ -646,10 +734,6 @@ class GeneTransformer(BaseModelClass):
         trainer_kwargs.setdefault("gradient_clip_val", 1.0)
         trainer_kwargs.setdefault("early_stopping_monitor", "loss_validation")
         trainer_kwargs.setdefault("log_every_n_steps", 1)
-        if not isinstance(length_bucketing, bool):
-            raise TypeError(f"length_bucketing must be True or False, got {length_bucketing!r}")
-        if deterministic not in (None, True, False):
-            raise ValueError(f"deterministic must be None, True or False, got {deterministic!r}")
         if deterministic is None:
             deterministic = "warn" if not accelerator_is_gpu else False
         trainer_kwargs["deterministic"] = deterministic
@@ -657,7 +741,7 @@ class GeneTransformer(BaseModelClass):
 
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         if checkpoint_dir is not None:
-            checkpointer = EpochCheckpoint(checkpoint_dir)
+            checkpointer = PeriodicCheckpoint(checkpoint_dir, checkpoint_every_n_steps)
             callbacks.append(checkpointer)
             if resume and checkpointer.last.exists():
                 logger.info("resuming training from %s", checkpointer.last)
@@ -674,25 +758,29 @@ class GeneTransformer(BaseModelClass):
         self.temperatures_, self.calibration_ = {}, {}
         try:
             pl.seed_everything(seed, workers=True, verbose=False)
-            datamodule = self._data_splitter_cls(
-                self.adata_manager,
-                train_size=train_size,
-                validation_size=validation_size,
-                batch_size=batch_size,
-                shuffle_set_split=True,
-                load_sparse_tensor=True,
-                seed=seed,
-                lengths=np.minimum(
-                    expressed_per_cell(self.adata, layer=self.setup_args_[SETUP_ARGS.LAYER]),
-                    self.hyperparameters_["max_length"],
+            datamodule = (
+                shard_datamodule
+                if shard_datamodule is not None
+                else self._data_splitter_cls(
+                    self.adata_manager,
+                    train_size=train_size,
+                    validation_size=validation_size,
+                    batch_size=batch_size,
+                    shuffle_set_split=True,
+                    load_sparse_tensor=True,
+                    seed=seed,
+                    lengths=np.minimum(
+                        expressed_per_cell(self.adata, layer=self.setup_args_[SETUP_ARGS.LAYER]),
+                        self.hyperparameters_["max_length"],
+                    )
+                    if length_bucketing
+                    else None,
+                    **(datasplitter_kwargs or {}),
                 )
-                if length_bucketing
-                else None,
-                **(datasplitter_kwargs or {}),
             )
             plan = self._training_plan_cls(
                 self.module,
-                column_to_gene=self._column_to_gene(self.adata),
+                column_to_gene=self._column_to_gene(source),
                 phenotype_keys=list(self.phenotype_categories_),
                 lr=lr,
                 weight_decay=weight_decay,
@@ -774,7 +862,9 @@ class GeneTransformer(BaseModelClass):
         return weights
 
     def _registered_codes(self, key: str) -> np.ndarray:
-        """Category codes of phenotype ``key`` of the model's AnnData (``-1``: unknown / absent)."""
+        """Category codes of phenotype ``key`` of the model's cells (``-1``: unknown / absent)."""
+        if self.shards_ is not None:
+            return self.shards_.phenotype_codes[key].astype(np.int64)
         if key not in self.adata.obs:
             return np.full(self.adata.n_obs, -1, dtype=np.int64)
         return category_codes(self.adata.obs[key], self.phenotype_categories_[key])
@@ -787,7 +877,10 @@ class GeneTransformer(BaseModelClass):
 
     @staticmethod
     def _total_steps(
-        datamodule: EpochSeededDataSplitter, max_epochs: int, batch_size: int, trainer_kwargs: dict
+        datamodule: EpochSeededDataSplitter | ShardedDataModule,
+        max_epochs: int,
+        batch_size: int,
+        trainer_kwargs: dict,
     ) -> int | None:
         """Optimisation steps of a single-device run; ``None`` where Lightning must estimate them."""
         if (
@@ -795,31 +888,44 @@ class GeneTransformer(BaseModelClass):
             or trainer_kwargs.get("accumulate_grad_batches", 1) != 1
         ):
             return None
+        if isinstance(datamodule, ShardedDataModule):
+            return max(1, max_epochs * datamodule.n_batches())
         datamodule.setup()
         n_train = len(datamodule.train_idx)
         per_epoch = n_train // batch_size if datamodule.drop_last else -(-n_train // batch_size)
         return max(1, max_epochs * per_epoch)
 
     # ------------------------------------------------------------------ inference
-    def _column_to_gene(self, adata: AnnData) -> np.ndarray:
+    def _column_to_gene(self, adata: AnnData | ShardedAnnData) -> np.ndarray:
+        if isinstance(adata, ShardedAnnData):
+            return self.vocabulary_.column_to_gene(adata.genes)
         ids = gene_identifiers(adata, self.setup_args_[SETUP_ARGS.GENE_KEY])
         return self.vocabulary_.column_to_gene(ids)
 
-    def _inference_adata(self, adata: AnnData | None) -> AnnData:
+    def _inference_adata(self, adata: AnnData | ShardedAnnData | None) -> AnnData | ShardedAnnData:
+        """The cells to run on: ``adata``, else the model's own (AnnData or shards)."""
         if adata is None:
-            if self.adata is None:
+            if self.adata is None and self.shards_ is None:
                 raise ValueError("the model has no AnnData attached; pass adata=...")
-            return self.adata
+            return self.adata if self.adata is not None else self.shards_
+        if isinstance(adata, ShardedAnnData):
+            if adata.layer != self.setup_args_[SETUP_ARGS.LAYER]:
+                logger.info(
+                    "reading layer %r of the shards (the model was trained on %r)",
+                    adata.layer,
+                    self.setup_args_[SETUP_ARGS.LAYER],
+                )
+            return adata  # its rows are checked as they are read
         if not isinstance(adata, AnnData):
-            raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
+            raise TypeError(f"adata must be an AnnData or a ShardedAnnData, got {type(adata).__name__}")
         check_counts(adata, self.setup_args_[SETUP_ARGS.LAYER])
         return adata
 
     def _forward(
-        self, adata: AnnData, batch_size: int | None
+        self, adata: AnnData | ShardedAnnData, batch_size: int | None, indices: np.ndarray | None = None
     ) -> Iterator[tuple[np.ndarray, TokenizedCells, torch.Tensor]]:
         """Yield ``(cell indices, tokens, hidden states)`` with every phenotype token masked."""
-        for idx, tokens, hidden, _ in self._passes(adata, batch_size, []):
+        for idx, tokens, hidden, _ in self._passes(adata, batch_size, [], indices):
             yield idx, tokens, hidden
 
     def _attention_layers(self, layers: Literal["last", "all"] | int | list[int]) -> list[int]:
@@ -866,9 +972,16 @@ class GeneTransformer(BaseModelClass):
             yield idx, tokens, attention
 
     def _passes(
-        self, adata: AnnData, batch_size: int | None, attention_layers: list[int]
+        self,
+        adata: AnnData | ShardedAnnData,
+        batch_size: int | None,
+        attention_layers: list[int],
+        indices: np.ndarray | None = None,
     ) -> Iterator[tuple[np.ndarray, TokenizedCells, torch.Tensor, list[torch.Tensor]]]:
-        """Yield ``(cell indices, tokens, hidden states, attention maps of attention_layers)``."""
+        """Yield ``(cell indices, tokens, hidden states, attention maps of attention_layers)``.
+
+        ``indices`` (shards only) restricts the pass to those cells.
+        """
         batch_size = settings.batch_size if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -884,9 +997,14 @@ class GeneTransformer(BaseModelClass):
         self.module.eval()
         try:
             with torch.inference_mode(), autocast:
-                for idx, x in iter_minibatches(
-                    adata, layer=self.setup_args_[SETUP_ARGS.LAYER], batch_size=batch_size
-                ):
+                minibatches = (
+                    adata.iter_minibatches(batch_size, indices)
+                    if isinstance(adata, ShardedAnnData)
+                    else iter_minibatches(
+                        adata, layer=self.setup_args_[SETUP_ARGS.LAYER], batch_size=batch_size
+                    )
+                )
+                for idx, x in minibatches:
                     tokens = self.module.tokenize(x.to(device), column_to_gene)
                     masked = torch.full(
                         (len(idx), self.module.n_phenotypes), -1, dtype=torch.long, device=device
@@ -941,14 +1059,21 @@ class GeneTransformer(BaseModelClass):
         return "profile" if self.module.cell_profile else "cls"
 
     def _phenotype_logits(
-        self, adata: AnnData, keys: list[str], batch_size: int | None
+        self,
+        adata: AnnData | ShardedAnnData,
+        keys: list[str],
+        batch_size: int | None,
+        indices: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
-        """Uncalibrated logits ``(n_cells, n_categories)`` of each phenotype in ``keys``."""
+        """Uncalibrated logits ``(n_cells, n_categories)`` of each phenotype in ``keys``.
+
+        With ``indices`` (shards only), only those rows are computed (the others stay zero).
+        """
         slots = {key: list(self.phenotype_categories_).index(key) for key in keys}
         logits = {
             key: np.zeros((adata.n_obs, len(self.phenotype_categories_[key])), np.float32) for key in keys
         }
-        for idx, tokens, hidden in self._forward(adata, batch_size):
+        for idx, tokens, hidden in self._forward(adata, batch_size, indices):
             out = self.module.phenotype_logits(hidden, tokens)
             for key, slot in slots.items():
                 logits[key][idx] = out[slot].float().cpu().numpy()
@@ -1054,9 +1179,9 @@ class GeneTransformer(BaseModelClass):
 
         keys = self._phenotype_selection(phenotype)
         if adata is None:
-            if self.adata is None:
+            if self.adata is None and self.shards_ is None:
                 raise ValueError("the model has no AnnData attached; pass a labelled adata=...")
-            adata = self.adata
+            adata = self.adata if self.adata is not None else self.shards_
             if indices is None:
                 indices = self.validation_indices
                 if indices is None or len(indices) == 0:
@@ -1069,15 +1194,35 @@ class GeneTransformer(BaseModelClass):
             indices = np.asarray(indices)
             if indices.ndim != 1 or len(indices) == 0:
                 raise ValueError("indices must be a non-empty 1-d array of cell positions")
-            adata = adata[np.sort(indices)]
-        labelled = [key for key in keys if key in adata.obs]
+            indices = np.sort(indices)
+        if isinstance(adata, ShardedAnnData):
+            labelled = [key for key in keys if key in adata.phenotype_codes]
+            rows_of = np.arange(adata.n_obs) if indices is None else indices
+            logits = self._phenotype_logits(adata, labelled, batch_size, rows_of)
+            logits = {key: value[rows_of] for key, value in logits.items()}
+            all_codes = {
+                key: category_codes(
+                    pd.Series(adata.phenotype_categories[key], dtype=object)
+                    .reindex(adata.phenotype_codes[key][rows_of])
+                    .reset_index(drop=True),
+                    self.phenotype_categories_[key],
+                )
+                for key in labelled
+            }
+        else:
+            if indices is not None:
+                adata = adata[indices]
+            labelled = [key for key in keys if key in adata.obs]
+            logits = self._phenotype_logits(adata, labelled, batch_size)
+            all_codes = {
+                key: category_codes(adata.obs[key], self.phenotype_categories_[key]) for key in labelled
+            }
         if phenotype is not None and len(labelled) < len(keys):
             missing = sorted(set(keys) - set(labelled))
-            raise KeyError(f"adata.obs has no column {missing} to calibrate against")
-        logits = self._phenotype_logits(adata, labelled, batch_size)
+            raise KeyError(f"the cells have no labels of {missing} to calibrate against")
         rows = {}
         for key in labelled:
-            codes = category_codes(adata.obs[key], self.phenotype_categories_[key])
+            codes = all_codes[key]
             known = codes >= 0
             if known.sum() == 0:
                 logger.info("no labelled cells of %r to calibrate on; its temperature stays 1", key)

@@ -1,6 +1,6 @@
 """Lightning training plans: masking, losses, learning-rate schedule, logged metrics."""
 
-from ._checkpoint import LAST_CHECKPOINT, EpochCheckpoint
+from ._checkpoint import LAST_CHECKPOINT, PeriodicCheckpoint
 from ._plan import MaskedModelingPlan, mask_tokens, warmup_cosine
 
-__all__ = ["LAST_CHECKPOINT", "EpochCheckpoint", "MaskedModelingPlan", "mask_tokens", "warmup_cosine"]
+__all__ = ["LAST_CHECKPOINT", "MaskedModelingPlan", "PeriodicCheckpoint", "mask_tokens", "warmup_cosine"]

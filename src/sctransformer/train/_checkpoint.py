@@ -11,30 +11,49 @@ from lightning.pytorch.callbacks import Callback
 LAST_CHECKPOINT = "last.ckpt"
 
 
-class EpochCheckpoint(Callback):
-    """Write a full Lightning checkpoint (weights, optimizer, scheduler, loop position) every epoch.
+class PeriodicCheckpoint(Callback):
+    """Write a full Lightning checkpoint every epoch and, optionally, every ``every_n_steps`` steps.
 
-    The file is Lightning's own format, written by :meth:`lightning.pytorch.Trainer.save_checkpoint`
-    at the end of each training epoch (where Lightning's ``ModelCheckpoint`` writes) and read back
-    by ``Trainer.fit(ckpt_path=...)``. Each write goes beside ``last.ckpt`` and is renamed into
-    place, so a run killed while writing keeps the previous checkpoint.
+    A checkpoint holds the weights, optimizer, scheduler, loop position, the training loader's
+    position in the epoch and the RNG state, so a run resumed from one midway through an epoch
+    goes on exactly as the uninterrupted run. The file is Lightning's own format, written by
+    :meth:`lightning.pytorch.Trainer.save_checkpoint` where Lightning's ``ModelCheckpoint``
+    writes (end of a training batch, end of an epoch) and read back by
+    ``Trainer.fit(ckpt_path=...)``. Each write goes beside ``last.ckpt`` and is renamed into place,
+    so a run killed while writing keeps the previous checkpoint.
 
     Parameters
     ----------
     dirpath
         Directory of ``last.ckpt``.
+    every_n_steps
+        Also checkpoint after every this many optimisation steps; ``None``: at epoch ends only.
     """
 
-    def __init__(self, dirpath: str | os.PathLike) -> None:
+    def __init__(self, dirpath: str | os.PathLike, every_n_steps: int | None = None) -> None:
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
         self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
 
     @property
     def last(self) -> Path:
         """Path of the most recent checkpoint."""
         return self.dirpath / LAST_CHECKPOINT
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        """Checkpoint every ``every_n_steps`` steps (not at an epoch's last batch: the epoch end does)."""
+        if self.every_n_steps is None or trainer.global_step % self.every_n_steps:
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        self._save(trainer)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Checkpoint the finished epoch."""
+        self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         partial = self.dirpath / f".{LAST_CHECKPOINT}.partial"
         trainer.save_checkpoint(partial)

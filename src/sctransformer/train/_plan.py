@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from sctransformer._constants import REGISTRY_KEYS, phenotype_registry_key
-from sctransformer.data import EpochSeededDataSplitter, epoch_seed
+from sctransformer.data import epoch_seed
 from sctransformer.module import GeneTransformerModule, LossOutput, TokenizedCells
 
 
@@ -113,6 +113,7 @@ class MaskedModelingPlan(pl.LightningModule):
         self.focal_gamma = focal_gamma
         self.seed = seed
         self.total_steps = total_steps
+        self._resumed_rng: dict | None = None
 
     def _phenotypes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
@@ -164,6 +165,18 @@ class MaskedModelingPlan(pl.LightningModule):
             self.log(f"{name}_{stage}", value, on_step=False, on_epoch=True, batch_size=out.counts[name])
         return out
 
+    def on_train_start(self) -> None:
+        """In a run resumed midway through an epoch, take the RNG state saved with the checkpoint.
+
+        Lightning does not start that epoch again (no ``on_train_epoch_start``), so the masks and
+        dropout of its remaining minibatches come from the state the interrupted run had there.
+        """
+        resumed, self._resumed_rng = self._resumed_rng, None
+        if resumed is not None and resumed["epoch"] == self.current_epoch:
+            torch.set_rng_state(resumed["cpu"])
+            if resumed.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(resumed["cuda"], self.device)
+
     def on_train_epoch_start(self) -> None:
         """Reseed the global RNG (masks, dropout) and the training shuffle from ``(seed, epoch)``.
 
@@ -172,8 +185,20 @@ class MaskedModelingPlan(pl.LightningModule):
         """
         torch.manual_seed(epoch_seed(self.seed, self.current_epoch))
         datamodule = getattr(self.trainer, "datamodule", None)
-        if isinstance(datamodule, EpochSeededDataSplitter):
+        if hasattr(datamodule, "reseed"):
             datamodule.reseed(self.current_epoch)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save the global RNG state (of masks and dropout), for resuming an epoch midway."""
+        checkpoint["sctransformer_rng"] = {
+            "epoch": self.current_epoch,
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the saved RNG state until the resumed epoch starts."""
+        self._resumed_rng = checkpoint.get("sctransformer_rng")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimisation step; stops with an error on a non-finite loss."""

@@ -1,0 +1,614 @@
+"""Many ``.h5ad`` shards read as one data set: rows are streamed from disk, never loaded whole."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from scvi.dataloaders._data_splitting import validate_data_split
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, phenotype_registry_key
+
+from ._fields import category_codes
+from ._loader import to_torch_csr
+from ._splitting import epoch_seed, make_resumable
+
+logger = logging.getLogger("sctransformer")
+
+Segment = tuple[int, int, int]
+"""Rows ``start:stop`` of shard ``i``, as ``(i, start, stop)``."""
+
+
+def _read_column(group: h5py.Group, key: str) -> pd.Series:
+    """One ``.obs``/``.var`` column (or the index, by its name) of an on-disk AnnData."""
+    return pd.Series(np.asarray(ad.io.read_elem(group[key]), dtype=object))
+
+
+def _index_key(group: h5py.Group) -> str:
+    return group.attrs["_index"]
+
+
+def _check_block(values: np.ndarray, path: Path, where: str) -> None:
+    """Raise if counts read from disk are not finite, non-negative integers."""
+    if values.size == 0:
+        return
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.isfinite(values).all():
+            raise ValueError(f"{path}: {where} holds NaN or infinite values; fix the shard")
+        if (values != np.round(values)).any():
+            raise ValueError(
+                f"{path}: {where} holds non-integer values; pass raw counts (layer=...), not normalised data"
+            )
+    if (values < 0).any():
+        raise ValueError(f"{path}: {where} holds negative values; pass raw, non-negative counts")
+
+
+class ShardedAnnData:
+    """A list of ``.h5ad`` files ("shards") used as one data set, with bounded memory.
+
+    Only ``.obs`` and ``.var`` are read when the object is made (one pass over the shards); count
+    rows are read from disk in row blocks when they are needed, checked as they are read, and put
+    into the columns of the shared gene vocabulary. Shards whose genes differ are aligned by
+    identifier (``join="inner"`` keeps the genes of every shard, as the safe default, since a gene
+    a shard did not measure is not a zero; ``"outer"`` keeps the genes of any shard).
+
+    Parameters
+    ----------
+    paths
+        The ``.h5ad`` files. Empty ones are skipped with a warning; one that cannot be read is an
+        error naming it.
+    layer
+        Layer holding raw counts (sparse CSR or dense); ``None`` for ``X``.
+    phenotype_keys
+        Categorical ``.obs`` columns modelled as phenotype tokens. A shard without the column
+        counts as unknown for it; categories are the sorted union over shards.
+    batch_key
+        ``.obs`` column of batch labels; every shard needs it.
+    gene_key
+        ``.var`` column of gene identifiers; default the var names.
+    join
+        ``"inner"`` or ``"outer"``: the genes kept (see above).
+
+    Examples
+    --------
+    >>> data = sct.data.ShardedAnnData(["atlas_000.h5ad", "atlas_001.h5ad"], layer="counts",
+    ...                                phenotype_keys=["cell_type"])
+    >>> model = sct.GeneTransformer.from_shards(data)
+    >>> model.train()
+    >>> embedding = model.get_latent_representation(data)
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        *,
+        layer: str | None = None,
+        phenotype_keys: Sequence[str] | None = None,
+        batch_key: str | None = None,
+        gene_key: str | None = None,
+        join: str = "inner",
+    ) -> None:
+        if isinstance(paths, str | os.PathLike):
+            paths = [paths]
+        if not paths:
+            raise ValueError("ShardedAnnData needs at least one .h5ad path")
+        if join not in ("inner", "outer"):
+            raise ValueError(f"join must be 'inner' or 'outer', got {join!r}")
+        phenotype_keys = list(phenotype_keys or [])
+        if len(set(phenotype_keys)) != len(phenotype_keys):
+            raise ValueError(f"phenotype_keys has duplicates: {phenotype_keys}")
+        if batch_key is not None and batch_key in phenotype_keys:
+            raise ValueError(f"{batch_key!r} is both batch_key and a phenotype key; choose one role")
+        self.layer = layer
+        self.batch_key = batch_key
+        self.gene_key = gene_key
+        self.phenotype_keys = phenotype_keys
+        self._handles: dict[int, tuple[h5py.File, object]] = {}
+        self._pid = os.getpid()
+
+        shards, sizes, genes, labels, batches = [], [], [], {k: [] for k in phenotype_keys}, []
+        for path in map(Path, paths):
+            n_obs, shard_genes, shard_labels, shard_batches = self._scan(path)
+            if n_obs == 0:
+                warnings.warn(f"shard {path} has no cells; it is skipped", UserWarning, stacklevel=2)
+                continue
+            shards.append(path)
+            sizes.append(n_obs)
+            genes.append(shard_genes)
+            for key in phenotype_keys:
+                labels[key].append(shard_labels[key])
+            batches.append(shard_batches)
+        if not shards:
+            raise ValueError(f"every shard is empty ({len(paths)} given); there are no cells")
+        self.paths = shards
+        self.shard_sizes = np.asarray(sizes, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)])
+
+        if join == "inner":
+            shared = set(genes[0]).intersection(*genes[1:])
+            vocabulary = [g for g in genes[0] if g in shared]
+        else:
+            vocabulary = list(dict.fromkeys(g for shard_genes in genes for g in shard_genes))
+        if not vocabulary:
+            raise ValueError(
+                "the shards share no gene identifier; check that they use the same kind of identifier "
+                "(gene_key= names the .var column), or pass join='outer'"
+            )
+        self.genes = pd.Index(vocabulary)
+        self._column_to_gene = [self.genes.get_indexer(pd.Index(g)).astype(np.int64) for g in genes]
+        for path, shard_genes, mapping in zip(self.paths, genes, self._column_to_gene, strict=True):
+            n_kept = int((mapping >= 0).sum())
+            if n_kept < len(shard_genes) or n_kept < len(self.genes):
+                logger.info(
+                    "%s: %d of its %d genes kept (%d of the %d shared genes present)",
+                    path,
+                    n_kept,
+                    len(shard_genes),
+                    n_kept,
+                    len(self.genes),
+                )
+
+        self.phenotype_categories: dict[str, list[str]] = {}
+        self.phenotype_codes: dict[str, np.ndarray] = {}
+        for key in phenotype_keys:
+            columns = [c for c in labels[key] if c is not None]
+            if not columns:
+                raise KeyError(f"phenotype column {key!r} is in no shard's .obs")
+            values = pd.concat(columns, ignore_index=True)
+            categories = sorted({str(v) for v in values.dropna()})
+            if not categories:
+                raise ValueError(f"phenotype column {key!r} has no known value in any shard")
+            self.phenotype_categories[key] = categories
+            self.phenotype_codes[key] = np.concatenate(
+                [
+                    np.full(n, -1, np.int32) if c is None else category_codes(c, categories).astype(np.int32)
+                    for c, n in zip(labels[key], self.shard_sizes, strict=True)
+                ]
+            )
+        self.batch_categories: list[str] | None = None
+        self.batch_codes: np.ndarray | None = None
+        if batch_key is not None:
+            values = pd.concat(batches, ignore_index=True)
+            self.batch_categories = sorted({str(v) for v in values})
+            self.batch_codes = category_codes(values, self.batch_categories).astype(np.int32)
+        for i in range(len(self.paths)):  # a shard of non-counts fails now, not hours into training
+            self.read_rows(i, 0, min(256, int(self.shard_sizes[i])))
+        self._close()
+
+    # ------------------------------------------------------------------ scanning
+    def _scan(self, path: Path) -> tuple[int, list[str], dict[str, pd.Series | None], pd.Series | None]:
+        """Number of cells, gene identifiers, phenotype and batch columns of one shard."""
+        try:
+            file = h5py.File(path, "r")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read shard {path}: {err}") from err
+        with file:
+            try:
+                obs, var = file["obs"], file["var"]
+                matrix = self._matrix_element(file, path)
+                n_obs = int(matrix.attrs["shape"][0] if isinstance(matrix, h5py.Group) else matrix.shape[0])
+                gene_key = self.gene_key or _index_key(var)
+                if gene_key not in var:
+                    raise KeyError(f"{path}: .var has no column {gene_key!r} (gene_key)")
+                shard_genes = [str(g) for g in _read_column(var, gene_key)]
+            except KeyError as err:
+                raise KeyError(f"{path} is not an AnnData file with the expected elements: {err}") from err
+            if len(set(shard_genes)) != len(shard_genes):
+                raise ValueError(
+                    f"{path}: the gene identifiers are not unique; make them unique "
+                    "(adata.var_names_make_unique()) or pass gene_key= a column of unique identifiers"
+                )
+            labels = {}
+            for key in self.phenotype_keys:
+                labels[key] = _read_column(obs, key) if key in obs else None
+                if labels[key] is None and n_obs:
+                    logger.info("%s has no .obs[%r]; its cells count as unknown for it", path, key)
+            batches = None
+            if self.batch_key is not None and n_obs:
+                if self.batch_key not in obs:
+                    raise KeyError(
+                        f"{path}: .obs has no batch column {self.batch_key!r}; every shard needs it"
+                    )
+                batches = _read_column(obs, self.batch_key)
+                if batches.isna().any():
+                    raise ValueError(f"{path}: .obs[{self.batch_key!r}] has missing values")
+        return n_obs, shard_genes, labels, batches
+
+    def _matrix_element(self, file: h5py.File, path: Path) -> h5py.Group | h5py.Dataset:
+        if self.layer is None:
+            if "X" not in file:
+                raise KeyError(f"{path} has no X; pass the layer that holds counts with layer=...")
+            return file["X"]
+        if "layers" not in file or self.layer not in file["layers"]:
+            available = list(file["layers"]) if "layers" in file else []
+            raise KeyError(f"{path}: layer {self.layer!r} not found (available: {available})")
+        element = file["layers"][self.layer]
+        if isinstance(element, h5py.Group) and element.attrs.get("encoding-type") == "csc_matrix":
+            raise ValueError(
+                f"{path}: layer {self.layer!r} is stored column-major (CSC), which cannot be read by "
+                "rows efficiently; rewrite it as CSR (adata.layers[...] = adata.layers[...].tocsr())"
+            )
+        return element
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def n_obs(self) -> int:
+        """Number of cells over all shards."""
+        return int(self.offsets[-1])
+
+    @property
+    def n_vars(self) -> int:
+        """Number of genes in the shared vocabulary."""
+        return len(self.genes)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_obs, n_vars)``."""
+        return self.n_obs, self.n_vars
+
+    @property
+    def setup_args(self) -> dict[str, object]:
+        """The settings, as :func:`sctransformer.setup_anndata` records them."""
+        return {
+            SETUP_ARGS.LAYER: self.layer,
+            SETUP_ARGS.BATCH_KEY: self.batch_key,
+            SETUP_ARGS.PHENOTYPE_KEYS: list(self.phenotype_keys),
+            SETUP_ARGS.GENE_KEY: self.gene_key,
+        }
+
+    @property
+    def obs_names(self) -> pd.Index:
+        """Cell names of every shard, in order (read from disk on each call)."""
+        names = []
+        for path in self.paths:
+            with h5py.File(path, "r") as file:
+                names.append(_read_column(file["obs"], _index_key(file["obs"])))
+        return pd.Index(pd.concat(names, ignore_index=True).astype(str))
+
+    def __repr__(self) -> str:
+        return f"ShardedAnnData: {self.n_obs} cells x {self.n_vars} genes in {len(self.paths)} shards"
+
+    def __len__(self) -> int:
+        return self.n_obs
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = {}  # open files stay with their process; workers reopen theirs
+        return state
+
+    def _matrix(self, shard: int):
+        """The count matrix of a shard, opened once per process."""
+        if self._pid != os.getpid():  # a forked worker must not share the parent's file handles
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            file = h5py.File(self.paths[shard], "r")
+            element = self._matrix_element(file, self.paths[shard])
+            matrix = ad.io.sparse_dataset(element) if isinstance(element, h5py.Group) else element
+            self._handles[shard] = (file, matrix)
+        return self._handles[shard][1]
+
+    def _close(self) -> None:
+        for file, _ in self._handles.values():
+            file.close()
+        self._handles = {}
+
+    def read_rows(self, shard: int, start: int, stop: int) -> sp.csr_matrix:
+        """Counts of rows ``start:stop`` of one shard, in the vocabulary's gene columns (float32 CSR)."""
+        block = self._matrix(shard)[start:stop]
+        block = sp.csr_matrix(block, dtype=np.float32) if not sp.issparse(block) else block.tocsr()
+        where = "X" if self.layer is None else f"layer {self.layer!r}"
+        _check_block(block.data, self.paths[shard], f"{where} (rows {start}:{stop})")
+        genes = self._column_to_gene[shard][block.indices]
+        keep = genes >= 0
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+        out = sp.csr_matrix(
+            (block.data[keep].astype(np.float32), (rows[keep], genes[keep])),
+            shape=(block.shape[0], self.n_vars),
+        )
+        out.sum_duplicates()
+        return out
+
+    def read_segments(self, segments: Sequence[Segment]) -> sp.csr_matrix:
+        """Rows of several segments, stacked in order."""
+        return sp.vstack([self.read_rows(*s) for s in segments], format="csr")
+
+    def locate(self, positions: np.ndarray) -> list[Segment]:
+        """Runs of consecutive cells of one shard covering ``positions`` (global, sorted, unique)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) == 0:
+            return []
+        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+        segments = []
+        for run in np.split(positions, breaks):
+            start, stop = int(run[0]), int(run[-1]) + 1
+            while start < stop:
+                shard = int(np.searchsorted(self.offsets, start, side="right") - 1)
+                end = min(stop, int(self.offsets[shard + 1]))
+                segments.append((shard, start - int(self.offsets[shard]), end - int(self.offsets[shard])))
+                start = end
+        return segments
+
+    def iter_minibatches(
+        self, batch_size: int, indices: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield ``(positions, CSR counts)`` of consecutive cells (of ``indices``, sorted, if given)."""
+        positions = np.arange(self.n_obs) if indices is None else np.unique(np.asarray(indices))
+        try:
+            for start in range(0, len(positions), batch_size):
+                chunk = positions[start : start + batch_size]
+                yield chunk, to_torch_csr(self.read_segments(self.locate(chunk)))
+        finally:
+            self._close()
+
+    def sample(self, n_cells: int, seed: int) -> sp.csr_matrix:
+        """Counts of up to ``n_cells`` cells drawn at random (read in row blocks)."""
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(self.n_obs, size=min(self.n_obs, n_cells), replace=False))
+        try:
+            return self.read_segments(self.locate(rows))
+        finally:
+            self._close()
+
+    def expressed_per_cell(self) -> np.ndarray:
+        """Number of stored entries of each cell, from the row pointers alone (no values are read)."""
+        out = []
+        for shard in range(len(self.paths)):
+            matrix = self._matrix(shard)
+            if isinstance(matrix, h5py.Dataset):
+                out.append(np.count_nonzero(matrix[:], axis=1))
+            else:
+                out.append(np.diff(matrix.group["indptr"][:]))
+        self._close()
+        return np.concatenate(out).astype(np.int64)
+
+
+class ShardBatches(Dataset):
+    """Minibatches of a :class:`ShardedAnnData`; an index is the list of segments of one minibatch.
+
+    Each item is the dictionary a training plan reads: sparse CSR counts under ``"X"``, phenotype
+    and batch codes as ``(n, 1)`` tensors.
+    """
+
+    def __init__(self, data: ShardedAnnData) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.data.n_obs
+
+    def __getitem__(self, segments: Sequence[Segment]) -> dict[str, torch.Tensor]:
+        positions = np.concatenate([np.arange(s, e) + self.data.offsets[i] for i, s, e in segments])
+        batch = {REGISTRY_KEYS.X_KEY: to_torch_csr(self.data.read_segments(segments))}
+        for key, codes in self.data.phenotype_codes.items():
+            batch[phenotype_registry_key(key)] = torch.as_tensor(codes[positions], dtype=torch.long)[:, None]
+        if self.data.batch_codes is not None:
+            batch[REGISTRY_KEYS.BATCH_KEY] = torch.as_tensor(self.data.batch_codes[positions])[:, None]
+        return batch
+
+
+def split_blocks(n_cells: Sequence[int], block_size: int) -> np.ndarray:
+    """Blocks of up to ``block_size`` consecutive cells of each shard, as rows ``(shard, start, stop)``."""
+    blocks = [
+        (shard, start, min(start + block_size, n))
+        for shard, n in enumerate(n_cells)
+        for start in range(0, int(n), block_size)
+    ]
+    return np.asarray(blocks, dtype=np.int64).reshape(-1, 3)
+
+
+def _cut(blocks: np.ndarray, sizes: Sequence[int]) -> list[list[Segment]]:
+    """Cut a sequence of blocks into consecutive minibatches of ``sizes`` cells."""
+    batches, current, need = [], [], list(sizes)
+    i, offset = 0, 0  # current block, cells of it already taken
+    for size in need:
+        current = []
+        while size > 0:
+            shard, start, stop = (int(v) for v in blocks[i])
+            take = min(size, stop - start - offset)
+            current.append((shard, start + offset, start + offset + take))
+            size -= take
+            offset += take
+            if start + offset == stop:
+                i, offset = i + 1, 0
+        batches.append(current)
+    return batches
+
+
+class ShardBlockSampler(Sampler[list[Segment]]):
+    """Minibatches of random blocks of consecutive cells, disjoint between distributed ranks.
+
+    Per epoch (a function of ``(seed, epoch)`` alone), the blocks are shuffled; rank ``r`` of
+    ``world_size`` takes the ``r``-th of ``world_size`` equal runs of cells (no cell is seen by two
+    ranks, none is skipped) and cuts it into the same number of minibatches as every other rank
+    (sizes differ by at most one cell), so that no rank waits for another at the end of an epoch.
+    A minibatch reads ``batch_size / block_size`` blocks, each a contiguous row range on disk.
+
+    Parameters
+    ----------
+    blocks
+        Rows ``(shard, start, stop)``, see :func:`split_blocks`.
+    batch_size
+        Cells per minibatch.
+    seed
+        Seed of the order.
+    shuffle
+        Shuffle the blocks (training); else keep them in order (validation).
+    rank, world_size
+        This process's place among distributed processes.
+    """
+
+    def __init__(
+        self,
+        blocks: np.ndarray,
+        batch_size: int,
+        seed: int,
+        *,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.blocks = blocks
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.skip = 0
+        sizes = blocks[:, 2] - blocks[:, 1]
+        self.n_cells = int(sizes.sum())
+        bounds = [self.n_cells * r // world_size for r in range(world_size + 1)]
+        most = max(bounds[r + 1] - bounds[r] for r in range(world_size))
+        self.n_batches = -(-most // batch_size)
+        self._bounds = bounds
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` from the next iteration on."""
+        self.epoch = epoch
+
+    def skip_batches(self, n: int) -> None:
+        """Leave out the first ``n`` minibatches of the next iteration only (a resumed epoch)."""
+        self.skip = n
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def batches(self) -> list[list[Segment]]:
+        """The minibatches of this rank in the current epoch."""
+        blocks = self.blocks
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            blocks = blocks[torch.randperm(len(blocks), generator=generator).numpy()]
+        start, stop = self._bounds[self.rank], self._bounds[self.rank + 1]
+        mine = _cut(blocks, [start, stop - start])[1] if stop > start else []
+        n_mine = stop - start
+        if not mine or self.n_batches == 0:
+            return []
+        base, extra = divmod(n_mine, self.n_batches)
+        sizes = [base + (i < extra) for i in range(self.n_batches)]
+        return [b for b in _cut(np.asarray(mine, dtype=np.int64), [s for s in sizes if s > 0])]
+
+    def __iter__(self) -> Iterator[list[Segment]]:
+        skip, self.skip = self.skip, 0
+        yield from self.batches()[skip:]
+
+
+class ShardedDataModule(pl.LightningDataModule):
+    """Training and validation minibatches of a :class:`ShardedAnnData`, streamed from disk.
+
+    Cells are split into training, validation and test cells by blocks of ``block_size``
+    consecutive cells (scvi-tools' rule for the shares, applied to blocks), with a seeded
+    shuffle. The training loader is :class:`ShardBlockSampler`'s: random blocks per epoch, a
+    disjoint share of the cells on each distributed rank, and a position that Lightning
+    checkpoints, so an epoch resumed midway continues where it stopped. DataLoader workers
+    (``num_workers``) each open the shards themselves.
+
+    Parameters
+    ----------
+    data
+        The shards.
+    batch_size
+        Cells per minibatch (per rank).
+    train_size, validation_size
+        Shares of cells (in blocks) for training and validation; the rest is a test set.
+    seed
+        Seed of the split and of the training order.
+    block_size
+        Consecutive cells read together; smaller blocks mix the cells of a minibatch better,
+        larger ones read faster.
+    num_workers
+        DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        data: ShardedAnnData,
+        *,
+        batch_size: int,
+        train_size: float,
+        validation_size: float | None,
+        seed: int,
+        block_size: int = 8,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        blocks = split_blocks(data.shard_sizes, block_size)
+        n_train, n_val = validate_data_split(len(blocks), train_size, validation_size)
+        order = np.random.default_rng(seed).permutation(len(blocks))
+        self.val_blocks = blocks[np.sort(order[:n_val])]
+        self.train_blocks = blocks[np.sort(order[n_val : n_val + n_train])]
+        self.test_blocks = blocks[np.sort(order[n_val + n_train :])]
+        self.train_idx = self._positions(self.train_blocks)
+        self.val_idx = self._positions(self.val_blocks)
+        self.test_idx = self._positions(self.test_blocks)
+        self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
+        self._samplers: list[ShardBlockSampler] = []
+
+    def _positions(self, blocks: np.ndarray) -> np.ndarray:
+        if len(blocks) == 0:
+            return np.zeros(0, dtype=np.int64)
+        offsets = self.data.offsets[blocks[:, 0]]
+        starts, stops = offsets + blocks[:, 1], offsets + blocks[:, 2]
+        return np.concatenate([np.arange(a, b) for a, b in zip(starts, stops, strict=True)])
+
+    def _place(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def n_batches(self, world_size: int = 1) -> int:
+        """Training minibatches per epoch on each of ``world_size`` ranks."""
+        return len(ShardBlockSampler(self.train_blocks, self.batch_size, self.seed, world_size=world_size))
+
+    def reseed(self, epoch: int) -> None:
+        """Use the training order of ``epoch`` from the next iteration of the loader on."""
+        for sampler in self._samplers:
+            sampler.set_epoch(epoch)
+
+    def _loader(self, sampler: ShardBlockSampler) -> DataLoader:
+        return DataLoader(
+            ShardBatches(self.data),
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Random blocks, this rank's share, resumable within an epoch."""
+        rank, world_size = self._place()
+        sampler = ShardBlockSampler(
+            self.train_blocks, self.batch_size, self.seed, rank=rank, world_size=world_size
+        )
+        trainer = getattr(self, "trainer", None)
+        sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0)
+        self._samplers.append(sampler)
+        loader = self._loader(sampler)
+        make_resumable(loader, self, sampler, sampler.skip_batches)
+        return loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation blocks in order, this rank's share."""
+        if len(self.val_blocks) == 0:
+            return []
+        rank, world_size = self._place()
+        return self._loader(
+            ShardBlockSampler(
+                self.val_blocks, self.batch_size, self.seed, shuffle=False, rank=rank, world_size=world_size
+            )
+        )
