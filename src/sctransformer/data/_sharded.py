@@ -194,16 +194,16 @@ class ShardedAnnData:
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read shard {path}: {err}") from err
         with file:
-            try:
-                obs, var = file["obs"], file["var"]
-                matrix = self._matrix_element(file, path)
-                n_obs = int(matrix.attrs["shape"][0] if isinstance(matrix, h5py.Group) else matrix.shape[0])
-                gene_key = self.gene_key or _index_key(var)
-                if gene_key not in var:
-                    raise KeyError(f"{path}: .var has no column {gene_key!r} (gene_key)")
-                shard_genes = [str(g) for g in _read_column(var, gene_key)]
-            except KeyError as err:
-                raise KeyError(f"{path} is not an AnnData file with the expected elements: {err}") from err
+            missing = [name for name in ("obs", "var") if name not in file]
+            if missing:
+                raise ValueError(f"cannot read shard {path}: it has no {missing}; is it an .h5ad file?")
+            obs, var = file["obs"], file["var"]
+            matrix = self._matrix_element(file, path)
+            n_obs = int(matrix.attrs["shape"][0] if isinstance(matrix, h5py.Group) else matrix.shape[0])
+            gene_key = self.gene_key or _index_key(var)
+            if gene_key not in var:
+                raise KeyError(f"{path}: .var has no column {gene_key!r} (gene_key)")
+            shard_genes = [str(g) for g in _read_column(var, gene_key)]
             if len(set(shard_genes)) != len(shard_genes):
                 raise ValueError(
                     f"{path}: the gene identifiers are not unique; make them unique "
@@ -304,17 +304,21 @@ class ShardedAnnData:
         self._handles = {}
 
     def read_rows(self, shard: int, start: int, stop: int) -> sp.csr_matrix:
-        """Counts of rows ``start:stop`` of one shard, in the vocabulary's gene columns (float32 CSR)."""
+        """Counts of rows ``start:stop`` of one shard, in the vocabulary's gene columns (float32 CSR).
+
+        The matrix has ``n_vars + 1`` columns: the last holds each cell's summed counts of the
+        shard's genes outside the vocabulary, so that library sizes are those of the whole cell,
+        as for an AnnData whose extra genes are outside a model's vocabulary.
+        """
         block = self._matrix(shard)[start:stop]
         block = sp.csr_matrix(block, dtype=np.float32) if not sp.issparse(block) else block.tocsr()
         where = "X" if self.layer is None else f"layer {self.layer!r}"
         _check_block(block.data, self.paths[shard], f"{where} (rows {start}:{stop})")
         genes = self._column_to_gene[shard][block.indices]
-        keep = genes >= 0
+        genes = np.where(genes >= 0, genes, self.n_vars)  # genes outside the vocabulary: summed
         rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
         out = sp.csr_matrix(
-            (block.data[keep].astype(np.float32), (rows[keep], genes[keep])),
-            shape=(block.shape[0], self.n_vars),
+            (block.data.astype(np.float32), (rows, genes)), shape=(block.shape[0], self.n_vars + 1)
         )
         out.sum_duplicates()
         return out
@@ -359,18 +363,6 @@ class ShardedAnnData:
             return self.read_segments(self.locate(rows))
         finally:
             self._close()
-
-    def expressed_per_cell(self) -> np.ndarray:
-        """Number of stored entries of each cell, from the row pointers alone (no values are read)."""
-        out = []
-        for shard in range(len(self.paths)):
-            matrix = self._matrix(shard)
-            if isinstance(matrix, h5py.Dataset):
-                out.append(np.count_nonzero(matrix[:], axis=1))
-            else:
-                out.append(np.diff(matrix.group["indptr"][:]))
-        self._close()
-        return np.concatenate(out).astype(np.int64)
 
 
 class ShardBatches(Dataset):

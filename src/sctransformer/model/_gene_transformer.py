@@ -321,7 +321,7 @@ class GeneTransformer(BaseModelClass):
             data.setup_args,
             data.batch_categories,
             sample=data.sample(_SAMPLE_CELLS, hp["seed"]) if needs_sample else None,
-            column_to_gene=np.arange(len(vocabulary)),
+            column_to_gene=np.append(np.arange(len(vocabulary)), -1),
         )
         model.shards_ = data
         model.init_params_ = {"kwargs": {}, "non_kwargs": dict(model.hyperparameters_)}
@@ -897,8 +897,8 @@ class GeneTransformer(BaseModelClass):
 
     # ------------------------------------------------------------------ inference
     def _column_to_gene(self, adata: AnnData | ShardedAnnData) -> np.ndarray:
-        if isinstance(adata, ShardedAnnData):
-            return self.vocabulary_.column_to_gene(adata.genes)
+        if isinstance(adata, ShardedAnnData):  # its last column sums the genes outside its vocabulary
+            return np.append(self.vocabulary_.column_to_gene(adata.genes), -1)
         ids = gene_identifiers(adata, self.setup_args_[SETUP_ARGS.GENE_KEY])
         return self.vocabulary_.column_to_gene(ids)
 

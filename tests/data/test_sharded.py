@@ -1,0 +1,240 @@
+"""Sharded .h5ad streaming: gene alignment, rank/worker partition, bad shards, and models trained from shards."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader
+
+import sctransformer as sct
+from sctransformer.data import (
+    ShardBatches,
+    ShardBlockSampler,
+    ShardedAnnData,
+    ShardedDataModule,
+    split_blocks,
+)
+
+from ..conftest import QUIET, TINY
+
+
+def _write(adata: ad.AnnData, path) -> str:
+    adata.write_h5ad(path)
+    return str(path)
+
+
+@pytest.fixture
+def cells():
+    return sct.datasets.synthetic(n_cells=150, n_genes=40, n_cell_types=3, seed=3)
+
+
+@pytest.fixture
+def shards(cells, tmp_path):
+    """Three shards of ``cells``: the last lacks 5 genes and has its genes in another order."""
+    first = cells[:60].copy()
+    second = cells[60:100].copy()
+    third = cells[100:, ::-1][:, 5:].copy()
+    return [_write(a, tmp_path / f"s{i}.h5ad") for i, a in enumerate([first, second, third])]
+
+
+def _reference_rows(cells: ad.AnnData, genes: pd.Index) -> np.ndarray:
+    """Counts of ``cells`` in the columns ``genes`` (numpy, the naive way)."""
+    dense = cells.layers["counts"].toarray()
+    columns = [list(cells.var_names).index(g) for g in genes]
+    return dense[:, columns]
+
+
+def test_rows_are_aligned_to_the_shared_genes_by_identifier(cells, shards):
+    data = ShardedAnnData(shards, layer="counts", phenotype_keys=["cell_type"])
+    assert data.shape == (150, 35)
+    assert list(data.genes) == [g for g in cells.var_names if g in set(cells.var_names[::-1][5:])]
+    got = sp.vstack([data.read_rows(i, 0, n) for i, n in enumerate(data.shard_sizes)]).toarray()
+    np.testing.assert_array_equal(got[:, :-1], _reference_rows(cells, data.genes))
+    # the last column sums each cell's genes outside the vocabulary; the third shard has none
+    others = cells.layers["counts"].sum(1).A1 - got[:, :-1].sum(1)
+    others[100:] = 0
+    np.testing.assert_array_equal(got[:, -1], others)
+    assert list(data.obs_names) == list(cells.obs_names)
+    np.testing.assert_array_equal(
+        data.phenotype_codes["cell_type"],
+        pd.Categorical(cells.obs["cell_type"], categories=data.phenotype_categories["cell_type"]).codes,
+    )
+
+
+def test_outer_join_keeps_every_gene_and_reads_zeros_where_a_shard_lacks_it(cells, shards):
+    data = ShardedAnnData(shards, layer="counts", join="outer")
+    assert data.n_vars == 40
+    third = data.read_rows(2, 0, 50).toarray()[:, :-1]
+    expected = _reference_rows(cells[100:], data.genes)
+    missing = ~data.genes.isin(cells.var_names[::-1][5:])
+    expected[:, missing] = 0
+    np.testing.assert_array_equal(third, expected)
+
+
+def test_minibatches_and_random_samples_read_the_right_cells(cells, shards):
+    data = ShardedAnnData(shards, layer="counts")
+    reference = _reference_rows(cells, data.genes)
+    indices = np.array([3, 59, 60, 61, 99, 100, 149])
+    seen = []
+    for positions, x in data.iter_minibatches(3, indices):
+        np.testing.assert_array_equal(x.to_dense().numpy()[:, :-1], reference[positions])
+        seen += positions.tolist()
+    assert seen == indices.tolist()
+    sample = data.sample(20, seed=0)
+    rows = np.sort(np.random.default_rng(0).choice(150, size=20, replace=False))
+    np.testing.assert_array_equal(sample.toarray()[:, :-1], reference[rows])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_each_cell_is_seen_once_per_epoch_over_all_ranks_and_ranks_get_equal_batch_counts(world_size):
+    blocks = split_blocks([37, 0, 64, 5], block_size=8)
+    n_cells = 37 + 64 + 5
+    orders = []
+    for epoch in (0, 1):
+        cells, lengths = [], []
+        for rank in range(world_size):
+            sampler = ShardBlockSampler(blocks, 10, seed=4, rank=rank, world_size=world_size)
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            lengths.append(len(batches))
+            assert len(batches) == len(sampler)
+            sizes = [sum(e - s for _, s, e in b) for b in batches]
+            assert max(sizes) <= 10 and max(sizes) - min(sizes) <= 1
+            cells += [(shard, row) for b in batches for shard, s, e in b for row in range(s, e)]
+        assert len(set(lengths)) == 1
+        assert sorted(cells) == sorted({(int(sh), r) for sh, s, e in blocks for r in range(s, e)})
+        assert len(cells) == n_cells
+        orders.append(cells)
+    assert orders[0] != orders[1]  # a new order each epoch
+
+
+def test_skipping_batches_resumes_the_same_epoch_order():
+    blocks = split_blocks([100], block_size=4)
+    sampler = ShardBlockSampler(blocks, 8, seed=0)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.skip_batches(5)
+    assert list(sampler) == whole[5:]
+    assert list(sampler) == whole  # the skip applies to one iteration only
+
+
+def test_workers_read_the_same_minibatches_as_the_main_process(shards):
+    data = ShardedAnnData(shards, layer="counts", phenotype_keys=["cell_type"])
+    sampler = ShardBlockSampler(split_blocks(data.shard_sizes, 8), 16, seed=0)
+
+    def batches(num_workers):
+        loader = DataLoader(ShardBatches(data), sampler=sampler, batch_size=None, num_workers=num_workers)
+        return [(b["X"].to_dense(), b["phenotype:cell_type"]) for b in loader]
+
+    for (x0, y0), (x2, y2) in zip(batches(0), batches(2), strict=True):
+        torch.testing.assert_close(x0, x2)
+        torch.testing.assert_close(y0, y2)
+
+
+def test_the_split_is_disjoint_and_covers_every_cell(shards):
+    data = ShardedAnnData(shards, layer="counts")
+    module = ShardedDataModule(data, batch_size=16, train_size=0.7, validation_size=0.2, seed=0, block_size=4)
+    parts = [module.train_idx, module.val_idx, module.test_idx]
+    assert sum(len(p) for p in parts) == 150
+    assert len(np.unique(np.concatenate(parts))) == 150
+    assert abs(len(module.val_idx) - 30) <= 4
+
+
+def test_a_model_trained_from_shards_embeds_them_as_it_embeds_the_same_cells_in_memory(
+    cells, shards, tmp_path
+):
+    data = ShardedAnnData(shards, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer.from_shards(data, **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=2, batch_size=16, **QUIET)
+    assert model.is_trained_ and len(model.history["loss_train"]) == 2
+    assert len(model.train_indices) + len(model.validation_indices) == 150
+    from_shards = model.get_latent_representation(data, batch_size=7)
+    # the same files in memory (a gene a shard lacks is a zero there, so library sizes agree)
+    cells = ad.concat([ad.read_h5ad(p) for p in shards], join="outer")
+    in_memory = model.get_latent_representation(cells, batch_size=50)
+    np.testing.assert_allclose(from_shards, in_memory, rtol=1e-5, atol=1e-5)
+    table = model.predict(data)
+    assert list(table.index) == list(cells.obs_names)
+    torch.testing.assert_close(
+        torch.as_tensor(table["cell_type_confidence"].to_numpy()),
+        torch.as_tensor(model.predict(cells)["cell_type_confidence"].to_numpy()),
+    )
+    assert "cell_type" in model.calibration_  # calibrated on the validation blocks of the shards
+    model.save(tmp_path / "model")
+    loaded = sct.GeneTransformer.load(tmp_path / "model")
+    np.testing.assert_array_equal(loaded.get_latent_representation(data, batch_size=7), from_shards)
+
+
+def test_class_weights_of_a_sharded_model_count_its_training_cells(shards):
+    data = ShardedAnnData(shards, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer.from_shards(data, **TINY)
+    train_idx = np.arange(0, 150, 2)
+    (weights,) = model._class_weights(train_idx)
+    counts = np.bincount(data.phenotype_codes["cell_type"][train_idx], minlength=3)
+    np.testing.assert_allclose(weights.numpy(), counts.sum() / (3 * counts), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ bad input
+def test_an_empty_shard_is_skipped_with_a_warning(cells, shards, tmp_path):
+    empty = _write(cells[:0].copy(), tmp_path / "empty.h5ad")
+    with pytest.warns(UserWarning, match="empty.h5ad has no cells"):
+        data = ShardedAnnData([shards[0], empty], layer="counts")
+    assert data.n_obs == 60 and len(data.paths) == 1
+
+
+def test_an_unreadable_shard_is_named_before_anything_runs(shards, tmp_path):
+    broken = tmp_path / "broken.h5ad"
+    broken.write_text("not an h5ad file")
+    with pytest.raises(ValueError, match=r"broken\.h5ad"):
+        ShardedAnnData([shards[0], broken], layer="counts")
+    with pytest.raises(ValueError, match=r"missing\.h5ad"):
+        ShardedAnnData([tmp_path / "missing.h5ad"], layer="counts")
+
+
+def test_a_shard_without_the_layer_or_with_normalised_values_is_named(cells, shards, tmp_path):
+    with pytest.raises(KeyError, match="layer 'raw' not found"):
+        ShardedAnnData(shards, layer="raw")
+    normalised = cells[:30].copy()
+    normalised.layers["counts"] = normalised.layers["counts"] * 0.5
+    path = _write(normalised, tmp_path / "normalised.h5ad")
+    with pytest.raises(ValueError, match=r"normalised\.h5ad.*non-integer"):
+        ShardedAnnData([shards[0], path], layer="counts")
+
+
+def test_a_column_major_layer_is_refused_with_the_fix(cells, tmp_path):
+    csc = cells[:30].copy()
+    csc.layers["counts"] = sp.csc_matrix(csc.layers["counts"])
+    with pytest.raises(ValueError, match=r"CSC.*tocsr"):
+        ShardedAnnData([_write(csc, tmp_path / "csc.h5ad")], layer="counts")
+
+
+def test_shards_without_shared_genes_or_batch_column_are_refused(cells, shards, tmp_path):
+    renamed = cells[:30].copy()
+    renamed.var_names = [f"other_{i}" for i in range(renamed.n_vars)]
+    with pytest.raises(ValueError, match="share no gene"):
+        ShardedAnnData([shards[0], _write(renamed, tmp_path / "renamed.h5ad")], layer="counts")
+    no_batch = cells[:30].copy()
+    del no_batch.obs["batch"]
+    with pytest.raises(KeyError, match="no batch column 'batch'"):
+        ShardedAnnData(
+            [shards[0], _write(no_batch, tmp_path / "nobatch.h5ad")], layer="counts", batch_key="batch"
+        )
+
+
+def test_from_shards_rejects_unknown_hyperparameters_and_other_inputs(shards, cells):
+    data = ShardedAnnData(shards, layer="counts")
+    with pytest.raises(TypeError, match="d_modle"):
+        sct.GeneTransformer.from_shards(data, d_modle=16)
+    with pytest.raises(TypeError, match="ShardedAnnData"):
+        sct.GeneTransformer.from_shards(cells)
+    model = sct.GeneTransformer.from_shards(data, **TINY)
+    with pytest.raises(ValueError, match="length_bucketing"):
+        model.train(max_epochs=1, length_bucketing=True)
