@@ -3,11 +3,18 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
 import sctransformer as sct
-from sctransformer.data import EpochSeededRandomSampler, LengthBucketedSampler, expressed_per_cell
+from sctransformer.data import (
+    EpochBatchSampler,
+    EpochSeededRandomSampler,
+    LengthBucketedSampler,
+    expressed_per_cell,
+    rank_batch_sizes,
+)
 
 from ..conftest import QUIET, TINY
 
@@ -67,3 +74,35 @@ def test_training_with_length_buckets_is_seeded_and_learns(adata):
         torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)
     assert model.train_settings_["length_bucketing"] is True
     assert np.isfinite(model.history["loss_train"].to_numpy()).all()
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "world_size"), [(96, 16, 2), (97, 16, 2), (33, 16, 2), (100, 7, 3), (5, 4, 1)]
+)
+def test_ranks_share_out_every_item_once_in_equal_numbers_of_minibatches(n, batch_size, world_size):
+    seen, counts = [], set()
+    for rank in range(world_size):
+        sampler = EpochBatchSampler(
+            EpochSeededRandomSampler(n, seed=1), batch_size, rank=rank, world_size=world_size
+        )
+        sampler.set_epoch(3)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert all(0 < len(b) <= batch_size for b in batches)
+        counts.add(len(batches))
+        seen += [i for b in batches for i in b]
+    assert len(counts) == 1  # DDP waits forever if one rank has a minibatch more
+    assert sorted(seen) == list(range(n))
+    if world_size == 1:  # one process: full minibatches in the epoch's order, the partial one last
+        order = EpochSeededRandomSampler(n, seed=1)
+        order.set_epoch(3)
+        assert seen == list(order)
+
+
+def test_rank_batch_sizes_keep_full_minibatches_where_ranks_agree_and_drop_last_drops():
+    assert rank_batch_sizes(96, 16, 0, 2) == (0, [16, 16, 16])
+    assert rank_batch_sizes(96, 16, 1, 2) == (48, [16, 16, 16])
+    # 97 cells: 48 and 49; plain cuts would give 3 and 4 minibatches, so both cut into 4 near-equal ones
+    assert rank_batch_sizes(97, 16, 0, 2) == (0, [12, 12, 12, 12])
+    assert rank_batch_sizes(97, 16, 1, 2) == (48, [13, 12, 12, 12])
+    assert rank_batch_sizes(97, 16, 1, 2, drop_last=True) == (48, [16, 16, 16])

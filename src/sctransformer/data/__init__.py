@@ -4,17 +4,20 @@ from ._fields import BatchObsField, PhenotypeObsField, category_codes, observed_
 from ._loader import expressed_per_cell, iter_minibatches, to_torch_csr
 from ._sharded import ShardBatches, ShardBlockSampler, ShardedAnnData, ShardedDataModule, split_blocks
 from ._splitting import (
+    EpochBatchSampler,
     EpochSeededDataSplitter,
     EpochSeededRandomSampler,
     LengthBucketedSampler,
     epoch_seed,
     make_resumable,
+    rank_batch_sizes,
 )
 from ._validation import check_counts, gene_identifiers, get_matrix
 from ._vocabulary import GeneVocabulary
 
 __all__ = [
     "BatchObsField",
+    "EpochBatchSampler",
     "EpochSeededDataSplitter",
     "EpochSeededRandomSampler",
     "GeneVocabulary",
@@ -33,6 +36,7 @@ __all__ = [
     "iter_minibatches",
     "make_resumable",
     "observed_categories",
+    "rank_batch_sizes",
     "split_blocks",
     "to_torch_csr",
 ]

@@ -22,7 +22,7 @@ from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, phenotype_regist
 
 from ._fields import category_codes
 from ._loader import to_torch_csr
-from ._splitting import epoch_seed, make_resumable
+from ._splitting import epoch_seed, make_resumable, rank_batch_sizes
 
 logger = logging.getLogger("sctransformer")
 
@@ -184,7 +184,7 @@ class ShardedAnnData:
             self.batch_codes = category_codes(values, self.batch_categories).astype(np.int32)
         for i in range(len(self.paths)):  # a shard of non-counts fails now, not hours into training
             self.read_rows(i, 0, min(256, int(self.shard_sizes[i])))
-        self._close()
+        self.close()
 
     # ------------------------------------------------------------------ scanning
     def _scan(self, path: Path) -> tuple[int, list[str], dict[str, pd.Series | None], pd.Series | None]:
@@ -298,7 +298,8 @@ class ShardedAnnData:
             self._handles[shard] = (file, matrix)
         return self._handles[shard][1]
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Close the shard files this process has open (they reopen when next read)."""
         for file, _ in self._handles.values():
             file.close()
         self._handles = {}
@@ -353,7 +354,7 @@ class ShardedAnnData:
                 chunk = positions[start : start + batch_size]
                 yield chunk, to_torch_csr(self.read_segments(self.locate(chunk)))
         finally:
-            self._close()
+            self.close()
 
     def sample(self, n_cells: int, seed: int) -> sp.csr_matrix:
         """Counts of up to ``n_cells`` cells drawn at random (read in row blocks)."""
@@ -362,7 +363,7 @@ class ShardedAnnData:
         try:
             return self.read_segments(self.locate(rows))
         finally:
-            self._close()
+            self.close()
 
 
 class ShardBatches(Dataset):
@@ -419,11 +420,10 @@ def _cut(blocks: np.ndarray, sizes: Sequence[int]) -> list[list[Segment]]:
 class ShardBlockSampler(Sampler[list[Segment]]):
     """Minibatches of random blocks of consecutive cells, disjoint between distributed ranks.
 
-    Per epoch (a function of ``(seed, epoch)`` alone), the blocks are shuffled; rank ``r`` of
-    ``world_size`` takes the ``r``-th of ``world_size`` equal runs of cells (no cell is seen by two
-    ranks, none is skipped) and cuts it into the same number of minibatches as every other rank
-    (sizes differ by at most one cell), so that no rank waits for another at the end of an epoch.
-    A minibatch reads ``batch_size / block_size`` blocks, each a contiguous row range on disk.
+    Per epoch (a function of ``(seed, epoch)`` alone), the blocks are shuffled and their cells
+    shared out between ranks and cut into minibatches as :func:`rank_batch_sizes` says: no cell is
+    seen by two ranks, none is skipped, and every rank has the same number of minibatches. A
+    minibatch reads about ``batch_size / block_size`` blocks, each a contiguous row range on disk.
 
     Parameters
     ----------
@@ -457,23 +457,19 @@ class ShardBlockSampler(Sampler[list[Segment]]):
         self.world_size = world_size
         self.epoch = 0
         self.skip = 0
-        sizes = blocks[:, 2] - blocks[:, 1]
-        self.n_cells = int(sizes.sum())
-        bounds = [self.n_cells * r // world_size for r in range(world_size + 1)]
-        most = max(bounds[r + 1] - bounds[r] for r in range(world_size))
-        self.n_batches = -(-most // batch_size)
-        self._bounds = bounds
+        self.n_cells = int((blocks[:, 2] - blocks[:, 1]).sum())
+        self._start, self._sizes = rank_batch_sizes(self.n_cells, batch_size, rank, world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of ``epoch`` from the next iteration on."""
         self.epoch = epoch
 
     def skip_batches(self, n: int) -> None:
-        """Leave out the first ``n`` minibatches of the next iteration only (a resumed epoch)."""
+        """Leave out the first ``n`` minibatches of the next iteration only (an epoch resumed midway)."""
         self.skip = n
 
     def __len__(self) -> int:
-        return self.n_batches
+        return len(self._sizes)
 
     def batches(self) -> list[list[Segment]]:
         """The minibatches of this rank in the current epoch."""
@@ -481,14 +477,7 @@ class ShardBlockSampler(Sampler[list[Segment]]):
         if self.shuffle:
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             blocks = blocks[torch.randperm(len(blocks), generator=generator).numpy()]
-        start, stop = self._bounds[self.rank], self._bounds[self.rank + 1]
-        mine = _cut(blocks, [start, stop - start])[1] if stop > start else []
-        n_mine = stop - start
-        if not mine or self.n_batches == 0:
-            return []
-        base, extra = divmod(n_mine, self.n_batches)
-        sizes = [base + (i < extra) for i in range(self.n_batches)]
-        return [b for b in _cut(np.asarray(mine, dtype=np.int64), [s for s in sizes if s > 0])]
+        return _cut(blocks, [self._start, *self._sizes])[1:]
 
     def __iter__(self) -> Iterator[list[Segment]]:
         skip, self.skip = self.skip, 0

@@ -27,15 +27,10 @@ class EpochSeededRandomSampler(Sampler[int]):
         self.n = n
         self.seed = seed
         self.epoch = 0
-        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of ``epoch`` from the next iteration on."""
         self.epoch = epoch
-
-    def skip_items(self, n: int) -> None:
-        """Leave out the first ``n`` items of the next iteration only (an epoch resumed midway)."""
-        self.skip = n
 
     def __len__(self) -> int:
         return self.n
@@ -46,8 +41,7 @@ class EpochSeededRandomSampler(Sampler[int]):
         return torch.randperm(self.n, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        skip, self.skip = self.skip, 0
-        yield from self.order()[skip:]
+        yield from self.order()
 
 
 class LengthBucketedSampler(EpochSeededRandomSampler):
@@ -99,6 +93,95 @@ class LengthBucketedSampler(EpochSeededRandomSampler):
         return [i for batch in shuffled + partial for i in batch.tolist()]
 
 
+def rank_batch_sizes(
+    n: int, batch_size: int, rank: int = 0, world_size: int = 1, drop_last: bool = False
+) -> tuple[int, list[int]]:
+    """Where this rank's share of an epoch's ``n`` items starts, and its minibatch sizes.
+
+    Rank ``r`` of ``world_size`` takes items ``[r * n // world_size, (r + 1) * n // world_size)``,
+    so no item goes to two ranks and none is left out. Its minibatches have ``batch_size`` items
+    and the last may be partial (left out with ``drop_last``); where that would give ranks
+    different numbers of minibatches (Lightning's DDP then waits forever at the epoch end), every
+    rank cuts its share into the same number of minibatches of near-equal sizes instead.
+    """
+    bounds = [n * r // world_size for r in range(world_size + 1)]
+    shares = [bounds[r + 1] - bounds[r] for r in range(world_size)]
+
+    def cut(m: int) -> list[int]:
+        sizes = [batch_size] * (m // batch_size)
+        return sizes if drop_last or m % batch_size == 0 else [*sizes, m % batch_size]
+
+    counts = {len(cut(m)) for m in shares}
+    if len(counts) == 1:
+        return bounds[rank], cut(shares[rank])
+    n_batches = min(counts) if drop_last else max(counts)
+    base, extra = divmod(shares[rank], n_batches)
+    sizes = [base + (i < extra) for i in range(n_batches)]
+    if drop_last:  # equal counts of full minibatches: the items beyond them are left out
+        sizes = [batch_size] * n_batches
+    return bounds[rank], sizes
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Minibatches of an epoch's order of items: this rank's share, resumable within an epoch.
+
+    Parameters
+    ----------
+    order
+        The sampler that sets the order of each epoch (:class:`EpochSeededRandomSampler` or
+        :class:`LengthBucketedSampler`).
+    batch_size
+        Items per minibatch.
+    rank, world_size
+        This process's place among distributed processes, see :func:`rank_batch_sizes`.
+    drop_last
+        Leave out a last, partial minibatch.
+    """
+
+    def __init__(
+        self,
+        order: EpochSeededRandomSampler,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        self.order = order
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.skip = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose order the next iteration follows."""
+        return self.order.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` from the next iteration on."""
+        self.order.set_epoch(epoch)
+
+    def skip_batches(self, n: int) -> None:
+        """Leave out the first ``n`` minibatches of the next iteration only (an epoch resumed midway)."""
+        self.skip = n
+
+    def _sizes(self) -> tuple[int, list[int]]:
+        return rank_batch_sizes(len(self.order), self.batch_size, self.rank, self.world_size, self.drop_last)
+
+    def __len__(self) -> int:
+        return len(self._sizes()[1])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        items = self.order.order()
+        start, sizes = self._sizes()
+        bounds = np.cumsum([start, *sizes])
+        for i in range(skip, len(sizes)):
+            yield items[bounds[i] : bounds[i + 1]]
+
+
 def make_resumable(
     loader: DataLoader,
     datamodule: pl.LightningDataModule,
@@ -144,7 +227,8 @@ class EpochSeededDataSplitter(DataSplitter):
     Minibatches stay sparse CSR on the device (scvi-tools densifies them after the transfer; the
     tokenizer reads CSR directly, so that step is skipped). The training loader visits the cells
     in an order set by ``(seed, epoch)`` alone, through :class:`EpochSeededRandomSampler`, so a run
-    resumed from a checkpoint sees the same minibatches as an uninterrupted one.
+    resumed from a checkpoint sees the same minibatches as an uninterrupted one; under
+    distributed training each rank takes its own share of that order (:class:`EpochBatchSampler`).
 
     Parameters
     ----------
@@ -161,7 +245,7 @@ class EpochSeededDataSplitter(DataSplitter):
         super().__init__(*args, **kwargs)
         self.seed = seed
         self.lengths = lengths
-        self._samplers: list[EpochSeededRandomSampler] = []
+        self._samplers: list[EpochBatchSampler] = []
 
     def reseed(self, epoch: int) -> None:
         """Use the training order of ``epoch`` from the next iteration of the loaders on."""
@@ -172,24 +256,38 @@ class EpochSeededDataSplitter(DataSplitter):
         """Keep minibatches sparse: the tokenizer reads CSR on the device."""
         return batch
 
-    def train_dataloader(self):
-        """The training loader of scvi-tools, visiting cells in the order of the current epoch."""
-        loader = super().train_dataloader()
+    def train_dataloader(self) -> DataLoader:
+        """Minibatches of the training cells in the order of the current epoch, this rank's share."""
+        loader = super().train_dataloader()  # scvi-tools' loader: its dataset reads the training cells
         batch_sampler = loader.sampler
         if not (isinstance(batch_sampler, BatchSampler) and isinstance(batch_sampler.sampler, RandomSampler)):
-            return loader  # a distributed or user-given sampler keeps its own shuffling
+            return loader  # a user-given sampler keeps its own order
         if self.lengths is None:
-            sampler = EpochSeededRandomSampler(len(batch_sampler.sampler), self.seed)
+            order = EpochSeededRandomSampler(len(loader.dataset), self.seed)
         else:  # positions of the loader's dataset are its indices into the AnnData
             lengths = torch.as_tensor(self.lengths)[torch.as_tensor(loader.indices)]
-            sampler = LengthBucketedSampler(lengths, batch_sampler.batch_size, self.seed)
+            order = LengthBucketedSampler(lengths, batch_sampler.batch_size, self.seed)
+        trainer = getattr(self, "trainer", None)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochBatchSampler(
+            order,
+            batch_sampler.batch_size,
+            rank=rank,
+            world_size=world_size,
+            drop_last=batch_sampler.drop_last,
+        )
         # the epoch about to be trained, as Lightning counts it for samplers' set_epoch; also right
         # when the loader is built for a run resumed from a checkpoint
-        trainer = getattr(self, "trainer", None)
         sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0)
-        batch_sampler.sampler = sampler
         self._samplers.append(sampler)
-        # the loader draws a seed of its own when an iterator starts: keep it off the global RNG
-        loader.generator = torch.Generator()
-        make_resumable(loader, self, sampler, lambda n: sampler.skip_items(n * batch_sampler.batch_size))
-        return loader
+        epoch_loader = DataLoader(
+            loader.dataset,
+            sampler=sampler,
+            batch_size=None,  # the sampler gives whole minibatches: one sparse read each
+            num_workers=loader.num_workers,
+            persistent_workers=loader.persistent_workers,
+            pin_memory=loader.pin_memory,
+            generator=torch.Generator(),  # the seed a loader draws per iterator stays off the global RNG
+        )
+        make_resumable(epoch_loader, self, sampler, sampler.skip_batches)
+        return epoch_loader

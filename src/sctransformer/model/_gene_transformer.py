@@ -614,8 +614,8 @@ class GeneTransformer(BaseModelClass):
         seed
             Seed of the data split and masking; default ``sctransformer.settings.seed``.
         checkpoint_dir
-            Write a Lightning checkpoint (weights, optimizer, scheduler, RNG state, loop and data
-            position) to ``checkpoint_dir/last.ckpt`` after every epoch.
+            Write a Lightning checkpoint (weights, optimizer, scheduler, loop and data position;
+            the RNG is seeded per minibatch) to ``checkpoint_dir/last.ckpt`` after every epoch.
         checkpoint_every_n_steps
             Also write it every this many optimisation steps (for long epochs).
         resume
@@ -705,8 +705,6 @@ class GeneTransformer(BaseModelClass):
                     f"blocks of cells: {err}"
                 ) from err
             n_validation = shard_datamodule.n_val
-            # the sampler splits cells between ranks itself: Lightning must not replace it
-            trainer_kwargs.setdefault("use_distributed_sampler", False)
         else:
             try:  # scvi-tools' own rule, the one its DataSplitter applies
                 _, n_validation = validate_data_split(source.n_obs, train_size, validation_size)
@@ -734,6 +732,8 @@ class GeneTransformer(BaseModelClass):
         trainer_kwargs.setdefault("gradient_clip_val", 1.0)
         trainer_kwargs.setdefault("early_stopping_monitor", "loss_validation")
         trainer_kwargs.setdefault("log_every_n_steps", 1)
+        # the training samplers share cells out between distributed ranks themselves
+        trainer_kwargs.setdefault("use_distributed_sampler", False)
         if deterministic is None:
             deterministic = "warn" if not accelerator_is_gpu else False
         trainer_kwargs["deterministic"] = deterministic
@@ -778,6 +778,8 @@ class GeneTransformer(BaseModelClass):
                     **(datasplitter_kwargs or {}),
                 )
             )
+            if shard_datamodule is None:
+                datamodule.setup()  # the split (seeded): its training cells set the class weights
             plan = self._training_plan_cls(
                 self.module,
                 column_to_gene=self._column_to_gene(source),
@@ -810,6 +812,8 @@ class GeneTransformer(BaseModelClass):
             scvi.settings.seed = previous_seed
             for param in frozen:
                 param.requires_grad_(True)
+            if self.shards_ is not None:
+                self.shards_.close()
         self.train_settings_ = {
             "max_epochs": max_epochs,
             "batch_size": batch_size,
@@ -890,7 +894,6 @@ class GeneTransformer(BaseModelClass):
             return None
         if isinstance(datamodule, ShardedDataModule):
             return max(1, max_epochs * datamodule.n_batches())
-        datamodule.setup()
         n_train = len(datamodule.train_idx)
         per_epoch = n_train // batch_size if datamodule.drop_last else -(-n_train // batch_size)
         return max(1, max_epochs * per_epoch)

@@ -1,6 +1,13 @@
 """Lightning training plans: masking, losses, learning-rate schedule, logged metrics."""
 
 from ._checkpoint import LAST_CHECKPOINT, PeriodicCheckpoint
-from ._plan import MaskedModelingPlan, mask_tokens, warmup_cosine
+from ._plan import MaskedModelingPlan, batch_seed, mask_tokens, warmup_cosine
 
-__all__ = ["LAST_CHECKPOINT", "MaskedModelingPlan", "PeriodicCheckpoint", "mask_tokens", "warmup_cosine"]
+__all__ = [
+    "LAST_CHECKPOINT",
+    "MaskedModelingPlan",
+    "PeriodicCheckpoint",
+    "batch_seed",
+    "mask_tokens",
+    "warmup_cosine",
+]

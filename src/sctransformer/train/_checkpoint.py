@@ -14,9 +14,10 @@ LAST_CHECKPOINT = "last.ckpt"
 class PeriodicCheckpoint(Callback):
     """Write a full Lightning checkpoint every epoch and, optionally, every ``every_n_steps`` steps.
 
-    A checkpoint holds the weights, optimizer, scheduler, loop position, the training loader's
-    position in the epoch and the RNG state, so a run resumed from one midway through an epoch
-    goes on exactly as the uninterrupted run. The file is Lightning's own format, written by
+    A checkpoint holds the weights, optimizer, scheduler, loop position and the training loader's
+    position in the epoch; the masks and dropout of each minibatch are seeded by its place in the
+    run (:func:`~sctransformer.train.batch_seed`), so a run resumed from a checkpoint midway
+    through an epoch goes on exactly as the uninterrupted run. The file is Lightning's own format, written by
     :meth:`lightning.pytorch.Trainer.save_checkpoint` where Lightning's ``ModelCheckpoint``
     writes (end of a training batch, end of an epoch) and read back by
     ``Trainer.fit(ckpt_path=...)``. Each write goes beside ``last.ckpt`` and is renamed into place,

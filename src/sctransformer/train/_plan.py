@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from sctransformer._constants import REGISTRY_KEYS, phenotype_registry_key
-from sctransformer.data import epoch_seed
 from sctransformer.module import GeneTransformerModule, LossOutput, TokenizedCells
 
 
@@ -37,6 +36,11 @@ def mask_tokens(
     draw = torch.rand(phenotypes.shape, generator=generator, device=device)
     phenotype_mask = (draw < phenotype_mask_prob) | (phenotypes < 0)
     return value_mask, phenotype_mask
+
+
+def batch_seed(seed: int, epoch: int, number: int) -> int:
+    """Seed of what is drawn for training minibatch ``number`` of ``epoch`` (well mixed, 32 bits)."""
+    return int(np.random.SeedSequence([seed, epoch, number]).generate_state(1)[0])
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_factor: float = 0.0) -> float:
@@ -76,7 +80,7 @@ class MaskedModelingPlan(pl.LightningModule):
     focal_gamma
         Focal-loss exponent of the phenotype losses (``0``: cross-entropy).
     seed
-        Seed of the validation masks and, per epoch, of the training masks.
+        Seed of the validation masks and, per minibatch, of the training masks and dropout.
     total_steps
         Optimisation steps of the whole run, for the learning-rate schedule; default Lightning's
         estimate (which builds the training loader early, before a checkpoint is restored).
@@ -113,7 +117,6 @@ class MaskedModelingPlan(pl.LightningModule):
         self.focal_gamma = focal_gamma
         self.seed = seed
         self.total_steps = total_steps
-        self._resumed_rng: dict | None = None
 
     def _phenotypes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
@@ -165,40 +168,22 @@ class MaskedModelingPlan(pl.LightningModule):
             self.log(f"{name}_{stage}", value, on_step=False, on_epoch=True, batch_size=out.counts[name])
         return out
 
-    def on_train_start(self) -> None:
-        """In a run resumed midway through an epoch, take the RNG state saved with the checkpoint.
-
-        Lightning does not start that epoch again (no ``on_train_epoch_start``), so the masks and
-        dropout of its remaining minibatches come from the state the interrupted run had there.
-        """
-        resumed, self._resumed_rng = self._resumed_rng, None
-        if resumed is not None and resumed["epoch"] == self.current_epoch:
-            torch.set_rng_state(resumed["cpu"])
-            if resumed.get("cuda") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(resumed["cuda"], self.device)
-
     def on_train_epoch_start(self) -> None:
-        """Reseed the global RNG (masks, dropout) and the training shuffle from ``(seed, epoch)``.
-
-        What is drawn in an epoch then depends on the epoch only, not on what ran before, so a run
-        resumed from an epoch checkpoint continues exactly as an uninterrupted one.
-        """
-        torch.manual_seed(epoch_seed(self.seed, self.current_epoch))
+        """Set the training order of this epoch (a function of ``(seed, epoch)`` alone)."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "reseed"):
             datamodule.reseed(self.current_epoch)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Save the global RNG state (of masks and dropout), for resuming an epoch midway."""
-        checkpoint["sctransformer_rng"] = {
-            "epoch": self.current_epoch,
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Seed the global RNG (masks, dropout) from ``(seed, epoch, minibatch number)``.
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the saved RNG state until the resumed epoch starts."""
-        self._resumed_rng = checkpoint.get("sctransformer_rng")
+        The number counts the minibatches of all distributed ranks (``batch_idx * world_size +
+        rank``), so what is drawn for a minibatch depends on its place in the run only: a run
+        resumed at any minibatch continues exactly as an uninterrupted one, and 2 ranks draw what
+        one process accumulating gradients over the same 2 minibatches draws.
+        """
+        number = batch_idx * self.trainer.world_size + self.trainer.global_rank
+        torch.manual_seed(batch_seed(self.seed, self.current_epoch, number))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimisation step; stops with an error on a non-finite loss."""
