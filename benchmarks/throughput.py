@@ -64,6 +64,26 @@ def naive_tokenize(x: sp.csr_matrix, max_length: int, n_bins: int) -> tuple[np.n
     return gene_ids, values, bins
 
 
+def matmul_peak(n: int = 2048, repeat: int = 10) -> float:
+    """Measured FLOP/s of a large float32 matrix product on this machine (the utilisation's reference)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / timed(lambda: a @ b, repeat)
+
+
+def train_flops(tokens, *, d_model: int, d_ff: int, n_layers: int, n_prefix: int, n_bins: int) -> float:
+    """Model FLOPs of one training step on the real (not padded) tokens: 3x the forward pass.
+
+    Per layer and token the four attention projections and the feed-forward layers
+    (``2 * (4 d^2 + 2 d d_ff)``), per layer and cell the attention scores and weighted sum over
+    its real length ``L`` (``4 L^2 d``), and the expression head per token (``2 d n_bins``);
+    embeddings and the small heads are left out, as is usual.
+    """
+    lengths = tokens.is_token.sum(1).double() + n_prefix
+    per_token = n_layers * 2 * (4 * d_model**2 + 2 * d_model * d_ff) + 2 * d_model * n_bins
+    forward = float(lengths.sum()) * per_token + n_layers * 4 * d_model * float((lengths**2).sum())
+    return 3 * forward
+
+
 def timed(fn, repeat: int) -> float:
     fn()
     start = time.perf_counter()
@@ -214,7 +234,8 @@ def main() -> None:
         f"{counts.getnnz(1).mean():.0f} expressed genes per cell; batch size {bs}\n"
     )
 
-    rows = []
+    peak = matmul_peak()
+    rows = [("fp32 matmul 2048 x 2048 (the peak for utilisation)", f"{peak / 1e9:,.1f} GFLOP/s", "")]
     model = sct.GeneTransformer(adata)
     column_to_gene = torch.as_tensor(model._column_to_gene(adata))
     for tok_bs in (bs, 256):
@@ -259,6 +280,14 @@ def main() -> None:
 
         tokens = step()
         t_step = timed(step, 5)
+        flops = train_flops(
+            tokens,
+            d_model=d_model,
+            d_ff=4 * d_model,
+            n_layers=n_layers,
+            n_prefix=module.n_prefix,
+            n_bins=16,
+        )
         t_tok = timed(lambda module=module, batch=batch: module.tokenize(batch, column_to_gene), 20)
         n_tokens = int(tokens.is_token.sum()) + bs * module.n_prefix
         m.module.eval()
@@ -269,7 +298,8 @@ def main() -> None:
             (
                 name,
                 f"{bs / t_step:,.0f} cells/s",
-                f"{n_tokens / t_step:,.0f} tokens/s; tokenizer {100 * t_tok / t_step:.1f}% of step",
+                f"{n_tokens / t_step:,.0f} tokens/s; tokenizer {100 * t_tok / t_step:.1f}% of step; "
+                f"model FLOP utilisation {flops / t_step / peak:.0%}",
             )
         )
         rows.append((f"embed d={d_model} L={n_layers}", f"{sub.n_obs / t_embed:,.0f} cells/s", ""))

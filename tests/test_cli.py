@@ -10,6 +10,7 @@ import sys
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import sctransformer as sct
@@ -113,3 +114,57 @@ def test_pretrain_names_an_unreadable_file_skips_an_empty_one_and_logs_gene_cove
         assert main(["pretrain", "--config", str(tmp_path / "with_empty.yaml")]) == 0
     assert "shard_1.h5ad: 58 of its 58 genes are in every file" in caplog.text
     assert "shard_0.h5ad: 58 of its 60 genes are in every file" in caplog.text
+
+
+def test_streaming_pretrain_logs_to_csv_and_finetune_adds_a_head(tmp_path):
+    config = write_config(tmp_path)
+    settings = yaml.safe_load(open(config))
+    settings["data"] |= {"streaming": True, "phenotype_keys": []}
+    settings["train"] |= {"checkpoint_every_n_steps": 1}
+    settings["log"] = {"loggers": ["csv"]}
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(settings))
+    assert main(["pretrain", "--config", str(tmp_path / "stream.yaml")]) == 0
+    pretrained = sct.GeneTransformer.load(tmp_path / "model")
+    assert len(pretrained.vocabulary_) == 58 and not pretrained.phenotype_categories_
+    assert pretrained.train_settings_["max_epochs"] == 1 and len(pretrained.history["loss_train"]) == 1
+    metrics = list((tmp_path / "model-logs" / "csv").rglob("metrics.csv"))
+    assert metrics and "loss_train" in metrics[0].read_text().splitlines()[0]  # CSV log, and history kept
+
+    finetune = {
+        "data": {"paths": ["shard_0.h5ad"], "layer": "counts", "phenotype_keys": ["cell_type"]},
+        "reference": "model",
+        "train": {"max_epochs": 1, "batch_size": 32, "freeze": "backbone", "enable_progress_bar": False},
+        "log": {"loggers": ["csv"]},
+        "output": "finetuned",
+    }
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(finetune))
+    assert main(["finetune", "--config", str(tmp_path / "finetune.yaml")]) == 0
+    tuned = sct.GeneTransformer.load(tmp_path / "finetuned")
+    assert list(tuned.phenotype_categories_) == ["cell_type"]
+    assert tuned.vocabulary_.genes == pretrained.vocabulary_.genes
+    frozen = "blocks.0.attention.in_proj.weight"
+    weights = {k: v for k, v in tuned.module.state_dict().items() if k.startswith("blocks.")}
+    assert weights and all(torch.equal(v, pretrained.module.state_dict()[k]) for k, v in weights.items()), (
+        frozen
+    )  # the backbone stayed as pre-trained
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(finetune | {"model": {"d_model": 8}}))
+    assert main(["finetune", "--config", str(tmp_path / "bad.yaml")]) == 2
+
+
+def test_embed_reads_a_layer_from_disk_and_keeps_the_files_other_embeddings(tmp_path):
+    assert main(["pretrain", "--config", write_config(tmp_path)]) == 0
+    source = tmp_path / "with_pca.h5ad"
+    adata = ad.read_h5ad(tmp_path / "shard_0.h5ad")
+    adata.obsm["X_pca"] = np.arange(adata.n_obs * 3, dtype=np.float32).reshape(-1, 3)
+    adata.uns["note"] = "kept"
+    adata.write_h5ad(source)
+    out = tmp_path / "embedded.h5ad"
+    assert (
+        main(["embed", "--model", str(tmp_path / "model"), "--input", str(source), "--output", str(out)]) == 0
+    )
+    embedded = ad.read_h5ad(out)
+    np.testing.assert_array_equal(embedded.obsm["X_pca"], adata.obsm["X_pca"])
+    assert embedded.uns["note"] == "kept" and embedded.obsm["X_sct"].shape == (adata.n_obs, TINY["d_model"])
+    model = sct.GeneTransformer.load(tmp_path / "model")
+    np.testing.assert_allclose(embedded.obsm["X_sct"], model.get_latent_representation(adata), atol=1e-6)

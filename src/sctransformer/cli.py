@@ -1,27 +1,39 @@
-"""Command-line entry point: ``sctransformer pretrain | embed | predict``.
+"""Command-line entry point: ``sctransformer pretrain | finetune | embed | predict``.
 
 ``pretrain`` trains a model from a config file (YAML or JSON) that records every setting::
 
     data:
-      paths: [atlas_000.h5ad, atlas_001.h5ad]   # one path or a list; concatenated on shared genes
+      paths: [atlas_000.h5ad, atlas_001.h5ad]   # one path or a list, joined on shared genes
       layer: counts                              # null: X
       batch_key: batch
       phenotype_keys: [cell_type]                # optional: fine-tuning targets
       gene_key: null
+      streaming: true                            # read rows from disk (ShardedAnnData); false: load all
+      join: inner                                # genes of every file (inner) or of any (outer, streaming)
     model: {d_model: 64, n_layers: 2}            # GeneTransformer options
-    train: {max_epochs: 10, checkpoint_dir: ckpt/, resume: true}   # GeneTransformer.train options
+    train: {max_epochs: 10, checkpoint_dir: ckpt/, checkpoint_every_n_steps: 1000, resume: true,
+            strategy: ddp, devices: 8, num_nodes: 4}   # GeneTransformer.train and Trainer options
+    log: {loggers: [csv, tensorboard], dir: null, wandb_project: null}   # optional
     output: model/                               # saved model; the resolved config is saved beside it
 
+``finetune`` takes the same config with ``reference: <saved model directory>`` in place of
+``model``: the reference is attached to the data (its genes, bins and categories kept; new
+phenotype keys get new heads, see :meth:`GeneTransformer.load_query_data`) and trained further,
+e.g. with ``train: {freeze: backbone}``. The data are loaded into memory.
+
+Metrics are logged per epoch to CSV (and TensorBoard when it is installed) in ``log.dir``
+(default ``<output>-logs/``); ``wandb`` in ``log.loggers`` logs to Weights & Biases, if installed.
+
 ``embed`` and ``predict`` apply a saved model to an ``.h5ad`` file and write a copy with the results;
-the input is read backed, so its count matrix is never loaded whole (results are written beside it
-without reading X). Every error in the arguments or the config is reported in one line, before any
-training, with exit status 2. ``pretrain`` reads its data into memory (streaming shards is not built
-yet).
+the count matrix is read from disk in row blocks (never loaded whole, whether in X or a layer) and
+the results are written into the copy without reading it. Every error in the arguments or the
+config is reported in one line, before any training, with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import shutil
@@ -37,8 +49,10 @@ import yaml
 
 from sctransformer._settings import logger
 
-SECTIONS = {"data", "model", "train", "output"}
-DATA_KEYS = {"paths", "layer", "batch_key", "phenotype_keys", "gene_key"}
+SECTIONS = {"data", "model", "reference", "train", "log", "output"}
+DATA_KEYS = {"paths", "layer", "batch_key", "phenotype_keys", "gene_key", "streaming", "join"}
+LOG_KEYS = {"loggers", "dir", "wandb_project"}
+LOGGERS = ("csv", "tensorboard", "wandb")
 CONFIG_NAME = "config.yaml"
 
 
@@ -46,8 +60,11 @@ class ConfigError(ValueError):
     """A config file that cannot be used as it is."""
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """Read and check a pretraining config (YAML or JSON); every problem is a :class:`ConfigError`."""
+def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
+    """Read and check a ``pretrain`` or ``finetune`` config (YAML or JSON).
+
+    Every problem is a :class:`ConfigError`; relative paths are resolved beside the config file.
+    """
     from sctransformer.model import GeneTransformer
 
     path = Path(path)
@@ -62,12 +79,19 @@ def read_config(path: str | Path) -> dict[str, Any]:
     unknown = set(config) - SECTIONS
     if unknown:
         raise ConfigError(f"unknown config sections {sorted(unknown)}; allowed: {sorted(SECTIONS)}")
-    for section in ("data", "output"):
+    required, forbidden = (("data", "output"), "reference") if command == "pretrain" else (
+        ("data", "reference", "output"), "model")  # fmt: skip
+    for section in required:
         if section not in config:
             raise ConfigError(
-                f"the config has no {section!r} section; add it (see `sctransformer pretrain -h`)"
+                f"the config has no {section!r} section; add it (see `sctransformer {command} -h`)"
             )
-    for section in ("data", "model", "train"):
+    if forbidden in config:
+        raise ConfigError(
+            f"a {command} config has no {forbidden!r} section"
+            + (" (the reference's hyper-parameters are kept)" if command == "finetune" else "")
+        )
+    for section in ("data", "model", "train", "log"):
         config.setdefault(section, {})
         if not isinstance(config[section] or {}, dict):
             raise ConfigError(f"config section {section!r} must be a mapping of options")
@@ -88,6 +112,36 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"data files not found: {missing}")
     data["paths"] = resolved
+    data.setdefault("streaming", False)
+    data.setdefault("join", "inner")
+    if not isinstance(data["streaming"], bool):
+        raise ConfigError(f"data.streaming must be true or false, got {data['streaming']!r}")
+    if data["join"] not in ("inner", "outer"):
+        raise ConfigError(f"data.join must be 'inner' or 'outer', got {data['join']!r}")
+    if data["join"] == "outer" and not data["streaming"]:
+        raise ConfigError("data.join: outer needs data.streaming: true")
+    if command == "finetune" and data["streaming"]:
+        raise ConfigError("finetune loads its data into memory; set data.streaming: false")
+    if command == "finetune":
+        reference = config["reference"]
+        if not isinstance(reference, str) or not reference:
+            raise ConfigError("reference must be the directory of a saved model")
+        config["reference"] = str(reference if Path(reference).is_absolute() else base / reference)
+        if not Path(config["reference"]).is_dir():
+            raise ConfigError(f"reference {config['reference']!r} is not a directory of a saved model")
+    log = config["log"]
+    if set(log) - LOG_KEYS:
+        raise ConfigError(
+            f"unknown keys in 'log': {sorted(set(log) - LOG_KEYS)}; allowed: {sorted(LOG_KEYS)}"
+        )
+    loggers = log.setdefault("loggers", ["csv", "tensorboard"] if _installed("tensorboard") else ["csv"])
+    if isinstance(loggers, str):
+        loggers = log["loggers"] = [loggers]
+    if not isinstance(loggers, list) or set(loggers) - set(LOGGERS):
+        raise ConfigError(f"log.loggers must be a list of {list(LOGGERS)}, got {loggers!r}")
+    for name in ("tensorboard", "wandb"):
+        if name in loggers and not _installed(name):
+            raise ConfigError(f"log.loggers asks for {name}, which is not installed (pip install {name})")
     for section, function in (("model", GeneTransformer.__init__), ("train", GeneTransformer.train)):
         allowed = set(inspect.signature(function).parameters) - {"self", "adata", "trainer_kwargs"}
         bad = set(config[section]) - allowed
@@ -101,16 +155,23 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError("output must be the path of the directory to save the model in")
     if not Path(config["output"]).is_absolute():
         config["output"] = str(base / config["output"])
+    log_dir = log.get("dir") or f"{config['output']}-logs"
+    log["dir"] = str(log_dir if Path(log_dir).is_absolute() else base / log_dir)
     checkpoint_dir = config["train"].get("checkpoint_dir")
     if checkpoint_dir is not None and not Path(checkpoint_dir).is_absolute():
         config["train"]["checkpoint_dir"] = str(base / checkpoint_dir)
     return config
 
 
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 #: Lightning ``Trainer`` options accepted in the ``train`` section (passed through ``**trainer_kwargs``).
 _TRAINER_OPTIONS = {
     "num_nodes",
     "strategy",
+    "max_steps",
     "gradient_clip_val",
     "accumulate_grad_batches",
     "log_every_n_steps",
@@ -159,36 +220,56 @@ def _load_data(data: dict[str, Any]) -> ad.AnnData:
     return adata
 
 
-def pretrain(config_path: str, *, overwrite: bool = False) -> Path:
-    """Train and save a model as the config says; returns the model directory."""
+def _loggers(log: dict[str, Any]) -> list:
+    """The Lightning loggers the ``log`` section asks for, writing under ``log["dir"]``."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    made = []
+    for name in log["loggers"]:
+        if name == "csv":
+            made.append(CSVLogger(log["dir"], name="csv"))
+        elif name == "tensorboard":
+            made.append(TensorBoardLogger(log["dir"], name="tensorboard"))
+        else:
+            made.append(WandbLogger(project=log.get("wandb_project"), save_dir=log["dir"]))
+    return made
+
+
+def pretrain(config_path: str, *, overwrite: bool = False, command: str = "pretrain") -> Path:
+    """Train and save a model as the config says (``command``: pretrain or finetune); returns its directory."""
     import sctransformer as sct
 
-    config = read_config(config_path)
+    config = read_config(config_path, command)
     output = Path(config["output"])
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ConfigError(
             f"output {str(output)!r} exists and is not empty; pass --overwrite or choose another"
         )
     data = config["data"]
-    adata = _load_data(data)
-    sct.setup_anndata(
-        adata,
-        layer=data.get("layer"),
-        batch_key=data.get("batch_key"),
-        phenotype_keys=data.get("phenotype_keys"),
-        gene_key=data.get("gene_key"),
-    )
-    model = sct.GeneTransformer(adata, **config["model"])
-    model.train(**config["train"])
+    setup = {key: data.get(key) for key in ("layer", "batch_key", "phenotype_keys", "gene_key")}
+    if data["streaming"]:
+        shards = sct.data.ShardedAnnData(data["paths"], join=data["join"], **setup)
+        model = sct.GeneTransformer.from_shards(shards, **config["model"])
+    else:
+        adata = _load_data(data)
+        if command == "finetune":
+            model = sct.GeneTransformer.load_query_data(
+                adata, config["reference"], phenotype_keys=setup["phenotype_keys"]
+            )
+        else:
+            sct.setup_anndata(adata, **setup)
+            model = sct.GeneTransformer(adata, **config["model"])
+    model.train(**config["train"], logger=_loggers(config["log"]))
     model.save(output, overwrite=overwrite)
     (output / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
     return output
 
 
 def _write_results(source: Path, target: Path, adata: ad.AnnData) -> None:
-    """Copy ``source`` to ``target`` and replace its obs, obsm and uns by ``adata``'s: X is never read.
+    """Copy ``source`` to ``target`` with ``adata``'s obs and uns and its obsm entries added.
 
-    Written beside the target and renamed into place, so a failure leaves no partial file.
+    The count matrix is never read. Written beside the target and renamed into place, so a failure
+    leaves no partial file.
     """
     import h5py
 
@@ -202,15 +283,34 @@ def _write_results(source: Path, target: Path, adata: ad.AnnData) -> None:
         shutil.copyfile(source, partial)
         with h5py.File(partial, "r+") as store:
             write_elem(store, "obs", adata.obs)
-            write_elem(store, "obsm", dict(adata.obsm))
             write_elem(store, "uns", dict(adata.uns))
+            obsm = store.require_group("obsm")
+            for key, value in adata.obsm.items():
+                if key in obsm:
+                    del obsm[key]
+                write_elem(obsm, key, value)
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
 
 
+def _read_annotations(path: Path) -> ad.AnnData:
+    """``.obs`` and ``.uns`` of an ``.h5ad`` file, without its matrices."""
+    import h5py
+
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+
+    with h5py.File(path, "r") as store:
+        obs = read_elem(store["obs"])
+        uns = read_elem(store["uns"]) if "uns" in store else {}
+    return ad.AnnData(obs=obs, uns=uns)
+
+
 def _apply(args: argparse.Namespace, tool: str) -> Path:
-    """Embed or predict the cells of an ``.h5ad`` file, read backed (X stays on disk, read in chunks)."""
+    """Embed or predict the cells of an ``.h5ad`` file, its counts read from disk in row blocks."""
     import sctransformer as sct
 
     source, target = Path(args.input), Path(args.output)
@@ -223,17 +323,24 @@ def _apply(args: argparse.Namespace, tool: str) -> Path:
     if target.resolve() == source.resolve():
         raise ValueError("--output must differ from --input: the input file is never changed")
     model = sct.GeneTransformer.load(args.model)
-    adata = ad.read_h5ad(source, backed="r")
-    try:
-        if tool == "embed":
-            sct.tl.embed(
-                adata, model, key_added=args.key_added, pooling=args.pooling, batch_size=args.batch_size
-            )
-        else:
-            sct.tl.predict(adata, model, min_confidence=args.min_confidence, batch_size=args.batch_size)
-    finally:
-        adata.file.close()
-    _write_results(source, target, adata)
+    counts = sct.data.ShardedAnnData(
+        [source], layer=model.setup_args_["layer"], gene_key=model.setup_args_["gene_key"], join="outer"
+    )
+    annotations = _read_annotations(source)
+    if tool == "embed":
+        sct.tl.embed(
+            annotations,
+            model,
+            key_added=args.key_added,
+            pooling=args.pooling,
+            batch_size=args.batch_size,
+            counts=counts,
+        )
+    else:
+        sct.tl.predict(
+            annotations, model, min_confidence=args.min_confidence, batch_size=args.batch_size, counts=counts
+        )
+    _write_results(source, target, annotations)
     return target
 
 
@@ -247,6 +354,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="YAML or JSON config file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p = commands.add_parser(
+        "finetune",
+        help="train a saved model further (e.g. new phenotype heads) from a config file",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML or JSON config file with a 'reference' model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     for name, help_ in (
         ("embed", "write cell embeddings to .obsm"),
@@ -273,8 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "pretrain":
-            out = pretrain(args.config, overwrite=args.overwrite)
+        if args.command in ("pretrain", "finetune"):
+            out = pretrain(args.config, overwrite=args.overwrite, command=args.command)
         else:
             out = _apply(args, args.command)
     except (ValueError, TypeError, KeyError, OSError) as err:

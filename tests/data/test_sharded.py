@@ -238,3 +238,18 @@ def test_from_shards_rejects_unknown_hyperparameters_and_other_inputs(shards, ce
     model = sct.GeneTransformer.from_shards(data, **TINY)
     with pytest.raises(ValueError, match="length_bucketing"):
         model.train(max_epochs=1, length_bucketing=True)
+
+
+def test_at_most_max_open_shard_files_stay_open_and_reads_stay_right(cells, shards, monkeypatch):
+    monkeypatch.setattr(ShardedAnnData, "MAX_OPEN", 2)
+    data = ShardedAnnData(shards, layer="counts")
+    reference = _reference_rows(cells, data.genes)
+    blocks = split_blocks(data.shard_sizes, 8)
+    for _ in range(2):  # round and round the three shards
+        for shard, start, stop in blocks:
+            got = data.read_rows(int(shard), int(start), int(stop)).toarray()[:, :-1]
+            offset = data.offsets[shard]
+            np.testing.assert_array_equal(got, reference[offset + start : offset + stop])
+            assert len(data._handles) <= 2
+    data.close()
+    assert not data._handles

@@ -225,3 +225,24 @@ def test_default_embedding_is_the_profile_token_output(trained, adata):
     assert plain.default_pooling == "cls"
     with pytest.raises(ValueError, match="cell_profile=True"):
         plain.get_latent_representation(pooling="profile")
+
+
+def test_a_loaded_model_trains_in_training_mode_and_is_left_in_eval_mode(adata, tmp_path):
+    import lightning.pytorch as pl
+
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **(TINY | {"dropout": 0.1}))
+    model.save(tmp_path / "m")
+    loaded = sct.GeneTransformer.load(tmp_path / "m", adata=adata)
+    assert not loaded.module.training
+    modes = []
+
+    class Mode(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            modes.append(all(m.training for m in module.module.modules()))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded.train(max_epochs=1, batch_size=64, callbacks=[Mode()], **QUIET)
+    assert modes and all(modes)  # dropout is on while fine-tuning
+    assert not loaded.module.training

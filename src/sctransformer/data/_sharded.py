@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -89,6 +90,9 @@ class ShardedAnnData:
     >>> embedding = model.get_latent_representation(data)
     """
 
+    #: Shard files kept open per process (the least recently read are closed beyond it).
+    MAX_OPEN = 16
+
     def __init__(
         self,
         paths: Sequence[str | os.PathLike],
@@ -114,7 +118,7 @@ class ShardedAnnData:
         self.batch_key = batch_key
         self.gene_key = gene_key
         self.phenotype_keys = phenotype_keys
-        self._handles: dict[int, tuple[h5py.File, object]] = {}
+        self._handles: OrderedDict[int, tuple[h5py.File, object]] = OrderedDict()
         self._pid = os.getpid()
 
         shards, sizes, genes, labels, batches = [], [], [], {k: [] for k in phenotype_keys}, []
@@ -284,25 +288,29 @@ class ShardedAnnData:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_handles"] = {}  # open files stay with their process; workers reopen theirs
+        state["_handles"] = OrderedDict()  # open files stay with their process; workers reopen theirs
         return state
 
     def _matrix(self, shard: int):
-        """The count matrix of a shard, opened once per process."""
+        """The count matrix of a shard, opened once per process; at most ``MAX_OPEN`` stay open."""
         if self._pid != os.getpid():  # a forked worker must not share the parent's file handles
-            self._handles, self._pid = {}, os.getpid()
-        if shard not in self._handles:
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        if shard in self._handles:
+            self._handles.move_to_end(shard)
+        else:
             file = h5py.File(self.paths[shard], "r")
             element = self._matrix_element(file, self.paths[shard])
             matrix = ad.io.sparse_dataset(element) if isinstance(element, h5py.Group) else element
             self._handles[shard] = (file, matrix)
+            while len(self._handles) > self.MAX_OPEN:  # the least recently read shard is closed
+                self._handles.popitem(last=False)[1][0].close()
         return self._handles[shard][1]
 
     def close(self) -> None:
         """Close the shard files this process has open (they reopen when next read)."""
         for file, _ in self._handles.values():
             file.close()
-        self._handles = {}
+        self._handles = OrderedDict()
 
     def read_rows(self, shard: int, start: int, stop: int) -> sp.csr_matrix:
         """Counts of rows ``start:stop`` of one shard, in the vocabulary's gene columns (float32 CSR).

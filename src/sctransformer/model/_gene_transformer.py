@@ -23,6 +23,7 @@ from scvi.data.fields import LayerField
 from scvi.dataloaders._data_splitting import validate_data_split
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
+from scvi.train._logger import SimpleLogger  # the logger scvi-tools reads the history from
 
 from sctransformer._compat import quiet_sparse_tensors
 from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, TARGET_SUM, phenotype_registry_key
@@ -732,6 +733,10 @@ class GeneTransformer(BaseModelClass):
         trainer_kwargs.setdefault("gradient_clip_val", 1.0)
         trainer_kwargs.setdefault("early_stopping_monitor", "loss_validation")
         trainer_kwargs.setdefault("log_every_n_steps", 1)
+        loggers = trainer_kwargs.get("logger")
+        if loggers not in (None, True, False):  # scvi-tools' logger first: it records model.history
+            loggers = loggers if isinstance(loggers, list | tuple) else [loggers]
+            trainer_kwargs["logger"] = [SimpleLogger(), *loggers]
         # the training samplers share cells out between distributed ranks themselves
         trainer_kwargs.setdefault("use_distributed_sampler", False)
         if deterministic is None:
@@ -805,6 +810,8 @@ class GeneTransformer(BaseModelClass):
                 early_stopping=early_stopping,
                 **trainer_kwargs,
             )
+            # a loaded model is in eval mode, which Lightning keeps: dropout must be on while training
+            self.module.train()
             with quiet_sparse_tensors(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
                 runner()
@@ -812,6 +819,7 @@ class GeneTransformer(BaseModelClass):
             scvi.settings.seed = previous_seed
             for param in frozen:
                 param.requires_grad_(True)
+            self.module.eval()
             if self.shards_ is not None:
                 self.shards_.close()
         self.train_settings_ = {

@@ -5,10 +5,11 @@ from __future__ import annotations
 from anndata import AnnData
 
 from sctransformer._keys import KEYS
+from sctransformer.data import ShardedAnnData
 from sctransformer.model import GeneTransformer
 from sctransformer.module import Pooling
 
-from ._utils import record_run
+from ._utils import counts_of, record_run
 
 
 def embed(
@@ -19,6 +20,7 @@ def embed(
     pooling: Pooling | None = None,
     batch_size: int | None = None,
     copy: bool = False,
+    counts: ShardedAnnData | None = None,
 ) -> AnnData | None:
     """Embed cells with a trained model.
 
@@ -37,6 +39,9 @@ def embed(
         Cells per minibatch.
     copy
         Return a modified copy instead of writing into ``adata``.
+    counts
+        Read the counts of ``adata``'s cells (the same cells, in order) from these files instead of
+        from ``adata``, for data too large to load: ``adata`` then needs only its ``.obs``.
 
     Returns
     -------
@@ -48,7 +53,9 @@ def embed(
         The parameters of the run.
     """
     pooling = model.default_pooling if pooling is None else pooling
-    embedding = model.get_latent_representation(adata, pooling=pooling, batch_size=batch_size)
+    embedding = model.get_latent_representation(
+        counts_of(adata, counts), pooling=pooling, batch_size=batch_size
+    )
     adata = adata.copy() if copy else adata
     adata.obsm[key_added] = embedding
     record_run(adata, key_added, "embed", model, {"pooling": pooling})

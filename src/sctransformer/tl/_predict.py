@@ -9,9 +9,10 @@ from anndata import AnnData
 
 from sctransformer._keys import KEYS, confidence_key, prediction_key
 from sctransformer._settings import settings
+from sctransformer.data import ShardedAnnData
 from sctransformer.model import GeneTransformer
 
-from ._utils import record_run
+from ._utils import counts_of, record_run
 
 
 def _reuse_colors(adata: AnnData, source: str, target: str) -> None:
@@ -27,11 +28,15 @@ def _reuse_colors(adata: AnnData, source: str, target: str) -> None:
 
 
 def _over_clustering(
-    adata: AnnData, model: GeneTransformer, resolution: float, batch_size: int | None, seed: int
+    adata: AnnData | ShardedAnnData,
+    model: GeneTransformer,
+    resolution: float,
+    batch_size: int | None,
+    seed: int,
 ) -> pd.Categorical:
     """Leiden clusters of the model's cell embedding (on a temporary AnnData; ``adata`` is untouched)."""
     embedding = model.get_latent_representation(adata, batch_size=batch_size)
-    tmp = AnnData(obs=pd.DataFrame(index=adata.obs_names.copy()), obsm={"X_sct": embedding})
+    tmp = AnnData(obs=pd.DataFrame(index=np.arange(adata.n_obs).astype(str)), obsm={"X_sct": embedding})
     sc.pp.neighbors(tmp, use_rep="X_sct", n_neighbors=min(15, max(2, adata.n_obs - 1)), random_state=seed)
     sc.tl.leiden(
         tmp, resolution=resolution, flavor="igraph", n_iterations=2, directed=False, random_state=seed
@@ -72,6 +77,7 @@ def predict(
     key_added: str = KEYS.PREDICTION,
     batch_size: int | None = None,
     copy: bool = False,
+    counts: ShardedAnnData | None = None,
 ) -> AnnData | None:
     """Predict phenotypes (cell type, ...) of every cell.
 
@@ -104,6 +110,9 @@ def predict(
         Cells per minibatch.
     copy
         Return a modified copy instead of writing into ``adata``.
+    counts
+        Read the counts of ``adata``'s cells (the same cells, in order) from these files instead of
+        from ``adata``, for data too large to load: ``adata`` then needs only its ``.obs``.
 
     Returns
     -------
@@ -136,8 +145,9 @@ def predict(
             )
     if majority_voting and not (isinstance(resolution, int | float) and resolution > 0):
         raise ValueError(f"resolution must be a positive number, got {resolution!r}")
+    source = counts_of(adata, counts)
     table, probabilities = model.predict(
-        adata,
+        source,
         phenotype=phenotype,
         min_confidence=min_confidence,
         calibrated=calibrated,
@@ -149,7 +159,7 @@ def predict(
         clusters = (
             adata.obs[over_clustering].to_numpy()
             if over_clustering is not None
-            else _over_clustering(adata, model, resolution, batch_size, settings.seed)
+            else _over_clustering(source, model, resolution, batch_size, settings.seed)
         )
     adata = adata.copy() if copy else adata
     for key, probs in probabilities.items():

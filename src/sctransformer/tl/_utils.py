@@ -7,6 +7,7 @@ from typing import Any
 from anndata import AnnData
 
 from sctransformer._keys import KEYS
+from sctransformer.data import ShardedAnnData
 
 
 def record_run(adata: AnnData, key_added: str, function: str, model: Any, params: dict[str, Any]) -> None:
@@ -18,3 +19,16 @@ def record_run(adata: AnnData, key_added: str, function: str, model: Any, params
     if model is not None:
         runs[key_added]["model"] = repr(model)
     adata.uns[KEYS.UNS] = runs
+
+
+def counts_of(adata: AnnData, counts: ShardedAnnData | None) -> AnnData | ShardedAnnData:
+    """Where a tool reads the counts of ``adata``'s cells: ``counts`` if given (checked to match), else ``adata``."""
+    if counts is None:
+        return adata
+    if not isinstance(counts, ShardedAnnData):
+        raise TypeError(f"counts must be a sctransformer.data.ShardedAnnData, got {type(counts).__name__}")
+    if counts.n_obs != adata.n_obs:
+        raise ValueError(
+            f"counts has {counts.n_obs} cells and adata {adata.n_obs}; they must be the same cells, in order"
+        )
+    return counts
