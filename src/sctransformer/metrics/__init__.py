@@ -1,4 +1,4 @@
-"""Pure functions (arrays in, numbers out): classification metrics, embedding probes and simple baselines."""
+"""Pure functions (arrays in, numbers out): classification and integration metrics, probes and baselines."""
 
 from ._baselines import annotation_baselines
 from ._classification import (
@@ -7,6 +7,7 @@ from ._classification import (
     classification_scores,
     expected_calibration_error,
 )
+from ._integration import integration
 from ._probes import knn_probe_accuracy, log1p_normalise, logistic_regression_baseline
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "classification_report",
     "classification_scores",
     "expected_calibration_error",
+    "integration",
     "knn_probe_accuracy",
     "log1p_normalise",
     "logistic_regression_baseline",

@@ -60,7 +60,16 @@ except PackageNotFoundError:  # running from a source tree
 
 _SAMPLE_CELLS = 10_000
 Freeze = Literal["none", "backbone", "embeddings"]
-_HEADS = ("expression_head", "cell_query", "cell_expression_head", "is_zero_head", "phenotype_heads")
+BatchCorrection = Literal["none", "token", "adversarial", "both"]
+BATCH_CORRECTIONS = ("none", "token", "adversarial", "both")
+_HEADS = (
+    "expression_head",
+    "cell_query",
+    "cell_expression_head",
+    "is_zero_head",
+    "phenotype_heads",
+    "batch_discriminator",
+)
 
 
 def _check_hyperparameters(
@@ -77,6 +86,7 @@ def _check_hyperparameters(
     n_unexpressed: int,
     label_smoothing: float,
     gene_ranking: str,
+    batch_correction: str = "none",
     **others: Any,
 ) -> None:
     def positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -103,6 +113,10 @@ def _check_hyperparameters(
         raise ValueError(f"binning must be 'quantile' or 'fixed', got {binning!r}")
     if gene_ranking not in ("expression", "relative"):
         raise ValueError(f"gene_ranking must be 'expression' or 'relative', got {gene_ranking!r}")
+    if batch_correction not in BATCH_CORRECTIONS:
+        raise ValueError(
+            f"batch_correction must be one of {list(BATCH_CORRECTIONS)}, got {batch_correction!r}"
+        )
 
 
 def _sample_counts(adata: AnnData, layer: str | None, seed: int) -> sp.csr_matrix:
@@ -207,6 +221,13 @@ class GeneTransformer(BaseModelClass):
         hidden for masked modelling; phenotype heads read its output too. It gives the model the
         whole profile that a logistic regression sees, and raised validation macro-F1 from 0.59
         to 0.68 (pbmc68k) and from 0.35 to 0.73 (paul15), see the benchmarks.
+    batch_correction
+        How the cell embedding is freed of batch effects (needs ``setup_anndata(batch_key=...)``
+        with at least 2 batches): ``"token"``, a ``[BATCH]`` input token (never masked or
+        predicted) that lets the model explain batch effects by it, dropped at inference unless
+        asked for (:meth:`get_latent_representation`); ``"adversarial"``, a batch discriminator on
+        the cell embedding trained through gradient reversal (``train(adversary_weight=...,
+        adversary_schedule=...)``); ``"both"``; ``"none"`` (default).
     seed
         Seed of the weight initialisation; default ``sctransformer.settings.seed``.
 
@@ -243,6 +264,7 @@ class GeneTransformer(BaseModelClass):
         phenotype_input: Literal["token", "token+mean"] = "token+mean",
         gene_ranking: Literal["expression", "relative"] = "relative",
         cell_profile: bool = True,
+        batch_correction: BatchCorrection = "none",
         seed: int | None = None,
     ) -> None:
         hyperparameters = {k: v for k, v in locals().items() if k not in ("self", "adata", "__class__")}
@@ -267,12 +289,13 @@ class GeneTransformer(BaseModelClass):
             for key in setup_args[SETUP_ARGS.PHENOTYPE_KEYS] or []
         }
         seed = settings.seed if seed is None else seed
+        batch_categories = _batch_categories(self.adata_manager)
         self._initialise(
             hyperparameters | {"seed": seed},
             vocabulary,
             categories,
             setup_args,
-            _batch_categories(self.adata_manager),
+            batch_categories,
             sample=_sample_counts(adata, setup_args[SETUP_ARGS.LAYER], seed),
             column_to_gene=vocabulary.column_to_gene(gene_ids),
         )
@@ -340,7 +363,14 @@ class GeneTransformer(BaseModelClass):
         column_to_gene: np.ndarray,
     ) -> None:
         """Gene scales and bin edges from the sampled counts, then the module."""
-        hp = hyperparameters
+        n_batches = len(batch_categories or [])
+        if hyperparameters["batch_correction"] != "none" and n_batches < 2:
+            raise ValueError(
+                f"batch_correction={hyperparameters['batch_correction']!r} needs at least 2 batches, and the "
+                f"data have {n_batches or 'no batch key'}{'' if n_batches != 1 else ' batch'}; pass "
+                "setup_anndata(batch_key=...) with a column of several batches, or batch_correction='none'"
+            )
+        hp = hyperparameters | {"n_batches": n_batches}
         relative = hp["gene_ranking"] == "relative"
         gene_scale = _gene_scale(sample, column_to_gene, len(vocabulary)) if relative else None
         bin_edges = _fixed_bin_edges(sample, hp["n_bins"]) if hp["binning"] == "fixed" else None
@@ -389,6 +419,9 @@ class GeneTransformer(BaseModelClass):
                 phenotype_input=hp.get("phenotype_input", "token"),
                 gene_scale=gene_scale,
                 cell_profile=hp.get("cell_profile", False),
+                n_batches=hp.get("n_batches", 0),
+                batch_token=hp.get("batch_correction", "none") in ("token", "both"),
+                batch_adversary=hp.get("batch_correction", "none") in ("adversarial", "both"),
             )
         n_params = sum(p.numel() for p in self.module.parameters())
         self._model_summary_string = (
@@ -554,6 +587,9 @@ class GeneTransformer(BaseModelClass):
         phenotype_mask_prob: float = 0.8,
         class_weight: Literal["balanced"] | None = "balanced",
         focal_gamma: float = 0.0,
+        adversary_weight: float = 1.0,
+        adversary_schedule: Literal["dann", "constant"] = "dann",
+        adversary_lr_factor: float = 10.0,
         freeze: Freeze | None = None,
         calibrate: bool = True,
         train_size: float = 0.9,
@@ -596,6 +632,13 @@ class GeneTransformer(BaseModelClass):
         focal_gamma
             Focal-loss exponent of the phenotype losses, which down-weighs cells already classified
             with confidence; ``0`` (default) is the plain cross-entropy.
+        adversary_weight, adversary_schedule, adversary_lr_factor
+            With ``batch_correction="adversarial"`` or ``"both"``: weight of the batch
+            discriminator's loss; how the reversed gradient's strength grows over training
+            (``"dann"``: from 0 to 1, as ``2 / (1 + exp(-10 p)) - 1`` of the share ``p`` of steps
+            done; ``"constant"``: 1 throughout); the discriminator's learning rate as a multiple of
+            ``lr`` (it must keep up with the encoder, see
+            :class:`~sctransformer.train.MaskedModelingPlan`).
         freeze
             Parameters kept fixed (fine-tuning): ``"embeddings"`` freezes the gene, value and
             profile embeddings; ``"backbone"`` also freezes ``[CLS]`` and the transformer blocks, training
@@ -664,6 +707,12 @@ class GeneTransformer(BaseModelClass):
             raise ValueError(f"class_weight must be None or 'balanced', got {class_weight!r}")
         if not (isinstance(focal_gamma, int | float) and 0 <= focal_gamma <= 10):
             raise ValueError(f"focal_gamma must be a number in [0, 10] (2 is usual), got {focal_gamma!r}")
+        if not (isinstance(adversary_weight, int | float) and adversary_weight >= 0):
+            raise ValueError(f"adversary_weight must be a number >= 0, got {adversary_weight!r}")
+        if not (isinstance(adversary_lr_factor, int | float) and adversary_lr_factor > 0):
+            raise ValueError(f"adversary_lr_factor must be a positive number, got {adversary_lr_factor!r}")
+        if adversary_schedule not in ("dann", "constant"):
+            raise ValueError(f"adversary_schedule must be 'dann' or 'constant', got {adversary_schedule!r}")
         if freeze not in (None, "none", "backbone", "embeddings"):
             raise ValueError(f"freeze must be 'none', 'backbone' or 'embeddings', got {freeze!r}")
         if gene_mask_prob == 0 and not self.phenotype_categories_:
@@ -799,6 +848,9 @@ class GeneTransformer(BaseModelClass):
                 total_steps=self._total_steps(datamodule, max_epochs, batch_size, trainer_kwargs),
                 class_weights=self._class_weights(datamodule.train_idx) if class_weight else None,
                 focal_gamma=float(focal_gamma),
+                adversary_weight=float(adversary_weight),
+                adversary_schedule=adversary_schedule,
+                adversary_lr_factor=float(adversary_lr_factor),
             )
             runner = self._train_runner_cls(
                 self,
@@ -832,6 +884,9 @@ class GeneTransformer(BaseModelClass):
             "phenotype_mask_prob": phenotype_mask_prob,
             "class_weight": class_weight,
             "focal_gamma": focal_gamma,
+            "adversary_weight": adversary_weight,
+            "adversary_schedule": adversary_schedule,
+            "adversary_lr_factor": adversary_lr_factor,
             "length_bucketing": length_bucketing,
             "freeze": freeze,
             "train_size": train_size,
@@ -845,7 +900,14 @@ class GeneTransformer(BaseModelClass):
         """Parameters that ``freeze`` keeps fixed (only those that are trainable now)."""
         if freeze in (None, "none"):
             return []
-        embeddings = ("gene_embedding", "bin_embedding", "value_mlp", "value_mask", "profile_embedding")
+        embeddings = (
+            "gene_embedding",
+            "bin_embedding",
+            "value_mlp",
+            "value_mask",
+            "profile_embedding",
+            "batch_embedding",
+        )
         frozen = []
         for name, param in self.module.named_parameters():
             top = name.split(".")[0]
@@ -933,10 +995,14 @@ class GeneTransformer(BaseModelClass):
         return adata
 
     def _forward(
-        self, adata: AnnData | ShardedAnnData, batch_size: int | None, indices: np.ndarray | None = None
+        self,
+        adata: AnnData | ShardedAnnData,
+        batch_size: int | None,
+        indices: np.ndarray | None = None,
+        batch: str | None = None,
     ) -> Iterator[tuple[np.ndarray, TokenizedCells, torch.Tensor]]:
         """Yield ``(cell indices, tokens, hidden states)`` with every phenotype token masked."""
-        for idx, tokens, hidden, _ in self._passes(adata, batch_size, [], indices):
+        for idx, tokens, hidden, _ in self._passes(adata, batch_size, [], indices, batch):
             yield idx, tokens, hidden
 
     def _attention_layers(self, layers: Literal["last", "all"] | int | list[int]) -> list[int]:
@@ -982,17 +1048,46 @@ class GeneTransformer(BaseModelClass):
             attention = torch.stack(combined).float().mean(0)[:, n_prefix:, n_prefix:]
             yield idx, tokens, attention
 
+    def _batch_inputs(self, adata: AnnData | ShardedAnnData, batch: str | None) -> np.ndarray:
+        """Codes fed to the ``[BATCH]`` token of every cell (``-1``: "no batch")."""
+        codes = np.full(adata.n_obs, -1, dtype=np.int64)
+        if batch is None:
+            return codes
+        if not self.module.batch_token:
+            raise ValueError(
+                "batch= sets the [BATCH] token, which this model does not have "
+                "(batch_correction='token' or 'both' adds it)"
+            )
+        categories = self.batch_categories_ or []
+        if batch != "own":
+            if batch not in categories[: self.module.n_batches]:
+                raise ValueError(f"batch {batch!r} is not one of the model's batches {categories}")
+            return np.full(adata.n_obs, categories.index(batch), dtype=np.int64)
+        key = self.setup_args_[SETUP_ARGS.BATCH_KEY]
+        if isinstance(adata, ShardedAnnData):
+            if adata.batch_codes is None:
+                raise ValueError("batch='own' needs shards read with batch_key=")
+            labels = pd.Series(adata.batch_categories, dtype=object).reindex(adata.batch_codes)
+        else:
+            check_obs_key(adata, key, "batch_key")
+            labels = adata.obs[key]
+        codes = category_codes(labels.reset_index(drop=True), categories)
+        return np.where(codes < self.module.n_batches, codes, -1)  # batches the model never saw: none
+
     def _passes(
         self,
         adata: AnnData | ShardedAnnData,
         batch_size: int | None,
         attention_layers: list[int],
         indices: np.ndarray | None = None,
+        batch: str | None = None,
     ) -> Iterator[tuple[np.ndarray, TokenizedCells, torch.Tensor, list[torch.Tensor]]]:
         """Yield ``(cell indices, tokens, hidden states, attention maps of attention_layers)``.
 
-        ``indices`` (shards only) restricts the pass to those cells.
+        ``indices`` (shards only) restricts the pass to those cells; ``batch`` sets the
+        ``[BATCH]`` token (see :meth:`get_latent_representation`).
         """
+        batch_codes = self._batch_inputs(adata, batch)
         batch_size = settings.batch_size if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -1020,10 +1115,13 @@ class GeneTransformer(BaseModelClass):
                     masked = torch.full(
                         (len(idx), self.module.n_phenotypes), -1, dtype=torch.long, device=device
                     )
+                    batches = torch.as_tensor(batch_codes[idx], device=device)
                     if attention_layers:
-                        hidden, maps = self.module.encode_with_attention(tokens, masked, attention_layers)
+                        hidden, maps = self.module.encode_with_attention(
+                            tokens, masked, attention_layers, batch_inputs=batches
+                        )
                     else:
-                        hidden, maps = self.module.encode(tokens, masked), []
+                        hidden, maps = self.module.encode(tokens, masked, batch_inputs=batches), []
                     yield idx, tokens, hidden, maps
         finally:
             self.module.train(was_training)
@@ -1034,6 +1132,7 @@ class GeneTransformer(BaseModelClass):
         *,
         pooling: Pooling | None = None,
         batch_size: int | None = None,
+        batch: str | None = None,
     ) -> np.ndarray:
         """Cell embeddings ``(n_cells, d_model)``.
 
@@ -1052,6 +1151,11 @@ class GeneTransformer(BaseModelClass):
             (kNN probe 0.84, as 50 principal components) than ``[CLS]`` (0.33).
         batch_size
             Cells per minibatch; default ``sctransformer.settings.batch_size``.
+        batch
+            For models with a ``[BATCH]`` token (``batch_correction="token"`` or ``"both"``):
+            ``None`` (default) feeds "no batch", which the model was also trained with; a batch
+            name feeds that batch to every cell (a reference batch); ``"own"`` feeds each cell's
+            own batch from the batch column (batches the model never saw: "no batch").
         """
         pooling = self.default_pooling if pooling is None else pooling
         if pooling not in ("cls", "mean", "profile"):
@@ -1060,7 +1164,7 @@ class GeneTransformer(BaseModelClass):
             raise ValueError("pooling='profile' needs a model with the [PROFILE] token (cell_profile=True)")
         adata = self._inference_adata(adata)
         out = np.zeros((adata.n_obs, self.hyperparameters_["d_model"]), dtype=np.float32)
-        for idx, tokens, hidden in self._forward(adata, batch_size):
+        for idx, tokens, hidden in self._forward(adata, batch_size, batch=batch):
             out[idx] = self.module.pool(hidden, tokens, pooling).float().cpu().numpy()
         return out
 

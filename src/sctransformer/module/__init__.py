@@ -1,7 +1,7 @@
 """Plain-torch building blocks: tokenizer, attention, the gene transformer module."""
 
 from ._attention import EncoderBlock, SelfAttention
-from ._module import GeneTransformerModule, LossOutput, Pooling, phenotype_loss
+from ._module import GeneTransformerModule, LossOutput, Pooling, phenotype_loss, reverse_gradient
 from ._tokenizer import TokenizedCells, Tokenizer
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "TokenizedCells",
     "Tokenizer",
     "phenotype_loss",
+    "reverse_gradient",
 ]

@@ -61,6 +61,24 @@ def phenotype_loss(
     return (per_cell * w).sum() / w.sum()
 
 
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``-scale`` backward (Ganin & Lempitsky, 2015)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` unchanged, with its gradient multiplied by ``-scale`` on the way back."""
+    return GradientReversal.apply(x, scale)
+
+
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_in), nn.GELU(), nn.LayerNorm(d_in), nn.Linear(d_in, d_out))
 
@@ -97,6 +115,15 @@ class GeneTransformerModule(nn.Module):
         norm) of the cell's log1p-normalised expression of every vocabulary gene, including those
         truncated away by ``max_length``, less the values hidden for masked modelling. Phenotype
         heads also read its output.
+    n_batches
+        Number of batches, for the batch token and the batch discriminator.
+    batch_token
+        Add a ``[BATCH]`` token last in the prefix: the cell's batch (an extra row stands for "no
+        batch"), never a prediction target, so that the model can explain batch effects by it.
+    batch_adversary
+        Add a batch discriminator on the cell embedding (:meth:`cell_embedding`), trained through
+        a gradient-reversal layer, so that the encoder learns an embedding it cannot tell the
+        batch from (as in scGPT's domain-adversarial training).
     """
 
     def __init__(
@@ -120,6 +147,9 @@ class GeneTransformerModule(nn.Module):
         phenotype_input: PhenotypeInput = "token",
         gene_scale: torch.Tensor | None = None,
         cell_profile: bool = False,
+        n_batches: int = 0,
+        batch_token: bool = False,
+        batch_adversary: bool = False,
     ) -> None:
         super().__init__()
         self.tokenizer = Tokenizer(
@@ -139,6 +169,13 @@ class GeneTransformerModule(nn.Module):
         self.cell_expression_loss = cell_expression_loss
         self.phenotype_input = phenotype_input
         self.cell_profile = cell_profile
+        if (batch_token or batch_adversary) and n_batches < 2:
+            raise ValueError(f"a batch token or discriminator needs at least 2 batches, got {n_batches}")
+        self.n_batches = n_batches
+        self.batch_token = batch_token
+        self.batch_adversary = batch_adversary
+        #: Gradient-reversal strength of the batch discriminator; the training plan schedules it.
+        self.adversary_scale = 1.0
 
         self.gene_embedding = nn.Embedding(n_genes, d_model)
         if value_encoding == "binned":
@@ -155,6 +192,10 @@ class GeneTransformerModule(nn.Module):
             self.profile_embedding = nn.EmbeddingBag(n_genes, d_model, mode="sum")
             nn.init.normal_(self.profile_embedding.weight, std=0.02)
             self.profile_norm = nn.LayerNorm(d_model)
+        if batch_token:
+            self.batch_embedding = nn.Embedding(n_batches + 1, d_model)  # last row: no batch
+        if batch_adversary:
+            self.batch_discriminator = _mlp(d_model, n_batches)
 
         n_out = n_bins if value_encoding == "binned" else 1
         self.expression_head = _mlp(d_model, n_out)
@@ -177,8 +218,13 @@ class GeneTransformerModule(nn.Module):
 
     @property
     def n_prefix(self) -> int:
-        """Number of tokens before the gene tokens (``[CLS]``, the phenotype slots, ``[PROFILE]``)."""
-        return 1 + self.n_phenotypes + int(self.cell_profile)
+        """Number of tokens before the gene tokens (``[CLS]``, phenotype slots, ``[PROFILE]``, ``[BATCH]``)."""
+        return 1 + self.n_phenotypes + int(self.cell_profile) + int(self.batch_token)
+
+    @property
+    def profile_index(self) -> int:
+        """Position of the ``[PROFILE]`` token."""
+        return 1 + self.n_phenotypes
 
     def profile(self, tokens: TokenizedCells, hidden_values: torch.Tensor) -> torch.Tensor:
         """``[PROFILE]`` input ``(n, d)``: projection of the whole profile, less the hidden values."""
@@ -212,12 +258,14 @@ class GeneTransformerModule(nn.Module):
         tokens: TokenizedCells,
         phenotype_inputs: torch.Tensor,
         value_mask: torch.Tensor | None = None,
+        batch_inputs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Input embeddings ``(n, n_prefix + length, d)`` and the key mask.
 
         ``phenotype_inputs`` is ``(n, n_phenotypes)``; ``-1`` feeds the slot's [MASK] token.
         ``value_mask`` marks gene tokens whose value is hidden (sampled unexpressed genes are
-        always hidden).
+        always hidden). ``batch_inputs`` ``(n,)`` are the batch codes of the ``[BATCH]`` token;
+        ``-1`` (or ``None`` for all) feeds "no batch".
         """
         hidden_values = tokens.is_unexpressed if value_mask is None else value_mask | tokens.is_unexpressed
         genes = self.gene_embedding(tokens.gene_ids)
@@ -237,6 +285,10 @@ class GeneTransformerModule(nn.Module):
             prefix.append(table(codes).unsqueeze(1))
         if self.cell_profile:
             prefix.append(self.profile(tokens, hidden_values).unsqueeze(1).to(gene_tokens.dtype))
+        if self.batch_token:
+            codes = torch.full((n,), -1, device=gene_tokens.device) if batch_inputs is None else batch_inputs
+            codes = torch.where((codes < 0) | (codes >= self.n_batches), self.n_batches, codes.long())
+            prefix.append(self.batch_embedding(codes).unsqueeze(1))
         x = torch.cat([*prefix, gene_tokens], 1)
         key_mask = torch.cat([tokens.is_token.new_ones(n, self.n_prefix), tokens.is_token], 1)
         return x, key_mask
@@ -246,15 +298,20 @@ class GeneTransformerModule(nn.Module):
         tokens: TokenizedCells,
         phenotype_inputs: torch.Tensor,
         value_mask: torch.Tensor | None = None,
+        batch_inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states ``(n, n_prefix + length, d)``."""
-        x, key_mask = self.embed_tokens(tokens, phenotype_inputs, value_mask)
+        x, key_mask = self.embed_tokens(tokens, phenotype_inputs, value_mask, batch_inputs)
         for block in self.blocks:
             x = block(x, key_mask)
         return self.norm(x)
 
     def encode_with_attention(
-        self, tokens: TokenizedCells, phenotype_inputs: torch.Tensor, layers: list[int]
+        self,
+        tokens: TokenizedCells,
+        phenotype_inputs: torch.Tensor,
+        layers: list[int],
+        batch_inputs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:meth:`encode`, also returning the attention probabilities of ``layers``.
 
@@ -264,7 +321,7 @@ class GeneTransformerModule(nn.Module):
         """
         if any(not 0 <= layer < len(self.blocks) for layer in layers):
             raise ValueError(f"layers must lie in [0, {len(self.blocks)}), got {layers}")
-        x, key_mask = self.embed_tokens(tokens, phenotype_inputs)
+        x, key_mask = self.embed_tokens(tokens, phenotype_inputs, batch_inputs=batch_inputs)
         maps = {}
         for i, block in enumerate(self.blocks):
             if i in layers:
@@ -281,13 +338,17 @@ class GeneTransformerModule(nn.Module):
                 raise ValueError(
                     "pooling='profile' needs a model with the [PROFILE] token (cell_profile=True)"
                 )
-            return hidden[:, self.n_prefix - 1]
+            return hidden[:, self.profile_index]
         weights = (tokens.is_token & ~tokens.is_unexpressed).to(hidden.dtype)
         gene_hidden = hidden[:, self.n_prefix :]
         total = (gene_hidden * weights.unsqueeze(-1)).sum(1)
         # cells with no expressed gene fall back to the [CLS] output
         n_tokens = weights.sum(1, keepdim=True)
         return torch.where(n_tokens > 0, total / n_tokens.clamp(min=1), hidden[:, 0])
+
+    def cell_embedding(self, hidden: torch.Tensor, tokens: TokenizedCells) -> torch.Tensor:
+        """The default cell embedding: the ``[PROFILE]`` output, else the ``[CLS]`` output."""
+        return self.pool(hidden, tokens, "profile" if self.cell_profile else "cls")
 
     def phenotype_logits(self, hidden: torch.Tensor, tokens: TokenizedCells) -> list[torch.Tensor]:
         """Logits ``(n, n_categories)`` of each phenotype head.
@@ -300,7 +361,7 @@ class GeneTransformerModule(nn.Module):
         if self.phenotype_input == "token+mean":
             shared.append(self.pool(hidden, tokens, "mean"))
         if self.cell_profile:
-            shared.append(hidden[:, self.n_prefix - 1])
+            shared.append(hidden[:, self.profile_index])
         return [
             head(torch.cat([hidden[:, 1 + slot], *shared], -1))
             for slot, head in enumerate(self.phenotype_heads)
@@ -333,6 +394,8 @@ class GeneTransformerModule(nn.Module):
         phenotype_names: list[str],
         phenotype_weights: list[torch.Tensor | None] | None = None,
         focal_gamma: float = 0.0,
+        batch_targets: torch.Tensor | None = None,
+        adversary_weight: float = 1.0,
     ) -> LossOutput:
         """Masked-modelling losses of a minibatch.
 
@@ -354,6 +417,11 @@ class GeneTransformerModule(nn.Module):
             Optional class weights per phenotype slot.
         focal_gamma
             Focal-loss exponent of the phenotype losses; ``0`` gives the cross-entropy.
+        batch_targets
+            ``(n,)`` batch codes, scored by the batch discriminator (``-1``: not scored).
+        adversary_weight
+            Weight of the discriminator's loss. Its gradient reaches the encoder reversed and
+            scaled by :attr:`adversary_scale`, so the encoder is trained to hide the batch.
         """
         out = LossOutput(total=hidden.new_zeros(()))
         gene_hidden = hidden[:, self.n_prefix :]
@@ -397,6 +465,15 @@ class GeneTransformerModule(nn.Module):
                 (logits[rows].argmax(-1) == target[rows]).float().mean()
             )
             out.counts[f"phenotype_{name}"] = out.counts[f"phenotype_{name}_accuracy"] = n_rows
+        if self.batch_adversary and batch_targets is not None:
+            rows = (batch_targets >= 0) & (batch_targets < self.n_batches)
+            if bool(rows.any()):
+                embedding = reverse_gradient(self.cell_embedding(hidden, tokens)[rows], self.adversary_scale)
+                logits = self.batch_discriminator(embedding).float()
+                target = batch_targets[rows].long()
+                out.components["batch_adversary"] = adversary_weight * F.cross_entropy(logits, target)
+                out.metrics["batch_adversary_accuracy"] = (logits.argmax(-1) == target).float().mean()
+                out.counts["batch_adversary"] = out.counts["batch_adversary_accuracy"] = int(rows.sum())
         for value in out.components.values():
             out.total = out.total + value
         return out

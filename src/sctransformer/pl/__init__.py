@@ -3,6 +3,7 @@
 from ._classification import calibration, confusion_matrix
 from ._embedding import embedding
 from ._gene_graph import attention, gene_graph, gene_modules
+from ._integration import integration
 from ._training_history import training_history
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "embedding",
     "gene_graph",
     "gene_modules",
+    "integration",
     "training_history",
 ]

@@ -21,6 +21,7 @@ def embed(
     batch_size: int | None = None,
     copy: bool = False,
     counts: ShardedAnnData | None = None,
+    batch: str | None = None,
 ) -> AnnData | None:
     """Embed cells with a trained model.
 
@@ -42,6 +43,9 @@ def embed(
     counts
         Read the counts of ``adata``'s cells (the same cells, in order) from these files instead of
         from ``adata``, for data too large to load: ``adata`` then needs only its ``.obs``.
+    batch
+        The ``[BATCH]`` token of models with one: ``None`` ("no batch"), a batch name, or
+        ``"own"``, see :meth:`~sctransformer.GeneTransformer.get_latent_representation`.
 
     Returns
     -------
@@ -54,9 +58,9 @@ def embed(
     """
     pooling = model.default_pooling if pooling is None else pooling
     embedding = model.get_latent_representation(
-        counts_of(adata, counts), pooling=pooling, batch_size=batch_size
+        counts_of(adata, counts), pooling=pooling, batch_size=batch_size, batch=batch
     )
     adata = adata.copy() if copy else adata
     adata.obsm[key_added] = embedding
-    record_run(adata, key_added, "embed", model, {"pooling": pooling})
+    record_run(adata, key_added, "embed", model, {"pooling": pooling, "batch": batch})
     return adata if copy else None

@@ -1,0 +1,50 @@
+"""scIB integration metrics (through scib-metrics) and their table plot."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import sctransformer as sct
+
+pytest.importorskip("scib_metrics")
+
+
+def _cells(n: int = 240, seed: int = 0) -> ad.AnnData:
+    """Three labelled states in two batches: one embedding mixes the batches, one keeps them apart."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    batches = rng.integers(0, 2, n)
+    mixed = rng.normal(size=(3, 10))[labels] * 3 + rng.normal(size=(n, 10))
+    obs = pd.DataFrame(
+        {"batch": batches.astype(str), "label": labels.astype(str)}, index=[f"c{i}" for i in range(n)]
+    )
+    obs.loc[obs.index[:10], "label"] = np.nan  # unlabelled cells are left out
+    split = mixed + 6 * batches[:, None]
+    return ad.AnnData(obs=obs, obsm={"mixed": mixed, "split": split, "X_pca": split})
+
+
+def test_a_mixed_embedding_scores_higher_on_batch_correction_and_the_table_plots():
+    adata = _cells()
+    results = sct.metrics.integration(
+        adata, batch_key="batch", label_key="label", embeddings=["mixed", "split"]
+    )
+    assert list(results.index) == ["mixed", "split"]
+    assert {"iLISI", "KBET", "Leiden NMI", "Batch correction", "Bio conservation", "Total"} <= set(
+        results.columns
+    )
+    assert results.loc["mixed", "Batch correction"] > results.loc["split", "Batch correction"] + 0.3
+    assert results.loc["mixed", "Total"] > results.loc["split", "Total"]
+    expected_total = 0.6 * results["Bio conservation"] + 0.4 * results["Batch correction"]
+    np.testing.assert_allclose(results["Total"], expected_total, rtol=1e-6)
+    assert results.attrs["metric_type"]["iLISI"] == "Batch correction"
+    ax = sct.pl.integration(results, show=False)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["split", "mixed"]  # best total on top
+    with pytest.raises(KeyError, match="X_umap"):
+        sct.metrics.integration(adata, batch_key="batch", label_key="label", embeddings=["X_umap"])
+    single = adata.copy()
+    single.obs["batch"] = "one"
+    with pytest.raises(ValueError, match="single batch"):
+        sct.metrics.integration(single, batch_key="batch", label_key="label", embeddings=["mixed"])
