@@ -9,6 +9,7 @@ class _RegistryKeys(NamedTuple):
     X_KEY: str = "X"
     BATCH_KEY: str = "batch"
     PHENOTYPE_PREFIX: str = "phenotype:"
+    ALIGN_KEY: str = "align"
 
 
 REGISTRY_KEYS = _RegistryKeys()
@@ -19,6 +20,7 @@ class _SetupArgs(NamedTuple):
     BATCH_KEY: str = "batch_key"
     PHENOTYPE_KEYS: str = "phenotype_keys"
     GENE_KEY: str = "gene_key"
+    ALIGN_OBSM: str = "align_obsm"
 
 
 SETUP_ARGS = _SetupArgs()

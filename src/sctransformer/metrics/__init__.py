@@ -9,15 +9,18 @@ from ._classification import (
 )
 from ._integration import integration
 from ._probes import knn_probe_accuracy, log1p_normalise, logistic_regression_baseline
+from ._retrieval import cross_modal_retrieval, retrieval_ranks
 
 __all__ = [
     "ClassificationReport",
     "annotation_baselines",
     "classification_report",
     "classification_scores",
+    "cross_modal_retrieval",
     "expected_calibration_error",
     "integration",
     "knn_probe_accuracy",
     "log1p_normalise",
     "logistic_regression_baseline",
+    "retrieval_ranks",
 ]

@@ -19,7 +19,7 @@ import scvi
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
-from scvi.data.fields import LayerField
+from scvi.data.fields import LayerField, ObsmField
 from scvi.dataloaders._data_splitting import validate_data_split
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
@@ -59,7 +59,8 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
 _SAMPLE_CELLS = 10_000
-Freeze = Literal["none", "backbone", "embeddings"]
+Freeze = Literal["none", "backbone", "embeddings", "transcriptome", "other"]
+FREEZE = ("none", "backbone", "embeddings", "transcriptome", "other")
 BatchCorrection = Literal["none", "token", "adversarial", "both"]
 BATCH_CORRECTIONS = ("none", "token", "adversarial", "both")
 _HEADS = (
@@ -147,6 +148,32 @@ def _gene_scale(sample: sp.csr_matrix, column_to_gene: np.ndarray, n_genes: int)
     return torch.as_tensor(scale, dtype=torch.float32)
 
 
+def _check_align_obsm(adata: AnnData, key: str) -> None:
+    """Raise unless ``adata.obsm[key]`` is a finite numeric matrix with one row per cell."""
+    if not isinstance(key, str) or key not in adata.obsm:
+        raise KeyError(
+            f"align_obsm {key!r} not found in adata.obsm (available: {list(adata.obsm)}); put the second "
+            "modality's vectors there (cells x features)"
+        )
+    values = adata.obsm[key]
+    values = values.to_numpy() if isinstance(values, pd.DataFrame) else values
+    if sp.issparse(values):
+        raise TypeError(f"adata.obsm[{key!r}] is sparse; pass a dense matrix, e.g. its PCA")
+    values = np.asarray(values)
+    if values.ndim != 2 or values.shape[0] != adata.n_obs or not np.issubdtype(values.dtype, np.number):
+        raise ValueError(
+            f"adata.obsm[{key!r}] must be a numeric cells x features matrix with {adata.n_obs} rows, "
+            f"got shape {values.shape} of {values.dtype}"
+        )
+    if not np.isfinite(values).all():
+        raise ValueError(f"adata.obsm[{key!r}] holds NaN or infinite values; fill or remove those cells")
+
+
+def _present_obsm(adata: AnnData, key: str | None) -> str | None:
+    """``key`` if ``adata.obsm`` has it (a query may come without the second modality)."""
+    return key if key is not None and key in adata.obsm else None
+
+
 def _batch_categories(manager: AnnDataManager) -> list[str] | None:
     """The batch categories an AnnData was registered with; ``None`` without a ``batch_key``."""
     if manager.registry["setup_args"][SETUP_ARGS.BATCH_KEY] is None:
@@ -228,6 +255,15 @@ class GeneTransformer(BaseModelClass):
         asked for (:meth:`get_latent_representation`); ``"adversarial"``, a batch discriminator on
         the cell embedding trained through gradient reversal (``train(adversary_weight=...,
         adversary_schedule=...)``); ``"both"``; ``"none"`` (default).
+    align_obsm
+        ``.obsm`` key of a second modality's vectors of the same cells (proteins, a chromatin
+        embedding, ...): adds CLIP-style alignment, a projection of the cell embedding and a small
+        MLP of those vectors into a shared space of ``align_dim`` dimensions, trained with a
+        symmetric InfoNCE loss and a learnt temperature alongside masked modelling
+        (``train(align_weight=..., freeze="transcriptome" | "other")``);
+        ``get_latent_representation(space="aligned" | "aligned_other")`` gives both sides.
+    align_dim
+        Width of the shared space.
     seed
         Seed of the weight initialisation; default ``sctransformer.settings.seed``.
 
@@ -265,6 +301,8 @@ class GeneTransformer(BaseModelClass):
         gene_ranking: Literal["expression", "relative"] = "relative",
         cell_profile: bool = True,
         batch_correction: BatchCorrection = "none",
+        align_obsm: str | None = None,
+        align_dim: int = 64,
         seed: int | None = None,
     ) -> None:
         hyperparameters = {k: v for k, v in locals().items() if k not in ("self", "adata", "__class__")}
@@ -274,6 +312,18 @@ class GeneTransformer(BaseModelClass):
         if self._get_most_recent_anndata_manager(adata) is None:
             raise ValueError(
                 "adata is not set up; call sctransformer.setup_anndata(adata, ...) before creating the model"
+            )
+        if align_obsm is not None:  # register the second modality with the counts
+            if isinstance(align_dim, bool) or not isinstance(align_dim, int) or align_dim < 1:
+                raise ValueError(f"align_dim must be a positive integer, got {align_dim!r}")
+            registered = self._get_most_recent_anndata_manager(adata).registry["setup_args"]
+            self._register(
+                adata,
+                layer=registered[SETUP_ARGS.LAYER],
+                batch_key=registered[SETUP_ARGS.BATCH_KEY],
+                phenotype_keys=registered[SETUP_ARGS.PHENOTYPE_KEYS],
+                gene_key=registered[SETUP_ARGS.GENE_KEY],
+                align_obsm=align_obsm,
             )
         super().__init__(adata)
         setup_args = self.adata_manager.registry["setup_args"]
@@ -371,6 +421,10 @@ class GeneTransformer(BaseModelClass):
                 "setup_anndata(batch_key=...) with a column of several batches, or batch_correction='none'"
             )
         hp = hyperparameters | {"n_batches": n_batches}
+        if hp.get("align_obsm") is not None:
+            if self.adata is None:
+                raise ValueError("align_obsm needs an AnnData; sharded data cannot be aligned yet")
+            hp["align_in_dim"] = int(np.asarray(self.adata.obsm[hp["align_obsm"]]).shape[1])
         relative = hp["gene_ranking"] == "relative"
         gene_scale = _gene_scale(sample, column_to_gene, len(vocabulary)) if relative else None
         bin_edges = _fixed_bin_edges(sample, hp["n_bins"]) if hp["binning"] == "fixed" else None
@@ -422,6 +476,7 @@ class GeneTransformer(BaseModelClass):
                 n_batches=hp.get("n_batches", 0),
                 batch_token=hp.get("batch_correction", "none") in ("token", "both"),
                 batch_adversary=hp.get("batch_correction", "none") in ("adversarial", "both"),
+                align_dims=(hp["align_in_dim"], hp["align_dim"]) if hp.get("align_obsm") else None,
             )
         n_params = sum(p.numel() for p in self.module.parameters())
         self._model_summary_string = (
@@ -486,6 +541,7 @@ class GeneTransformer(BaseModelClass):
         gene_key: str | None,
         phenotype_categories: dict[str, list[str]] | None = None,
         batch_categories: list[str] | None = None,
+        align_obsm: str | None = None,
     ) -> None:
         """Validate and register.
 
@@ -531,11 +587,15 @@ class GeneTransformer(BaseModelClass):
             batch_key=batch_key,
             phenotype_keys=phenotype_keys,
             gene_key=gene_key,
+            align_obsm=align_obsm,
         )
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             BatchObsField(REGISTRY_KEYS.BATCH_KEY, batch_key, batch_categories),
         ]
+        if align_obsm is not None:
+            _check_align_obsm(adata, align_obsm)
+            fields.append(ObsmField(REGISTRY_KEYS.ALIGN_KEY, align_obsm))
         categories = phenotype_categories or {}
         fields += [
             PhenotypeObsField(phenotype_registry_key(key), key, categories.get(key)) for key in phenotype_keys
@@ -590,6 +650,7 @@ class GeneTransformer(BaseModelClass):
         adversary_weight: float = 1.0,
         adversary_schedule: Literal["dann", "constant"] = "dann",
         adversary_lr_factor: float = 10.0,
+        align_weight: float = 1.0,
         freeze: Freeze | None = None,
         calibrate: bool = True,
         train_size: float = 0.9,
@@ -639,10 +700,15 @@ class GeneTransformer(BaseModelClass):
             done; ``"constant"``: 1 throughout); the discriminator's learning rate as a multiple of
             ``lr`` (it must keep up with the encoder, see
             :class:`~sctransformer.train.MaskedModelingPlan`).
+        align_weight
+            With ``align_obsm``: weight of the CLIP alignment loss added to masked modelling.
         freeze
             Parameters kept fixed (fine-tuning): ``"embeddings"`` freezes the gene, value and
             profile embeddings; ``"backbone"`` also freezes ``[CLS]`` and the transformer blocks, training
-            only the output heads and the phenotype token tables; ``"none"``/``None`` trains all.
+            only the output heads and the phenotype token tables; with ``align_obsm``,
+            ``"transcriptome"`` keeps the transcriptome side of the alignment (encoder and its
+            projection) fixed and trains the other modality's MLP, ``"other"`` the reverse;
+            ``"none"``/``None`` trains all.
         calibrate
             After training, fit a temperature per phenotype on the validation cells
             (:meth:`calibrate`) so that prediction confidences are calibrated.
@@ -711,10 +777,16 @@ class GeneTransformer(BaseModelClass):
             raise ValueError(f"adversary_weight must be a number >= 0, got {adversary_weight!r}")
         if not (isinstance(adversary_lr_factor, int | float) and adversary_lr_factor > 0):
             raise ValueError(f"adversary_lr_factor must be a positive number, got {adversary_lr_factor!r}")
+        if not (isinstance(align_weight, int | float) and align_weight >= 0):
+            raise ValueError(f"align_weight must be a number >= 0, got {align_weight!r}")
         if adversary_schedule not in ("dann", "constant"):
             raise ValueError(f"adversary_schedule must be 'dann' or 'constant', got {adversary_schedule!r}")
-        if freeze not in (None, "none", "backbone", "embeddings"):
-            raise ValueError(f"freeze must be 'none', 'backbone' or 'embeddings', got {freeze!r}")
+        if freeze is not None and freeze not in FREEZE:
+            raise ValueError(f"freeze must be one of {list(FREEZE)} or None, got {freeze!r}")
+        if freeze in ("transcriptome", "other") and self.module.align_dims is None:
+            raise ValueError(
+                f"freeze={freeze!r} keeps one side of an alignment fixed; the model has no align_obsm"
+            )
         if gene_mask_prob == 0 and not self.phenotype_categories_:
             raise ValueError("gene_mask_prob=0 with no phenotype keys leaves nothing to learn")
         if not 0 < train_size <= 1:
@@ -851,6 +923,7 @@ class GeneTransformer(BaseModelClass):
                 adversary_weight=float(adversary_weight),
                 adversary_schedule=adversary_schedule,
                 adversary_lr_factor=float(adversary_lr_factor),
+                align_weight=float(align_weight),
             )
             runner = self._train_runner_cls(
                 self,
@@ -887,6 +960,7 @@ class GeneTransformer(BaseModelClass):
             "adversary_weight": adversary_weight,
             "adversary_schedule": adversary_schedule,
             "adversary_lr_factor": adversary_lr_factor,
+            "align_weight": align_weight,
             "length_bucketing": length_bucketing,
             "freeze": freeze,
             "train_size": train_size,
@@ -913,8 +987,12 @@ class GeneTransformer(BaseModelClass):
             top = name.split(".")[0]
             if freeze == "embeddings":
                 is_frozen = top in embeddings
+            elif freeze == "transcriptome":  # only the other modality's side of the alignment trains
+                is_frozen = top not in ("align_other", "align_logit_scale")
+            elif freeze == "other":
+                is_frozen = top == "align_other"
             else:  # backbone: everything but the heads and the phenotype token tables
-                is_frozen = top not in (*_HEADS, "phenotype_embeddings")
+                is_frozen = top not in (*_HEADS, "phenotype_embeddings", "align_transcriptome", "align_other")
             if is_frozen and param.requires_grad:
                 frozen.append(param)
         return frozen
@@ -1133,8 +1211,9 @@ class GeneTransformer(BaseModelClass):
         pooling: Pooling | None = None,
         batch_size: int | None = None,
         batch: str | None = None,
+        space: Literal["cell", "aligned", "aligned_other"] = "cell",
     ) -> np.ndarray:
-        """Cell embeddings ``(n_cells, d_model)``.
+        """Cell embeddings ``(n_cells, d_model)``, or either side of an alignment.
 
         Phenotype tokens are masked, so the embedding does not depend on the labels. A cell gets
         the same embedding whatever the minibatch it is in.
@@ -1156,7 +1235,16 @@ class GeneTransformer(BaseModelClass):
             ``None`` (default) feeds "no batch", which the model was also trained with; a batch
             name feeds that batch to every cell (a reference batch); ``"own"`` feeds each cell's
             own batch from the batch column (batches the model never saw: "no batch").
+        space
+            ``"cell"``: the cell embedding; for models with ``align_obsm``, ``"aligned"``: the
+            cell embedding projected into the shared space (L2-normalised, ``align_dim`` wide);
+            ``"aligned_other"``: the second modality's vectors (``adata.obsm[align_obsm]``)
+            mapped into that space, no counts needed.
         """
+        if space not in ("cell", "aligned", "aligned_other"):
+            raise ValueError(f"space must be 'cell', 'aligned' or 'aligned_other', got {space!r}")
+        if space != "cell":
+            return self._aligned(adata, space, pooling, batch_size, batch)
         pooling = self.default_pooling if pooling is None else pooling
         if pooling not in ("cls", "mean", "profile"):
             raise ValueError(f"pooling must be 'profile', 'cls' or 'mean', got {pooling!r}")
@@ -1167,6 +1255,47 @@ class GeneTransformer(BaseModelClass):
         for idx, tokens, hidden in self._forward(adata, batch_size, batch=batch):
             out[idx] = self.module.pool(hidden, tokens, pooling).float().cpu().numpy()
         return out
+
+    def _aligned(
+        self,
+        adata: AnnData | None,
+        space: str,
+        pooling: Pooling | None,
+        batch_size: int | None,
+        batch: str | None,
+    ) -> np.ndarray:
+        """Either side of the alignment in the shared space, see :meth:`get_latent_representation`."""
+        if self.module.align_dims is None:
+            raise ValueError(f"space={space!r} needs a model aligned with a second modality (align_obsm=...)")
+        if pooling is not None and pooling != self.default_pooling:
+            raise ValueError("the aligned spaces project the default cell embedding; leave pooling=None")
+        if space == "aligned":
+            adata = self._inference_adata(adata)
+            out = np.zeros((adata.n_obs, self.module.align_dims[1]), dtype=np.float32)
+            for idx, tokens, hidden in self._forward(adata, batch_size, batch=batch):
+                out[idx] = self.module.aligned(hidden, tokens).cpu().numpy()
+            return out
+        adata = self.adata if adata is None else adata
+        key = self.hyperparameters_["align_obsm"]
+        if adata is None or not isinstance(adata, AnnData):
+            raise ValueError("space='aligned_other' reads adata.obsm; pass an AnnData")
+        _check_align_obsm(adata, key)
+        values = adata.obsm[key]
+        values = np.asarray(
+            values.to_numpy() if isinstance(values, pd.DataFrame) else values, dtype=np.float32
+        )
+        if values.shape[1] != self.module.align_dims[0]:
+            raise ValueError(
+                f"adata.obsm[{key!r}] has {values.shape[1]} features; the model was trained on {self.module.align_dims[0]}"
+            )
+        device = next(self.module.parameters()).device
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.inference_mode():
+                return self.module.aligned_other(torch.as_tensor(values, device=device)).cpu().numpy()
+        finally:
+            self.module.train(was_training)
 
     @property
     def default_pooling(self) -> Pooling:
@@ -1501,6 +1630,7 @@ class GeneTransformer(BaseModelClass):
                     gene_key=setup_args[SETUP_ARGS.GENE_KEY],
                     phenotype_categories=categories,
                     batch_categories=batch_categories,
+                    align_obsm=_present_obsm(adata, setup_args.get(SETUP_ARGS.ALIGN_OBSM)),
                 )
             BaseModelClass.__init__(model, adata)
         else:
@@ -1668,6 +1798,7 @@ class GeneTransformer(BaseModelClass):
             gene_key=setup_args[SETUP_ARGS.GENE_KEY],
             phenotype_categories=categories,
             batch_categories=state.get("batch_categories"),
+            align_obsm=_present_obsm(adata, setup_args.get(SETUP_ARGS.ALIGN_OBSM)),
         )
         batch_categories = _batch_categories(cls._registered_manager(adata)) or state.get("batch_categories")
         model = cls._from_state(

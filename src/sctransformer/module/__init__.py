@@ -1,7 +1,14 @@
 """Plain-torch building blocks: tokenizer, attention, the gene transformer module."""
 
 from ._attention import EncoderBlock, SelfAttention
-from ._module import GeneTransformerModule, LossOutput, Pooling, phenotype_loss, reverse_gradient
+from ._module import (
+    GeneTransformerModule,
+    LossOutput,
+    Pooling,
+    phenotype_loss,
+    reverse_gradient,
+    symmetric_info_nce,
+)
 from ._tokenizer import TokenizedCells, Tokenizer
 
 __all__ = [
@@ -14,4 +21,5 @@ __all__ = [
     "Tokenizer",
     "phenotype_loss",
     "reverse_gradient",
+    "symmetric_info_nce",
 ]

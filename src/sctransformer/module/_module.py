@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,6 +80,18 @@ def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     return GradientReversal.apply(x, scale)
 
 
+def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's loss: cross-entropy of matching row ``i`` of ``a`` to row ``i`` of ``b``, both ways.
+
+    Rows are L2-normalised; the logits are their cosine similarities times ``exp(logit_scale)``
+    (a learnt inverse temperature); the result is the mean of the ``a -> b`` and ``b -> a`` losses.
+    """
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = logit_scale.exp() * a @ b.T
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_in), nn.GELU(), nn.LayerNorm(d_in), nn.Linear(d_in, d_out))
 
@@ -124,6 +137,10 @@ class GeneTransformerModule(nn.Module):
         Add a batch discriminator on the cell embedding (:meth:`cell_embedding`), trained through
         a gradient-reversal layer, so that the encoder learns an embedding it cannot tell the
         batch from (as in scGPT's domain-adversarial training).
+    align_dims
+        ``(width of the other modality's vectors, width of the shared space)``: add CLIP-style
+        alignment, a linear projection of the cell embedding and a small MLP of the other
+        modality into the shared space, and a learnt temperature (:func:`symmetric_info_nce`).
     """
 
     def __init__(
@@ -150,6 +167,7 @@ class GeneTransformerModule(nn.Module):
         n_batches: int = 0,
         batch_token: bool = False,
         batch_adversary: bool = False,
+        align_dims: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer = Tokenizer(
@@ -196,6 +214,14 @@ class GeneTransformerModule(nn.Module):
             self.batch_embedding = nn.Embedding(n_batches + 1, d_model)  # last row: no batch
         if batch_adversary:
             self.batch_discriminator = _mlp(d_model, n_batches)
+        self.align_dims = None if align_dims is None else (int(align_dims[0]), int(align_dims[1]))
+        if self.align_dims is not None:
+            d_other, d_shared = self.align_dims
+            self.align_transcriptome = nn.Linear(d_model, d_shared)
+            self.align_other = nn.Sequential(
+                nn.Linear(d_other, d_model), nn.GELU(), nn.LayerNorm(d_model), nn.Linear(d_model, d_shared)
+            )
+            self.align_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's start
 
         n_out = n_bins if value_encoding == "binned" else 1
         self.expression_head = _mlp(d_model, n_out)
@@ -350,6 +376,14 @@ class GeneTransformerModule(nn.Module):
         """The default cell embedding: the ``[PROFILE]`` output, else the ``[CLS]`` output."""
         return self.pool(hidden, tokens, "profile" if self.cell_profile else "cls")
 
+    def aligned(self, hidden: torch.Tensor, tokens: TokenizedCells) -> torch.Tensor:
+        """The cell embedding in the shared space, L2-normalised ``(n, align_dim)``."""
+        return F.normalize(self.align_transcriptome(self.cell_embedding(hidden, tokens)).float(), dim=-1)
+
+    def aligned_other(self, other: torch.Tensor) -> torch.Tensor:
+        """The other modality's vectors in the shared space, L2-normalised ``(n, align_dim)``."""
+        return F.normalize(self.align_other(other).float(), dim=-1)
+
     def phenotype_logits(self, hidden: torch.Tensor, tokens: TokenizedCells) -> list[torch.Tensor]:
         """Logits ``(n, n_categories)`` of each phenotype head.
 
@@ -396,6 +430,8 @@ class GeneTransformerModule(nn.Module):
         focal_gamma: float = 0.0,
         batch_targets: torch.Tensor | None = None,
         adversary_weight: float = 1.0,
+        other: torch.Tensor | None = None,
+        align_weight: float = 1.0,
     ) -> LossOutput:
         """Masked-modelling losses of a minibatch.
 
@@ -422,6 +458,10 @@ class GeneTransformerModule(nn.Module):
         adversary_weight
             Weight of the discriminator's loss. Its gradient reaches the encoder reversed and
             scaled by :attr:`adversary_scale`, so the encoder is trained to hide the batch.
+        other
+            ``(n, d_other)`` the other modality's vectors of the same cells, for the alignment loss.
+        align_weight
+            Weight of the alignment loss.
         """
         out = LossOutput(total=hidden.new_zeros(()))
         gene_hidden = hidden[:, self.n_prefix :]
@@ -474,6 +514,16 @@ class GeneTransformerModule(nn.Module):
                 out.components["batch_adversary"] = adversary_weight * F.cross_entropy(logits, target)
                 out.metrics["batch_adversary_accuracy"] = (logits.argmax(-1) == target).float().mean()
                 out.counts["batch_adversary"] = out.counts["batch_adversary_accuracy"] = int(rows.sum())
+        if self.align_dims is not None and other is not None and len(other) > 1:
+            scale = self.align_logit_scale.clamp(max=math.log(100.0))  # CLIP's cap on 1/temperature
+            a = self.align_transcriptome(self.cell_embedding(hidden, tokens))
+            b = self.align_other(other.to(a.dtype))
+            out.components["alignment"] = align_weight * symmetric_info_nce(a, b, scale)
+            with torch.no_grad():
+                similarity = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+                matched = similarity.argmax(1) == torch.arange(len(a), device=a.device)
+            out.metrics["alignment_accuracy"] = matched.float().mean()
+            out.counts["alignment"] = out.counts["alignment_accuracy"] = len(a)
         for value in out.components.values():
             out.total = out.total + value
         return out

@@ -104,6 +104,8 @@ class MaskedModelingPlan(pl.LightningModule):
         it on cellbench (its accuracy fell to 0 while a kNN on the embedding told the batches
         apart perfectly: the embedding had swapped batches rather than mixed them); at 10 it
         kept up (see the integration benchmark).
+    align_weight
+        Weight of the CLIP alignment loss (models aligned with a second modality).
     total_steps
         Optimisation steps of the whole run, for the learning-rate schedule; default Lightning's
         estimate (which builds the training loader early, before a checkpoint is restored).
@@ -129,6 +131,7 @@ class MaskedModelingPlan(pl.LightningModule):
         adversary_weight: float = 1.0,
         adversary_schedule: str = "dann",
         adversary_lr_factor: float = 10.0,
+        align_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.module = module
@@ -148,6 +151,7 @@ class MaskedModelingPlan(pl.LightningModule):
         self.adversary_weight = adversary_weight
         self.adversary_schedule = adversary_schedule
         self.adversary_lr_factor = adversary_lr_factor
+        self.align_weight = align_weight
 
     def _phenotypes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
@@ -212,6 +216,8 @@ class MaskedModelingPlan(pl.LightningModule):
             focal_gamma=self.focal_gamma,
             batch_targets=batches,
             adversary_weight=self.adversary_weight,
+            other=batch.get(REGISTRY_KEYS.ALIGN_KEY) if self.module.align_dims is not None else None,
+            align_weight=self.align_weight,
         )
         n = phenotypes.shape[0]
         self.log(f"loss_{stage}", out.total, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)

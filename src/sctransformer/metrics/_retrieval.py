@@ -1,0 +1,80 @@
+"""Cross-modal retrieval: does a cell's embedding in one modality find its partner in the other."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+
+def retrieval_ranks(queries: np.ndarray, targets: np.ndarray, *, chunk_size: int = 2048) -> np.ndarray:
+    """Rank (1 = best) of target ``i`` among all targets by cosine similarity to query ``i``."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(1e-12)
+    t = targets / np.linalg.norm(targets, axis=1, keepdims=True).clip(1e-12)
+    ranks = np.empty(len(q), dtype=np.int64)
+    for start in range(0, len(q), chunk_size):
+        similarity = q[start : start + chunk_size] @ t.T
+        own = similarity[np.arange(len(similarity)), np.arange(start, start + len(similarity))]
+        ranks[start : start + len(similarity)] = 1 + (similarity > own[:, None]).sum(1)
+    return ranks
+
+
+def cross_modal_retrieval(
+    adata: AnnData,
+    key_a: str,
+    key_b: str,
+    *,
+    k: Sequence[int] = (1, 5, 10),
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Recall@k and rank of each cell's partner across two aligned embeddings, against shuffled pairs.
+
+    For every cell, the other modality's embeddings of all cells are ranked by cosine similarity
+    to its embedding in one modality; the cell's own partner should come first. The control pairs
+    each cell with another cell's partner (a random permutation), which gives recall@k near
+    ``k / n_cells``.
+
+    Parameters
+    ----------
+    adata
+        Cells with both embeddings in ``.obsm`` (not modified).
+    key_a, key_b
+        ``.obsm`` keys of the two embeddings, same width (e.g. ``model.get_latent_representation``
+        with ``space="aligned"`` and ``space="aligned_other"``).
+    k
+        The ``k`` of recall@k.
+    seed
+        Seed of the control's permutation.
+
+    Returns
+    -------
+    Rows ``"a -> b"``, ``"b -> a"`` and the same with ``", shuffled pairs"``; columns
+    ``recall@k`` for each ``k``, ``mean rank`` and ``median rank``.
+    """
+    for key in (key_a, key_b):
+        if key not in adata.obsm:
+            raise KeyError(f"embedding {key!r} not found in adata.obsm (available: {list(adata.obsm)})")
+    a, b = (np.asarray(adata.obsm[key], dtype=np.float64) for key in (key_a, key_b))
+    if a.shape != b.shape:
+        raise ValueError(f"{key_a!r} {a.shape} and {key_b!r} {b.shape} must have the same shape")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("the embeddings hold NaN or infinite values")
+    ks = [int(x) for x in k]
+    if not ks or any(x < 1 for x in ks):
+        raise ValueError(f"k must be positive integers, got {k!r}")
+    shuffled = np.random.default_rng(seed).permutation(len(b))
+    rows = {}
+    for name, queries, targets in (
+        ("a -> b", a, b),
+        ("b -> a", b, a),
+        ("a -> b, shuffled pairs", a, b[shuffled]),
+        ("b -> a, shuffled pairs", b[shuffled], a),
+    ):
+        ranks = retrieval_ranks(queries, targets)
+        rows[name] = {f"recall@{x}": float((ranks <= x).mean()) for x in ks}
+        rows[name] |= {"mean rank": float(ranks.mean()), "median rank": float(np.median(ranks))}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.attrs["keys"] = {"a": key_a, "b": key_b}
+    return table

@@ -1,0 +1,118 @@
+"""CLIP-style alignment with a second modality: the loss, the retrieval metric, training and bad input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import sctransformer as sct
+from sctransformer.metrics import retrieval_ranks
+from sctransformer.module import symmetric_info_nce
+
+from ..conftest import QUIET, TINY
+
+
+def test_symmetric_info_nce_matches_a_naive_loop():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+    scale = 2.3
+
+    def naive(x, y):
+        total = 0.0
+        for i in range(len(x)):
+            sims = [
+                scale * np.dot(x[i], y[j]) / np.linalg.norm(x[i]) / np.linalg.norm(y[j])
+                for j in range(len(y))
+            ]
+            total += -(sims[i] - math.log(sum(math.exp(s) for s in sims)))
+        return total / len(x)
+
+    expected = 0.5 * (naive(a, b) + naive(b, a))
+    got = symmetric_info_nce(torch.as_tensor(a), torch.as_tensor(b), torch.tensor(math.log(scale)))
+    assert abs(float(got) - expected) < 1e-5
+
+
+def test_retrieval_ranks_match_a_naive_loop():
+    rng = np.random.default_rng(1)
+    q, t = rng.normal(size=(30, 5)), rng.normal(size=(30, 5))
+    cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
+    naive = [1 + sum(cos[i, j] > cos[i, i] for j in range(30)) for i in range(30)]
+    np.testing.assert_array_equal(retrieval_ranks(q, t, chunk_size=7), naive)
+
+
+def _paired(seed: int = 0):
+    """Counts with cell types, and a second modality: a noisy per-cell function of the same counts."""
+    adata = sct.datasets.synthetic(n_cells=200, n_genes=60, n_cell_types=4, n_markers=8, seed=seed)
+    x = np.log1p(adata.layers["counts"].toarray())
+    rng = np.random.default_rng(seed)
+    adata.obsm["X_protein"] = (x @ rng.normal(size=(60, 12)) + 0.1 * rng.normal(size=(200, 12))).astype(
+        np.float32
+    )
+    return adata
+
+
+def test_alignment_trains_retrieves_partners_above_the_shuffled_control_and_writes_both_sides(tmp_path):
+    adata = _paired()
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY, align_obsm="X_protein", align_dim=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=15, batch_size=32, **QUIET)
+    assert "alignment_train" in model.history
+    adata.obsm["X_sct_aligned"] = model.get_latent_representation(space="aligned")
+    adata.obsm["X_protein_aligned"] = model.get_latent_representation(space="aligned_other")
+    assert adata.obsm["X_sct_aligned"].shape == adata.obsm["X_protein_aligned"].shape == (200, 8)
+    np.testing.assert_allclose(np.linalg.norm(adata.obsm["X_sct_aligned"], axis=1), 1, atol=1e-5)
+    scores = sct.metrics.cross_modal_retrieval(adata, "X_sct_aligned", "X_protein_aligned", k=(1, 10))
+    assert scores.loc["a -> b", "recall@10"] > 3 * scores.loc["a -> b, shuffled pairs", "recall@10"]
+    assert scores.loc["b -> a", "mean rank"] < scores.loc["b -> a, shuffled pairs", "mean rank"] / 2
+    model.save(tmp_path / "m")
+    loaded = sct.GeneTransformer.load(tmp_path / "m", adata=adata)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(space="aligned_other"), adata.obsm["X_protein_aligned"]
+    )
+
+
+def test_freezing_one_side_of_the_alignment_keeps_it(adata):
+    adata.obsm["X_other"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5)).astype(np.float32)
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY, align_obsm="X_other", align_dim=4)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=32, freeze="transcriptome", **QUIET)
+    after = {k: v.clone() for k, v in model.module.state_dict().items()}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("align_other", "align_logit_scale")) for k in changed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=32, freeze="other", **QUIET)
+    kept = model.module.state_dict()
+    assert all(torch.equal(after[k], kept[k]) for k in after if k.startswith("align_other"))
+    assert not torch.equal(after["align_transcriptome.weight"], kept["align_transcriptome.weight"])
+
+
+def test_bad_alignment_input_is_refused_with_the_fix(adata):
+    sct.setup_anndata(adata, layer="counts")
+    with pytest.raises(KeyError, match="X_missing"):
+        sct.GeneTransformer(adata, **TINY, align_obsm="X_missing")
+    adata.obsm["X_nan"] = np.full((adata.n_obs, 3), np.nan)
+    with pytest.raises(ValueError, match="NaN"):
+        sct.GeneTransformer(adata, **TINY, align_obsm="X_nan")
+    adata.obsm["X_ok"] = np.zeros((adata.n_obs, 3))
+    with pytest.raises(ValueError, match="align_dim"):
+        sct.GeneTransformer(adata, **TINY, align_obsm="X_ok", align_dim=0)
+    model = sct.GeneTransformer(adata, **TINY)
+    with pytest.raises(ValueError, match="align_obsm"):
+        model.get_latent_representation(space="aligned")
+    with pytest.raises(ValueError, match="no align_obsm"):
+        model.train(freeze="transcriptome")
+    aligned = sct.GeneTransformer(adata, **TINY, align_obsm="X_ok", align_dim=2)
+    wrong = adata.copy()
+    wrong.obsm["X_ok"] = np.zeros((adata.n_obs, 4))
+    with pytest.raises(ValueError, match="has 4 features"):
+        aligned.get_latent_representation(wrong, space="aligned_other")
