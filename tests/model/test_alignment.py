@@ -63,8 +63,9 @@ def test_alignment_trains_retrieves_partners_above_the_shuffled_control_and_writ
         warnings.simplefilter("ignore")
         model.train(max_epochs=15, batch_size=32, **QUIET)
     assert "alignment_train" in model.history
-    adata.obsm["X_sct_aligned"] = model.get_latent_representation(space="aligned")
-    adata.obsm["X_protein_aligned"] = model.get_latent_representation(space="aligned_other")
+    sct.tl.embed(adata, model, space="aligned", key_added="X_sct_aligned")
+    sct.tl.embed(adata, model, space="aligned_other", key_added="X_protein_aligned")
+    assert adata.uns["sct"]["X_sct_aligned"]["params"]["space"] == "aligned"
     assert adata.obsm["X_sct_aligned"].shape == adata.obsm["X_protein_aligned"].shape == (200, 8)
     np.testing.assert_allclose(np.linalg.norm(adata.obsm["X_sct_aligned"], axis=1), 1, atol=1e-5)
     scores = sct.metrics.cross_modal_retrieval(adata, "X_sct_aligned", "X_protein_aligned", k=(1, 10))

@@ -15,7 +15,7 @@ def test_embed_writes_obsm_and_records_parameters(trained):
     np.testing.assert_allclose(
         adata.obsm["X_sct"], model.get_latent_representation(data, pooling="mean"), atol=1e-6
     )
-    assert adata.uns["sct"]["X_sct"]["params"] == {"pooling": "mean"}
+    assert adata.uns["sct"]["X_sct"]["params"] == {"pooling": "mean", "space": "cell"}
     sct.tl.embed(adata, model, key_added="X_other")
     assert "X_other" in adata.obsm and "X_other" in adata.uns["sct"]
 

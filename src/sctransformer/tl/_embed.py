@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from anndata import AnnData
 
 from sctransformer._keys import KEYS
@@ -22,6 +24,7 @@ def embed(
     copy: bool = False,
     counts: ShardedAnnData | None = None,
     batch: str | None = None,
+    space: Literal["cell", "aligned", "aligned_other"] = "cell",
 ) -> AnnData | None:
     """Embed cells with a trained model.
 
@@ -46,6 +49,10 @@ def embed(
     batch
         The ``[BATCH]`` token of models with one: ``None`` ("no batch"), a batch name, or
         ``"own"``, see :meth:`~sctransformer.GeneTransformer.get_latent_representation`.
+    space
+        ``"cell"``, or for a model aligned with a second modality ``"aligned"`` (the cells'
+        transcriptome side in the shared space) or ``"aligned_other"`` (their second modality's
+        side, from ``adata.obsm[align_obsm]``); write both under different ``key_added``.
 
     Returns
     -------
@@ -56,11 +63,19 @@ def embed(
     ``.uns["sct"][key_added]``
         The parameters of the run.
     """
-    pooling = model.default_pooling if pooling is None else pooling
-    embedding = model.get_latent_representation(
-        counts_of(adata, counts), pooling=pooling, batch_size=batch_size, batch=batch
-    )
+    if space != "cell":  # the aligned spaces project the default cell embedding
+        embedding = model.get_latent_representation(
+            adata if space == "aligned_other" else counts_of(adata, counts),
+            batch_size=batch_size,
+            batch=batch,
+            space=space,
+        )
+    else:
+        pooling = model.default_pooling if pooling is None else pooling
+        embedding = model.get_latent_representation(
+            counts_of(adata, counts), pooling=pooling, batch_size=batch_size, batch=batch
+        )
     adata = adata.copy() if copy else adata
     adata.obsm[key_added] = embedding
-    record_run(adata, key_added, "embed", model, {"pooling": pooling, "batch": batch})
+    record_run(adata, key_added, "embed", model, {"pooling": pooling, "batch": batch, "space": space})
     return adata if copy else None
