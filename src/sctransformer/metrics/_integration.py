@@ -52,8 +52,9 @@ def integration(
 
     Returns
     -------
-    One row per embedding, one column per metric plus ``"Bio conservation"``, ``"Batch
-    correction"`` and ``"Total"``; ``.attrs["metric_type"]`` maps each column to its group.
+    One row per embedding, one column per metric, plus the group scores
+    ``"Bio conservation"`` and ``"Batch correction"`` and their weighted ``"Total"``;
+    ``.attrs["metric_type"]`` maps each column to its group.
     """
     try:
         from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
