@@ -209,11 +209,15 @@ def test_a_shard_without_the_layer_or_with_normalised_values_is_named(cells, sha
         ShardedAnnData([shards[0], path], layer="counts")
 
 
-def test_a_column_major_layer_is_refused_with_the_fix(cells, tmp_path):
+def test_a_column_major_layer_or_x_is_refused_with_the_fix(cells, tmp_path):
     csc = cells[:30].copy()
     csc.layers["counts"] = sp.csc_matrix(csc.layers["counts"])
-    with pytest.raises(ValueError, match=r"CSC.*tocsr"):
-        ShardedAnnData([_write(csc, tmp_path / "csc.h5ad")], layer="counts")
+    csc.X = sp.csc_matrix(csc.layers["counts"])
+    path = _write(csc, tmp_path / "csc.h5ad")
+    with pytest.raises(ValueError, match=r"layer 'counts' is stored column-major.*tocsr"):
+        ShardedAnnData([path], layer="counts")
+    with pytest.raises(ValueError, match=r"X is stored column-major.*tocsr"):
+        ShardedAnnData([path])
 
 
 def test_shards_without_shared_genes_or_batch_column_are_refused(cells, shards, tmp_path):

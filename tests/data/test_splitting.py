@@ -106,3 +106,8 @@ def test_rank_batch_sizes_keep_full_minibatches_where_ranks_agree_and_drop_last_
     assert rank_batch_sizes(97, 16, 0, 2) == (0, [12, 12, 12, 12])
     assert rank_batch_sizes(97, 16, 1, 2) == (48, [13, 12, 12, 12])
     assert rank_batch_sizes(97, 16, 1, 2, drop_last=True) == (48, [16, 16, 16])
+
+
+def test_fewer_items_than_ranks_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="cannot be shared out between 4"):
+        rank_batch_sizes(3, 32, 0, 4)

@@ -40,8 +40,10 @@ def test_retrieval_ranks_match_a_naive_loop():
     rng = np.random.default_rng(1)
     q, t = rng.normal(size=(30, 5)), rng.normal(size=(30, 5))
     cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (t / np.linalg.norm(t, axis=1, keepdims=True)).T
-    naive = [1 + sum(cos[i, j] > cos[i, i] for j in range(30)) for i in range(30)]
+    naive = [sum(cos[i, j] >= cos[i, i] for j in range(30)) for i in range(30)]
     np.testing.assert_array_equal(retrieval_ranks(q, t, chunk_size=7), naive)
+    collapsed = np.ones((10, 3))  # every target ties with the partner: ranks are the worst, not the best
+    np.testing.assert_array_equal(retrieval_ranks(collapsed, collapsed), np.full(10, 10))
 
 
 def _paired(seed: int = 0):

@@ -120,3 +120,16 @@ def test_batch_correction_needs_two_batches_and_valid_settings(adata):
         model.train(adversary_schedule="linear")
     with pytest.raises(ValueError, match="does not have"):
         model.get_latent_representation(batch="own")
+
+
+def test_cells_without_a_batch_column_feed_no_batch_instead_of_the_placeholder_batch_0(adata):
+    from sctransformer.train import MaskedModelingPlan
+
+    model = _batched(adata, "both")
+    batch = {"batch": torch.zeros(4, 1)}  # scvi-tools' placeholder codes of data without batch_key
+    with_batches = MaskedModelingPlan(model.module, column_to_gene=np.arange(3), phenotype_keys=[])
+    without = MaskedModelingPlan(
+        model.module, column_to_gene=np.arange(3), phenotype_keys=[], has_batches=False
+    )
+    assert with_batches._batches(batch).tolist() == [0, 0, 0, 0]
+    assert without._batches(batch) is None

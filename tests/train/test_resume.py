@@ -32,6 +32,12 @@ SETUP = textwrap.dedent(
         return sct.GeneTransformer.from_shards(data, **hyperparameters)
 
     TRAIN = dict(max_epochs=4, batch_size=32, seed=2, enable_progress_bar=False)
+
+    def strategy(name):
+        # Trainer options of a named setting (a fresh strategy object per run)
+        import lightning.pytorch as pl
+
+        return {"strategy": pl.strategies.SingleDeviceStrategy("cpu")} if name == "single" else {}
     """
 )
 
@@ -42,7 +48,7 @@ KILLED_RUN = SETUP + textwrap.dedent(
     import os, signal, sys
     import lightning.pytorch as pl
 
-    kind, workdir, checkpoints, kill_at, every = sys.argv[1:6]
+    kind, workdir, checkpoints, kill_at, every, setting = sys.argv[1:7]
 
     class KillAtStep(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -51,6 +57,7 @@ KILLED_RUN = SETUP + textwrap.dedent(
 
     make_model(kind, workdir).train(
         **TRAIN,
+        **strategy(setting),
         checkpoint_dir=checkpoints,
         checkpoint_every_n_steps=int(every) if every != "none" else None,
         callbacks=[KillAtStep()],
@@ -62,7 +69,7 @@ KILLED_RUN = SETUP + textwrap.dedent(
 def _make_model_and_settings():
     namespace: dict = {}
     exec(SETUP, namespace)  # the very same model and settings as the killed subprocess
-    return namespace["make_model"], namespace["TRAIN"]
+    return namespace["make_model"], namespace["TRAIN"], namespace["strategy"]
 
 
 def _train(model, **kwargs):
@@ -73,24 +80,25 @@ def _train(model, **kwargs):
 
 
 @pytest.mark.parametrize(
-    ("kind", "kill_at", "every", "checkpoint_step"),
+    ("kind", "kill_at", "every", "checkpoint_step", "setting"),
     [
-        ("anndata", 9, "none", 9),  # after 3 whole epochs, from the epoch-end checkpoint
-        ("anndata", 5, "2", 4),  # midway through epoch 2: one of its 3 minibatches done
-        ("shards", 5, "2", 4),
+        ("anndata", 9, "none", 9, "default"),  # after 3 whole epochs, from the epoch-end checkpoint
+        ("anndata", 5, "2", 4, "default"),  # midway through epoch 2: one of its 3 minibatches done
+        ("shards", 5, "2", 4, "default"),
+        ("anndata", 5, "2", 4, "single"),  # an explicit strategy object (the path DDP takes)
     ],
 )
 def test_a_killed_run_resumes_to_exactly_the_uninterrupted_weights(
-    tmp_path, kind, kill_at, every, checkpoint_step
+    tmp_path, kind, kill_at, every, checkpoint_step, setting
 ):
-    make_model, settings = _make_model_and_settings()
-    uninterrupted = _train(make_model(kind, tmp_path), **settings)
+    make_model, settings, strategy = _make_model_and_settings()
+    uninterrupted = _train(make_model(kind, tmp_path), **settings, **strategy(setting))
 
     script = tmp_path / "killed_run.py"
     script.write_text(KILLED_RUN)
     checkpoints = tmp_path / "ckpt"
     run = subprocess.run(
-        [sys.executable, str(script), kind, str(tmp_path), str(checkpoints), str(kill_at), every],
+        [sys.executable, str(script), kind, str(tmp_path), str(checkpoints), str(kill_at), every, setting],
         capture_output=True,
         timeout=600,
     )
@@ -98,20 +106,22 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_weights(
     checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == checkpoint_step
 
-    resumed = _train(make_model(kind, tmp_path), **settings, checkpoint_dir=checkpoints, resume=True)
+    resumed = _train(
+        make_model(kind, tmp_path), **settings, **strategy(setting), checkpoint_dir=checkpoints, resume=True
+    )
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
 
 
 def test_a_mid_epoch_resume_without_the_data_position_would_differ(tmp_path):
     """The check above can fail: resuming midway but replaying the epoch from its start changes the weights."""
-    make_model, settings = _make_model_and_settings()
+    make_model, settings, _ = _make_model_and_settings()
     uninterrupted = _train(make_model("anndata", tmp_path), **settings)
     script = tmp_path / "killed_run.py"
     script.write_text(KILLED_RUN)
     checkpoints = tmp_path / "ckpt"
     subprocess.run(
-        [sys.executable, str(script), "anndata", str(tmp_path), str(checkpoints), "5", "2"],
+        [sys.executable, str(script), "anndata", str(tmp_path), str(checkpoints), "5", "2", "default"],
         capture_output=True,
         timeout=600,
     )
@@ -123,7 +133,7 @@ def test_a_mid_epoch_resume_without_the_data_position_would_differ(tmp_path):
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):
-    make_model, settings = _make_model_and_settings()
+    make_model, settings, _ = _make_model_and_settings()
     uninterrupted = _train(make_model("anndata", tmp_path), **settings)
     with caplog.at_level("INFO", logger="sctransformer"):
         fresh = _train(

@@ -233,15 +233,17 @@ class ShardedAnnData:
         if self.layer is None:
             if "X" not in file:
                 raise KeyError(f"{path} has no X; pass the layer that holds counts with layer=...")
-            return file["X"]
-        if "layers" not in file or self.layer not in file["layers"]:
-            available = list(file["layers"]) if "layers" in file else []
-            raise KeyError(f"{path}: layer {self.layer!r} not found (available: {available})")
-        element = file["layers"][self.layer]
+            element, where, fix = file["X"], "X", "adata.X = adata.X.tocsr()"
+        else:
+            if "layers" not in file or self.layer not in file["layers"]:
+                available = list(file["layers"]) if "layers" in file else []
+                raise KeyError(f"{path}: layer {self.layer!r} not found (available: {available})")
+            element = file["layers"][self.layer]
+            where, fix = f"layer {self.layer!r}", "adata.layers[...] = adata.layers[...].tocsr()"
         if isinstance(element, h5py.Group) and element.attrs.get("encoding-type") == "csc_matrix":
             raise ValueError(
-                f"{path}: layer {self.layer!r} is stored column-major (CSC), which cannot be read by "
-                "rows efficiently; rewrite it as CSR (adata.layers[...] = adata.layers[...].tocsr())"
+                f"{path}: {where} is stored column-major (CSC), which cannot be read by rows "
+                f"efficiently; rewrite it as CSR ({fix})"
             )
         return element
 
@@ -560,7 +562,7 @@ class ShardedDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def n_batches(self, world_size: int = 1) -> int:
+    def batches_per_epoch(self, world_size: int = 1) -> int:
         """Training minibatches per epoch on each of ``world_size`` ranks."""
         return len(ShardBlockSampler(self.train_blocks, self.batch_size, self.seed, world_size=world_size))
 
@@ -592,12 +594,7 @@ class ShardedDataModule(pl.LightningDataModule):
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
-        """The validation blocks in order, this rank's share."""
+        """The validation blocks in order (every rank scores all of them, as for in-memory data)."""
         if len(self.val_blocks) == 0:
             return []
-        rank, world_size = self._place()
-        return self._loader(
-            ShardBlockSampler(
-                self.val_blocks, self.batch_size, self.seed, shuffle=False, rank=rank, world_size=world_size
-            )
-        )
+        return self._loader(ShardBlockSampler(self.val_blocks, self.batch_size, self.seed, shuffle=False))

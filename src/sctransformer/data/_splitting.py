@@ -104,6 +104,11 @@ def rank_batch_sizes(
     different numbers of minibatches (Lightning's DDP then waits forever at the epoch end), every
     rank cuts its share into the same number of minibatches of near-equal sizes instead.
     """
+    if n < world_size:
+        raise ValueError(
+            f"{n} items cannot be shared out between {world_size} distributed ranks; use fewer "
+            "devices or more cells"
+        )
     bounds = [n * r // world_size for r in range(world_size + 1)]
     shares = [bounds[r + 1] - bounds[r] for r in range(world_size)]
 
@@ -246,6 +251,13 @@ class EpochSeededDataSplitter(DataSplitter):
         self.seed = seed
         self.lengths = lengths
         self._samplers: list[EpochBatchSampler] = []
+
+    def batches_per_epoch(self, world_size: int = 1) -> int:
+        """Training minibatches per epoch on each of ``world_size`` ranks."""
+        if not hasattr(self, "train_idx"):
+            self.setup()
+        batch_size = self.data_loader_kwargs.get("batch_size")
+        return len(rank_batch_sizes(len(self.train_idx), batch_size, 0, world_size, self.drop_last)[1])
 
     def reseed(self, epoch: int) -> None:
         """Use the training order of ``epoch`` from the next iteration of the loaders on."""

@@ -10,14 +10,18 @@ from anndata import AnnData
 
 
 def retrieval_ranks(queries: np.ndarray, targets: np.ndarray, *, chunk_size: int = 2048) -> np.ndarray:
-    """Rank (1 = best) of target ``i`` among all targets by cosine similarity to query ``i``."""
+    """Rank (1 = best) of target ``i`` among all targets by cosine similarity to query ``i``.
+
+    Ties count against the cell (a target as similar as its partner ranks before it), so a
+    collapsed embedding cannot score well.
+    """
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(1e-12)
     t = targets / np.linalg.norm(targets, axis=1, keepdims=True).clip(1e-12)
     ranks = np.empty(len(q), dtype=np.int64)
     for start in range(0, len(q), chunk_size):
         similarity = q[start : start + chunk_size] @ t.T
         own = similarity[np.arange(len(similarity)), np.arange(start, start + len(similarity))]
-        ranks[start : start + len(similarity)] = 1 + (similarity > own[:, None]).sum(1)
+        ranks[start : start + len(similarity)] = (similarity >= own[:, None]).sum(1)
     return ranks
 
 

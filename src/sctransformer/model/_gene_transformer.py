@@ -182,9 +182,12 @@ def _batch_categories(manager: AnnDataManager) -> list[str] | None:
     return [str(c) for c in mapping]
 
 
-def _fixed_bin_edges(sample: sp.csr_matrix, n_bins: int) -> torch.Tensor:
-    """Quantiles of the non-zero log1p-normalised values of the sampled cells as bin edges."""
-    normalised = log1p_normalise(sp.csr_matrix(sample))
+def _fixed_bin_edges(sample: sp.csr_matrix, n_bins: int, column_to_gene: np.ndarray) -> torch.Tensor:
+    """Quantiles of the non-zero log1p-normalised values of the sampled cells' vocabulary genes as bin edges.
+
+    Library sizes count every column; only columns of vocabulary genes give values.
+    """
+    normalised = log1p_normalise(sp.csr_matrix(sample))[:, np.flatnonzero(column_to_gene >= 0)]
     values = normalised.data[normalised.data > 0]
     if values.size == 0:
         raise ValueError("the counts have no non-zero value to place fixed bin edges on")
@@ -427,7 +430,9 @@ class GeneTransformer(BaseModelClass):
             hp["align_in_dim"] = int(np.asarray(self.adata.obsm[hp["align_obsm"]]).shape[1])
         relative = hp["gene_ranking"] == "relative"
         gene_scale = _gene_scale(sample, column_to_gene, len(vocabulary)) if relative else None
-        bin_edges = _fixed_bin_edges(sample, hp["n_bins"]) if hp["binning"] == "fixed" else None
+        bin_edges = (
+            _fixed_bin_edges(sample, hp["n_bins"], column_to_gene) if hp["binning"] == "fixed" else None
+        )
         self._build(hp, vocabulary, categories, setup_args, bin_edges, batch_categories, gene_scale)
 
     # ------------------------------------------------------------------ construction
@@ -783,9 +788,14 @@ class GeneTransformer(BaseModelClass):
             raise ValueError(f"adversary_schedule must be 'dann' or 'constant', got {adversary_schedule!r}")
         if freeze is not None and freeze not in FREEZE:
             raise ValueError(f"freeze must be one of {list(FREEZE)} or None, got {freeze!r}")
-        if freeze in ("transcriptome", "other") and self.module.align_dims is None:
+        if freeze in ("transcriptome", "other") and (
+            self.module.align_dims is None
+            or self.adata is None
+            or REGISTRY_KEYS.ALIGN_KEY not in self.adata_manager.data_registry
+        ):
             raise ValueError(
-                f"freeze={freeze!r} keeps one side of an alignment fixed; the model has no align_obsm"
+                f"freeze={freeze!r} keeps one side of an alignment fixed; the model has no align_obsm, or "
+                "its AnnData lacks the second modality in .obsm, so nothing would be trained"
             )
         if gene_mask_prob == 0 and not self.phenotype_categories_:
             raise ValueError("gene_mask_prob=0 with no phenotype keys leaves nothing to learn")
@@ -917,7 +927,11 @@ class GeneTransformer(BaseModelClass):
                 phenotype_mask_prob=phenotype_mask_prob,
                 n_unexpressed=self.hyperparameters_["n_unexpressed"],
                 seed=seed,
-                total_steps=self._total_steps(datamodule, max_epochs, batch_size, trainer_kwargs),
+                has_batches=(
+                    self.shards_.batch_key is not None
+                    if self.shards_ is not None
+                    else self.adata_manager.registry["setup_args"][SETUP_ARGS.BATCH_KEY] is not None
+                ),
                 class_weights=self._class_weights(datamodule.train_idx) if class_weight else None,
                 focal_gamma=float(focal_gamma),
                 adversary_weight=float(adversary_weight),
@@ -1026,25 +1040,6 @@ class GeneTransformer(BaseModelClass):
         if idx is None or len(idx) == 0:
             return False
         return any((self._registered_codes(k)[idx] >= 0).any() for k in self.phenotype_categories_)
-
-    @staticmethod
-    def _total_steps(
-        datamodule: EpochSeededDataSplitter | ShardedDataModule,
-        max_epochs: int,
-        batch_size: int,
-        trainer_kwargs: dict,
-    ) -> int | None:
-        """Optimisation steps of a single-device run; ``None`` where Lightning must estimate them."""
-        if (
-            trainer_kwargs.get("strategy") not in (None, "auto")
-            or trainer_kwargs.get("accumulate_grad_batches", 1) != 1
-        ):
-            return None
-        if isinstance(datamodule, ShardedDataModule):
-            return max(1, max_epochs * datamodule.n_batches())
-        n_train = len(datamodule.train_idx)
-        per_epoch = n_train // batch_size if datamodule.drop_last else -(-n_train // batch_size)
-        return max(1, max_epochs * per_epoch)
 
     # ------------------------------------------------------------------ inference
     def _column_to_gene(self, adata: AnnData | ShardedAnnData) -> np.ndarray:

@@ -66,6 +66,7 @@ def embed(
     if space != "cell":  # the aligned spaces project the default cell embedding
         embedding = model.get_latent_representation(
             adata if space == "aligned_other" else counts_of(adata, counts),
+            pooling=pooling,
             batch_size=batch_size,
             batch=batch,
             space=space,

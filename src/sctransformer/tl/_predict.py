@@ -163,9 +163,9 @@ def predict(
         )
     adata = adata.copy() if copy else adata
     for key, probs in probabilities.items():
-        adata.obs[prediction_key(key_added, key)] = table[key].array  # keeps the categories
+        adata.obs[prediction_key(key_added, key)] = table[key].array  # keeps the categories (same order)
         adata.obs[confidence_key(key_added, key)] = table[f"{key}_confidence"].to_numpy()
-        adata.obsm[f"{prediction_key(key_added, key)}_probs"] = probs
+        adata.obsm[f"{prediction_key(key_added, key)}_probs"] = probs.set_axis(adata.obs_names, axis=0)
         if clusters is not None:
             voted = f"{prediction_key(key_added, key)}_{KEYS.MAJORITY_SUFFIX}"
             adata.obs[voted] = majority_vote(table[key], clusters)

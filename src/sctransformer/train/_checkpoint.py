@@ -36,6 +36,7 @@ class PeriodicCheckpoint(Callback):
             raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
+        self._last_step = -1
 
     @property
     def last(self) -> Path:
@@ -44,10 +45,13 @@ class PeriodicCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         """Checkpoint every ``every_n_steps`` steps (not at an epoch's last batch: the epoch end does)."""
-        if self.every_n_steps is None or trainer.global_step % self.every_n_steps:
+        step = trainer.global_step
+        if self.every_n_steps is None or step % self.every_n_steps or step == self._last_step:
             return
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            return
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop.batch_progress.is_last_batch or epoch_loop._should_accumulate():
+            return  # the epoch end saves; mid-accumulation gradients would be lost
+        self._last_step = step
         self._save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

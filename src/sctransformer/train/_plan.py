@@ -106,9 +106,12 @@ class MaskedModelingPlan(pl.LightningModule):
         kept up (see the integration benchmark).
     align_weight
         Weight of the CLIP alignment loss (models aligned with a second modality).
+    has_batches
+        Whether the training data has a batch column (else its registered batch codes are
+        placeholders and are not used).
     total_steps
-        Optimisation steps of the whole run, for the learning-rate schedule; default Lightning's
-        estimate (which builds the training loader early, before a checkpoint is restored).
+        Optimisation steps of the whole run, for the learning-rate schedule; default counted from
+        the data module and the trainer's settings when training starts.
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class MaskedModelingPlan(pl.LightningModule):
         adversary_schedule: str = "dann",
         adversary_lr_factor: float = 10.0,
         align_weight: float = 1.0,
+        has_batches: bool = True,
     ) -> None:
         super().__init__()
         self.module = module
@@ -152,6 +156,7 @@ class MaskedModelingPlan(pl.LightningModule):
         self.adversary_schedule = adversary_schedule
         self.adversary_lr_factor = adversary_lr_factor
         self.align_weight = align_weight
+        self.has_batches = has_batches
 
     def _phenotypes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
@@ -166,11 +171,14 @@ class MaskedModelingPlan(pl.LightningModule):
         return torch.stack(columns, 1)
 
     def _batches(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Batch codes ``(n,)`` of the minibatch, where the module has a batch token or discriminator."""
-        if (
-            not (self.module.batch_token or self.module.batch_adversary)
-            or REGISTRY_KEYS.BATCH_KEY not in batch
-        ):
+        """Batch codes ``(n,)`` of the minibatch, where the module has a batch token or discriminator.
+
+        ``None`` (every cell "no batch", no discriminator target) where the training data has no
+        batch column: scvi-tools then registers every cell as batch 0.
+        """
+        if not self.has_batches or not (self.module.batch_token or self.module.batch_adversary):
+            return None
+        if REGISTRY_KEYS.BATCH_KEY not in batch:
             return None
         return batch[REGISTRY_KEYS.BATCH_KEY].view(-1).long()
 
@@ -242,7 +250,7 @@ class MaskedModelingPlan(pl.LightningModule):
         number = batch_idx * self.trainer.world_size + self.trainer.global_rank
         torch.manual_seed(batch_seed(self.seed, self.current_epoch, number))
         if self.module.batch_adversary:
-            total = self.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
+            total = self._run_steps()
             self.module.adversary_scale = adversary_scale(self.global_step / total, self.adversary_schedule)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -260,6 +268,25 @@ class MaskedModelingPlan(pl.LightningModule):
         """Score the validation cells with seeded masks."""
         generator = torch.Generator(device=self.device).manual_seed(self.seed + batch_idx)
         self._step(batch, stage="validation", generator=generator)
+
+    def _run_steps(self) -> int:
+        """Optimisation steps of the whole run: ``total_steps``, else counted from the data module.
+
+        Counted from the minibatches each rank gets per epoch (the data module's
+        ``batches_per_epoch``), Lightning's ``limit_train_batches``, ``accumulate_grad_batches``,
+        ``max_epochs`` and ``max_steps``. Not Lightning's ``estimated_stepping_batches``: it builds
+        the training loader before a checkpoint is restored, which loses the loader's position.
+        """
+        if self.total_steps is None:
+            trainer = self.trainer
+            per_epoch = trainer.datamodule.batches_per_epoch(trainer.world_size)
+            limit = trainer.limit_train_batches
+            per_epoch = min(per_epoch, int(limit)) if isinstance(limit, int) else int(per_epoch * limit)
+            steps = math.ceil(per_epoch / trainer.accumulate_grad_batches) * max(1, trainer.max_epochs or 1)
+            if trainer.max_steps is not None and trainer.max_steps > 0:
+                steps = min(steps, trainer.max_steps)
+            self.total_steps = max(1, steps)
+        return self.total_steps
 
     def configure_optimizers(self):
         """AdamW with linear warm-up and cosine decay, stepped every batch."""
@@ -282,7 +309,7 @@ class MaskedModelingPlan(pl.LightningModule):
                 {"params": discriminator, "weight_decay": 0.0, "lr": self.lr * self.adversary_lr_factor}
             )
         optimizer = torch.optim.AdamW(groups, lr=self.lr)
-        total = self.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
+        total = self._run_steps()
         warmup = max(1, int(self.warmup_fraction * total))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup_steps=warmup, total_steps=total)
