@@ -347,22 +347,19 @@ def _apply(args: argparse.Namespace, tool: str) -> Path:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sctransformer", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser(
-        "pretrain",
-        help="train a model from a config file",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", required=True, help="YAML or JSON config file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p = commands.add_parser(
-        "finetune",
-        help="train a saved model further (e.g. new phenotype heads) from a config file",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", required=True, help="YAML or JSON config file with a 'reference' model")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    for name, help_, config_help in (
+        ("pretrain", "train a model from a config file", "YAML or JSON config file"),
+        (
+            "finetune",
+            "train a saved model further (e.g. new phenotype heads) from a config file",
+            "YAML or JSON config file with a 'reference' model",
+        ),
+    ):
+        p = commands.add_parser(
+            name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        p.add_argument("--config", required=True, help=config_help)
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     for name, help_ in (
         ("embed", "write cell embeddings to .obsm"),
         ("predict", "write predicted phenotypes to .obs"),

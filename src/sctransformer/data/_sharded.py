@@ -17,13 +17,13 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from scvi.dataloaders._data_splitting import validate_data_split
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, phenotype_registry_key
 
 from ._fields import category_codes
 from ._loader import to_torch_csr
-from ._splitting import epoch_seed, make_resumable, rank_batch_sizes
+from ._splitting import ResumableBatchSampler, epoch_seed, make_resumable, rank_batch_sizes
 
 logger = logging.getLogger("sctransformer")
 
@@ -427,7 +427,7 @@ def _cut(blocks: np.ndarray, sizes: Sequence[int]) -> list[list[Segment]]:
     return batches
 
 
-class ShardBlockSampler(Sampler[list[Segment]]):
+class ShardBlockSampler(ResumableBatchSampler):
     """Minibatches of random blocks of consecutive cells, disjoint between distributed ranks.
 
     Per epoch (a function of ``(seed, epoch)`` alone), the blocks are shuffled and their cells
@@ -466,17 +466,12 @@ class ShardBlockSampler(Sampler[list[Segment]]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        self.skip = 0
         self.n_cells = int((blocks[:, 2] - blocks[:, 1]).sum())
         self._start, self._sizes = rank_batch_sizes(self.n_cells, batch_size, rank, world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of ``epoch`` from the next iteration on."""
         self.epoch = epoch
-
-    def skip_batches(self, n: int) -> None:
-        """Leave out the first ``n`` minibatches of the next iteration only (an epoch resumed midway)."""
-        self.skip = n
 
     def __len__(self) -> int:
         return len(self._sizes)
@@ -488,10 +483,6 @@ class ShardBlockSampler(Sampler[list[Segment]]):
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             blocks = blocks[torch.randperm(len(blocks), generator=generator).numpy()]
         return _cut(blocks, [self._start, *self._sizes])[1:]
-
-    def __iter__(self) -> Iterator[list[Segment]]:
-        skip, self.skip = self.skip, 0
-        yield from self.batches()[skip:]
 
 
 class ShardedDataModule(pl.LightningDataModule):
@@ -590,7 +581,7 @@ class ShardedDataModule(pl.LightningDataModule):
         sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0)
         self._samplers.append(sampler)
         loader = self._loader(sampler)
-        make_resumable(loader, self, sampler, sampler.skip_batches)
+        make_resumable(loader, self, sampler)
         return loader
 
     def val_dataloader(self) -> DataLoader | list:

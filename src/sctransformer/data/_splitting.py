@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -127,7 +127,29 @@ def rank_batch_sizes(
     return bounds[rank], sizes
 
 
-class EpochBatchSampler(Sampler[list[int]]):
+class ResumableBatchSampler(Sampler[list]):
+    """Minibatches of one epoch, set by ``(seed, epoch)``, whose first ``n`` can be left out once.
+
+    Subclasses give :meth:`batches`, ``epoch``, :meth:`set_epoch` and ``__len__``; leaving out
+    minibatches (:meth:`skip_batches`) is how an epoch resumed midway continues.
+    """
+
+    skip: int = 0
+
+    def batches(self) -> list:
+        """The minibatches of the current epoch."""
+        raise NotImplementedError
+
+    def skip_batches(self, n: int) -> None:
+        """Leave out the first ``n`` minibatches of the next iteration only (an epoch resumed midway)."""
+        self.skip = n
+
+    def __iter__(self) -> Iterator:
+        skip, self.skip = self.skip, 0
+        yield from self.batches()[skip:]
+
+
+class EpochBatchSampler(ResumableBatchSampler):
     """Minibatches of an epoch's order of items: this rank's share, resumable within an epoch.
 
     Parameters
@@ -157,7 +179,6 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last
-        self.skip = 0
 
     @property
     def epoch(self) -> int:
@@ -168,36 +189,29 @@ class EpochBatchSampler(Sampler[list[int]]):
         """Use the order of ``epoch`` from the next iteration on."""
         self.order.set_epoch(epoch)
 
-    def skip_batches(self, n: int) -> None:
-        """Leave out the first ``n`` minibatches of the next iteration only (an epoch resumed midway)."""
-        self.skip = n
-
     def _sizes(self) -> tuple[int, list[int]]:
         return rank_batch_sizes(len(self.order), self.batch_size, self.rank, self.world_size, self.drop_last)
 
     def __len__(self) -> int:
         return len(self._sizes()[1])
 
-    def __iter__(self) -> Iterator[list[int]]:
-        skip, self.skip = self.skip, 0
+    def batches(self) -> list[list[int]]:
+        """The minibatches of this rank in the current epoch."""
         items = self.order.order()
         start, sizes = self._sizes()
         bounds = np.cumsum([start, *sizes])
-        for i in range(skip, len(sizes)):
-            yield items[bounds[i] : bounds[i + 1]]
+        return [items[bounds[i] : bounds[i + 1]] for i in range(len(sizes))]
 
 
 def make_resumable(
-    loader: DataLoader,
-    datamodule: pl.LightningDataModule,
-    sampler: Sampler,
-    skip: Callable[[int], None],
+    loader: DataLoader, datamodule: pl.LightningDataModule, sampler: ResumableBatchSampler
 ) -> None:
     """Give a training loader Lightning's ``state_dict`` interface: its position in the epoch.
 
     Lightning stores the state in each checkpoint and hands it back before the loader is iterated
-    in a resumed run; an epoch interrupted after ``k`` minibatches then calls ``skip(k)`` and goes
-    on with minibatch ``k + 1``, exactly as the uninterrupted run did.
+    in a resumed run; an epoch interrupted after ``k`` minibatches then leaves out its first ``k``
+    (:meth:`ResumableBatchSampler.skip_batches`) and goes on with minibatch ``k + 1``, exactly as
+    the uninterrupted run did.
 
     Parameters
     ----------
@@ -206,9 +220,7 @@ def make_resumable(
     datamodule
         Its data module, attached to the trainer.
     sampler
-        The sampler whose ``epoch`` sets the order.
-    skip
-        Makes the loader's next iteration leave out the given number of minibatches.
+        The loader's sampler.
     """
 
     def state_dict() -> dict[str, int]:
@@ -220,7 +232,7 @@ def make_resumable(
 
     def load_state_dict(state: dict[str, int]) -> None:
         if state["epoch"] == sampler.epoch and state["batches"] > 0:
-            skip(state["batches"])
+            sampler.skip_batches(state["batches"])
 
     loader.state_dict = state_dict
     loader.load_state_dict = load_state_dict
@@ -301,5 +313,5 @@ class EpochSeededDataSplitter(DataSplitter):
             pin_memory=loader.pin_memory,
             generator=torch.Generator(),  # the seed a loader draws per iterator stays off the global RNG
         )
-        make_resumable(epoch_loader, self, sampler, sampler.skip_batches)
+        make_resumable(epoch_loader, self, sampler)
         return epoch_loader
