@@ -103,7 +103,7 @@ class MaskedModelingPlan(pl.LightningModule):
         The batch discriminator's learning rate as a multiple of ``lr``. At 1 the encoder outran
         it on cellbench (its accuracy fell to 0 while a kNN on the embedding told the batches
         apart perfectly: the embedding had swapped batches rather than mixed them); at 10 it
-        kept up (see the integration benchmark).
+        kept up (``benchmarks/integration_trials.py``).
     align_weight
         Weight of the CLIP alignment loss (models aligned with a second modality).
     has_batches
