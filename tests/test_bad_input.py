@@ -157,7 +157,7 @@ def test_documented_warnings_single_category_and_empty_cells(adata):
         ({"n_bins": 1}, "n_bins"),
         ({"dropout": 1.0}, "dropout"),
         ({"label_smoothing": -0.1}, "label_smoothing"),
-        ({"n_unexpressed": -1}, "n_unexpressed"),
+        ({"expression_queries": -1}, "expression_queries"),
         ({"value_encoding": "log"}, "value_encoding"),
         ({"binning": "uniform"}, "binning"),
     ],

@@ -161,7 +161,7 @@ def test_load_aligns_genes_of_a_query_by_identifier(trained, tmp_path, caplog):
 
 def test_fixed_bins_and_continuous_values_train(adata):
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
-    for kwargs in ({"binning": "fixed"}, {"value_encoding": "continuous"}, {"n_unexpressed": 5}):
+    for kwargs in ({"binning": "fixed"}, {"value_encoding": "continuous"}, {"expression_queries": 5}):
         model = sct.GeneTransformer(adata, **{**TINY, **kwargs})
         train_quietly(model, max_epochs=1)
         assert np.isfinite(model.history["loss_train"].to_numpy()).all()

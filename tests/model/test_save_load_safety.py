@@ -146,3 +146,26 @@ def test_a_save_killed_while_writing_leaves_the_previous_model_intact(saved, tmp
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".model.saving-")]
     assert leftovers
     shutil.rmtree(leftovers[0])
+
+
+def test_a_model_saved_with_the_old_is_zero_head_loads_without_it(saved, tmp_path):
+    import torch
+
+    from sctransformer.model._save_load import write_model_dir
+
+    _, model, data = saved
+    state = model._state()
+    hyperparameters = dict(state["hyperparameters"])
+    hyperparameters.pop("expression_queries")
+    hyperparameters["n_unexpressed"] = 4
+    weights = dict(model.module.state_dict())
+    weights["is_zero_head.weight"] = torch.zeros(1, model.module.gene_embedding.embedding_dim)
+    weights["is_zero_head.bias"] = torch.zeros(1)
+    old = tmp_path / "old"
+    write_model_dir(old, state | {"hyperparameters": hyperparameters}, weights, overwrite=False)
+    with pytest.warns(UserWarning, match="is-zero head"):
+        loaded = sct.GeneTransformer.load(old)
+    assert loaded.hyperparameters_["expression_queries"] == 0 and "n_unexpressed" not in loaded.hyperparameters_
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(data), model.get_latent_representation(data), rtol=1e-5, atol=1e-6
+    )

@@ -22,7 +22,7 @@ def make_module(**overrides) -> GeneTransformerModule:
         binning="quantile",
         bin_edges=None,
         label_smoothing=0.1,
-        predict_zeros=True,
+        expression_queries=True,
         cell_expression_loss=True,
     )
     kwargs.update(overrides)
@@ -40,8 +40,9 @@ def counts(seed: int = 0, n_cells: int = 6) -> torch.Tensor:
 @pytest.mark.parametrize("value_encoding", ["binned", "continuous"])
 def test_losses_are_finite_and_every_component_gets_gradient(value_encoding):
     module = make_module(value_encoding=value_encoding)
-    tokens = module.tokenize(counts(), torch.arange(20), n_unexpressed=3)
-    value_mask = tokens.is_token & ~tokens.is_unexpressed
+    gen = torch.Generator().manual_seed(1)
+    tokens = module.tokenize(counts(), torch.arange(20), n_queries=3, generator=gen)
+    value_mask = tokens.is_context
     targets = torch.tensor([[0, 1], [1, -1], [2, 0], [0, 1], [-1, 0], [1, 1]])
     hidden = module.encode(tokens, torch.full_like(targets, -1), value_mask)
     out = module.loss(
@@ -50,7 +51,8 @@ def test_losses_are_finite_and_every_component_gets_gradient(value_encoding):
     assert set(out.components) == {
         "expression",
         "expression_from_cell",
-        "is_zero",
+        "query_expressed",
+        "query_value",
         "phenotype_a",
         "phenotype_b",
     }
@@ -60,7 +62,7 @@ def test_losses_are_finite_and_every_component_gets_gradient(value_encoding):
     for name in (
         "expression_head",
         "cell_expression_head",
-        "is_zero_head",
+        "query_head",
         "phenotype_heads",
         "gene_embedding",
     ):
@@ -82,13 +84,15 @@ def test_cell_embedding_does_not_depend_on_the_other_cells_in_the_batch():
             torch.testing.assert_close(alone[0], full[i], atol=1e-5, rtol=1e-5)
 
 
-def test_mean_pooling_ignores_padding_and_unexpressed_tokens():
+def test_mean_pooling_ignores_padding_and_query_tokens():
     module = make_module().eval()
-    tokens = module.tokenize(counts(), torch.arange(20), n_unexpressed=2)
+    gen = torch.Generator().manual_seed(0)
+    tokens = module.tokenize(counts(), torch.arange(20), n_queries=2, generator=gen)
+    assert (tokens.is_query & ~tokens.is_unexpressed).any()
     hidden = torch.randn(tokens.gene_ids.shape[0], module.n_prefix + tokens.gene_ids.shape[1], 16)
     pooled = module.pool(hidden, tokens, "mean")
     for i in range(hidden.shape[0]):
-        keep = (tokens.is_token[i] & ~tokens.is_unexpressed[i]).numpy()
+        keep = (tokens.is_token[i] & ~tokens.is_query[i]).numpy()
         expected = hidden[i, module.n_prefix :][keep].mean(0) if keep.any() else hidden[i, 0]
         torch.testing.assert_close(pooled[i], expected)
 

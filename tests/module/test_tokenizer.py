@@ -146,28 +146,39 @@ def test_ties_are_broken_by_gene_index_and_share_a_bin():
     assert out.bins[0].tolist() == [(4 * 4) // 5, 0, 0]
 
 
-def test_unexpressed_samples_are_distinct_and_not_expressed():
+def test_query_samples_are_distinct_held_out_and_of_the_right_kind():
     rng = np.random.default_rng(4)
     x = random_counts(rng, 8, 40, 0.3)
     gen = torch.Generator().manual_seed(0)
     out = Tokenizer(40, max_length=5, n_bins=4)(
-        torch.as_tensor(x), torch.arange(40), n_unexpressed=6, generator=gen
+        torch.as_tensor(x), torch.arange(40), n_queries=6, generator=gen
     )
-    sampled = out.gene_ids[:, -6:]
-    assert out.is_unexpressed[:, -6:].all() and not out.is_unexpressed[:, :-6].any()
+    assert out.is_unexpressed[:, -6:].any() and not out.is_unexpressed[:, :-6].any()
+    assert not out.is_query[:, : out.is_token.shape[1] - 12].any()
     for i in range(8):
-        genes = sampled[i].tolist()
-        assert len(set(genes)) == 6
-        assert all(x[i, g] == 0 for g in genes)
+        context = set(out.gene_ids[i][out.is_context[i]].tolist())
+        unexpressed = out.gene_ids[i][out.is_unexpressed[i]].tolist()
+        expressed = out.gene_ids[i][out.is_query[i] & ~out.is_unexpressed[i]].tolist()
+        assert len(set(unexpressed)) == len(unexpressed) and all(x[i, g] == 0 for g in unexpressed)
+        assert len(set(expressed)) == len(expressed) and all(x[i, g] > 0 for g in expressed)
+        assert not context & set(expressed)
+        # the pools the queries came from: the held-out genes, expressed and not
+        assert out.n_held[i, 0] >= len(expressed) and out.n_held[i, 1] >= len(unexpressed)
+        assert out.n_held[i].sum() == pytest.approx(out.held_share[i] * 40)
     assert (out.bins[out.is_unexpressed] == -1).all()
 
 
-def test_unexpressed_sampling_with_a_nearly_full_cell():
+def test_query_sampling_with_few_held_out_genes():
     x = np.ones((1, 5), dtype=np.float32)
     x[0, 2] = 0
-    out = Tokenizer(5, max_length=5, n_bins=2)(torch.as_tensor(x), torch.arange(5), n_unexpressed=3)
-    assert out.is_unexpressed[0].sum() == 1  # only gene 2 is unexpressed
+    held = torch.tensor([False, False, True, True, False])
+    tokenizer = Tokenizer(5, max_length=5, n_bins=2)
+    gen = torch.Generator().manual_seed(0)
+    out = tokenizer(torch.as_tensor(x), torch.arange(5), n_queries=3, held_out=held, generator=gen)
+    # gene 2 is the only unexpressed gene, gene 3 always held out, others maybe
     assert out.gene_ids[0][out.is_unexpressed[0]].tolist() == [2]
+    assert 3 in out.gene_ids[0][out.is_query[0] & ~out.is_unexpressed[0]].tolist()
+    assert out.n_held[0, 1] == 1
 
 
 @settings(max_examples=40, deadline=None)

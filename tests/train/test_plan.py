@@ -10,11 +10,14 @@ from sctransformer.module import Tokenizer
 from sctransformer.train import mask_tokens, warmup_cosine
 
 
-def tokens_for(n_cells: int = 400, n_genes: int = 50, n_unexpressed: int = 4):
+def tokens_for(n_cells: int = 400, n_genes: int = 50, n_queries: int = 4):
     rng = np.random.default_rng(0)
     x = rng.poisson(1.0, size=(n_cells, n_genes)).astype(np.float32)
     return Tokenizer(n_genes, max_length=30, n_bins=4)(
-        torch.as_tensor(x), torch.arange(n_genes), n_unexpressed=n_unexpressed
+        torch.as_tensor(x),
+        torch.arange(n_genes),
+        n_queries=n_queries,
+        generator=torch.Generator().manual_seed(0),
     )
 
 
@@ -27,11 +30,12 @@ def test_mask_rates_match_the_requested_probabilities(gene_p, pheno_p):
     value_mask, phenotype_mask = mask_tokens(
         tokens, phenotypes, gene_mask_prob=gene_p, phenotype_mask_prob=pheno_p, generator=gen
     )
-    eligible = tokens.is_token & ~tokens.is_unexpressed
+    eligible = tokens.is_context
+    assert tokens.is_query.any()
     n = int(eligible.sum())
     rate = value_mask[eligible].float().mean().item()
     assert abs(rate - gene_p) < 4 * np.sqrt(gene_p * (1 - gene_p) / n)
-    assert not value_mask[~eligible].any()  # padding and sampled unexpressed genes are never value targets
+    assert not value_mask[~eligible].any()  # padding and query tokens are never value targets
     assert phenotype_mask[:50, 1].all()  # unknown phenotypes are always masked
     known = phenotype_mask[:, [0, 2]].float()
     assert abs(known.mean().item() - pheno_p) < 4 * np.sqrt(pheno_p * (1 - pheno_p) / known.numel())

@@ -7,7 +7,6 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import nullcontext
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
@@ -49,6 +48,7 @@ from sctransformer.metrics import expected_calibration_error, log1p_normalise
 from sctransformer.module import GeneTransformerModule, Pooling, TokenizedCells
 from sctransformer.train import MaskedModelingPlan, PeriodicCheckpoint
 
+from ._expression import ExpressionMixin
 from ._save_load import read_model_dir, write_model_dir
 
 logger = logging.getLogger("sctransformer")
@@ -67,7 +67,7 @@ _HEADS = (
     "expression_head",
     "cell_query",
     "cell_expression_head",
-    "is_zero_head",
+    "query_head",
     "phenotype_heads",
     "batch_discriminator",
 )
@@ -84,7 +84,7 @@ def _check_hyperparameters(
     value_encoding: str,
     n_bins: int,
     binning: str,
-    n_unexpressed: int,
+    expression_queries: int,
     label_smoothing: float,
     gene_ranking: str,
     batch_correction: str = "none",
@@ -99,7 +99,7 @@ def _check_hyperparameters(
     positive_int("n_heads", n_heads)
     positive_int("max_length", max_length)
     positive_int("n_bins", n_bins, 2)
-    positive_int("n_unexpressed", n_unexpressed, 0)
+    positive_int("expression_queries", expression_queries, 0)
     if d_ff is not None:
         positive_int("d_ff", d_ff)
     if d_model % n_heads:
@@ -146,6 +146,25 @@ def _gene_scale(sample: sp.csr_matrix, column_to_gene: np.ndarray, n_genes: int)
     seen = scale > 0
     scale[~seen] = np.median(scale[seen]) if seen.any() else 1.0
     return torch.as_tensor(scale, dtype=torch.float32)
+
+
+def _query_statistics(
+    sample: sp.csr_matrix, column_to_gene: np.ndarray, n_genes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per vocabulary gene: share of sampled cells expressing it, mean and variance of its log1p value there."""
+    library = np.asarray(sample.sum(1)).ravel()
+    coo = sample.tocoo()
+    keep = (coo.data > 0) & (column_to_gene[coo.col] >= 0)
+    gene = column_to_gene[coo.col[keep]]
+    value = np.log1p(coo.data[keep] / np.maximum(library[coo.row[keep]], 1) * TARGET_SUM)
+    n = np.bincount(gene, minlength=n_genes).astype(np.float64)
+    total = np.bincount(gene, value, minlength=n_genes)
+    squares = np.bincount(gene, value**2, minlength=n_genes)
+    mean = np.divide(total, n, out=np.zeros(n_genes), where=n > 0)
+    variance = np.divide(squares, n, out=np.ones(n_genes), where=n > 0) - mean**2
+    variance = np.where(n > 1, variance, 1.0)
+    share = (n + 0.5) / (sample.shape[0] + 1)
+    return torch.as_tensor(share), torch.as_tensor(mean), torch.as_tensor(variance)
 
 
 def _check_align_obsm(adata: AnnData, key: str) -> None:
@@ -195,7 +214,7 @@ def _fixed_bin_edges(sample: sp.csr_matrix, n_bins: int, column_to_gene: np.ndar
     return torch.as_tensor(edges, dtype=torch.float32)
 
 
-class GeneTransformer(BaseModelClass):
+class GeneTransformer(ExpressionMixin, BaseModelClass):
     """Transformer over cells as sentences of their expressed genes.
 
     Pre-trained by masked modelling of expression values and (optionally) phenotypes; gives cell
@@ -227,9 +246,16 @@ class GeneTransformer(BaseModelClass):
     binning
         ``"quantile"``: per-cell quantile bins; ``"fixed"``: fixed edges on log1p-normalised
         values, placed at quantiles of this AnnData's values and saved with the model.
-    n_unexpressed
-        Unexpressed genes sampled per cell during training as targets of an is-zero head (``0``
-        disables the head).
+    expression_queries
+        Train the model to predict the expression of genes a cell's input does not contain,
+        which :meth:`get_normalized_expression`, :meth:`predict_response`, :meth:`perturb` and
+        :meth:`generate` need: each training cell holds a random share (uniform in ``[0, 1)``) of
+        its expressed genes out of its input, and up to this many of them, and this many
+        unexpressed genes, become *query tokens*: tokens that attend to the cell but that no
+        token attends to, whose outputs feed a head of the probability that the gene is
+        expressed and of the mean and variance of its log1p-normalised value. ``0`` (default)
+        trains no such head; 32 is a good start. It costs training time, and the cells seen
+        with part of their genes hidden change what the embedding learns (see the benchmarks).
     label_smoothing
         Label smoothing of the expression-bin cross-entropy.
     cell_expression_loss
@@ -297,7 +323,7 @@ class GeneTransformer(BaseModelClass):
         value_encoding: Literal["binned", "continuous"] = "binned",
         n_bins: int = 16,
         binning: Literal["quantile", "fixed"] = "quantile",
-        n_unexpressed: int = 0,
+        expression_queries: int = 0,
         label_smoothing: float = 0.1,
         cell_expression_loss: bool = True,
         phenotype_input: Literal["token", "token+mean"] = "token+mean",
@@ -390,7 +416,9 @@ class GeneTransformer(BaseModelClass):
         model = cls.__new__(cls)
         BaseModelClass.__init__(model, registry={"setup_args": data.setup_args, "field_registries": {}})
         vocabulary = GeneVocabulary(data.genes)
-        needs_sample = hp["gene_ranking"] == "relative" or hp["binning"] == "fixed"
+        needs_sample = (
+            hp["gene_ranking"] == "relative" or hp["binning"] == "fixed" or hp["expression_queries"] > 0
+        )
         model._initialise(
             hp,
             vocabulary,
@@ -434,6 +462,8 @@ class GeneTransformer(BaseModelClass):
             _fixed_bin_edges(sample, hp["n_bins"], column_to_gene) if hp["binning"] == "fixed" else None
         )
         self._build(hp, vocabulary, categories, setup_args, bin_edges, batch_categories, gene_scale)
+        if hp["expression_queries"] > 0:
+            self.module.init_query_bias(*_query_statistics(sample, column_to_gene, len(vocabulary)))
 
     # ------------------------------------------------------------------ construction
     def _build(
@@ -473,7 +503,7 @@ class GeneTransformer(BaseModelClass):
                 if bin_edges is not None
                 else (torch.zeros(hp["n_bins"] - 1) if hp["binning"] == "fixed" else None),
                 label_smoothing=hp["label_smoothing"],
-                predict_zeros=hp["n_unexpressed"] > 0,
+                expression_queries=hp.get("expression_queries", 0) > 0,
                 cell_expression_loss=hp["cell_expression_loss"],
                 phenotype_input=hp.get("phenotype_input", "token"),
                 gene_scale=gene_scale,
@@ -925,7 +955,7 @@ class GeneTransformer(BaseModelClass):
                 warmup_fraction=warmup_fraction,
                 gene_mask_prob=gene_mask_prob,
                 phenotype_mask_prob=phenotype_mask_prob,
-                n_unexpressed=self.hyperparameters_["n_unexpressed"],
+                expression_queries=self.hyperparameters_["expression_queries"],
                 seed=seed,
                 has_batches=(
                     self.shards_.batch_key is not None
@@ -1161,43 +1191,26 @@ class GeneTransformer(BaseModelClass):
         ``[BATCH]`` token (see :meth:`get_latent_representation`).
         """
         batch_codes = self._batch_inputs(adata, batch)
-        batch_size = settings.batch_size if batch_size is None else batch_size
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = self._check_batch_size(batch_size)
         column_to_gene = torch.as_tensor(self._column_to_gene(adata))
-        device = next(self.module.parameters()).device
-        column_to_gene = column_to_gene.to(device)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if device.type == "cuda" and torch.cuda.is_bf16_supported()
-            else nullcontext()
-        )
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with torch.inference_mode(), autocast:
-                minibatches = (
-                    adata.iter_minibatches(batch_size, indices)
-                    if isinstance(adata, ShardedAnnData)
-                    else iter_minibatches(
-                        adata, layer=self.setup_args_[SETUP_ARGS.LAYER], batch_size=batch_size
+        with self._inference() as device:
+            column_to_gene = column_to_gene.to(device)
+            minibatches = (
+                adata.iter_minibatches(batch_size, indices)
+                if isinstance(adata, ShardedAnnData)
+                else iter_minibatches(adata, layer=self.setup_args_[SETUP_ARGS.LAYER], batch_size=batch_size)
+            )
+            for idx, x in minibatches:
+                tokens = self.module.tokenize(x.to(device), column_to_gene)
+                masked = torch.full((len(idx), self.module.n_phenotypes), -1, dtype=torch.long, device=device)
+                batches = torch.as_tensor(batch_codes[idx], device=device)
+                if attention_layers:
+                    hidden, maps = self.module.encode_with_attention(
+                        tokens, masked, attention_layers, batch_inputs=batches
                     )
-                )
-                for idx, x in minibatches:
-                    tokens = self.module.tokenize(x.to(device), column_to_gene)
-                    masked = torch.full(
-                        (len(idx), self.module.n_phenotypes), -1, dtype=torch.long, device=device
-                    )
-                    batches = torch.as_tensor(batch_codes[idx], device=device)
-                    if attention_layers:
-                        hidden, maps = self.module.encode_with_attention(
-                            tokens, masked, attention_layers, batch_inputs=batches
-                        )
-                    else:
-                        hidden, maps = self.module.encode(tokens, masked, batch_inputs=batches), []
-                    yield idx, tokens, hidden, maps
-        finally:
-            self.module.train(was_training)
+                else:
+                    hidden, maps = self.module.encode(tokens, masked, batch_inputs=batches), []
+                yield idx, tokens, hidden, maps
 
     def get_latent_representation(
         self,
@@ -1630,7 +1643,19 @@ class GeneTransformer(BaseModelClass):
             BaseModelClass.__init__(model, adata)
         else:
             BaseModelClass.__init__(model, registry={"setup_args": setup_args, "field_registries": {}})
-        model._build(state["hyperparameters"], vocabulary, categories, setup_args, None, batch_categories)
+        hyperparameters = dict(state["hyperparameters"])
+        if "n_unexpressed" in hyperparameters:  # saved before query tokens replaced the is-zero head
+            if hyperparameters.pop("n_unexpressed") > 0:
+                warnings.warn(
+                    f"{source} was saved with an is-zero head, which query tokens have replaced; its "
+                    "weights are dropped (create a model with expression_queries=... to predict "
+                    "unexpressed genes)",
+                    stacklevel=3,
+                )
+                weights = {k: v for k, v in weights.items() if not k.startswith("is_zero_head.")}
+            hyperparameters.setdefault("expression_queries", 0)
+        state = state | {"hyperparameters": hyperparameters}
+        model._build(hyperparameters, vocabulary, categories, setup_args, None, batch_categories)
         new_slots = [i for i, key in enumerate(categories) if key not in saved_categories]
         if list(categories)[: len(saved_categories)] != list(saved_categories):
             raise ValueError("internal error: new phenotype slots must come after the saved ones")

@@ -42,6 +42,22 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
         return self.out(out.transpose(1, 2).reshape(n, length, d))
 
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(n, heads, length, d_head)`` of the tokens ``x`` (already normalised)."""
+        _, k, v = self._heads(x)
+        return k, v
+
+    def attend(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of the query tokens ``x`` ``(n, m, d)`` to given keys and values."""
+        n, m, d = x.shape
+        q = F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]).view(n, m, self.n_heads, d // self.n_heads)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=key_mask[:, None, None, :]
+        )
+        return self.out(out.transpose(1, 2).reshape(n, m, d))
+
     def attention_probabilities(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """Explicit ``softmax(QK^T / sqrt(d_head))``: ``(n, heads, length, length)``."""
         q, k, _ = self._heads(x)
@@ -66,4 +82,11 @@ class EncoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """Apply the block."""
         x = x + self.dropout(self.attention(self.norm_attention(x), key_mask))
+        return x + self.dropout(self.mlp(self.norm_mlp(x)))
+
+    def decode(
+        self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Apply the block to query tokens ``x`` that attend to given keys and values only."""
+        x = x + self.dropout(self.attention.attend(self.norm_attention(x), keys, values, key_mask))
         return x + self.dropout(self.mlp(self.norm_mlp(x)))

@@ -26,8 +26,8 @@ class LossOutput:
     total
         Sum of the components (the quantity that is minimised).
     components
-        Each loss term by name: ``expression``, ``expression_from_cell``, ``is_zero``,
-        ``phenotype_<key>``. Terms with nothing to score in this minibatch are absent.
+        Each loss term by name: ``expression``, ``expression_from_cell``, ``query_expressed``,
+        ``query_value``, ``phenotype_<key>``, ... Terms with nothing to score in this minibatch are absent.
     metrics
         Accuracies of the masked predictions, by name (not differentiated).
     counts
@@ -118,8 +118,10 @@ class GeneTransformerModule(nn.Module):
         Label smoothing of the cross-entropy over expression bins.
     phenotype_input
         What a phenotype head reads: its slot's output, or also the mean of the gene outputs.
-    predict_zeros
-        Add the is-zero head, trained on sampled unexpressed genes.
+    expression_queries
+        Add the query head: from a query token's output (a gene the cell's context does not
+        contain), the logit that the gene is expressed and the mean and log-variance of its
+        log1p-normalised value where expressed (:meth:`query_outputs`).
     cell_expression_loss
         Also predict masked values from the ``[CLS]`` output and the gene embedding, which makes
         the ``[CLS]`` embedding summarise the cell.
@@ -159,8 +161,8 @@ class GeneTransformerModule(nn.Module):
         binning: Binning,
         bin_edges: torch.Tensor | None,
         label_smoothing: float,
-        predict_zeros: bool,
         cell_expression_loss: bool,
+        expression_queries: bool = False,
         phenotype_input: PhenotypeInput = "token",
         gene_scale: torch.Tensor | None = None,
         cell_profile: bool = False,
@@ -183,7 +185,7 @@ class GeneTransformerModule(nn.Module):
         self.n_bins = n_bins
         self.phenotype_sizes = list(phenotype_sizes)
         self.label_smoothing = label_smoothing
-        self.predict_zeros = predict_zeros
+        self.expression_queries = expression_queries
         self.cell_expression_loss = cell_expression_loss
         self.phenotype_input = phenotype_input
         self.cell_profile = cell_profile
@@ -228,8 +230,17 @@ class GeneTransformerModule(nn.Module):
         if cell_expression_loss:
             self.cell_query = nn.Linear(d_model, d_model)
             self.cell_expression_head = nn.Linear(d_model, n_out)
-        if predict_zeros:
-            self.is_zero_head = nn.Linear(d_model, 1)
+        if expression_queries:
+            self.query_head = _mlp(d_model, 3)  # expressed logit, mean, log-variance
+            # per-gene intercepts of the three outputs (set from the data by init_query_bias)
+            self.query_bias = nn.Embedding(n_genes, 3)
+            nn.init.zeros_(self.query_bias.weight)
+            # the share of the vocabulary held out of the context, told to each query token
+            self.held_embedding = nn.Linear(1, d_model, bias=False)
+            # a direct path from the cell embedding to every query's outputs: added to the query's
+            # output, and a factorised cell x gene term (a linear decoder of the embedding)
+            self.query_cell = nn.Linear(d_model, d_model)
+            self.query_interaction = nn.Linear(d_model, 3, bias=False)
         d_head = (2 if phenotype_input == "token+mean" else 1) * d_model + cell_profile * d_model
         self.phenotype_heads = nn.ModuleList(
             nn.Sequential(nn.Linear(d_head, d_model), nn.GELU(), nn.LayerNorm(d_model), nn.Linear(d_model, n))
@@ -252,15 +263,17 @@ class GeneTransformerModule(nn.Module):
         """Position of the ``[PROFILE]`` token."""
         return 1 + self.n_phenotypes
 
-    def profile(self, tokens: TokenizedCells, hidden_values: torch.Tensor) -> torch.Tensor:
-        """``[PROFILE]`` input ``(n, d)``: projection of the whole profile, less the hidden values."""
+    def profile(self, tokens: TokenizedCells, value_mask: torch.Tensor | None) -> torch.Tensor:
+        """``[PROFILE]`` input ``(n, d)``: projection of the context's whole profile, less the hidden values."""
         if tokens.all_genes is None or tokens.all_values is None:
             raise ValueError("the tokens carry no whole profile; tokenize with this module's tokenizer")
         offsets = torch.cumsum(tokens.n_expressed, 0) - tokens.n_expressed
         total = self.profile_embedding(
             tokens.all_genes, offsets, per_sample_weights=tokens.all_values.to(self.profile_embedding.weight)
         )
-        hidden = (hidden_values & tokens.is_token & ~tokens.is_unexpressed).to(total.dtype)
+        if value_mask is None:
+            return self.profile_norm(total)
+        hidden = (value_mask & tokens.is_context).to(total.dtype)
         removed = torch.einsum(
             "nl,nld->nd",
             tokens.values.to(total.dtype) * hidden,
@@ -273,11 +286,18 @@ class GeneTransformerModule(nn.Module):
         x: torch.Tensor,
         column_to_gene: torch.Tensor,
         *,
-        n_unexpressed: int = 0,
+        n_queries: int = 0,
+        held_out: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> TokenizedCells:
         """Tokenize a minibatch of counts, see :class:`~sctransformer.module.Tokenizer`."""
-        return self.tokenizer(x, column_to_gene, n_unexpressed=n_unexpressed, generator=generator)
+        return self.tokenizer(
+            x,
+            column_to_gene,
+            n_queries=n_queries,
+            held_out=held_out,
+            generator=generator,
+        )
 
     def embed_tokens(
         self,
@@ -289,11 +309,11 @@ class GeneTransformerModule(nn.Module):
         """Input embeddings ``(n, n_prefix + length, d)`` and the key mask.
 
         ``phenotype_inputs`` is ``(n, n_phenotypes)``; ``-1`` feeds the slot's [MASK] token.
-        ``value_mask`` marks gene tokens whose value is hidden (sampled unexpressed genes are
-        always hidden). ``batch_inputs`` ``(n,)`` are the batch codes of the ``[BATCH]`` token;
+        ``value_mask`` marks context tokens whose value is hidden (query tokens' values are
+        always hidden, and no token attends to them). ``batch_inputs`` ``(n,)`` are the batch codes of the ``[BATCH]`` token;
         ``-1`` (or ``None`` for all) feeds "no batch".
         """
-        hidden_values = tokens.is_unexpressed if value_mask is None else value_mask | tokens.is_unexpressed
+        hidden_values = tokens.is_query if value_mask is None else value_mask | tokens.is_query
         genes = self.gene_embedding(tokens.gene_ids)
         if self.value_encoding == "binned":
             bins = tokens.bins.masked_fill(hidden_values | (tokens.bins < 0), self.n_bins)
@@ -302,6 +322,9 @@ class GeneTransformerModule(nn.Module):
             values = self.value_mlp(tokens.values.unsqueeze(-1))
             values = torch.where(hidden_values.unsqueeze(-1), self.value_mask, values)
         gene_tokens = genes + values
+        if self.expression_queries:
+            held = self.held_embedding(tokens.held_share[:, None].to(gene_tokens.dtype))
+            gene_tokens = gene_tokens + tokens.is_query.unsqueeze(-1).to(gene_tokens.dtype) * held[:, None]
 
         n = gene_tokens.shape[0]
         prefix = [self.cls.expand(n, 1, -1)]
@@ -310,14 +333,87 @@ class GeneTransformerModule(nn.Module):
             codes = torch.where(codes < 0, table.num_embeddings - 1, codes)
             prefix.append(table(codes).unsqueeze(1))
         if self.cell_profile:
-            prefix.append(self.profile(tokens, hidden_values).unsqueeze(1).to(gene_tokens.dtype))
+            prefix.append(self.profile(tokens, value_mask).unsqueeze(1).to(gene_tokens.dtype))
         if self.batch_token:
             codes = torch.full((n,), -1, device=gene_tokens.device) if batch_inputs is None else batch_inputs
             codes = torch.where((codes < 0) | (codes >= self.n_batches), self.n_batches, codes.long())
             prefix.append(self.batch_embedding(codes).unsqueeze(1))
         x = torch.cat([*prefix, gene_tokens], 1)
-        key_mask = torch.cat([tokens.is_token.new_ones(n, self.n_prefix), tokens.is_token], 1)
+        key_mask = torch.cat([tokens.is_token.new_ones(n, self.n_prefix), tokens.is_context], 1)
         return x, key_mask
+
+    def query_tokens(self, genes: torch.Tensor, held_share: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``(n, n_queries, d)`` of query tokens of vocabulary ``genes``.
+
+        Identity plus the [MASK] value plus the embedding of the cell's held-out share ``(n,)``.
+        """
+        mask = self.bin_embedding.weight[-1] if self.value_encoding == "binned" else self.value_mask
+        x = self.gene_embedding(genes) + mask
+        held = self.held_embedding(held_share[:, None].to(x.dtype))[:, None]
+        return (x if x.dim() == 3 else x.unsqueeze(0)) + held
+
+    @torch.no_grad()
+    def init_query_bias(self, expressed: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor) -> None:
+        """Start the query outputs of each gene at its share of expressing cells and its value's mean and variance."""
+        share = expressed.float().clamp(1e-4, 1 - 1e-4)
+        self.query_bias.weight[:, 0] = torch.log(share / (1 - share))
+        self.query_bias.weight[:, 1] = mean.float()
+        self.query_bias.weight[:, 2] = torch.log(variance.float().clamp(min=1e-2))
+
+    def encode_context(
+        self,
+        tokens: TokenizedCells,
+        phenotype_inputs: torch.Tensor,
+        batch_inputs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """:meth:`encode`, also returning each block's attention keys and values and the key mask.
+
+        With them, :meth:`decode_queries` gives the outputs of any number of query tokens without
+        encoding the context again.
+        """
+        x, key_mask = self.embed_tokens(tokens, phenotype_inputs, batch_inputs=batch_inputs)
+        cache = []
+        for block in self.blocks:
+            cache.append(block.attention.keys_values(block.norm_attention(x)))
+            x = block(x, key_mask)
+        return self.norm(x), cache, key_mask
+
+    def decode_queries(
+        self,
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        key_mask: torch.Tensor,
+        genes: torch.Tensor,
+        held_share: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final hidden states ``(n, n_queries, d)`` of query tokens, from :meth:`encode_context`'s cache.
+
+        ``genes`` is ``(n_queries,)`` (shared by all cells) or ``(n, n_queries)``. The same as appending them to the cells as query tokens and calling :meth:`encode`.
+        """
+        x = self.query_tokens(genes, held_share).to(cache[0][0].dtype)
+        for block, (k, v) in zip(self.blocks, cache, strict=True):
+            x = block.decode(x, k, v, key_mask)
+        return self.norm(x)
+
+    def query_outputs(
+        self, query_hidden: torch.Tensor, genes: torch.Tensor, cell: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(expressed logit, mean, log-variance)`` of the log1p-normalised value of query ``genes``.
+
+        ``query_hidden`` ``(..., d)`` are the query tokens' outputs, ``cell`` ``(..., d)`` (or
+        broadcastable to them) the cells' embeddings (:meth:`cell_embedding`), which reach the
+        head directly as well as through attention. The expected value is
+        ``sigmoid(logit) * mean``. The logit is the odds among held-out genes: training corrects
+        for the different sampling rates of expressed and unexpressed query genes (see
+        :meth:`loss`).
+        """
+        cell = self.query_cell(cell.to(query_hidden.dtype))
+        interaction = self.query_interaction(cell * self.gene_embedding(genes))
+        out = (
+            self.query_head(query_hidden + cell).float()
+            + interaction.float()
+            + self.query_bias(genes).float()
+        )
+        return out[..., 0], out[..., 1], out[..., 2].clamp(-10, 10)
 
     def encode(
         self,
@@ -365,7 +461,7 @@ class GeneTransformerModule(nn.Module):
                     "pooling='profile' needs a model with the [PROFILE] token (cell_profile=True)"
                 )
             return hidden[:, self.profile_index]
-        weights = (tokens.is_token & ~tokens.is_unexpressed).to(hidden.dtype)
+        weights = tokens.is_context.to(hidden.dtype)
         gene_hidden = hidden[:, self.n_prefix :]
         total = (gene_hidden * weights.unsqueeze(-1)).sum(1)
         # cells with no expressed gene fall back to the [CLS] output
@@ -418,6 +514,41 @@ class GeneTransformerModule(nn.Module):
             accuracy = ((pred - target).abs() < 0.5).float().mean()
         return loss, accuracy
 
+    def _query_losses(self, out: LossOutput, hidden: torch.Tensor, tokens: TokenizedCells) -> None:
+        """Is-expressed and value losses of the query tokens, added to ``out``.
+
+        A cell's queries are drawn from its held-out genes: up to ``k`` of the ``n_e`` it
+        expresses and up to ``k`` of the ``n_u`` it does not, at rates ``q_e`` and ``q_u``. The
+        logit is trained with the offset ``log(q_e / q_u)``, so that the head itself learns the
+        odds among all held-out genes.
+        """
+        queries = tokens.is_query
+        expressed = queries & ~tokens.is_unexpressed
+        if tokens.n_held is None:
+            raise ValueError("query losses need tokens with sampled queries (tokenize with n_queries > 0)")
+        n_held = tokens.n_held.float()
+        rate_expressed = expressed.sum(1) / n_held[:, 0].clamp(min=1)
+        rate_unexpressed = tokens.is_unexpressed.sum(1) / n_held[:, 1].clamp(min=1)
+        offset = torch.log(rate_expressed.clamp(min=1e-12)) - torch.log(rate_unexpressed.clamp(min=1e-12))
+        rows = torch.nonzero(queries)[:, 0]
+        cell = self.cell_embedding(hidden, tokens)[rows]
+        logit, mean, log_var = self.query_outputs(
+            hidden[:, self.n_prefix :][queries], tokens.gene_ids[queries], cell
+        )
+        adjusted = logit + offset[rows]
+        target = expressed[queries].float()
+        out.components["query_expressed"] = F.binary_cross_entropy_with_logits(adjusted, target)
+        out.metrics["query_expressed_accuracy"] = ((adjusted > 0).float() == target).float().mean()
+        out.counts["query_expressed"] = out.counts["query_expressed_accuracy"] = int(queries.sum())
+        is_expressed = target.bool()
+        if bool(is_expressed.any()):
+            value = tokens.values[queries][is_expressed].float()
+            out.components["query_value"] = F.gaussian_nll_loss(
+                mean[is_expressed], value, log_var[is_expressed].exp()
+            )
+            out.metrics["query_value_error"] = (mean[is_expressed] - value).abs().mean()
+            out.counts["query_value"] = out.counts["query_value_error"] = int(is_expressed.sum())
+
     def loss(
         self,
         hidden: torch.Tensor,
@@ -465,8 +596,7 @@ class GeneTransformerModule(nn.Module):
         """
         out = LossOutput(total=hidden.new_zeros(()))
         gene_hidden = hidden[:, self.n_prefix :]
-        expressed = tokens.is_token & ~tokens.is_unexpressed
-        scored = value_mask & expressed
+        scored = value_mask & tokens.is_context
         n_scored = int(scored.sum())
         if n_scored > 0:
             prediction = self.expression_head(gene_hidden)
@@ -482,14 +612,8 @@ class GeneTransformerModule(nn.Module):
                 out.metrics["expression_from_cell_accuracy"] = accuracy
                 out.counts["expression_from_cell"] = n_scored
                 out.counts["expression_from_cell_accuracy"] = n_scored
-        if self.predict_zeros:
-            zero_scored = (value_mask & expressed) | tokens.is_unexpressed
-            if bool(zero_scored.any()):
-                logits = self.is_zero_head(gene_hidden[zero_scored]).squeeze(-1).float()
-                target = tokens.is_unexpressed[zero_scored].float()
-                out.components["is_zero"] = F.binary_cross_entropy_with_logits(logits, target)
-                out.metrics["is_zero_accuracy"] = ((logits > 0).float() == target).float().mean()
-                out.counts["is_zero"] = out.counts["is_zero_accuracy"] = int(zero_scored.sum())
+        if self.expression_queries and bool(tokens.is_query.any()):
+            self._query_losses(out, hidden, tokens)
         for slot, logits in enumerate(self.phenotype_logits(hidden, tokens)):
             target = phenotype_targets[:, slot]
             rows = phenotype_mask[:, slot] & (target >= 0)

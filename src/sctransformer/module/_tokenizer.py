@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -19,26 +19,41 @@ Binning = Literal["quantile", "fixed"]
 class TokenizedCells:
     """Gene tokens of a minibatch, padded to the longest cell.
 
+    A cell's tokens are its *context* (the expressed genes the model reads), then optional *query*
+    tokens: genes whose expression the model predicts without reading it. Queries attend to the
+    context but no token attends to them, so adding or removing queries leaves the context's
+    outputs unchanged.
+
     Attributes
     ----------
     gene_ids
         ``(n_cells, length)`` vocabulary index of each gene token; ``0`` where padded.
     values
-        ``(n_cells, length)`` log1p-normalised expression of each token; ``0`` where padded.
+        ``(n_cells, length)`` log1p-normalised expression of each token (for queries: the value
+        to predict, ``0`` for unexpressed genes); ``0`` where padded.
     bins
         ``(n_cells, length)`` expression bin in ``[0, n_bins)``; ``-1`` where padded or where the
-        token is a sampled unexpressed gene.
+        token is an unexpressed gene.
     is_token
         ``(n_cells, length)`` ``True`` for real tokens, ``False`` for padding.
     is_unexpressed
-        ``(n_cells, length)`` ``True`` for sampled unexpressed genes (training targets of the
-        is-zero head only); all ``False`` unless sampling was asked for.
+        ``(n_cells, length)`` ``True`` for query tokens of sampled unexpressed genes.
     n_expressed
-        ``(n_cells,)`` number of expressed genes in the vocabulary, before truncation.
+        ``(n_cells,)`` number of expressed vocabulary genes in the context before truncation to
+        ``max_length`` (the entries of ``all_genes`` per cell).
     all_genes, all_values
-        Every expressed vocabulary gene of every cell (before truncation), cell after cell
-        (``n_expressed`` entries each), and its log1p-normalised value: the whole profile, for
-        the cell-profile token.
+        Every expressed vocabulary gene of the context of every cell (before truncation), cell
+        after cell (``n_expressed`` entries each), and its log1p-normalised value: the whole
+        profile, for the cell-profile token.
+    is_query
+        ``(n_cells, length)`` ``True`` for query tokens (held-out expressed genes and sampled
+        unexpressed genes); default ``is_unexpressed``.
+    held_share
+        ``(n_cells,)`` share of the vocabulary held out of each cell's context (queries are
+        drawn from it); fed to the query tokens. Default 0.
+    n_held
+        ``(n_cells, 2)`` number of held-out genes that the cell expresses and does not express
+        (the pools the queries were drawn from); default ``None`` (no sampled queries).
     """
 
     gene_ids: torch.Tensor
@@ -49,6 +64,74 @@ class TokenizedCells:
     n_expressed: torch.Tensor
     all_genes: torch.Tensor | None = None
     all_values: torch.Tensor | None = None
+    is_query: torch.Tensor | None = None
+    held_share: torch.Tensor | None = None
+    n_held: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.is_query is None:
+            self.is_query = self.is_unexpressed.clone()
+        if self.held_share is None:
+            self.held_share = torch.zeros(len(self.n_expressed), device=self.n_expressed.device)
+
+    @property
+    def is_context(self) -> torch.Tensor:
+        """``(n_cells, length)`` tokens the cell's other tokens attend to (real, not queries)."""
+        return self.is_token & ~self.is_query
+
+    def _profile_rows(self) -> torch.Tensor:
+        return torch.repeat_interleave(
+            torch.arange(len(self.n_expressed), device=self.n_expressed.device), self.n_expressed
+        )
+
+    def without_gene(self, gene: int) -> TokenizedCells:
+        """These cells with ``gene`` deleted: its context token becomes padding and its profile weight 0.
+
+        The other tokens keep their values and bins (as measured in the unperturbed cell) and no
+        gene takes the freed place; only the attention mask and the profile weights change.
+        """
+        hit = self.is_context & (self.gene_ids == gene)
+        all_values = self.all_values
+        if self.all_genes is not None and all_values is not None:
+            all_values = all_values.masked_fill(self.all_genes == gene, 0.0)
+        return replace(self, is_token=self.is_token & ~hit, all_values=all_values)
+
+    def with_gene(self, gene: int, value: torch.Tensor, bin_id: torch.Tensor) -> TokenizedCells:
+        """These cells with ``gene`` set to ``value`` (log1p-normalised) and ``bin_id``, per cell.
+
+        Cells with the gene in their context get its token's value changed; the others get a
+        context token appended (one extra column). The profile entry is changed or added.
+        """
+        n = len(self.n_expressed)
+        present = self.is_context & (self.gene_ids == gene)
+        has = present.any(1)
+        values = torch.where(present, value[:, None].to(self.values.dtype), self.values)
+        bins = torch.where(present, bin_id[:, None].to(self.bins.dtype), self.bins)
+        column = torch.full((n, 1), gene, dtype=self.gene_ids.dtype, device=self.gene_ids.device)
+        new = (~has)[:, None]
+        out = replace(
+            self,
+            gene_ids=torch.cat([self.gene_ids, column], 1),
+            values=torch.cat([values, value[:, None].to(values.dtype) * new], 1),
+            bins=torch.cat([bins, torch.where(new, bin_id[:, None].to(bins.dtype), -1)], 1),
+            is_token=torch.cat([self.is_token, new], 1),
+            is_unexpressed=torch.cat([self.is_unexpressed, torch.zeros_like(new)], 1),
+            is_query=torch.cat([self.is_query, torch.zeros_like(new)], 1),
+        )
+        if self.all_genes is None or self.all_values is None:
+            return out
+        rows = self._profile_rows()
+        match = self.all_genes == gene
+        all_values = torch.where(match, value.to(self.all_values.dtype)[rows], self.all_values)
+        in_profile = torch.zeros(n, dtype=torch.bool, device=rows.device)
+        in_profile[rows[match]] = True
+        added = torch.nonzero(~in_profile).squeeze(1)
+        rows = torch.cat([rows, added])
+        order = torch.sort(rows, stable=True).indices
+        out.all_genes = torch.cat([self.all_genes, torch.full_like(added, gene)])[order]
+        out.all_values = torch.cat([all_values, value.to(all_values.dtype)[added]])[order]
+        out.n_expressed = self.n_expressed + (~in_profile).long()
+        return out
 
 
 def _as_csr(x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +211,8 @@ class Tokenizer(nn.Module):
         x: torch.Tensor,
         column_to_gene: torch.Tensor,
         *,
-        n_unexpressed: int = 0,
+        n_queries: int = 0,
+        held_out: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> TokenizedCells:
         """Tokenize a minibatch.
@@ -140,11 +224,20 @@ class Tokenizer(nn.Module):
         column_to_gene
             ``(n_columns,)`` vocabulary index of each column of ``x``; ``-1`` for columns whose
             gene is not in the vocabulary (they still count towards the library size).
-        n_unexpressed
-            Number of unexpressed vocabulary genes to append per cell as extra tokens (training
-            targets of the is-zero head); ``0`` for none.
+        n_queries
+            With a positive number, each cell holds a random set of vocabulary genes out of its
+            context (a share drawn uniformly in ``[0, 1)`` per cell, then each gene
+            independently); up to ``n_queries`` of the held-out genes it expresses and up to
+            ``n_queries`` of those it does not, chosen at random, become query tokens.
+        held_out
+            ``(n_genes,)`` or ``(n_cells, n_genes)`` boolean mask of vocabulary genes to leave out
+            of the context (and of the profile) without querying them; its share of the
+            vocabulary is recorded as ``held_share``.
         generator
-            Random generator for sampling unexpressed genes.
+            Random generator for the sampled genes and held-out shares.
+
+        Held-out genes still count towards the library size and the per-cell quantile bins, so
+        the context's values and bins do not depend on what is held out.
         """
         x = _as_csr(x)
         device = x.device
@@ -155,16 +248,30 @@ class Tokenizer(nn.Module):
         gene = column_to_gene.to(device)[x.col_indices()]
         keep = (val > 0) & (gene >= 0)
         row, gene, val = row[keep], gene[keep], val[keep]
-        n_expressed = torch.bincount(row, minlength=n_cells)
+        n_all = torch.bincount(row, minlength=n_cells)
 
-        # CSR rows are contiguous: lay each cell's expressed genes out in one row of a dense block,
-        # padded with value -1 and an out-of-range gene id (both sort after every real entry)
-        width = int(n_expressed.max()) if n_cells > 0 and row.numel() > 0 else 0
-        slot = torch.arange(row.numel(), device=device) - (torch.cumsum(n_expressed, 0) - n_expressed)[row]
-        block_genes = torch.full((n_cells, width), self.n_genes, dtype=torch.long, device=device)
-        block_values = torch.full((n_cells, width), -1.0, device=device)
-        block_genes[row, slot] = gene
-        block_values[row, slot] = val
+        held_share = torch.zeros(n_cells, device=device)
+        if held_out is not None:
+            held_out = held_out.to(device=device, dtype=torch.bool)
+            if held_out.dim() == 1:
+                held_out = held_out.expand(n_cells, -1)
+        if n_queries > 0:
+            share = torch.rand(n_cells, 1, generator=generator, device=device)
+            drawn = torch.rand(n_cells, self.n_genes, generator=generator, device=device) < share
+            held_out = drawn if held_out is None else held_out | drawn
+        if held_out is not None:
+            held = held_out[row, gene]
+            held_share = held_out.float().mean(1)
+        else:
+            held = torch.zeros_like(row, dtype=torch.bool)
+
+        # every expressed count of each cell, descending (for the quantile bins)
+        descending = self._rows(row, val, n_cells, -1.0).sort(dim=1, descending=True).values
+        # the context: the cell's expressed genes that are not held out, in token order
+        c_row, c_gene, c_val = row[~held], gene[~held], val[~held]
+        n_expressed = torch.bincount(c_row, minlength=n_cells)
+        block_genes = self._rows(c_row, c_gene, n_cells, self.n_genes)
+        block_values = self._rows(c_row, c_val, n_cells, -1.0)
         # order each row by decreasing count / gene scale, ties by increasing gene: two stable
         # row-wise sorts (padding keeps key -1 and sorts last)
         block_genes, order = block_genes.sort(dim=1, stable=True)
@@ -174,28 +281,114 @@ class Tokenizer(nn.Module):
         order = key.sort(dim=1, descending=True, stable=True).indices
         block_genes, block_values = block_genes.gather(1, order), block_values.gather(1, order)
 
-        sampled = valid = None
-        if n_unexpressed > 0:  # before truncation: every expressed gene is excluded
-            sampled, valid = self._sample_unexpressed(row, gene, n_cells, n_unexpressed, generator, device)
-
-        length = min(width, self.max_length)
+        length = min(block_genes.shape[1], self.max_length)
         is_token = torch.arange(length, device=device) < n_expressed[:, None]
         counts = block_values[:, :length]
         gene_ids = block_genes[:, :length].masked_fill(~is_token, 0)
-        values = torch.log1p(counts.clamp(min=0) / library.clamp(min=1)[:, None] * TARGET_SUM)
-        values = values.masked_fill(~is_token, 0.0)
-        descending = block_values.sort(dim=1, descending=True).values  # every expressed count
-        bin_ids = self._bin(descending, counts, values, n_expressed).masked_fill(~is_token, -1)
+        values = self._normalise(counts, library).masked_fill(~is_token, 0.0)
+        bin_ids = self._bin(descending, counts, values, n_all).masked_fill(~is_token, -1)
+        is_query = torch.zeros_like(is_token)
         is_unexpressed = torch.zeros_like(is_token)
-        if sampled is not None:
-            gene_ids = torch.cat([gene_ids, sampled], 1)
-            values = torch.cat([values, values.new_zeros(n_cells, n_unexpressed)], 1)
-            bin_ids = torch.cat([bin_ids, bin_ids.new_full((n_cells, n_unexpressed), -1)], 1)
-            is_token = torch.cat([is_token, valid], 1)
-            is_unexpressed = torch.cat([is_unexpressed, valid], 1)
-        all_values = torch.log1p(val / library.clamp(min=1)[row] * TARGET_SUM)
+
+        parts = [(gene_ids, values, bin_ids, is_token, is_unexpressed)]
+        n_held = None
+        if n_queries > 0:
+            # expressed queries: a random choice among the held-out genes the cell expresses
+            h_row, h_gene, h_val = row[held], gene[held], val[held]
+            score = self._rows(
+                h_row, torch.rand(h_row.numel(), generator=generator, device=device), n_cells, -1.0
+            )
+            k = min(n_queries, score.shape[1])
+            top, pick = score.topk(k, dim=1)
+            valid = top >= 0
+            q_genes = self._rows(h_row, h_gene, n_cells, 0).gather(1, pick).masked_fill(~valid, 0)
+            q_counts = self._rows(h_row, h_val, n_cells, -1.0).gather(1, pick)
+            q_values = self._normalise(q_counts, library).masked_fill(~valid, 0.0)
+            q_bins = self._bin(descending, q_counts, q_values, n_all).masked_fill(~valid, -1)
+            parts.append((q_genes, q_values, q_bins, valid, torch.zeros_like(valid)))
+            # unexpressed queries: a random choice among the held-out genes it does not express
+            expressed = torch.zeros(n_cells, self.n_genes, dtype=torch.bool, device=device)
+            expressed[row, gene] = True
+            pool = held_out & ~expressed
+            sampled, valid = self._sample_among(pool, n_queries, generator)
+            parts.append(
+                (
+                    sampled,
+                    torch.zeros_like(sampled, dtype=values.dtype),
+                    torch.full_like(sampled, -1),
+                    valid,
+                    valid,
+                )
+            )
+            n_held = torch.stack([torch.bincount(h_row, minlength=n_cells), pool.sum(1)], 1)
+        if len(parts) > 1:
+            is_query = torch.cat([is_query, *(p[3] for p in parts[1:])], 1)
+            gene_ids, values, bin_ids, is_token, is_unexpressed = (
+                torch.cat([p[i] for p in parts], 1) for i in range(5)
+            )
+        all_values = torch.log1p(c_val / library.clamp(min=1)[c_row] * TARGET_SUM)
         return TokenizedCells(
-            gene_ids, values, bin_ids, is_token, is_unexpressed, n_expressed, gene, all_values
+            gene_ids,
+            values,
+            bin_ids,
+            is_token,
+            is_unexpressed,
+            n_expressed,
+            c_gene,
+            all_values,
+            is_query=is_query,
+            held_share=held_share,
+            n_held=n_held,
+        )
+
+    @staticmethod
+    def _rows(row: torch.Tensor, entries: torch.Tensor, n_cells: int, fill: float) -> torch.Tensor:
+        """Lay the entries of each cell (``row``, sorted) out in one row of a dense block padded with ``fill``."""
+        n = torch.bincount(row, minlength=n_cells)
+        width = int(n.max()) if row.numel() > 0 else 0
+        slot = torch.arange(row.numel(), device=row.device) - (torch.cumsum(n, 0) - n)[row]
+        block = torch.full((n_cells, width), fill, dtype=entries.dtype, device=row.device)
+        block[row, slot] = entries
+        return block
+
+    @staticmethod
+    def _normalise(counts: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
+        """log1p of counts per ``TARGET_SUM`` of the library (padding, ``-1``, gives 0)."""
+        return torch.log1p(counts.clamp(min=0) / library.clamp(min=1)[:, None] * TARGET_SUM)
+
+    def from_values(self, genes: torch.Tensor, values: torch.Tensor) -> TokenizedCells:
+        """Tokenize cells given as log1p-normalised values of the vocabulary genes ``genes``.
+
+        ``values`` is ``(n_cells, len(genes))``; positive entries are expressed. Tokens are
+        ordered and truncated as in :meth:`forward`; per-cell quantile bins are taken among the
+        cell's expressed values. Used to feed generated cells back to the model.
+        """
+        n_cells = values.shape[0]
+        row, column = torch.nonzero(values > 0, as_tuple=True)
+        gene, val = genes.to(values.device)[column], values[row, column].float()
+        n_expressed = torch.bincount(row, minlength=n_cells)
+        block_genes = self._rows(row, gene, n_cells, self.n_genes)
+        block_values = self._rows(row, val, n_cells, -1.0)
+        block_genes, order = block_genes.sort(dim=1, stable=True)
+        block_values = block_values.gather(1, order)
+        scale = torch.cat([self.gene_scale, self.gene_scale.new_ones(1)])[block_genes]
+        key = torch.where(block_values >= 0, block_values / scale, block_values)
+        order = key.sort(dim=1, descending=True, stable=True).indices
+        block_genes, block_values = block_genes.gather(1, order), block_values.gather(1, order)
+        length = min(block_genes.shape[1], self.max_length)
+        is_token = torch.arange(length, device=values.device) < n_expressed[:, None]
+        kept = block_values[:, :length]
+        descending = block_values.sort(dim=1, descending=True).values
+        bins = self._bin(descending, kept, kept.clamp(min=0), n_expressed).masked_fill(~is_token, -1)
+        return TokenizedCells(
+            block_genes[:, :length].masked_fill(~is_token, 0),
+            kept.clamp(min=0).masked_fill(~is_token, 0.0),
+            bins,
+            is_token,
+            torch.zeros_like(is_token),
+            n_expressed,
+            gene,
+            val,
         )
 
     def _bin(
@@ -217,29 +410,21 @@ class Tokenizer(nn.Module):
         n_lower = torch.searchsorted(ascending, counts.contiguous(), side="left") - n_padding
         return torch.div(n_lower * self.n_bins, n_expressed.clamp(min=1)[:, None], rounding_mode="floor")
 
-    def _sample_unexpressed(
-        self,
-        row: torch.Tensor,
-        gene: torch.Tensor,
-        n_cells: int,
-        n_sample: int,
-        generator: torch.Generator | None,
-        device: torch.device,
+    @staticmethod
+    def _sample_among(
+        pool: torch.Tensor, n_sample: int, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample ``n_sample`` distinct vocabulary genes per cell among those it does not express.
+        """Sample up to ``n_sample`` distinct genes per cell among the ``True`` entries of ``pool``.
 
-        ``row`` and ``gene`` list every expressed gene (before truncation). Cells expressing almost
-        the whole vocabulary get fewer samples; ``valid`` marks the real ones.
+        Returns the genes ``(n_cells, n_sample)`` and which of them are real (cells with fewer
+        eligible genes get fewer).
         """
-        expressed = torch.zeros(n_cells, self.n_genes, dtype=torch.bool, device=device)
-        expressed[row, gene] = True
-        scores = torch.rand(n_cells, self.n_genes, generator=generator, device=device)
-        scores = scores.masked_fill(expressed, -1.0)
-        k = min(n_sample, self.n_genes)
+        scores = torch.rand(pool.shape, generator=generator, device=pool.device).masked_fill(~pool, -1.0)
+        k = min(n_sample, pool.shape[1])
         top, sampled = scores.topk(k, dim=1)
         valid = top >= 0
         if k < n_sample:
             pad = n_sample - k
-            sampled = torch.cat([sampled, sampled.new_zeros(n_cells, pad)], 1)
-            valid = torch.cat([valid, valid.new_zeros(n_cells, pad)], 1)
+            sampled = torch.cat([sampled, sampled.new_zeros(pool.shape[0], pad)], 1)
+            valid = torch.cat([valid, valid.new_zeros(pool.shape[0], pad)], 1)
         return sampled.masked_fill(~valid, 0), valid

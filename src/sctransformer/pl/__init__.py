@@ -4,6 +4,7 @@ from ._classification import calibration, confusion_matrix
 from ._embedding import embedding
 from ._gene_graph import attention, gene_graph, gene_modules
 from ._integration import integration
+from ._perturbation import perturbation, response
 from ._training_history import training_history
 
 __all__ = [
@@ -14,5 +15,7 @@ __all__ = [
     "gene_graph",
     "gene_modules",
     "integration",
+    "perturbation",
+    "response",
     "training_history",
 ]

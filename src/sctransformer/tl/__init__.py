@@ -2,6 +2,16 @@
 
 from ._embed import embed
 from ._gene_graph import AttentionAccumulator, gene_embedding, gene_graph, gene_modules
+from ._perturb import perturb, predict_response
 from ._predict import predict
 
-__all__ = ["AttentionAccumulator", "embed", "gene_embedding", "gene_graph", "gene_modules", "predict"]
+__all__ = [
+    "AttentionAccumulator",
+    "embed",
+    "gene_embedding",
+    "gene_graph",
+    "gene_modules",
+    "perturb",
+    "predict",
+    "predict_response",
+]

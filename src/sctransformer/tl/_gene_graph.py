@@ -394,7 +394,7 @@ def gene_embedding(
         count = torch.zeros(n_vocab, dtype=torch.float64)
         n_prefix = model.module.n_prefix
         for _, tokens, hidden in model._forward(model._inference_adata(adata), batch_size):
-            keep = (tokens.is_token & ~tokens.is_unexpressed).cpu()
+            keep = tokens.is_context.cpu()
             ids = tokens.gene_ids.cpu()[keep]
             total.index_add_(0, ids, hidden[:, n_prefix:].float().cpu()[keep].double())
             count.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))

@@ -25,14 +25,14 @@ def mask_tokens(
     Returns
     -------
     value_mask
-        ``(n, length)``: each expressed gene token's value is hidden with ``gene_mask_prob``.
+        ``(n, length)``: each context token's value is hidden with ``gene_mask_prob``.
     phenotype_mask
         ``(n, n_phenotypes)``: each phenotype token is replaced by [MASK] with
         ``phenotype_mask_prob``; unknown phenotypes (code ``-1``) are always masked.
     """
     device = tokens.gene_ids.device
     draw = torch.rand(tokens.gene_ids.shape, generator=generator, device=device)
-    value_mask = (draw < gene_mask_prob) & tokens.is_token & ~tokens.is_unexpressed
+    value_mask = (draw < gene_mask_prob) & tokens.is_context
     draw = torch.rand(phenotypes.shape, generator=generator, device=device)
     phenotype_mask = (draw < phenotype_mask_prob) | (phenotypes < 0)
     return value_mask, phenotype_mask
@@ -82,8 +82,9 @@ class MaskedModelingPlan(pl.LightningModule):
         Share of all steps spent in linear warm-up before cosine decay.
     gene_mask_prob, phenotype_mask_prob
         Masking rates.
-    n_unexpressed
-        Unexpressed genes sampled per cell as is-zero targets (``0`` for none).
+    expression_queries
+        Query tokens per cell and kind: up to this many held-out expressed genes and this many
+        unexpressed genes (``0`` for none), see :class:`~sctransformer.module.Tokenizer`.
     class_weights
         Optional per-class loss weights of each phenotype slot.
     focal_gamma
@@ -125,7 +126,7 @@ class MaskedModelingPlan(pl.LightningModule):
         warmup_fraction: float = 0.1,
         gene_mask_prob: float = 0.15,
         phenotype_mask_prob: float = 0.5,
-        n_unexpressed: int = 0,
+        expression_queries: int = 0,
         class_weights: list[torch.Tensor | None] | None = None,
         focal_gamma: float = 0.0,
         seed: int = 0,
@@ -146,7 +147,7 @@ class MaskedModelingPlan(pl.LightningModule):
         self.warmup_fraction = warmup_fraction
         self.gene_mask_prob = gene_mask_prob
         self.phenotype_mask_prob = phenotype_mask_prob
-        self.n_unexpressed = n_unexpressed
+        self.expression_queries = expression_queries
         self.class_weights = class_weights
         self.focal_gamma = focal_gamma
         self.seed = seed
@@ -189,7 +190,7 @@ class MaskedModelingPlan(pl.LightningModule):
         tokens = self.module.tokenize(
             batch[REGISTRY_KEYS.X_KEY],
             self.column_to_gene,
-            n_unexpressed=self.n_unexpressed,
+            n_queries=self.expression_queries,
             generator=generator,
         )
         phenotype_rate = 1.0 if stage == "validation" else self.phenotype_mask_prob

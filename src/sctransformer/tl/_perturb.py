@@ -1,0 +1,129 @@
+"""In-silico perturbation and condition-swap response prediction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+from anndata import AnnData
+
+from sctransformer.model import GeneTransformer
+from sctransformer.model._expression import PerturbationMode
+
+from ._utils import record_run
+
+PERTURB_KEY = "sct_perturb"
+
+
+def perturb(
+    adata: AnnData,
+    model: GeneTransformer,
+    genes: Sequence[str] | str,
+    *,
+    mode: PerturbationMode = "delete",
+    value: float | None = None,
+    groupby: str | None = None,
+    predict_expression: bool = True,
+    n_folds: int = 4,
+    n_top: int = 10,
+    batch_size: int | None = None,
+    store_cell_shifts: bool = False,
+    key_added: str = PERTURB_KEY,
+) -> pd.DataFrame:
+    """In-silico deletion or over-expression of genes, one at a time (Geneformer-style).
+
+    See :meth:`~sctransformer.GeneTransformer.perturb` for the method and the parameters.
+
+    Parameters
+    ----------
+    adata
+        AnnData holding counts in the model's layer.
+    model
+        Trained :class:`~sctransformer.GeneTransformer` (``expression_queries > 0`` for
+        ``predict_expression``).
+    genes
+        Genes to perturb.
+    mode
+        ``"delete"`` (cells expressing the gene) or ``"overexpress"`` (every cell).
+    value
+        Over-expressed log1p-normalised value; default each cell's highest.
+    groupby
+        ``.obs`` column: report each group separately.
+    predict_expression
+        Also report the genes whose predicted expression moves most.
+    n_folds, n_top, batch_size
+        See :meth:`~sctransformer.GeneTransformer.perturb`.
+    store_cell_shifts
+        Write each cell's embedding shift to ``.obsm["<key_added>_<gene>"]``.
+    key_added
+        Where results go.
+
+    Returns
+    -------
+    The summary table (one row per gene and group, see
+    :class:`~sctransformer.model.PerturbationResult`); also written:
+
+    ``.uns["<key_added>"]``
+        ``{"summary": table, "expression_change": DataFrame (rows as the table's, columns the
+        vocabulary genes), "mode": mode}``.
+    ``.obsm["<key_added>_<gene>"]``
+        With ``store_cell_shifts``: perturbed minus original embedding (zero where not perturbed).
+    """
+    result = model.perturb(
+        adata,
+        genes,
+        mode=mode,
+        value=value,
+        groupby=groupby,
+        predict_expression=predict_expression,
+        n_folds=n_folds,
+        n_top=n_top,
+        batch_size=batch_size,
+        return_cell_shifts=store_cell_shifts,
+    )
+    summary = result.summary
+    stored: dict[str, Any] = {"summary": summary, "mode": mode}
+    if result.expression_change is not None:
+        stored["expression_change"] = result.expression_change.reset_index(drop=True).set_axis(
+            summary.index.astype(str), axis=0
+        )
+    adata.uns[key_added] = stored
+    for gene, shifts in result.cell_shifts.items():
+        adata.obsm[f"{key_added}_{gene}"] = shifts
+    record_run(
+        adata,
+        key_added,
+        "perturb",
+        model,
+        {
+            "genes": list(summary["perturbed"].unique()),
+            "mode": mode,
+            "value": value,
+            "groupby": groupby,
+            "n_folds": n_folds,
+        },
+    )
+    return summary
+
+
+def predict_response(
+    adata: AnnData,
+    model: GeneTransformer,
+    set: dict[str, Any],  # the name users write: predict_response(adata, m, set={...})
+    *,
+    genes: Sequence[str] | None = None,
+    n_folds: int = 4,
+    batch_size: int | None = None,
+) -> AnnData:
+    """Predict how ``adata``'s cells would look with phenotype tokens swapped (e.g. ``{"condition": "stim"}``).
+
+    See :meth:`~sctransformer.GeneTransformer.predict_response`. ``adata`` is not modified.
+
+    Returns
+    -------
+    AnnData of the same cells and ``genes``: ``X`` the predicted expression after the swap,
+    ``layers["sct_baseline"]`` the prediction with the cells' own phenotypes, in
+    ``log1p(count / library * 1e4)``; ``.obs`` copied; ``uns["sct_response"]`` the swap.
+    """
+    return model.predict_response(adata, set, genes=genes, n_folds=n_folds, batch_size=batch_size)

@@ -1,0 +1,217 @@
+"""Expression of any gene: imputation, condition swaps, in-silico perturbation, generation."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import sctransformer as sct
+from sctransformer.data import to_torch_csr
+
+from ..conftest import QUIET, TINY, fingerprint
+
+
+@pytest.fixture(scope="module")
+def querying():
+    """A tiny model with query tokens, trained on synthetic cells with type and condition tokens."""
+    data = sct.datasets.synthetic(n_cells=160, n_genes=40, n_cell_types=3, n_markers=6, seed=3)
+    data.obs["condition"] = np.where(np.arange(data.n_obs) % 2 == 0, "ctrl", "stim")
+    sct.setup_anndata(data, layer="counts", phenotype_keys=["cell_type", "condition"])
+    model = sct.GeneTransformer(data, **TINY, expression_queries=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=2, batch_size=32, **QUIET)
+    return model, data
+
+
+def naive_expected(model, data, cells, n_folds: int) -> np.ndarray:
+    """Expected values cell by cell, gene by gene: tokenize without the gene's fold, encode, query it."""
+    module = model.module
+    folds = model._gene_folds(n_folds)
+    c2g = torch.as_tensor(model._column_to_gene(data))
+    codes = model._phenotype_inputs(data, data.n_obs, {})
+    out = np.zeros((len(cells), data.n_vars))
+    with torch.no_grad():
+        for i, cell in enumerate(cells):
+            x = to_torch_csr(data.layers["counts"][cell : cell + 1])
+            phen = torch.as_tensor(codes[cell : cell + 1])
+            for j in range(data.n_vars):
+                gene = int(c2g[j])
+                tokens = module.tokenize(x, c2g, held_out=folds == folds[gene])
+                hidden = module.encode(tokens, phen)
+                _, cache, key_mask = module.encode_context(tokens, phen)
+                query = module.decode_queries(cache, key_mask, torch.tensor([gene]), tokens.held_share)
+                cell_embedding = module.cell_embedding(hidden, tokens)[:, None]
+                logit, mean, _ = module.query_outputs(query, torch.tensor([gene]), cell_embedding)
+                out[i, j] = float(torch.sigmoid(logit) * mean.clamp(min=0))
+    return out
+
+
+def test_imputation_is_finite_for_every_gene_and_matches_a_cell_by_cell_reference(querying):
+    model, data = querying
+    before = fingerprint(data)
+    imputed = model.get_normalized_expression(data, batch_size=50)
+    assert imputed.shape == (data.n_obs, data.n_vars) and np.isfinite(imputed).all()
+    assert (imputed >= 0).all()
+    assert fingerprint(data) == before
+    cells = [0, 7, 101]
+    np.testing.assert_allclose(imputed[cells], naive_expected(model, data, cells, 4), rtol=1e-4, atol=1e-5)
+    # one fold: every gene from the phenotype tokens alone, the same for cells with the same tokens
+    alone = model.get_normalized_expression(data, n_folds=1)
+    same = (data.obs["cell_type"] == data.obs["cell_type"].iloc[0]) & (
+        data.obs["condition"] == data.obs["condition"].iloc[0]
+    )
+    np.testing.assert_allclose(
+        alone[same.to_numpy()], np.broadcast_to(alone[0], alone[same.to_numpy()].shape), atol=1e-5
+    )
+
+
+def test_imputation_of_chosen_genes_and_a_phenotype_swap(querying):
+    model, data = querying
+    genes = ["gene_3", "gene_0"]
+    chosen = model.get_normalized_expression(data, genes=genes)
+    everything = model.get_normalized_expression(data)
+    np.testing.assert_allclose(chosen, everything[:, [3, 0]], rtol=1e-5, atol=1e-6)
+    swapped = model.get_normalized_expression(data, genes=genes, phenotypes={"condition": "stim"})
+    stim = (data.obs["condition"] == "stim").to_numpy()
+    np.testing.assert_allclose(swapped[stim], chosen[stim], rtol=1e-5, atol=1e-6)  # already stim: unchanged
+    assert not np.allclose(swapped[~stim], chosen[~stim])
+
+
+def test_predict_response_returns_the_swapped_prediction_and_the_baseline(querying):
+    model, data = querying
+    controls = data[data.obs["condition"] == "ctrl"]
+    before = fingerprint(controls)
+    out = sct.tl.predict_response(controls, model, {"condition": "stim"})
+    assert fingerprint(controls) == before
+    assert out.shape == controls.shape and list(out.obs_names) == list(controls.obs_names)
+    assert out.uns["sct_response"]["set"] == {"condition": "stim"}
+    np.testing.assert_allclose(
+        out.X, model.get_normalized_expression(controls, phenotypes={"condition": "stim"}), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        out.layers["sct_baseline"], model.get_normalized_expression(controls), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match=r"never saw; known values: \['ctrl', 'stim'\]"):
+        model.predict_response(controls, {"condition": "lps"})
+    with pytest.raises(ValueError, match="not a phenotype of the model"):
+        model.predict_response(controls, {"donor": "a"})
+
+
+def test_deletion_equals_tokenizing_without_the_gene_and_runs_only_on_expressing_cells(querying):
+    model, data = querying
+    counts = data.layers["counts"]
+    gene = "gene_5"
+    expressing = np.flatnonzero(np.asarray((counts[:, 5] > 0).todense()).ravel())
+    assert 0 < len(expressing) < data.n_obs
+    result = model.perturb(data, [gene], return_cell_shifts=True, batch_size=17)
+    assert int(result.summary["n_cells"].iloc[0]) == len(expressing)
+    shifts = result.cell_shifts[gene]
+    assert not shifts[np.setdiff1d(np.arange(data.n_obs), expressing)].any()
+    # reference: the gene held out of the tokens (library and bins as measured), one cell at a time
+    module, c2g = model.module, torch.as_tensor(model._column_to_gene(data))
+    held = torch.zeros(len(model.vocabulary_), dtype=torch.bool)
+    held[5] = True
+    codes = torch.as_tensor(model._phenotype_inputs(data, data.n_obs, {}))
+    with torch.no_grad():
+        # cells within max_length (re-tokenising a longer cell lets the next gene into the freed place)
+        short = [c for c in expressing if counts[c].nnz <= TINY["max_length"]]
+        assert len(short) >= 5
+        for cell in short[:5]:
+            x = to_torch_csr(counts[cell : cell + 1])
+            full, without = module.tokenize(x, c2g), module.tokenize(x, c2g, held_out=held)
+            before = module.cell_embedding(module.encode(full, codes[cell : cell + 1]), full)
+            after = module.cell_embedding(module.encode(without, codes[cell : cell + 1]), without)
+            np.testing.assert_allclose(shifts[cell], (after - before)[0].numpy(), rtol=1e-4, atol=1e-5)
+    change = result.expression_change
+    assert change.shape == (1, len(model.vocabulary_)) and np.isfinite(change.to_numpy()).all()
+    assert gene not in result.summary["most_changed"].iloc[0]
+
+
+def test_overexpression_runs_on_every_cell_and_groups_are_reported(querying):
+    model, data = querying
+    result = model.perturb(data, "gene_2", mode="overexpress", groupby="cell_type", predict_expression=False)
+    assert set(result.summary["group"]) == set(data.obs["cell_type"].astype(str))
+    assert result.summary["n_cells"].sum() == data.n_obs
+    assert (result.summary["embedding_shift"] > 0).all() and result.expression_change is None
+    fixed = model.perturb(data, "gene_2", mode="overexpress", value=3.0, predict_expression=False)
+    assert fixed.summary["embedding_shift"].iloc[0] != pytest.approx(result.summary["embedding_shift"].mean())
+
+
+def test_perturbation_bad_input(querying):
+    model, data = querying
+    with pytest.raises(ValueError, match=r"not in the model's vocabulary.*\['NOPE', 'ALSO_NOT'\]"):
+        model.perturb(data, ["gene_1", "NOPE", "ALSO_NOT"])
+    silent = data.copy()
+    counts = silent.layers["counts"].toarray()
+    counts[:, 9] = 0
+    silent.layers["counts"] = sp.csr_matrix(counts)
+    with pytest.warns(UserWarning, match="gene_9 is expressed in no cell"):
+        result = model.perturb(silent, ["gene_9", "gene_1"], predict_expression=False)
+    assert list(result.summary["perturbed"]) == ["gene_1"]
+    with pytest.raises(ValueError, match="mode must be"):
+        model.perturb(data, "gene_1", mode="knockdown")
+    with pytest.raises(ValueError, match="value is the over-expressed"):
+        model.perturb(data, "gene_1", value=2.0)
+
+
+def test_tl_perturb_writes_results_and_they_plot(querying):
+    model, data = querying
+    adata = data.copy()
+    summary = sct.tl.perturb(adata, model, ["gene_1", "gene_4"], store_cell_shifts=True)
+    assert list(summary["perturbed"]) == ["gene_1", "gene_4"]
+    stored = adata.uns["sct_perturb"]
+    assert stored["expression_change"].shape == (2, adata.n_vars)
+    assert adata.obsm["sct_perturb_gene_1"].shape == (adata.n_obs, TINY["d_model"])
+    assert sct.pl.perturbation(adata, show=False) is not None
+    assert sct.pl.perturbation(adata, gene="gene_4", n=5, show=False) is not None
+    with pytest.raises(ValueError, match="was not perturbed"):
+        sct.pl.perturbation(adata, gene="gene_7", show=False)
+
+
+def test_generation_is_reproducible_with_a_seed(querying):
+    model, _ = querying
+    tokens = {"cell_type": "type_1", "condition": "stim"}
+    first = model.generate(tokens, 12, seed=4, n_steps=3)
+    again = model.generate(tokens, 12, seed=4, n_steps=3)
+    other = model.generate(tokens, 12, seed=5, n_steps=3)
+    assert first.shape == (12, len(model.vocabulary_))
+    np.testing.assert_array_equal(first.X.toarray(), again.X.toarray())
+    assert not np.array_equal(first.X.toarray(), other.X.toarray())
+    assert (first.X.data > 0).all() and np.isfinite(first.X.data).all() and first.X.nnz > 0
+    assert (first.obs["condition"] == "stim").all()
+    assert first.uns["sct_generation"]["seed"] == 4
+
+
+def test_generation_and_imputation_bad_input(querying, adata):
+    model, _ = querying
+    with pytest.raises(ValueError, match="n_cells must be a positive integer"):
+        model.generate({"cell_type": "type_1"}, 0)
+    with pytest.raises(ValueError, match=r"never saw; known values: \['type_0', 'type_1', 'type_2'\]"):
+        model.generate({"cell_type": "type_9"}, 5)
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    plain = sct.GeneTransformer(adata, **TINY)
+    with pytest.raises(ValueError, match="expression_queries"):
+        plain.get_normalized_expression(adata)
+
+
+def test_response_plot_shows_the_predicted_and_observed_mean_changes(querying):
+    model, data = querying
+    controls = data[(data.obs["condition"] == "ctrl") & (data.obs["cell_type"] == "type_0")]
+    predicted = sct.tl.predict_response(controls, model, {"condition": "stim"})
+    ax = sct.pl.response(predicted, data, genes=["gene_2"], groupby="cell_type", show=False)
+    x, y = np.asarray(ax.collections[0].get_offsets()).T
+    np.testing.assert_allclose(
+        x, predicted.X.mean(0) - predicted.layers["sct_baseline"].mean(0), rtol=1e-4, atol=1e-5
+    )
+    counts = data.layers["counts"].toarray()
+    values = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    stim = ((data.obs["condition"] == "stim") & (data.obs["cell_type"] == "type_0")).to_numpy()
+    ctrl = data.obs_names.isin(controls.obs_names)
+    np.testing.assert_allclose(y, values[stim].mean(0) - values[ctrl].mean(0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="predict_response"):
+        sct.pl.response(controls, data, show=False)

@@ -1,0 +1,242 @@
+"""Query tokens, held-out genes and token edits (in-silico perturbation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from sctransformer.data import to_torch_csr
+from sctransformer.module import GeneTransformerModule, Tokenizer
+
+N_GENES = 30
+
+
+def counts(seed: int = 0, n_cells: int = 7) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(3.0, size=(n_cells, N_GENES)).astype(np.float32)
+    x[rng.random(x.shape) > 0.6] = 0
+    x[0] = 0  # a cell without genes
+    return x
+
+
+def make_module(**overrides) -> GeneTransformerModule:
+    kwargs = dict(
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_ff=32,
+        dropout=0.0,
+        max_length=8,
+        value_encoding="binned",
+        n_bins=4,
+        binning="quantile",
+        bin_edges=None,
+        label_smoothing=0.0,
+        cell_expression_loss=False,
+        expression_queries=True,
+        cell_profile=True,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return GeneTransformerModule(N_GENES, [3], **kwargs).eval()
+
+
+def by_gene(tokens, i: int, mask) -> dict[int, tuple[float, int]]:
+    keep = mask[i]
+    return {
+        int(g): (float(v), int(b))
+        for g, v, b in zip(
+            tokens.gene_ids[i][keep], tokens.values[i][keep], tokens.bins[i][keep], strict=True
+        )
+    }
+
+
+def test_held_out_genes_leave_context_and_profile_but_not_values_or_bins():
+    x = counts()
+    tokenizer = Tokenizer(N_GENES, max_length=N_GENES, n_bins=4)
+    full = tokenizer(torch.as_tensor(x), torch.arange(N_GENES))
+    held = torch.zeros(N_GENES, dtype=torch.bool)
+    held[::3] = True
+    part = tokenizer(torch.as_tensor(x), torch.arange(N_GENES), held_out=held)
+    for i in range(len(x)):
+        expected = {g: vb for g, vb in by_gene(full, i, full.is_context).items() if not held[g]}
+        assert by_gene(part, i, part.is_context) == expected  # same values and bins, held genes gone
+    assert not held[part.all_genes].any()
+    torch.testing.assert_close(part.held_share, torch.full((len(x),), 10 / N_GENES))
+    assert torch.equal(
+        part.n_expressed, torch.as_tensor([(x[i] > 0)[~held.numpy()].sum() for i in range(len(x))])
+    )
+
+
+def test_expressed_queries_are_held_out_genes_with_their_values():
+    x = counts(1, n_cells=40)
+    tokenizer = Tokenizer(N_GENES, max_length=6, n_bins=4)
+    full = tokenizer(torch.as_tensor(x), torch.arange(N_GENES))
+    gen = torch.Generator().manual_seed(0)
+    out = tokenizer(torch.as_tensor(x), torch.arange(N_GENES), n_queries=3, generator=gen)
+    expressed_queries = out.is_query & ~out.is_unexpressed
+    assert expressed_queries.any() and (expressed_queries.sum(1) <= 3).all()
+    library = x.sum(1)
+    for i in range(len(x)):
+        context = set(out.gene_ids[i][out.is_context[i]].tolist())
+        for g, v in zip(
+            out.gene_ids[i][expressed_queries[i]].tolist(),
+            out.values[i][expressed_queries[i]].tolist(),
+            strict=True,
+        ):
+            assert x[i, g] > 0 and g not in context
+            assert v == pytest.approx(np.log1p(x[i, g] / library[i] * 1e4), rel=1e-5)
+        for g in out.gene_ids[i][out.is_unexpressed[i]].tolist():
+            assert x[i, g] == 0
+        # the context's genes keep the values they have without hold-out
+        reference = by_gene(full, i, torch.ones_like(full.is_token, dtype=torch.bool) & full.is_token)
+        for g, (v, _) in by_gene(out, i, out.is_context).items():
+            if g in reference:
+                assert v == pytest.approx(reference[g][0])
+    rows = torch.repeat_interleave(torch.arange(len(x)), out.n_expressed)
+    for i in range(len(x)):
+        queried = set(out.gene_ids[i][expressed_queries[i]].tolist())
+        assert not queried & set(out.all_genes[rows == i].tolist())  # queried genes left the profile
+
+
+def test_decoded_queries_equal_queries_inside_the_sequence_and_leave_the_context_alone():
+    module = make_module()
+    x = to_torch_csr(sp.csr_matrix(counts(2)))
+    gen = torch.Generator().manual_seed(0)
+    tokens = module.tokenize(x, torch.arange(N_GENES), n_queries=3, generator=gen)
+    phenotypes = torch.full((tokens.gene_ids.shape[0], 1), -1)
+    with torch.no_grad():
+        hidden = module.encode(tokens, phenotypes)
+        # the same cells without their query tokens
+        context_only = torch.zeros_like(tokens.is_token)
+        stripped = type(tokens)(
+            **{**tokens.__dict__, "is_token": tokens.is_context, "is_query": context_only}
+        )
+        alone = module.encode(stripped, phenotypes)
+        context = torch.cat(
+            [torch.ones(len(phenotypes), module.n_prefix, dtype=torch.bool), tokens.is_context], 1
+        )
+        torch.testing.assert_close(hidden[context], alone[context], atol=1e-5, rtol=1e-5)
+        _, cache, key_mask = module.encode_context(stripped, phenotypes)
+        decoded = module.decode_queries(cache, key_mask, tokens.gene_ids, tokens.held_share)
+        queries = tokens.is_query
+        in_sequence = hidden[:, module.n_prefix :][queries]
+        torch.testing.assert_close(decoded[queries], in_sequence, atol=1e-5, rtol=1e-5)
+        shared = module.decode_queries(cache, key_mask, torch.arange(5), tokens.held_share)
+        torch.testing.assert_close(
+            shared[:, 2], module.decode_queries(cache, key_mask, torch.tensor([2]), tokens.held_share)[:, 0]
+        )
+
+
+def test_query_losses_train_the_query_head_and_correct_for_sampling_rates():
+    module = make_module().train()
+    x = to_torch_csr(sp.csr_matrix(counts(3, n_cells=30)))
+    gen = torch.Generator().manual_seed(0)
+    tokens = module.tokenize(x, torch.arange(N_GENES), n_queries=4, generator=gen)
+    phenotypes = torch.full((30, 1), -1)
+    hidden = module.encode(tokens, phenotypes)
+    out = module.loss(hidden, tokens, torch.zeros_like(tokens.is_token), phenotypes, phenotypes >= 0, ["a"])
+    assert {"query_expressed", "query_value"} <= set(out.components)
+    out.total.backward()
+    assert module.query_head[0].weight.grad.abs().sum() > 0
+    # with a head that says "expressed" at even odds, the loss is that of the offsets alone
+    with torch.no_grad():
+        for p in [*module.query_head.parameters(), module.query_bias.weight, module.query_interaction.weight]:
+            p.zero_()
+    out = module.loss(
+        module.encode(tokens, phenotypes),
+        tokens,
+        torch.zeros_like(tokens.is_token),
+        phenotypes,
+        phenotypes >= 0,
+        ["a"],
+    )
+    queries = tokens.is_query
+    expressed = queries & ~tokens.is_unexpressed
+    rate_e = expressed.sum(1) / tokens.n_held[:, 0].clamp(min=1)
+    rate_u = tokens.is_unexpressed.sum(1) / tokens.n_held[:, 1].clamp(min=1)
+    offset = (torch.log(rate_e.clamp(min=1e-12)) - torch.log(rate_u.clamp(min=1e-12)))[
+        torch.nonzero(queries)[:, 0]
+    ]
+    target = expressed[queries].float()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(offset, target)
+    torch.testing.assert_close(out.components["query_expressed"], expected)
+
+
+def test_deleting_a_gene_edits_exactly_its_token_as_retokenising_without_it_does():
+    x = counts(4, n_cells=12)
+    tokenizer = Tokenizer(N_GENES, max_length=N_GENES, n_bins=4, binning="quantile")
+    tokens = tokenizer(torch.as_tensor(x), torch.arange(N_GENES))
+    gene = int(np.argmax((x > 0).sum(0)))
+    edited = tokens.without_gene(gene)
+    copy = x.copy()
+    copy[:, gene] = 0
+    again = tokenizer(torch.as_tensor(copy), torch.arange(N_GENES))
+    for i in range(len(x)):
+        before = by_gene(tokens, i, tokens.is_context)
+        after = by_gene(edited, i, edited.is_context)
+        assert set(after) == set(by_gene(again, i, again.is_context))  # the same genes as re-tokenising
+        assert gene not in after and after == {g: vb for g, vb in before.items() if g != gene}
+    changed = (edited.is_token != tokens.is_token).nonzero()
+    assert (tokens.gene_ids[changed[:, 0], changed[:, 1]] == gene).all()
+    assert int((x[:, gene] > 0).sum()) == len(changed)
+    assert (edited.all_values[edited.all_genes == gene] == 0).all()
+    assert torch.equal(
+        edited.all_values[edited.all_genes != gene], tokens.all_values[tokens.all_genes != gene]
+    )
+
+
+def test_deleting_a_gene_removes_it_from_the_profile_token():
+    module = make_module(max_length=3)  # most cells have genes beyond max_length
+    x = counts(5, n_cells=10)
+    gene = int(np.argmax((x > 0).sum(0)))
+    copy = x.copy()
+    copy[:, gene] = 0
+    tokens = module.tokenize(torch.as_tensor(x), torch.arange(N_GENES))
+    with torch.no_grad():
+        edited = module.profile(tokens.without_gene(gene), None)
+        # the profile of the re-tokenised copy, with the unperturbed values (library sizes)
+        library = torch.as_tensor(x.sum(1))
+        rows, cols = np.nonzero(copy)
+        values = torch.log1p(torch.as_tensor(copy[rows, cols]) / library[rows] * 1e4)
+        direct = torch.zeros(len(x), 16).index_add_(
+            0, torch.as_tensor(rows), values[:, None] * module.profile_embedding.weight[cols]
+        )
+        torch.testing.assert_close(edited, module.profile_norm(direct), atol=1e-5, rtol=1e-5)
+
+
+def test_setting_a_gene_changes_or_adds_its_token_and_profile_entry():
+    x = counts(6, n_cells=9)
+    tokenizer = Tokenizer(N_GENES, max_length=N_GENES, n_bins=4)
+    tokens = tokenizer(torch.as_tensor(x), torch.arange(N_GENES))
+    gene = int(np.argmin((x > 0).sum(0)))
+    value = torch.full((9,), 7.5)
+    edited = tokens.with_gene(gene, value, torch.full((9,), 3))
+    rows = torch.repeat_interleave(torch.arange(9), edited.n_expressed)
+    for i in range(9):
+        after = by_gene(edited, i, edited.is_context)
+        before = by_gene(tokens, i, tokens.is_context)
+        assert after[gene] == (7.5, 3)
+        assert {g: vb for g, vb in after.items() if g != gene} == {
+            g: vb for g, vb in before.items() if g != gene
+        }
+        profile = dict(
+            zip(edited.all_genes[rows == i].tolist(), edited.all_values[rows == i].tolist(), strict=True)
+        )
+        assert profile[gene] == 7.5 and len(profile) == len(after)
+
+
+@pytest.mark.parametrize("binning", ["quantile", "fixed"])
+def test_tokens_from_values_match_tokens_from_counts(binning):
+    x = counts(7, n_cells=8)
+    edges = torch.tensor([1.0, 2.0, 3.0]) if binning == "fixed" else None
+    tokenizer = Tokenizer(N_GENES, max_length=5, n_bins=4, binning=binning, bin_edges=edges)
+    from_counts = tokenizer(torch.as_tensor(x), torch.arange(N_GENES))
+    values = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
+    from_values = tokenizer.from_values(torch.arange(N_GENES), torch.as_tensor(values, dtype=torch.float32))
+    assert torch.equal(from_values.gene_ids, from_counts.gene_ids)
+    assert torch.equal(from_values.bins, from_counts.bins)
+    torch.testing.assert_close(from_values.values, from_counts.values)
+    torch.testing.assert_close(from_values.all_values, from_counts.all_values)
