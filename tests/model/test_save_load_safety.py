@@ -165,7 +165,9 @@ def test_a_model_saved_with_the_old_is_zero_head_loads_without_it(saved, tmp_pat
     write_model_dir(old, state | {"hyperparameters": hyperparameters}, weights, overwrite=False)
     with pytest.warns(UserWarning, match="is-zero head"):
         loaded = sct.GeneTransformer.load(old)
-    assert loaded.hyperparameters_["expression_queries"] == 0 and "n_unexpressed" not in loaded.hyperparameters_
+    assert (
+        loaded.hyperparameters_["expression_queries"] == 0 and "n_unexpressed" not in loaded.hyperparameters_
+    )
     np.testing.assert_allclose(
         loaded.get_latent_representation(data), model.get_latent_representation(data), rtol=1e-5, atol=1e-6
     )
