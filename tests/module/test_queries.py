@@ -240,3 +240,18 @@ def test_tokens_from_values_match_tokens_from_counts(binning):
     assert torch.equal(from_values.bins, from_counts.bins)
     torch.testing.assert_close(from_values.values, from_counts.values)
     torch.testing.assert_close(from_values.all_values, from_counts.all_values)
+
+
+def test_selecting_cells_gives_their_tokens_and_profiles():
+    x = counts(8, n_cells=9)
+    tokenizer = Tokenizer(N_GENES, max_length=4, n_bins=4)
+    tokens = tokenizer(torch.as_tensor(x), torch.arange(N_GENES))
+    rows = torch.tensor([1, 4, 5, 8])
+    chosen = tokens.select(rows)
+    alone = tokenizer(torch.as_tensor(x[rows.numpy()]), torch.arange(N_GENES))
+    for i in range(len(rows)):
+        assert by_gene(chosen, i, chosen.is_context) == by_gene(alone, i, alone.is_context)
+    assert torch.equal(chosen.all_genes, alone.all_genes) and torch.equal(
+        chosen.n_expressed, alone.n_expressed
+    )
+    torch.testing.assert_close(chosen.all_values, alone.all_values)

@@ -373,10 +373,13 @@ class ExpressionMixin:
     ) -> PerturbationResult:
         """In-silico deletion or over-expression of each gene of ``genes`` (Geneformer-style).
 
-        Each cell is tokenized once; a perturbation edits the tokens (a deleted gene's token is
-        masked out of attention and its ``[PROFILE]`` weight set to 0; an over-expressed gene's
-        value and bin are set, or a token is appended) and reruns the forward pass, in batches.
-        Deletion runs on the cells that express the gene; over-expression on every cell.
+        Each minibatch of cells is tokenized and encoded once; each gene's perturbation edits those
+        tokens (a deleted gene's token is masked out of attention and its ``[PROFILE]`` weight set
+        to 0; an over-expressed gene's value and bin are set, or a token is appended) and reruns
+        the forward pass. Deletion runs on the cells that express the gene; over-expression on
+        every cell. Predicted expression (``predict_expression``) is computed by gene folds, before
+        and after the same edit, with the perturbed gene kept in every fold's input: ``n_folds + 1``
+        more passes per gene.
 
         Parameters
         ----------
@@ -392,7 +395,7 @@ class ExpressionMixin:
             ``.obs`` column: report each group of cells separately.
         predict_expression
             Also predict every vocabulary gene before and after (models with
-            ``expression_queries``; ``2 * n_folds`` passes per gene instead of 2).
+            ``expression_queries``; ``n_folds + 1`` more passes per gene).
         n_folds
             Gene folds of the expression prediction, see :meth:`get_normalized_expression`.
         n_top
@@ -440,70 +443,92 @@ class ExpressionMixin:
         batch_codes = self._batch_inputs(adata, None)
         n_genes = len(self.vocabulary_)
 
-        rows, changes, cell_shifts = [], [], {}
+        # which cells each gene is perturbed in: those expressing it (deletion) or all
+        perturbed = {}
+        for target, name in zip(targets, names, strict=True):
+            columns = np.flatnonzero(column_to_gene == target)
+            if mode == "overexpress":
+                perturbed[name] = np.ones(adata.n_obs, dtype=bool)
+                continue
+            expressing = np.asarray((matrix[:, columns] > 0).sum(1)).ravel() > 0 if len(columns) else None
+            if expressing is None or not expressing.any():
+                warnings.warn(f"{name} is expressed in no cell; its deletion is skipped", stacklevel=2)
+                continue
+            perturbed[name] = expressing
+        chosen = [(int(t), name) for t, name in zip(targets, names, strict=True) if name in perturbed]
+        cells = np.flatnonzero(np.any([perturbed[name] for _, name in chosen], axis=0)) if chosen else []
+        d_model = self.module.gene_embedding.embedding_dim
+        shift = {name: np.zeros(adata.n_obs) for _, name in chosen}
+        shifts_full = {name: np.zeros((adata.n_obs, d_model), np.float32) for _, name in chosen}
+        change_sum = {name: np.zeros((len(group_names), n_genes)) for _, name in chosen}
         with self._inference() as device:
             c2g = torch.as_tensor(column_to_gene, device=device)
             vocabulary = torch.arange(n_genes, device=device)
-            for target, name in zip(targets, names, strict=True):
-                columns = np.flatnonzero(column_to_gene == target)
-                expressing = (
-                    np.asarray((matrix[:, columns] > 0).sum(1)).ravel() > 0
-                    if len(columns)
-                    else np.zeros(adata.n_obs, bool)
+            gene_folds = folds.to(device)
+            # each minibatch is tokenized and encoded once; each gene's perturbation edits its tokens
+            for start in range(0, len(cells), batch_size):
+                idx = cells[start : start + batch_size]
+                x = to_torch_csr(matrix[idx]).to(device)
+                phen = torch.as_tensor(phenotype_codes[idx], device=device)
+                batches = torch.as_tensor(batch_codes[idx], device=device)
+                tokens = self.module.tokenize(x, c2g)
+                before = self.module.cell_embedding(
+                    self.module.encode(tokens, phen, batch_inputs=batches), tokens
                 )
-                cells = np.flatnonzero(expressing) if mode == "delete" else np.arange(adata.n_obs)
-                if len(cells) == 0:
-                    warnings.warn(f"{name} is expressed in no cell; its deletion is skipped", stacklevel=2)
-                    continue
-                shift = np.zeros(adata.n_obs, dtype=np.float64)
-                change_sum = np.zeros((len(group_names), n_genes))
-                shifts_full = np.zeros((adata.n_obs, self.module.gene_embedding.embedding_dim), np.float32)
-                for start in range(0, len(cells), batch_size):
-                    idx = cells[start : start + batch_size]
-                    x = to_torch_csr(matrix[idx]).to(device)
-                    phen = torch.as_tensor(phenotype_codes[idx], device=device)
-                    batches = torch.as_tensor(batch_codes[idx], device=device)
-                    edit = self._perturbation(int(target), mode, value)
-                    tokens = self.module.tokenize(x, c2g)
-                    before = self.module.cell_embedding(
-                        self.module.encode(tokens, phen, batch_inputs=batches), tokens
-                    )
-                    edited = edit(tokens)
-                    after = self.module.cell_embedding(
-                        self.module.encode(edited, phen, batch_inputs=batches), edited
-                    )
-                    cos = torch.nn.functional.cosine_similarity(before.float(), after.float(), dim=-1)
-                    shift[idx] = (1 - cos).cpu().numpy()
-                    if return_cell_shifts:
-                        shifts_full[idx] = (after - before).float().cpu().numpy()
-                    if predict_expression:
-                        base = self._expected(x, c2g, phen, batches, vocabulary, folds, keep=int(target))
-                        moved = self._expected(
-                            x, c2g, phen, batches, vocabulary, folds, keep=int(target), edit=edit
-                        )
-                        delta = (moved - base).double().cpu().numpy()
-                        np.add.at(change_sum, group_codes[idx], delta)
-                for g, group in enumerate(group_names):
-                    in_group = cells[group_codes[cells] == g]
-                    if len(in_group) == 0:
+                base_all = (
+                    self._expected(x, c2g, phen, batches, vocabulary, folds) if predict_expression else None
+                )
+                for target, name in chosen:
+                    rows = np.flatnonzero(perturbed[name][idx])
+                    if len(rows) == 0:
                         continue
-                    row = {
-                        "perturbed": name,
-                        "group": group,
-                        "n_cells": len(in_group),
-                        "embedding_shift": float(shift[in_group].mean()),
-                    }
+                    at = torch.as_tensor(rows, device=device)
+                    edit = self._perturbation(target, mode, value)
+                    edited = edit(tokens.select(at))
+                    after = self.module.cell_embedding(
+                        self.module.encode(edited, phen[at], batch_inputs=batches[at]), edited
+                    )
+                    cos = torch.nn.functional.cosine_similarity(before[at].float(), after.float(), dim=-1)
+                    shift[name][idx[rows]] = (1 - cos).cpu().numpy()
+                    if return_cell_shifts:
+                        shifts_full[name][idx[rows]] = (after - before[at]).float().cpu().numpy()
                     if predict_expression:
-                        mean_change = change_sum[g] / len(in_group)
-                        changes.append(mean_change)
-                        order = [i for i in np.argsort(-np.abs(mean_change)) if i != target][:n_top]
-                        row["most_changed"] = ", ".join(
-                            f"{self.vocabulary_.genes[i]} {mean_change[i]:+.3f}" for i in order
+                        xs = to_torch_csr(matrix[idx[rows]]).to(device)
+                        # the gene stays in the input of its own fold too, before and after the edit
+                        same_fold = torch.nonzero(gene_folds == gene_folds[target]).squeeze(1)
+                        base = base_all[at].clone()
+                        base[:, same_fold] = self._expected(
+                            xs, c2g, phen[at], batches[at], same_fold, folds, keep=target
                         )
-                        row["max_abs_change"] = float(np.abs(mean_change[order]).max()) if order else 0.0
-                    rows.append(row)
-                if return_cell_shifts:
-                    cell_shifts[name] = shifts_full
+                        moved = self._expected(
+                            xs, c2g, phen[at], batches[at], vocabulary, folds, keep=target, edit=edit
+                        )
+                        np.add.at(
+                            change_sum[name], group_codes[idx[rows]], (moved - base).double().cpu().numpy()
+                        )
+
+        rows, changes = [], []
+        for target, name in chosen:
+            for g, group in enumerate(group_names):
+                in_group = np.flatnonzero(perturbed[name] & (group_codes == g))
+                if len(in_group) == 0:
+                    continue
+                row = {
+                    "perturbed": name,
+                    "group": group,
+                    "n_cells": len(in_group),
+                    "embedding_shift": float(shift[name][in_group].mean()),
+                }
+                if predict_expression:
+                    mean_change = change_sum[name][g] / len(in_group)
+                    changes.append(mean_change)
+                    order = [i for i in np.argsort(-np.abs(mean_change)) if i != target][:n_top]
+                    row["most_changed"] = ", ".join(
+                        f"{self.vocabulary_.genes[i]} {mean_change[i]:+.3f}" for i in order
+                    )
+                    row["max_abs_change"] = float(np.abs(mean_change[order]).max()) if order else 0.0
+                rows.append(row)
+        cell_shifts = shifts_full if return_cell_shifts else {}
         columns = ["perturbed", "group", "n_cells", "embedding_shift"]
         columns += ["most_changed", "max_abs_change"] if predict_expression else []
         summary = pd.DataFrame(rows, columns=columns)

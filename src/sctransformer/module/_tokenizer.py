@@ -84,6 +84,24 @@ class TokenizedCells:
             torch.arange(len(self.n_expressed), device=self.n_expressed.device), self.n_expressed
         )
 
+    def select(self, rows: torch.Tensor) -> TokenizedCells:
+        """The tokens of the cells ``rows`` (increasing indices)."""
+        keep = torch.isin(self._profile_rows(), rows)
+        return replace(
+            self,
+            gene_ids=self.gene_ids[rows],
+            values=self.values[rows],
+            bins=self.bins[rows],
+            is_token=self.is_token[rows],
+            is_unexpressed=self.is_unexpressed[rows],
+            n_expressed=self.n_expressed[rows],
+            all_genes=None if self.all_genes is None else self.all_genes[keep],
+            all_values=None if self.all_values is None else self.all_values[keep],
+            is_query=self.is_query[rows],
+            held_share=self.held_share[rows],
+            n_held=None if self.n_held is None else self.n_held[rows],
+        )
+
     def without_gene(self, gene: int) -> TokenizedCells:
         """These cells with ``gene`` deleted: its context token becomes padding and its profile weight 0.
 
