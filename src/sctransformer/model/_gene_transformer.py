@@ -249,9 +249,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
     expression_queries
         Train the model to predict the expression of genes a cell's input does not contain,
         which :meth:`get_normalized_expression`, :meth:`predict_response`, :meth:`perturb` and
-        :meth:`generate` need: each training cell holds a random share (uniform in ``[0, 1)``) of
-        its expressed genes out of its input, and up to this many of them, and this many
-        unexpressed genes, become *query tokens*: tokens that attend to the cell but that no
+        :meth:`generate` need: each training cell holds a random share of the vocabulary out of
+        its input (uniform in ``[0, 1.1)``, capped at 1: about 9% of the cells keep only their
+        phenotype tokens), and up to this many of the held-out genes it expresses, and this many
+        of those it does not, become *query tokens*: tokens that attend to the cell but that no
         token attends to, whose outputs feed a head of the probability that the gene is
         expressed and of the mean and variance of its log1p-normalised value. ``0`` (default)
         trains no such head; 32 is a good start. It costs training time, and the cells seen

@@ -244,8 +244,8 @@ class Tokenizer(nn.Module):
             gene is not in the vocabulary (they still count towards the library size).
         n_queries
             With a positive number, each cell holds a random set of vocabulary genes out of its
-            context (a share drawn uniformly in ``[0, 1)`` per cell, then each gene
-            independently); up to ``n_queries`` of the held-out genes it expresses and up to
+            context (a share drawn uniformly in ``[0, 1.1)`` per cell and capped at 1, then each
+            gene independently); up to ``n_queries`` of the held-out genes it expresses and up to
             ``n_queries`` of those it does not, chosen at random, become query tokens.
         held_out
             ``(n_genes,)`` or ``(n_cells, n_genes)`` boolean mask of vocabulary genes to leave out
@@ -274,7 +274,9 @@ class Tokenizer(nn.Module):
             if held_out.dim() == 1:
                 held_out = held_out.expand(n_cells, -1)
         if n_queries > 0:
-            share = torch.rand(n_cells, 1, generator=generator, device=device)
+            # a share uniform in [0, 1.1), capped at 1: about 9% of the cells hold every gene out and
+            # train the prediction from phenotype tokens alone, where generation starts
+            share = (1.1 * torch.rand(n_cells, 1, generator=generator, device=device)).clamp(max=1.0)
             drawn = torch.rand(n_cells, self.n_genes, generator=generator, device=device) < share
             held_out = drawn if held_out is None else held_out | drawn
         if held_out is not None:
