@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -29,7 +30,8 @@ def querying():
 
 
 def naive_expected(model, data, cells, n_folds: int) -> np.ndarray:
-    """Expected values cell by cell, gene by gene: tokenize without the gene's fold, encode, query it."""
+    """Expected values cell by cell, gene by gene: the cell without the gene's fold, with the gene
+    appended as a query token inside the sequence (not through the key/value cache)."""
     module = model.module
     folds = model._gene_folds(n_folds)
     c2g = torch.as_tensor(model._column_to_gene(data))
@@ -41,12 +43,20 @@ def naive_expected(model, data, cells, n_folds: int) -> np.ndarray:
             phen = torch.as_tensor(codes[cell : cell + 1])
             for j in range(data.n_vars):
                 gene = int(c2g[j])
-                tokens = module.tokenize(x, c2g, held_out=folds == folds[gene])
-                hidden = module.encode(tokens, phen)
-                _, cache, key_mask = module.encode_context(tokens, phen)
-                query = module.decode_queries(cache, key_mask, torch.tensor([gene]), tokens.held_share)
-                cell_embedding = module.cell_embedding(hidden, tokens)[:, None]
-                logit, mean, _ = module.query_outputs(query, torch.tensor([gene]), cell_embedding)
+                t = module.tokenize(x, c2g, held_out=folds == folds[gene])
+                one, no = torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.bool)
+                t = dataclasses.replace(
+                    t,
+                    gene_ids=torch.cat([t.gene_ids, torch.tensor([[gene]])], 1),
+                    values=torch.cat([t.values, torch.zeros(1, 1)], 1),
+                    bins=torch.cat([t.bins, torch.full((1, 1), -1)], 1),
+                    is_token=torch.cat([t.is_token, one], 1),
+                    is_unexpressed=torch.cat([t.is_unexpressed, no], 1),
+                    is_query=torch.cat([t.is_query, one], 1),
+                )
+                hidden = module.encode(t, phen)
+                cell_embedding = module.cell_embedding(hidden, t)
+                logit, mean, _ = module.query_outputs(hidden[:, -1], torch.tensor([gene]), cell_embedding)
                 out[i, j] = float(torch.sigmoid(logit) * mean.clamp(min=0))
     return out
 
@@ -139,6 +149,12 @@ def test_overexpression_runs_on_every_cell_and_groups_are_reported(querying):
     assert result.summary["n_cells"].sum() == data.n_obs
     assert (result.summary["embedding_shift"] > 0).all() and result.expression_change is None
     fixed = model.perturb(data, "gene_2", mode="overexpress", value=3.0, predict_expression=False)
+    twice = model.perturb(data, ["gene_2", "gene_2"], mode="overexpress", predict_expression=False)
+    assert len(twice.summary) == 1 and twice.summary["embedding_shift"].iloc[0] == pytest.approx(
+        model.perturb(data, "gene_2", mode="overexpress", predict_expression=False)
+        .summary["embedding_shift"]
+        .iloc[0]
+    )
     assert fixed.summary["embedding_shift"].iloc[0] != pytest.approx(result.summary["embedding_shift"].mean())
 
 

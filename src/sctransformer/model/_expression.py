@@ -412,14 +412,14 @@ class ExpressionMixin:
         """
         if mode not in ("delete", "overexpress"):
             raise ValueError(f"mode must be 'delete' or 'overexpress', got {mode!r}")
-        if value is not None and (mode != "overexpress" or not np.isfinite(value) or value < 0):
+        if value is not None and (mode != "overexpress" or not np.isfinite(value) or value <= 0):
             raise ValueError(
-                "value is the over-expressed log1p-normalised value: a finite number >= 0 with "
+                "value is the over-expressed log1p-normalised value: a finite number > 0 with "
                 "mode='overexpress'"
             )
         if predict_expression:
             self._require_queries("perturb(predict_expression=True)")
-        targets = self._vocabulary_indices(genes, "genes")
+        targets = pd.unique(self._vocabulary_indices(genes, "genes"))  # each gene once
         names = [self.vocabulary_.genes[t] for t in targets]
         folds = self._gene_folds(n_folds)
         batch_size = self._check_batch_size(batch_size)
@@ -447,8 +447,8 @@ class ExpressionMixin:
         perturbed = {}
         for target, name in zip(targets, names, strict=True):
             columns = np.flatnonzero(column_to_gene == target)
-            if mode == "overexpress":
-                perturbed[name] = np.ones(adata.n_obs, dtype=bool)
+            if mode == "overexpress":  # every cell with genes to compare it to
+                perturbed[name] = np.asarray(matrix.sum(1)).ravel() > 0
                 continue
             expressing = np.asarray((matrix[:, columns] > 0).sum(1)).ravel() > 0 if len(columns) else None
             if expressing is None or not expressing.any():
@@ -459,7 +459,11 @@ class ExpressionMixin:
         cells = np.flatnonzero(np.any([perturbed[name] for _, name in chosen], axis=0)) if chosen else []
         d_model = self.module.gene_embedding.embedding_dim
         shift = {name: np.zeros(adata.n_obs) for _, name in chosen}
-        shifts_full = {name: np.zeros((adata.n_obs, d_model), np.float32) for _, name in chosen}
+        shifts_full = (
+            {name: np.zeros((adata.n_obs, d_model), np.float32) for _, name in chosen}
+            if return_cell_shifts
+            else {}
+        )
         change_sum = {name: np.zeros((len(group_names), n_genes)) for _, name in chosen}
         with self._inference() as device:
             c2g = torch.as_tensor(column_to_gene, device=device)
@@ -480,11 +484,21 @@ class ExpressionMixin:
                 )
                 for target, name in chosen:
                     rows = np.flatnonzero(perturbed[name][idx])
+                    if mode == "delete" and not self.module.cell_profile:
+                        # without [PROFILE], a gene cut by max_length is not in the input at all
+                        present = (tokens.is_context & (tokens.gene_ids == target)).any(1).cpu().numpy()
+                        perturbed[name][idx[rows[~present[rows]]]] = False
+                        rows = rows[present[rows]]
                     if len(rows) == 0:
                         continue
                     at = torch.as_tensor(rows, device=device)
-                    edit = self._perturbation(target, mode, value)
-                    edited = edit(tokens.select(at))
+                    selected = tokens.select(at)
+                    edit = self._perturbation(
+                        target,
+                        mode,
+                        *(self._overexpression(selected, target, value) if mode == "overexpress" else ()),
+                    )
+                    edited = edit(selected)
                     after = self.module.cell_embedding(
                         self.module.encode(edited, phen[at], batch_inputs=batches[at]), edited
                     )
@@ -528,7 +542,7 @@ class ExpressionMixin:
                     )
                     row["max_abs_change"] = float(np.abs(mean_change[order]).max()) if order else 0.0
                 rows.append(row)
-        cell_shifts = shifts_full if return_cell_shifts else {}
+        cell_shifts = shifts_full
         columns = ["perturbed", "group", "n_cells", "embedding_shift"]
         columns += ["most_changed", "max_abs_change"] if predict_expression else []
         summary = pd.DataFrame(rows, columns=columns)
@@ -541,34 +555,40 @@ class ExpressionMixin:
             )
         return PerturbationResult(summary, change, cell_shifts, mode)
 
+    def _overexpression(
+        self, tokens: TokenizedCells, gene: int, value: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level and bin of ``gene`` over-expressed in each cell of ``tokens`` (nothing held out).
+
+        ``value=None``: the cell's highest value, in the top bin. A given value: for quantile bins,
+        the bin it takes among the cell's other expressed genes (as the tokenizer bins).
+        """
+        rows = tokens.profile_rows()
+        n_cells = len(tokens.n_expressed)
+        tokenizer, n_bins = self.module.tokenizer, self.module.n_bins
+        if value is None:
+            top = torch.zeros(n_cells, device=rows.device).scatter_reduce(
+                0, rows, tokens.all_values.float(), "amax"
+            )
+            return top, torch.full_like(top, n_bins - 1, dtype=torch.long)
+        level = torch.full((n_cells,), float(value), device=rows.device)
+        if tokenizer.binning == "fixed":
+            return level, torch.bucketize(level, tokenizer.bin_edges, right=True)
+        others = tokens.all_genes != gene
+        below = torch.zeros_like(level).index_add_(
+            0, rows, ((tokens.all_values < level[rows]) & others).float()
+        )
+        n_all = torch.zeros_like(level).index_add_(0, rows, others.float()) + 1
+        return level, torch.div(below * n_bins, n_all, rounding_mode="floor").long().clamp(max=n_bins - 1)
+
+    @staticmethod
     def _perturbation(
-        self, gene: int, mode: PerturbationMode, value: float | None
+        gene: int, mode: PerturbationMode, level: torch.Tensor | None = None, bins: torch.Tensor | None = None
     ) -> Callable[[TokenizedCells], TokenizedCells]:
-        """The token edit of deleting or over-expressing vocabulary gene ``gene``."""
+        """The token edit of deleting ``gene``, or of setting it to ``level`` and ``bins`` (per cell)."""
         if mode == "delete":
             return lambda tokens: tokens.without_gene(gene)
-        tokenizer = self.module.tokenizer
-        n_bins = self.module.n_bins
-
-        def overexpress(tokens: TokenizedCells) -> TokenizedCells:
-            rows = torch.repeat_interleave(
-                torch.arange(len(tokens.n_expressed), device=tokens.values.device), tokens.n_expressed
-            )
-            if value is None:  # each cell's highest value, in the top bin
-                top = torch.zeros(len(tokens.n_expressed), device=rows.device)
-                top = top.scatter_reduce(0, rows, tokens.all_values.float(), "amax")
-                bins = torch.full_like(top, n_bins - 1, dtype=torch.long)
-                return tokens.with_gene(gene, top, bins)
-            level = torch.full((len(tokens.n_expressed),), float(value), device=rows.device)
-            if tokenizer.binning == "fixed":
-                bins = torch.bucketize(level, tokenizer.bin_edges, right=True)
-            else:  # the quantile bin the value would take among the cell's expressed values
-                below = torch.zeros_like(level).index_add_(0, rows, (tokens.all_values < level[rows]).float())
-                bins = torch.div(below * n_bins, (tokens.n_expressed + 1).clamp(min=1), rounding_mode="floor")
-                bins = bins.long().clamp(max=n_bins - 1)
-            return tokens.with_gene(gene, level, bins)
-
-        return overexpress
+        return lambda tokens: tokens.with_gene(gene, level, bins)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -598,7 +618,8 @@ class ExpressionMixin:
         n_cells
             Number of cells.
         seed
-            Seed of the sampling; the same seed gives the same cells.
+            Seed of the sampling; the same seed and ``batch_size`` give the same cells (on the same
+            device).
         n_steps
             Decoding steps.
         genes

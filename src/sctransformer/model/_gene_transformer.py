@@ -68,6 +68,10 @@ _HEADS = (
     "cell_query",
     "cell_expression_head",
     "query_head",
+    "query_bias",
+    "query_cell",
+    "query_interaction",
+    "held_embedding",
     "phenotype_heads",
     "batch_discriminator",
 )

@@ -35,17 +35,18 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """Attend; ``key_mask`` is ``(n, length)`` with ``True`` for tokens that may be attended."""
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor, *, return_keys_values: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attend; ``key_mask`` is ``(n, length)`` with ``True`` for tokens that may be attended.
+
+        With ``return_keys_values``, also the keys and values ``(n, heads, length, d_head)``.
+        """
         n, length, d = x.shape
         q, k, v = self._heads(x)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
-        return self.out(out.transpose(1, 2).reshape(n, length, d))
-
-    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``(n, heads, length, d_head)`` of the tokens ``x`` (already normalised)."""
-        _, k, v = self._heads(x)
-        return k, v
+        out = self.out(out.transpose(1, 2).reshape(n, length, d))
+        return (out, k, v) if return_keys_values else out
 
     def attend(
         self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor
@@ -79,10 +80,15 @@ class EncoderBlock(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """Apply the block."""
-        x = x + self.dropout(self.attention(self.norm_attention(x), key_mask))
-        return x + self.dropout(self.mlp(self.norm_mlp(x)))
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor, *, return_keys_values: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Apply the block; with ``return_keys_values``, also its attention keys and values."""
+        attended = self.attention(self.norm_attention(x), key_mask, return_keys_values=return_keys_values)
+        out, keys, values = attended if return_keys_values else (attended, None, None)
+        x = x + self.dropout(out)
+        x = x + self.dropout(self.mlp(self.norm_mlp(x)))
+        return (x, keys, values) if return_keys_values else x
 
     def decode(
         self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor

@@ -374,8 +374,8 @@ class GeneTransformerModule(nn.Module):
         x, key_mask = self.embed_tokens(tokens, phenotype_inputs, batch_inputs=batch_inputs)
         cache = []
         for block in self.blocks:
-            cache.append(block.attention.keys_values(block.norm_attention(x)))
-            x = block(x, key_mask)
+            x, keys, values = block(x, key_mask, return_keys_values=True)
+            cache.append((keys, values))
         return self.norm(x), cache, key_mask
 
     def decode_queries(
@@ -389,7 +389,9 @@ class GeneTransformerModule(nn.Module):
 
         ``genes`` is ``(n_queries,)`` (shared by all cells) or ``(n, n_queries)``. The same as appending them to the cells as query tokens and calling :meth:`encode`.
         """
-        x = self.query_tokens(genes, held_share).to(cache[0][0].dtype)
+        x = self.query_tokens(
+            genes, held_share
+        )  # float32, as the tokens of encode (autocast casts the layers)
         for block, (k, v) in zip(self.blocks, cache, strict=True):
             x = block.decode(x, k, v, key_mask)
         return self.norm(x)
@@ -526,10 +528,11 @@ class GeneTransformerModule(nn.Module):
         expressed = queries & ~tokens.is_unexpressed
         if tokens.n_held is None:
             raise ValueError("query losses need tokens with sampled queries (tokenize with n_queries > 0)")
+        # the chance that a held-out gene of each kind was queried: 1 where the pool is empty
         n_held = tokens.n_held.float()
-        rate_expressed = expressed.sum(1) / n_held[:, 0].clamp(min=1)
-        rate_unexpressed = tokens.is_unexpressed.sum(1) / n_held[:, 1].clamp(min=1)
-        offset = torch.log(rate_expressed.clamp(min=1e-12)) - torch.log(rate_unexpressed.clamp(min=1e-12))
+        drawn = torch.stack([expressed.sum(1), tokens.is_unexpressed.sum(1)], 1).float()
+        rate = torch.where(n_held > 0, drawn / n_held.clamp(min=1), torch.ones_like(n_held))
+        offset = torch.log(rate[:, 0].clamp(min=1e-12)) - torch.log(rate[:, 1].clamp(min=1e-12))
         rows = torch.nonzero(queries)[:, 0]
         cell = self.cell_embedding(hidden, tokens)[rows]
         logit, mean, log_var = self.query_outputs(

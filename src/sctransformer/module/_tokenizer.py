@@ -79,14 +79,15 @@ class TokenizedCells:
         """``(n_cells, length)`` tokens the cell's other tokens attend to (real, not queries)."""
         return self.is_token & ~self.is_query
 
-    def _profile_rows(self) -> torch.Tensor:
+    def profile_rows(self) -> torch.Tensor:
+        """Cell index of each entry of ``all_genes``."""
         return torch.repeat_interleave(
             torch.arange(len(self.n_expressed), device=self.n_expressed.device), self.n_expressed
         )
 
     def select(self, rows: torch.Tensor) -> TokenizedCells:
         """The tokens of the cells ``rows`` (increasing indices)."""
-        keep = torch.isin(self._profile_rows(), rows)
+        keep = torch.isin(self.profile_rows(), rows)
         return replace(
             self,
             gene_ids=self.gene_ids[rows],
@@ -138,7 +139,7 @@ class TokenizedCells:
         )
         if self.all_genes is None or self.all_values is None:
             return out
-        rows = self._profile_rows()
+        rows = self.profile_rows()
         match = self.all_genes == gene
         all_values = torch.where(match, value.to(self.all_values.dtype)[rows], self.all_values)
         in_profile = torch.zeros(n, dtype=torch.bool, device=rows.device)
@@ -249,8 +250,9 @@ class Tokenizer(nn.Module):
             ``n_queries`` of those it does not, chosen at random, become query tokens.
         held_out
             ``(n_genes,)`` or ``(n_cells, n_genes)`` boolean mask of vocabulary genes to leave out
-            of the context (and of the profile) without querying them; its share of the
-            vocabulary is recorded as ``held_share``.
+            of the context (and of the profile); its share of the vocabulary is recorded as
+            ``held_share``. With ``n_queries``, these genes join the random ones that queries are
+            drawn from.
         generator
             Random generator for the sampled genes and held-out shares.
 
@@ -290,16 +292,7 @@ class Tokenizer(nn.Module):
         # the context: the cell's expressed genes that are not held out, in token order
         c_row, c_gene, c_val = row[~held], gene[~held], val[~held]
         n_expressed = torch.bincount(c_row, minlength=n_cells)
-        block_genes = self._rows(c_row, c_gene, n_cells, self.n_genes)
-        block_values = self._rows(c_row, c_val, n_cells, -1.0)
-        # order each row by decreasing count / gene scale, ties by increasing gene: two stable
-        # row-wise sorts (padding keeps key -1 and sorts last)
-        block_genes, order = block_genes.sort(dim=1, stable=True)
-        block_values = block_values.gather(1, order)
-        scale = torch.cat([self.gene_scale, self.gene_scale.new_ones(1)])[block_genes]
-        key = torch.where(block_values >= 0, block_values / scale, block_values)
-        order = key.sort(dim=1, descending=True, stable=True).indices
-        block_genes, block_values = block_genes.gather(1, order), block_values.gather(1, order)
+        block_genes, block_values = self._ordered(c_row, c_gene, c_val, n_cells)
 
         length = min(block_genes.shape[1], self.max_length)
         is_token = torch.arange(length, device=device) < n_expressed[:, None]
@@ -371,6 +364,23 @@ class Tokenizer(nn.Module):
         block[row, slot] = entries
         return block
 
+    def _ordered(
+        self, row: torch.Tensor, gene: torch.Tensor, value: torch.Tensor, n_cells: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each cell's genes and values in token order, one row per cell, padded (gene ``n_genes``, value -1).
+
+        The order is decreasing ``value / gene_scale``, ties by increasing gene: two stable row-wise
+        sorts (padding keeps key -1 and sorts last).
+        """
+        block_genes = self._rows(row, gene, n_cells, self.n_genes)
+        block_values = self._rows(row, value, n_cells, -1.0)
+        block_genes, order = block_genes.sort(dim=1, stable=True)
+        block_values = block_values.gather(1, order)
+        scale = torch.cat([self.gene_scale, self.gene_scale.new_ones(1)])[block_genes]
+        key = torch.where(block_values >= 0, block_values / scale, block_values)
+        order = key.sort(dim=1, descending=True, stable=True).indices
+        return block_genes.gather(1, order), block_values.gather(1, order)
+
     @staticmethod
     def _normalise(counts: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
         """log1p of counts per ``TARGET_SUM`` of the library (padding, ``-1``, gives 0)."""
@@ -387,14 +397,7 @@ class Tokenizer(nn.Module):
         row, column = torch.nonzero(values > 0, as_tuple=True)
         gene, val = genes.to(values.device)[column], values[row, column].float()
         n_expressed = torch.bincount(row, minlength=n_cells)
-        block_genes = self._rows(row, gene, n_cells, self.n_genes)
-        block_values = self._rows(row, val, n_cells, -1.0)
-        block_genes, order = block_genes.sort(dim=1, stable=True)
-        block_values = block_values.gather(1, order)
-        scale = torch.cat([self.gene_scale, self.gene_scale.new_ones(1)])[block_genes]
-        key = torch.where(block_values >= 0, block_values / scale, block_values)
-        order = key.sort(dim=1, descending=True, stable=True).indices
-        block_genes, block_values = block_genes.gather(1, order), block_values.gather(1, order)
+        block_genes, block_values = self._ordered(row, gene, val, n_cells)
         length = min(block_genes.shape[1], self.max_length)
         is_token = torch.arange(length, device=values.device) < n_expressed[:, None]
         kept = block_values[:, :length]

@@ -296,7 +296,8 @@ class MaskedModelingPlan(pl.LightningModule):
             if not param.requires_grad:
                 continue
             top = name.split(".")[0]
-            is_norm_or_bias = param.ndim < 2 or "embedding" in top
+            # per-gene intercepts of the query head are set from the data: no decay towards 0
+            is_norm_or_bias = param.ndim < 2 or "embedding" in top or top == "query_bias"
             if top == "batch_discriminator":
                 discriminator.append(param)
             else:
