@@ -9,7 +9,10 @@ from sctransformer.data import to_torch_csr
 from sctransformer.module import GeneTransformerModule, SelfAttention
 
 
-def make_module(**overrides) -> GeneTransformerModule:
+def make_module(
+    n_genes: int = 20, phenotype_sizes: tuple[int, ...] = (3, 2), **overrides
+) -> GeneTransformerModule:
+    """A small module (seeded) with the given overrides of its settings."""
     kwargs = dict(
         d_model=16,
         n_layers=2,
@@ -27,7 +30,7 @@ def make_module(**overrides) -> GeneTransformerModule:
     )
     kwargs.update(overrides)
     torch.manual_seed(0)
-    return GeneTransformerModule(20, [3, 2], **kwargs)
+    return GeneTransformerModule(n_genes, list(phenotype_sizes), **kwargs)
 
 
 def counts(seed: int = 0, n_cells: int = 6) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch
 from sctransformer.data import to_torch_csr
 from sctransformer.module import GeneTransformerModule, Tokenizer
 
+from .test_module import make_module as base_module
+
 N_GENES = 30
 
 
@@ -22,25 +24,8 @@ def counts(seed: int = 0, n_cells: int = 7) -> np.ndarray:
 
 
 def make_module(**overrides) -> GeneTransformerModule:
-    kwargs = dict(
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        d_ff=32,
-        dropout=0.0,
-        max_length=8,
-        value_encoding="binned",
-        n_bins=4,
-        binning="quantile",
-        bin_edges=None,
-        label_smoothing=0.0,
-        cell_expression_loss=False,
-        expression_queries=True,
-        cell_profile=True,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    return GeneTransformerModule(N_GENES, [3], **kwargs).eval()
+    settings = dict(max_length=8, label_smoothing=0.0, cell_expression_loss=False, cell_profile=True)
+    return base_module(N_GENES, (3,), **(settings | overrides)).eval()
 
 
 def by_gene(tokens, i: int, mask) -> dict[int, tuple[float, int]]:
