@@ -27,6 +27,8 @@ class _Keys(NamedTuple):
     GENE_EMBEDDING: str = "sct_gene_embedding"
     #: ``.var`` column of the modules written by :func:`sctransformer.tl.gene_modules`.
     GENE_MODULE: str = "sct_gene_module"
+    #: ``.uns`` key (and ``.obsm`` prefix) of in-silico perturbation results.
+    PERTURBATION: str = "sct_perturb"
 
 
 KEYS = _Keys()

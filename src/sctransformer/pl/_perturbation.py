@@ -11,6 +11,7 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from sctransformer._keys import KEYS
 from sctransformer.data import get_matrix
 from sctransformer.metrics import log1p_normalise
 from sctransformer.model import PerturbationResult
@@ -50,7 +51,7 @@ def perturbation(
     gene: str | None = None,
     group: str | None = None,
     n: int = 20,
-    key: str = "sct_perturb",
+    key: str = KEYS.PERTURBATION,
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,

@@ -8,12 +8,11 @@ from typing import Any
 import pandas as pd
 from anndata import AnnData
 
+from sctransformer._keys import KEYS
 from sctransformer.model import GeneTransformer
 from sctransformer.model._expression import PerturbationMode
 
 from ._utils import record_run
-
-PERTURB_KEY = "sct_perturb"
 
 
 def perturb(
@@ -29,7 +28,7 @@ def perturb(
     n_top: int = 10,
     batch_size: int | None = None,
     store_cell_shifts: bool = False,
-    key_added: str = PERTURB_KEY,
+    key_added: str = KEYS.PERTURBATION,
 ) -> pd.DataFrame:
     """In-silico deletion or over-expression of genes, one at a time (Geneformer-style).
 
