@@ -45,7 +45,13 @@ from sctransformer.data import (
 )
 from sctransformer.data._validation import check_obs_key, check_phenotype_column
 from sctransformer.metrics import expected_calibration_error, log1p_normalise
-from sctransformer.module import GeneTransformerModule, Pooling, TokenizedCells
+from sctransformer.module import (
+    ATTENTION_BACKENDS,
+    AttentionBackend,
+    GeneTransformerModule,
+    Pooling,
+    TokenizedCells,
+)
 from sctransformer.train import MaskedModelingPlan, PeriodicCheckpoint
 
 from ._expression import ExpressionMixin
@@ -92,6 +98,7 @@ def _check_hyperparameters(
     label_smoothing: float,
     gene_ranking: str,
     batch_correction: str = "none",
+    attention: str = "auto",
     **others: Any,
 ) -> None:
     def positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -122,6 +129,8 @@ def _check_hyperparameters(
         raise ValueError(
             f"batch_correction must be one of {list(BATCH_CORRECTIONS)}, got {batch_correction!r}"
         )
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {attention!r}")
 
 
 def _sample_counts(adata: AnnData, layer: str | None, seed: int) -> sp.csr_matrix:
@@ -298,6 +307,16 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         ``get_latent_representation(space="aligned" | "aligned_other")`` gives both sides.
     align_dim
         Width of the shared space.
+    attention
+        How attention runs (it does not change the weights; change it on a loaded model with
+        :attr:`attention`): ``"sdpa"``, torch's fused ``scaled_dot_product_attention`` on padded
+        minibatches (every device); ``"varlen"``, torch's variable-length flash kernel on packed
+        cells with no padding at all (CUDA GPUs of compute capability 8.0+, bf16/fp16); ``"flash"``,
+        flash-attn's ``flash_attn_varlen_func`` on packed cells (``pip install
+        'sctransformer[flash]'``); ``"auto"`` (default), flash-attn if installed, else torch's
+        varlen kernel, when the model runs in half precision on such a GPU, else SDPA. Attention
+        maps for gene graphs and the key/value cache of expression queries always use padded
+        attention.
     seed
         Seed of the weight initialisation; default ``sctransformer.settings.seed``.
 
@@ -337,6 +356,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         batch_correction: BatchCorrection = "none",
         align_obsm: str | None = None,
         align_dim: int = 64,
+        attention: AttentionBackend = "auto",
         seed: int | None = None,
     ) -> None:
         hyperparameters = {k: v for k, v in locals().items() if k not in ("self", "adata", "__class__")}
@@ -517,6 +537,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 batch_token=hp.get("batch_correction", "none") in ("token", "both"),
                 batch_adversary=hp.get("batch_correction", "none") in ("adversarial", "both"),
                 align_dims=(hp["align_in_dim"], hp["align_dim"]) if hp.get("align_obsm") else None,
+                attention=hp.get("attention", "auto"),
             )
         n_params = sum(p.numel() for p in self.module.parameters())
         self._model_summary_string = (
@@ -1309,6 +1330,23 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 return self.module.aligned_other(torch.as_tensor(values, device=device)).cpu().numpy()
         finally:
             self.module.train(was_training)
+
+    @property
+    def attention(self) -> AttentionBackend:
+        """The attention backend (see the ``attention`` parameter); settable, e.g. after :meth:`load`.
+
+        Examples
+        --------
+        >>> model.attention = "sdpa"  # padded attention, on any device
+        """
+        return self.module.attention
+
+    @attention.setter
+    def attention(self, backend: AttentionBackend) -> None:
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
+        self.module.attention = backend
+        self.hyperparameters_["attention"] = backend
 
     @property
     def default_pooling(self) -> Pooling:

@@ -1,6 +1,14 @@
 """Plain-torch building blocks: tokenizer, attention, the gene transformer module."""
 
-from ._attention import EncoderBlock, SelfAttention
+from ._attention import (
+    ATTENTION_BACKENDS,
+    AttentionBackend,
+    EncoderBlock,
+    PackedTokens,
+    SelfAttention,
+    sdpa_varlen_reference,
+    select_attention,
+)
 from ._module import (
     GeneTransformerModule,
     LossOutput,
@@ -12,14 +20,19 @@ from ._module import (
 from ._tokenizer import TokenizedCells, Tokenizer
 
 __all__ = [
+    "ATTENTION_BACKENDS",
+    "AttentionBackend",
     "EncoderBlock",
     "GeneTransformerModule",
     "LossOutput",
+    "PackedTokens",
     "Pooling",
     "SelfAttention",
     "TokenizedCells",
     "Tokenizer",
     "phenotype_loss",
     "reverse_gradient",
+    "sdpa_varlen_reference",
+    "select_attention",
     "symmetric_info_nce",
 ]

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import EncoderBlock
+from ._attention import (
+    ATTENTION_BACKENDS,
+    VARLEN_KERNELS,
+    AttentionBackend,
+    EncoderBlock,
+    PackedTokens,
+    select_attention,
+)
 from ._tokenizer import Binning, TokenizedCells, Tokenizer, ValueEncoding
 
 Pooling = Literal["cls", "mean", "profile"]
@@ -143,6 +150,11 @@ class GeneTransformerModule(nn.Module):
         ``(width of the other modality's vectors, width of the shared space)``: add CLIP-style
         alignment, a linear projection of the cell embedding and a small MLP of the other
         modality into the shared space, and a learnt temperature (:func:`symmetric_info_nce`).
+    attention
+        How :meth:`encode` runs attention (:func:`~sctransformer.module.select_attention`):
+        ``"sdpa"`` on padded minibatches; ``"varlen"`` / ``"flash"`` on packed tokens with no
+        padding (CUDA, half precision); ``"auto"`` picks. It does not change the weights and may
+        be changed at any time (:attr:`attention`).
     """
 
     def __init__(
@@ -170,8 +182,14 @@ class GeneTransformerModule(nn.Module):
         batch_token: bool = False,
         batch_adversary: bool = False,
         align_dims: tuple[int, int] | None = None,
+        attention: AttentionBackend = "auto",
     ) -> None:
         super().__init__()
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {attention!r}")
+        #: The attention backend asked for (``"auto"``, ``"sdpa"``, ``"varlen"`` or ``"flash"``).
+        self.attention = attention
+        self.head_dim = d_model // n_heads
         self.tokenizer = Tokenizer(
             n_genes,
             max_length=max_length,
@@ -424,11 +442,22 @@ class GeneTransformerModule(nn.Module):
         value_mask: torch.Tensor | None = None,
         batch_inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states ``(n, n_prefix + length, d)``."""
+        """Final hidden states ``(n, n_prefix + length, d)``.
+
+        On the packed backends (see :attr:`attention`) the positions of padding tokens are 0.
+        """
         x, key_mask = self.embed_tokens(tokens, phenotype_inputs, value_mask, batch_inputs)
+        backend = select_attention(self.attention, x, self.head_dim)
+        if backend == "sdpa":
+            for block in self.blocks:
+                x = block(x, key_mask)
+            return self.norm(x)
+        present = torch.cat([key_mask[:, : self.n_prefix], tokens.is_token], 1)
+        packed = PackedTokens.from_masks(key_mask, present)
+        y = packed.pack(x)
         for block in self.blocks:
-            x = block(x, key_mask)
-        return self.norm(x)
+            y = block.forward_packed(y, packed, VARLEN_KERNELS[backend])
+        return packed.unpack(self.norm(y))
 
     def encode_with_attention(
         self,
