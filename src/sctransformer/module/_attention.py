@@ -125,7 +125,7 @@ def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Pack
     """Torch's own ``varlen_attn`` (flash kernels shipped with torch, CUDA, half precision)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    qh, kh, vh = _half(q, k, v)
+    qh, kh, vh = _half(q.contiguous(), k, v)
     out = varlen_attn(qh, kh, vh, packed.cu_seq_q, packed.cu_seq_k, packed.max_q, packed.max_k)
     return out.to(q.dtype)
 

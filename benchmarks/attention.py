@@ -1,0 +1,173 @@
+"""Attention backends side by side: padded SDPA against packed varlen kernels, one run, one table.
+
+The same real cells (kang18, 510-1,100 expressed genes; pbmc68k tiled where kang18 is absent) are
+trained on for the same steps with each backend of ``GeneTransformer(attention=...)``, from the
+same initial weights, in minibatches of random order (much padding) and length-bucketed
+(little). Printed per backend: cells/s, real tokens/s, model FLOP utilisation against a large
+matmul measured in the same run (bf16 on CUDA, fp32 on CPU), and the largest difference of the
+first minibatch's loss from SDPA's.
+
+On CUDA (bf16 autocast): ``sdpa``, ``varlen`` (torch's ``varlen_attn``) and ``flash`` (flash-attn,
+when installed). On CPU the packed kernels do not exist; ``reference`` then runs the packed code
+path with one SDPA call per cell, to show that packing is correct, not to time it.
+
+Usage: python benchmarks/attention.py [--cells 1024] [--batch-size 32] [--d-model 256] [--layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+import sctransformer as sct
+from sctransformer.data import (
+    EpochSeededRandomSampler,
+    LengthBucketedSampler,
+    expressed_per_cell,
+    to_torch_csr,
+)
+from sctransformer.module import _attention, sdpa_varlen_reference
+from sctransformer.train import mask_tokens
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import train_flops
+
+warnings.filterwarnings("ignore")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def load_cells(n_cells: int) -> ad.AnnData:
+    path = DATA / "kang18_ifnb_pbmc_ctrl_stim.h5ad"
+    if path.exists():
+        return ad.read_h5ad(path)[:n_cells].copy()
+    pbmc = sct.datasets.pbmc68k()
+    pbmc.X = pbmc.layers.pop("counts")
+    return ad.concat([pbmc] * (n_cells // pbmc.n_obs + 1))[:n_cells].copy()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 4096, repeat: int = 20) -> float:
+    """Measured FLOP/s of a large matrix product in ``dtype`` on ``device``."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeat / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cells", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=1024)
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        backends = ["sdpa", "varlen"] + (["flash"] if importlib.util.find_spec("flash_attn") else [])
+    else:
+        # the packed code path with a per-cell SDPA kernel, allowed on CPU (a check, not a timing)
+        _attention.VARLEN_KERNELS["reference"] = sdpa_varlen_reference
+        _attention.attention_unusable = lambda backend, x, head_dim: None
+        backends = ["sdpa", "reference"]
+        args.cells, args.d_model, args.layers, args.heads = min(args.cells, 128), 64, 2, 4
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    peak = matmul_peak(device, torch.bfloat16 if cuda else torch.float32)
+
+    adata = load_cells(args.cells)
+    sct.setup_anndata(adata)
+    model = sct.GeneTransformer(
+        adata, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, max_length=args.max_length
+    )
+    initial = {k: v.clone() for k, v in model.module.state_dict().items()}
+    column_to_gene = torch.as_tensor(model._column_to_gene(adata), device=device)
+    counts = adata.X.tocsr()
+    lengths = np.minimum(expressed_per_cell(adata, layer=None), args.max_length)
+    bs = args.batch_size
+    none = torch.zeros(bs, 0, dtype=torch.long, device=device)
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    if cuda:
+        print(f"# {torch.cuda.get_device_name()}, measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s")
+    else:
+        print(f"# CPU: fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; packed kernels need CUDA (reference only)")
+    print(f"# {args.cells} cells, d_model={args.d_model}, {args.layers} layers, {args.heads} heads")
+    print("| backend | minibatches | cells/s | real tokens/s | model FLOP utilisation | loss vs sdpa |")
+    print("|---|---|---|---|---|---|")
+    for order_name, sampler in (
+        ("random", EpochSeededRandomSampler(adata.n_obs, seed=0)),
+        ("length-bucketed", LengthBucketedSampler(lengths, bs, seed=0)),
+    ):
+        order = np.array(list(sampler))
+        batches = [np.sort(order[i : i + bs]) for i in range(0, len(order) - bs + 1, bs)]
+        first_loss = {}
+        for backend in backends:
+            module = model.module.to(device)
+            module.load_state_dict(initial)
+            module.train()
+            module.attention = backend
+            optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+            generator = torch.Generator(device=device).manual_seed(0)
+            flops = real = 0.0
+            for step, batch in enumerate([batches[0], *batches]):  # the first is a warm-up
+                if step == 1:
+                    synchronize(device)
+                    start = time.perf_counter()
+                    flops = real = 0.0
+                tokens = module.tokenize(to_torch_csr(counts[batch]).to(device), column_to_gene)
+                value_mask, _ = mask_tokens(
+                    tokens, none, gene_mask_prob=0.15, phenotype_mask_prob=0.0, generator=generator
+                )
+                with autocast:
+                    hidden = module.encode(tokens, none, value_mask)
+                    loss = module.loss(hidden, tokens, value_mask, none, none.bool(), []).total
+                if step == 0:
+                    first_loss[backend] = float(loss)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                real += float(tokens.is_token.sum())
+                flops += train_flops(
+                    tokens,
+                    d_model=args.d_model,
+                    d_ff=4 * args.d_model,
+                    n_layers=args.layers,
+                    n_prefix=module.n_prefix,
+                    n_bins=module.n_bins,
+                )
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            print(
+                f"| {backend} | {order_name} | {len(batches) * bs / seconds:,.1f} | {real / seconds:,.0f} | "
+                f"{flops / seconds / peak:.1%} | {abs(first_loss[backend] - first_loss['sdpa']):.2e} |"
+            )
+    model.module.attention = "auto"
+
+
+if __name__ == "__main__":
+    main()
