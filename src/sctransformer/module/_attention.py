@@ -175,13 +175,15 @@ def select_attention(requested: str, x: torch.Tensor, head_dim: int) -> str:
     """The backend that runs: ``"sdpa"``, ``"varlen"`` or ``"flash"``.
 
     ``"auto"`` takes flash-attn where installed, else torch's varlen kernel, when the model runs
-    in half precision (bf16/fp16 autocast) on a CUDA GPU that has them; otherwise SDPA. An explicit
+    in half precision (bf16/fp16 autocast) on a CUDA GPU that has them, unless deterministic
+    algorithms are asked for (``train(deterministic=True)``); otherwise SDPA. An explicit
     ``"varlen"`` or ``"flash"`` that cannot run is an error that says why.
     """
     if requested == "sdpa":
         return "sdpa"
     if requested == "auto":
-        if not _half_precision(x):
+        # the varlen kernels' backward accumulates with atomics: not deterministic
+        if not _half_precision(x) or torch.are_deterministic_algorithms_enabled():
             return "sdpa"
         for backend in ("flash", "varlen"):
             if attention_unusable(backend, x, head_dim) is None:
