@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import pairwise
 from typing import Literal
 
@@ -156,11 +157,16 @@ def _half_precision(x: torch.Tensor) -> bool:
         return device == "cuda" and torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() in _HALF
 
 
+@lru_cache
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def attention_unusable(backend: str, x: torch.Tensor, head_dim: int) -> str | None:
     """Why the packed ``backend`` cannot run on ``x``'s device (``None``: it can)."""
-    if backend == "flash" and importlib.util.find_spec("flash_attn") is None:
+    if backend == "flash" and not _installed("flash_attn"):
         return "flash-attn is not installed (pip install 'sctransformer[flash]')"
-    if backend == "varlen" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
+    if backend == "varlen" and not _installed("torch.nn.attention.varlen"):
         return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen (torch >= 2.10 has)"
     if x.device.type != "cuda":
         return f"its kernels run on CUDA GPUs only, and the model is on {x.device.type}"
