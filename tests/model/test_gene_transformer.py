@@ -48,6 +48,18 @@ def test_training_reduces_the_loss_and_learns_cell_types(adata):
     assert (predicted == adata.obs["cell_type"].astype(str).to_numpy()).mean() > 0.9
 
 
+def test_bf16_mixed_precision_on_the_cpu_learns_cell_types_and_keeps_float32_weights(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    train_quietly(model, max_epochs=40, lr=3e-3, precision="bf16-mixed", accelerator="cpu")
+    assert all(p.dtype == torch.float32 for p in model.module.parameters())
+    loss = model.history["loss_train"].iloc[:, 0].to_numpy()
+    assert np.isfinite(loss).all() and loss[-1] < loss[0]
+    predicted = model.predict()["cell_type"].astype(str).to_numpy()
+    assert (predicted == adata.obs["cell_type"].astype(str).to_numpy()).mean() > 0.9
+    assert model.get_latent_representation().dtype == np.float32
+
+
 def test_same_seed_gives_same_weights_with_workers_and_deterministic_kernels(adata):
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     states = []
