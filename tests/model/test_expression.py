@@ -112,6 +112,43 @@ def test_predict_response_returns_the_swapped_prediction_and_the_baseline(queryi
         model.predict_response(controls, {"donor": "a"})
 
 
+def test_refined_response_feeds_each_prediction_back_as_the_cells_input(querying):
+    model, data = querying
+    controls = data[data.obs["condition"] == "ctrl"][:20].copy()
+    out = model.predict_response(controls, {"condition": "stim"}, refine_rounds=1, batch_size=8)
+    assert out.uns["sct_response"]["refine_rounds"] == 1
+
+    # reference: every gene by folds; then the genes expressed or predicted likely, at their predicted
+    # values, as pseudo-counts with the cell's library; then every gene by folds again
+    counts = controls.layers["counts"].toarray()
+    column_to_gene = torch.as_tensor(model._column_to_gene(controls))
+    every = torch.arange(len(model.vocabulary_))
+    no_batch = torch.full((controls.n_obs,), -1)
+    folds = model._gene_folds(4)
+    for overrides, refined in (({"condition": "stim"}, out.X), ({}, out.layers["sct_baseline"])):
+        codes = model._phenotype_inputs(
+            controls, controls.n_obs, model._check_phenotype_values(overrides, "set")
+        )
+        codes = torch.as_tensor(codes)
+        with model._inference():
+            x = to_torch_csr(sp.csr_matrix(counts))
+            p, mean = (
+                t.numpy() for t in model._fold_outputs(x, column_to_gene, codes, no_batch, every, folds)
+            )
+            expressed = np.zeros_like(p, dtype=bool)
+            expressed[:, column_to_gene.numpy()] = counts > 0
+            values = np.where(expressed | (p > 0.5), mean, 0.0)
+            pseudo = np.expm1(values) * counts.sum(1, keepdims=True) / 1e4
+            x = to_torch_csr(sp.csr_matrix(pseudo.astype(np.float32)))
+            p, mean = (t.numpy() for t in model._fold_outputs(x, every, codes, no_batch, every, folds))
+        expected = (p * mean)[:, column_to_gene.numpy()]
+        np.testing.assert_allclose(refined, expected, rtol=1e-4, atol=1e-5)
+    plain = model.predict_response(controls, {"condition": "stim"})
+    assert not np.allclose(out.X, plain.X, atol=1e-4)  # the round changed the prediction
+    with pytest.raises(ValueError, match="refine_rounds must be an integer >= 0"):
+        model.predict_response(controls, {"condition": "stim"}, refine_rounds=-1)
+
+
 def test_deletion_equals_tokenizing_without_the_gene_and_runs_only_on_expressing_cells(querying):
     model, data = querying
     counts = data.layers["counts"]

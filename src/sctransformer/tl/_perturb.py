@@ -113,6 +113,7 @@ def predict_response(
     *,
     genes: Sequence[str] | None = None,
     n_folds: int = 4,
+    refine_rounds: int = 0,
     batch_size: int | None = None,
 ) -> AnnData:
     """Predict how ``adata``'s cells would look with phenotype tokens swapped (e.g. ``{"condition": "stim"}``).
@@ -125,4 +126,6 @@ def predict_response(
     ``layers["sct_baseline"]`` the prediction with the cells' own phenotypes, in
     ``log1p(count / library * 1e4)``; ``.obs`` copied; ``uns["sct_response"]`` the swap.
     """
-    return model.predict_response(adata, set, genes=genes, n_folds=n_folds, batch_size=batch_size)
+    return model.predict_response(
+        adata, set, genes=genes, n_folds=n_folds, refine_rounds=refine_rounds, batch_size=batch_size
+    )
