@@ -182,29 +182,6 @@ class ExpressionMixin:
         logit, mean, log_var = (torch.cat([p[i] for p in parts], 1) for i in range(3))
         return torch.sigmoid(logit), mean.clamp(min=0), (0.5 * log_var).exp()
 
-    def _expected(
-        self,
-        x: torch.Tensor,
-        column_to_gene: torch.Tensor,
-        phenotypes: torch.Tensor,
-        batches: torch.Tensor,
-        genes: torch.Tensor,
-        folds: torch.Tensor,
-        *,
-        keep: int | None = None,
-        edit: Callable[[TokenizedCells], TokenizedCells] | None = None,
-        cell_shift: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Expected log1p values ``(n, len(genes))``: each fold's genes from the cells without that fold.
-
-        ``keep`` stays in every fold's input (a perturbed gene); ``edit`` changes each fold's
-        tokens before the pass (an in-silico perturbation).
-        """
-        p, mean = self._fold_outputs(
-            x, column_to_gene, phenotypes, batches, genes, folds, keep=keep, edit=edit, cell_shift=cell_shift
-        )
-        return p * mean
-
     def _fold_outputs(
         self,
         x: torch.Tensor,
@@ -218,7 +195,12 @@ class ExpressionMixin:
         edit: Callable[[TokenizedCells], TokenizedCells] | None = None,
         cell_shift: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(expressed probability, mean where expressed)`` ``(n, len(genes))`` by folds, see :meth:`_expected`."""
+        """``(expressed probability, mean where expressed)`` ``(n, len(genes))`` of ``genes`` by folds.
+
+        Each fold's genes are predicted from the cells without that fold; the expected log1p value is
+        their product. ``keep`` stays in every fold's input (a perturbed gene); ``edit`` changes each fold's
+        tokens before the pass (an in-silico perturbation).
+        """
         p_out = torch.zeros(x.shape[0], len(genes), device=x.device)
         mean_out = torch.zeros_like(p_out)
         folds = folds.to(x.device)
@@ -361,7 +343,9 @@ class ExpressionMixin:
                 if refine_rounds:
                     values = self._refined(x, column_to_gene, phen, batches, query, folds, refine_rounds)
                 else:
-                    values = self._expected(x, column_to_gene, phen, batches, query, folds, cell_shift=shift)
+                    values = torch.mul(
+                        *self._fold_outputs(x, column_to_gene, phen, batches, query, folds, cell_shift=shift)
+                    )
                 out[np.ix_(idx, np.flatnonzero(known))] = values.float().cpu().numpy()
         return out
 
@@ -562,7 +546,9 @@ class ExpressionMixin:
                     self.module.encode(tokens, phen, batch_inputs=batches), tokens
                 )
                 base_all = (
-                    self._expected(x, c2g, phen, batches, vocabulary, folds) if predict_expression else None
+                    torch.mul(*self._fold_outputs(x, c2g, phen, batches, vocabulary, folds))
+                    if predict_expression
+                    else None
                 )
                 for target, name in chosen:
                     rows = np.flatnonzero(perturbed[name][idx])
@@ -593,11 +579,13 @@ class ExpressionMixin:
                         # the gene stays in the input of its own fold too, before and after the edit
                         same_fold = torch.nonzero(gene_folds == gene_folds[target]).squeeze(1)
                         base = base_all[at].clone()
-                        base[:, same_fold] = self._expected(
-                            xs, c2g, phen[at], batches[at], same_fold, folds, keep=target
+                        base[:, same_fold] = torch.mul(
+                            *self._fold_outputs(xs, c2g, phen[at], batches[at], same_fold, folds, keep=target)
                         )
-                        moved = self._expected(
-                            xs, c2g, phen[at], batches[at], vocabulary, folds, keep=target, edit=edit
+                        moved = torch.mul(
+                            *self._fold_outputs(
+                                xs, c2g, phen[at], batches[at], vocabulary, folds, keep=target, edit=edit
+                            )
                         )
                         np.add.at(
                             change_sum[name], group_codes[idx[rows]], (moved - base).double().cpu().numpy()
