@@ -62,9 +62,12 @@ class PackedTokens:
     shape: tuple[int, int]
 
     @classmethod
-    def from_masks(cls, key_mask: torch.Tensor, present: torch.Tensor) -> PackedTokens:
-        """Pack the ``present`` tokens ``(n, length)``; ``key_mask`` (a subset) marks the keys."""
-        if bool((key_mask & ~present).any()):
+    def from_masks(cls, key_mask: torch.Tensor, present: torch.Tensor, *, check: bool = True) -> PackedTokens:
+        """Pack the ``present`` tokens ``(n, length)``; ``key_mask`` (a subset) marks the keys.
+
+        ``check=False`` skips checking that every key is present (a device sync).
+        """
+        if check and bool((key_mask & ~present).any()):
             raise ValueError("every key must be a present token")
         n, length = present.shape
         position = torch.arange(length, device=present.device)
@@ -137,7 +140,15 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Pack
 
     qh, kh, vh = _half(q, k, v)
     out = flash_attn_varlen_func(
-        qh, kh, vh, packed.cu_seq_q, packed.cu_seq_k, packed.max_q, packed.max_k, dropout_p=0.0
+        qh,
+        kh,
+        vh,
+        packed.cu_seq_q,
+        packed.cu_seq_k,
+        packed.max_q,
+        packed.max_k,
+        dropout_p=0.0,
+        deterministic=torch.are_deterministic_algorithms_enabled(),
     )
     return out.to(q.dtype)
 
@@ -158,18 +169,28 @@ def _half_precision(x: torch.Tensor) -> bool:
 
 
 @lru_cache
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+def _importable(module: str) -> bool:
+    """Whether ``module`` imports (an install built for another torch fails here, not later)."""
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except (ImportError, OSError):
+        return False
+    return True
 
 
 def attention_unusable(backend: str, x: torch.Tensor, head_dim: int) -> str | None:
     """Why the packed ``backend`` cannot run on ``x``'s device (``None``: it can)."""
-    if backend == "flash" and not _installed("flash_attn"):
-        return "flash-attn is not installed (pip install 'sctransformer[flash]')"
-    if backend == "varlen" and not _installed("torch.nn.attention.varlen"):
-        return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen (torch >= 2.10 has)"
     if x.device.type != "cuda":
         return f"its kernels run on CUDA GPUs only, and the model is on {x.device.type}"
+    if backend == "flash" and not _importable("flash_attn"):
+        return "flash-attn is not installed or does not import (pip install 'sctransformer[flash]')"
+    if backend == "varlen" and not (
+        _importable("torch.nn.attention.varlen")
+        and getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
+    ):
+        return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen with flash kernels"
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return "its kernels need a GPU of compute capability 8.0 (Ampere) or newer"
     if head_dim % 8 or head_dim > 256:
@@ -188,8 +209,10 @@ def select_attention(requested: str, x: torch.Tensor, head_dim: int) -> str:
     if requested == "sdpa":
         return "sdpa"
     if requested == "auto":
-        # the varlen kernels' backward accumulates with atomics: not deterministic
-        if not _half_precision(x) or torch.are_deterministic_algorithms_enabled():
+        # training under deterministic algorithms keeps SDPA, whose kernels torch makes deterministic
+        if not _half_precision(x) or (
+            torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled()
+        ):
             return "sdpa"
         for backend in ("flash", "varlen"):
             if attention_unusable(backend, x, head_dim) is None:

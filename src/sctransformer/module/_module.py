@@ -453,7 +453,7 @@ class GeneTransformerModule(nn.Module):
                 x = block(x, key_mask)
             return self.norm(x)
         present = torch.cat([key_mask[:, : self.n_prefix], tokens.is_token], 1)
-        packed = PackedTokens.from_masks(key_mask, present)
+        packed = PackedTokens.from_masks(key_mask, present, check=False)  # keys: prefix and context
         y = packed.pack(x)
         for block in self.blocks:
             y = block.forward_packed(y, packed, VARLEN_KERNELS[backend])
