@@ -46,11 +46,11 @@ from sctransformer.data import (
 from sctransformer.data._validation import check_obs_key, check_phenotype_column
 from sctransformer.metrics import expected_calibration_error, log1p_normalise
 from sctransformer.module import (
-    ATTENTION_BACKENDS,
     AttentionBackend,
     GeneTransformerModule,
     Pooling,
     TokenizedCells,
+    check_attention,
 )
 from sctransformer.train import MaskedModelingPlan, PeriodicCheckpoint
 
@@ -129,8 +129,7 @@ def _check_hyperparameters(
         raise ValueError(
             f"batch_correction must be one of {list(BATCH_CORRECTIONS)}, got {batch_correction!r}"
         )
-    if attention not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {attention!r}")
+    check_attention(attention)
 
 
 def _sample_counts(adata: AnnData, layer: str | None, seed: int) -> sp.csr_matrix:
@@ -1347,8 +1346,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
 
     @attention.setter
     def attention(self, backend: AttentionBackend) -> None:
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
+        check_attention(backend)
         self.module.attention = backend
         self.hyperparameters_["attention"] = backend
 

@@ -6,6 +6,7 @@ from ._attention import (
     EncoderBlock,
     PackedTokens,
     SelfAttention,
+    check_attention,
     sdpa_varlen_reference,
     select_attention,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "SelfAttention",
     "TokenizedCells",
     "Tokenizer",
+    "check_attention",
     "phenotype_loss",
     "reverse_gradient",
     "sdpa_varlen_reference",

@@ -98,6 +98,12 @@ class PackedTokens:
         return out.index_copy(0, self.index, packed).view(n, length, -1)
 
 
+def check_attention(backend: str) -> None:
+    """Refuse a name that is not an attention backend."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {backend!r}")
+
+
 VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedTokens], torch.Tensor]
 
 
@@ -218,8 +224,7 @@ def select_attention(requested: str, x: torch.Tensor, head_dim: int) -> str:
             if attention_unusable(backend, x, head_dim) is None:
                 return backend
         return "sdpa"
-    if requested not in VARLEN_KERNELS:
-        raise ValueError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {requested!r}")
+    check_attention(requested)
     reason = attention_unusable(requested, x, head_dim)
     if reason is not None:
         raise RuntimeError(

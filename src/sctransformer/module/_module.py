@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._attention import (
-    ATTENTION_BACKENDS,
     VARLEN_KERNELS,
     AttentionBackend,
     EncoderBlock,
     PackedTokens,
+    check_attention,
     select_attention,
 )
 from ._tokenizer import Binning, TokenizedCells, Tokenizer, ValueEncoding
@@ -185,8 +185,7 @@ class GeneTransformerModule(nn.Module):
         attention: AttentionBackend = "auto",
     ) -> None:
         super().__init__()
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {list(ATTENTION_BACKENDS)}, got {attention!r}")
+        check_attention(attention)
         #: The attention backend asked for (``"auto"``, ``"sdpa"``, ``"varlen"`` or ``"flash"``).
         self.attention = attention
         self.head_dim = d_model // n_heads
