@@ -200,3 +200,63 @@ def test_profile_token_is_a_prefix_token_read_by_phenotype_heads():
     out.total.backward()
     grad = module.profile_embedding.weight.grad
     assert grad is not None and float(grad.abs().sum()) > 0
+
+
+def test_gene_prediction_logits_match_a_naive_loop_and_exclude_visible_genes():
+    module = make_module(gene_prediction=True, cell_profile=True, expression_queries=False)
+    with torch.no_grad():
+        module.gene_bias.normal_()
+    tokens = module.tokenize(counts(n_cells=5), torch.arange(20))
+    gen = torch.Generator().manual_seed(3)
+    gene_mask = (torch.rand(tokens.gene_ids.shape, generator=gen) < 0.3) & tokens.is_context
+    assert gene_mask.any()
+    no_phenotypes = torch.full((5, 2), -1)
+    hidden = module.encode(tokens, no_phenotypes, gene_mask=gene_mask)
+    logits = module.gene_logits(hidden, tokens, gene_mask)
+
+    weight, bias = module.gene_embedding.weight.detach(), module.gene_bias.detach()
+    expected = []
+    for cell, slot in gene_mask.nonzero().tolist():
+        out = module.gene_head(hidden[cell, module.n_prefix + slot]).detach()
+        row = (weight @ out) / np.sqrt(weight.shape[1]) + bias
+        for other in range(tokens.gene_ids.shape[1]):
+            if tokens.is_context[cell, other] and not gene_mask[cell, other]:
+                row[tokens.gene_ids[cell, other]] = -np.inf
+        expected.append(row)
+    torch.testing.assert_close(logits.detach(), torch.stack(expected))
+    # the true gene is never excluded, and each cell's hidden genes stay candidates
+    assert torch.isfinite(logits[torch.arange(len(logits)), tokens.gene_ids[gene_mask]]).all()
+
+    out = module.loss(
+        hidden,
+        tokens,
+        torch.zeros_like(gene_mask),
+        no_phenotypes,
+        torch.zeros((5, 2), dtype=torch.bool),
+        ["a", "b"],
+        gene_mask=gene_mask,
+    )
+    torch.testing.assert_close(
+        out.components["gene"], torch.nn.functional.cross_entropy(logits, tokens.gene_ids[gene_mask])
+    )
+    out.total.backward()
+    assert module.gene_mask.grad.abs().sum() > 0 and module.gene_embedding.weight.grad.abs().sum() > 0
+
+
+def test_gene_mask_hides_the_identity_and_the_profile_value_but_keeps_the_value_bin():
+    module = make_module(gene_prediction=True, cell_profile=True, expression_queries=False)
+    tokens = module.tokenize(counts(n_cells=4), torch.arange(20))
+    gene_mask = torch.zeros_like(tokens.is_context)
+    gene_mask[:, 0] = tokens.is_context[:, 0]
+    no_phenotypes = torch.full((4, 2), -1)
+    x, _ = module.embed_tokens(tokens, no_phenotypes, gene_mask=gene_mask)
+    # the hidden token: [GENE] mask + its own value bin, whatever its gene
+    bins = module.bin_embedding(tokens.bins[:, 0])
+    torch.testing.assert_close(x[:, module.n_prefix], module.gene_mask + bins)
+    # its value leaves the [PROFILE] input, exactly as a hidden value does
+    as_hidden_value, _ = module.embed_tokens(tokens, no_phenotypes, value_mask=gene_mask)
+    torch.testing.assert_close(x[:, module.profile_index], as_hidden_value[:, module.profile_index])
+    plain, _ = module.embed_tokens(tokens, no_phenotypes)
+    assert not torch.allclose(x[:, module.profile_index], plain[:, module.profile_index])
+    with pytest.raises(ValueError, match="gene_prediction"):
+        make_module(expression_queries=False).embed_tokens(tokens, no_phenotypes, gene_mask=gene_mask)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sctransformer.module import Tokenizer
-from sctransformer.train import mask_tokens, warmup_cosine
+from sctransformer.train import mask_genes, mask_tokens, warmup_cosine
 
 
 def tokens_for(n_cells: int = 400, n_genes: int = 50, n_queries: int = 4):
@@ -59,6 +59,24 @@ def test_masks_are_reproducible_with_a_seeded_generator():
         generator=torch.Generator().manual_seed(3),
     )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_gene_identity_masks_avoid_hidden_values_and_keep_the_rate():
+    tokens = tokens_for()
+    gen = torch.Generator().manual_seed(0)
+    value_mask, _ = mask_tokens(
+        tokens,
+        torch.zeros(400, 0, dtype=torch.long),
+        gene_mask_prob=0.3,
+        phenotype_mask_prob=0.0,
+        generator=gen,
+    )
+    gene_mask = mask_genes(tokens, value_mask, 0.2, generator=gen)
+    assert not (gene_mask & value_mask).any()  # no token loses both its identity and its value
+    assert not gene_mask[~tokens.is_context].any()  # never padding or query tokens
+    shown = tokens.is_context & ~value_mask
+    rate = gene_mask[shown].float().mean().item()
+    assert abs(rate - 0.2) < 4 * np.sqrt(0.2 * 0.8 / int(shown.sum()))
 
 
 def test_warmup_then_cosine_decay():

@@ -80,6 +80,8 @@ _HEADS = (
     "held_embedding",
     "phenotype_heads",
     "batch_discriminator",
+    "gene_head",
+    "gene_bias",
 )
 
 
@@ -99,6 +101,7 @@ def _check_hyperparameters(
     gene_ranking: str,
     batch_correction: str = "none",
     attention: str = "auto",
+    gene_prediction: float = 0.0,
     **others: Any,
 ) -> None:
     def positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -117,6 +120,12 @@ def _check_hyperparameters(
         raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}; e.g. n_heads=4 with d_model=128")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if (
+        isinstance(gene_prediction, bool)
+        or not isinstance(gene_prediction, int | float)
+        or not (0 <= gene_prediction < 1)
+    ):
+        raise ValueError(f"gene_prediction must be a share in [0, 1), got {gene_prediction!r}")
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if value_encoding not in ("binned", "continuous"):
@@ -316,6 +325,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         varlen kernel, when the model runs in half precision on such a GPU, else SDPA. Attention
         maps for gene graphs and the key/value cache of expression queries always use padded
         attention.
+    gene_prediction
+        Share of each cell's gene tokens whose gene identity is hidden (their value kept) and
+        predicted from the rest of the cell over the whole vocabulary (Geneformer's masked gene
+        objective), drawn apart from the tokens whose value is hidden; ``0`` (default) trains
+        no such head. Masked values alone do not ask the model which genes a cell expresses
+        together (a token's presence gives that away); this does.
     seed
         Seed of the weight initialisation; default ``sctransformer.settings.seed``.
 
@@ -356,6 +371,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         align_obsm: str | None = None,
         align_dim: int = 64,
         attention: AttentionBackend = "auto",
+        gene_prediction: float = 0.0,
         seed: int | None = None,
     ) -> None:
         hyperparameters = {k: v for k, v in locals().items() if k not in ("self", "adata", "__class__")}
@@ -537,6 +553,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 batch_adversary=hp.get("batch_correction", "none") in ("adversarial", "both"),
                 align_dims=(hp["align_in_dim"], hp["align_dim"]) if hp.get("align_obsm") else None,
                 attention=hp.get("attention", "auto"),
+                gene_prediction=hp.get("gene_prediction", 0.0) > 0,
             )
         n_params = sum(p.numel() for p in self.module.parameters())
         self._model_summary_string = (
@@ -985,6 +1002,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 gene_mask_prob=gene_mask_prob,
                 phenotype_mask_prob=phenotype_mask_prob,
                 expression_queries=self.hyperparameters_["expression_queries"],
+                gene_prediction_prob=float(self.hyperparameters_.get("gene_prediction", 0.0)),
                 seed=seed,
                 has_batches=(
                     self.shards_.batch_key is not None
@@ -1052,6 +1070,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             "bin_embedding",
             "value_mlp",
             "value_mask",
+            "gene_mask",
             "profile_embedding",
             "batch_embedding",
         )

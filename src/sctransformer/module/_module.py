@@ -146,6 +146,12 @@ class GeneTransformerModule(nn.Module):
         Add a batch discriminator on the cell embedding (:meth:`cell_embedding`), trained through
         a gradient-reversal layer, so that the encoder learns an embedding it cannot tell the
         batch from (as in scGPT's domain-adversarial training).
+    gene_prediction
+        Add masked gene prediction (Geneformer's objective): context tokens fed the ``[GENE]``
+        mask in place of their gene identity (their value kept), whose outputs score every
+        vocabulary gene through the gene-identity embedding table (tied weights), the genes
+        visible in the same cell excluded. It makes the model learn which genes a cell
+        expresses together, which masked values alone do not ask for.
     align_dims
         ``(width of the other modality's vectors, width of the shared space)``: add CLIP-style
         alignment, a linear projection of the cell embedding and a small MLP of the other
@@ -183,6 +189,7 @@ class GeneTransformerModule(nn.Module):
         batch_adversary: bool = False,
         align_dims: tuple[int, int] | None = None,
         attention: AttentionBackend = "auto",
+        gene_prediction: bool = False,
     ) -> None:
         super().__init__()
         check_attention(attention)
@@ -206,6 +213,7 @@ class GeneTransformerModule(nn.Module):
         self.cell_expression_loss = cell_expression_loss
         self.phenotype_input = phenotype_input
         self.cell_profile = cell_profile
+        self.gene_prediction = gene_prediction
         if (batch_token or batch_adversary) and n_batches < 2:
             raise ValueError(f"a batch token or discriminator needs at least 2 batches, got {n_batches}")
         self.n_batches = n_batches
@@ -215,6 +223,13 @@ class GeneTransformerModule(nn.Module):
         self.adversary_scale = 1.0
 
         self.gene_embedding = nn.Embedding(n_genes, d_model)
+        if gene_prediction:
+            # the [GENE] mask fed in place of a hidden identity, and the head whose output is
+            # scored against every row of gene_embedding (tied weights) plus a per-gene bias
+            self.gene_mask = nn.Parameter(torch.zeros(d_model))
+            nn.init.normal_(self.gene_mask, std=0.02)
+            self.gene_head = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.LayerNorm(d_model))
+            self.gene_bias = nn.Parameter(torch.zeros(n_genes))
         if value_encoding == "binned":
             self.bin_embedding = nn.Embedding(n_bins + 1, d_model)  # last row: [MASK]
         else:
@@ -322,16 +337,24 @@ class GeneTransformerModule(nn.Module):
         phenotype_inputs: torch.Tensor,
         value_mask: torch.Tensor | None = None,
         batch_inputs: torch.Tensor | None = None,
+        gene_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Input embeddings ``(n, n_prefix + length, d)`` and the key mask.
 
         ``phenotype_inputs`` is ``(n, n_phenotypes)``; ``-1`` feeds the slot's [MASK] token.
         ``value_mask`` marks context tokens whose value is hidden (query tokens' values are
         always hidden, and no token attends to them). ``batch_inputs`` ``(n,)`` are the batch codes of the ``[BATCH]`` token;
-        ``-1`` (or ``None`` for all) feeds "no batch".
+        ``-1`` (or ``None`` for all) feeds "no batch". ``gene_mask`` marks context tokens fed
+        the ``[GENE]`` mask in place of their identity (models with ``gene_prediction``); the
+        ``[PROFILE]`` token leaves out their values as well as the hidden ones.
         """
         hidden_values = tokens.is_query if value_mask is None else value_mask | tokens.is_query
         genes = self.gene_embedding(tokens.gene_ids)
+        if gene_mask is not None:
+            if not self.gene_prediction:
+                raise ValueError("gene_mask needs a module with gene_prediction=True")
+            genes = torch.where(gene_mask.unsqueeze(-1), self.gene_mask.to(genes.dtype), genes)
+            value_mask = gene_mask if value_mask is None else value_mask | gene_mask
         if self.value_encoding == "binned":
             bins = tokens.bins.masked_fill(hidden_values | (tokens.bins < 0), self.n_bins)
             values = self.bin_embedding(bins)
@@ -440,12 +463,14 @@ class GeneTransformerModule(nn.Module):
         phenotype_inputs: torch.Tensor,
         value_mask: torch.Tensor | None = None,
         batch_inputs: torch.Tensor | None = None,
+        gene_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states ``(n, n_prefix + length, d)``.
 
         On the packed backends (see :attr:`attention`) the positions of padding tokens are 0.
+        ``gene_mask``: see :meth:`embed_tokens`.
         """
-        x, key_mask = self.embed_tokens(tokens, phenotype_inputs, value_mask, batch_inputs)
+        x, key_mask = self.embed_tokens(tokens, phenotype_inputs, value_mask, batch_inputs, gene_mask)
         backend = select_attention(self.attention, x, self.head_dim)
         if backend == "sdpa":
             for block in self.blocks:
@@ -527,6 +552,25 @@ class GeneTransformerModule(nn.Module):
             for slot, head in enumerate(self.phenotype_heads)
         ]
 
+    def gene_logits(self, hidden: torch.Tensor, tokens: TokenizedCells, rows: torch.Tensor) -> torch.Tensor:
+        """Logits ``(m, n_genes)`` of the gene identity of the ``m`` tokens marked in ``rows`` ``(n, length)``.
+
+        Each row scores every vocabulary gene by the scaled dot product of the token's transformed
+        output with the gene's identity embedding, plus a per-gene bias; the genes of the cell's other
+        context tokens, which the token cannot be, get ``-inf``.
+        """
+        if not self.gene_prediction:
+            raise ValueError("gene logits need a module with gene_prediction=True")
+        out = self.gene_head(hidden[:, self.n_prefix :][rows]).float()
+        scale = self.gene_embedding.embedding_dim**-0.5  # unit-scale logits from unit-scale vectors
+        logits = scale * out @ self.gene_embedding.weight.float().T + self.gene_bias.float()
+        n, n_genes = tokens.gene_ids.shape[0], self.gene_embedding.num_embeddings
+        visible = tokens.is_context & ~rows
+        taken = torch.zeros(n, n_genes + 1, dtype=torch.bool, device=logits.device)
+        taken.scatter_(1, torch.where(visible, tokens.gene_ids, n_genes), True)  # column n_genes: none
+        cell = torch.nonzero(rows)[:, 0]
+        return logits.masked_fill(taken[cell, :n_genes], float("-inf"))
+
     def _value_loss(
         self, prediction: torch.Tensor, tokens: TokenizedCells, scored: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -594,6 +638,7 @@ class GeneTransformerModule(nn.Module):
         adversary_weight: float = 1.0,
         other: torch.Tensor | None = None,
         align_weight: float = 1.0,
+        gene_mask: torch.Tensor | None = None,
     ) -> LossOutput:
         """Masked-modelling losses of a minibatch.
 
@@ -624,6 +669,9 @@ class GeneTransformerModule(nn.Module):
             ``(n, d_other)`` the other modality's vectors of the same cells, for the alignment loss.
         align_weight
             Weight of the alignment loss.
+        gene_mask
+            ``(n, length)`` context tokens whose gene identity was hidden and is scored
+            (:meth:`gene_logits`).
         """
         out = LossOutput(total=hidden.new_zeros(()))
         gene_hidden = hidden[:, self.n_prefix :]
@@ -645,6 +693,13 @@ class GeneTransformerModule(nn.Module):
                 out.counts["expression_from_cell_accuracy"] = n_scored
         if self.expression_queries and bool(tokens.is_query.any()):
             self._query_losses(out, hidden, tokens)
+        if gene_mask is not None and bool((gene_mask & tokens.is_context).any()):
+            scored = gene_mask & tokens.is_context
+            logits = self.gene_logits(hidden, tokens, scored)
+            target = tokens.gene_ids[scored]
+            out.components["gene"] = F.cross_entropy(logits, target)
+            out.metrics["gene_accuracy"] = (logits.argmax(-1) == target).float().mean()
+            out.counts["gene"] = out.counts["gene_accuracy"] = int(scored.sum())
         for slot, logits in enumerate(self.phenotype_logits(hidden, tokens)):
             target = phenotype_targets[:, slot]
             rows = phenotype_mask[:, slot] & (target >= 0)

@@ -344,6 +344,11 @@ def gene_embedding(
 ) -> AnnData | None:
     """Gene embeddings into ``.varm``.
 
+    They relate genes of the same cell type only in a model trained to predict genes from the
+    rest of the cell (``GeneTransformer(gene_prediction=0.15)``): on kang18, cosine similarity
+    of contextual embeddings ranks same-type marker pairs with AUROC 0.81 with it and 0.67
+    without (Pearson co-expression 0.88; see the benchmarks).
+
     Parameters
     ----------
     adata

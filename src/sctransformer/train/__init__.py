@@ -1,13 +1,14 @@
 """Lightning training plans: masking, losses, learning-rate schedule, logged metrics."""
 
 from ._checkpoint import LAST_CHECKPOINT, PeriodicCheckpoint
-from ._plan import MaskedModelingPlan, batch_seed, mask_tokens, warmup_cosine
+from ._plan import MaskedModelingPlan, batch_seed, mask_genes, mask_tokens, warmup_cosine
 
 __all__ = [
     "LAST_CHECKPOINT",
     "MaskedModelingPlan",
     "PeriodicCheckpoint",
     "batch_seed",
+    "mask_genes",
     "mask_tokens",
     "warmup_cosine",
 ]

@@ -38,6 +38,20 @@ def mask_tokens(
     return value_mask, phenotype_mask
 
 
+def mask_genes(
+    tokens: TokenizedCells,
+    value_mask: torch.Tensor,
+    gene_prediction_prob: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``(n, length)`` context tokens whose gene identity is hidden, with ``gene_prediction_prob``.
+
+    Drawn among the tokens whose value is shown (``~value_mask``), so that no token loses both.
+    """
+    draw = torch.rand(tokens.gene_ids.shape, generator=generator, device=tokens.gene_ids.device)
+    return (draw < gene_prediction_prob) & tokens.is_context & ~value_mask
+
+
 def batch_seed(seed: int, epoch: int, number: int) -> int:
     """Seed of what is drawn for training minibatch ``number`` of ``epoch`` (well mixed, 32 bits)."""
     return int(np.random.SeedSequence([seed, epoch, number]).generate_state(1)[0])
@@ -137,6 +151,7 @@ class MaskedModelingPlan(pl.LightningModule):
         adversary_lr_factor: float = 10.0,
         align_weight: float = 1.0,
         has_batches: bool = True,
+        gene_prediction_prob: float = 0.0,
     ) -> None:
         super().__init__()
         self.module = module
@@ -158,6 +173,7 @@ class MaskedModelingPlan(pl.LightningModule):
         self.adversary_lr_factor = adversary_lr_factor
         self.align_weight = align_weight
         self.has_batches = has_batches
+        self.gene_prediction_prob = gene_prediction_prob
 
     def _phenotypes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
@@ -201,6 +217,9 @@ class MaskedModelingPlan(pl.LightningModule):
             phenotype_mask_prob=phenotype_rate,
             generator=generator,
         )
+        gene_mask = None
+        if self.module.gene_prediction and self.gene_prediction_prob > 0:
+            gene_mask = mask_genes(tokens, value_mask, self.gene_prediction_prob, generator)
         batches = self._batches(batch)
         batch_inputs = batches
         if batches is not None and stage == "train" and self.batch_mask_prob > 0:
@@ -209,7 +228,11 @@ class MaskedModelingPlan(pl.LightningModule):
             )
             batch_inputs = batches.masked_fill(dropped, -1)
         hidden = self.module.encode(
-            tokens, phenotypes.masked_fill(phenotype_mask, -1), value_mask, batch_inputs=batch_inputs
+            tokens,
+            phenotypes.masked_fill(phenotype_mask, -1),
+            value_mask,
+            batch_inputs=batch_inputs,
+            gene_mask=gene_mask,
         )
         weights = None
         if self.class_weights is not None:
@@ -227,6 +250,7 @@ class MaskedModelingPlan(pl.LightningModule):
             adversary_weight=self.adversary_weight,
             other=batch.get(REGISTRY_KEYS.ALIGN_KEY) if self.module.align_dims is not None else None,
             align_weight=self.align_weight,
+            gene_mask=gene_mask,
         )
         n = phenotypes.shape[0]
         self.log(f"loss_{stage}", out.total, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)

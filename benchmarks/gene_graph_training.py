@@ -1,0 +1,179 @@
+"""Does the attention graph get better with more training? Graph quality against training budget.
+
+The gene-graph benchmark (``benchmarks/gene_graph.py``) trains each model for about a minute on
+the labelled cells only, and its attention graph is barely above chance. This script asks whether
+that is a matter of training: it trains self-supervised models (no labels) on the whole of kang18
+(13,999 cells, control and stimulated) for several budgets, each a full run with its own warm-up
+and cosine schedule, and scores each model's graph exactly as ``benchmarks/gene_graph.py`` does,
+on the 832 cells with cell-type labels (markers from ``rank_genes_groups`` on those cells), against
+the Pearson co-expression graph of the same cells with the same number of edges.
+
+Printed per budget: epochs, cells seen, minutes of training, masked-expression accuracy and (with
+``gene_prediction``) masked-gene accuracy on the validation cells, and AUROC over marker pairs
+(same type or not) of the attention score, of the identity and contextual gene embeddings
+(cosine), and enrichment of same-type edges over degree-preserving random graphs.
+
+Usage: python benchmarks/gene_graph_training.py [--epochs 1 5 20] [--genes 1000] [--threads 2]
+       [--model '<GeneTransformer kwargs JSON>'] [--normalize coexpression none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import networkx as nx
+import numpy as np
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+
+import sctransformer as sct
+
+warnings.filterwarnings("ignore")
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data"
+
+_spec = importlib.util.spec_from_file_location("gene_graph_benchmark", HERE / "gene_graph.py")
+gg = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gg)
+_spec = importlib.util.spec_from_file_location("gene_graph_rows_trial", HERE / "gene_graph_rows.py")
+rows_trial = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rows_trial)
+
+
+def identity_masked_rows(model: sct.GeneTransformer, adata: ad.AnnData, p: float, passes: int) -> np.ndarray:
+    """Co-expression-corrected score of the last layer's attention rows of tokens whose gene identity is hidden.
+
+    Row gene: the hidden token's true gene (which the model does not see); keys: the cell's tokens
+    whose identity is shown. Each pass hides a random share ``p`` of every cell's gene tokens.
+    """
+    module = model.module
+    v2g, c2g = rows_trial.graph_lookup(model, adata)
+    acc = rows_trial.DirectedAccumulator(adata.n_vars)
+    generator = torch.Generator().manual_seed(0)
+    with model._inference():
+        for _ in range(passes):
+            for idx, x in rows_trial.minibatches(model, adata):
+                tokens = module.tokenize(x, c2g)
+                context = tokens.is_context
+                hidden = (torch.rand(context.shape, generator=generator) < p) & context
+                phenotypes = torch.full((len(idx), module.n_phenotypes), -1, dtype=torch.long)
+                h, key_mask = module.embed_tokens(tokens, phenotypes, gene_mask=hidden)
+                for block in module.blocks[:-1]:
+                    h = block(h, key_mask)
+                last = module.blocks[-1]
+                probs = last.attention.attention_probabilities(last.norm_attention(h), key_mask)
+                attention = probs.mean(1)[:, module.n_prefix :, module.n_prefix :].float()
+                genes = v2g[tokens.gene_ids]
+                acc.add(
+                    genes.masked_fill(~hidden, -1),
+                    genes.masked_fill(~(context & ~hidden), -1),
+                    attention,
+                    context.sum(1).float(),
+                )
+    return acc.score()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 5, 20])
+    parser.add_argument("--genes", type=int, default=1000)
+    parser.add_argument("--markers", type=int, default=25)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--random-graphs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--model", type=json.loads, default={})
+    parser.add_argument("--normalize", nargs="+", default=["coexpression"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    full = ad.read_h5ad(DATA / "kang18_ifnb_pbmc_ctrl_stim.h5ad")
+    key = "seurat_annotations_partial"
+    sc.pp.filter_genes(full, min_cells=3)
+    sc.pp.highly_variable_genes(full, flavor="seurat_v3", n_top_genes=args.genes)
+    full = full[:, full.var["highly_variable"]].copy()
+    labelled = full[full.obs[key].notna()].copy()
+    logged = labelled.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    markers = gg.marker_sets(logged, key, args.markers)
+    names = list(labelled.var_names)
+    gene_types = [{t for t, genes in markers.items() if g in genes} for g in names]
+    marker_idx = np.array([i for i, t in enumerate(gene_types) if t])
+    x = logged.X.toarray() if sp.issparse(logged.X) else np.asarray(logged.X)
+    pearson = np.nan_to_num(np.corrcoef(x.T))
+    print(
+        f"# kang18: train on {full.n_obs} cells x {full.n_vars} HVGs; graph on {labelled.n_obs} labelled cells, "
+        f"{len(markers)} types, {len(marker_idx)} marker genes; Pearson AUROC "
+        f"{gg.auroc(pearson, marker_idx, gene_types):.3f}",
+        flush=True,
+    )
+
+    sct.setup_anndata(full)
+    sct.setup_anndata(labelled)
+    rows = []
+    for epochs in args.epochs:
+        model = sct.GeneTransformer(full, **args.model)
+        start = time.perf_counter()
+        model.train(max_epochs=epochs, seed=args.seed, enable_progress_bar=False)
+        minutes = (time.perf_counter() - start) / 60
+        masked = float(model.history["expression_accuracy_validation"].iloc[-1, 0])
+        history = model.history
+        gene = (
+            history["gene_accuracy_validation"].iloc[-1, 0]
+            if "gene_accuracy_validation" in history
+            else np.nan
+        )
+        row = {"epochs": epochs, "cells": epochs * full.n_obs, "minutes": minutes, "masked": masked}
+        row["gene"] = float(gene)
+        for normalize in args.normalize:
+            graph = sct.tl.gene_graph(
+                labelled, model, top_k=labelled.n_vars - 1, normalize=normalize, copy=True
+            )
+            score = graph.varp["sct_gene_graph"].toarray()
+            attention_edges = gg.edges(gg.top_k_union(score, args.top_k))
+            n_edges = len(attention_edges)
+            network = nx.Graph(list(attention_edges))
+            expected = []
+            for seed in range(args.random_graphs):
+                shuffled = network.copy()
+                nx.double_edge_swap(shuffled, nswap=4 * n_edges, max_tries=100 * n_edges, seed=seed)
+                expected.append(gg.same_type({tuple(sorted(e)) for e in shuffled.edges}, gene_types))
+            hits = gg.same_type(attention_edges, gene_types)
+            row[f"auroc_{normalize}"] = gg.auroc(score, marker_idx, gene_types)
+            row[f"enrichment_{normalize}"] = hits / max(float(np.mean(expected)), 1e-12)
+        if model.module.gene_prediction:
+            score = identity_masked_rows(model, labelled, p=0.15, passes=4)
+            row["auroc_identity_rows"] = gg.auroc(score, marker_idx, gene_types)
+        for kind in ("identity", "contextual"):
+            embedded = sct.tl.gene_embedding(labelled, model, kind=kind, copy=True)
+            vectors = embedded.varm[f"sct_gene_embedding{'' if kind == 'identity' else '_contextual'}"]
+            vectors = vectors - vectors.mean(0)
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            row[f"auroc_{kind}"] = gg.auroc(vectors @ vectors.T, marker_idx, gene_types)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    columns = ["epochs", "cells", "minutes", "masked", "gene"]
+    columns += [f"{m}_{n}" for n in args.normalize for m in ("auroc", "enrichment")]
+    columns += ["auroc_identity", "auroc_contextual"]
+    columns += ["auroc_identity_rows"] if "auroc_identity_rows" in rows[0] else []
+    print(f"\nmodel {args.model}, {args.threads} threads, seed {args.seed}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        cells = [f"{row[c]:.3f}" if isinstance(row[c], float) else f"{row[c]:,}" for c in columns]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
