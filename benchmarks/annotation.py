@@ -22,6 +22,7 @@ the query predictions before and after temperature scaling) is reported for sctr
 
 Usage: python benchmarks/annotation.py [--threads 2] [--datasets pbmc68k paul15 ...]
        [--pretrain-epochs 3 | --no-pretrain] [--seed 0] [--json results.json]
+       [--model '<GeneTransformer kwargs JSON, e.g. {"gene_prediction": 0.15}>']
 
 ``--seed`` sets ``sct.settings.seed`` (weight initialisation, masks, the order of the cells and the
 reference's training / validation split); the reference / query split stays fixed.
@@ -133,7 +134,7 @@ def calibration(model: sct.GeneTransformer, query: ad.AnnData, key: str) -> dict
     return out
 
 
-def run_dataset(name: str, pretrain_epochs: int) -> list[dict]:
+def run_dataset(name: str, pretrain_epochs: int, model_kwargs: dict | None = None) -> list[dict]:
     ref, query, key = load(name)
     truth = query.obs[key].astype(str).to_numpy()
     rows = []
@@ -141,7 +142,7 @@ def run_dataset(name: str, pretrain_epochs: int) -> list[dict]:
 
     # sctransformer from scratch, defaults
     sct.setup_anndata(ref, phenotype_keys=[key])
-    model = sct.GeneTransformer(ref)
+    model = sct.GeneTransformer(ref, **(model_kwargs or {}))
     start = time.perf_counter()
     model.train(**QUIET)
     minutes = (time.perf_counter() - start) / 60
@@ -157,7 +158,7 @@ def run_dataset(name: str, pretrain_epochs: int) -> list[dict]:
     corpus = pretraining_corpus(name, list(ref.var_names)) if pretrain_epochs > 0 else None
     if corpus is not None:
         sct.setup_anndata(corpus)
-        pretrained = sct.GeneTransformer(corpus)
+        pretrained = sct.GeneTransformer(corpus, **(model_kwargs or {}))
         start = time.perf_counter()
         pretrained.train(max_epochs=pretrain_epochs, calibrate=False, **QUIET)
         pretrain_minutes = (time.perf_counter() - start) / 60
@@ -205,6 +206,12 @@ def main() -> None:
     parser.add_argument("--no-pretrain", action="store_true", help="skip the pre-trained + fine-tuned model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--model",
+        type=json.loads,
+        default={},
+        help="GeneTransformer kwargs (JSON) of both sctransformer models",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sct.settings.seed = args.seed
@@ -212,7 +219,7 @@ def main() -> None:
         args.pretrain_epochs = 0
     rows = []
     for name in args.datasets:
-        rows += run_dataset(name, args.pretrain_epochs)
+        rows += run_dataset(name, args.pretrain_epochs, args.model)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

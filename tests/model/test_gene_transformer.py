@@ -278,3 +278,11 @@ def test_masked_gene_prediction_learns_which_genes_go_together_and_survives_save
     assert loaded.hyperparameters_["gene_prediction"] == 0.3 and loaded.module.gene_prediction
     for name, value in model.module.state_dict().items():
         assert torch.equal(value, loaded.module.state_dict()[name]), name
+    # switched off for one run (e.g. fine-tuning on labels only), and refused where there is no head
+    train_quietly(loaded, max_epochs=1, gene_prediction=0)  # scvi-tools appends the run to the history
+    assert len(loaded.history["expression_train"]) == 31 and len(loaded.history["gene_train"]) == 30
+    with pytest.raises(ValueError, match="gene_prediction must be a share in"):
+        loaded.train(max_epochs=1, gene_prediction=-0.1)
+    plain = sct.GeneTransformer(adata, **TINY)
+    with pytest.raises(ValueError, match="no gene-prediction head"):
+        plain.train(max_epochs=1, gene_prediction=0.2)

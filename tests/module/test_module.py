@@ -260,3 +260,29 @@ def test_gene_mask_hides_the_identity_and_the_profile_value_but_keeps_the_value_
     assert not torch.allclose(x[:, module.profile_index], plain[:, module.profile_index])
     with pytest.raises(ValueError, match="gene_prediction"):
         make_module(expression_queries=False).embed_tokens(tokens, no_phenotypes, gene_mask=gene_mask)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_profile_carries_no_trace_of_a_hidden_gene_even_under_bf16_autocast(autocast):
+    from dataclasses import replace
+
+    module = make_module(n_genes=40, gene_prediction=True, cell_profile=True, expression_queries=False)
+    x = torch.zeros(1, 40)
+    x[0, :6] = torch.tensor([5.0, 3.0, 2.0, 2.0, 1.0, 1.0])
+    tokens = module.tokenize(to_torch_csr(sp.csr_matrix(x.numpy())), torch.arange(40))
+    slot = 0
+    gene = int(tokens.gene_ids[0, slot])
+    absent = 30  # a gene the cell does not express
+    swapped = replace(
+        tokens,
+        gene_ids=tokens.gene_ids.masked_fill(tokens.gene_ids == gene, absent),
+        all_genes=tokens.all_genes.masked_fill(tokens.all_genes == gene, absent),
+    )
+    hidden = torch.zeros_like(tokens.is_context)
+    hidden[0, slot] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+        a = module.profile(tokens, hidden)
+        b = module.profile(swapped, hidden)
+        c = module.profile(tokens, None)
+    assert torch.equal(a, b)  # which gene was hidden cannot be read from the profile
+    assert not torch.allclose(a, c)

@@ -326,10 +326,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         maps for gene graphs and the key/value cache of expression queries always use padded
         attention.
     gene_prediction
-        Share of each cell's gene tokens whose gene identity is hidden (their value kept) and
-        predicted from the rest of the cell over the whole vocabulary (Geneformer's masked gene
-        objective), drawn apart from the tokens whose value is hidden; ``0`` (default) trains
-        no such head. Masked values alone do not ask the model which genes a cell expresses
+        Chance that a gene token whose value is shown has its gene identity hidden instead (its
+        value kept) and predicted from the rest of the cell over the whole vocabulary
+        (Geneformer's masked gene objective); with ``train(gene_mask_prob=0.15)`` that is
+        ``0.85 * gene_prediction`` of the tokens. ``0`` (default) trains no such head. Masked values alone do not ask the model which genes a cell expresses
         together (a token's presence gives that away); this does.
     seed
         Seed of the weight initialisation; default ``sctransformer.settings.seed``.
@@ -722,6 +722,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         warmup_fraction: float = 0.1,
         gene_mask_prob: float = 0.15,
         phenotype_mask_prob: float = 0.8,
+        gene_prediction: float | None = None,
         class_weight: Literal["balanced"] | None = "balanced",
         focal_gamma: float = 0.0,
         adversary_weight: float = 1.0,
@@ -762,6 +763,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             Share of gene values hidden and predicted.
         phenotype_mask_prob
             Share of phenotype tokens hidden and predicted.
+        gene_prediction
+            For a model created with ``gene_prediction > 0``: the share used in this run (``0``
+            switches masked gene prediction off, e.g. to fine-tune on labels only); default the
+            model's.
         class_weight
             ``"balanced"`` (default) weighs each phenotype class by ``n / (n_classes * n_class)``
             over the training cells, so that rare cell types count as much as common ones; ``None``
@@ -873,8 +878,20 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 f"freeze={freeze!r} keeps one side of an alignment fixed; the model has no align_obsm, or "
                 "its AnnData lacks the second modality in .obsm, so nothing would be trained"
             )
-        if gene_mask_prob == 0 and not self.phenotype_categories_:
-            raise ValueError("gene_mask_prob=0 with no phenotype keys leaves nothing to learn")
+        if gene_prediction is None:
+            gene_prediction = float(self.hyperparameters_.get("gene_prediction", 0.0))
+        elif isinstance(gene_prediction, bool) or not isinstance(gene_prediction, int | float):
+            raise ValueError(f"gene_prediction must be a share in [0, 1), got {gene_prediction!r}")
+        elif not 0 <= gene_prediction < 1:
+            raise ValueError(f"gene_prediction must be a share in [0, 1), got {gene_prediction!r}")
+        elif gene_prediction > 0 and not self.module.gene_prediction:
+            raise ValueError(
+                "this model has no gene-prediction head; create it with GeneTransformer(adata, gene_prediction=0.15)"
+            )
+        if gene_mask_prob == 0 and gene_prediction == 0 and not self.phenotype_categories_:
+            raise ValueError(
+                "gene_mask_prob=0 with no phenotype keys and no gene prediction leaves nothing to learn"
+            )
         if not 0 < train_size <= 1:
             raise ValueError(f"train_size must be in (0, 1], got {train_size!r}")
         if resume and checkpoint_dir is None:
@@ -1002,7 +1019,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 gene_mask_prob=gene_mask_prob,
                 phenotype_mask_prob=phenotype_mask_prob,
                 expression_queries=self.hyperparameters_["expression_queries"],
-                gene_prediction_prob=float(self.hyperparameters_.get("gene_prediction", 0.0)),
+                gene_prediction_prob=float(gene_prediction),
                 seed=seed,
                 has_batches=(
                     self.shards_.batch_key is not None

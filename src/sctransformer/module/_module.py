@@ -296,22 +296,24 @@ class GeneTransformerModule(nn.Module):
         return 1 + self.n_phenotypes
 
     def profile(self, tokens: TokenizedCells, value_mask: torch.Tensor | None) -> torch.Tensor:
-        """``[PROFILE]`` input ``(n, d)``: projection of the context's whole profile, less the hidden values."""
+        """``[PROFILE]`` input ``(n, d)``: projection of the context's whole profile, less the hidden values.
+
+        The hidden genes' entries get weight 0 in the sum (rather than being subtracted after it,
+        which leaves a trace of them in reduced precision).
+        """
         if tokens.all_genes is None or tokens.all_values is None:
             raise ValueError("the tokens carry no whole profile; tokenize with this module's tokenizer")
         offsets = torch.cumsum(tokens.n_expressed, 0) - tokens.n_expressed
-        total = self.profile_embedding(
-            tokens.all_genes, offsets, per_sample_weights=tokens.all_values.to(self.profile_embedding.weight)
-        )
-        if value_mask is None:
-            return self.profile_norm(total)
-        hidden = (value_mask & tokens.is_context).to(total.dtype)
-        removed = torch.einsum(
-            "nl,nld->nd",
-            tokens.values.to(total.dtype) * hidden,
-            F.embedding(tokens.gene_ids, self.profile_embedding.weight),
-        )
-        return self.profile_norm(total - removed)
+        weights = tokens.all_values.to(self.profile_embedding.weight)
+        if value_mask is not None:
+            n_genes = self.profile_embedding.num_embeddings
+            cells = torch.arange(len(tokens.gene_ids), device=tokens.gene_ids.device)[:, None]
+            hidden = value_mask & tokens.is_context
+            hidden_keys = torch.where(hidden, cells * n_genes + tokens.gene_ids, -1)  # -1 matches nothing
+            keys = tokens.profile_rows() * n_genes + tokens.all_genes
+            weights = weights.masked_fill(torch.isin(keys, hidden_keys.flatten()), 0)
+        total = self.profile_embedding(tokens.all_genes, offsets, per_sample_weights=weights)
+        return self.profile_norm(total)
 
     def tokenize(
         self,
@@ -353,6 +355,7 @@ class GeneTransformerModule(nn.Module):
         if gene_mask is not None:
             if not self.gene_prediction:
                 raise ValueError("gene_mask needs a module with gene_prediction=True")
+            gene_mask = gene_mask & tokens.is_context
             genes = torch.where(gene_mask.unsqueeze(-1), self.gene_mask.to(genes.dtype), genes)
             value_mask = gene_mask if value_mask is None else value_mask | gene_mask
         if self.value_encoding == "binned":
@@ -561,15 +564,16 @@ class GeneTransformerModule(nn.Module):
         """
         if not self.gene_prediction:
             raise ValueError("gene logits need a module with gene_prediction=True")
-        out = self.gene_head(hidden[:, self.n_prefix :][rows]).float()
+        out = self.gene_head(hidden[:, self.n_prefix :][rows])
         scale = self.gene_embedding.embedding_dim**-0.5  # unit-scale logits from unit-scale vectors
-        logits = scale * out @ self.gene_embedding.weight.float().T + self.gene_bias.float()
+        with torch.autocast(out.device.type, enabled=False):  # float32 logits under mixed precision
+            logits = scale * out.float() @ self.gene_embedding.weight.float().T + self.gene_bias.float()
         n, n_genes = tokens.gene_ids.shape[0], self.gene_embedding.num_embeddings
         visible = tokens.is_context & ~rows
         taken = torch.zeros(n, n_genes + 1, dtype=torch.bool, device=logits.device)
         taken.scatter_(1, torch.where(visible, tokens.gene_ids, n_genes), True)  # column n_genes: none
         cell = torch.nonzero(rows)[:, 0]
-        return logits.masked_fill(taken[cell, :n_genes], float("-inf"))
+        return logits.masked_fill_(taken[cell, :n_genes], float("-inf"))
 
     def _value_loss(
         self, prediction: torch.Tensor, tokens: TokenizedCells, scored: torch.Tensor
