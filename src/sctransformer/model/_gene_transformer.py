@@ -329,7 +329,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         Chance that a gene token whose value is shown has its gene identity hidden instead (its
         value kept) and predicted from the rest of the cell over the whole vocabulary
         (Geneformer's masked gene objective); with ``train(gene_mask_prob=0.15)`` that is
-        ``0.85 * gene_prediction`` of the tokens. ``0`` (default) trains no such head. Masked values alone do not ask the model which genes a cell expresses
+        ``0.85 * gene_prediction`` of the tokens. ``0`` (default) trains no such head. It
+        teaches the gene embeddings which genes go together (see the benchmarks); its logits
+        take a few float32 (hidden tokens x vocabulary) matrices per minibatch, a few hundred MB
+        at 32 cells of 256 tokens with 20,000 genes. Masked values alone do not ask the model which genes a cell expresses
         together (a token's presence gives that away); this does.
     seed
         Seed of the weight initialisation; default ``sctransformer.settings.seed``.
