@@ -85,6 +85,47 @@ def marker_sets(logged: ad.AnnData, key: str, n_markers: int) -> dict[str, set[s
     return out
 
 
+def marker_context(
+    adata: ad.AnnData, key: str, n_markers: int
+) -> tuple[dict[str, set[str]], list[set[str]], np.ndarray, np.ndarray]:
+    """Marker sets, each gene's cell types, the marker genes' indices, and Pearson on log1p-normalised counts."""
+    logged = adata.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    markers = marker_sets(logged, key, n_markers)
+    gene_types = [{t for t, genes in markers.items() if g in genes} for g in adata.var_names]
+    marker_idx = np.array([i for i, t in enumerate(gene_types) if t])
+    x = logged.X.toarray() if sp.issparse(logged.X) else np.asarray(logged.X)
+    return markers, gene_types, marker_idx, np.nan_to_num(np.corrcoef(x.T))
+
+
+def random_same_type(pairs: set[tuple[int, int]], gene_types: list[set[str]], n_random: int) -> float:
+    """Mean number of same-type edges of ``n_random`` graphs with the degrees of ``pairs`` (double-edge swaps)."""
+    network = nx.Graph(list(pairs))
+    n_edges = len(pairs)
+    counts = []
+    for seed in range(n_random):
+        shuffled = network.copy()
+        nx.double_edge_swap(shuffled, nswap=4 * n_edges, max_tries=100 * n_edges, seed=seed)
+        counts.append(same_type({tuple(sorted(e)) for e in shuffled.edges}, gene_types))
+    return float(np.mean(counts))
+
+
+def embedding_auroc(
+    adata: ad.AnnData,
+    model: sct.GeneTransformer,
+    kind: str,
+    marker_idx: np.ndarray,
+    gene_types: list[set[str]],
+) -> float:
+    """AUROC over marker pairs of the cosine similarity of the model's ``kind`` gene embeddings."""
+    embedded = sct.tl.gene_embedding(adata, model, kind=kind, copy=True)
+    vectors = embedded.varm[f"sct_gene_embedding{'' if kind == 'identity' else '_contextual'}"]
+    vectors = vectors - vectors.mean(0)
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return auroc(vectors @ vectors.T, marker_idx, gene_types)
+
+
 def top_k_union(score: np.ndarray, top_k: int) -> sp.csr_matrix:
     """Each gene's top_k positive scores, symmetrised by union (max), as tl.gene_graph does."""
     score = score.copy()
@@ -122,13 +163,7 @@ def auroc(score: np.ndarray, markers: np.ndarray, gene_types: list[set[str]]) ->
 
 def run(name: str, args: argparse.Namespace) -> list[dict]:
     adata, key = load(name, args.genes)
-    logged = adata.copy()
-    sc.pp.normalize_total(logged, target_sum=1e4)
-    sc.pp.log1p(logged)
-    markers = marker_sets(logged, key, args.markers)
-    names = list(adata.var_names)
-    gene_types = [{t for t, genes in markers.items() if g in genes} for g in names]
-    marker_idx = np.array([i for i, t in enumerate(gene_types) if t])
+    markers, gene_types, marker_idx, pearson = marker_context(adata, key, args.markers)
 
     sct.setup_anndata(adata)  # no labels
     model = sct.GeneTransformer(adata, **args.model)
@@ -136,8 +171,6 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
     model.train(enable_progress_bar=False, logger=False, **args.train)
     train_minutes = (time.perf_counter() - start) / 60
 
-    x = logged.X.toarray() if sp.issparse(logged.X) else np.asarray(logged.X)
-    pearson = np.nan_to_num(np.corrcoef(x.T))
     rows = []
     for options in args.graphs:
         start = time.perf_counter()
@@ -152,13 +185,7 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
             k += 1
         pearson_edges = trim(top_k_union(pearson, k), n_edges)
 
-        network = nx.Graph(list(attention_edges))
-        random_counts = []
-        for seed in range(args.random_graphs):
-            shuffled = network.copy()
-            nx.double_edge_swap(shuffled, nswap=4 * n_edges, max_tries=100 * n_edges, seed=seed)
-            random_counts.append(same_type({tuple(sorted(e)) for e in shuffled.edges}, gene_types))
-        expected = float(np.mean(random_counts))
+        expected = random_same_type(attention_edges, gene_types, args.random_graphs)
 
         label = f"attention {json.dumps(options)}" if options else "attention (sctransformer defaults)"
         for method, pairs, score in (
@@ -188,10 +215,6 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
             }
         )
     for kind in ("identity", "contextual"):  # gene embeddings: cosine similarity, AUROC only
-        embedded = sct.tl.gene_embedding(adata, model, kind=kind, copy=True)
-        vectors = embedded.varm[f"sct_gene_embedding{'' if kind == 'identity' else '_contextual'}"]
-        vectors = vectors - vectors.mean(0)
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         rows.append(
             {
                 "data": name,
@@ -199,7 +222,7 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
                 "edges": float("nan"),
                 "same_type": float("nan"),
                 "enrichment": float("nan"),
-                "auroc": auroc(vectors @ vectors.T, marker_idx, gene_types),
+                "auroc": embedding_auroc(adata, model, kind, marker_idx, gene_types),
             }
         )
     print(

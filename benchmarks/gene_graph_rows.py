@@ -24,10 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
-import networkx as nx
 import numpy as np
-import scanpy as sc
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
@@ -207,13 +204,7 @@ def evaluate(name, label, score, pearson, gene_types, marker_idx, top_k, n_rando
     while len(gg.edges(gg.top_k_union(pearson, k))) < n_edges and k < score.shape[0] - 1:
         k += 1
     pearson_edges = gg.trim(gg.top_k_union(pearson, k), n_edges)
-    network = nx.Graph(list(attention_edges))
-    counts = []
-    for seed in range(n_random):
-        shuffled = network.copy()
-        nx.double_edge_swap(shuffled, nswap=4 * n_edges, max_tries=100 * n_edges, seed=seed)
-        counts.append(gg.same_type({tuple(sorted(e)) for e in shuffled.edges}, gene_types))
-    expected = float(np.mean(counts))
+    expected = gg.random_same_type(attention_edges, gene_types, n_random)
     hits = gg.same_type(attention_edges, gene_types)
     p_hits = gg.same_type(pearson_edges, gene_types)
     return {
@@ -293,15 +284,7 @@ def main():
     rows = []
     for name in args.datasets:
         adata, key = gg.load(name, args.genes)
-        logged = adata.copy()
-        sc.pp.normalize_total(logged, target_sum=1e4)
-        sc.pp.log1p(logged)
-        markers = gg.marker_sets(logged, key, args.markers)
-        names = list(adata.var_names)
-        gene_types = [{t for t, genes in markers.items() if g in genes} for g in names]
-        marker_idx = np.array([i for i, t in enumerate(gene_types) if t])
-        x = logged.X.toarray() if sp.issparse(logged.X) else np.asarray(logged.X)
-        pearson = np.nan_to_num(np.corrcoef(x.T))
+        _, gene_types, marker_idx, pearson = gg.marker_context(adata, key, args.markers)
         sct.setup_anndata(adata)
         print(f"# {name}: {adata.n_obs} cells x {adata.n_vars} genes, {len(marker_idx)} markers", flush=True)
 

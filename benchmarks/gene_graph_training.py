@@ -28,10 +28,8 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
-import networkx as nx
 import numpy as np
 import scanpy as sc
-import scipy.sparse as sp
 import torch
 
 import sctransformer as sct
@@ -102,15 +100,7 @@ def main() -> None:
     sc.pp.highly_variable_genes(full, flavor="seurat_v3", n_top_genes=args.genes)
     full = full[:, full.var["highly_variable"]].copy()
     labelled = full[full.obs[key].notna()].copy()
-    logged = labelled.copy()
-    sc.pp.normalize_total(logged, target_sum=1e4)
-    sc.pp.log1p(logged)
-    markers = gg.marker_sets(logged, key, args.markers)
-    names = list(labelled.var_names)
-    gene_types = [{t for t, genes in markers.items() if g in genes} for g in names]
-    marker_idx = np.array([i for i, t in enumerate(gene_types) if t])
-    x = logged.X.toarray() if sp.issparse(logged.X) else np.asarray(logged.X)
-    pearson = np.nan_to_num(np.corrcoef(x.T))
+    markers, gene_types, marker_idx, pearson = gg.marker_context(labelled, key, args.markers)
     print(
         f"# kang18: train on {full.n_obs} cells x {full.n_vars} HVGs; graph on {labelled.n_obs} labelled cells, "
         f"{len(markers)} types, {len(marker_idx)} marker genes; Pearson AUROC "
@@ -126,40 +116,31 @@ def main() -> None:
         start = time.perf_counter()
         model.train(max_epochs=epochs, seed=args.seed, enable_progress_bar=False)
         minutes = (time.perf_counter() - start) / 60
-        masked = float(model.history["expression_accuracy_validation"].iloc[-1, 0])
         history = model.history
-        gene = (
-            history["gene_accuracy_validation"].iloc[-1, 0]
+        row = {
+            "epochs": epochs,
+            "cells": epochs * full.n_obs,
+            "minutes": minutes,
+            "masked": float(history["expression_accuracy_validation"].iloc[-1, 0]),
+            "gene": float(history["gene_accuracy_validation"].iloc[-1, 0])
             if "gene_accuracy_validation" in history
-            else np.nan
-        )
-        row = {"epochs": epochs, "cells": epochs * full.n_obs, "minutes": minutes, "masked": masked}
-        row["gene"] = float(gene)
+            else float("nan"),
+        }
         for normalize in args.normalize:
             graph = sct.tl.gene_graph(
                 labelled, model, top_k=labelled.n_vars - 1, normalize=normalize, copy=True
             )
             score = graph.varp["sct_gene_graph"].toarray()
             attention_edges = gg.edges(gg.top_k_union(score, args.top_k))
-            n_edges = len(attention_edges)
-            network = nx.Graph(list(attention_edges))
-            expected = []
-            for seed in range(args.random_graphs):
-                shuffled = network.copy()
-                nx.double_edge_swap(shuffled, nswap=4 * n_edges, max_tries=100 * n_edges, seed=seed)
-                expected.append(gg.same_type({tuple(sorted(e)) for e in shuffled.edges}, gene_types))
+            expected = gg.random_same_type(attention_edges, gene_types, args.random_graphs)
             hits = gg.same_type(attention_edges, gene_types)
             row[f"auroc_{normalize}"] = gg.auroc(score, marker_idx, gene_types)
-            row[f"enrichment_{normalize}"] = hits / max(float(np.mean(expected)), 1e-12)
+            row[f"enrichment_{normalize}"] = hits / max(expected, 1e-12)
         if model.module.gene_prediction:
             score = identity_masked_rows(model, labelled, p=0.15, passes=4)
             row["auroc_identity_rows"] = gg.auroc(score, marker_idx, gene_types)
         for kind in ("identity", "contextual"):
-            embedded = sct.tl.gene_embedding(labelled, model, kind=kind, copy=True)
-            vectors = embedded.varm[f"sct_gene_embedding{'' if kind == 'identity' else '_contextual'}"]
-            vectors = vectors - vectors.mean(0)
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            row[f"auroc_{kind}"] = gg.auroc(vectors @ vectors.T, marker_idx, gene_types)
+            row[f"auroc_{kind}"] = gg.embedding_auroc(labelled, model, kind, marker_idx, gene_types)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
