@@ -85,6 +85,12 @@ _HEADS = (
 )
 
 
+def _check_gene_prediction(value: Any) -> None:
+    """Refuse a ``gene_prediction`` share outside ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ValueError(f"gene_prediction must be a share in [0, 1), got {value!r}")
+
+
 def _check_hyperparameters(
     *,
     d_model: int,
@@ -120,12 +126,7 @@ def _check_hyperparameters(
         raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}; e.g. n_heads=4 with d_model=128")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if (
-        isinstance(gene_prediction, bool)
-        or not isinstance(gene_prediction, int | float)
-        or not (0 <= gene_prediction < 1)
-    ):
-        raise ValueError(f"gene_prediction must be a share in [0, 1), got {gene_prediction!r}")
+    _check_gene_prediction(gene_prediction)
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if value_encoding not in ("binned", "continuous"):
@@ -329,11 +330,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         Chance that a gene token whose value is shown has its gene identity hidden instead (its
         value kept) and predicted from the rest of the cell over the whole vocabulary
         (Geneformer's masked gene objective); with ``train(gene_mask_prob=0.15)`` that is
-        ``0.85 * gene_prediction`` of the tokens. ``0`` (default) trains no such head. It
-        teaches the gene embeddings which genes go together (see the benchmarks); its logits
-        take a few float32 (hidden tokens x vocabulary) matrices per minibatch, a few hundred MB
-        at 32 cells of 256 tokens with 20,000 genes. Masked values alone do not ask the model which genes a cell expresses
-        together (a token's presence gives that away); this does.
+        ``0.85 * gene_prediction`` of the tokens. ``0`` (default) trains no such head. Masked
+        values alone do not ask the model which genes a cell expresses together (a token's
+        presence gives that away); this does, and it teaches the gene embeddings which genes go
+        together (see the benchmarks). Its logits take a few float32 (hidden tokens x
+        vocabulary) matrices per minibatch, a few hundred MB at 32 cells of 256 tokens with
+        20,000 genes.
     seed
         Seed of the weight initialisation; default ``sctransformer.settings.seed``.
 
@@ -883,11 +885,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             )
         if gene_prediction is None:
             gene_prediction = float(self.hyperparameters_.get("gene_prediction", 0.0))
-        elif isinstance(gene_prediction, bool) or not isinstance(gene_prediction, int | float):
-            raise ValueError(f"gene_prediction must be a share in [0, 1), got {gene_prediction!r}")
-        elif not 0 <= gene_prediction < 1:
-            raise ValueError(f"gene_prediction must be a share in [0, 1), got {gene_prediction!r}")
-        elif gene_prediction > 0 and not self.module.gene_prediction:
+        _check_gene_prediction(gene_prediction)
+        if gene_prediction > 0 and not self.module.gene_prediction:
             raise ValueError(
                 "this model has no gene-prediction head; create it with GeneTransformer(adata, gene_prediction=0.15)"
             )

@@ -697,13 +697,13 @@ class GeneTransformerModule(nn.Module):
                 out.counts["expression_from_cell_accuracy"] = n_scored
         if self.expression_queries and bool(tokens.is_query.any()):
             self._query_losses(out, hidden, tokens)
-        if gene_mask is not None and bool((gene_mask & tokens.is_context).any()):
-            scored = gene_mask & tokens.is_context
-            logits = self.gene_logits(hidden, tokens, scored)
-            target = tokens.gene_ids[scored]
+        hidden_genes = None if gene_mask is None else gene_mask & tokens.is_context
+        if hidden_genes is not None and bool(hidden_genes.any()):
+            logits = self.gene_logits(hidden, tokens, hidden_genes)
+            target = tokens.gene_ids[hidden_genes]
             out.components["gene"] = F.cross_entropy(logits, target)
             out.metrics["gene_accuracy"] = (logits.argmax(-1) == target).float().mean()
-            out.counts["gene"] = out.counts["gene_accuracy"] = int(scored.sum())
+            out.counts["gene"] = out.counts["gene_accuracy"] = int(hidden_genes.sum())
         for slot, logits in enumerate(self.phenotype_logits(hidden, tokens)):
             target = phenotype_targets[:, slot]
             rows = phenotype_mask[:, slot] & (target >= 0)
