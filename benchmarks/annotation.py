@@ -22,7 +22,7 @@ the query predictions before and after temperature scaling) is reported for sctr
 
 Usage: python benchmarks/annotation.py [--threads 2] [--datasets pbmc68k paul15 ...]
        [--pretrain-epochs 3 | --no-pretrain] [--seed 0] [--json results.json]
-       [--model '<GeneTransformer kwargs JSON, e.g. {"gene_prediction": 0.15}>']
+       [--model '<GeneTransformer kwargs JSON, e.g. {"gene_prediction": 0.15}>'] [--swa 3e-4]
 
 ``--seed`` sets ``sct.settings.seed`` (weight initialisation, masks, the order of the cells and the
 reference's training / validation split); the reference / query split stays fixed.
@@ -40,6 +40,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from sklearn.model_selection import train_test_split
 
 import sctransformer as sct
@@ -51,6 +52,17 @@ logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 QUIET = {"enable_progress_bar": False, "logger": False}
+#: ``--swa``: learning rate of Lightning's stochastic weight averaging over the second half of each training run.
+SWA_LRS: float | None = None
+
+
+def quiet() -> dict:
+    """Training keywords: no progress bar or logger; with ``--swa``, a fresh weight-averaging callback."""
+    if SWA_LRS is None:
+        return dict(QUIET)
+    return QUIET | {
+        "callbacks": [StochasticWeightAveraging(swa_lrs=SWA_LRS, swa_epoch_start=0.5, annealing_epochs=1)]
+    }
 
 
 def _read(name: str) -> ad.AnnData:
@@ -144,7 +156,7 @@ def run_dataset(name: str, pretrain_epochs: int, model_kwargs: dict | None = Non
     sct.setup_anndata(ref, phenotype_keys=[key])
     model = sct.GeneTransformer(ref, **(model_kwargs or {}))
     start = time.perf_counter()
-    model.train(**QUIET)
+    model.train(**quiet())
     minutes = (time.perf_counter() - start) / 60
     predicted = model.predict(query)[key].astype(str).to_numpy()
     rows.append(
@@ -160,13 +172,13 @@ def run_dataset(name: str, pretrain_epochs: int, model_kwargs: dict | None = Non
         sct.setup_anndata(corpus)
         pretrained = sct.GeneTransformer(corpus, **(model_kwargs or {}))
         start = time.perf_counter()
-        pretrained.train(max_epochs=pretrain_epochs, calibrate=False, **QUIET)
+        pretrained.train(max_epochs=pretrain_epochs, calibrate=False, **quiet())
         pretrain_minutes = (time.perf_counter() - start) / 60
         fine = ref.copy()
         sct.setup_anndata(fine, phenotype_keys=[key])
         tuned = sct.GeneTransformer.load_query_data(fine, pretrained, min_gene_overlap=0.3)
         start = time.perf_counter()
-        tuned.train(**QUIET)
+        tuned.train(**quiet())
         minutes = (time.perf_counter() - start) / 60
         predicted = tuned.predict(query)[key].astype(str).to_numpy()
         rows.append(
@@ -212,7 +224,16 @@ def main() -> None:
         default={},
         help="GeneTransformer kwargs (JSON) of both sctransformer models",
     )
+    parser.add_argument(
+        "--swa",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="average the weights over the second half of every training run at this learning rate",
+    )
     args = parser.parse_args()
+    global SWA_LRS
+    SWA_LRS = args.swa
     torch.set_num_threads(args.threads)
     sct.settings.seed = args.seed
     if args.no_pretrain:
