@@ -251,3 +251,36 @@ def test_anndata_wrapper_reads_obs_and_changes_nothing():
         classification_report(adata, "cell_type", "nope")
     with pytest.raises(KeyError, match="true_key='truth'"):
         classification_report(adata, "truth", "sct_cell_type")
+
+
+def test_missing_labels_in_a_plain_list_are_dropped_like_in_a_series():
+    y_true = ["a", "b", "a", np.nan, "b"]
+    y_pred = ["a", "b", "b", "a", "b"]
+    from_list = classification_scores(y_true, y_pred, n_bootstrap=0)
+    from_series = classification_scores(pd.Series(y_true), pd.Series(y_pred), n_bootstrap=0)
+    assert from_list.n_cells == from_series.n_cells == 4
+    assert list(from_list.per_class.index) == ["a", "b"]
+    pd.testing.assert_frame_equal(from_list.summary, from_series.summary)
+
+
+def test_bootstrap_macro_f1_skips_classes_a_resample_did_not_draw():
+    # naive reference: each resample scored by sklearn over the labels it holds (truly or predicted)
+    rng = np.random.default_rng(3)
+    y_true = np.array(["a"] * 60 + ["b"] * 40 + ["c"] * 2)
+    y_pred = np.where(rng.random(len(y_true)) < 0.85, y_true, rng.choice(["a", "b"], len(y_true)))
+    report = classification_scores(y_true, y_pred, n_bootstrap=300, seed=11)
+    cells = np.random.default_rng(11).integers(0, len(y_true), size=(300, len(y_true)))
+    expected, c_f1 = [], []
+    for rows in cells:
+        held = sorted(set(y_true[rows]) | set(y_pred[rows]))
+        expected.append(f1_score(y_true[rows], y_pred[rows], labels=held, average="macro", zero_division=0))
+        if "c" in held:
+            c_f1.append(f1_score(y_true[rows], y_pred[rows], labels=["c"], average="macro", zero_division=0))
+    low, high = np.quantile(expected, [0.025, 0.975])
+    assert report.summary.loc["macro_f1", "ci_low"] == pytest.approx(low)
+    assert report.summary.loc["macro_f1", "ci_high"] == pytest.approx(high)
+    assert report.per_class.loc["c", "f1_ci_low"] == pytest.approx(np.quantile(c_f1, 0.025))
+    # a perfect classifier is certain, rare class or not
+    perfect = classification_scores(y_true, y_true, n_bootstrap=300)
+    assert perfect.summary.loc["macro_f1", "ci_low"] == 1.0
+    assert (perfect.per_class["f1_ci_low"] == 1.0).all()

@@ -42,3 +42,18 @@ def test_logistic_regression_baseline_separates_separable_classes():
     x, y = x[order], y[order]
     predicted = logistic_regression_baseline(x, y, np.arange(70), np.arange(70, 100))
     assert (predicted == y[70:]).mean() > 0.95
+
+
+def test_probes_take_boolean_masks_like_positions():
+    rng = np.random.default_rng(2)
+    embedding = rng.normal(size=(40, 3))
+    labels = np.where(embedding[:, 0] > 0, "x", "y")
+    train = np.zeros(40, dtype=bool)
+    train[:30] = True
+    by_mask = knn_probe_accuracy(embedding, labels, train, ~train, n_neighbors=50)
+    by_position = knn_probe_accuracy(embedding, labels, np.arange(30), np.arange(30, 40), n_neighbors=50)
+    assert by_mask == by_position
+    np.testing.assert_array_equal(
+        logistic_regression_baseline(embedding, labels, train, ~train),
+        logistic_regression_baseline(embedding, labels, np.arange(30), np.arange(30, 40)),
+    )

@@ -97,6 +97,17 @@ def test_calibration_fits_the_nll_minimising_temperature_and_keeps_labels(traine
         assert not np.allclose(calibrated["cell_type_confidence"], raw["cell_type_confidence"])
 
 
+def test_calibration_takes_a_boolean_mask_like_positions(trained):
+    model, data = trained
+    mask = np.zeros(data.n_obs, dtype=bool)
+    mask[:60] = True
+    by_mask = model.calibrate(data, indices=mask).loc["cell_type", "temperature"]
+    by_position = model.calibrate(data, indices=np.arange(60)).loc["cell_type", "temperature"]
+    assert by_mask == pytest.approx(by_position)
+    with pytest.raises(ValueError, match="one entry per cell"):
+        model.calibrate(data, indices=mask[:-1])
+
+
 def test_training_calibrates_on_the_validation_cells(adata):
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     model = sct.GeneTransformer(adata, **TINY)
@@ -158,6 +169,26 @@ def test_load_query_data_extends_batch_categories(adata, tmp_path):
     codes = query.obs["_scvi_batch"].to_numpy()
     assert (codes[:20] == model.batch_categories_.index("batch_1")).all()
     assert (codes[20:] == len(model.batch_categories_)).all()
+
+
+def test_load_query_data_matches_integer_batches_to_the_reference(adata, tmp_path):
+    adata.obs["batch"] = adata.obs["batch"].cat.codes.astype(int)  # batches 0, 1, saved as "0", "1"
+    sct.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = sct.GeneTransformer(adata, **TINY)
+    model.save(tmp_path / "ref")
+    query = synthetic(seed=3, n_cells=40)
+    query.obs["batch"] = np.where(np.arange(40) < 20, 1, 7)
+    for reference in (tmp_path / "ref", model):
+        q = sct.GeneTransformer.load_query_data(query, reference)
+        assert q.batch_categories_ == [*model.batch_categories_, "7"]
+        codes = query.obs["_scvi_batch"].to_numpy()
+        assert (codes[:20] == model.batch_categories_.index("1")).all()
+        assert (codes[20:] == len(model.batch_categories_)).all()
+    # integers cannot name the reference's batches "batch_0", ...: a clear error, not a crash in sorting
+    named = synthetic(seed=4, n_cells=40)
+    sct.setup_anndata(named, layer="counts", batch_key="batch")
+    with pytest.raises(ValueError, match=r"astype\(str\)"):
+        sct.GeneTransformer.load_query_data(query, sct.GeneTransformer(named, **TINY))
 
 
 def test_pretrained_model_gets_new_phenotype_slots_and_fine_tunes(adata, tmp_path):

@@ -124,6 +124,16 @@ def test_attention_probabilities_match_sdpa_output():
     torch.testing.assert_close(attention.out(manual), attention(x, mask), atol=1e-5, rtol=1e-5)
 
 
+def test_phenotype_loss_is_zero_not_nan_when_every_class_has_weight_zero():
+    from sctransformer.module import phenotype_loss
+
+    logits = torch.randn(3, 2, requires_grad=True)
+    loss = phenotype_loss(logits, torch.tensor([1, 1, 1]), weight=torch.tensor([1.0, 0.0]))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_class_weights_reweight_the_phenotype_loss():
     module = make_module()
     tokens = module.tokenize(counts(), torch.arange(20))

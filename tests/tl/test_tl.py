@@ -82,6 +82,13 @@ def test_majority_vote_matches_a_naive_count():
     assert list(voted.categories) == ["a", "b", "c"]
 
 
+def test_majority_vote_breaks_ties_by_category_order_not_alphabet():
+    from sctransformer.tl._predict import majority_vote
+
+    labels = pd.Categorical(["T", "B", "B", "T"], categories=["T", "B"])
+    assert list(majority_vote(labels, [0, 0, 1, 1])) == ["T", "T", "T", "T"]
+
+
 def test_predict_with_min_confidence_and_majority_voting(trained):
     model, data = trained
     adata = data.copy()

@@ -122,12 +122,36 @@ class BatchObsField(CategoricalObsField):
         super().__init__(registry_key, obs_key)
         self._categories = categories
 
+    def _reference_categories_as(self, column: pd.Series) -> list:
+        """The reference's categories (saved as strings) as values of the type ``column`` holds.
+
+        A query whose batches are e.g. integers 0, 1 must match the reference's "0", "1", not
+        append them as new batches.
+        """
+        categories = list(self._categories)
+        kind = column.cat.categories.dtype if isinstance(column.dtype, pd.CategoricalDtype) else column.dtype
+        if pd.api.types.is_string_dtype(kind) or pd.api.types.is_object_dtype(kind):
+            return categories
+        try:
+            converted = pd.Series(categories, dtype=object).astype(kind)
+            if list(converted.astype(str)) != categories:
+                raise ValueError("not a round trip")
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"adata.obs[{self._original_attr_key!r}] holds {kind} batches, but the reference names its "
+                f"batches {categories[:3]}{' ...' if len(categories) > 3 else ''}; give the query's batches "
+                f"as strings, e.g. adata.obs[{self._original_attr_key!r}] = "
+                f"adata.obs[{self._original_attr_key!r}].astype(str)"
+            ) from None
+        return converted.tolist()
+
     def register_field(self, adata: AnnData) -> dict:
         """Register the codes; with reference categories, extend them by the new batches."""
         if self._categories is None or self.is_default:
             return super().register_field(adata)
+        categories = self._reference_categories_as(adata.obs[self._original_attr_key])
         reference = {
-            self.CATEGORICAL_MAPPING_KEY: np.asarray(self._categories, dtype=object),
+            self.CATEGORICAL_MAPPING_KEY: np.asarray(categories, dtype=object),
             self.ORIGINAL_ATTR_KEY: self._original_attr_key,
         }
         return self.transfer_field(reference, adata, extend_categories=True)

@@ -12,6 +12,22 @@ from anndata import AnnData
 _CHUNK_ROWS = 10_000
 
 
+def cell_positions(indices, n_cells: int, name: str) -> np.ndarray:
+    """Integer positions of cells given as positions or as a boolean mask; raise if out of range or empty."""
+    indices = np.asarray(indices)
+    if indices.dtype == bool:
+        if indices.shape != (n_cells,):
+            raise ValueError(f"{name} as a boolean mask must have one entry per cell ({n_cells})")
+        indices = np.flatnonzero(indices)
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-D array of integer cell indices (or a boolean mask)")
+    if len(indices) == 0:
+        raise ValueError(f"{name} is empty; pass at least one cell")
+    if indices.min() < 0 or indices.max() >= n_cells:
+        raise ValueError(f"{name} must lie in [0, {n_cells}) (the cells of the data)")
+    return indices
+
+
 def get_matrix(adata: AnnData, layer: str | None):
     """The count matrix: ``adata.layers[layer]`` or ``adata.X``."""
     if layer is None:

@@ -14,6 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
+from sctransformer.data._validation import cell_positions
+
 from ._probes import log1p_normalise
 
 if TYPE_CHECKING:
@@ -27,21 +29,6 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _check_indices(indices, n_cells: int, name: str) -> np.ndarray:
-    indices = np.asarray(indices)
-    if indices.dtype == bool:
-        if indices.shape != (n_cells,):
-            raise ValueError(f"{name} as a boolean mask must have one entry per cell ({n_cells})")
-        indices = np.flatnonzero(indices)
-    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"{name} must be a 1-D array of integer cell indices (or a boolean mask)")
-    if len(indices) == 0:
-        raise ValueError(f"{name} is empty; pass at least one cell")
-    if indices.min() < 0 or indices.max() >= n_cells:
-        raise ValueError(f"{name} must lie in [0, {n_cells}) (the rows of counts)")
-    return indices
 
 
 def _select_highly_variable(x_train, n_top_genes: int) -> np.ndarray:
@@ -145,13 +132,13 @@ def annotation_baselines(
     if counts.ndim != 2:
         raise ValueError(f"counts must be a cells x genes matrix, got shape {counts.shape}")
     n_cells = counts.shape[0]
-    labels = np.asarray(labels.astype(object) if isinstance(labels, pd.Series) else labels)
+    labels = np.asarray(labels, dtype=object)  # a list mixing strings and NaN keeps its NaN
     if labels.shape != (n_cells,):
         raise ValueError(
             f"labels must have one entry per cell (row of counts: {n_cells}), got {labels.shape}"
         )
-    train_idx = _check_indices(train_idx, n_cells, "train_idx")
-    test_idx = _check_indices(test_idx, n_cells, "test_idx")
+    train_idx = cell_positions(train_idx, n_cells, "train_idx")
+    test_idx = cell_positions(test_idx, n_cells, "test_idx")
     overlap = np.intersect1d(train_idx, test_idx)
     if len(overlap):
         raise ValueError(

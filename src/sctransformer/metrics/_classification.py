@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -173,8 +174,8 @@ def _is_missing(values: np.ndarray) -> np.ndarray:
 
 
 def _as_labels(values, name: str) -> np.ndarray:
-    values = np.asarray(values, dtype=object) if isinstance(values, pd.Series | pd.Categorical) else values
-    values = np.asarray(values)
+    # object dtype: np.asarray of a list mixing strings and NaN would turn the NaN into the string "nan"
+    values = np.asarray(values, dtype=object)
     if values.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one label per cell), got shape {values.shape}")
     return values
@@ -202,8 +203,16 @@ def _encode(y_true: np.ndarray, y_pred: np.ndarray, labels: list) -> tuple[np.nd
     return true_codes, pred_codes, len(index) + len(other)
 
 
-def _scores_from_confusion(confusion: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
-    """Scores of stacked confusion matrices ``(..., K, K)`` (rows true, columns predicted)."""
+def _scores_from_confusion(
+    confusion: np.ndarray, n_labels: int, averaged: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Scores of stacked confusion matrices ``(..., K, K)`` (rows true, columns predicted).
+
+    Macro-F1 averages the F1 of the first ``n_labels`` labels, except those marked ``True`` in
+    ``averaged`` that have neither true nor predicted cells in a matrix: a bootstrap resample
+    that happens to draw no cell of a rare class must not score that class's F1 as 0 (its
+    per-class F1 is NaN there).
+    """
     diagonal = np.diagonal(confusion, axis1=-2, axis2=-1)
     n = confusion.sum(axis=(-2, -1))
     true_total = confusion.sum(axis=-1)[..., :n_labels]
@@ -214,9 +223,15 @@ def _scores_from_confusion(confusion: np.ndarray, n_labels: int) -> dict[str, np
         return np.divide(num, den, out=np.zeros_like(num), where=den > 0)  # zero_division=0
 
     f1 = ratio(2 * tp, (true_total + pred_total).astype(np.float64))
+    if averaged is None:
+        macro_f1 = f1.mean(axis=-1)
+    else:
+        counted = ~(averaged & (true_total + pred_total == 0))
+        macro_f1 = (f1 * counted).sum(axis=-1) / counted.sum(axis=-1).clip(min=1)
+        f1 = np.where(counted, f1, np.nan)  # a class absent from a resample has no F1 there
     return {
         "accuracy": diagonal.sum(axis=-1) / n,
-        "macro_f1": f1.mean(axis=-1),
+        "macro_f1": macro_f1,
         "precision": ratio(tp, pred_total.astype(np.float64)),
         "recall": ratio(tp, true_total.astype(np.float64)),
         "f1": f1,
@@ -233,11 +248,18 @@ def _bootstrap_scores(
 ) -> dict[str, np.ndarray]:
     """Scores of ``n_bootstrap`` resamples of the cells.
 
+    Macro-F1 of a resample averages the labels the point estimate averages, less those that
+    occur among the cells (truly or predicted) but not in the resample; labels that occur nowhere
+    count 0 in both, as in :func:`sklearn.metrics.f1_score` with ``zero_division=0``.
+
     Resample ``b`` takes the cells ``rng.integers(0, n, size=(n_bootstrap, n))[b]`` (drawn in
     chunks of rows, which gives the same numbers); its confusion matrix comes from one
     :func:`numpy.bincount` over the codes of the (true, predicted) pairs.
     """
     n = len(true_codes)
+    occurring = np.zeros(n_labels, dtype=bool)
+    for codes in (true_codes, pred_codes):
+        occurring[codes[codes < n_labels]] = True
     pair = true_codes * n_classes + pred_codes
     size = n_classes * n_classes
     chunk = max(1, _CHUNK_CELLS // max(n, size))
@@ -247,7 +269,8 @@ def _bootstrap_scores(
         cells = rng.integers(0, n, size=(rows, n))
         offset = np.arange(rows)[:, None] * size
         counts = np.bincount((pair[cells] + offset).ravel(), minlength=rows * size)
-        parts.append(_scores_from_confusion(counts.reshape(rows, n_classes, n_classes), n_labels))
+        confusion = counts.reshape(rows, n_classes, n_classes)
+        parts.append(_scores_from_confusion(confusion, n_labels, averaged=occurring))
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
@@ -262,8 +285,9 @@ def classification_scores(
 ) -> ClassificationReport:
     r"""Accuracy and macro-F1 of predicted labels, with bootstrap and binomial confidence intervals.
 
-    Cells whose true label is missing (``None`` / NaN) are dropped. A prediction outside
-    ``labels`` (e.g. ``"unknown"``) or missing counts as wrong.
+    Cells whose true label is missing (``None`` / NaN) are dropped. Accuracy counts the cells whose
+    prediction equals their true label; a prediction outside ``labels`` (e.g. ``"unknown"``) or
+    missing is wrong for every cell whose true label is in ``labels``.
 
     Point estimates come from :func:`sklearn.metrics.accuracy_score`,
     :func:`sklearn.metrics.f1_score` (``average="macro"``, ``zero_division=0``) and
@@ -357,7 +381,9 @@ def classification_scores(
             half_width = t_value * values.std(ddof=1)
             summary.loc[metric, ["ci_low", "ci_high"]] = np.quantile(values, quantiles)
             summary.loc[metric, ["t_low", "t_high"]] = [point - half_width, point + half_width]
-        per_class[["f1_ci_low", "f1_ci_high"]] = np.quantile(scores["f1"], quantiles, axis=0).T
+        with warnings.catch_warnings():  # a class drawn in no resample: its interval stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_class[["f1_ci_low", "f1_ci_high"]] = np.nanquantile(scores["f1"], quantiles, axis=0).T
 
     n_correct = int((true_codes == pred_codes).sum())
     binomial = stats.binomtest(n_correct, n).proportion_ci(confidence_level, method="exact")

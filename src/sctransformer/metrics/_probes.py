@@ -8,6 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 
 from sctransformer._constants import TARGET_SUM
+from sctransformer.data._validation import cell_positions
 
 
 def log1p_normalise(counts, *, target_sum: float = TARGET_SUM) -> np.ndarray | sp.csr_matrix:
@@ -40,7 +41,9 @@ def knn_probe_accuracy(
 
     A measure of how much of ``labels`` an embedding carries (Euclidean distance, majority vote).
     """
-    labels = np.asarray(labels)
+    labels = np.asarray(labels, dtype=object)
+    train_idx = cell_positions(train_idx, len(labels), "train_idx")
+    test_idx = cell_positions(test_idx, len(labels), "test_idx")
     knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(train_idx)))
     knn.fit(embedding[train_idx], labels[train_idx])
     return float((knn.predict(embedding[test_idx]) == labels[test_idx]).mean())
@@ -59,7 +62,9 @@ def logistic_regression_baseline(
     Use with :func:`log1p_normalise` counts of all genes: often the strongest simple baseline of
     cell annotation.
     """
-    labels = np.asarray(labels)
+    labels = np.asarray(labels, dtype=object)
+    train_idx = cell_positions(train_idx, len(labels), "train_idx")
+    test_idx = cell_positions(test_idx, len(labels), "test_idx")
     clf = LogisticRegression(max_iter=max_iter)
     clf.fit(features[train_idx], labels[train_idx])
     return clf.predict(features[test_idx])

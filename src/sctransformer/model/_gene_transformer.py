@@ -43,7 +43,7 @@ from sctransformer.data import (
     iter_minibatches,
     observed_categories,
 )
-from sctransformer.data._validation import check_obs_key, check_phenotype_column
+from sctransformer.data._validation import cell_positions, check_obs_key, check_phenotype_column
 from sctransformer.metrics import expected_calibration_error, log1p_normalise
 from sctransformer.module import (
     AttentionBackend,
@@ -1526,10 +1526,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                     )
         adata = self._inference_adata(adata)
         if indices is not None:
-            indices = np.asarray(indices)
-            if indices.ndim != 1 or len(indices) == 0:
-                raise ValueError("indices must be a non-empty 1-d array of cell positions")
-            indices = np.sort(indices)
+            indices = np.sort(cell_positions(indices, adata.n_obs, "indices"))
         if isinstance(adata, ShardedAnnData):
             labelled = [key for key in keys if key in adata.phenotype_codes]
             rows_of = np.arange(adata.n_obs) if indices is None else indices
@@ -1861,8 +1858,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 f"{len(vocabulary)} genes ({coverage['share_of_query']:.0%} of its {len(ids)} genes; "
                 f"query ids look like {list(ids[:3])}, the vocabulary's like {vocabulary.genes[:3]}); "
                 f"at least min_gene_overlap={min_gene_overlap} of the smaller gene set is needed. "
-                "Use the same kind of identifier (symbols or Ensembl ids; gene_key= names the "
-                ".var column the reference used) or lower min_gene_overlap"
+                "The reference read its genes from "
+                f"{'adata.var_names' if setup_args[SETUP_ARGS.GENE_KEY] is None else repr(setup_args[SETUP_ARGS.GENE_KEY]) + ' in adata.var'}"
+                "; give the query the same kind of identifier there (symbols or Ensembl ids) "
+                "or lower min_gene_overlap"
             )
         logger.info(
             "query shares %d genes with the reference (%.0f%% of the query's, %.0f%% of the vocabulary)",

@@ -57,7 +57,7 @@ def phenotype_loss(
     """Cross-entropy, or focal loss ``-(1 - p_t)^gamma log p_t`` when ``focal_gamma > 0``.
 
     With class weights ``w``, the mean is weighted: ``sum_i w_{y_i} l_i / sum_i w_{y_i}`` (as in
-    :func:`torch.nn.functional.cross_entropy`).
+    :func:`torch.nn.functional.cross_entropy`), and 0 when every cell's class has weight 0.
     """
     log_p = F.log_softmax(logits.float(), -1).gather(1, target.unsqueeze(1)).squeeze(1)
     per_cell = -log_p
@@ -66,7 +66,8 @@ def phenotype_loss(
     if weight is None:
         return per_cell.mean()
     w = weight[target]
-    return (per_cell * w).sum() / w.sum()
+    # 0, not 0/0, for a minibatch whose cells all belong to classes of weight 0 (none in training)
+    return (per_cell * w).sum() / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
 
 
 class GradientReversal(torch.autograd.Function):

@@ -59,6 +59,7 @@ def majority_vote(labels: pd.Series | np.ndarray, clusters: pd.Series | np.ndarr
     if len(labels) != len(clusters):
         raise ValueError(f"labels ({len(labels)}) and clusters ({len(clusters)}) differ in length")
     counts = pd.crosstab(clusters.to_numpy(), labels.to_numpy(), dropna=False)
+    counts = counts.reindex(columns=labels.cat.categories, fill_value=0)  # crosstab sorts its columns
     winner = counts.idxmax(axis=1)
     voted = clusters.map(winner)
     return pd.Categorical(voted.to_numpy(), categories=labels.cat.categories)
