@@ -70,9 +70,14 @@ def load(name: str, n_genes: int) -> tuple[ad.AnnData, str]:
         adata = adata[adata.obs[key].notna()].copy()
     else:
         raise ValueError(f"unknown data set {name!r}")
+    return highly_variable(adata, n_genes), key
+
+
+def highly_variable(adata: ad.AnnData, n_genes: int) -> ad.AnnData:
+    """Copy restricted to the ``n_genes`` most highly variable genes (scanpy ``seurat_v3`` on counts)."""
     sc.pp.filter_genes(adata, min_cells=3)
     sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_genes)
-    return adata[:, adata.var["highly_variable"]].copy(), key
+    return adata[:, adata.var["highly_variable"]].copy()
 
 
 def marker_sets(logged: ad.AnnData, key: str, n_markers: int) -> dict[str, set[str]]:

@@ -30,6 +30,7 @@ Usage: python benchmarks/gene_graph_program.py [--epochs 5] [--genes 1000] [--th
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import time
@@ -48,6 +49,11 @@ import sctransformer as sct
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+_spec = importlib.util.spec_from_file_location(
+    "gene_graph_benchmark", Path(__file__).resolve().parent / "gene_graph.py"
+)
+gg = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gg)
 
 
 def matched_genes(logged: np.ndarray, programme: np.ndarray, n_matched: int) -> np.ndarray:
@@ -95,10 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    adata = ad.read_h5ad(DATA / "kang18_ifnb_pbmc_ctrl_stim.h5ad")
-    sc.pp.filter_genes(adata, min_cells=3)
-    sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=args.genes)
-    adata = adata[:, adata.var["highly_variable"]].copy()
+    adata = gg.highly_variable(ad.read_h5ad(DATA / "kang18_ifnb_pbmc_ctrl_stim.h5ad"), args.genes)
     logged = adata.copy()
     logged.X = sct.metrics.log1p_normalise(adata.X)
     sc.tl.rank_genes_groups(logged, "condition", groups=["stim"], reference="ctrl", method="wilcoxon")
