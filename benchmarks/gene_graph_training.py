@@ -14,7 +14,7 @@ Printed per budget: epochs, cells seen, minutes of training, masked-expression a
 (cosine), and enrichment of same-type edges over degree-preserving random graphs.
 
 Usage: python benchmarks/gene_graph_training.py [--epochs 1 5 20] [--genes 1000] [--threads 2]
-       [--model '<GeneTransformer kwargs JSON>'] [--normalize coexpression none]
+       [--model '<GeneTransformer kwargs JSON>'] [--normalize coexpression none] [--readings]
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import scanpy as sc
 import torch
 
 import sctransformer as sct
@@ -80,6 +79,62 @@ def identity_masked_rows(model: sct.GeneTransformer, adata: ad.AnnData, p: float
     return acc.score()
 
 
+def attention_readings(model: sct.GeneTransformer, adata: ad.AnnData) -> dict[str, np.ndarray]:
+    """Other readings of the same attention, each a symmetric genes x genes score.
+
+    ``logits_last`` / ``logits_all``: the pre-softmax scores ``q.k / sqrt(d_head)`` (heads averaged;
+    last layer / layers averaged), averaged over the cells where both genes are tokens (pairs
+    together in fewer than 10 cells rank last); ``value_norm``: the last layer's attention
+    probabilities times the norm of each key's transformed value ``||W_o,h v_j,h||``, summed over
+    heads (Kobayashi et al., 2020), scored like ``tl.gene_graph``.
+    """
+    module = model.module
+    v2g, c2g = rows_trial.graph_lookup(model, adata)
+    accumulators = {
+        name: rows_trial.DirectedAccumulator(adata.n_vars)
+        for name in ("logits_last", "logits_all", "value_norm")
+    }
+    start = module.n_prefix
+    with model._inference():
+        for idx, x in rows_trial.minibatches(model, adata):
+            tokens = module.tokenize(x, c2g)
+            context = tokens.is_context
+            phenotypes = torch.full((len(idx), module.n_phenotypes), -1, dtype=torch.long)
+            h, key_mask = module.embed_tokens(tokens, phenotypes)
+            genes = v2g[tokens.gene_ids].masked_fill(~context, -1)
+            layer_logits = []
+            for block in module.blocks:
+                attention = block.attention
+                q, k, v = attention._heads(block.norm_attention(h))
+                logits = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+                layer_logits.append(logits.mean(1)[:, start:, start:].float())
+                if block is module.blocks[-1]:
+                    probs = logits.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(-1)
+                    d = h.shape[-1]
+                    w_out = attention.out.weight.view(d, attention.n_heads, d // attention.n_heads)
+                    norms = torch.einsum("dhe,nhje->nhjd", w_out, v).norm(dim=-1)
+                    weighted = (probs * norms[:, :, None, :]).sum(1)[:, start:, start:].float()
+                    accumulators["value_norm"].add(genes, genes, weighted, context.sum(1).float())
+                h = block(h, key_mask)
+            ones = torch.ones(len(idx))
+            accumulators["logits_last"].add(genes, genes, layer_logits[-1], ones)
+            accumulators["logits_all"].add(genes, genes, torch.stack(layer_logits).mean(0), ones)
+    scores = {"value_norm": accumulators["value_norm"].score(min_cells=10)}
+    for name in ("logits_last", "logits_all"):
+        acc = accumulators[name]
+        total, count = (
+            acc.total[: adata.n_vars, : adata.n_vars].numpy(),
+            acc.count[: adata.n_vars, : adata.n_vars].numpy(),
+        )
+        total, count = total + total.T, count + count.T
+        mean = np.divide(total, count, out=np.full_like(total, np.nan), where=count > 0)
+        mean[count / 2 < 10] = np.nan
+        mean = np.nan_to_num(mean, nan=np.nanmin(mean) - 1)  # logits can be negative: rare pairs rank last
+        np.fill_diagonal(mean, 0)
+        scores[name] = mean
+    return scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 5, 20])
@@ -91,14 +146,14 @@ def main() -> None:
     parser.add_argument("--model", type=json.loads, default={})
     parser.add_argument("--normalize", nargs="+", default=["coexpression"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--readings", action="store_true", help="also score pre-softmax and value-norm-weighted attention"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    full = ad.read_h5ad(DATA / "kang18_ifnb_pbmc_ctrl_stim.h5ad")
+    full = gg.highly_variable(ad.read_h5ad(DATA / "kang18_ifnb_pbmc_ctrl_stim.h5ad"), args.genes)
     key = "seurat_annotations_partial"
-    sc.pp.filter_genes(full, min_cells=3)
-    sc.pp.highly_variable_genes(full, flavor="seurat_v3", n_top_genes=args.genes)
-    full = full[:, full.var["highly_variable"]].copy()
     labelled = full[full.obs[key].notna()].copy()
     markers, gene_types, marker_idx, pearson = gg.marker_context(labelled, key, args.markers)
     print(
@@ -139,6 +194,9 @@ def main() -> None:
         if model.module.gene_prediction:
             score = identity_masked_rows(model, labelled, p=0.15, passes=4)
             row["auroc_identity_rows"] = gg.auroc(score, marker_idx, gene_types)
+        if args.readings:
+            for name, score in attention_readings(model, labelled).items():
+                row[f"auroc_{name}"] = gg.auroc(score, marker_idx, gene_types)
         for kind in ("identity", "contextual"):
             row[f"auroc_{kind}"] = gg.embedding_auroc(labelled, model, kind, marker_idx, gene_types)
         rows.append(row)
@@ -148,6 +206,9 @@ def main() -> None:
     columns += [f"{m}_{n}" for n in args.normalize for m in ("auroc", "enrichment")]
     columns += ["auroc_identity", "auroc_contextual"]
     columns += ["auroc_identity_rows"] if "auroc_identity_rows" in rows[0] else []
+    columns += [
+        f"auroc_{name}" for name in ("logits_last", "logits_all", "value_norm") if f"auroc_{name}" in rows[0]
+    ]
     print(f"\nmodel {args.model}, {args.threads} threads, seed {args.seed}")
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
