@@ -16,7 +16,7 @@ import sctransformer as sct
 from sctransformer.data import to_torch_csr
 from sctransformer.tl import AttentionAccumulator
 
-from ..conftest import fingerprint
+from ..conftest import QUIET, TINY, fingerprint
 
 
 def naive_scores(genes: np.ndarray, attention: np.ndarray, n_genes: int, normalize: str, symmetrize: bool):
@@ -211,6 +211,88 @@ def test_gene_modules_are_leiden_communities_with_cell_scores(trained):
 
     with pytest.raises(KeyError, match=r"run sct\.tl\.gene_graph"):
         sct.tl.gene_modules(adata, key="missing")
+
+
+def test_gene_graph_refuses_groups_whose_varp_keys_would_clash(trained):
+    model, data = trained
+    adata = data.copy()
+    adata.obs["group"] = np.where(np.arange(adata.n_obs) % 2 == 0, "CD4/CD8", "CD4_CD8")
+    before = fingerprint(adata)
+    with pytest.raises(ValueError, match=r"share a \.varp key.*CD4/CD8.*CD4_CD8"):
+        sct.tl.gene_graph(adata, model, groupby="group", top_k=3)
+    assert fingerprint(adata) == before
+
+
+def test_graph_and_modules_work_with_duplicate_var_names_under_gene_key():
+    """A model set up with gene_key allows duplicate var_names (symbols); genes are placed by position."""
+    data = sct.datasets.synthetic(n_cells=120, n_genes=40, n_cell_types=3, n_markers=6, seed=4)
+    data.var["ensembl"] = [f"ENSG{i:05d}" for i in range(data.n_vars)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata: var_names not unique
+        data.var_names = [*data.var_names[:-2], "gene_5", "gene_5"]  # gene_5 names three columns
+    sct.setup_anndata(data, layer="counts", gene_key="ensembl")
+    model = sct.GeneTransformer(data, **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=32, **QUIET)
+        sct.tl.gene_graph(data, model, top_k=4, min_cells=1)
+    unique = data.copy()
+    unique.var_names = data.var["ensembl"].to_numpy()
+    sct.tl.gene_graph(unique, model, top_k=4, min_cells=1)
+    np.testing.assert_array_equal(
+        data.varp["sct_gene_graph"].toarray(), unique.varp["sct_gene_graph"].toarray()
+    )
+
+    for adata in (data, unique):
+        sc.pp.normalize_total(adata, layer=None)
+        sc.pp.log1p(adata)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sct.tl.gene_modules(adata, min_size=2)
+    np.testing.assert_array_equal(
+        data.var["sct_gene_module"].to_numpy(), unique.var["sct_gene_module"].to_numpy()
+    )
+    pd.testing.assert_frame_equal(
+        data.obsm["sct_gene_module_scores"], unique.obsm["sct_gene_module_scores"], check_names=False
+    )
+
+    small = data.copy()
+    sct.tl.gene_graph(small, model, genes=["gene_1", "gene_2", "gene_3"], top_k=1, min_cells=1, key_added="s")
+    rows = small.varp["s"].tocoo()
+    assert set(rows.row) | set(rows.col) <= {1, 2, 3}
+    with pytest.raises(ValueError, match=r"more than one column.*gene_5"):
+        sct.tl.gene_graph(small, model, genes=["gene_1", "gene_5"], top_k=1)
+
+
+def test_a_module_of_nearly_every_gene_is_scored_with_a_warning(trained):
+    model, data = trained
+    adata = data.copy()
+    sct.tl.gene_graph(adata, model, top_k=5)
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # whether the control genes need wider bins depends on the draw
+        sct.tl.gene_modules(adata, resolution=1e-4, min_size=2)  # one module of every connected gene
+    module = adata.var["sct_gene_module"]
+    assert len(module.cat.categories) == 1 and (module == "M0").sum() > adata.n_vars // 2
+    scores = adata.obsm["sct_gene_module_scores"]["M0"]
+    assert scores.notna().all() and scores.std() > 0
+
+    # scanpy finds no control gene in the members' 25 expression bins: 2 wide bins, with a warning
+    from sctransformer.tl._gene_graph import _module_score
+
+    rng = np.random.default_rng(0)
+    light = sc.AnnData(rng.poisson(rng.uniform(0.1, 5, size=40), size=(80, 40)).astype(np.float32))
+    light.var_names = [str(i) for i in range(40)]
+    middle = str(int(np.argsort(np.asarray(light.X.mean(0)))[20]))
+    members = [g for g in light.var_names if g != middle]
+    with pytest.warns(UserWarning, match="2 wide expression bins"):
+        scores = _module_score(light, members, "M0", random_state=0)
+    x = np.asarray(light.X)
+    expected = x[:, [int(g) for g in members]].mean(1) - x[:, int(middle)]  # the one control gene
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    with pytest.warns(UserWarning, match="no score"):
+        assert np.isnan(_module_score(light, list(light.var_names), "M1", random_state=0)).all()
 
 
 @pytest.mark.slow

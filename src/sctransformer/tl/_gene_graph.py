@@ -146,7 +146,14 @@ def _graph_genes(
         missing = [g for g in names if g not in adata.var_names]
         if missing:
             raise KeyError(f"genes not in adata.var_names: {missing[:10]}; pass names of adata's genes")
-        columns = np.sort(adata.var_names.get_indexer(pd.Index(names).unique()))
+        requested = adata.var_names.isin(names)
+        ambiguous = sorted(set(adata.var_names[requested][adata.var_names[requested].duplicated()]))
+        if ambiguous:
+            raise ValueError(
+                f"genes named by more than one column of adata.var_names: {ambiguous[:10]}; "
+                "make adata.var_names unique (adata.var_names_make_unique()) to choose among them"
+            )
+        columns = np.flatnonzero(requested)
         outside = columns[column_to_gene[columns] < 0]
         if len(outside):
             raise ValueError(
@@ -180,6 +187,39 @@ def _accumulate(
         genes = lookup[tokens.gene_ids.cpu()].masked_fill(~tokens.is_token.cpu(), -1)
         accumulator.add(genes, attention)
     return accumulator
+
+
+def _module_score(light: AnnData, members: list[str], name: str, random_state: int) -> np.ndarray:
+    """Each cell's :func:`scanpy.tl.score_genes` score for one module's ``members``.
+
+    Control genes are other genes at the members' expression levels (25 bins). Where no other gene
+    is at those levels (a module of nearly every gene), the bins are widened (2 bins) with a warning,
+    and if there is still none the module's scores are NaN, with a warning.
+    """
+    ctrl_size = max(1, min(50, light.n_vars - len(members)))
+    for fallback in ({}, {"ctrl_as_ref": False, "n_bins": 2}):
+        try:
+            sc.tl.score_genes(
+                light, members, ctrl_size=ctrl_size, random_state=random_state, score_name=name, **fallback
+            )
+        except RuntimeError:  # scanpy: "No control genes found in any cut"
+            continue
+        if fallback:
+            warnings.warn(
+                f"module {name} ({len(members)} of {light.n_vars} genes): no other gene is expressed at its "
+                "genes' levels, so its control genes were drawn from 2 wide expression bins; its score is "
+                "less specific. A higher resolution gives smaller modules.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return light.obs[name].to_numpy()
+    warnings.warn(
+        f"module {name} ({len(members)} of {light.n_vars} genes): no control genes outside it, so no score "
+        "(NaN). A higher resolution gives smaller modules.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return np.full(light.n_obs, np.nan)
 
 
 def group_key(key_added: str, group: object) -> str:
@@ -294,6 +334,12 @@ def gene_graph(
             subsets[group] = idx
         if not subsets:
             raise ValueError(f"no group of {groupby!r} has min_group_size={min_group_size} cells")
+        keys = pd.Series([str(g) for g in subsets]).groupby([group_key(key_added, g) for g in subsets])
+        clashes = [list(names) for names in keys.agg(list) if len(names) > 1]
+        if clashes:
+            raise ValueError(
+                f"groups of {groupby!r} would share a .varp key ('/' becomes '_'): {clashes}; rename them"
+            )
 
     graphs = {}
     for group, idx in subsets.items():
@@ -477,8 +523,9 @@ def gene_modules(
     connected = np.asarray((graph != 0).sum(1)).ravel() > 0
     if connected.sum() < 2:
         raise ValueError(f"the graph in adata.varp[{key!r}] has fewer than 2 genes with edges")
+    positions = pd.Index(np.arange(adata.n_vars).astype(str))  # var_names need not be unique (gene_key)
     genes = AnnData(
-        obs=pd.DataFrame(index=adata.var_names[connected]),
+        obs=pd.DataFrame(index=positions[connected]),
         obsp={"connectivities": graph[connected][:, connected]},
     )
     sc.tl.leiden(
@@ -496,22 +543,21 @@ def gene_modules(
     big = sizes[sizes >= min_size].index
     # modules numbered by decreasing size
     names = {c: f"M{i}" for i, c in enumerate(sorted(big, key=lambda c: (-sizes[c], int(c))))}
-    labels = pd.Series(np.nan, index=adata.var_names, dtype=object)
-    labels[adata.var_names[connected]] = communities.map(names).to_numpy()
+    labels = np.full(adata.n_vars, np.nan, dtype=object)
+    labels[connected] = communities.map(names).to_numpy()
     order = [names[c] for c in sorted(big, key=lambda c: (-sizes[c], int(c)))]
-    module = pd.Categorical(labels.to_numpy(), categories=order)
+    module = pd.Categorical(labels, categories=order)
 
     scores = None
     if score and order:
         scores = pd.DataFrame(index=adata.obs_names)
-        light = AnnData(  # X only: score_genes writes into it, never into adata
-            X=adata.X, obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=adata.var_names)
+        light = AnnData(  # X only: score_genes writes into it, never into adata; genes named by position
+            X=adata.X,
+            obs=pd.DataFrame(index=np.arange(adata.n_obs).astype(str)),
+            var=pd.DataFrame(index=positions),
         )
         for name in order:
-            members = list(adata.var_names[module == name])
-            ctrl_size = min(50, adata.n_vars - len(members))
-            sc.tl.score_genes(light, members, ctrl_size=ctrl_size, random_state=random_state, score_name=name)
-            scores[name] = light.obs[name].to_numpy()
+            scores[name] = _module_score(light, list(positions[module == name]), name, random_state)
 
     adata = adata.copy() if copy else adata
     adata.var[key_added] = module
