@@ -89,6 +89,15 @@ def test_majority_vote_breaks_ties_by_category_order_not_alphabet():
     assert list(majority_vote(labels, [0, 0, 1, 1])) == ["T", "T", "T", "T"]
 
 
+def test_majority_vote_leaves_cells_without_a_cluster_at_their_own_label():
+    from sctransformer.tl._predict import majority_vote
+
+    voted = majority_vote(["a", "b", "b", "a", "a"], [np.nan, np.nan, np.nan, "x", "x"])
+    assert list(voted) == ["a", "b", "b", "a", "a"]  # not pooled into one "NaN cluster" voting "b"
+    voted = majority_vote(["a", "b", "b", "a"], pd.Categorical([None, "x", "x", "x"]))
+    assert list(voted) == ["a", "b", "b", "b"]
+
+
 def test_predict_with_min_confidence_and_majority_voting(trained):
     model, data = trained
     adata = data.copy()

@@ -52,16 +52,17 @@ def majority_vote(labels: pd.Series | np.ndarray, clusters: pd.Series | np.ndarr
     labels
         Predicted label of each cell.
     clusters
-        Cluster of each cell.
+        Cluster of each cell; cells with a missing cluster (NaN / None) keep their own label.
     """
     labels = pd.Series(pd.Categorical(labels))
-    clusters = pd.Series(np.asarray(clusters))
+    clusters = pd.Series(np.asarray(clusters, dtype=object))  # object: NaN stays missing, not "nan"
     if len(labels) != len(clusters):
         raise ValueError(f"labels ({len(labels)}) and clusters ({len(clusters)}) differ in length")
     counts = pd.crosstab(clusters.to_numpy(), labels.to_numpy(), dropna=False)
     counts = counts.reindex(columns=labels.cat.categories, fill_value=0)  # crosstab sorts its columns
     winner = counts.idxmax(axis=1)
-    voted = clusters.map(winner)
+    voted = clusters.map(winner)  # crosstab drops missing clusters: those cells keep their label
+    voted = voted.where(clusters.notna(), labels.astype(object))
     return pd.Categorical(voted.to_numpy(), categories=labels.cat.categories)
 
 
