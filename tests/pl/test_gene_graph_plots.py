@@ -62,6 +62,10 @@ def test_attention_plot_shows_one_cells_token_attention(with_graph):
     assert image.sum(1).max() <= 1 + 1e-5  # rows are (parts of) probability distributions
     with pytest.raises(ValueError, match="cell must be"):
         sct.pl.attention(adata, model, cell=10_000, show=False)
+    logged = adata.copy()
+    logged.layers["counts"] = logged.X.copy()  # log-normalised values where counts belong
+    with pytest.raises(ValueError, match="non-integer"):
+        sct.pl.attention(logged, model, cell=3, show=False)
 
 
 def test_gene_modules_dotplot_has_one_column_per_module(with_graph):

@@ -39,6 +39,17 @@ def test_embedding_computes_umap_once_and_follows_scanpys_return_rule(trained):
     )
 
 
+def test_embedding_recomputes_the_umap_when_n_neighbors_changes(trained):
+    model, data = trained
+    adata = data.copy()
+    sct.tl.embed(adata, model)
+    sct.pl.embedding(adata, color="cell_type", n_neighbors=15, show=False)
+    first = adata.obsm["X_sct_umap"].copy()
+    sct.pl.embedding(adata, color="cell_type", n_neighbors=5, show=False)
+    assert adata.uns["X_sct_neighbors"]["params"]["n_neighbors"] == 5
+    assert not np.array_equal(adata.obsm["X_sct_umap"], first)
+
+
 def test_embedding_without_the_embedding_says_what_to_run(trained):
     _, data = trained
     with pytest.raises(KeyError, match=r"sct\.tl\.embed"):

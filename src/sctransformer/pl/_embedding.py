@@ -35,7 +35,7 @@ def embedding(
     """UMAP of a cell embedding, coloured by ``.obs`` columns or genes.
 
     Computes a neighbour graph and UMAP of ``.obsm[basis]`` when they are missing or stale (the
-    embedding changed since), then calls :func:`scanpy.pl.embedding`.
+    embedding or ``n_neighbors`` changed since), then calls :func:`scanpy.pl.embedding`.
 
     Parameters
     ----------
@@ -65,7 +65,10 @@ def embedding(
     umap_key = f"{basis}_umap"
     fingerprint = _fingerprint(np.asarray(adata.obsm[basis]))
     record = adata.uns.get(umap_key, {})
-    stale = record.get("source_fingerprint") != fingerprint or umap_key not in adata.obsm
+    used = adata.uns.get(neighbors_key, {}).get("params", {}).get("n_neighbors")
+    stale = (
+        record.get("source_fingerprint") != fingerprint or umap_key not in adata.obsm or used != n_neighbors
+    )
     if recompute or stale:
         sc.pp.neighbors(adata, use_rep=basis, n_neighbors=n_neighbors, key_added=neighbors_key)
         sc.tl.umap(adata, neighbors_key=neighbors_key, key_added=umap_key)

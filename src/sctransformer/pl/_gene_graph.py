@@ -131,9 +131,9 @@ def attention(
         cell = adata.obs_names.get_loc(cell)
     if isinstance(cell, bool) or not isinstance(cell, int | np.integer) or not 0 <= cell < adata.n_obs:
         raise ValueError(f"cell must be a position in [0, {adata.n_obs}) or an obs name, got {cell!r}")
-    if isinstance(n_genes, bool) or not isinstance(n_genes, int) or n_genes < 2:
+    if isinstance(n_genes, bool) or not isinstance(n_genes, int | np.integer) or n_genes < 2:
         raise ValueError(f"n_genes must be an integer >= 2, got {n_genes!r}")
-    one = adata[[cell]]
+    one = model._inference_adata(adata[[cell]])  # checks the cell's counts, as tl.gene_graph does
     (_, tokens, maps), *_ = list(model._gene_attention(one, layers=layers, heads=heads, batch_size=1))
     n_tokens = int(tokens.is_token[0].sum())
     if n_tokens < 2:
