@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -119,7 +120,8 @@ def test_refined_response_feeds_each_prediction_back_as_the_cells_input(querying
     assert out.uns["sct_response"]["refine_rounds"] == 1
 
     # reference: every gene by folds; then the genes expressed or predicted likely, at their predicted
-    # values, as pseudo-counts with the cell's library; then every gene by folds again
+    # values, as pseudo-counts with the cell's library (its rest in a column outside the vocabulary);
+    # then every gene by folds again
     counts = controls.layers["counts"].toarray()
     column_to_gene = torch.as_tensor(model._column_to_gene(controls))
     every = torch.arange(len(model.vocabulary_))
@@ -138,9 +140,18 @@ def test_refined_response_feeds_each_prediction_back_as_the_cells_input(querying
             expressed = np.zeros_like(p, dtype=bool)
             expressed[:, column_to_gene.numpy()] = counts > 0
             values = np.where(expressed | (p > 0.5), mean, 0.0)
-            pseudo = np.expm1(values) * counts.sum(1, keepdims=True) / 1e4
-            x = to_torch_csr(sp.csr_matrix(pseudo.astype(np.float32)))
-            p, mean = (t.numpy() for t in model._fold_outputs(x, every, codes, no_batch, every, folds))
+            library = counts.sum(1, keepdims=True)
+            pseudo = np.expm1(values) * library / 1e4
+            rest = library - pseudo.sum(1, keepdims=True)
+            assert (rest > 0).all()  # the predicted profile leaves part of the library to other genes
+            x = to_torch_csr(sp.csr_matrix(np.hstack([pseudo, rest]).astype(np.float32)))
+            columns = torch.cat([every, torch.tensor([-1])])
+            # the tokenizer gives back the predicted values: the cells are fed their prediction
+            tokens = model.module.tokenize(x, columns)
+            fed = tokens.values[tokens.is_token].numpy()
+            cell = np.nonzero(tokens.is_token.numpy())[0]
+            np.testing.assert_allclose(fed, values[cell, tokens.gene_ids[tokens.is_token].numpy()], rtol=1e-4)
+            p, mean = (t.numpy() for t in model._fold_outputs(x, columns, codes, no_batch, every, folds))
         expected = (p * mean)[:, column_to_gene.numpy()]
         np.testing.assert_allclose(refined, expected, rtol=1e-4, atol=1e-5)
     plain = model.predict_response(controls, {"condition": "stim"})
@@ -268,3 +279,26 @@ def test_response_plot_shows_the_predicted_and_observed_mean_changes(querying):
     np.testing.assert_allclose(y, values[stim].mean(0) - values[ctrl].mean(0), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="predict_response"):
         sct.pl.response(controls, data, show=False)
+
+
+def test_response_plot_matches_genes_by_the_models_gene_key():
+    data = sct.datasets.synthetic(n_cells=120, n_genes=30, n_cell_types=3, n_markers=6, seed=3)
+    data.obs["condition"] = np.where(np.arange(data.n_obs) % 2 == 0, "ctrl", "stim")
+    data.var["ensembl"] = [f"ENSG{i:05d}" for i in range(data.n_vars)]  # var_names stay symbols
+    data = data[:, ::-1].copy()  # and the columns in another order than the vocabulary's
+    sct.setup_anndata(data, layer="counts", phenotype_keys=["condition"], gene_key="ensembl")
+    model = sct.GeneTransformer(data, **TINY, expression_queries=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=32, **QUIET)
+    controls = data[data.obs["condition"] == "ctrl"].copy()
+    predicted = sct.tl.predict_response(controls, model, {"condition": "stim"})
+    assert predicted.uns["sct_response"]["gene_key"] == "ensembl"
+    ax = sct.pl.response(predicted, data, genes=["ENSG00002"], show=False)
+    _, y = np.asarray(ax.collections[0].get_offsets()).T
+    counts = data.layers["counts"].toarray()
+    values = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    stim = (data.obs["condition"] == "stim").to_numpy()
+    observed = values[stim].mean(0) - values[~stim].mean(0)
+    columns = pd.Index(data.var["ensembl"]).get_indexer(predicted.var_names)
+    np.testing.assert_allclose(y, observed[columns], rtol=1e-4, atol=1e-5)

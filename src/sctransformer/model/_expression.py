@@ -230,8 +230,11 @@ class ExpressionMixin:
 
         Each round predicts every vocabulary gene by folds (probability ``p``, value ``mu``), then
         gives the cells the genes they expressed plus those predicted more likely expressed than
-        not (``p > 0.5``), at their predicted values ``mu``, as pseudo-counts with each cell's
-        library size, and predicts again.
+        not (``p > 0.5``), at their predicted values ``mu``, and predicts again. The input is
+        pseudo-counts ``expm1(mu) * library / 1e4`` plus one column outside the vocabulary that
+        holds the rest of the cell's library, so that the tokenizer's normalisation gives back
+        ``mu`` exactly; where the predicted profile alone exceeds the library, the values fed in
+        are scaled down together.
         """
         every = torch.arange(len(self.vocabulary_), device=x.device)
         dense = x.to_dense().float()
@@ -240,10 +243,13 @@ class ExpressionMixin:
         expressed = torch.zeros(x.shape[0], len(every), dtype=torch.bool, device=x.device)
         expressed[:, column_to_gene[mapped]] = dense[:, mapped] > 0
         p, mean = self._fold_outputs(x, column_to_gene, phenotypes, batches, every, folds)
+        columns = torch.cat([every, every.new_full((1,), -1)])  # the last column: the rest of the library
         for _ in range(rounds):
             values = torch.where(expressed | (p > 0.5), mean, torch.zeros_like(mean))
             counts = torch.expm1(values) * library / 1e4
-            p, mean = self._fold_outputs(counts.to_sparse_csr(), every, phenotypes, batches, every, folds)
+            rest = (library - counts.sum(1, keepdim=True)).clamp(min=0)
+            pseudo = torch.cat([counts, rest], 1).to_sparse_csr()
+            p, mean = self._fold_outputs(pseudo, columns, phenotypes, batches, every, folds)
         return (p * mean)[:, genes]
 
     def _counts_source(self, adata: AnnData | None) -> AnnData:
@@ -385,7 +391,9 @@ class ExpressionMixin:
         AnnData of the same cells (``.obs`` copied) and ``genes``: ``X`` the predicted expression
         after the swap, ``layers["sct_baseline"]`` the prediction with the cells' own phenotypes
         (so ``X - layers["sct_baseline"]`` is the model's response), both in
-        ``log1p(count / library * 1e4)`` units; ``uns["sct_response"]`` records the swap.
+        ``log1p(count / library * 1e4)`` units. Genes are named by the model's identifiers
+        (``adata.var[gene_key]`` for a model set up with ``gene_key``); ``uns["sct_response"]``
+        records the swap and the ``gene_key``.
         """
         if not isinstance(set, dict) or not set:
             raise ValueError(
@@ -419,6 +427,7 @@ class ExpressionMixin:
             "n_folds": int(n_folds),
             "refine_rounds": int(refine_rounds),
             "units": "log1p(count / library * 1e4)",
+            "gene_key": self.setup_args_[SETUP_ARGS.GENE_KEY],  # what names the genes (None: var_names)
         }
         return out
 

@@ -12,7 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from sctransformer._keys import KEYS
-from sctransformer.data import get_matrix
+from sctransformer.data import gene_identifiers, get_matrix
 from sctransformer.metrics import log1p_normalise
 from sctransformer.model import PerturbationResult
 
@@ -171,9 +171,12 @@ def response(
         raise ValueError(
             f"adata has no cells with {swap}" + ("" if groupby is None else f" in those {groupby} groups")
         )
-    columns = adata.var_names.get_indexer(predicted.var_names)
+    gene_key = predicted.uns["sct_response"].get("gene_key")
+    where = "adata.var_names" if gene_key is None else f"adata.var[{gene_key!r}]"
+    columns = gene_identifiers(adata, gene_key).get_indexer(predicted.var_names)
     if (columns < 0).any():
-        raise ValueError("predicted's genes must all be in adata")
+        missing = list(predicted.var_names[columns < 0][:10])
+        raise ValueError(f"predicted's genes must all be in {where}; missing: {missing}")
     values = log1p_normalise(get_matrix(adata, layer))
 
     def mean(rows: np.ndarray) -> np.ndarray:
