@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import warnings
+from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,6 +22,7 @@ from sctransformer.data import (
     ShardBlockSampler,
     ShardedAnnData,
     ShardedDataModule,
+    observed_categories,
     split_blocks,
 )
 
@@ -67,6 +72,30 @@ def test_rows_are_aligned_to_the_shared_genes_by_identifier(cells, shards):
     )
 
 
+def test_numbers_stored_as_int_in_one_shard_and_float_in_another_are_one_category_each(cells, tmp_path):
+    ints, floats = cells[:10].copy(), cells[10:20].copy()
+    ints.obs["cluster"] = ints.obs["donor"] = np.array([1, 2] * 5, dtype=np.int64)
+    floats.obs["cluster"] = np.array([np.nan, 2.0] + [1.0, 2.0] * 4)  # NaN: unknown
+    floats.obs["donor"] = np.array([1.0, 2.0] * 5)
+    paths = [_write(ints, tmp_path / "int.h5ad"), _write(floats, tmp_path / "float.h5ad")]
+    data = ShardedAnnData(paths, layer="counts", phenotype_keys=["cluster"], batch_key="donor")
+    # as for the same files concatenated in memory (int64 and float64 make float64)
+    in_memory = ad.concat([ints, floats])
+    assert data.phenotype_categories["cluster"] == observed_categories(in_memory.obs["cluster"])
+    assert data.phenotype_categories["cluster"] == ["1.0", "2.0"]
+    np.testing.assert_array_equal(data.phenotype_codes["cluster"], [0, 1] * 5 + [-1, 1] + [0, 1] * 4)
+    assert data.batch_categories == observed_categories(in_memory.obs["donor"]) == ["1.0", "2.0"]
+    np.testing.assert_array_equal(data.batch_codes, [0, 1] * 10)
+
+
+def test_one_phenotype_key_may_be_given_as_a_string(shards):
+    data = ShardedAnnData(shards, layer="counts", phenotype_keys="cell_type")
+    assert data.phenotype_keys == ["cell_type"]
+    as_list = ShardedAnnData(shards, layer="counts", phenotype_keys=["cell_type"])
+    assert data.phenotype_categories == as_list.phenotype_categories
+    np.testing.assert_array_equal(data.phenotype_codes["cell_type"], as_list.phenotype_codes["cell_type"])
+
+
 def test_outer_join_keeps_every_gene_and_reads_zeros_where_a_shard_lacks_it(cells, shards):
     data = ShardedAnnData(shards, layer="counts", join="outer")
     assert data.n_vars == 40
@@ -112,6 +141,22 @@ def test_each_cell_is_seen_once_per_epoch_over_all_ranks_and_ranks_get_equal_bat
         assert len(cells) == n_cells
         orders.append(cells)
     assert orders[0] != orders[1]  # a new order each epoch
+
+
+def test_one_cell_minibatches_on_ranks_of_unequal_shares_are_never_empty(cells, tmp_path):
+    # 30 cells on 4 ranks: shares of 7 and 8 cells; 8 one-cell minibatches each would leave the
+    # ranks with 7 cells an empty minibatch, which cannot be read
+    data = ShardedAnnData([_write(cells[:30].copy(), tmp_path / "s.h5ad")], layer="counts")
+    blocks = split_blocks(data.shard_sizes, 8)
+    seen = []
+    for rank in range(4):
+        sampler = ShardBlockSampler(blocks, 1, seed=0, rank=rank, world_size=4)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 7  # equal counts on every rank
+        for segments in batches:
+            assert 1 <= ShardBatches(data)[segments]["X"].shape[0] <= 2
+        seen += [row for b in batches for _, s, e in b for row in range(s, e)]
+    assert sorted(seen) == list(range(30))  # every cell once
 
 
 def test_skipping_batches_resumes_the_same_epoch_order():
@@ -207,6 +252,18 @@ def test_a_shard_without_the_layer_or_with_normalised_values_is_named(cells, sha
     path = _write(normalised, tmp_path / "normalised.h5ad")
     with pytest.raises(ValueError, match=r"normalised\.h5ad.*non-integer"):
         ShardedAnnData([shards[0], path], layer="counts")
+
+
+def test_a_shard_failing_the_count_check_is_closed(cells, tmp_path):
+    normalised = cells[:30].copy()
+    normalised.layers["counts"] = normalised.layers["counts"] * 0.5
+    path = Path(_write(normalised, tmp_path / "normalised.h5ad")).resolve()
+    with pytest.raises(ValueError, match="non-integer") as caught:
+        ShardedAnnData([path], layer="counts")
+    gc.collect()
+    assert caught.value.__traceback__ is not None  # as an interactive session keeps it
+    still_open = {Path(os.fsdecode(f.name)).resolve() for f in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)}
+    assert path not in still_open
 
 
 def test_a_column_major_layer_or_x_is_refused_with_the_fix(cells, tmp_path):

@@ -111,3 +111,20 @@ def test_rank_batch_sizes_keep_full_minibatches_where_ranks_agree_and_drop_last_
 def test_fewer_items_than_ranks_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="cannot be shared out between 4"):
         rank_batch_sizes(3, 32, 0, 4)
+
+
+def test_one_item_minibatches_on_ranks_of_unequal_shares_are_never_empty():
+    # 30 items on 4 ranks: shares of 7 and 8; 8 one-item minibatches each would leave the ranks
+    # with 7 items an empty minibatch, so every rank cuts 7 and one minibatch of a rank of 8 has 2
+    assert rank_batch_sizes(30, 1, 0, 4) == (0, [1] * 7)
+    assert rank_batch_sizes(30, 1, 1, 4) == (7, [2] + [1] * 6)
+    seen, counts = [], set()
+    for rank in range(4):
+        sampler = EpochBatchSampler(EpochSeededRandomSampler(30, seed=0), 1, rank=rank, world_size=4)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert all(1 <= len(b) <= 2 for b in batches)
+        counts.add(len(batches))
+        seen += [i for b in batches for i in b]
+    assert counts == {7}
+    assert sorted(seen) == list(range(30))

@@ -36,6 +36,25 @@ def _read_column(group: h5py.Group, key: str) -> pd.Series:
     return pd.Series(np.asarray(ad.io.read_elem(group[key]), dtype=object))
 
 
+def _read_labels(group: h5py.Group, key: str) -> pd.Series:
+    """One ``.obs`` column of an on-disk AnnData, in its stored dtype (int, float, categorical, ...)."""
+    return pd.Series(ad.io.read_elem(group[key]))
+
+
+def _concat_labels(columns: Sequence[pd.Series | None], sizes: Sequence[int]) -> pd.Series:
+    """The columns of all shards as one, typed as when the shards are concatenated in memory.
+
+    Values become category names through ``str``, so their common dtype decides the names: e.g.
+    integers of one shard and floats of another are all floats (``"1.0"``), as in
+    ``ad.concat(..., join="outer")``, where a shard without the column also holds missing values.
+    """
+    parts = [
+        pd.Series(np.full(int(n), np.nan)) if column is None else column
+        for column, n in zip(columns, sizes, strict=True)
+    ]
+    return pd.concat(parts, ignore_index=True)
+
+
 def _index_key(group: h5py.Group) -> str:
     return group.attrs["_index"]
 
@@ -72,8 +91,10 @@ class ShardedAnnData:
     layer
         Layer holding raw counts (sparse CSR or dense); ``None`` for ``X``.
     phenotype_keys
-        Categorical ``.obs`` columns modelled as phenotype tokens. A shard without the column
-        counts as unknown for it; categories are the sorted union over shards.
+        Categorical ``.obs`` columns modelled as phenotype tokens (one key may be a string). A
+        shard without the column counts as unknown for it; categories are the sorted union over
+        shards, named as for the shards concatenated in memory (a column of integers in one shard
+        and of floats in another gives ``"1.0"``, not both ``"1"`` and ``"1.0"``).
     batch_key
         ``.obs`` column of batch labels; every shard needs it.
     gene_key
@@ -98,7 +119,7 @@ class ShardedAnnData:
         paths: Sequence[str | os.PathLike],
         *,
         layer: str | None = None,
-        phenotype_keys: Sequence[str] | None = None,
+        phenotype_keys: str | Sequence[str] | None = None,
         batch_key: str | None = None,
         gene_key: str | None = None,
         join: str = "inner",
@@ -109,6 +130,8 @@ class ShardedAnnData:
             raise ValueError("ShardedAnnData needs at least one .h5ad path")
         if join not in ("inner", "outer"):
             raise ValueError(f"join must be 'inner' or 'outer', got {join!r}")
+        if isinstance(phenotype_keys, str):  # one key, as setup_anndata accepts it
+            phenotype_keys = [phenotype_keys]
         phenotype_keys = list(phenotype_keys or [])
         if len(set(phenotype_keys)) != len(phenotype_keys):
             raise ValueError(f"phenotype_keys has duplicates: {phenotype_keys}")
@@ -166,29 +189,26 @@ class ShardedAnnData:
         self.phenotype_categories: dict[str, list[str]] = {}
         self.phenotype_codes: dict[str, np.ndarray] = {}
         for key in phenotype_keys:
-            columns = [c for c in labels[key] if c is not None]
-            if not columns:
+            if all(c is None for c in labels[key]):
                 raise KeyError(f"phenotype column {key!r} is in no shard's .obs")
-            values = pd.concat(columns, ignore_index=True)
+            # one column over all shards, so that the same value has one name in every shard
+            values = _concat_labels(labels[key], self.shard_sizes)
             categories = sorted({str(v) for v in values.dropna()})
             if not categories:
                 raise ValueError(f"phenotype column {key!r} has no known value in any shard")
             self.phenotype_categories[key] = categories
-            self.phenotype_codes[key] = np.concatenate(
-                [
-                    np.full(n, -1, np.int32) if c is None else category_codes(c, categories).astype(np.int32)
-                    for c, n in zip(labels[key], self.shard_sizes, strict=True)
-                ]
-            )
+            self.phenotype_codes[key] = category_codes(values, categories).astype(np.int32)
         self.batch_categories: list[str] | None = None
         self.batch_codes: np.ndarray | None = None
         if batch_key is not None:
-            values = pd.concat(batches, ignore_index=True)
+            values = _concat_labels(batches, self.shard_sizes)
             self.batch_categories = sorted({str(v) for v in values})
             self.batch_codes = category_codes(values, self.batch_categories).astype(np.int32)
-        for i in range(len(self.paths)):  # a shard of non-counts fails now, not hours into training
-            self.read_rows(i, 0, min(256, int(self.shard_sizes[i])))
-        self.close()
+        try:  # a shard of non-counts fails now, not hours into training
+            for i in range(len(self.paths)):
+                self.read_rows(i, 0, min(256, int(self.shard_sizes[i])))
+        finally:  # also when a shard fails: the error must not keep its file open
+            self.close()
 
     # ------------------------------------------------------------------ scanning
     def _scan(self, path: Path) -> tuple[int, list[str], dict[str, pd.Series | None], pd.Series | None]:
@@ -215,7 +235,7 @@ class ShardedAnnData:
                 )
             labels = {}
             for key in self.phenotype_keys:
-                labels[key] = _read_column(obs, key) if key in obs else None
+                labels[key] = _read_labels(obs, key) if key in obs else None
                 if labels[key] is None and n_obs:
                     logger.info("%s has no .obs[%r]; its cells count as unknown for it", path, key)
             batches = None
@@ -224,7 +244,7 @@ class ShardedAnnData:
                     raise KeyError(
                         f"{path}: .obs has no batch column {self.batch_key!r}; every shard needs it"
                     )
-                batches = _read_column(obs, self.batch_key)
+                batches = _read_labels(obs, self.batch_key)
                 if batches.isna().any():
                     raise ValueError(f"{path}: .obs[{self.batch_key!r}] has missing values")
         return n_obs, shard_genes, labels, batches

@@ -102,7 +102,10 @@ def rank_batch_sizes(
     so no item goes to two ranks and none is left out. Its minibatches have ``batch_size`` items
     and the last may be partial (left out with ``drop_last``); where that would give ranks
     different numbers of minibatches (Lightning's DDP then waits forever at the epoch end), every
-    rank cuts its share into the same number of minibatches of near-equal sizes instead.
+    rank cuts its share into the same number of minibatches of near-equal sizes instead. That
+    number is never more than the smallest share, so no minibatch is empty: with
+    ``batch_size=1`` and shares of ``m`` and ``m + 1`` items, every rank has ``m`` minibatches
+    and one of a rank of ``m + 1`` items holds 2 (every item is still seen once per epoch).
     """
     if n < world_size:
         raise ValueError(
@@ -119,7 +122,8 @@ def rank_batch_sizes(
     counts = {len(cut(m)) for m in shares}
     if len(counts) == 1:
         return bounds[rank], cut(shares[rank])
-    n_batches = min(counts) if drop_last else max(counts)
+    # more minibatches than the smallest share would leave that rank an empty one
+    n_batches = min(counts) if drop_last else min(max(counts), min(shares))
     base, extra = divmod(shares[rank], n_batches)
     sizes = [base + (i < extra) for i in range(n_batches)]
     if drop_last:  # equal counts of full minibatches: the items beyond them are left out
