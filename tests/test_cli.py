@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import sctransformer as sct
-from sctransformer.cli import main
+from sctransformer.cli import _load_data, main
 
 from .conftest import TINY
 
@@ -168,3 +168,62 @@ def test_embed_reads_a_layer_from_disk_and_keeps_the_files_other_embeddings(tmp_
     assert embedded.uns["note"] == "kept" and embedded.obsm["X_sct"].shape == (adata.n_obs, TINY["d_model"])
     model = sct.GeneTransformer.load(tmp_path / "model")
     np.testing.assert_allclose(embedded.obsm["X_sct"], model.get_latent_representation(adata), atol=1e-6)
+
+
+def test_in_memory_data_keep_a_label_column_that_only_some_files_have(tmp_path):
+    data = sct.datasets.synthetic(n_cells=60, n_genes=30, n_cell_types=3, n_markers=5, seed=0)
+    labelled, unlabelled = data[:40].copy(), data[40:, ::-1][:, 2:].copy()  # other gene order, 2 fewer
+    del unlabelled.obs["cell_type"]
+    labelled.layers["normalised"] = labelled.layers["counts"] * 0.5  # in one file only: not kept
+    labelled.write_h5ad(tmp_path / "labelled.h5ad")
+    unlabelled.write_h5ad(tmp_path / "unlabelled.h5ad")
+    adata = _load_data({"paths": [str(tmp_path / "labelled.h5ad"), str(tmp_path / "unlabelled.h5ad")]})
+    assert adata.shape == (60, 28)
+    assert set(adata.var_names) == set(unlabelled.var_names)
+    assert list(adata.layers) == ["counts"]
+    np.testing.assert_array_equal(
+        adata.layers["counts"].toarray(), data[:, adata.var_names].layers["counts"].toarray()
+    )
+    assert list(adata.obs_names) == list(data.obs_names)
+    np.testing.assert_array_equal(adata.obs["batch"].astype(str), data.obs["batch"].astype(str))
+    assert list(adata.obs["source_file"].unique()) == ["labelled.h5ad", "unlabelled.h5ad"]
+    # the labels of the first file are kept; the second file's cells are unknown (NaN)
+    labels = adata.obs["cell_type"]
+    assert (labels[:40].astype(str) == data.obs["cell_type"][:40].astype(str)).all()
+    assert labels[40:].isna().all()
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    codes = adata.obs["_scvi_phenotype_cell_type"].to_numpy()
+    assert (codes[:40] >= 0).all() and (codes[40:] == -1).all()
+
+
+def test_finetune_refuses_data_settings_that_differ_from_the_reference(tmp_path, capsys):
+    write_shards(tmp_path)
+    reference = ad.read_h5ad(tmp_path / "shard_0.h5ad")
+    sct.setup_anndata(reference, layer="counts", batch_key="batch")
+    sct.GeneTransformer(reference, **TINY).save(tmp_path / "ref")
+    finetune = {
+        "data": {"paths": ["shard_0.h5ad"], "phenotype_keys": ["cell_type"]},
+        "reference": "ref",
+        "train": {"max_epochs": 1, "batch_size": 32, "enable_progress_bar": False},
+        "log": {"loggers": ["csv"]},
+        "output": "finetuned",
+    }
+    for key, value in [
+        ("layer", "no_such_layer"),
+        ("layer", None),  # X, where the reference read the counts layer
+        ("gene_key", "gene_symbols"),
+        ("batch_key", "no_such_batch"),
+        ("batch_key", None),
+    ]:
+        config = finetune | {"data": finetune["data"] | {key: value}}
+        (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(config))
+        assert main(["finetune", "--config", str(tmp_path / "finetune.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert f"data.{key} is {value!r}" in err and "reference" in err, err
+        assert not (tmp_path / "finetuned").exists()
+    # the reference's own settings are accepted, and the saved config records what was used
+    config = finetune | {"data": finetune["data"] | {"batch_key": "batch"}}
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(config))
+    assert main(["finetune", "--config", str(tmp_path / "finetune.yaml")]) == 0
+    saved = yaml.safe_load((tmp_path / "finetuned" / "config.yaml").read_text())["data"]
+    assert (saved["layer"], saved["batch_key"], saved["gene_key"]) == ("counts", "batch", None)

@@ -19,7 +19,9 @@
 ``finetune`` takes the same config with ``reference: <saved model directory>`` in place of
 ``model``: the reference is attached to the data (its genes, bins and categories kept; new
 phenotype keys get new heads, see :meth:`GeneTransformer.load_query_data`) and trained further,
-e.g. with ``train: {freeze: backbone}``. The data are loaded into memory.
+e.g. with ``train: {freeze: backbone}``. The data are loaded into memory and read as the
+reference was set up: ``data.layer``, ``data.gene_key`` and ``data.batch_key`` may be left out
+(the saved config records the reference's), and are an error where they differ from it.
 
 Metrics are logged per epoch to CSV (and TensorBoard when it is installed) in ``log.dir``
 (default ``<output>-logs/``); ``wandb`` in ``log.loggers`` logs to Weights & Biases, if installed.
@@ -184,7 +186,9 @@ _TRAINER_OPTIONS = {
 def _load_data(data: dict[str, Any]) -> ad.AnnData:
     """Read the data files; several are joined on the genes they all have (by identifier).
 
-    An unreadable file is an error naming it; a file without cells is skipped with a warning; the
+    Layers and ``.obsm`` entries are those every file has; ``.obs`` columns are those of any file,
+    missing values (NaN) where a file lacks one (its cells are unknown for a phenotype column). An
+    unreadable file is an error naming it; a file without cells is skipped with a warning; the
     genes each file loses in the join are logged.
     """
     parts, names = [], []
@@ -215,9 +219,41 @@ def _load_data(data: dict[str, Any]) -> ad.AnnData:
     if gene_key:  # join on the identifiers, not on whatever var_names hold
         for part in parts:
             part.var_names = pd.Index(part.var[gene_key].astype(str))
+    # genes, layers and obsm: those of every file (a layer one file lacks is not filled with zeros)
     adata = ad.concat(parts, join="inner", label="source_file", keys=names, merge="first")
+    # .obs: the columns of any file, so that a label column one file lacks is unknown (NaN) for
+    # its cells, as with streaming, instead of dropped for all
+    obs = ad.concat(
+        [ad.AnnData(obs=part.obs) for part in parts], join="outer", label="source_file", keys=names
+    ).obs
+    if not obs.index.equals(adata.obs_names):  # the same cells in the same order, by construction
+        raise RuntimeError("the .obs of the data files could not be joined; please report this")
+    adata.obs = obs
     adata.obs_names_make_unique()
     return adata
+
+
+#: ``data`` keys whose values ``finetune`` takes from the reference model's setup.
+REFERENCE_SETUP_KEYS = ("layer", "gene_key", "batch_key")
+
+
+def _check_reference_setup(data: dict[str, Any], reference: str, setup_args: dict[str, Any]) -> None:
+    """Refuse ``data`` settings that differ from the reference's; fill in those left out.
+
+    ``finetune`` reads counts, gene identifiers and batches as the reference model did, so a
+    different ``data.layer``, ``data.gene_key`` or ``data.batch_key`` would be ignored; it is a
+    :class:`ConfigError` instead. Keys left out are set to the reference's values, so the config
+    saved beside the model records what was used.
+    """
+    for key in REFERENCE_SETUP_KEYS:
+        used = setup_args.get(key)
+        if key in data and data[key] != used:
+            raise ConfigError(
+                f"data.{key} is {data[key]!r}, but finetune reads the data as the reference "
+                f"{reference!r} was set up, with {key}={used!r}; set data.{key}: "
+                f"{'null' if used is None else used} or leave it out"
+            )
+        data[key] = used
 
 
 def _loggers(log: dict[str, Any]) -> list:
@@ -246,15 +282,19 @@ def pretrain(config_path: str, *, overwrite: bool = False, command: str = "pretr
             f"output {str(output)!r} exists and is not empty; pass --overwrite or choose another"
         )
     data = config["data"]
+    reference = None
+    if command == "finetune":  # checked before the data are read
+        reference = sct.GeneTransformer.load(config["reference"])
+        _check_reference_setup(data, config["reference"], reference.setup_args_)
     setup = {key: data.get(key) for key in ("layer", "batch_key", "phenotype_keys", "gene_key")}
     if data["streaming"]:
         shards = sct.data.ShardedAnnData(data["paths"], join=data["join"], **setup)
         model = sct.GeneTransformer.from_shards(shards, **config["model"])
     else:
         adata = _load_data(data)
-        if command == "finetune":
+        if reference is not None:
             model = sct.GeneTransformer.load_query_data(
-                adata, config["reference"], phenotype_keys=setup["phenotype_keys"]
+                adata, reference, phenotype_keys=setup["phenotype_keys"]
             )
         else:
             sct.setup_anndata(adata, **setup)

@@ -223,6 +223,21 @@ def test_unseen_query_categories_warn_and_count_as_unknown(trained):
     assert set(q.predict(query)["cell_type"].cat.categories) == {"type_0", "type_1", "type_2"}
 
 
+def test_load_query_data_refuses_requested_phenotype_keys_the_query_lacks(trained):
+    model, _ = trained
+    query = synthetic(seed=10, n_cells=30)
+    query.obs = query.obs.drop(columns="cell_type")
+    # a reference key asked for explicitly must be there (not silently left unlabelled)
+    with pytest.raises(ValueError, match=r"\['cell_type'\] not in adata\.obs.*available: \['batch'\]"):
+        sct.GeneTransformer.load_query_data(query, model, phenotype_keys=["cell_type"])
+    with pytest.raises(ValueError, match=r"\['cell_type', 'tissue'\] not in adata\.obs"):
+        sct.GeneTransformer.load_query_data(query, model, phenotype_keys=["cell_type", "tissue"])
+    assert "_scvi_phenotype_cell_type" not in query.obs  # refused before anything was registered
+    # not asked for, the reference's key is unknown for every query cell (a query to annotate)
+    q = sct.GeneTransformer.load_query_data(query, model)
+    assert list(q.phenotype_categories_) == ["cell_type"]
+
+
 def test_load_query_data_refuses_too_few_genes_and_bad_references(trained, tmp_path):
     model, _ = trained
     query = synthetic(seed=9, n_cells=30)

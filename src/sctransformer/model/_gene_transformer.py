@@ -1821,8 +1821,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         reference
             Directory of a saved model, or a model.
         phenotype_keys
-            ``.obs`` columns to model; keys the reference lacks get new slots. Default: the
-            phenotype keys ``adata`` was set up with, if it was set up, plus the reference's.
+            ``.obs`` columns to model; keys the reference lacks get new slots. Each key given
+            must be a column of ``adata.obs`` (a :class:`ValueError` names those that are not).
+            Default: the phenotype keys ``adata`` was set up with, if it was set up, plus the
+            reference's; a reference key without a column in ``adata.obs`` is then unknown for
+            every query cell (a query to annotate).
         min_gene_overlap
             Refuse the query if the genes it shares with the vocabulary are fewer than this share
             of the smaller of the two gene sets (query genes, vocabulary).
@@ -1875,8 +1878,17 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             phenotype_keys = (
                 list(manager.registry["setup_args"][SETUP_ARGS.PHENOTYPE_KEYS] or []) if manager else []
             )
-        elif isinstance(phenotype_keys, str):
-            phenotype_keys = [phenotype_keys]
+        else:
+            if isinstance(phenotype_keys, str):
+                phenotype_keys = [phenotype_keys]
+            missing = [k for k in phenotype_keys if k not in adata.obs]
+            if missing:  # asked for: not silently left unknown for every cell
+                available = [c for c in adata.obs.columns if not str(c).startswith("_scvi_")]
+                raise ValueError(
+                    f"phenotype_keys {missing} not in adata.obs (available: {available}); "
+                    "add the column(s), with NaN for cells of unknown label, or leave the key(s) out "
+                    "of phenotype_keys (a reference key left out is unknown for the query's cells)"
+                )
         new_keys = [k for k in phenotype_keys if k not in saved]
         for key in new_keys:
             check_phenotype_column(adata, key)
