@@ -13,9 +13,9 @@ e.g.   python benchmarks/annotation_validation.py paul15 '{"gene_ranking": "expr
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,8 +35,15 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("data", choices=["pbmc68k", "paul15"])
+    parser.add_argument("model_kwargs", type=json.loads, help="GeneTransformer options, JSON")
+    parser.add_argument("train_kwargs", type=json.loads, help="train() options, JSON")
+    args = parser.parse_args()
     torch.set_num_threads(2)
-    name, model_kwargs, train_kwargs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    name, model_kwargs, train_kwargs = args.data, args.model_kwargs, args.train_kwargs
     if name == "pbmc68k":
         adata, key, layer = sct.datasets.pbmc68k(), "cell_type", "counts"
     else:

@@ -15,6 +15,7 @@ to 50 PCs of the 2,000 most variable genes.
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def with_reconstruction(loss):
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     adata = ad.read_h5ad(DATA / "cellbench_tian19_celllines_5batches.h5ad")
     adata = adata[adata.obs["demuxlet_cls"] == "SNG"].copy()
     pcs = adata.copy()

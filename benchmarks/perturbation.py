@@ -16,8 +16,9 @@
    tokens masked and nothing held out, added to the embedding where it enters the query head,
    where the cells' own tokens are fed and a quarter of the genes held out: a mismatch of
    settings this simple version accepts), and the refined swap (``predict_response(...,
-   refine_rounds=--refine-rounds)``: each prediction fed back as the cells' input, for the swapped
-   and the own-token chains alike; on a seeded sample of ``--refine-cells`` control cells). The
+   refine_rounds=R)`` for each R of ``--refine-rounds``: each prediction fed back as the cells'
+   input, for the swapped and the own-token chains alike; on a seeded sample of ``--refine-cells``
+   control cells). The
    top 50 DE genes are those with the largest absolute Wilcoxon scores, held-out stim vs ctrl
    cells of that type.
 3. generation (the kang18 model): cells generated from ``cell_type`` + ``condition`` tokens vs
@@ -27,7 +28,7 @@
    (the noise floor) and "independent genes" (the other half with each gene's values shuffled
    across cells: right marginals, no co-expression).
 
-Usage: ``python benchmarks/perturbation.py [--quick] [--parts kang] [--refine-rounds 1] [--refine-cells 640]
+Usage: ``python benchmarks/perturbation.py [--quick] [--parts kang] [--refine-rounds 1 2 3] [--refine-cells 640]
 [--held-out-type "CD14 Mono"]``;
 prints one table per part.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -158,7 +160,7 @@ def kang_data(n_hvg: int, seed: int) -> ad.AnnData:
 
 
 def kang_response(
-    adata: ad.AnnData, epochs: int, seed: int, refine_rounds: int = 0, refine_cells: int = 640
+    adata: ad.AnnData, epochs: int, seed: int, refine_rounds: Sequence[int] = (), refine_cells: int = 640
 ) -> tuple[pd.DataFrame, sct.GeneTransformer, ad.AnnData]:
     held = ((adata.obs["cell_type"] == HELD_OUT_TYPE) & (adata.obs["condition"] == "stim")).to_numpy()
     train = adata[~held].copy()
@@ -204,19 +206,15 @@ def kang_response(
     shifted = model.get_normalized_expression(controls, cell_shift=delta)
     latent = shifted.mean(0) - response.layers["sct_baseline"].mean(0)
     refined = {}
-    if refine_rounds:  # on a seeded sample of the control cells (each round costs 2 x 4 passes)
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(controls.n_obs, min(refine_cells, controls.n_obs), replace=False))
+    rng = np.random.default_rng(seed)  # a seeded sample of the control cells (each round costs 2 x 4 passes)
+    sample = np.sort(rng.choice(controls.n_obs, min(refine_cells, controls.n_obs), replace=False))
+    for rounds in (r for r in refine_rounds if r > 0):
         start = time.time()
-        chain = model.predict_response(
-            controls[sample].copy(), {"condition": "stim"}, refine_rounds=refine_rounds
-        )
-        refined[f"sctransformer swap, refined {refine_rounds} rounds ({len(sample)} cells)"] = np.asarray(
+        chain = model.predict_response(controls[sample].copy(), {"condition": "stim"}, refine_rounds=rounds)
+        refined[f"sctransformer swap, refined {rounds} rounds ({len(sample)} cells)"] = np.asarray(
             chain.X
         ).mean(0) - chain.layers["sct_baseline"].mean(0)
-        print(
-            f"refined swap: {len(sample)} control cells, {refine_rounds} rounds in {time.time() - start:.0f} s"
-        )
+        print(f"refined swap: {len(sample)} control cells, {rounds} rounds in {time.time() - start:.0f} s")
 
     # top 50 DE genes of the held-out type, stim vs ctrl: largest absolute Wilcoxon scores
     both = adata[held | ctrl_t].copy()
@@ -316,6 +314,7 @@ def generation(model: sct.GeneTransformer, train: ad.AnnData, n_cells: int, seed
 
 
 def main() -> None:
+    global HELD_OUT_TYPE
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -323,14 +322,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", default="papalexi,kang", help="comma-separated: papalexi, kang")
     parser.add_argument(
-        "--refine-rounds", type=int, default=1, help="rounds of the refined swap (0: leave it out)"
+        "--refine-rounds",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="rounds of the refined swap, one row each (0: leave it out)",
     )
     parser.add_argument("--refine-cells", type=int, default=640, help="control cells of the refined swap")
     parser.add_argument(
         "--held-out-type", default=HELD_OUT_TYPE, help="kang18 cell type whose stimulated cells are held out"
     )
     args = parser.parse_args()
-    global HELD_OUT_TYPE
     HELD_OUT_TYPE = args.held_out_type
     sct.settings.seed = args.seed
     pd.set_option("display.width", 200, "display.max_columns", 20, "display.precision", 3)
@@ -347,7 +349,7 @@ def main() -> None:
             adata,
             1 if args.quick else 15,
             args.seed,
-            refine_rounds=1 if args.quick else args.refine_rounds,
+            refine_rounds=[1] if args.quick else args.refine_rounds,
             refine_cells=40 if args.quick else args.refine_cells,
         )
         print(f"\nHeld-out stimulation of {HELD_OUT_TYPE} (kang18): predicted vs observed stim - ctrl change")
