@@ -75,3 +75,18 @@ def test_training_minibatches_reach_the_model_sparse(adata, monkeypatch):
     model = sct.GeneTransformer(adata, d_model=8, n_heads=2, n_layers=1)
     model.train(max_epochs=1, enable_progress_bar=False)
     assert layouts and all(layout == torch.sparse_csr for layout in layouts)
+
+
+def test_integer_options_accept_numpy_integers_and_refuse_bools(adata):
+    from sctransformer.data._validation import positive_int
+
+    assert positive_int(np.int64(3), "n") == 3 and type(positive_int(np.int32(3), "n")) is int
+    for bad in (True, 0, -1, 2.0, "3", None):
+        with pytest.raises(ValueError, match="n must be a positive integer"):
+            positive_int(bad, "n")
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, d_model=16, n_layers=1, n_heads=2, max_length=16)
+    with pytest.raises(ValueError, match="max_epochs must be a positive integer, got True"):
+        model.train(max_epochs=True)  # a bool is an int to Python, not an epoch count
+    latent = model.get_latent_representation(batch_size=np.int64(50))  # e.g. from a NumPy computation
+    assert latent.shape[0] == adata.n_obs

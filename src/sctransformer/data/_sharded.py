@@ -24,6 +24,7 @@ from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, phenotype_regist
 from ._fields import category_codes
 from ._loader import to_torch_csr
 from ._splitting import ResumableBatchSampler, epoch_seed, make_resumable, rank_batch_sizes
+from ._validation import positive_int
 
 logger = logging.getLogger("sctransformer")
 
@@ -544,8 +545,7 @@ class ShardedDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        block_size = positive_int(block_size, "block_size")
         self.data = data
         self.batch_size = batch_size
         self.seed = seed

@@ -12,6 +12,13 @@ from anndata import AnnData
 _CHUNK_ROWS = 10_000
 
 
+def positive_int(value: object, name: str) -> int:
+    """``value`` as an ``int`` if it is a positive integer (NumPy integers too, not bools), else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def cell_positions(indices, n_cells: int, name: str) -> np.ndarray:
     """Integer positions of cells given as positions or as a boolean mask; raise if out of range or empty."""
     indices = np.asarray(indices)

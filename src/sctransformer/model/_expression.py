@@ -19,6 +19,7 @@ from anndata import AnnData
 from sctransformer._constants import SETUP_ARGS
 from sctransformer._settings import settings
 from sctransformer.data import ShardedAnnData, category_codes, get_matrix, to_torch_csr
+from sctransformer.data._validation import positive_int
 from sctransformer.module import TokenizedCells
 
 if TYPE_CHECKING:
@@ -263,9 +264,7 @@ class ExpressionMixin:
     @staticmethod
     def _check_batch_size(batch_size: int | None) -> int:
         batch_size = settings.batch_size if batch_size is None else batch_size
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        return batch_size
+        return positive_int(batch_size, "batch_size")
 
     # ------------------------------------------------------------------ imputation and swaps
     def get_normalized_expression(
@@ -498,8 +497,7 @@ class ExpressionMixin:
         names = [self.vocabulary_.genes[t] for t in targets]
         folds = self._gene_folds(n_folds)
         batch_size = self._check_batch_size(batch_size)
-        if isinstance(n_top, bool) or not isinstance(n_top, int) or n_top < 1:
-            raise ValueError(f"n_top must be a positive integer, got {n_top!r}")
+        n_top = positive_int(n_top, "n_top")
         adata = self._counts_source(adata)
         if groupby is not None and groupby not in adata.obs:
             raise KeyError(

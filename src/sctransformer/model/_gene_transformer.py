@@ -43,7 +43,7 @@ from sctransformer.data import (
     iter_minibatches,
     observed_categories,
 )
-from sctransformer.data._validation import cell_positions, check_obs_key, check_phenotype_column
+from sctransformer.data._validation import cell_positions, check_obs_key, check_phenotype_column, positive_int
 from sctransformer.metrics import expected_calibration_error, log1p_normalise
 from sctransformer.module import (
     AttentionBackend,
@@ -388,8 +388,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 "adata is not set up; call sctransformer.setup_anndata(adata, ...) before creating the model"
             )
         if align_obsm is not None:  # register the second modality with the counts
-            if isinstance(align_dim, bool) or not isinstance(align_dim, int) or align_dim < 1:
-                raise ValueError(f"align_dim must be a positive integer, got {align_dim!r}")
+            align_dim = positive_int(align_dim, "align_dim")
             registered = self._get_most_recent_anndata_manager(adata).registry["setup_args"]
             self._register(
                 adata,
@@ -847,10 +846,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         **trainer_kwargs
             More options of :class:`scvi.train.Trainer` (a Lightning ``Trainer``).
         """
-        if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < 1):
-            raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        max_epochs = None if max_epochs is None else positive_int(max_epochs, "max_epochs")
+        batch_size = positive_int(batch_size, "batch_size")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if weight_decay < 0:

@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from sctransformer._keys import KEYS
-from sctransformer.data._validation import get_matrix
+from sctransformer.data._validation import get_matrix, positive_int
 from sctransformer.tl._gene_graph import stored_graph
 
 from ._utils import finish, new_axes
@@ -61,8 +61,7 @@ def gene_graph(
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         raise KeyError(f"genes not in adata.var_names: {missing}")
-    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int) or n_neighbors < 1:
-        raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}")
+    n_neighbors = positive_int(n_neighbors, "n_neighbors")
     names = adata.var_names
     network = nx.Graph()
     for gene in genes:
