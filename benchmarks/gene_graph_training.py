@@ -15,6 +15,9 @@ Printed per budget: epochs, cells seen, minutes of training, masked-expression a
 
 Usage: python benchmarks/gene_graph_training.py [--epochs 1 5 20] [--genes 1000] [--threads 2]
        [--model '<GeneTransformer kwargs JSON>'] [--normalize coexpression none] [--readings]
+
+``--readings`` also scores the pre-softmax scores, value-norm-weighted attention and (models with
+``gene_prediction``) gradient-weighted attention of the hidden-identity rows.
 """
 
 from __future__ import annotations
@@ -76,6 +79,53 @@ def identity_masked_rows(model: sct.GeneTransformer, adata: ad.AnnData, p: float
                     attention,
                     context.sum(1).float(),
                 )
+    return acc.score()
+
+
+def gradient_weighted_rows(
+    model: sct.GeneTransformer, adata: ad.AnnData, p: float, passes: int
+) -> np.ndarray:
+    """Gradient-weighted attention (Chefer et al., 2021) of the rows of tokens whose gene identity is hidden.
+
+    As :func:`identity_masked_rows`, but each last-layer attention probability is multiplied by the
+    gradient of the log-probability the model gives the hidden token's true gene, negative products
+    set to 0, heads averaged: how much attending to each shown gene helped name the hidden one. In
+    the last layer a row's attention reaches only its own token's output, so summing the
+    log-probabilities of all hidden tokens and differentiating once gives every row its own gradient.
+    """
+    module = model.module
+    v2g, c2g = rows_trial.graph_lookup(model, adata)
+    acc = rows_trial.DirectedAccumulator(adata.n_vars)
+    generator = torch.Generator().manual_seed(0)
+    start = module.n_prefix
+    module.eval()
+    for _ in range(passes):
+        for idx, x in rows_trial.minibatches(model, adata):
+            tokens = module.tokenize(x, c2g)
+            context = tokens.is_context
+            hidden = (torch.rand(context.shape, generator=generator) < p) & context
+            phenotypes = torch.full((len(idx), module.n_phenotypes), -1, dtype=torch.long)
+            with torch.no_grad():
+                h, key_mask = module.embed_tokens(tokens, phenotypes, gene_mask=hidden)
+                for block in module.blocks[:-1]:
+                    h = block(h, key_mask)
+            last = module.blocks[-1]
+            probs = last.attention.attention_probabilities(last.norm_attention(h), key_mask)
+            probs = probs.detach().requires_grad_()
+            _, _, v = last.attention._heads(last.norm_attention(h))
+            n, length, d = h.shape
+            out = h + last.attention.out((probs @ v).transpose(1, 2).reshape(n, length, d))
+            out = module.norm(out + last.mlp(last.norm_mlp(out)))
+            logits = module.gene_logits(out, tokens, hidden)
+            logits.log_softmax(-1).gather(1, tokens.gene_ids[hidden][:, None]).sum().backward()
+            relevance = (probs.grad * probs).clamp(min=0).mean(1)[:, start:, start:].detach()
+            genes = v2g[tokens.gene_ids]
+            acc.add(
+                genes.masked_fill(~hidden, -1),
+                genes.masked_fill(~(context & ~hidden), -1),
+                relevance,
+                context.sum(1).float(),
+            )
     return acc.score()
 
 
@@ -147,7 +197,9 @@ def main() -> None:
     parser.add_argument("--normalize", nargs="+", default=["coexpression"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--readings", action="store_true", help="also score pre-softmax and value-norm-weighted attention"
+        "--readings",
+        action="store_true",
+        help="also score pre-softmax, value-norm-weighted and gradient-weighted attention",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -197,6 +249,9 @@ def main() -> None:
         if args.readings:
             for name, score in attention_readings(model, labelled).items():
                 row[f"auroc_{name}"] = gg.auroc(score, marker_idx, gene_types)
+            if model.module.gene_prediction:
+                score = gradient_weighted_rows(model, labelled, p=0.15, passes=4)
+                row["auroc_gradient_rows"] = gg.auroc(score, marker_idx, gene_types)
         for kind in ("identity", "contextual"):
             row[f"auroc_{kind}"] = gg.embedding_auroc(labelled, model, kind, marker_idx, gene_types)
         rows.append(row)
@@ -207,7 +262,9 @@ def main() -> None:
     columns += ["auroc_identity", "auroc_contextual"]
     columns += ["auroc_identity_rows"] if "auroc_identity_rows" in rows[0] else []
     columns += [
-        f"auroc_{name}" for name in ("logits_last", "logits_all", "value_norm") if f"auroc_{name}" in rows[0]
+        f"auroc_{name}"
+        for name in ("logits_last", "logits_all", "value_norm", "gradient_rows")
+        if f"auroc_{name}" in rows[0]
     ]
     print(f"\nmodel {args.model}, {args.threads} threads, seed {args.seed}")
     print("| " + " | ".join(columns) + " |")
