@@ -38,7 +38,8 @@ class AttentionAccumulator:
         Number of genes of the graph.
     normalize
         ``"coexpression"``: each cell's attention is multiplied by its number of gene tokens
-        (``1`` = uniform attention), summed, and later divided by the number of cells in which
+        (``1`` = attention spread evenly over the gene tokens; spread evenly over the prefix
+        tokens as well, it scores ``L / (L + n_prefix)``), summed, and later divided by the number of cells in which
         both genes are tokens: the mean attention enrichment where the pair can attend at all.
         ``"none"``: raw attention probabilities, later divided by the number of cells (absent
         pairs count as zero, which favours genes expressed in most cells).
@@ -254,8 +255,9 @@ def gene_graph(
 
     ``s_ij = mean over cells c where both are tokens of  L_c * a_c(i -> j)``
 
-    with ``L_c`` the cell's number of gene tokens, so ``1`` means "as much as uniform attention"
-    and how often two genes are expressed together does not enter the score (raw mean attention
+    with ``L_c`` the cell's number of gene tokens, so ``1`` means "as much as attention spread
+    evenly over the gene tokens" (evenly over every token, prefix included, scores
+    ``L_c / (L_c + n_prefix)``, a little below 1) and how often two genes are expressed together does not enter the score (raw mean attention
     favours ubiquitous genes); pairs together in fewer than ``min_cells`` cells get no edge. Rows
     are not re-normalised. With ``symmetrize`` the pair's score is ``(s_ij + s_ji) / 2`` and an
     edge is kept when it is among either gene's ``top_k``.
