@@ -237,6 +237,19 @@ def test_tl_perturb_writes_results_and_they_plot(querying):
         sct.pl.perturbation(adata, gene="gene_7", show=False)
 
 
+def test_cell_shifts_of_a_gene_with_a_slash_in_its_name_can_be_written(tmp_path):
+    data = sct.datasets.synthetic(n_cells=60, n_genes=20, n_cell_types=2, n_markers=4, seed=5)
+    data.var_names = ["HLA-A/B", *data.var_names[1:]]
+    sct.setup_anndata(data, layer="counts")
+    model = sct.GeneTransformer(data, **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=32, **QUIET)
+    sct.tl.perturb(data, model, "HLA-A/B", predict_expression=False, store_cell_shifts=True)
+    assert data.obsm["sct_perturb_HLA-A_B"].shape == (data.n_obs, TINY["d_model"])
+    data.write_h5ad(tmp_path / "perturbed.h5ad")  # a "/" in an .obsm key would fail here
+
+
 def test_generation_is_reproducible_with_a_seed(querying):
     model, _ = querying
     tokens = {"cell_type": "type_1", "condition": "stim"}

@@ -426,8 +426,9 @@ class ExpressionMixin:
             "n_folds": int(n_folds),
             "refine_rounds": int(refine_rounds),
             "units": "log1p(count / library * 1e4)",
-            "gene_key": self.setup_args_[SETUP_ARGS.GENE_KEY],  # what names the genes (None: var_names)
         }
+        if self.setup_args_[SETUP_ARGS.GENE_KEY] is not None:  # what names the genes (absent: var_names)
+            out.uns["sct_response"]["gene_key"] = self.setup_args_[SETUP_ARGS.GENE_KEY]
         return out
 
     # ------------------------------------------------------------------ in-silico perturbation

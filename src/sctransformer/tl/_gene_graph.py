@@ -15,7 +15,7 @@ from anndata import AnnData
 from sctransformer._keys import KEYS
 from sctransformer.model import GeneTransformer
 
-from ._utils import record_run
+from ._utils import record_run, suffixed_key
 
 Normalize = Literal["coexpression", "none"]
 Layers = Literal["last", "all"] | int | list[int]
@@ -223,11 +223,6 @@ def _module_score(light: AnnData, members: list[str], name: str, random_state: i
     return np.full(light.n_obs, np.nan)
 
 
-def group_key(key_added: str, group: object) -> str:
-    """``.varp`` key of one group's graph: ``f"{key_added}_{group}"``, with ``/`` (not allowed in .h5ad keys) as ``_``."""
-    return f"{key_added}_{group}".replace("/", "_")
-
-
 def gene_graph(
     adata: AnnData,
     model: GeneTransformer,
@@ -336,7 +331,7 @@ def gene_graph(
             subsets[group] = idx
         if not subsets:
             raise ValueError(f"no group of {groupby!r} has min_group_size={min_group_size} cells")
-        keys = pd.Series([str(g) for g in subsets]).groupby([group_key(key_added, g) for g in subsets])
+        keys = pd.Series([str(g) for g in subsets]).groupby([suffixed_key(key_added, g) for g in subsets])
         clashes = [list(names) for names in keys.agg(list) if len(names) > 1]
         if clashes:
             raise ValueError(
@@ -361,7 +356,7 @@ def gene_graph(
             (small.data, (columns[small.row], columns[small.col])), shape=(adata.n_vars, adata.n_vars)
         )
         full.sort_indices()
-        graphs[key_added if group is None else group_key(key_added, group)] = full
+        graphs[key_added if group is None else suffixed_key(key_added, group)] = full
 
     adata = adata.copy() if copy else adata
     for key, graph in graphs.items():

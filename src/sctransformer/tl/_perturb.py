@@ -12,7 +12,7 @@ from sctransformer._keys import KEYS
 from sctransformer.model import GeneTransformer
 from sctransformer.model._expression import PerturbationMode
 
-from ._utils import record_run
+from ._utils import record_run, suffixed_key
 
 
 def perturb(
@@ -54,7 +54,8 @@ def perturb(
     n_folds, n_top, batch_size
         See :meth:`~sctransformer.GeneTransformer.perturb`.
     store_cell_shifts
-        Write each cell's embedding shift to ``.obsm["<key_added>_<gene>"]``.
+        Write each cell's embedding shift to ``.obsm["<key_added>_<gene>"]`` (``/`` in a gene
+        name becomes ``_``: .h5ad keys cannot hold it).
     key_added
         Where results go.
 
@@ -89,7 +90,7 @@ def perturb(
         )
     adata.uns[key_added] = stored
     for gene, shifts in result.cell_shifts.items():
-        adata.obsm[f"{key_added}_{gene}"] = shifts
+        adata.obsm[suffixed_key(key_added, gene)] = shifts
     record_run(
         adata,
         key_added,

@@ -21,6 +21,11 @@ def record_run(adata: AnnData, key_added: str, function: str, model: Any, params
     adata.uns[KEYS.UNS] = runs
 
 
+def suffixed_key(key_added: str, suffix: object) -> str:
+    """``f"{key_added}_{suffix}"`` with ``/`` (not allowed in .h5ad keys) as ``_``."""
+    return f"{key_added}_{suffix}".replace("/", "_")
+
+
 def counts_of(adata: AnnData, counts: ShardedAnnData | None) -> AnnData | ShardedAnnData:
     """Where a tool reads the counts of ``adata``'s cells: ``counts`` if given (checked to match), else ``adata``."""
     if counts is None:
