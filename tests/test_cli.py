@@ -168,6 +168,17 @@ def test_embed_reads_a_layer_from_disk_and_keeps_the_files_other_embeddings(tmp_
     assert embedded.uns["note"] == "kept" and embedded.obsm["X_sct"].shape == (adata.n_obs, TINY["d_model"])
     model = sct.GeneTransformer.load(tmp_path / "model")
     np.testing.assert_allclose(embedded.obsm["X_sct"], model.get_latent_representation(adata), atol=1e-6)
+    bad = tmp_path / "bad_key.h5ad"
+    args = ["embed", "--model", str(tmp_path / "model"), "--input", str(source), "--output", str(bad)]
+    assert main([*args, "--key-added", "X/sct"]) == 2  # "/" would nest .h5ad groups
+    assert not bad.exists()
+
+
+def test_a_wandb_project_without_the_wandb_logger_is_refused(tmp_path, capsys):
+    config = write_config(tmp_path, log={"loggers": ["csv"], "wandb_project": "atlas"})
+    assert main(["pretrain", "--config", config]) == 2
+    assert "wandb_project is set but log.loggers" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
 
 
 def test_in_memory_data_keep_a_label_column_that_only_some_files_have(tmp_path):

@@ -144,6 +144,11 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
     for name in ("tensorboard", "wandb"):
         if name in loggers and not _installed(name):
             raise ConfigError(f"log.loggers asks for {name}, which is not installed (pip install {name})")
+    if log.get("wandb_project") is not None and "wandb" not in loggers:
+        raise ConfigError(
+            f"log.wandb_project is set but log.loggers ({loggers}) has no wandb; add wandb to log.loggers "
+            "or leave wandb_project out"
+        )
     for section, function in (("model", GeneTransformer.__init__), ("train", GeneTransformer.train)):
         allowed = set(inspect.signature(function).parameters) - {"self", "adata", "trainer_kwargs"}
         bad = set(config[section]) - allowed
@@ -362,6 +367,8 @@ def _apply(args: argparse.Namespace, tool: str) -> Path:
         raise FileExistsError(f"output {str(target)!r} exists; pass --overwrite or choose another path")
     if target.resolve() == source.resolve():
         raise ValueError("--output must differ from --input: the input file is never changed")
+    if tool == "embed" and (not args.key_added or "/" in args.key_added):
+        raise ValueError(f"--key-added must be a non-empty .obsm key without '/', got {args.key_added!r}")
     model = sct.GeneTransformer.load(args.model)
     counts = sct.data.ShardedAnnData(
         [source], layer=model.setup_args_["layer"], gene_key=model.setup_args_["gene_key"], join="outer"
