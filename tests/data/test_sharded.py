@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from scvi.dataloaders._data_splitting import validate_data_split
 from torch.utils.data import DataLoader
 
 import sctransformer as sct
@@ -189,6 +190,50 @@ def test_the_split_is_disjoint_and_covers_every_cell(shards):
     assert sum(len(p) for p in parts) == 150
     assert len(np.unique(np.concatenate(parts))) == 150
     assert abs(len(module.val_idx) - 30) <= 4
+
+
+@pytest.mark.parametrize(("train_size", "validation_size"), [(0.9, None), (0.6, 0.2)])
+def test_shards_too_small_for_a_validation_block_are_split_by_cells_as_in_memory(
+    cells, tmp_path, train_size, validation_size
+):
+    # two shards of 5 cells: 2 blocks of up to 8 cells, too few for scvi-tools' rule on blocks to
+    # give validation (or test) a block; in memory, 10 cells give 9 + 1 (and 6 + 2 + 2)
+    paths = [_write(cells[a:b].copy(), tmp_path / f"t{i}.h5ad") for i, (a, b) in enumerate([(0, 5), (5, 10)])]
+    data = ShardedAnnData(paths, layer="counts", phenotype_keys=["cell_type"])
+    module = ShardedDataModule(
+        data, batch_size=4, train_size=train_size, validation_size=validation_size, seed=0
+    )
+    n_train, n_val = validate_data_split(10, train_size, validation_size)
+    assert (module.n_train, module.n_val, len(module.test_idx)) == (n_train, n_val, 10 - n_train - n_val)
+    parts = np.concatenate([module.train_idx, module.val_idx, module.test_idx])
+    assert sorted(parts.tolist()) == list(range(10))  # disjoint, every cell once
+    for blocks in (module.train_blocks, module.val_blocks, module.test_blocks):
+        assert ((blocks[:, 1] < blocks[:, 2]) & (blocks[:, 2] <= data.shard_sizes[blocks[:, 0]])).all()
+    validation = list(module.val_dataloader())  # the validation loader reads those cells
+    expected = data.phenotype_codes["cell_type"][module.val_idx]
+    np.testing.assert_array_equal(torch.cat([b["phenotype:cell_type"] for b in validation])[:, 0], expected)
+
+
+def test_shards_of_enough_blocks_keep_the_split_by_blocks(shards):
+    data = ShardedAnnData(shards, layer="counts")
+    module = ShardedDataModule(data, batch_size=16, train_size=0.9, validation_size=None, seed=5)
+    blocks = split_blocks(data.shard_sizes, 8)  # 8 + 5 + 7 blocks: 18 train, 2 validate
+    order = np.random.default_rng(5).permutation(len(blocks))
+    np.testing.assert_array_equal(module.val_blocks, blocks[np.sort(order[:2])])
+    np.testing.assert_array_equal(module.train_blocks, blocks[np.sort(order[2:])])
+
+
+def test_a_model_trained_on_small_shards_validates_and_calibrates(cells, tmp_path):
+    paths = [_write(cells[a:b].copy(), tmp_path / f"t{i}.h5ad") for i, (a, b) in enumerate([(0, 5), (5, 10)])]
+    model = sct.GeneTransformer.from_shards(
+        ShardedAnnData(paths, layer="counts", phenotype_keys=["cell_type"]), **TINY
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=4, **QUIET)
+    assert len(model.validation_indices) == 1
+    assert np.isfinite(model.history["loss_validation"].to_numpy()).all()
+    assert "cell_type" in model.calibration_  # fitted on that validation cell
 
 
 def test_a_model_trained_from_shards_embeds_them_as_it_embeds_the_same_cells_in_memory(

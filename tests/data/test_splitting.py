@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from torch.utils.data import DataLoader
 
 import sctransformer as sct
 from sctransformer.data import (
@@ -13,6 +15,7 @@ from sctransformer.data import (
     EpochSeededRandomSampler,
     LengthBucketedSampler,
     expressed_per_cell,
+    make_resumable,
     rank_batch_sizes,
 )
 
@@ -128,3 +131,42 @@ def test_one_item_minibatches_on_ranks_of_unequal_shares_are_never_empty():
         seen += [i for b in batches for i in b]
     assert counts == {7}
     assert sorted(seen) == list(range(30))
+
+
+def _resumable_loader(n: int, batch_size: int, seed: int) -> tuple[DataLoader, EpochBatchSampler]:
+    """A training loader as the data splitter makes it, with a stand-in trainer 2 minibatches into epoch 0."""
+    sampler = EpochBatchSampler(EpochSeededRandomSampler(n, seed=seed), batch_size)
+    loader = DataLoader(range(n), sampler=sampler, batch_size=None)
+    progress = SimpleNamespace(current=SimpleNamespace(processed=2))
+    trainer = SimpleNamespace(
+        current_epoch=0, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+    )
+    make_resumable(loader, SimpleNamespace(trainer=trainer), sampler, items=np.arange(n))
+    return loader, sampler
+
+
+def test_a_loader_state_records_what_cuts_the_minibatches_and_refuses_other_settings():
+    state = _resumable_loader(90, 32, seed=2)[0].state_dict()
+    assert state["epoch"] == 0 and state["batches"] == 2
+    assert (state["seed"], state["cells"], state["batch_size"], state["batches_per_epoch"]) == (2, 90, 32, 3)
+    loader, sampler = _resumable_loader(90, 32, seed=2)
+    loader.load_state_dict(state)  # the same settings: the epoch goes on after its first 2 minibatches
+    whole = sampler.batches()
+    assert list(sampler) == whole[2:]
+    for other, named in [
+        ((90, 16, 2), "batch_size: 32 in the checkpoint, 16 now"),
+        ((90, 32, 3), "seed: 2 in the checkpoint, 3 now"),
+        ((100, 32, 2), "number of training cells: 90 in the checkpoint, 100 now"),
+    ]:
+        loader, sampler = _resumable_loader(*other)
+        with pytest.raises(ValueError, match="cannot resume from this checkpoint") as error:
+            loader.load_state_dict(state)
+        assert named in str(error.value)
+        assert "same arguments" in str(error.value) and "resume=False" in str(error.value)
+        assert sampler.skip == 0
+
+
+def test_a_loader_state_of_an_older_checkpoint_without_settings_still_resumes():
+    loader, sampler = _resumable_loader(90, 16, seed=3)
+    loader.load_state_dict({"epoch": 0, "batches": 2})  # the position alone: nothing to check
+    assert list(sampler) == sampler.batches()[2:]

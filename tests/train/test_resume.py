@@ -7,6 +7,7 @@ import sys
 import textwrap
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -130,6 +131,83 @@ def test_a_mid_epoch_resume_without_the_data_position_would_differ(tmp_path):
     torch.save(checkpoint, checkpoints / "last.ckpt")
     resumed = _train(make_model("anndata", tmp_path), **settings, checkpoint_dir=checkpoints, resume=True)
     assert any(not torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+class _Stop(Exception):
+    """Ends a run in this process; its last checkpoint stays, as after a kill."""
+
+
+class _StopAtStep(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise _Stop
+
+
+@pytest.mark.parametrize(
+    ("kind", "every", "checkpoint_step", "changes"),
+    [
+        # midway through epoch 2 (1 of 3 minibatches done): the loader's own state is checked
+        (
+            "anndata",
+            2,
+            4,
+            [
+                ({"batch_size": 16}, "batch_size: 32 in the checkpoint, 16 now"),
+                ({"seed": 3}, "seed: 2 in the checkpoint, 3 now"),
+                ({"n_cells": 120}, "number of training cells: 90 in the checkpoint, 108 now"),
+            ],
+        ),
+        # at the end of the first epoch, whose loader state Lightning does not hand back to the loader
+        (
+            "shards",
+            None,
+            3,
+            [
+                ({"batch_size": 16}, "batch_size: 32 in the checkpoint, 16 now"),
+                ({"datasplitter_kwargs": {"block_size": 4}}, "checksum of which cells"),
+            ],
+        ),
+    ],
+)
+def test_resuming_with_other_minibatches_is_refused_and_the_checkpoint_still_resumes(
+    tmp_path, kind, every, checkpoint_step, changes
+):
+    make_model, settings, _ = _make_model_and_settings()
+    checkpoints = tmp_path / "ckpt"
+    with pytest.raises(_Stop):
+        _train(
+            make_model(kind, tmp_path),
+            **settings,
+            checkpoint_dir=checkpoints,
+            checkpoint_every_n_steps=every,
+            callbacks=[_StopAtStep(5)],
+        )
+    written = (checkpoints / "last.ckpt").read_bytes()
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == checkpoint_step
+    for change, named in changes:
+        change = dict(change)
+        if "n_cells" in change:  # other data: more cells, the same model
+            adata = sct.datasets.synthetic(n_cells=change.pop("n_cells"), n_genes=40, seed=0)
+            sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+            model = sct.GeneTransformer(
+                adata, d_model=16, n_layers=1, n_heads=2, max_length=32, n_bins=5, dropout=0.1, seed=1
+            )
+        else:
+            model = make_model(kind, tmp_path)
+        with pytest.raises(ValueError, match="cannot resume from this checkpoint") as error:
+            _train(model, **{**settings, **change}, checkpoint_dir=checkpoints, resume=True)
+        assert named in str(error.value)
+        assert "same arguments" in str(error.value) and "resume=False" in str(error.value)
+        assert model.module.training is False  # train() cleaned up
+        assert (checkpoints / "last.ckpt").read_bytes() == written  # nothing written over it
+    # resumed with the same arguments, the checkpoint ends as the uninterrupted run
+    resumed = _train(make_model(kind, tmp_path), **settings, checkpoint_dir=checkpoints, resume=True)
+    uninterrupted = _train(make_model(kind, tmp_path), **settings)
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):

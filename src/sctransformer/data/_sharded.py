@@ -430,6 +430,69 @@ def split_blocks(n_cells: Sequence[int], block_size: int) -> np.ndarray:
     return np.asarray(blocks, dtype=np.int64).reshape(-1, 3)
 
 
+def _take_cells(blocks: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` cells of a sequence of blocks and the rest; a block across the boundary is cut."""
+    ends = np.cumsum(blocks[:, 2] - blocks[:, 1])
+    whole = int(np.searchsorted(ends, n, side="right"))  # blocks that end within the first n cells
+    extra = n - (int(ends[whole - 1]) if whole else 0)
+    if extra == 0:
+        return blocks[:whole], blocks[whole:]
+    shard, start, stop = (int(v) for v in blocks[whole])
+    taken = np.vstack([blocks[:whole], [[shard, start, start + extra]]])
+    rest = np.vstack([[[shard, start + extra, stop]], blocks[whole + 1 :]])
+    return taken.astype(np.int64), rest.astype(np.int64)
+
+
+def split_train_validation_test(
+    blocks: np.ndarray, train_size: float, validation_size: float | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training, validation and test blocks: scvi-tools' rule for the shares, applied to blocks.
+
+    The blocks are shuffled (seeded); the first ones validate, the next ones train, the rest test.
+    Where blocks are too few for the rule to give the validation (or test) set a block although it
+    gives it cells, as for few cells or a small ``validation_size``, the rule is applied to cells
+    instead, so the sets have the sizes of in-memory data (:class:`~scvi.dataloaders.DataSplitter`)
+    and a block that spans two sets is cut in two.
+
+    Parameters
+    ----------
+    blocks
+        Rows ``(shard, start, stop)``, see :func:`split_blocks`.
+    train_size, validation_size
+        Shares for training and validation, as :func:`scvi.dataloaders.DataSplitter` takes them.
+    seed
+        Seed of the shuffle.
+
+    Returns
+    -------
+    The training, validation and test blocks, each in the order of the shards' rows.
+    """
+    n_train, n_val = validate_data_split(len(blocks), train_size, validation_size)
+    n_cells = int((blocks[:, 2] - blocks[:, 1]).sum())
+    cells_train, cells_val = validate_data_split(n_cells, train_size, validation_size)
+    order = np.random.default_rng(seed).permutation(len(blocks))
+    if (n_val == 0 and cells_val > 0) or (
+        len(blocks) == n_train + n_val and n_cells > cells_train + cells_val
+    ):
+        logger.info(
+            "%d blocks of cells are too few for the shares to give the validation (or test) cells a "
+            "block; the shares are counted in cells, as for in-memory data: %d training, %d "
+            "validation, %d test cells",
+            len(blocks),
+            cells_train,
+            cells_val,
+            n_cells - cells_train - cells_val,
+        )
+        val, rest = _take_cells(blocks[order], cells_val)
+        train, test = _take_cells(rest, cells_train)
+        train, val, test = (b[np.lexsort((b[:, 1], b[:, 0]))] for b in (train, val, test))
+        return train, val, test
+    val = blocks[np.sort(order[:n_val])]
+    train = blocks[np.sort(order[n_val : n_val + n_train])]
+    test = blocks[np.sort(order[n_val + n_train :])]
+    return train, val, test
+
+
 def _cut(blocks: np.ndarray, sizes: Sequence[int]) -> list[list[Segment]]:
     """Cut a sequence of blocks into consecutive minibatches of ``sizes`` cells."""
     batches, current, need = [], [], list(sizes)
@@ -497,6 +560,16 @@ class ShardBlockSampler(ResumableBatchSampler):
     def __len__(self) -> int:
         return len(self._sizes)
 
+    def order_settings(self) -> dict[str, int | bool]:
+        """What sets the minibatches of every epoch besides the epoch: a resumed run must match it."""
+        return {
+            "seed": int(self.seed),
+            "cells": self.n_cells,
+            "batch_size": int(self.batch_size),
+            "world_size": int(self.world_size),
+            "batches_per_epoch": len(self),
+        }
+
     def batches(self) -> list[list[Segment]]:
         """The minibatches of this rank in the current epoch."""
         blocks = self.blocks
@@ -511,10 +584,12 @@ class ShardedDataModule(pl.LightningDataModule):
 
     Cells are split into training, validation and test cells by blocks of ``block_size``
     consecutive cells (scvi-tools' rule for the shares, applied to blocks), with a seeded
-    shuffle. The training loader is :class:`ShardBlockSampler`'s: random blocks per epoch, a
-    disjoint share of the cells on each distributed rank, and a position that Lightning
-    checkpoints, so an epoch resumed midway continues where it stopped. DataLoader workers
-    (``num_workers``) each open the shards themselves.
+    shuffle; data too small for that to give validation cells a block is split by cells, as in
+    memory (:func:`split_train_validation_test`). The training loader is
+    :class:`ShardBlockSampler`'s: random blocks per epoch, a disjoint share of the cells on each
+    distributed rank, and a position that Lightning checkpoints, so an epoch resumed midway
+    continues where it stopped. DataLoader workers (``num_workers``) each open the shards
+    themselves.
 
     Parameters
     ----------
@@ -523,7 +598,8 @@ class ShardedDataModule(pl.LightningDataModule):
     batch_size
         Cells per minibatch (per rank).
     train_size, validation_size
-        Shares of cells (in blocks) for training and validation; the rest is a test set.
+        Shares of cells (in blocks, or in cells for small data) for training and validation; the
+        rest is a test set.
     seed
         Seed of the split and of the training order.
     block_size
@@ -550,12 +626,9 @@ class ShardedDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
-        blocks = split_blocks(data.shard_sizes, block_size)
-        n_train, n_val = validate_data_split(len(blocks), train_size, validation_size)
-        order = np.random.default_rng(seed).permutation(len(blocks))
-        self.val_blocks = blocks[np.sort(order[:n_val])]
-        self.train_blocks = blocks[np.sort(order[n_val : n_val + n_train])]
-        self.test_blocks = blocks[np.sort(order[n_val + n_train :])]
+        self.train_blocks, self.val_blocks, self.test_blocks = split_train_validation_test(
+            split_blocks(data.shard_sizes, block_size), train_size, validation_size, seed
+        )
         self.train_idx = self._positions(self.train_blocks)
         self.val_idx = self._positions(self.val_blocks)
         self.test_idx = self._positions(self.test_blocks)
@@ -601,7 +674,7 @@ class ShardedDataModule(pl.LightningDataModule):
         sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0)
         self._samplers.append(sampler)
         loader = self._loader(sampler)
-        make_resumable(loader, self, sampler)
+        make_resumable(loader, self, sampler, items=self.train_blocks)
         return loader
 
     def val_dataloader(self) -> DataLoader | list:

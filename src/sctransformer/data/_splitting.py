@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -134,8 +135,9 @@ def rank_batch_sizes(
 class ResumableBatchSampler(Sampler[list]):
     """Minibatches of one epoch, set by ``(seed, epoch)``, whose first ``n`` can be left out once.
 
-    Subclasses give :meth:`batches`, ``epoch``, :meth:`set_epoch` and ``__len__``; leaving out
-    minibatches (:meth:`skip_batches`) is how an epoch resumed midway continues.
+    Subclasses give :meth:`batches`, ``epoch``, :meth:`set_epoch`, ``__len__`` and
+    :meth:`order_settings`; leaving out minibatches (:meth:`skip_batches`) is how an epoch resumed
+    midway continues.
     """
 
     skip: int = 0
@@ -143,6 +145,10 @@ class ResumableBatchSampler(Sampler[list]):
     def batches(self) -> list:
         """The minibatches of the current epoch."""
         raise NotImplementedError
+
+    def order_settings(self) -> dict[str, int | bool]:
+        """What sets the minibatches of every epoch besides the epoch: a resumed run must match it."""
+        return {}
 
     def skip_batches(self, n: int) -> None:
         """Leave out the first ``n`` minibatches of the next iteration only (an epoch resumed midway)."""
@@ -199,6 +205,18 @@ class EpochBatchSampler(ResumableBatchSampler):
     def __len__(self) -> int:
         return len(self._sizes()[1])
 
+    def order_settings(self) -> dict[str, int | bool]:
+        """What sets the minibatches of every epoch besides the epoch: a resumed run must match it."""
+        return {
+            "seed": int(self.order.seed),
+            "cells": len(self.order),
+            "batch_size": int(self.batch_size),
+            "drop_last": bool(self.drop_last),
+            "world_size": int(self.world_size),
+            "length_bucketing": isinstance(self.order, LengthBucketedSampler),
+            "batches_per_epoch": len(self),
+        }
+
     def batches(self) -> list[list[int]]:
         """The minibatches of this rank in the current epoch."""
         items = self.order.order()
@@ -207,15 +225,77 @@ class EpochBatchSampler(ResumableBatchSampler):
         return [items[bounds[i] : bounds[i + 1]] for i in range(len(sizes))]
 
 
+#: Settings a training loader's checkpointed state records besides its position, as error
+#: messages name them: a run resumed with other values would see other minibatches.
+ORDER_SETTINGS = {
+    "seed": "seed",
+    "cells": "number of training cells",
+    "cells_checksum": "checksum of which cells are training cells",
+    "batch_size": "batch_size",
+    "drop_last": "drop_last",
+    "world_size": "number of distributed processes (devices x nodes)",
+    "length_bucketing": "length_bucketing",
+    "batches_per_epoch": "training minibatches per epoch",
+}
+
+
+def items_checksum(items: np.ndarray | torch.Tensor | Sequence[int]) -> int:
+    """CRC-32 of integer ``items`` (e.g. the training cells' positions), to recognise them again."""
+    return zlib.crc32(np.ascontiguousarray(np.asarray(items), dtype=np.int64).tobytes())
+
+
+def check_order_settings(recorded: Mapping[str, object], current: Mapping[str, object]) -> None:
+    """Raise if a checkpointed loader state was written with other training minibatches than ``current``.
+
+    Only the settings of ``ORDER_SETTINGS`` that both record are compared: a checkpoint of an
+    older version, which records none, is not checked.
+
+    Parameters
+    ----------
+    recorded
+        The training loader's state in the checkpoint.
+    current
+        This run's training loader's state (or its settings).
+
+    Raises
+    ------
+    ValueError
+        Naming each differing setting with its value in the checkpoint and now.
+    """
+    differing = [
+        key for key in ORDER_SETTINGS if key in recorded and key in current and recorded[key] != current[key]
+    ]
+    if not differing:
+        return
+    details = "; ".join(
+        f"{ORDER_SETTINGS[key]}: {recorded[key]!r} in the checkpoint, {current[key]!r} now"
+        for key in differing
+    )
+    raise ValueError(
+        "cannot resume from this checkpoint: the run that wrote it cut other training minibatches "
+        f"than this run ({details}), so resuming would not continue that run (cells would be "
+        "skipped or seen twice). Resume with the same arguments as the run that wrote it (data, "
+        "batch_size, seed, train_size, validation_size, devices, length_bucketing, "
+        "datasplitter_kwargs), or start a new run: another checkpoint_dir, or resume=False (its "
+        "checkpoints then replace this one)"
+    )
+
+
 def make_resumable(
-    loader: DataLoader, datamodule: pl.LightningDataModule, sampler: ResumableBatchSampler
+    loader: DataLoader,
+    datamodule: pl.LightningDataModule,
+    sampler: ResumableBatchSampler,
+    *,
+    items: np.ndarray | torch.Tensor | Sequence[int] | None = None,
 ) -> None:
     """Give a training loader Lightning's ``state_dict`` interface: its position in the epoch.
 
     Lightning stores the state in each checkpoint and hands it back before the loader is iterated
     in a resumed run; an epoch interrupted after ``k`` minibatches then leaves out its first ``k``
     (:meth:`ResumableBatchSampler.skip_batches`) and goes on with minibatch ``k + 1``, exactly as
-    the uninterrupted run did.
+    the uninterrupted run did. The state also records what sets the minibatches
+    (:meth:`ResumableBatchSampler.order_settings`, a checksum of ``items``): a run resumed with
+    other ones raises a :class:`ValueError` (:func:`check_order_settings`) before it trains.
 
     Parameters
     ----------
@@ -225,16 +305,24 @@ def make_resumable(
         Its data module, attached to the trainer.
     sampler
         The loader's sampler.
+    items
+        What the sampler's order permutes (the training cells' positions, or blocks of them): its
+        checksum is recorded, so that other training cells of the same number are recognised.
     """
+    settings = sampler.order_settings()
+    if items is not None:
+        settings["cells_checksum"] = items_checksum(items)
 
-    def state_dict() -> dict[str, int]:
+    def state_dict() -> dict[str, int | bool]:
         trainer = datamodule.trainer
         return {
             "epoch": trainer.current_epoch,
             "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            **settings,
         }
 
-    def load_state_dict(state: dict[str, int]) -> None:
+    def load_state_dict(state: dict[str, int | bool]) -> None:
+        check_order_settings(state, settings)
         if state["epoch"] == sampler.epoch and state["batches"] > 0:
             sampler.skip_batches(state["batches"])
 
@@ -317,5 +405,5 @@ class EpochSeededDataSplitter(DataSplitter):
             pin_memory=loader.pin_memory,
             generator=torch.Generator(),  # the seed a loader draws per iterator stays off the global RNG
         )
-        make_resumable(epoch_loader, self, sampler)
+        make_resumable(epoch_loader, self, sampler, items=loader.indices)
         return epoch_loader

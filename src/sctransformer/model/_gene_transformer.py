@@ -823,6 +823,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             CPU, a run killed at any point and resumed with the same arguments ends with exactly
             the weights of an uninterrupted run (an epoch interrupted midway goes on from the
             minibatch after the checkpoint). ``history`` then holds the resumed epochs only.
+            Arguments that change the training minibatches (the data, ``batch_size``, ``seed``,
+            ``train_size``/``validation_size``, ``devices``, ``length_bucketing``, ``block_size``
+            or ``drop_last`` in ``datasplitter_kwargs``) raise a :class:`ValueError` naming them
+            before training.
             Checkpoints are Lightning's format, which Lightning reads by unpickling: resume only
             from checkpoints you wrote (saved models, by contrast, are safetensors + JSON).
         deterministic

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+
+from sctransformer.data._splitting import check_order_settings
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -23,6 +26,12 @@ class PeriodicCheckpoint(Callback):
     ``Trainer.fit(ckpt_path=...)``. Each write goes beside ``last.ckpt`` and is renamed into place,
     so a run killed while writing keeps the previous checkpoint.
 
+    A resumed run must cut the same training minibatches as the run that wrote the checkpoint:
+    the training loader's state records what sets them (seed, training cells, batch size, number
+    of processes, ...; :func:`~sctransformer.data.make_resumable`), and a run resumed with other
+    values raises a :class:`ValueError` before it trains, also from a checkpoint written at an
+    epoch end (whose loader state Lightning does not hand back to the loader).
+
     Parameters
     ----------
     dirpath
@@ -37,11 +46,31 @@ class PeriodicCheckpoint(Callback):
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self._last_step = -1
+        self._resumed_loader_states: list[dict[str, Any]] = []
 
     @property
     def last(self) -> Path:
         """Path of the most recent checkpoint."""
         return self.dirpath / LAST_CHECKPOINT
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Keep the training loaders' states of the checkpoint being resumed, to check them at the start."""
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._resumed_loader_states = list(fit_loop.get("state_dict", {}).get("combined_loader", []))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Raise if the resumed run's training minibatches differ from those of the checkpoint's run."""
+        states, self._resumed_loader_states = self._resumed_loader_states, []
+        loaders = trainer.train_dataloader
+        if isinstance(loaders, dict):
+            loaders = list(loaders.values())
+        elif not isinstance(loaders, list | tuple):
+            loaders = [loaders]
+        stateful = [loader for loader in loaders if callable(getattr(loader, "state_dict", None))]
+        for recorded, loader in zip(states, stateful, strict=False):
+            check_order_settings(recorded, loader.state_dict())
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         """Checkpoint every ``every_n_steps`` steps (not at an epoch's last batch: the epoch end does)."""
