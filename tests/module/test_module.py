@@ -153,6 +153,27 @@ def test_class_weights_reweight_the_phenotype_loss():
     assert not torch.isclose(plain, only_class_0)
 
 
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_focal_loss_gradient_is_finite_for_a_certain_prediction(gamma):
+    from sctransformer.module import phenotype_loss
+
+    logits = torch.tensor([[20.0, 0.0], [0.0, 1.0]], requires_grad=True)  # p_t rounds to 1 in float32
+    phenotype_loss(logits, torch.tensor([0, 0]), focal_gamma=gamma).backward()
+    assert torch.isfinite(logits.grad).all()
+    assert torch.all(logits.grad[0].abs() < 1e-6)  # a certain, right prediction teaches nothing
+
+
+def test_a_minibatch_with_nothing_to_score_is_a_zero_loss_that_still_backpropagates():
+    module = make_module(phenotype_sizes=(), expression_queries=False, cell_expression_loss=False)
+    tokens = module.tokenize(counts(), torch.arange(20))
+    none = torch.zeros((tokens.gene_ids.shape[0], 0), dtype=torch.long)
+    hidden = module.encode(tokens, none)
+    nothing = torch.zeros_like(tokens.is_context)  # no value hidden, no phenotype slot
+    out = module.loss(hidden, tokens, nothing, none, none.bool(), [])
+    assert not out.components and out.total.item() == 0.0
+    out.total.backward()  # a step on such a minibatch must not crash training
+
+
 def test_focal_loss_matches_a_naive_reference():
     from sctransformer.module import phenotype_loss
 

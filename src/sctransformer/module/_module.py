@@ -62,7 +62,8 @@ def phenotype_loss(
     log_p = F.log_softmax(logits.float(), -1).gather(1, target.unsqueeze(1)).squeeze(1)
     per_cell = -log_p
     if focal_gamma > 0:
-        per_cell = per_cell * (1 - log_p.exp()).clamp(min=0) ** focal_gamma
+        # 1 - p_t clamped above 0: for gamma < 1 the derivative of x^gamma at 0 is infinite (NaN gradients)
+        per_cell = per_cell * (-torch.expm1(log_p)).clamp(min=torch.finfo(torch.float32).tiny) ** focal_gamma
     if weight is None:
         return per_cell.mean()
     w = weight[target]
@@ -678,7 +679,8 @@ class GeneTransformerModule(nn.Module):
             ``(n, length)`` context tokens whose gene identity was hidden and is scored
             (:meth:`gene_logits`).
         """
-        out = LossOutput(total=hidden.new_zeros(()))
+        # 0 with a gradient path: a minibatch with nothing to score still trains (a no-op step)
+        out = LossOutput(total=hidden.sum() * 0)
         gene_hidden = hidden[:, self.n_prefix :]
         scored = value_mask & tokens.is_context
         n_scored = int(scored.sum())
