@@ -249,11 +249,23 @@ def test_setting_a_gene_changes_or_adds_its_token_and_profile_entry():
         assert profile[gene] == 7.5 and len(profile) == len(after)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("binning", ["quantile", "fixed"])
-def test_tokens_from_values_match_tokens_from_counts(binning):
+def test_tokens_from_values_match_tokens_from_counts(binning, scaled):
     x = counts(7, n_cells=8)
     edges = torch.tensor([1.0, 2.0, 3.0]) if binning == "fixed" else None
-    tokenizer = Tokenizer(N_GENES, max_length=5, n_bins=4, binning=binning, bin_edges=edges)
+    # gene scales (gene_ranking="relative") reorder and truncate: both paths must rank by count / scale
+    scale = torch.linspace(0.2, 40.0, N_GENES)[
+        torch.randperm(N_GENES, generator=torch.Generator().manual_seed(0))
+    ]
+    tokenizer = Tokenizer(
+        N_GENES,
+        max_length=5,
+        n_bins=4,
+        binning=binning,
+        bin_edges=edges,
+        gene_scale=scale if scaled else None,
+    )
     from_counts = tokenizer(torch.as_tensor(x), torch.arange(N_GENES))
     values = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
     from_values = tokenizer.from_values(torch.arange(N_GENES), torch.as_tensor(values, dtype=torch.float32))

@@ -106,6 +106,11 @@ def test_gene_scales_keep_the_relatively_high_gene_when_truncating():
         Tokenizer(3, max_length=2, gene_scale=torch.tensor([1.0, 0.0, 1.0]))
 
 
+def test_float_counts_summing_below_one_are_normalised_by_their_own_library():
+    x = np.array([[0.3, 0.2, 0.0, 0.05], [0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0]], dtype=np.float32)
+    check_against_naive(x, np.arange(4), max_length=4, n_bins=3)
+
+
 def test_fixed_bins_match_naive():
     rng = np.random.default_rng(1)
     x = random_counts(rng, 10, 25, 0.5)

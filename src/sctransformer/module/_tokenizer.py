@@ -14,6 +14,10 @@ from sctransformer._constants import TARGET_SUM
 ValueEncoding = Literal["binned", "continuous"]
 Binning = Literal["quantile", "fixed"]
 
+#: Smallest library a value is divided by: only a cell without counts (library 0, no tokens) reaches
+#: it; float counts may sum below 1 and are still normalised by their own total.
+LIBRARY_FLOOR: float = 1e-12
+
 
 @dataclass
 class TokenizedCells:
@@ -339,7 +343,7 @@ class Tokenizer(nn.Module):
             gene_ids, values, bin_ids, is_token, is_unexpressed = (
                 torch.cat([p[i] for p in parts], 1) for i in range(5)
             )
-        all_values = torch.log1p(c_val / library.clamp(min=1)[c_row] * TARGET_SUM)
+        all_values = torch.log1p(c_val / library.clamp(min=LIBRARY_FLOOR)[c_row] * TARGET_SUM)
         return TokenizedCells(
             gene_ids,
             values,
@@ -384,7 +388,7 @@ class Tokenizer(nn.Module):
     @staticmethod
     def _normalise(counts: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
         """log1p of counts per ``TARGET_SUM`` of the library (padding, ``-1``, gives 0)."""
-        return torch.log1p(counts.clamp(min=0) / library.clamp(min=1)[:, None] * TARGET_SUM)
+        return torch.log1p(counts.clamp(min=0) / library.clamp(min=LIBRARY_FLOOR)[:, None] * TARGET_SUM)
 
     def from_values(self, genes: torch.Tensor, values: torch.Tensor) -> TokenizedCells:
         """Tokenize cells given as log1p-normalised values of the vocabulary genes ``genes``.
@@ -397,7 +401,9 @@ class Tokenizer(nn.Module):
         row, column = torch.nonzero(values > 0, as_tuple=True)
         gene, val = genes.to(values.device)[column], values[row, column].float()
         n_expressed = torch.bincount(row, minlength=n_cells)
-        block_genes, block_values = self._ordered(row, gene, val, n_cells)
+        # ordered by expm1(value), which is proportional to the count within a cell, as forward orders
+        block_genes, block_counts = self._ordered(row, gene, torch.expm1(val), n_cells)
+        block_values = torch.where(block_counts >= 0, torch.log1p(block_counts), block_counts)
         length = min(block_genes.shape[1], self.max_length)
         is_token = torch.arange(length, device=values.device) < n_expressed[:, None]
         kept = block_values[:, :length]
