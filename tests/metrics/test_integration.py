@@ -48,3 +48,21 @@ def test_a_mixed_embedding_scores_higher_on_batch_correction_and_the_table_plots
     single.obs["batch"] = "one"
     with pytest.raises(ValueError, match="single batch"):
         sct.metrics.integration(single, batch_key="batch", label_key="label", embeddings=["mixed"])
+    one_labelled = adata.copy()  # two batches, but only one has labelled cells
+    one_labelled.obs.loc[one_labelled.obs["batch"] == "1", "label"] = np.nan
+    with pytest.raises(ValueError, match="single batch among the cells with a label"):
+        sct.metrics.integration(one_labelled, batch_key="batch", label_key="label", embeddings=["mixed"])
+
+
+def test_cells_without_a_batch_are_left_out_and_pcr_can_be_left_out():
+    adata = _cells()
+    adata.obs.loc[adata.obs.index[10:40], "batch"] = np.nan
+    kept = adata[adata.obs["batch"].notna()].copy()
+    without_pcr = sct.metrics.integration(
+        adata, batch_key="batch", label_key="label", embeddings=["mixed"], pre_integrated=None, kbet=False
+    )
+    assert "PCR comparison" not in without_pcr.columns and np.isfinite(without_pcr.to_numpy()).all()
+    expected = sct.metrics.integration(
+        kept, batch_key="batch", label_key="label", embeddings=["mixed"], pre_integrated=None, kbet=False
+    )
+    pd.testing.assert_frame_equal(without_pcr, expected)  # not a batch called "nan"

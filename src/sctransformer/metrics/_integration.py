@@ -37,7 +37,7 @@ def integration(
     adata
         Cells with the embeddings in ``.obsm`` (not modified).
     batch_key
-        ``.obs`` column of the batches to mix.
+        ``.obs`` column of the batches to mix (cells without a batch are left out).
     label_key
         ``.obs`` column of the cell labels to keep apart (cells without a label are left out).
     embeddings
@@ -73,9 +73,12 @@ def integration(
             raise KeyError(f"embedding {key!r} not found in adata.obsm (available: {list(adata.obsm)})")
         if not np.isfinite(np.asarray(adata.obsm[key])).all():
             raise ValueError(f"adata.obsm[{key!r}] holds NaN or infinite values")
-    labelled = adata.obs[label_key].notna().to_numpy()
-    if adata.obs[batch_key].nunique() < 2:
-        raise ValueError(f"adata.obs[{batch_key!r}] has a single batch; there is nothing to integrate")
+    labelled = (adata.obs[label_key].notna() & adata.obs[batch_key].notna()).to_numpy()
+    if adata.obs[batch_key][labelled].nunique() < 2:
+        raise ValueError(
+            f"adata.obs[{batch_key!r}] has a single batch among the cells with a label and a batch; "
+            "there is nothing to integrate"
+        )
     cells = AnnData(
         obs=pd.DataFrame(
             {
@@ -94,7 +97,8 @@ def integration(
         batch_key=batch_key,
         label_key=label_key,
         embedding_obsm_keys=keys,
-        pre_integrated_embedding_obsm_key=pre_integrated,
+        # without pre_integrated scib-metrics would run a PCA of .X (empty here) that PCR alone uses
+        pre_integrated_embedding_obsm_key=pre_integrated or keys[0],
         bio_conservation_metrics=BioConservation(
             nmi_ari_cluster_labels_leiden=True, nmi_ari_cluster_labels_kmeans=False
         ),
