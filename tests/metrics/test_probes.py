@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from sctransformer.metrics import knn_probe_accuracy, log1p_normalise, logistic_regression_baseline
@@ -57,3 +58,18 @@ def test_probes_take_boolean_masks_like_positions():
         logistic_regression_baseline(embedding, labels, train, ~train),
         logistic_regression_baseline(embedding, labels, np.arange(30), np.arange(30, 40)),
     )
+
+
+def test_probes_leave_out_cells_without_a_label():
+    from sctransformer.metrics import knn_probe_accuracy, logistic_regression_baseline
+
+    rng = np.random.default_rng(0)
+    embedding = np.r_[rng.normal(0, 0.1, (20, 2)), rng.normal(5, 0.1, (20, 2))]
+    labels = np.array(["a"] * 20 + ["b"] * 20, dtype=object)
+    labels[[0, 25, 1, 27]] = np.nan  # two training and two test cells without a label
+    train, test = np.arange(0, 40, 2), np.arange(1, 40, 2)
+    assert knn_probe_accuracy(embedding, labels, train, test, n_neighbors=3) == 1.0  # not 18 / 20
+    predicted = logistic_regression_baseline(embedding, labels, train, test)
+    assert len(predicted) == len(test) and set(predicted) == {"a", "b"}
+    with pytest.raises(ValueError, match="no cell of test_idx has a label"):
+        knn_probe_accuracy(embedding, labels, train, [1, 27])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
@@ -29,6 +30,14 @@ def log1p_normalise(counts, *, target_sum: float = TARGET_SUM) -> np.ndarray | s
     return np.log1p(x * scale)
 
 
+def _labelled(positions: np.ndarray, labels: np.ndarray, name: str) -> np.ndarray:
+    """The cells of ``positions`` that have a label; an error if none has."""
+    kept = positions[pd.notna(labels[positions])]
+    if len(kept) == 0:
+        raise ValueError(f"no cell of {name} has a label")
+    return kept
+
+
 def knn_probe_accuracy(
     embedding: np.ndarray,
     labels: np.ndarray,
@@ -40,10 +49,11 @@ def knn_probe_accuracy(
     """Accuracy on ``test_idx`` of a k-nearest-neighbour classifier fitted on ``train_idx`` cells.
 
     A measure of how much of ``labels`` an embedding carries (Euclidean distance, majority vote).
+    Cells without a label (NaN / None) are left out of both sets.
     """
     labels = np.asarray(labels, dtype=object)
-    train_idx = cell_positions(train_idx, len(labels), "train_idx")
-    test_idx = cell_positions(test_idx, len(labels), "test_idx")
+    train_idx = _labelled(cell_positions(train_idx, len(labels), "train_idx"), labels, "train_idx")
+    test_idx = _labelled(cell_positions(test_idx, len(labels), "test_idx"), labels, "test_idx")
     knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(train_idx)))
     knn.fit(embedding[train_idx], labels[train_idx])
     return float((knn.predict(embedding[test_idx]) == labels[test_idx]).mean())
@@ -60,10 +70,11 @@ def logistic_regression_baseline(
     """Predicted labels of ``test_idx`` from a logistic regression fitted on ``train_idx``.
 
     Use with :func:`log1p_normalise` counts of all genes: often the strongest simple baseline of
-    cell annotation.
+    cell annotation. Training cells without a label (NaN / None) are left out; every test cell
+    gets a prediction.
     """
     labels = np.asarray(labels, dtype=object)
-    train_idx = cell_positions(train_idx, len(labels), "train_idx")
+    train_idx = _labelled(cell_positions(train_idx, len(labels), "train_idx"), labels, "train_idx")
     test_idx = cell_positions(test_idx, len(labels), "test_idx")
     clf = LogisticRegression(max_iter=max_iter)
     clf.fit(features[train_idx], labels[train_idx])
