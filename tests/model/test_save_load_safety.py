@@ -171,3 +171,37 @@ def test_a_model_saved_with_the_old_is_zero_head_loads_without_it(saved, tmp_pat
     np.testing.assert_allclose(
         loaded.get_latent_representation(data), model.get_latent_representation(data), rtol=1e-5, atol=1e-6
     )
+
+
+def test_the_split_is_restored_only_onto_the_cells_it_indexes(saved):
+    path, model, data = saved
+    same = sct.GeneTransformer.load(path, adata=data)
+    np.testing.assert_array_equal(same.validation_indices, model.validation_indices)
+    assert sct.GeneTransformer.load(path).train_indices is not None  # no cells attached: kept
+    # other cells (a query, here the same number of cells in another order): the positions mean nothing
+    query = data[::-1].copy()
+    for other in (
+        sct.GeneTransformer.load(path, adata=query),
+        sct.GeneTransformer.load_query_data(query, path),
+    ):
+        assert other.train_indices is None and other.validation_indices is None
+        with pytest.raises(ValueError, match="indices"):
+            other.calibrate()  # it asks which cells to fit on instead of using the reference's split
+
+
+def test_numpy_settings_save_and_saving_follows_a_symlink(tmp_path, monkeypatch):
+    data = sct.datasets.synthetic(n_cells=60, n_genes=20, n_cell_types=2, n_markers=4, seed=2)
+    sct.setup_anndata(data, layer="counts")
+    model = sct.GeneTransformer(data, d_model=np.int64(16), n_layers=1, n_heads=2, max_length=np.int64(16))
+    model.train(max_epochs=np.int64(1), lr=np.float32(1e-3), enable_progress_bar=False, logger=None)
+    real = tmp_path / "real"
+    model.save(real)  # the hyper-parameters and train settings are NumPy scalars
+    assert json.loads((real / "model.json").read_text())["hyperparameters"]["d_model"] == 16
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    model.save(link, overwrite=True)
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    monkeypatch.chdir(real)
+    with pytest.raises(ValueError, match="current working directory"):
+        model.save(".", overwrite=True)
+    assert sct.GeneTransformer.load(link).hyperparameters_["max_length"] == 16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
@@ -234,6 +235,12 @@ def _fixed_bin_edges(sample: sp.csr_matrix, n_bins: int, column_to_gene: np.ndar
         raise ValueError("the counts have no non-zero value to place fixed bin edges on")
     edges = np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1])
     return torch.as_tensor(edges, dtype=torch.float32)
+
+
+def _cells_fingerprint(adata: AnnData | ShardedAnnData) -> dict[str, int | str]:
+    """Number of cells and a SHA-256 of their names: recognises the cells a model's split indexes."""
+    digest = hashlib.sha256("\x1f".join(map(str, adata.obs_names)).encode()).hexdigest()
+    return {"n_obs": int(adata.n_obs), "obs_names_sha256": digest}
 
 
 class GeneTransformer(ExpressionMixin, BaseModelClass):
@@ -1651,6 +1658,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 else [int(i) for i in getattr(self, f"{name}_indices_")]
                 for name in ("train", "validation", "test")
             },
+            # which cells the indices point into: restored only onto those cells (see _from_state)
+            "indexed_cells": None
+            if self.adata is None and self.shards_ is None
+            else _cells_fingerprint(self.adata if self.adata is not None else self.shards_),
         }
 
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -1761,8 +1772,15 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             name: pd.DataFrame({name: h["value"]}, index=pd.Index(h["epoch"], name="epoch"))
             for name, h in state["history"].items()
         }
+        # the split's cell positions mean something only for the cells trained on: not for a query
+        recorded = state.get("indexed_cells")
+        same_cells = adata is None or (
+            _cells_fingerprint(adata) == recorded
+            if recorded is not None
+            else all(idx is None or max(idx, default=-1) < adata.n_obs for idx in state["indices"].values())
+        )
         for name, idx in state["indices"].items():
-            setattr(model, f"{name}_indices_", None if idx is None else np.asarray(idx))
+            setattr(model, f"{name}_indices_", None if idx is None or not same_cells else np.asarray(idx))
         model.module.eval()
         model.to_device(
             "cuda"
@@ -1785,7 +1803,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             AnnData to attach (for further training or as the default of the getters). Its genes
             are aligned to the saved vocabulary by identifier; genes outside it are ignored. If it
             is not set up, it is set up with the saved settings (phenotype columns it lacks are
-            treated as unknown).
+            treated as unknown). The training split (``train_indices`` etc.) is restored only if
+            these are the cells the model was saved with (same names, same order).
         accelerator
             ``"cpu"``, ``"cuda"`` or ``"auto"``.
         """

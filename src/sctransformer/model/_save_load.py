@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -27,6 +28,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _json_value(value: object) -> object:
+    """NumPy scalars and arrays (e.g. a hyper-parameter given as ``np.int64``) as plain JSON values."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def write_model_dir(
     dir_path: str | os.PathLike, state: dict[str, Any], weights: dict[str, torch.Tensor], *, overwrite: bool
 ) -> Path:
@@ -35,7 +43,12 @@ def write_model_dir(
     Files are written into a temporary directory beside the target, which is then renamed into
     place, so an interrupted save never leaves a half-written model where a good one was.
     """
-    target = Path(dir_path)
+    target = Path(dir_path).resolve()  # through a symlink: replace the model it points to
+    if target == Path.cwd() or target in Path.cwd().parents:
+        raise ValueError(
+            f"cannot save into {target}, the current working directory or one above it (the save "
+            "replaces the directory); save into a subdirectory, e.g. 'model/'"
+        )
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory; choose another path")
     if target.exists() and any(target.iterdir()) and not overwrite:
@@ -51,7 +64,7 @@ def write_model_dir(
             "weights_sha256": _sha256(staging / WEIGHTS_FILE),
         }
         with open(staging / STATE_FILE, "w") as f:
-            json.dump(state, f, indent=1)
+            json.dump(state, f, indent=1, default=_json_value)
             f.flush()
             os.fsync(f.fileno())
         if target.exists():
