@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -205,3 +206,26 @@ def test_numpy_settings_save_and_saving_follows_a_symlink(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="current working directory"):
         model.save(".", overwrite=True)
     assert sct.GeneTransformer.load(link).hyperparameters_["max_length"] == 16
+
+
+def test_loading_onto_an_anndata_set_up_otherwise_sets_it_up_again_with_the_models_settings(tmp_path):
+    data = sct.datasets.synthetic(n_cells=80, n_genes=20, n_cell_types=2, n_markers=4, seed=3)
+    sct.setup_anndata(data, layer="counts", batch_key="batch")
+    model = sct.GeneTransformer(data, d_model=16, n_layers=1, n_heads=2, max_length=16)
+    model.save(tmp_path / "model")
+    other = data.copy()
+    other.obs["batch"] = other.obs["batch"].cat.reorder_categories(
+        list(other.obs["batch"].cat.categories)[::-1]
+    )
+    sct.setup_anndata(other, layer=None, batch_key="batch")  # X, and the batches coded the other way round
+    with pytest.warns(UserWarning, match=r"layer=None, the model's 'counts'.*batch codes"):
+        loaded = sct.GeneTransformer.load(tmp_path / "model", adata=other)
+    registered = loaded.adata_manager.registry["setup_args"]
+    assert registered["layer"] == "counts"
+    expected = [model.batch_categories_.index(b) for b in other.obs["batch"]]
+    np.testing.assert_array_equal(other.obs["_scvi_batch"].to_numpy(), expected)
+    same = data.copy()
+    sct.setup_anndata(same, layer="counts", batch_key="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # set up as the model was: nothing to say
+        sct.GeneTransformer.load(tmp_path / "model", adata=same)

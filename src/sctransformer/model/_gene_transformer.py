@@ -1706,8 +1706,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         source: str,
         phenotype_categories: dict[str, list[str]] | None = None,
         batch_categories: list[str] | None = None,
+        setup_again: bool = False,
     ) -> GeneTransformer:
-        """Rebuild a model; phenotype keys beyond the saved ones get new, freshly initialised slots."""
+        """Rebuild a model; phenotype keys beyond the saved ones get new, freshly initialised slots.
+
+        ``adata`` is set up with the saved settings if it is not set up, or if ``setup_again``.
+        """
         if accelerator not in ("cpu", "cuda", "gpu", "auto"):
             raise ValueError(f"accelerator must be 'cpu', 'cuda' or 'auto', got {accelerator!r}")
         vocabulary = GeneVocabulary(state["vocabulary"])
@@ -1720,7 +1724,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             if not isinstance(adata, AnnData):
                 raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
             vocabulary.column_to_gene(gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY]))
-            if cls._registered_manager(adata) is None:
+            if setup_again or cls._registered_manager(adata) is None:
                 batch_key = setup_args[SETUP_ARGS.BATCH_KEY]
                 cls._register(
                     adata,
@@ -1811,7 +1815,46 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         if not isinstance(dir_path, str | os.PathLike):
             raise TypeError(f"dir_path must be a directory path, got {type(dir_path).__name__}")
         state, weights = cls._read(dir_path)
-        return cls._from_state(state, weights, adata=adata, accelerator=accelerator, source=str(dir_path))
+        manager = cls._registered_manager(adata) if isinstance(adata, AnnData) else None
+        differences = [] if manager is None else cls._setup_differences(adata, manager, state)
+        if differences:
+            warnings.warn(
+                f"adata was set up with other settings than the saved model ({'; '.join(differences)}); "
+                "it is set up again with the model's",
+                UserWarning,
+                stacklevel=2,
+            )
+        return cls._from_state(
+            state,
+            weights,
+            adata=adata,
+            accelerator=accelerator,
+            source=str(dir_path),
+            setup_again=bool(differences),
+        )
+
+    @staticmethod
+    def _setup_differences(adata: AnnData, manager: AnnDataManager, state: dict[str, Any]) -> list[str]:
+        """How the registration of ``adata`` differs from a saved model's settings (empty if it does not)."""
+        saved, registered = state["setup_args"], manager.registry["setup_args"]
+        differences = [
+            f"{key}={registered.get(key)!r}, the model's {saved.get(key)!r}"
+            for key in (SETUP_ARGS.LAYER, SETUP_ARGS.GENE_KEY, SETUP_ARGS.BATCH_KEY, SETUP_ARGS.ALIGN_OBSM)
+            if registered.get(key) != saved.get(key)
+        ]
+        batches = state.get("batch_categories")
+        mapping = _batch_categories(manager)
+        if batches and mapping is not None:
+            if mapping[: len(batches)] != list(batches):
+                differences.append(f"batch codes {mapping[: len(batches)]}, the model's {list(batches)}")
+        for key, categories in state["phenotype_categories"].items():
+            column = PhenotypeObsField(phenotype_registry_key(key), key, categories).attr_key
+            if key in adata.obs and column in adata.obs:
+                if not np.array_equal(
+                    category_codes(adata.obs[key], categories), adata.obs[column].to_numpy()
+                ):
+                    differences.append(f"codes of {key!r}")
+        return differences
 
     @classmethod
     def load_query_data(
