@@ -119,3 +119,19 @@ def test_bad_alignment_input_is_refused_with_the_fix(adata):
     wrong.obsm["X_ok"] = np.zeros((adata.n_obs, 4))
     with pytest.raises(ValueError, match="has 4 features"):
         aligned.get_latent_representation(wrong, space="aligned_other")
+
+
+def test_a_query_whose_second_modality_has_another_width_is_refused_before_setup(adata, tmp_path):
+    adata.obsm["X_other"] = np.zeros((adata.n_obs, 3), dtype=np.float32)
+    sct.setup_anndata(adata, layer="counts")
+    sct.GeneTransformer(adata, **TINY, align_obsm="X_other", align_dim=2).save(tmp_path / "model")
+    query = adata.copy()
+    query.obs = query.obs[[]]
+    query.obsm["X_other"] = np.zeros((adata.n_obs, 4), dtype=np.float32)
+    for load in (
+        lambda: sct.GeneTransformer.load_query_data(query, tmp_path / "model"),
+        lambda: sct.GeneTransformer.load(tmp_path / "model", adata=query),
+    ):
+        with pytest.raises(ValueError, match="has 4 features; the model was trained on 3"):
+            load()  # not later, deep in training
+        assert not any(c.startswith("_scvi") for c in query.obs)  # refused before the setup

@@ -237,6 +237,17 @@ def _fixed_bin_edges(sample: sp.csr_matrix, n_bins: int, column_to_gene: np.ndar
     return torch.as_tensor(edges, dtype=torch.float32)
 
 
+def _check_align_width(adata: AnnData, state: dict[str, Any]) -> None:
+    """Raise if ``adata``'s second modality (if it has one) is not as wide as the saved model's."""
+    key, width = state["setup_args"].get(SETUP_ARGS.ALIGN_OBSM), state["hyperparameters"].get("align_in_dim")
+    if key is not None and isinstance(adata, AnnData) and key in adata.obsm:
+        if np.shape(adata.obsm[key])[1] != width:
+            raise ValueError(
+                f"adata.obsm[{key!r}] has {np.shape(adata.obsm[key])[1]} features; the model was trained "
+                f"on {width} (the same features, in the same order)"
+            )
+
+
 def _cells_fingerprint(adata: AnnData | ShardedAnnData) -> dict[str, int | str]:
     """Number of cells and a SHA-256 of their names: recognises the cells a model's split indexes."""
     digest = hashlib.sha256("\x1f".join(map(str, adata.obs_names)).encode()).hexdigest()
@@ -1724,6 +1735,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             if not isinstance(adata, AnnData):
                 raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
             vocabulary.column_to_gene(gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY]))
+            _check_align_width(adata, state)
             if setup_again or cls._registered_manager(adata) is None:
                 batch_key = setup_args[SETUP_ARGS.BATCH_KEY]
                 cls._register(
@@ -1908,6 +1920,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         state, weights = cls._read(reference)
         source = "the reference model" if isinstance(reference, GeneTransformer) else str(reference)
         setup_args = state["setup_args"]
+        _check_align_width(adata, state)
         vocabulary = GeneVocabulary(state["vocabulary"])
         ids = gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY])
         n_shared = int((vocabulary.column_to_gene(ids) >= 0).sum())
