@@ -49,55 +49,24 @@ rows_trial = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rows_trial)
 
 
-def identity_masked_rows(model: sct.GeneTransformer, adata: ad.AnnData, p: float, passes: int) -> np.ndarray:
+def _hidden_identity_rows(
+    model: sct.GeneTransformer, adata: ad.AnnData, p: float, passes: int, *, gradient: bool
+) -> np.ndarray:
     """Co-expression-corrected score of the last layer's attention rows of tokens whose gene identity is hidden.
 
     Row gene: the hidden token's true gene (which the model does not see); keys: the cell's tokens
-    whose identity is shown. Each pass hides a random share ``p`` of every cell's gene tokens.
+    whose identity is shown. Each pass hides a random share ``p`` of every cell's gene tokens. With
+    ``gradient``, each probability is multiplied by the gradient of the log-probability the model
+    gives the hidden token's true gene, negative products set to 0 (Chefer et al., 2021): how much
+    attending to each shown gene helped name the hidden one. In the last layer a row's attention
+    reaches only its own token's output, so differentiating the sum of the hidden tokens'
+    log-probabilities once gives every row its own gradient. Heads are averaged.
     """
     module = model.module
     v2g, c2g = rows_trial.graph_lookup(model, adata)
     acc = rows_trial.DirectedAccumulator(adata.n_vars)
     generator = torch.Generator().manual_seed(0)
-    with model._inference():
-        for _ in range(passes):
-            for idx, x in rows_trial.minibatches(model, adata):
-                tokens = module.tokenize(x, c2g)
-                context = tokens.is_context
-                hidden = (torch.rand(context.shape, generator=generator) < p) & context
-                phenotypes = torch.full((len(idx), module.n_phenotypes), -1, dtype=torch.long)
-                h, key_mask = module.embed_tokens(tokens, phenotypes, gene_mask=hidden)
-                for block in module.blocks[:-1]:
-                    h = block(h, key_mask)
-                last = module.blocks[-1]
-                probs = last.attention.attention_probabilities(last.norm_attention(h), key_mask)
-                attention = probs.mean(1)[:, module.n_prefix :, module.n_prefix :].float()
-                genes = v2g[tokens.gene_ids]
-                acc.add(
-                    genes.masked_fill(~hidden, -1),
-                    genes.masked_fill(~(context & ~hidden), -1),
-                    attention,
-                    context.sum(1).float(),
-                )
-    return acc.score()
-
-
-def gradient_weighted_rows(
-    model: sct.GeneTransformer, adata: ad.AnnData, p: float, passes: int
-) -> np.ndarray:
-    """Gradient-weighted attention (Chefer et al., 2021) of the rows of tokens whose gene identity is hidden.
-
-    As :func:`identity_masked_rows`, but each last-layer attention probability is multiplied by the
-    gradient of the log-probability the model gives the hidden token's true gene, negative products
-    set to 0, heads averaged: how much attending to each shown gene helped name the hidden one. In
-    the last layer a row's attention reaches only its own token's output, so summing the
-    log-probabilities of all hidden tokens and differentiating once gives every row its own gradient.
-    """
-    module = model.module
-    v2g, c2g = rows_trial.graph_lookup(model, adata)
-    acc = rows_trial.DirectedAccumulator(adata.n_vars)
-    generator = torch.Generator().manual_seed(0)
-    start = module.n_prefix
+    start, last = module.n_prefix, module.blocks[-1]
     module.eval()
     for _ in range(passes):
         for idx, x in rows_trial.minibatches(model, adata):
@@ -109,21 +78,23 @@ def gradient_weighted_rows(
                 h, key_mask = module.embed_tokens(tokens, phenotypes, gene_mask=hidden)
                 for block in module.blocks[:-1]:
                     h = block(h, key_mask)
-            last = module.blocks[-1]
-            probs = last.attention.attention_probabilities(last.norm_attention(h), key_mask)
-            probs = probs.detach().requires_grad_()
-            _, _, v = last.attention._heads(last.norm_attention(h))
-            n, length, d = h.shape
-            out = h + last.attention.out((probs @ v).transpose(1, 2).reshape(n, length, d))
-            out = module.norm(out + last.mlp(last.norm_mlp(out)))
-            logits = module.gene_logits(out, tokens, hidden)
-            logits.log_softmax(-1).gather(1, tokens.gene_ids[hidden][:, None]).sum().backward()
-            relevance = (probs.grad * probs).clamp(min=0).mean(1)[:, start:, start:].detach()
+                q, k, v = last.attention._heads(last.norm_attention(h))
+                scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+                probs = scores.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(-1)
+            if gradient:  # the rest of the last block, differentiated with respect to probs
+                probs.requires_grad_()
+                n, length, d = h.shape
+                out = h + last.attention.out((probs @ v).transpose(1, 2).reshape(n, length, d))
+                out = module.norm(out + last.mlp(last.norm_mlp(out)))
+                logits = module.gene_logits(out, tokens, hidden)
+                logits.log_softmax(-1).gather(1, tokens.gene_ids[hidden][:, None]).sum().backward()
+                probs = (probs.grad * probs).clamp(min=0)
+            attention = probs.detach().mean(1)[:, start:, start:].float()
             genes = v2g[tokens.gene_ids]
             acc.add(
                 genes.masked_fill(~hidden, -1),
                 genes.masked_fill(~(context & ~hidden), -1),
-                relevance,
+                attention,
                 context.sum(1).float(),
             )
     return acc.score()
@@ -244,13 +215,13 @@ def main() -> None:
             row[f"auroc_{normalize}"] = gg.auroc(score, marker_idx, gene_types)
             row[f"enrichment_{normalize}"] = hits / max(expected, 1e-12)
         if model.module.gene_prediction:
-            score = identity_masked_rows(model, labelled, p=0.15, passes=4)
+            score = _hidden_identity_rows(model, labelled, p=0.15, passes=4, gradient=False)
             row["auroc_identity_rows"] = gg.auroc(score, marker_idx, gene_types)
         if args.readings:
             for name, score in attention_readings(model, labelled).items():
                 row[f"auroc_{name}"] = gg.auroc(score, marker_idx, gene_types)
             if model.module.gene_prediction:
-                score = gradient_weighted_rows(model, labelled, p=0.15, passes=4)
+                score = _hidden_identity_rows(model, labelled, p=0.15, passes=4, gradient=True)
                 row["auroc_gradient_rows"] = gg.auroc(score, marker_idx, gene_types)
         for kind in ("identity", "contextual"):
             row[f"auroc_{kind}"] = gg.embedding_auroc(labelled, model, kind, marker_idx, gene_types)
