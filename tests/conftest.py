@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scanpy as sc
 import scipy.sparse as sp
 
 import sctransformer as sct
@@ -66,3 +67,14 @@ def trained():
         warnings.simplefilter("ignore")
         model.train(max_epochs=3, batch_size=32, enable_progress_bar=False)
     return model, data
+
+
+@pytest.fixture(scope="module")
+def graphed(trained):
+    """The trained model and a copy of its cells with a gene graph (top 5 edges) and log-normalised ``X``."""
+    model, data = trained
+    adata = data.copy()
+    sct.tl.gene_graph(adata, model, top_k=5)
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    return model, adata

@@ -7,7 +7,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-import scanpy as sc
 import scipy.sparse as sp
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -24,12 +23,9 @@ def _close():
 
 
 @pytest.fixture(scope="module")
-def with_graph(trained):
-    model, data = trained
-    adata = data.copy()
-    sct.tl.gene_graph(adata, model, top_k=5)
-    sc.pp.normalize_total(adata)
-    sc.pp.log1p(adata)
+def with_graph(graphed):
+    model, graph = graphed
+    adata = graph.copy()
     sct.tl.gene_modules(adata, score=False)
     return model, adata
 

@@ -188,12 +188,9 @@ def test_gene_embedding_identity_and_contextual(trained):
     assert not other.var["sct_gene_embedding_defined"].iloc[-2:].any()
 
 
-def test_gene_modules_are_leiden_communities_with_cell_scores(trained):
-    model, data = trained
-    adata = data.copy()
-    sct.tl.gene_graph(adata, model, top_k=5)
-    sc.pp.normalize_total(adata)
-    sc.pp.log1p(adata)
+def test_gene_modules_are_leiden_communities_with_cell_scores(graphed):
+    _, with_graph = graphed
+    adata = with_graph.copy()
     sct.tl.gene_modules(adata, resolution=1.0, min_size=3)
     module = adata.var["sct_gene_module"]
     assert isinstance(module.dtype, pd.CategoricalDtype) and len(module.cat.categories) >= 2
@@ -264,12 +261,9 @@ def test_graph_and_modules_work_with_duplicate_var_names_under_gene_key():
         sct.tl.gene_graph(small, model, genes=["gene_1", "gene_5"], top_k=1)
 
 
-def test_a_module_of_nearly_every_gene_is_scored_with_a_warning(trained):
-    model, data = trained
-    adata = data.copy()
-    sct.tl.gene_graph(adata, model, top_k=5)
-    sc.pp.normalize_total(adata)
-    sc.pp.log1p(adata)
+def test_a_module_of_nearly_every_gene_is_scored_with_a_warning(graphed):
+    _, with_graph = graphed
+    adata = with_graph.copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # whether the control genes need wider bins depends on the draw
         sct.tl.gene_modules(adata, resolution=1e-4, min_size=2)  # one module of every connected gene
