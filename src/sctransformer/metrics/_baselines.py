@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
-from sctransformer.data._validation import cell_positions
+from sctransformer.data._validation import cell_positions, positive_int
 
 from ._probes import log1p_normalise
 
@@ -23,12 +23,6 @@ if TYPE_CHECKING:
 
 Baseline = Literal["logreg_all_genes", "logreg_hvg", "logreg_pca", "knn_pca"]
 BASELINES: tuple[str, ...] = ("logreg_all_genes", "logreg_hvg", "logreg_pca", "knn_pca")
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _select_highly_variable(x_train, n_top_genes: int) -> np.ndarray:
@@ -121,9 +115,9 @@ def annotation_baselines(
     unknown = [m for m in methods if m not in BASELINES]
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {list(BASELINES)}, got {methods!r}")
-    n_top_genes = _positive_int(n_top_genes, "n_top_genes")
-    n_pcs = _positive_int(n_pcs, "n_pcs")
-    n_neighbors = _positive_int(n_neighbors, "n_neighbors")
+    n_top_genes = positive_int(n_top_genes, "n_top_genes")
+    n_pcs = positive_int(n_pcs, "n_pcs")
+    n_neighbors = positive_int(n_neighbors, "n_neighbors")
 
     if sp.issparse(counts):
         counts = sp.csr_matrix(counts)

@@ -11,6 +11,8 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
+from sctransformer.data._validation import positive_int
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -50,8 +52,7 @@ def _check_confidence(confidence, correct, n_bins: int) -> tuple[np.ndarray, np.
         if not np.all(np.isin(correct, [0, 1])):
             raise ValueError("correct must hold booleans or 0/1 (is the prediction right?)")
         correct = correct.astype(bool)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    n_bins = positive_int(n_bins, "n_bins")
     return confidence, correct
 
 

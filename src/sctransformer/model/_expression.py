@@ -155,8 +155,7 @@ class ExpressionMixin:
 
     def _gene_folds(self, n_folds: int) -> torch.Tensor:
         """Fold of each vocabulary gene: a fixed random partition into ``n_folds`` folds."""
-        if isinstance(n_folds, bool) or not isinstance(n_folds, int | np.integer) or n_folds < 1:
-            raise ValueError(f"n_folds must be a positive integer, got {n_folds!r}")
+        n_folds = positive_int(n_folds, "n_folds")
         order = torch.randperm(len(self.vocabulary_), generator=torch.Generator().manual_seed(0))
         folds = torch.empty_like(order)
         folds[order] = torch.arange(len(order)) % n_folds
@@ -713,10 +712,8 @@ class ExpressionMixin:
         the settings.
         """
         self._require_queries("generate")
-        if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
-            raise ValueError(f"n_cells must be a positive integer, got {n_cells!r}")
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int | np.integer) or n_steps < 1:
-            raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+        n_cells = positive_int(n_cells, "n_cells")
+        n_steps = positive_int(n_steps, "n_steps")
         codes = self._check_phenotype_values(phenotypes, "phenotypes")
         batch_size = self._check_batch_size(batch_size)
         rows = np.arange(len(self.vocabulary_)) if genes is None else self._vocabulary_indices(genes)

@@ -13,6 +13,7 @@ import torch
 from anndata import AnnData
 
 from sctransformer._keys import KEYS
+from sctransformer.data._validation import positive_int
 from sctransformer.model import GeneTransformer
 
 from ._utils import record_run, suffixed_key
@@ -306,8 +307,7 @@ def gene_graph(
     n_genes = len(columns)
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k < n_genes:
         raise ValueError(f"top_k must be an integer in [1, {n_genes}) (the graph's genes), got {top_k!r}")
-    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 1:
-        raise ValueError(f"min_cells must be a positive integer, got {min_cells!r}")
+    min_cells = positive_int(min_cells, "min_cells")
     # normalize (AttentionAccumulator), layers and heads (GeneTransformer._gene_attention) are
     # checked where they are used, before the first forward pass
     if groupby is None:
@@ -514,8 +514,7 @@ def gene_modules(
     graph = stored_graph(adata, key)
     if not resolution > 0:
         raise ValueError(f"resolution must be positive, got {resolution!r}")
-    if isinstance(min_size, bool) or not isinstance(min_size, int | np.integer) or min_size < 1:
-        raise ValueError(f"min_size must be a positive integer, got {min_size!r}")
+    min_size = positive_int(min_size, "min_size")
     graph = graph.maximum(graph.T).tocsr()
     connected = np.asarray((graph != 0).sum(1)).ravel() > 0
     if connected.sum() < 2:
