@@ -248,6 +248,17 @@ def _check_align_width(adata: AnnData, state: dict[str, Any]) -> None:
             )
 
 
+def _registered_codes_differ(adata: AnnData, key: str, categories: list[str]) -> bool:
+    """Whether the registered codes of phenotype ``key`` differ from its values coded by ``categories``.
+
+    ``False`` where the column or its registered codes are absent.
+    """
+    column = PhenotypeObsField(phenotype_registry_key(key), key, categories).attr_key
+    if key not in adata.obs or column not in adata.obs:
+        return False
+    return not np.array_equal(category_codes(adata.obs[key], categories), adata.obs[column].to_numpy())
+
+
 def _cells_fingerprint(adata: AnnData | ShardedAnnData) -> dict[str, int | str]:
     """Number of cells and a SHA-256 of their names: recognises the cells a model's split indexes."""
     digest = hashlib.sha256("\x1f".join(map(str, adata.obs_names)).encode()).hexdigest()
@@ -722,12 +733,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 f"then, {adata.n_obs} x {adata.n_vars} now); call setup_anndata again"
             )
         for key, categories in self.phenotype_categories_.items():
-            field = PhenotypeObsField(phenotype_registry_key(key), key, categories)
-            if key not in adata.obs or field.attr_key not in adata.obs:
-                continue
-            if not np.array_equal(
-                category_codes(adata.obs[key], categories), adata.obs[field.attr_key].to_numpy()
-            ):
+            if _registered_codes_differ(adata, key, categories):
                 raise ValueError(
                     f"adata.obs[{key!r}] changed since setup_anndata; call setup_anndata again "
                     "(and create a new model if it has new categories)"
@@ -1860,12 +1866,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             if mapping[: len(batches)] != list(batches):
                 differences.append(f"batch codes {mapping[: len(batches)]}, the model's {list(batches)}")
         for key, categories in state["phenotype_categories"].items():
-            column = PhenotypeObsField(phenotype_registry_key(key), key, categories).attr_key
-            if key in adata.obs and column in adata.obs:
-                if not np.array_equal(
-                    category_codes(adata.obs[key], categories), adata.obs[column].to_numpy()
-                ):
-                    differences.append(f"codes of {key!r}")
+            if _registered_codes_differ(adata, key, categories):
+                differences.append(f"codes of {key!r}")
         return differences
 
     @classmethod
