@@ -391,6 +391,10 @@ def _cli_case(tmp_path, case: str) -> list[str]:
         (tmp_path / "m").mkdir()
         (tmp_path / "m" / "mine.txt").write_text("x")
         config.write_text(yaml.safe_dump(good))
+    elif case == "output holds a model":
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "model.json").write_text("{}")
+        config.write_text(yaml.safe_dump(good))
     elif case == "bad hyper-parameter":
         config.write_text(yaml.safe_dump({**good, "model": {**TINY, "n_heads": 3}}))
     elif case == "embed: model is not a model":
@@ -416,7 +420,8 @@ def _cli_case(tmp_path, case: str) -> list[str]:
         ("unknown model option", "d_modle"),
         ("missing data file", "gone.h5ad"),
         ("no output", "no 'output' section"),
-        ("output not empty", "--overwrite"),
+        ("output not empty", "does not hold a saved sctransformer model"),
+        ("output holds a model", "--overwrite"),
         ("bad hyper-parameter", "n_heads"),
         ("embed: model is not a model", "not a saved sctransformer model"),
         ("embed: output is the input", "must differ from --input"),

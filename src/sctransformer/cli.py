@@ -50,6 +50,7 @@ import pandas as pd
 import yaml
 
 from sctransformer._settings import logger
+from sctransformer.model._save_load import check_save_target
 
 SECTIONS = {"data", "model", "reference", "train", "log", "output"}
 DATA_KEYS = {"paths", "layer", "batch_key", "phenotype_keys", "gene_key", "streaming", "join"}
@@ -282,10 +283,10 @@ def pretrain(config_path: str, *, overwrite: bool = False, command: str = "pretr
 
     config = read_config(config_path, command)
     output = Path(config["output"])
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"output {str(output)!r} exists and is not empty; pass --overwrite or choose another"
-        )
+    try:  # before any training
+        check_save_target(output, overwrite=overwrite, overwrite_option="--overwrite")
+    except ValueError as err:
+        raise ConfigError(f"output: {err}") from err
     data = config["data"]
     reference = None
     if command == "finetune":  # checked before the data are read

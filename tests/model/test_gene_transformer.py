@@ -129,17 +129,44 @@ def test_save_load_round_trip_gives_identical_embedding(trained, tmp_path):
     np.testing.assert_array_equal(loaded.test_indices, model.test_indices)
 
 
-def test_save_refuses_a_non_empty_directory_without_overwrite(trained, tmp_path):
+def test_save_replaces_a_saved_model_only_with_overwrite_and_never_other_files(trained, tmp_path):
     model, _ = trained
     target = tmp_path / "m"
-    target.mkdir()
-    (target / "notes.txt").write_text("mine")
+    model.save(target)
     with pytest.raises(ValueError, match="overwrite=True"):
         model.save(target)
-    assert (target / "notes.txt").read_text() == "mine"
     model.save(target, overwrite=True)
-    assert not (target / "notes.txt").exists()
+    assert sorted(p.name for p in target.iterdir()) == ["model.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    # a directory of the user's own files is never replaced, even with overwrite=True
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="does not hold a saved sctransformer model"):
+        model.save(mine, overwrite=True)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_a_save_that_fails_to_rename_into_place_leaves_the_old_model(trained, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    model, _ = trained
+    target = tmp_path / "m"
+    model.save(target)
+    before = (target / "model.safetensors").read_bytes()
+    real_rename = Path.rename
+
+    def failing_rename(self, destination):
+        if ".saving-" in self.name:  # moving the new model into place
+            raise OSError("disk full")
+        return real_rename(self, destination)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(target, overwrite=True)
+    monkeypatch.undo()
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing retired or staged left
 
 
 def test_load_aligns_genes_of_a_query_by_identifier(trained, tmp_path, caplog):

@@ -1692,8 +1692,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         dir_path
             Directory to write ``model.safetensors`` and ``model.json`` into; created if missing.
         overwrite
-            Replace the contents of ``dir_path`` if it is not empty; otherwise a non-empty
-            directory is refused.
+            Replace the model already saved in ``dir_path``. A non-empty directory that does not
+            hold a saved model is always refused (the save replaces the whole directory).
         """
         write_model_dir(dir_path, self._state(), self.module.state_dict(), overwrite=overwrite)
 

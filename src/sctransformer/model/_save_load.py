@@ -35,13 +35,14 @@ def _json_value(value: object) -> object:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def write_model_dir(
-    dir_path: str | os.PathLike, state: dict[str, Any], weights: dict[str, torch.Tensor], *, overwrite: bool
+def check_save_target(
+    dir_path: str | os.PathLike, *, overwrite: bool, overwrite_option: str = "overwrite=True"
 ) -> Path:
-    """Write ``state`` (JSON) and ``weights`` (safetensors) into ``dir_path``.
+    """Resolve ``dir_path`` and check that a model may be saved there; raise ``ValueError`` if not.
 
-    Files are written into a temporary directory beside the target, which is then renamed into
-    place, so an interrupted save never leaves a half-written model where a good one was.
+    A save replaces the whole directory, so only an empty directory, a missing one, or (with
+    ``overwrite``) one that holds a saved model is accepted. ``overwrite_option`` names the
+    option in the message (``--overwrite`` on the command line).
     """
     target = Path(dir_path).resolve()  # through a symlink: replace the model it points to
     if target == Path.cwd() or target in Path.cwd().parents:
@@ -51,8 +52,26 @@ def write_model_dir(
         )
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory; choose another path")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f"{target} is not empty; pass overwrite=True to replace its contents")
+    if target.exists() and any(target.iterdir()):
+        if not (target / STATE_FILE).is_file():
+            raise ValueError(
+                f"{target} is not empty and does not hold a saved sctransformer model ({STATE_FILE} "
+                "missing); a save replaces the whole directory, so choose a new or empty directory"
+            )
+        if not overwrite:
+            raise ValueError(f"{target} holds a saved model; pass {overwrite_option} to replace it")
+    return target
+
+
+def write_model_dir(
+    dir_path: str | os.PathLike, state: dict[str, Any], weights: dict[str, torch.Tensor], *, overwrite: bool
+) -> Path:
+    """Write ``state`` (JSON) and ``weights`` (safetensors) into ``dir_path``.
+
+    Files are written into a temporary directory beside the target, which is then renamed into
+    place, so an interrupted save never leaves a half-written model where a good one was.
+    """
+    target = check_save_target(dir_path, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
     try:
@@ -70,7 +89,11 @@ def write_model_dir(
         if target.exists():
             retired = target.parent / f".{target.name}.old-{os.getpid()}"
             target.rename(retired)
-            staging.rename(target)
+            try:
+                staging.rename(target)
+            except OSError:
+                retired.rename(target)  # put the old model back where it was
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(target)
