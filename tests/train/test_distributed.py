@@ -42,9 +42,11 @@ DDP_RUN = SETUP + textwrap.dedent(
 
     kind, workdir, out = sys.argv[1:4]
     model = make_model(kind, workdir)
-    model.train(**TRAIN, accelerator="cpu", devices=2, strategy="ddp")
+    model.train(**TRAIN | {"logger": None}, accelerator="cpu", devices=2, strategy="ddp")
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         torch.save(model.module.state_dict(), out)
+        with open(out + ".loss", "w") as f:  # the epoch's logged loss, over both ranks' cells
+            f.write(repr(float(model.history["loss_train"].iloc[-1, 0])))
     """
 )
 
@@ -107,6 +109,9 @@ def test_two_gloo_processes_take_the_step_of_one_process_on_the_same_global_batc
         warnings.simplefilter("ignore")
         model.train(**settings | {"logger": QUIET["logger"]}, accumulate_grad_batches=2)
     single = model.module.state_dict()
+
+    logged = float((tmp_path / "ddp_weights.pt.loss").read_text())
+    assert logged == pytest.approx(float(model.history["loss_train"].iloc[-1, 0]), rel=1e-5)
 
     changed = [k for k in initial if not torch.equal(initial[k], distributed[k])]
     assert len(changed) > 10  # the distributed step moved the weights

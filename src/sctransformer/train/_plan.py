@@ -253,9 +253,11 @@ class MaskedModelingPlan(pl.LightningModule):
             gene_mask=gene_mask,
         )
         n = phenotypes.shape[0]
-        self.log(f"loss_{stage}", out.total, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        # epoch means over the cells of every distributed rank (synced once, at the epoch's end)
+        log = {"on_step": False, "on_epoch": True, "sync_dist": True}
+        self.log(f"loss_{stage}", out.total, batch_size=n, prog_bar=True, **log)
         for name, value in {**out.components, **out.metrics}.items():
-            self.log(f"{name}_{stage}", value, on_step=False, on_epoch=True, batch_size=out.counts[name])
+            self.log(f"{name}_{stage}", value, batch_size=out.counts[name], **log)
         return out
 
     def on_train_epoch_start(self) -> None:
