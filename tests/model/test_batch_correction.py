@@ -88,8 +88,20 @@ def test_the_batch_token_sets_the_embedding_and_can_be_dropped_or_set(adata):
     in_first = (adata.obs["batch"].astype(str) == first).to_numpy()
     np.testing.assert_allclose(own[in_first], as_first[in_first], rtol=1e-5, atol=1e-5)
     assert not np.allclose(own[~in_first], as_first[~in_first])
-    with pytest.raises(ValueError, match="not one of the model's batches"):
+    with pytest.raises(ValueError, match="not one of the batches the model was trained on"):
         model.get_latent_representation(batch="nonexistent")
+
+
+def test_a_query_batch_is_refused_as_batch_and_not_offered_in_the_message(adata, tmp_path):
+    model = _batched(adata, "token")
+    model.save(tmp_path / "m")
+    query = adata.copy()
+    query.obs["batch"] = "query_batch"
+    loaded = sct.GeneTransformer.load_query_data(query, tmp_path / "m")
+    assert "query_batch" in loaded.batch_categories_  # known, but the model has no embedding for it
+    with pytest.raises(ValueError, match="trained on") as err:
+        loaded.get_latent_representation(query, batch="query_batch")
+    assert "'query_batch'" not in str(err.value).split("trained on")[1]
 
 
 def test_both_modes_save_and_load(adata, tmp_path):

@@ -1255,8 +1255,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             )
         categories = self.batch_categories_ or []
         if batch != "own":
-            if batch not in categories[: self.module.n_batches]:
-                raise ValueError(f"batch {batch!r} is not one of the model's batches {categories}")
+            trained = categories[: self.module.n_batches]  # later ones: a query's, with no embedding
+            if batch not in trained:
+                raise ValueError(
+                    f"batch {batch!r} is not one of the batches the model was trained on {trained}"
+                    " (or pass batch='own')"
+                )
             return np.full(adata.n_obs, categories.index(batch), dtype=np.int64)
         key = self.setup_args_[SETUP_ARGS.BATCH_KEY]
         if isinstance(adata, ShardedAnnData):
