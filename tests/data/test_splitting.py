@@ -114,6 +114,48 @@ def test_rank_batch_sizes_keep_full_minibatches_where_ranks_agree_and_drop_last_
 def test_fewer_items_than_ranks_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="cannot be shared out between 4"):
         rank_batch_sizes(3, 32, 0, 4)
+    # 47 cells on 3 ranks with drop_last: a share of 15 holds no full minibatch of 16
+    with pytest.raises(ValueError, match="at least batch_size=16 training cells"):
+        rank_batch_sizes(47, 16, 0, 3, drop_last=True)
+
+
+@pytest.mark.parametrize(("world_size", "drop_last"), [(1, False), (2, False), (3, False), (3, True)])
+def test_every_rank_gets_length_bucketed_minibatches_of_its_own_share(world_size, drop_last):
+    lengths = np.random.default_rng(0).integers(1, 257, size=1000)
+    batch_size = 16
+
+    def padded_share(batches: list[list[int]]) -> float:
+        slots = sum(len(b) * lengths[b].max() for b in batches)
+        return 1 - sum(lengths[b].sum() for b in batches) / slots
+
+    seen, counts = [], set()
+    for rank in range(world_size):
+        place = {"rank": rank, "world_size": world_size, "drop_last": drop_last}
+        bucketed = EpochBatchSampler(LengthBucketedSampler(lengths, batch_size, seed=0), batch_size, **place)
+        random = EpochBatchSampler(EpochSeededRandomSampler(len(lengths), seed=0), batch_size, **place)
+        batches = list(bucketed)
+        assert [len(b) for b in batches] == [len(b) for b in random]  # the same cut, other items
+        assert padded_share(batches) < 0.1 < 0.4 < padded_share(list(random))
+        counts.add(len(batches))
+        seen += [i for b in batches for i in b]
+    assert len(counts) == 1 and len(seen) == len(set(seen))
+    assert len(seen) == len(lengths) or drop_last
+
+
+def test_drop_last_with_length_buckets_leaves_out_random_cells_not_the_longest():
+    lengths = np.random.default_rng(1).integers(1, 300, size=200)  # 200 = 12 minibatches of 16 + 8
+    sampler = EpochBatchSampler(LengthBucketedSampler(lengths, 16, seed=0), 16, drop_last=True)
+    dropped = np.zeros(len(lengths))
+    n_epochs = 100
+    for epoch in range(n_epochs):
+        sampler.set_epoch(epoch)
+        seen = np.zeros(len(lengths), dtype=bool)
+        seen[[i for b in sampler for i in b]] = True
+        dropped += ~seen
+    longest = lengths >= np.quantile(lengths, 0.8)
+    overall = dropped.mean() / n_epochs
+    assert overall == pytest.approx(8 / 200)
+    assert dropped[longest].mean() / n_epochs < 1.5 * overall  # the old order dropped only the longest
 
 
 def test_one_item_minibatches_on_ranks_of_unequal_shares_are_never_empty():

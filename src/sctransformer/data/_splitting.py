@@ -36,10 +36,19 @@ class EpochSeededRandomSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.n
 
+    def _permutation(self) -> tuple[torch.Tensor, torch.Generator]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return torch.randperm(self.n, generator=generator), generator
+
     def order(self) -> list[int]:
         """The items of the current epoch, in order."""
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return torch.randperm(self.n, generator=generator).tolist()
+        return self._permutation()[0].tolist()
+
+    def minibatches(self, start: int, sizes: Sequence[int]) -> list[list[int]]:
+        """Cut the epoch's order from ``start`` into minibatches of ``sizes`` (a rank's share)."""
+        items = self.order()
+        bounds = np.cumsum([start, *sizes])
+        return [items[bounds[i] : bounds[i + 1]] for i in range(len(sizes))]
 
     def __iter__(self) -> Iterator[int]:
         yield from self.order()
@@ -48,10 +57,12 @@ class EpochSeededRandomSampler(Sampler[int]):
 class LengthBucketedSampler(EpochSeededRandomSampler):
     """Random order of ``n`` items in which each run of ``batch_size`` items has similar lengths.
 
-    Per epoch (a function of ``(seed, epoch)`` alone): shuffle, cut into pools of
-    ``pool_batches * batch_size`` items, sort each pool by length, cut the pools into batches and
-    shuffle the order of the full batches (a last, partial batch stays last, so that a
-    :class:`~torch.utils.data.BatchSampler` of the same ``batch_size`` cuts exactly these batches).
+    Per epoch (a function of ``(seed, epoch)`` alone): shuffle, take a distributed rank's share
+    (see :func:`rank_batch_sizes`; items its minibatches leave out under ``drop_last`` are the
+    share's last, random ones), cut it into pools of ``pool_batches`` minibatches, sort each pool
+    by length, cut the pools into minibatches and shuffle their order (a last, partial minibatch
+    stays last, so that a :class:`~torch.utils.data.BatchSampler` of the same ``batch_size`` cuts
+    exactly these minibatches from :meth:`order`). Every rank's minibatches are bucketed.
     Minibatches are padded to their longest cell, so similar lengths waste less compute on padding.
 
     Parameters
@@ -79,19 +90,26 @@ class LengthBucketedSampler(EpochSeededRandomSampler):
         self.pool_batches = pool_batches
 
     def order(self) -> list[int]:
-        """The items of the current epoch, in order."""
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(self.n, generator=generator)
-        pool = self.batch_size * self.pool_batches
+        """The items of the current epoch, in order (one process's minibatches, end to end)."""
+        _, sizes = rank_batch_sizes(self.n, self.batch_size)
+        return [i for batch in self.minibatches(0, sizes) for i in batch]
+
+    def minibatches(self, start: int, sizes: Sequence[int]) -> list[list[int]]:
+        """Length-bucketed minibatches of ``sizes`` from the share of the epoch's order at ``start``."""
+        permutation, generator = self._permutation()
+        share = permutation[start : start + sum(sizes)]
+        partial = list(sizes[-1:]) if sizes and sizes[-1] < self.batch_size else []
+        whole = list(sizes[: len(sizes) - len(partial)])
         batches = []
-        for start in range(0, self.n, pool):
-            chunk = order[start : start + pool]
+        offset = 0
+        for first in range(0, len(whole), self.pool_batches):
+            pool_sizes = whole[first : first + self.pool_batches]
+            chunk = share[offset : offset + sum(pool_sizes)]
+            offset += len(chunk)
             chunk = chunk[torch.sort(self.lengths[chunk], stable=True).indices]
-            batches += list(chunk.split(self.batch_size))
-        partial = [b for b in batches if len(b) < self.batch_size]
-        full = [b for b in batches if len(b) == self.batch_size]
-        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-        return [i for batch in shuffled + partial for i in batch.tolist()]
+            batches += list(chunk.split(pool_sizes))
+        shuffled = [batches[i].tolist() for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return shuffled + [share[offset:].tolist()] * bool(partial)
 
 
 def rank_batch_sizes(
@@ -121,6 +139,12 @@ def rank_batch_sizes(
         return sizes if drop_last or m % batch_size == 0 else [*sizes, m % batch_size]
 
     counts = {len(cut(m)) for m in shares}
+    if drop_last and min(counts) == 0:
+        raise ValueError(
+            f"with drop_last=True every one of the {world_size} distributed rank(s) needs at least "
+            f"batch_size={batch_size} training cells, but a share holds only {min(shares)}: use a "
+            "smaller batch_size, fewer devices or drop_last=False"
+        )
     if len(counts) == 1:
         return bounds[rank], cut(shares[rank])
     # more minibatches than the smallest share would leave that rank an empty one
@@ -219,10 +243,7 @@ class EpochBatchSampler(ResumableBatchSampler):
 
     def batches(self) -> list[list[int]]:
         """The minibatches of this rank in the current epoch."""
-        items = self.order.order()
-        start, sizes = self._sizes()
-        bounds = np.cumsum([start, *sizes])
-        return [items[bounds[i] : bounds[i + 1]] for i in range(len(sizes))]
+        return self.order.minibatches(*self._sizes())
 
 
 #: Settings a training loader's checkpointed state records besides its position, as error
