@@ -41,8 +41,16 @@ def naive_tokenize(
 
 
 def check_against_naive(
-    x: np.ndarray, column_to_gene: np.ndarray, *, max_length: int, n_bins: int, edges=None, scale=None
+    x: np.ndarray,
+    column_to_gene: np.ndarray,
+    *,
+    max_length: int,
+    n_bins: int,
+    edges=None,
+    scale=None,
+    matrix: sp.csr_matrix | None = None,
 ) -> None:
+    """Tokens of ``x`` (or of ``matrix``, which holds the same counts as stored) against the naive reference."""
     tokenizer = Tokenizer(
         int(column_to_gene.max()) + 1 if (column_to_gene >= 0).any() else 1,
         max_length=max_length,
@@ -51,7 +59,9 @@ def check_against_naive(
         bin_edges=None if edges is None else torch.as_tensor(edges),
         gene_scale=None if scale is None else torch.as_tensor(scale),
     )
-    out = tokenizer(to_torch_csr(sp.csr_matrix(x)), torch.as_tensor(column_to_gene))
+    out = tokenizer(
+        to_torch_csr(sp.csr_matrix(x) if matrix is None else matrix), torch.as_tensor(column_to_gene)
+    )
     reference = naive_tokenize(
         x, column_to_gene, max_length=max_length, n_bins=n_bins, edges=edges, scale=scale
     )
@@ -71,6 +81,35 @@ def random_counts(rng, n_cells: int, n_genes: int, density: float) -> np.ndarray
     x = rng.poisson(3.0, size=(n_cells, n_genes)).astype(np.float32)
     x[rng.random((n_cells, n_genes)) > density] = 0
     return x
+
+
+def non_canonical(x: np.ndarray, rng) -> sp.csr_matrix:
+    """``x`` as a non-canonical CSR matrix: counts split into duplicate entries, explicit zeros, shuffled columns.
+
+    scipy reads duplicates as their sum, so the matrix equals ``x``; it is built from its arrays
+    directly (``csr_matrix((data, indices, indptr))`` keeps them as they are).
+    """
+    data, indices, indptr = [], [], [0]
+    for row in x:
+        entries = []
+        for j in range(len(row)):
+            count = int(row[j])
+            if count > 0:
+                cuts = np.sort(rng.integers(0, count + 1, size=rng.integers(0, 3)))
+                parts = np.diff(np.concatenate([[0], cuts, [count]]))  # 1-3 parts, some may be 0
+                entries += [(j, part) for part in parts]
+            elif rng.random() < 0.2:
+                entries += [(j, 0)] * int(rng.integers(1, 3))  # explicit zeros, repeated
+        order = rng.permutation(len(entries))
+        data += [entries[k][1] for k in order]
+        indices += [entries[k][0] for k in order]
+        indptr.append(len(data))
+    m = sp.csr_matrix(
+        (np.asarray(data, dtype=np.float32), np.asarray(indices, dtype=np.int32), np.asarray(indptr)),
+        shape=x.shape,
+    )
+    np.testing.assert_array_equal(m.toarray(), x)  # the same counts, as scipy reads them
+    return m
 
 
 @pytest.mark.parametrize("max_length", [1, 5, 40])
@@ -202,3 +241,100 @@ def test_random_matrices_match_naive(n_cells, n_genes, density, scale, max_lengt
     if seed % 3 == 0:
         x[x > 0] = 7  # all-equal values
     check_against_naive(x, np.arange(n_genes), max_length=max_length, n_bins=n_bins)
+
+
+def test_duplicate_entries_of_a_gene_are_one_token_with_their_sum():
+    # gene 2 holds 3 counts stored as two entries, 1 + 2: one token, with the value and bin of a 3
+    m = sp.csr_matrix(
+        (np.array([1.0, 2.0, 5.0], np.float32), np.array([2, 2, 4]), np.array([0, 3])), shape=(1, 6)
+    )
+    assert not m.has_canonical_format
+    tokenizer = Tokenizer(6, max_length=8, n_bins=4)
+    out = tokenizer(to_torch_csr(m), torch.arange(6))
+    reference = tokenizer(torch.as_tensor(m.toarray()), torch.arange(6))
+    assert out.gene_ids[out.is_token].tolist() == [4, 2]
+    for name in ("gene_ids", "values", "bins", "is_token", "n_expressed", "all_genes", "all_values"):
+        assert torch.equal(getattr(out, name), getattr(reference, name)), name
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("max_length", [3, 40])
+def test_non_canonical_csr_matches_naive(seed, max_length):
+    rng = np.random.default_rng(seed)
+    x = random_counts(rng, 10, 25, 0.5)
+    x[2] = 0  # a cell without counts
+    column_to_gene = np.arange(25)
+    column_to_gene[[1, 7]] = -1
+    m = non_canonical(x, rng)
+    assert not m.has_canonical_format and not m.has_sorted_indices
+    check_against_naive(x, column_to_gene, max_length=max_length, n_bins=5, matrix=m)
+    scale = rng.uniform(0.2, 5.0, size=25).astype(np.float32)
+    check_against_naive(x, column_to_gene, max_length=max_length, n_bins=5, scale=scale, matrix=m)
+    values = np.unique(np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)[x > 0])
+    edges = ((values[:-1] + values[1:]) / 2)[:: max(1, len(values) // 6)][:5].astype(np.float32)
+    check_against_naive(
+        x, column_to_gene, max_length=max_length, n_bins=len(edges) + 1, edges=edges, matrix=m
+    )
+
+
+@pytest.mark.parametrize("duplicates", [True, False])
+def test_non_canonical_csr_gives_the_tokens_of_the_canonical_matrix(duplicates):
+    """Every output, sampled queries and held-out genes included, as for the canonical matrix."""
+    rng = np.random.default_rng(5)
+    x = random_counts(rng, 9, 30, 0.5)
+    if duplicates:
+        m = non_canonical(x, rng)
+    else:  # sorted columns broken only
+        m = sp.csr_matrix(x)
+        for i in range(m.shape[0]):
+            part = slice(m.indptr[i], m.indptr[i + 1])
+            order = rng.permutation(m.indptr[i + 1] - m.indptr[i])
+            m.indices[part], m.data[part] = m.indices[part][order], m.data[part][order]
+        m.has_sorted_indices = False
+    assert not m.has_sorted_indices
+    tokenizer = Tokenizer(30, max_length=6, n_bins=4)
+    held = torch.from_numpy(rng.random((9, 30)) < 0.2)
+    stored = to_torch_csr(m)
+    before = stored.values().clone(), stored.col_indices().clone()
+    for kwargs in ({}, {"n_queries": 4, "held_out": held}):
+        out = tokenizer(stored, torch.arange(30), generator=torch.Generator().manual_seed(0), **kwargs)
+        ref = tokenizer(
+            to_torch_csr(sp.csr_matrix(x)),
+            torch.arange(30),
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
+        for name in (
+            "gene_ids",
+            "values",
+            "bins",
+            "is_token",
+            "is_unexpressed",
+            "n_expressed",
+            "all_genes",
+            "all_values",
+            "is_query",
+            "held_share",
+            "n_held",
+        ):
+            a, b = getattr(out, name), getattr(ref, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+    # the input is read, never changed
+    assert torch.equal(stored.values(), before[0]) and torch.equal(stored.col_indices(), before[1])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_cells=st.integers(1, 5),
+    n_genes=st.integers(1, 12),
+    density=st.floats(0.0, 1.0),
+    max_length=st.integers(1, 15),
+    n_bins=st.integers(2, 7),
+    seed=st.integers(0, 10_000),
+)
+def test_random_non_canonical_matrices_match_naive(n_cells, n_genes, density, max_length, n_bins, seed):
+    rng = np.random.default_rng(seed)
+    x = random_counts(rng, n_cells, n_genes, density)
+    check_against_naive(
+        x, np.arange(n_genes), max_length=max_length, n_bins=n_bins, matrix=non_canonical(x, rng)
+    )

@@ -167,6 +167,24 @@ def _as_csr(x: torch.Tensor) -> torch.Tensor:
         return x.to_dense().to_sparse_csr()
 
 
+def _sum_duplicates(
+    row: torch.Tensor, column: torch.Tensor, value: torch.Tensor, n_columns: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries of a CSR matrix in canonical form: one per (row, column), columns sorted in each row.
+
+    A CSR matrix may hold several entries for the same (row, column), which scipy and torch read as
+    their sum, and its columns need not be sorted within a row. A matrix whose entries are already
+    strictly increasing in ``(row, column)`` (the usual case) is returned as it is, after one
+    linear check; otherwise duplicates are summed (into a copy) and the entries sorted.
+    """
+    key = row.mul(n_columns).add_(column)
+    if key.numel() < 2 or bool(key.diff().min() > 0):
+        return row, column, value
+    unique, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    summed = value.new_zeros(unique.numel()).index_add_(0, inverse, value)
+    return torch.div(unique, n_columns, rounding_mode="floor"), unique % n_columns, summed
+
+
 class Tokenizer(nn.Module):
     """Tokenizer of cells into expressed-gene sentences.
 
@@ -243,7 +261,9 @@ class Tokenizer(nn.Module):
         Parameters
         ----------
         x
-            ``(n_cells, n_columns)`` counts, sparse CSR (preferred) or dense.
+            ``(n_cells, n_columns)`` counts, sparse CSR (preferred) or dense. A CSR matrix need not
+            be canonical: entries repeated for a (cell, column) are summed, as scipy does, and
+            columns may come in any order within a row.
         column_to_gene
             ``(n_columns,)`` vocabulary index of each column of ``x``; ``-1`` for columns whose
             gene is not in the vocabulary (they still count towards the library size).
@@ -269,7 +289,9 @@ class Tokenizer(nn.Module):
         val = x.values().float()
         row = torch.repeat_interleave(torch.arange(n_cells, device=device), x.crow_indices().diff())
         library = torch.zeros(n_cells, device=device).index_add_(0, row, val)
-        gene = column_to_gene.to(device)[x.col_indices()]
+        # duplicate entries of a (cell, column) are one count, their sum, as scipy reads them
+        row, column, val = _sum_duplicates(row, x.col_indices(), val, x.shape[1])
+        gene = column_to_gene.to(device)[column]
         keep = (val > 0) & (gene >= 0)
         row, gene, val = row[keep], gene[keep], val[keep]
         n_all = torch.bincount(row, minlength=n_cells)
