@@ -284,3 +284,43 @@ def test_bootstrap_macro_f1_skips_classes_a_resample_did_not_draw():
     perfect = classification_scores(y_true, y_true, n_bootstrap=300)
     assert perfect.summary.loc["macro_f1", "ci_low"] == 1.0
     assert (perfect.per_class["f1_ci_low"] == 1.0).all()
+
+
+@pytest.mark.parametrize(
+    "true",
+    [
+        pytest.param(lambda codes: codes.astype(np.int64), id="int64"),
+        pytest.param(lambda codes: pd.Categorical(codes.astype(np.int64)), id="int-categorical"),
+        pytest.param(lambda codes: pd.Categorical(codes.astype(np.float64)), id="float-categorical"),
+    ],
+)
+def test_anndata_wrapper_compares_numeric_labels_as_the_model_encodes_them(true):
+    # a model trained on a numeric column stores its categories as strings (str(value)), so
+    # tl.predict writes "0", "1", ... (or "0.0", ... for floats) next to the numbers
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 3, size=120)
+    right = rng.random(120) < 0.7
+    predicted_codes = np.where(right, codes, rng.integers(0, 3, size=120))
+    y_true = pd.Series(true(codes))
+    as_model = [str(v) for v in y_true.astype(object)]
+    categories = sorted(set(as_model))
+    y_pred = pd.Categorical([categories[c] for c in predicted_codes], categories=categories)
+    obs = pd.DataFrame({"label": y_true.to_numpy(), "sct_label": y_pred}, index=[f"c{i}" for i in range(120)])
+    if isinstance(obs["label"].dtype, pd.CategoricalDtype):
+        obs.loc["c0", "label"] = np.nan  # a cell without a label is dropped
+    adata = AnnData(obs=obs)
+    before = adata.obs.copy()
+
+    report = classification_report(adata, "label", "sct_label", n_bootstrap=0)
+
+    pd.testing.assert_frame_equal(adata.obs, before)
+    known = adata.obs["label"].notna().to_numpy()
+    expected = (predicted_codes == codes)[known].mean()
+    assert report.n_cells == known.sum()
+    assert report.summary.loc["accuracy", "value"] == pytest.approx(expected)
+    assert list(report.per_class.index) == categories
+    # labels are given as the column holds them
+    numbers = list(pd.Series(y_true).dropna().astype(object).unique()[:2])
+    subset = classification_report(adata, "label", "sct_label", labels=numbers, n_bootstrap=0)
+    assert list(subset.per_class.index) == [str(v) for v in numbers]
+    assert (subset.per_class["support"] > 0).all()

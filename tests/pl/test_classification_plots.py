@@ -87,7 +87,11 @@ def test_calibration_draws_accuracy_per_bin_and_the_ece_in_the_title(predicted):
     ax = sct.pl.calibration(predicted, "cell_type", "sct_cell_type", n_bins=5, show=False)
     assert isinstance(ax, Axes)
     assert fingerprint(predicted) == before
-    known = predicted.obs["cell_type"].notna().to_numpy()
+    # without .obsm["sct_cell_type_probs"], cells labelled "unknown" are left out
+    known = (
+        predicted.obs["cell_type"].notna().to_numpy()
+        & (predicted.obs["sct_cell_type"] != "unknown").to_numpy()
+    )
     obs = predicted.obs[known]
     confidence = obs["sct_cell_type_confidence"].to_numpy()
     correct = obs["cell_type"].astype(object).to_numpy() == obs["sct_cell_type"].astype(object).to_numpy()
@@ -119,3 +123,105 @@ def test_calibration_return_rule_and_missing_keys(predicted):
         sct.pl.calibration(adata, "cell_type", "sct_cell_type")
     with pytest.raises(KeyError, match="pred_key='nope'"):
         sct.pl.calibration(adata, "cell_type", "nope", confidence_key="score")
+
+
+@pytest.fixture
+def numeric():
+    """Integer labels next to the strings that a model trained on them predicts ("0", "1", "2")."""
+    rng = np.random.default_rng(5)
+    n = 150
+    codes = rng.integers(0, 3, size=n)
+    confidence = rng.uniform(0.3, 1.0, size=n)
+    predicted_codes = np.where(rng.random(n) < confidence, codes, rng.integers(0, 3, size=n))
+    obs = pd.DataFrame(
+        {
+            "label": codes,
+            "sct_label": pd.Categorical(predicted_codes.astype(str), categories=["0", "1", "2"]),
+            "sct_label_confidence": confidence,
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    return AnnData(obs=obs), codes, predicted_codes
+
+
+def test_confusion_matrix_matches_integer_labels_with_their_predictions(numeric):
+    adata, codes, predicted_codes = numeric
+    ax = sct.pl.confusion_matrix(adata, "label", "sct_label", normalize=None, show=False)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]  # no second "0", "1", "2"
+    expected = sklearn_confusion_matrix(codes, predicted_codes, labels=[0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), expected)
+
+
+def test_calibration_matches_integer_labels_with_their_predictions(numeric):
+    adata, codes, predicted_codes = numeric
+    ax = sct.pl.calibration(adata, "label", "sct_label", n_bins=5, show=False)
+    ece = expected_calibration_error(adata.obs["sct_label_confidence"], codes == predicted_codes, n_bins=5)
+    assert ax.get_title() == f"ECE = {ece:.3f}"
+
+
+def test_calibration_scores_the_most_probable_label_of_cells_labelled_unknown():
+    rng = np.random.default_rng(6)
+    n, categories = 300, ["T cell", "B cell", "NK"]
+    logits = rng.normal(size=(n, 3)) * 2
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    best = probabilities.argmax(axis=1)
+    truth = np.where(rng.random(n) < probabilities.max(axis=1), best, rng.integers(0, 3, size=n))
+    confidence = probabilities.max(axis=1)
+    labels = np.array(categories, dtype=object)
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical(labels[truth], categories=categories)}, index=[f"c{i}" for i in range(n)]
+    )
+    plain = AnnData(obs=obs.assign(sct_cell_type=pd.Categorical(labels[best], categories=categories)))
+    plain.obs["sct_cell_type_confidence"] = confidence
+    # as tl.predict(min_confidence=0.6) writes it: same confidences, "unknown" below 0.6, the probabilities
+    unknown = confidence < 0.6
+    assert 0 < unknown.sum() < n
+    thresholded = plain.copy()
+    thresholded.obs["sct_cell_type"] = pd.Categorical(
+        np.where(unknown, "unknown", labels[best]), categories=[*categories, "unknown"]
+    )
+    thresholded.obsm["sct_cell_type_probs"] = pd.DataFrame(
+        probabilities, index=thresholded.obs_names, columns=categories
+    )
+
+    def drawn(adata):
+        ax = sct.pl.calibration(adata, "cell_type", "sct_cell_type", n_bins=5, show=False)
+        bars = {c.get_label(): [p.get_height() for p in c] for c in ax.containers}
+        return ax.get_title(), bars
+
+    title, bars = drawn(thresholded)
+    assert (title, bars) == drawn(plain)  # "unknown" does not make a confident prediction wrong
+    assert title == f"ECE = {expected_calibration_error(confidence, truth == best, n_bins=5):.3f}"
+
+    # without the probabilities the cells labelled "unknown" are left out
+    del thresholded.obsm["sct_cell_type_probs"]
+    title, bars = drawn(thresholded)
+    kept = ~unknown
+    ece = expected_calibration_error(confidence[kept], (truth == best)[kept], n_bins=5)
+    assert title == f"ECE = {ece:.3f}"
+    assert sum(bars["share of cells"]) == pytest.approx(1.0)
+
+
+def test_calibration_bins_by_default_as_the_calibration_error(predicted):
+    ax = sct.pl.calibration(predicted, "cell_type", "sct_cell_type", show=False)
+    share = next(c for c in ax.containers if c.get_label() == "share of cells")
+    assert len(share) == 15
+    known = (
+        predicted.obs["cell_type"].notna().to_numpy()
+        & (predicted.obs["sct_cell_type"] != "unknown").to_numpy()
+    )
+    obs = predicted.obs[known]
+    correct = obs["cell_type"].astype(object).to_numpy() == obs["sct_cell_type"].astype(object).to_numpy()
+    ece = expected_calibration_error(obs["sct_cell_type_confidence"].to_numpy(), correct)  # its default bins
+    assert ax.get_title() == f"ECE = {ece:.3f}"
+
+
+def test_calibration_after_predict_with_min_confidence_equals_the_plain_one(trained):
+    model, data = trained
+    adata = data.copy()
+    sct.tl.predict(adata, model)
+    plain = sct.pl.calibration(adata, "cell_type", "sct_cell_type", show=False).get_title()
+    sct.tl.predict(adata, model, min_confidence=0.9)
+    assert (adata.obs["sct_cell_type"] == "unknown").any()
+    assert sct.pl.calibration(adata, "cell_type", "sct_cell_type", show=False).get_title() == plain

@@ -11,6 +11,7 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
+from sctransformer.data._fields import category_codes, observed_categories
 from sctransformer.data._validation import positive_int
 
 if TYPE_CHECKING:
@@ -21,6 +22,10 @@ if TYPE_CHECKING:
 #: Resamples drawn at once in the bootstrap: bounds the memory to about this many cell indices
 #: (and confusion-matrix entries).
 _CHUNK_CELLS = 4_000_000
+
+#: Default number of confidence bins of the calibration error: of :func:`expected_calibration_error`
+#: and :func:`sctransformer.pl.calibration`, as in :meth:`sctransformer.GeneTransformer.calibrate`.
+N_CALIBRATION_BINS = 15
 
 SUMMARY_COLUMNS = ["value", "ci_low", "ci_high", "t_low", "t_high", "binomial_low", "binomial_high"]
 PER_CLASS_COLUMNS = ["precision", "recall", "f1", "support", "f1_ci_low", "f1_ci_high"]
@@ -56,7 +61,7 @@ def _check_confidence(confidence, correct, n_bins: int) -> tuple[np.ndarray, np.
     return confidence, correct
 
 
-def expected_calibration_error(confidence, correct, *, n_bins: int = 15) -> float:
+def expected_calibration_error(confidence, correct, *, n_bins: int = N_CALIBRATION_BINS) -> float:
     r"""Expected calibration error (ECE) of predictions with a confidence.
 
     The cells are grouped into ``n_bins`` equal-width bins of [0, 1] by confidence (bins
@@ -406,6 +411,37 @@ def _obs_column(adata: AnnData, key: str, argument: str) -> pd.Series:
     return adata.obs[key]
 
 
+def _model_labels(column: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Labels of a column as the model encodes them, and their order.
+
+    The model stores the categories of a phenotype as strings
+    (:func:`~sctransformer.data.observed_categories`), so :func:`sctransformer.tl.predict` writes
+    ``"0"``, ``"1"`` for a column of integers ``0``, ``1``; true and predicted labels are compared
+    after the same conversion (:func:`~sctransformer.data.category_codes`).
+
+    Parameters
+    ----------
+    column
+        Labels of each cell (``.obs`` column).
+
+    Returns
+    -------
+    The label of each cell as a ``str`` (``None`` where missing), as an object array, and the
+    labels in order: the column's category order for a categorical column (unused categories
+    left out), else sorted.
+    """
+    categories = observed_categories(column)
+    codes = category_codes(column, categories)
+    return np.asarray([*categories, None], dtype=object)[codes], categories  # code -1: the last, None
+
+
+def _labels_as_str(labels: Sequence | None) -> list | None:
+    """``labels`` as the model encodes them (:func:`_model_labels`); missing values stay missing."""
+    if labels is None:
+        return None
+    return [label if _is_missing(np.asarray([label], dtype=object))[0] else str(label) for label in labels]
+
+
 def classification_report(
     adata: AnnData,
     true_key: str,
@@ -418,7 +454,10 @@ def classification_report(
 ) -> ClassificationReport:
     """:func:`classification_scores` of two ``.obs`` columns (true and predicted labels).
 
-    ``adata`` is not modified.
+    Labels are compared as the model encodes them: every present value as a string (a true
+    label ``0`` matches the prediction ``"0"`` that :func:`sctransformer.tl.predict` writes for
+    a column of integers), missing values stay missing; so are ``labels``, and the labels of
+    :attr:`ClassificationReport.per_class` are strings. ``adata`` is not modified.
 
     Parameters
     ----------
@@ -442,12 +481,12 @@ def classification_report(
     >>> report.format("macro_f1")  # doctest: +SKIP
     '0.712 [0.681, 0.744]'
     """
-    y_true = _obs_column(adata, true_key, "true_key")
-    y_pred = _obs_column(adata, pred_key, "pred_key")
+    y_true, _ = _model_labels(_obs_column(adata, true_key, "true_key"))
+    y_pred, _ = _model_labels(_obs_column(adata, pred_key, "pred_key"))
     return classification_scores(
-        y_true.to_numpy(dtype=object),
-        y_pred.to_numpy(dtype=object),
-        labels=labels,
+        y_true,
+        y_pred,
+        labels=_labels_as_str(labels),
         n_bootstrap=n_bootstrap,
         confidence_level=confidence_level,
         seed=seed,

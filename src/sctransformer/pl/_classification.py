@@ -11,21 +11,25 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
-from sctransformer.metrics._classification import _bin_index, _obs_column, expected_calibration_error
+from sctransformer._keys import KEYS
+from sctransformer.metrics._classification import (
+    N_CALIBRATION_BINS,
+    _bin_index,
+    _model_labels,
+    _obs_column,
+    expected_calibration_error,
+)
 
 from ._utils import finish, new_axes
 
 
-def _ordered_labels(column: pd.Series, values: np.ndarray) -> list:
-    """Labels present in ``values``: in category order for a categorical column, else sorted."""
-    present = pd.unique(values[~pd.isna(values)])
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        present = set(present)
-        return [c for c in column.cat.categories if c in present]
-    try:
-        return sorted(present)
-    except TypeError:
-        return list(present)
+def _argmax_labels(probabilities: pd.DataFrame) -> np.ndarray:
+    """Most probable label of each cell (a column name, as ``str``); ``None`` where a row is not finite."""
+    values = probabilities.to_numpy(dtype=np.float64, na_value=np.nan)
+    labels = np.asarray([*map(str, probabilities.columns), None], dtype=object)
+    best = values.argmax(axis=1)
+    best[~np.isfinite(values).all(axis=1)] = -1  # the last: None
+    return labels[best]
 
 
 def confusion_matrix(
@@ -45,8 +49,10 @@ def confusion_matrix(
     Rows are the true labels and columns the predicted ones
     (:func:`sklearn.metrics.confusion_matrix`). Both keep the order of the categories where the
     columns are categorical (else sorted); predicted labels that no cell truly has, such as
-    ``"unknown"``, get their own columns after the true labels. Cells without a true label are
-    left out. ``adata`` is not modified.
+    ``"unknown"``, get their own columns after the true labels. Labels are compared as the model
+    encodes them: every present value as a string, so a true label ``0`` matches the prediction
+    ``"0"`` of a model trained on a column of integers. Cells without a true label are left out;
+    cells without a prediction get a column ``"NA"``. ``adata`` is not modified.
 
     Parameters
     ----------
@@ -74,17 +80,16 @@ def confusion_matrix(
     """
     if normalize not in ("true", "pred", "all", None):
         raise ValueError(f"normalize must be 'true', 'pred', 'all' or None, got {normalize!r}")
-    true_column = _obs_column(adata, true_key, "true_key")
-    pred_column = _obs_column(adata, pred_key, "pred_key")
-    y_true = true_column.to_numpy(dtype=object)
-    y_pred = pred_column.to_numpy(dtype=object)
+    y_true, true_order = _model_labels(_obs_column(adata, true_key, "true_key"))
+    y_pred, pred_order = _model_labels(_obs_column(adata, pred_key, "pred_key"))
     keep = ~pd.isna(y_true)
     y_true, y_pred = y_true[keep], y_pred[keep]
     if len(y_true) == 0:
         raise ValueError(f"no cell has a label in adata.obs[{true_key!r}]; nothing to plot")
-    rows = _ordered_labels(true_column, y_true)
+    present_true, present_pred = set(y_true), set(y_pred)
+    rows = [label for label in true_order if label in present_true]
     in_rows = set(rows)
-    columns = rows + [label for label in _ordered_labels(pred_column, y_pred) if label not in in_rows]
+    columns = rows + [label for label in pred_order if label in present_pred and label not in in_rows]
     missing = pd.isna(y_pred)
     if missing.any():  # cells without a prediction: a column of their own
         y_pred[missing] = "NA"
@@ -121,7 +126,7 @@ def calibration(
     pred_key: str,
     *,
     confidence_key: str | None = None,
-    n_bins: int = 10,
+    n_bins: int = N_CALIBRATION_BINS,
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
@@ -133,6 +138,14 @@ def calibration(
     title gives the expected calibration error (:func:`sctransformer.metrics.expected_calibration_error`
     with the same bins). Cells without a true label or without a confidence are left out. ``adata``
     is not modified.
+
+    The confidence is the probability of the most probable label, so that label is the one scored:
+    where ``.obsm[f"{pred_key}_probs"]`` (written by :func:`sctransformer.tl.predict`) is present,
+    each cell's most probable label is taken from it, which also scores the cells that
+    ``min_confidence`` labelled ``"unknown"``. Without it, the labels of ``pred_key`` are scored
+    and cells labelled ``"unknown"`` are left out (their most probable label is not known).
+    Labels are compared as the model encodes them: every present value as a string, so a true
+    label ``0`` matches the prediction ``"0"`` of a model trained on a column of integers.
 
     Parameters
     ----------
@@ -146,7 +159,9 @@ def calibration(
     confidence_key
         ``.obs`` column of the confidence of each prediction; default ``f"{pred_key}_confidence"``.
     n_bins
-        Confidence bins.
+        Confidence bins; the default is that of
+        :func:`~sctransformer.metrics.expected_calibration_error` and
+        :meth:`~sctransformer.GeneTransformer.calibrate`.
     ax, show, return_fig
         As in scanpy: a Figure if ``return_fig``, nothing when shown, else the Axes.
 
@@ -156,8 +171,8 @@ def calibration(
     """
     if confidence_key is None:
         confidence_key = f"{pred_key}_confidence"
-    y_true = _obs_column(adata, true_key, "true_key").to_numpy(dtype=object)
-    y_pred = _obs_column(adata, pred_key, "pred_key").to_numpy(dtype=object)
+    y_true, _ = _model_labels(_obs_column(adata, true_key, "true_key"))
+    pred_column = _obs_column(adata, pred_key, "pred_key")
     if confidence_key not in adata.obs.columns:
         raise KeyError(
             f"confidence_key={confidence_key!r} is not a column of adata.obs; run "
@@ -165,9 +180,16 @@ def calibration(
         )
     confidence = adata.obs[confidence_key].to_numpy(dtype=np.float64)
     keep = ~pd.isna(y_true) & ~np.isnan(confidence)
+    probabilities = adata.obsm.get(f"{pred_key}_probs")
+    if isinstance(probabilities, pd.DataFrame) and probabilities.shape[1] > 0:
+        y_pred = _argmax_labels(probabilities)
+    else:  # "unknown" hides the label whose probability the confidence is
+        y_pred, _ = _model_labels(pred_column)
+        keep &= y_pred != KEYS.UNKNOWN
     if not keep.any():
         raise ValueError(
-            f"no cell has both a label in adata.obs[{true_key!r}] and a confidence; nothing to plot"
+            f"no cell has a label in adata.obs[{true_key!r}], a confidence and a prediction other "
+            f"than {KEYS.UNKNOWN!r}; nothing to plot"
         )
     confidence, correct = confidence[keep], y_true[keep] == y_pred[keep]
     ece = expected_calibration_error(confidence, correct, n_bins=n_bins)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scanpy as sc
 from anndata import AnnData
 from matplotlib.axes import Axes
@@ -15,9 +15,47 @@ from sctransformer._keys import KEYS
 
 from ._utils import finish
 
+#: Rows hashed at once: bounds the memory of the row bytes.
+_CHUNK_ROWS = 65_536
 
-def _fingerprint(x: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
+
+def _row_hashes(x: Any) -> np.ndarray:
+    """A 64-bit hash of each row of ``x``, of its values as float32 (SipHash of the row's bytes)."""
+    x = np.asarray(x)
+    x = x.reshape(len(x), -1)
+    out = np.zeros(len(x), dtype=np.uint64)
+    if x.shape[1] == 0:
+        return out
+    for start in range(0, len(x), _CHUNK_ROWS):
+        block = np.ascontiguousarray(x[start : start + _CHUNK_ROWS], dtype=np.float32)
+        rows = block.view(f"V{block.shape[1] * block.itemsize}").ravel().astype(object)  # bytes
+        out[start : start + len(block)] = pd.util.hash_array(rows, categorize=False)
+    return out
+
+
+def _cell_fingerprints(embedding: Any, umap: Any) -> np.ndarray:
+    """A 64-bit hash per cell of its embedding row together with its UMAP coordinates.
+
+    Hashing cells one by one (rather than the whole matrix) lets a subset of the cells, such as a
+    view ``adata[mask]``, be recognised as cells whose UMAP was computed from these very rows.
+    """
+    pairs = pd.DataFrame({"embedding": _row_hashes(embedding), "umap": _row_hashes(umap)})
+    return pd.util.hash_pandas_object(pairs, index=False).to_numpy(dtype=np.uint64)
+
+
+def _umap_is_current(adata: AnnData, basis: str, umap_key: str, neighbors_key: str, n_neighbors: int) -> bool:
+    """Whether every cell's ``.obsm[umap_key]`` was computed from its ``.obsm[basis]`` with ``n_neighbors``.
+
+    Reads ``adata`` only, so that a view stays a view.
+    """
+    if umap_key not in adata.obsm:
+        return False
+    used = adata.uns.get(neighbors_key, {}).get("params", {}).get("n_neighbors")
+    recorded = adata.uns.get(umap_key, {}).get("cell_fingerprints")
+    if used != n_neighbors or recorded is None:
+        return False
+    current = _cell_fingerprints(adata.obsm[basis], adata.obsm[umap_key])
+    return bool(np.isin(current, np.asarray(recorded, dtype=np.uint64)).all())
 
 
 def embedding(
@@ -35,7 +73,11 @@ def embedding(
     """UMAP of a cell embedding, coloured by ``.obs`` columns or genes.
 
     Computes a neighbour graph and UMAP of ``.obsm[basis]`` when they are missing or stale (the
-    embedding or ``n_neighbors`` changed since), then calls :func:`scanpy.pl.embedding`.
+    embedding or ``n_neighbors`` changed since), then calls :func:`scanpy.pl.embedding`. Whether
+    they are stale is decided cell by cell (a hash of each cell's embedding row and UMAP
+    coordinates is kept in ``.uns[f"{basis}_umap"]["cell_fingerprints"]``), so a subset of the
+    cells, e.g. the view ``adata[mask]``, is drawn at its coordinates in the whole data's UMAP, as
+    ``sc.pl.umap(adata[mask])`` does, and the view is left a view.
 
     Parameters
     ----------
@@ -57,22 +99,19 @@ def embedding(
     Returns
     -------
     As above; sets ``.obsm[f"{basis}_umap"]``, ``.obsp[f"{basis}_neighbors_*"]`` and
-    ``.uns[f"{basis}_neighbors"]`` / ``.uns[f"{basis}_umap"]`` when it (re)computes them.
+    ``.uns[f"{basis}_neighbors"]`` / ``.uns[f"{basis}_umap"]`` when it (re)computes them (on a
+    view, which then becomes an AnnData of its own, as with scanpy's functions).
     """
     if basis not in adata.obsm:
         raise KeyError(f"adata.obsm[{basis!r}] not found; run sct.tl.embed(adata, model) first")
     neighbors_key = f"{basis}_neighbors"
     umap_key = f"{basis}_umap"
-    fingerprint = _fingerprint(np.asarray(adata.obsm[basis]))
-    record = adata.uns.get(umap_key, {})
-    used = adata.uns.get(neighbors_key, {}).get("params", {}).get("n_neighbors")
-    stale = (
-        record.get("source_fingerprint") != fingerprint or umap_key not in adata.obsm or used != n_neighbors
-    )
-    if recompute or stale:
+    if recompute or not _umap_is_current(adata, basis, umap_key, neighbors_key, n_neighbors):
         sc.pp.neighbors(adata, use_rep=basis, n_neighbors=n_neighbors, key_added=neighbors_key)
         sc.tl.umap(adata, neighbors_key=neighbors_key, key_added=umap_key)
-        adata.uns[umap_key] = {**adata.uns.get(umap_key, {}), "source_fingerprint": fingerprint}
+        fingerprints = np.unique(_cell_fingerprints(adata.obsm[basis], adata.obsm[umap_key]))
+        record = {k: v for k, v in adata.uns.get(umap_key, {}).items() if k != "source_fingerprint"}
+        adata.uns[umap_key] = {**record, "cell_fingerprints": fingerprints}
     axes = sc.pl.embedding(adata, basis=umap_key, color=color, ax=ax, show=False, **kwargs)
     fig = (axes[0] if isinstance(axes, list) else axes).figure
     return finish(fig, axes, show=show, return_fig=return_fig)

@@ -20,7 +20,7 @@ _STAGES = ("train", "validation")
 def training_history(
     model: GeneTransformer,
     *,
-    metrics: list[str] | None = None,
+    metrics: str | list[str] | None = None,
     ncols: int = 3,
     ax: Axes | None = None,
     show: bool | None = None,
@@ -33,8 +33,8 @@ def training_history(
     model
         A trained (or loaded) :class:`~sctransformer.GeneTransformer`.
     metrics
-        Metric names without the stage suffix (``"loss"``, ``"expression"``,
-        ``"phenotype_cell_type_accuracy"``, ...); default all that were logged.
+        Metric name(s) without the stage suffix (``"loss"``, ``"expression"``,
+        ``"phenotype_cell_type_accuracy"``, ...): one name or a list; default all that were logged.
     ncols
         Panels per row.
     ax
@@ -54,12 +54,16 @@ def training_history(
     available.sort(key=lambda name: (name != "loss", "accuracy" in name, name))
     if metrics is None:
         metrics = available
+    elif isinstance(metrics, str):
+        metrics = [metrics]
+    else:
+        metrics = list(metrics)
     unknown = [m for m in metrics if m not in available]
     if unknown:
         raise KeyError(f"metrics {unknown} were not logged; available: {available}")
     if ax is not None:
         if len(metrics) != 1:
-            raise ValueError("ax= draws one metric; pass metrics=[name]")
+            raise ValueError(f"ax= draws one metric, got {len(metrics)}; pass metrics=name")
         fig, axes = ax.figure, [ax]
     else:
         ncols = min(ncols, len(metrics))
