@@ -313,3 +313,93 @@ def test_masked_gene_prediction_learns_which_genes_go_together_and_survives_save
     plain = sct.GeneTransformer(adata, **TINY)
     with pytest.raises(ValueError, match="no gene-prediction head"):
         plain.train(max_epochs=1, gene_prediction=0.2)
+
+
+def test_inference_on_the_models_own_anndata_checks_its_counts_as_on_a_passed_one(adata):
+    sct.setup_anndata(adata)  # counts in X
+    adata.X = adata.layers["counts"].copy()
+    model = sct.GeneTransformer(adata, **TINY)
+    model.get_latent_representation()
+    adata.X = adata.X.astype(np.float32) / 3  # normalised in place after training
+    with pytest.raises(ValueError, match="non-integer values"):
+        model.get_latent_representation()
+
+
+def test_load_sets_up_again_an_anndata_registered_without_the_models_phenotypes(trained, tmp_path):
+    model, data = trained
+    model.save(tmp_path / "m")
+    query = data.copy()
+    sct.setup_anndata(query, layer="counts")  # e.g. set up for another model, labels left out
+    with pytest.warns(UserWarning, match="not registered"):
+        loaded = sct.GeneTransformer.load(tmp_path / "m", adata=query)
+    assert any(key.startswith("phenotype") for key in loaded.adata_manager.data_registry)
+
+
+def test_a_phenotype_column_removed_after_setup_is_refused_before_training(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    del adata.obs["cell_type"]
+    with pytest.raises(ValueError, match=r"obs\['cell_type'\] was removed since setup_anndata"):
+        model.train(max_epochs=1, **QUIET)
+
+
+def test_hyper_parameters_and_seeds_are_checked_and_numpy_numbers_accepted(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    for bad, message in (
+        ({"phenotype_input": "mean"}, "phenotype_input must be"),
+        ({"cell_expression_loss": "False"}, "cell_expression_loss must be True or False"),
+        ({"cell_profile": 1}, "cell_profile must be True or False"),
+        ({"seed": -1}, "seed must be an integer"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=message):
+            sct.GeneTransformer(adata, **TINY | bad)
+    model = sct.GeneTransformer(adata, **TINY, gene_prediction=np.float32(0.1))
+    train_quietly(model, max_epochs=1, seed=np.int64(3), focal_gamma=np.float32(2.0))
+    assert model.train_settings_["seed"] == 3
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        model.train(max_epochs=1, seed=2.5, **QUIET)
+    with pytest.raises(ValueError, match="n_bins must be a positive integer"):
+        model.calibrate(n_bins=0)
+
+
+def test_phenotype_mask_prob_may_be_1_and_0_warns_that_no_head_is_trained(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    train_quietly(model, max_epochs=1, phenotype_mask_prob=1.0)
+    assert "phenotype_cell_type_train" in model.history
+    with pytest.warns(UserWarning, match="phenotype heads are not trained"):
+        model.train(max_epochs=1, phenotype_mask_prob=0.0, **QUIET)
+    with pytest.raises(ValueError, match=r"phenotype_mask_prob must be in \[0, 1\]"):
+        model.train(max_epochs=1, phenotype_mask_prob=1.5, **QUIET)
+
+
+def test_training_leaves_the_users_global_random_state_as_it_was(adata):
+    import random
+
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    np.random.seed(123)  # noqa: NPY002 (the global state under test)
+    torch.manual_seed(123)
+    random.seed(123)
+    train_quietly(model, max_epochs=1, seed=7)
+    draws = (np.random.rand(), torch.rand(1).item(), random.random())  # noqa: NPY002
+    np.random.seed(123)  # noqa: NPY002
+    torch.manual_seed(123)
+    random.seed(123)
+    assert draws == (np.random.rand(), torch.rand(1).item(), random.random())  # noqa: NPY002
+
+
+def test_load_query_data_refuses_a_bad_accelerator_before_touching_the_query(trained, tmp_path):
+    model, data = trained
+    model.save(tmp_path / "m")
+    query = data.copy()
+    for key in [k for k in query.obs if k.startswith("_")]:
+        del query.obs[key]
+    query.uns.clear()
+    before = fingerprint(query)
+    with pytest.raises(ValueError, match="accelerator must be"):
+        sct.GeneTransformer.load_query_data(query, tmp_path / "m", accelerator="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="finds no CUDA device"):
+            sct.GeneTransformer.load_query_data(query, tmp_path / "m", accelerator="cuda")
+    assert fingerprint(query) == before and not query.uns

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import logging
 import os
+import random
 import warnings
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
+from numbers import Real
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -22,7 +25,6 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField, ObsmField
 from scvi.dataloaders._data_splitting import validate_data_split
 from scvi.model.base import BaseModelClass
-from scvi.train import TrainRunner
 from scvi.train._logger import SimpleLogger  # the logger scvi-tools reads the history from
 
 from sctransformer._compat import quiet_sparse_tensors
@@ -46,6 +48,7 @@ from sctransformer.data import (
 )
 from sctransformer.data._validation import cell_positions, check_obs_key, check_phenotype_column, positive_int
 from sctransformer.metrics import expected_calibration_error, log1p_normalise
+from sctransformer.metrics._classification import N_CALIBRATION_BINS
 from sctransformer.module import (
     AttentionBackend,
     GeneTransformerModule,
@@ -53,7 +56,7 @@ from sctransformer.module import (
     TokenizedCells,
     check_attention,
 )
-from sctransformer.train import MaskedModelingPlan, PeriodicCheckpoint
+from sctransformer.train import HistoryTrainRunner, MaskedModelingPlan, PeriodicCheckpoint
 
 from ._expression import ExpressionMixin
 from ._save_load import read_model_dir, write_model_dir
@@ -88,7 +91,7 @@ _HEADS = (
 
 def _check_gene_prediction(value: Any) -> None:
     """Refuse a ``gene_prediction`` share outside ``[0, 1)``."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
         raise ValueError(f"gene_prediction must be a share in [0, 1), got {value!r}")
 
 
@@ -109,6 +112,10 @@ def _check_hyperparameters(
     batch_correction: str = "none",
     attention: str = "auto",
     gene_prediction: float = 0.0,
+    phenotype_input: str = "token+mean",
+    cell_expression_loss: bool = True,
+    cell_profile: bool = True,
+    seed: int | None = None,
     **others: Any,
 ) -> None:
     def positive_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -141,6 +148,55 @@ def _check_hyperparameters(
             f"batch_correction must be one of {list(BATCH_CORRECTIONS)}, got {batch_correction!r}"
         )
     check_attention(attention)
+    if phenotype_input not in ("token", "token+mean"):
+        raise ValueError(f"phenotype_input must be 'token' or 'token+mean', got {phenotype_input!r}")
+    for name, value in (("cell_expression_loss", cell_expression_loss), ("cell_profile", cell_profile)):
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if seed is not None:
+        _check_seed(seed)
+
+
+def _global_rng_state() -> tuple[Any, ...]:
+    """The global RNG states (random, NumPy, torch, CUDA where in use), for :func:`_set_global_rng_state`."""
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+    numpy_state = np.random.get_state()  # noqa: NPY002 (the global state is what is kept)
+    return random.getstate(), numpy_state, torch.get_rng_state(), cuda
+
+
+def _set_global_rng_state(state: tuple[Any, ...]) -> None:
+    """Give back global RNG states taken by :func:`_global_rng_state`."""
+    random.setstate(state[0])
+    np.random.set_state(state[1])  # noqa: NPY002
+    torch.set_rng_state(state[2])
+    if state[3] is not None:
+        torch.cuda.set_rng_state_all(state[3])
+
+
+def _check_accelerator(accelerator: str) -> None:
+    """Refuse an accelerator a model cannot be loaded onto here."""
+    if accelerator not in ("cpu", "cuda", "gpu", "auto"):
+        raise ValueError(f"accelerator must be 'cpu', 'cuda', 'gpu' or 'auto', got {accelerator!r}")
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        raise ValueError(f"accelerator={accelerator!r}, but torch finds no CUDA device; use 'cpu' or 'auto'")
+
+
+def _default_logger(save_dir: str | os.PathLike) -> Any:
+    """Lightning's ``logger=True``: TensorBoard where installed, else CSV files, in ``save_dir``."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        return TensorBoardLogger(save_dir=save_dir)
+    return CSVLogger(save_dir=save_dir)
+
+
+def _check_seed(seed: Any) -> int:
+    """``seed`` as a Python int; refuse anything but a non-negative integer."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    return int(seed)
 
 
 def _sample_counts(adata: AnnData, layer: str | None, seed: int) -> sp.csr_matrix:
@@ -251,11 +307,14 @@ def _check_align_width(adata: AnnData, state: dict[str, Any]) -> None:
 def _registered_codes_differ(adata: AnnData, key: str, categories: list[str]) -> bool:
     """Whether the registered codes of phenotype ``key`` differ from its values coded by ``categories``.
 
-    ``False`` where the column or its registered codes are absent.
+    ``False`` where the codes were never registered; ``True`` where the column was removed after
+    labelled cells were registered (without the column, every cell is unlabelled).
     """
     column = PhenotypeObsField(phenotype_registry_key(key), key, categories).attr_key
-    if key not in adata.obs or column not in adata.obs:
+    if column not in adata.obs:
         return False
+    if key not in adata.obs:
+        return bool((adata.obs[column].to_numpy() >= 0).any())
     return not np.array_equal(category_codes(adata.obs[key], categories), adata.obs[column].to_numpy())
 
 
@@ -380,7 +439,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
     _module_cls = GeneTransformerModule
     _training_plan_cls = MaskedModelingPlan
     _data_splitter_cls = EpochSeededDataSplitter
-    _train_runner_cls = TrainRunner
+    _train_runner_cls = HistoryTrainRunner
 
     def __init__(
         self,
@@ -734,8 +793,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             )
         for key, categories in self.phenotype_categories_.items():
             if _registered_codes_differ(adata, key, categories):
+                change = "changed" if key in adata.obs else "was removed"
                 raise ValueError(
-                    f"adata.obs[{key!r}] changed since setup_anndata; call setup_anndata again "
+                    f"adata.obs[{key!r}] {change} since setup_anndata; call setup_anndata again "
                     "(and create a new model if it has new categories)"
                 )
 
@@ -790,7 +850,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         gene_mask_prob
             Share of gene values hidden and predicted.
         phenotype_mask_prob
-            Share of phenotype tokens hidden and predicted.
+            Share of phenotype tokens hidden and predicted, in ``[0, 1]`` (``1``: always hidden,
+            as at inference; ``0`` trains no phenotype head and warns).
         gene_prediction
             For a model created with ``gene_prediction > 0``: the share used in this run (``0``
             switches masked gene prediction off, e.g. to fine-tune on labels only); default the
@@ -882,18 +943,26 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         if not 0 <= warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
-        for name, p in (("gene_mask_prob", gene_mask_prob), ("phenotype_mask_prob", phenotype_mask_prob)):
-            if not 0 <= p < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+        if not 0 <= gene_mask_prob < 1:
+            raise ValueError(f"gene_mask_prob must be in [0, 1), got {gene_mask_prob!r}")
+        if not 0 <= phenotype_mask_prob <= 1:  # 1: always predicted, as at inference
+            raise ValueError(f"phenotype_mask_prob must be in [0, 1], got {phenotype_mask_prob!r}")
+        if phenotype_mask_prob == 0 and self.phenotype_categories_:
+            warnings.warn(
+                "phenotype_mask_prob=0: the phenotype tokens are never hidden, so the phenotype heads "
+                "are not trained and predict() will not be meaningful",
+                UserWarning,
+                stacklevel=2,
+            )
         if class_weight not in (None, "balanced"):
             raise ValueError(f"class_weight must be None or 'balanced', got {class_weight!r}")
-        if not (isinstance(focal_gamma, int | float) and 0 <= focal_gamma <= 10):
+        if not (isinstance(focal_gamma, Real) and 0 <= focal_gamma <= 10):
             raise ValueError(f"focal_gamma must be a number in [0, 10] (2 is usual), got {focal_gamma!r}")
-        if not (isinstance(adversary_weight, int | float) and adversary_weight >= 0):
+        if not (isinstance(adversary_weight, Real) and adversary_weight >= 0):
             raise ValueError(f"adversary_weight must be a number >= 0, got {adversary_weight!r}")
-        if not (isinstance(adversary_lr_factor, int | float) and adversary_lr_factor > 0):
+        if not (isinstance(adversary_lr_factor, Real) and adversary_lr_factor > 0):
             raise ValueError(f"adversary_lr_factor must be a positive number, got {adversary_lr_factor!r}")
-        if not (isinstance(align_weight, int | float) and align_weight >= 0):
+        if not (isinstance(align_weight, Real) and align_weight >= 0):
             raise ValueError(f"align_weight must be a number >= 0, got {align_weight!r}")
         if adversary_schedule not in ("dann", "constant"):
             raise ValueError(f"adversary_schedule must be 'dann' or 'constant', got {adversary_schedule!r}")
@@ -939,7 +1008,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             raise ValueError(
                 "length_bucketing is not available for sharded data; pass length_bucketing=False"
             )
-        seed = settings.seed if seed is None else seed
+        seed = _check_seed(settings.seed if seed is None else seed)
         shard_datamodule = None
         if self.shards_ is not None:
             try:
@@ -985,7 +1054,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         trainer_kwargs.setdefault("early_stopping_monitor", "loss_validation")
         trainer_kwargs.setdefault("log_every_n_steps", 1)
         loggers = trainer_kwargs.get("logger")
-        if loggers not in (None, True, False):  # scvi-tools' logger first: it records model.history
+        if loggers is True:  # Lightning's default logger, as Lightning would make it
+            loggers = _default_logger(trainer_kwargs.get("default_root_dir") or os.getcwd())
+        if loggers not in (None, False):  # scvi-tools' logger first: it records model.history
             loggers = loggers if isinstance(loggers, list | tuple) else [loggers]
             trainer_kwargs["logger"] = [SimpleLogger(), *loggers]
         # the training samplers share cells out between distributed ranks themselves
@@ -1006,7 +1077,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 logger.info("no checkpoint in %s; starting training from the beginning", checkpoint_dir)
         trainer_kwargs["callbacks"] = callbacks
 
-        previous_seed = scvi.settings.seed
+        previous_seed, previous_rng = scvi.settings.seed, _global_rng_state()
         scvi.settings.seed = seed  # seeds the DataSplitter's shuffle and the global RNGs
         frozen = self._frozen_parameters(freeze)
         for param in frozen:
@@ -1077,6 +1148,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 runner()
         finally:
             scvi.settings.seed = previous_seed
+            _set_global_rng_state(previous_rng)  # the user's random draws go on as if untouched
             for param in frozen:
                 param.requires_grad_(True)
             self.module.eval()
@@ -1175,7 +1247,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         if adata is None:
             if self.adata is None and self.shards_ is None:
                 raise ValueError("the model has no AnnData attached; pass adata=...")
-            return self.adata if self.adata is not None else self.shards_
+            if self.adata is None:
+                return self.shards_
+            adata = self.adata  # checked as a passed AnnData is: it may have changed since training
         if isinstance(adata, ShardedAnnData):
             if adata.layer != self.setup_args_[SETUP_ARGS.LAYER]:
                 logger.info(
@@ -1184,7 +1258,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                     self.setup_args_[SETUP_ARGS.LAYER],
                 )
             return adata  # its rows are checked as they are read
-        if not isinstance(adata, AnnData):
+        elif not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData or a ShardedAnnData, got {type(adata).__name__}")
         check_counts(adata, self.setup_args_[SETUP_ARGS.LAYER])
         return adata
@@ -1478,9 +1552,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         and ``<key>_confidence`` (its probability) per phenotype; with ``return_probabilities``,
         also a dict of probability DataFrames (the model's categories, without ``"unknown"``).
         """
-        if min_confidence is not None and not (
-            isinstance(min_confidence, int | float) and 0 < min_confidence < 1
-        ):
+        if min_confidence is not None and not (isinstance(min_confidence, Real) and 0 < min_confidence < 1):
             raise ValueError(
                 f"min_confidence must be a probability in (0, 1), e.g. 0.5, got {min_confidence!r}"
             )
@@ -1510,7 +1582,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         *,
         indices: np.ndarray | None = None,
         phenotype: str | list[str] | None = None,
-        n_bins: int = 15,
+        n_bins: int = N_CALIBRATION_BINS,
         batch_size: int | None = None,
     ) -> pd.DataFrame:
         """Fit a softmax temperature per phenotype on labelled cells (temperature scaling).
@@ -1541,6 +1613,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         """
         from scipy.optimize import minimize_scalar
 
+        n_bins = positive_int(n_bins, "n_bins")  # before the forward pass
         keys = self._phenotype_selection(phenotype)
         if adata is None:
             if self.adata is None and self.shards_ is None:
@@ -1733,8 +1806,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
 
         ``adata`` is set up with the saved settings if it is not set up, or if ``setup_again``.
         """
-        if accelerator not in ("cpu", "cuda", "gpu", "auto"):
-            raise ValueError(f"accelerator must be 'cpu', 'cuda' or 'auto', got {accelerator!r}")
+        _check_accelerator(accelerator)
         vocabulary = GeneVocabulary(state["vocabulary"])
         saved_categories = {k: list(v) for k, v in state["phenotype_categories"].items()}
         categories = phenotype_categories or saved_categories
@@ -1870,7 +1942,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             if mapping[: len(batches)] != list(batches):
                 differences.append(f"batch codes {mapping[: len(batches)]}, the model's {list(batches)}")
         for key, categories in state["phenotype_categories"].items():
-            if _registered_codes_differ(adata, key, categories):
+            if key in adata.obs and phenotype_registry_key(key) not in manager.data_registry:
+                differences.append(f"phenotype {key!r} in .obs but not registered")
+            elif _registered_codes_differ(adata, key, categories):
                 differences.append(f"codes of {key!r}")
         return differences
 
@@ -1919,7 +1993,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         """
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
-        if not (isinstance(min_gene_overlap, int | float) and 0 < min_gene_overlap <= 1):
+        _check_accelerator(accelerator)  # before adata is registered
+        if not (isinstance(min_gene_overlap, Real) and 0 < min_gene_overlap <= 1):
             raise ValueError(f"min_gene_overlap must be in (0, 1], got {min_gene_overlap!r}")
         if adata.is_view:
             raise ValueError("adata is a view; call adata = adata.copy() first")

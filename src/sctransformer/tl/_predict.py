@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Real
+
 import numpy as np
 import pandas as pd
 import scanpy as sc
@@ -145,7 +147,7 @@ def predict(
                 f"over_clustering column {over_clustering!r} not found in adata.obs; compute clusters "
                 "first (e.g. sc.tl.leiden) or leave over_clustering=None"
             )
-    if majority_voting and not (isinstance(resolution, int | float) and resolution > 0):
+    if majority_voting and not (isinstance(resolution, Real) and resolution > 0):
         raise ValueError(f"resolution must be a positive number, got {resolution!r}")
     source = counts_of(adata, counts)
     table, probabilities = model.predict(

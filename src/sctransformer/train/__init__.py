@@ -2,9 +2,11 @@
 
 from ._checkpoint import LAST_CHECKPOINT, PeriodicCheckpoint
 from ._plan import MaskedModelingPlan, batch_seed, mask_genes, mask_tokens, warmup_cosine
+from ._runner import HistoryTrainRunner
 
 __all__ = [
     "LAST_CHECKPOINT",
+    "HistoryTrainRunner",
     "MaskedModelingPlan",
     "PeriodicCheckpoint",
     "batch_seed",
