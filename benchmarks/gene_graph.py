@@ -3,8 +3,9 @@
 For each labelled data set: train sctransformer self-supervised (no labels, default settings;
 masked expression only, so the labels that define the marker sets are never seen), build the
 attention graph over the data set's genes (:func:`sctransformer.tl.gene_graph`, defaults:
-last layer, heads averaged, co-expression-corrected, symmetrised, ``--top-k`` edges per gene),
-and compare it with
+last layer, heads averaged, co-expression-corrected, symmetrised, ``--top-k`` edges per gene)
+and, from the same model, the co-attention graph (``score="co-attention"``: correlation over
+cells of the ``[CLS]`` token's attention to each gene), and compare each with
 
 - a Pearson co-expression graph on log1p-normalised counts with the same number of edges (each
   gene's top correlations, symmetrised like the attention graph, weakest edges dropped to match);
@@ -25,7 +26,8 @@ minutes. papalexi21 has no cell types and pbmc3k no labels: not used.
 Usage: python benchmarks/gene_graph.py [--datasets pbmc68k paul15 ...] [--top-k 10] [--genes 1000]
        [--model '<GeneTransformer kwargs JSON>'] [--train '<train kwargs JSON>']
        [--graphs '<list of tl.gene_graph kwargs JSON>']
-       python benchmarks/gene_graph.py --memory 20000   (peak memory of one 20,000-gene graph)
+       python benchmarks/gene_graph.py --memory 20000 [--memory-score co-attention]
+           (peak memory of one 20,000-gene graph)
 e.g.   --model '{"cell_profile": false}' --graphs '[{}, {"normalize": "none"}, {"layers": "all", "heads": "max"}]'
 """
 
@@ -238,7 +240,7 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def memory(n_genes: int, n_cells: int) -> None:
+def memory(n_genes: int, n_cells: int, score: str = "attention") -> None:
     """Peak RSS of one gene graph over ``n_genes`` synthetic genes (run alone: ``--memory``)."""
     import resource
 
@@ -247,11 +249,12 @@ def memory(n_genes: int, n_cells: int) -> None:
     model = sct.GeneTransformer(adata, d_model=16, n_layers=1, n_heads=2, max_length=256)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     start = time.perf_counter()
-    sct.tl.gene_graph(adata, model, top_k=10, batch_size=64)
+    sct.tl.gene_graph(adata, model, score=score, top_k=10, batch_size=64)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     accumulator = 4 * n_genes**2 / 2**30
     print(
-        f"gene graph over {n_genes:,} genes, {n_cells} cells (256 tokens each): peak RSS +{peak - before:.2f} GiB "
+        f"{score} gene graph over {n_genes:,} genes, {n_cells} cells (256 tokens each): "
+        f"peak RSS +{peak - before:.2f} GiB "
         f"(dense float32 sum {accumulator:.2f} GiB), {time.perf_counter() - start:.1f} s"
     )
 
@@ -265,13 +268,14 @@ def main() -> None:
     parser.add_argument("--random-graphs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--model", type=json.loads, default={})
-    parser.add_argument("--graphs", type=json.loads, default=[{}])
+    parser.add_argument("--graphs", type=json.loads, default=[{}, {"score": "co-attention"}])
     parser.add_argument("--train", type=json.loads, default={})
     parser.add_argument("--memory", type=int, default=None, help="only measure memory for this many genes")
+    parser.add_argument("--memory-score", default="attention", help="score of the --memory graph")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory:
-        memory(args.memory, n_cells=600)
+        memory(args.memory, n_cells=600, score=args.memory_score)
         return
     rows = []
     for name in args.datasets:

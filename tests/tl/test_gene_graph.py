@@ -14,7 +14,7 @@ import torch
 
 import sctransformer as sct
 from sctransformer.data import to_torch_csr
-from sctransformer.tl import AttentionAccumulator
+from sctransformer.tl import AttentionAccumulator, CoAttentionAccumulator
 
 from ..conftest import QUIET, TINY, fingerprint
 
@@ -110,6 +110,81 @@ def test_gene_graph_equals_per_cell_attention_aggregated_by_hand(trained):
     expected = np.divide((total + total.T) / 2, together, out=np.zeros((n, n)), where=together > 0)
     np.testing.assert_allclose(graph.toarray(), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(graph.toarray(), graph.toarray().T)
+
+
+def naive_co_attention(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson correlation of the columns of a dense cells x genes matrix, and co-presence counts, by loops."""
+    n_cells, n_genes = weights.shape
+    score, together = np.zeros((n_genes, n_genes)), np.zeros((n_genes, n_genes))
+    for i in range(n_genes):
+        for j in range(n_genes):
+            a, b = weights[:, i], weights[:, j]
+            together[i, j] = sum(1 for c in range(n_cells) if a[c] != 0 and b[c] != 0)
+            covariance = sum((a[c] - a.mean()) * (b[c] - b.mean()) for c in range(n_cells)) / n_cells
+            if a.std() > 0 and b.std() > 0:
+                score[i, j] = covariance / (a.std() * b.std())
+    return score, together
+
+
+def test_co_attention_accumulator_matches_a_naive_correlation_over_cells():
+    rng = np.random.default_rng(1)
+    n_genes, n_cells, length = 6, 30, 4
+    genes = np.full((n_cells, length), -1)
+    weights = np.zeros((n_cells, n_genes))
+    attention = rng.random((n_cells, length)).astype(np.float32)
+    for c in range(n_cells):
+        n = rng.integers(0, length + 1)
+        genes[c, :n] = rng.choice(np.r_[np.arange(n_genes), -2], size=n, replace=False)
+        for slot in range(n):
+            if genes[c, slot] >= 0:
+                weights[c, genes[c, slot]] = attention[c, slot]
+    accumulator = CoAttentionAccumulator(n_genes)
+    for part in (slice(0, 11), slice(11, None)):  # two minibatches
+        accumulator.add(torch.as_tensor(genes[part]), torch.as_tensor(attention[part]))
+    score, together = naive_co_attention(weights)
+    np.fill_diagonal(score, 0)
+
+    graph = accumulator.graph(n_genes - 1, min_cells=1).toarray()
+    np.testing.assert_allclose(graph, np.where(score > 0, score, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(graph, graph.T)
+    # min_cells, then each gene's strongest positive correlations (kept if in either gene's top 2)
+    graph = accumulator.graph(2, min_cells=4).toarray()
+    score[together < 4] = 0
+    for i in range(n_genes):
+        expected = sorted(score[i][score[i] > 0], reverse=True)[:2]
+        assert all(np.isclose(graph[i], value, rtol=1e-5).any() for value in expected)
+        assert set(np.flatnonzero(graph[i])) <= set(np.flatnonzero(score[i] > 0))
+
+
+def test_co_attention_graph_equals_the_cls_attention_of_each_cell_correlated_by_hand(trained):
+    model, data = trained
+    adata = data[:40].copy()
+    sct.tl.gene_graph(adata, model, score="co-attention", top_k=adata.n_vars - 1, min_cells=1, layers="all")
+    graph = adata.varp["sct_gene_graph"].toarray()
+    params = adata.uns["sct"]["sct_gene_graph"]["params"]
+    assert params["score"] == "co-attention" and "normalize" not in params
+
+    module = model.module.eval()
+    column_to_gene = torch.as_tensor(model._column_to_gene(adata))
+    vocabulary_to_column = {int(g): c for c, g in enumerate(column_to_gene) if g >= 0}
+    weights = np.zeros((adata.n_obs, adata.n_vars))
+    for c in range(adata.n_obs):  # one cell at a time: the [CLS] row of every layer's map
+        x = to_torch_csr(sp.csr_matrix(adata.layers["counts"][c]))
+        with torch.no_grad():
+            tokens = module.tokenize(x, column_to_gene)
+            _, maps = module.encode_with_attention(
+                tokens, torch.full((1, module.n_phenotypes), -1), list(range(len(module.blocks)))
+            )
+        p = module.n_prefix
+        cls = np.mean([m[0].mean(0)[0, p:].numpy() for m in maps], axis=0)
+        ids = [vocabulary_to_column[int(g)] for g in tokens.gene_ids[0][tokens.is_token[0]]]
+        weights[c, ids] = cls[: len(ids)]
+    expected, _ = naive_co_attention(weights)
+    np.fill_diagonal(expected, 0)
+    assert (graph > 0).sum() > adata.n_vars  # a graph with edges, not an empty one
+    np.testing.assert_allclose(graph, np.where(expected > 0, expected, 0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="score must be"):
+        sct.tl.gene_graph(adata, model, score="cls")
 
 
 def test_gene_graph_by_group_and_restricted_genes(trained, tmp_path):
@@ -290,8 +365,9 @@ def test_a_module_of_nearly_every_gene_is_scored_with_a_warning(graphed):
 
 
 @pytest.mark.slow
-def test_gene_graph_memory_is_bounded_for_20000_genes(tmp_path):
-    """Peak memory of a 20,000-gene graph: one dense float32 accumulator, nothing n^2 per batch."""
+@pytest.mark.parametrize(("score", "bound_gib"), [("attention", 2.3), ("co-attention", 1.0)])
+def test_gene_graph_memory_is_bounded_for_20000_genes(tmp_path, score, bound_gib):
+    """Peak memory of a 20,000-gene graph: one dense float32 accumulator (co-attention: none), nothing n^2 per batch."""
     script = tmp_path / "big.py"
     script.write_text(
         textwrap.dedent(
@@ -303,15 +379,16 @@ def test_gene_graph_memory_is_bounded_for_20000_genes(tmp_path):
             sct.setup_anndata(adata, layer="counts")
             model = sct.GeneTransformer(adata, d_model=16, n_layers=1, n_heads=2, max_length=256)
             start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            sct.tl.gene_graph(adata, model, top_k=10, batch_size=64)
+            sct.tl.gene_graph(adata, model, score=SCORE, top_k=10, batch_size=64)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             print(start / 2**20, peak / 2**20, adata.varp["sct_gene_graph"].nnz)
             """
-        )
+        ).replace("SCORE", repr(score))
     )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
     start_gib, peak_gib, nnz = (float(v) for v in out.stdout.split()[-3:])
-    # the accumulator is 20,000^2 float32 = 1.49 GiB; a dense n^2 matrix per batch or a float64
-    # copy of the sum would exceed the bound
-    assert peak_gib - start_gib < 2.3, (start_gib, peak_gib)
+    # the attention accumulator is 20,000^2 float32 = 1.49 GiB; a dense n^2 matrix per batch or a
+    # float64 copy of the sum would exceed the bound; co-attention keeps only the cells' rows and
+    # 64 MB scoring blocks
+    assert peak_gib - start_gib < bound_gib, (start_gib, peak_gib)
     assert nnz > 0

@@ -1301,20 +1301,24 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         layers: Literal["last", "all"] | int | list[int] = "last",
         heads: Literal["mean", "max"] = "mean",
         batch_size: int | None = None,
+        rows: Literal["genes", "cls"] = "genes",
     ) -> Iterator[tuple[np.ndarray, TokenizedCells, torch.Tensor]]:
-        """Yield ``(cell indices, tokens, attention)`` with ``attention`` ``(n, length, length)`` float32.
+        """Yield ``(cell indices, tokens, attention)`` of attention to the gene tokens, float32.
 
-        ``attention[c, i, j]`` is gene token ``i``'s attention probability to gene token ``j`` in
-        cell ``c`` (the softmax runs over all tokens, prefix tokens included), combined over heads
-        by ``heads`` and averaged over ``layers``. Phenotype tokens are masked.
+        With ``rows="genes"``, ``attention`` is ``(n, length, length)``: ``attention[c, i, j]`` is
+        gene token ``i``'s attention probability to gene token ``j`` in cell ``c``; with
+        ``rows="cls"``, ``(n, length)``: the ``[CLS]`` token's attention to gene token ``j``. The
+        softmax runs over all tokens, prefix tokens included; heads are combined by ``heads`` and
+        the ``layers`` averaged. Phenotype tokens are masked.
         """
         if heads not in ("mean", "max"):
             raise ValueError(f"heads must be 'mean' or 'max', got {heads!r}")
         chosen = self._attention_layers(layers)
         n_prefix = self.module.n_prefix
+        query_rows = slice(n_prefix, None) if rows == "genes" else 0  # [CLS] is the first token
         for idx, tokens, _, maps in self._passes(adata, batch_size, chosen):
             combined = [m.amax(1) if heads == "max" else m.mean(1) for m in maps]
-            attention = torch.stack(combined).float().mean(0)[:, n_prefix:, n_prefix:]
+            attention = torch.stack(combined).float().mean(0)[:, query_rows, n_prefix:]
             yield idx, tokens, attention
 
     def _batch_inputs(self, adata: AnnData | ShardedAnnData, batch: str | None) -> np.ndarray:

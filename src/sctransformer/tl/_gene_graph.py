@@ -21,6 +21,7 @@ from ._utils import record_run, suffixed_key
 Normalize = Literal["coexpression", "none"]
 Layers = Literal["last", "all"] | int | list[int]
 Heads = Literal["mean", "max"]
+Score = Literal["attention", "co-attention"]
 
 #: Row block of the final scoring pass, in bytes of one dense float64 block (bounds its memory).
 _BLOCK_BYTES = 64 * 2**20
@@ -103,37 +104,125 @@ class AttentionAccumulator:
         """
         n = self.n_genes
         total = self.total.view(n, n).numpy()
-        membership = sp.vstack(self._membership).tocsc() if self._membership else sp.csc_matrix((0, n))
-        block = max(1, _BLOCK_BYTES // (8 * max(n, 1)))
-        rows, cols, vals = [], [], []
-        for start in range(0, n, block):
-            stop = min(start + block, n)
+        membership = _stacked(self._membership, n)
+
+        def score(start: int, stop: int) -> np.ndarray:
             together = np.asarray((membership[:, start:stop].T @ membership).todense(), dtype=np.float64)
             summed = total[start:stop].astype(np.float64)
             if symmetrize:
                 summed = (summed + total[:, start:stop].T) / 2
             if self.normalize == "coexpression":
-                score = np.divide(summed, together, out=np.zeros_like(summed), where=together > 0)
+                block = np.divide(summed, together, out=np.zeros_like(summed), where=together > 0)
             else:
-                score = summed / max(self.n_cells, 1)
-            score[together < min_cells] = 0
-            score[np.arange(stop - start), np.arange(start, stop)] = 0
-            k = min(top_k, n - 1)
-            top = np.argpartition(-score, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((stop - start, 0), int)
-            top_scores = np.take_along_axis(score, top, 1)
-            keep = top_scores > 0
-            rows.append(np.repeat(np.arange(start, stop), keep.sum(1)))
-            cols.append(top[keep])
-            vals.append(top_scores[keep])
-        graph = sp.csr_matrix(
-            (np.concatenate(vals or [[]]), (np.concatenate(rows or [[]]), np.concatenate(cols or [[]]))),
-            shape=(n, n),
-            dtype=np.float32,
+                block = summed / max(self.n_cells, 1)
+            block[together < min_cells] = 0
+            return block
+
+        return _top_k_graph(score, n, top_k, symmetrize=symmetrize)
+
+
+class CoAttentionAccumulator:
+    """Each cell's ``[CLS]`` attention to its gene tokens, as a sparse cells x genes matrix.
+
+    The graph scores a pair of genes by the Pearson correlation, over cells, of the attention the
+    ``[CLS]`` token pays to each (``0`` in cells where a gene is not a token): genes the model
+    reads together when it summarises a cell. Memory: one entry per kept token (no
+    ``n_genes^2`` sum); the scoring works in row blocks.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes of the graph.
+    """
+
+    def __init__(self, n_genes: int) -> None:
+        self.n_genes = n_genes
+        self._rows: list[sp.csr_matrix] = []
+
+    def add(self, genes: torch.Tensor, attention: torch.Tensor) -> None:
+        """Add a minibatch.
+
+        Parameters
+        ----------
+        genes
+            ``(n, length)`` graph index of each token's gene; ``-2`` for genes outside the graph,
+            ``-1`` for padding.
+        attention
+            ``(n, length)`` attention of the ``[CLS]`` token to each token.
+        """
+        genes = genes.cpu()
+        attention = attention.detach().float().cpu()
+        cells, slots = (genes >= 0).nonzero(as_tuple=True)
+        self._rows.append(
+            sp.csr_matrix(
+                (attention[cells, slots].numpy(), (cells.numpy(), genes[cells, slots].numpy())),
+                shape=(genes.shape[0], self.n_genes),
+            )
         )
-        if symmetrize:
-            graph = graph.maximum(graph.T).tocsr()
-        graph.sort_indices()
-        return graph
+
+    def graph(self, top_k: int, *, min_cells: int = 10) -> sp.csr_matrix:
+        """The top-``top_k`` edges of each gene (correlation > 0), symmetric, as CSR.
+
+        Parameters
+        ----------
+        top_k
+            Edges kept per gene; an edge is kept when it is among the top ``top_k`` of either gene.
+        min_cells
+            Pairs that are tokens together in fewer cells get no edge.
+        """
+        n = self.n_genes
+        attention = _stacked(self._rows, n).astype(np.float64)
+        membership = attention.copy()
+        membership.data[:] = 1.0
+        n_cells = max(attention.shape[0], 1)
+        mean = np.asarray(attention.mean(0)).ravel()
+        spread = np.sqrt(np.maximum(np.asarray(attention.multiply(attention).mean(0)).ravel() - mean**2, 0))
+
+        def score(start: int, stop: int) -> np.ndarray:
+            cross = np.asarray((attention[:, start:stop].T @ attention).todense()) / n_cells
+            covariance = cross - mean[start:stop, None] * mean[None, :]
+            scale = spread[start:stop, None] * spread[None, :]
+            block = np.divide(covariance, scale, out=np.zeros_like(covariance), where=scale > 0)
+            together = np.asarray((membership[:, start:stop].T @ membership).todense())
+            block[together < min_cells] = 0
+            return block
+
+        return _top_k_graph(score, n, top_k, symmetrize=True)
+
+
+def _stacked(rows: list[sp.csr_matrix], n_genes: int) -> sp.csc_matrix:
+    """Minibatches of cells x genes rows as one CSC matrix (column slices are cheap)."""
+    return sp.vstack(rows).tocsc() if rows else sp.csc_matrix((0, n_genes))
+
+
+def _top_k_graph(score, n: int, top_k: int, *, symmetrize: bool) -> sp.csr_matrix:
+    """Each gene's ``top_k`` highest positive scores as CSR, ``score(start, stop)`` giving row blocks.
+
+    The blocks (``stop - start`` dense float64 rows) are sized to ``_BLOCK_BYTES``; the diagonal
+    is left out. With ``symmetrize`` an edge is kept when it is among either gene's top ``top_k``.
+    """
+    block = max(1, _BLOCK_BYTES // (8 * max(n, 1)))
+    rows, cols, vals = [], [], []
+    k = min(top_k, n - 1)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        scores = score(start, stop)
+        scores[np.arange(stop - start), np.arange(start, stop)] = 0
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((stop - start, 0), int)
+        top_scores = np.take_along_axis(scores, top, 1)
+        keep = top_scores > 0
+        rows.append(np.repeat(np.arange(start, stop), keep.sum(1)))
+        cols.append(top[keep])
+        vals.append(top_scores[keep])
+    graph = sp.csr_matrix(
+        (np.concatenate(vals or [[]]), (np.concatenate(rows or [[]]), np.concatenate(cols or [[]]))),
+        shape=(n, n),
+        dtype=np.float32,
+    )
+    if symmetrize:
+        graph = graph.maximum(graph.T).tocsr()
+    graph.sort_indices()
+    return graph
 
 
 def _graph_genes(
@@ -179,12 +268,16 @@ def _accumulate(
     heads: Heads,
     normalize: Normalize,
     batch_size: int | None,
-) -> AttentionAccumulator:
-    """Run every cell of ``adata`` through the model and add its gene-gene attention."""
-    accumulator = AttentionAccumulator(n_genes, normalize)
+    score: Score = "attention",
+) -> AttentionAccumulator | CoAttentionAccumulator:
+    """Run every cell of ``adata`` through the model and add its attention (``score``)."""
+    accumulator = (
+        AttentionAccumulator(n_genes, normalize) if score == "attention" else CoAttentionAccumulator(n_genes)
+    )
     lookup = torch.as_tensor(vocabulary_to_graph)
+    rows = "genes" if score == "attention" else "cls"
     for _, tokens, attention in model._gene_attention(
-        adata, layers=layers, heads=heads, batch_size=batch_size
+        adata, layers=layers, heads=heads, batch_size=batch_size, rows=rows
     ):
         genes = lookup[tokens.gene_ids.cpu()].masked_fill(~tokens.is_token.cpu(), -1)
         accumulator.add(genes, attention)
@@ -230,6 +323,7 @@ def gene_graph(
     *,
     groupby: str | None = None,
     genes: list[str] | None = None,
+    score: Score = "attention",
     layers: Layers = "last",
     heads: Heads = "mean",
     normalize: Normalize = "coexpression",
@@ -258,6 +352,14 @@ def gene_graph(
     are not re-normalised. With ``symmetrize`` the pair's score is ``(s_ij + s_ji) / 2`` and an
     edge is kept when it is among either gene's ``top_k``.
 
+    With ``score="co-attention"`` a pair is scored instead by the Pearson correlation, over the
+    cells, of the attention ``a_c(CLS -> i)`` and ``a_c(CLS -> j)`` that the ``[CLS]`` token (the
+    cell summary trained to predict the cell's masked values) pays to each gene (``0`` where a gene
+    is not a token of the cell): genes the model reads together when it summarises a cell. The
+    score is symmetric; ``normalize`` and ``symmetrize`` do not apply; an edge is kept when it
+    is among either gene's ``top_k`` positive correlations. It links genes of the same cell type
+    far more often than ``"attention"`` does (``docs/benchmarks.md``).
+
     Parameters
     ----------
     adata
@@ -272,6 +374,9 @@ def gene_graph(
         Genes of the graph (names in ``adata.var_names``); default every gene of ``adata`` in the
         model's vocabulary. Memory is ``4 n_genes^2`` bytes (1.6 GB for 20,000 genes): pass e.g.
         the highly variable genes for less. Other genes still take part in the attention.
+    score
+        ``"attention"`` (gene token -> gene token) or ``"co-attention"`` (correlation of the
+        ``[CLS]`` token's attention), see above.
     layers
         ``"last"`` (default), ``"all"``, a block index or a list of them (averaged).
     heads
@@ -308,8 +413,12 @@ def gene_graph(
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k < n_genes:
         raise ValueError(f"top_k must be an integer in [1, {n_genes}) (the graph's genes), got {top_k!r}")
     min_cells = positive_int(min_cells, "min_cells")
-    # normalize (AttentionAccumulator), layers and heads (GeneTransformer._gene_attention) are
-    # checked where they are used, before the first forward pass
+    if score not in ("attention", "co-attention"):
+        raise ValueError(f"score must be 'attention' or 'co-attention', got {score!r}")
+    if normalize not in ("coexpression", "none"):
+        raise ValueError(f"normalize must be 'coexpression' or 'none', got {normalize!r}")
+    # layers and heads (GeneTransformer._gene_attention) are checked where they are used, before
+    # the first forward pass
     if groupby is None:
         subsets = {None: np.arange(adata.n_obs)}
     else:
@@ -350,8 +459,13 @@ def gene_graph(
             heads=heads,
             normalize=normalize,
             batch_size=batch_size,
+            score=score,
         )
-        small = accumulator.graph(top_k, min_cells=min_cells, symmetrize=symmetrize).tocoo()
+        small = (
+            accumulator.graph(top_k, min_cells=min_cells, symmetrize=symmetrize)
+            if isinstance(accumulator, AttentionAccumulator)
+            else accumulator.graph(top_k, min_cells=min_cells)
+        ).tocoo()
         full = sp.csr_matrix(
             (small.data, (columns[small.row], columns[small.col])), shape=(adata.n_vars, adata.n_vars)
         )
@@ -365,12 +479,13 @@ def gene_graph(
         "groupby": groupby,
         "groups": None if groupby is None else [str(g) for g in subsets],
         "n_genes": n_genes,
+        "score": score,
         "layers": layers if isinstance(layers, str) else list(np.atleast_1d(layers).astype(int).tolist()),
         "heads": heads,
-        "normalize": normalize,
+        "normalize": normalize if score == "attention" else None,
         "top_k": int(top_k),
         "min_cells": int(min_cells),
-        "symmetrize": symmetrize,
+        "symmetrize": symmetrize if score == "attention" else True,
     }
     record_run(adata, key_added, "gene_graph", model, params)
     return adata if copy else None
