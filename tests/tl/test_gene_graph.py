@@ -197,8 +197,21 @@ def test_gene_graph_by_group_and_restricted_genes(trained, tmp_path):
         sct.tl.gene_graph(adata, model, groupby="cell_type", min_group_size=20, top_k=3)
     assert {"sct_gene_graph_type_0", "sct_gene_graph_CD4+_CD25 T"} <= set(adata.varp)  # "/" not in h5ad keys
     assert "sct_gene_graph_type_2" not in adata.varp
-    assert adata.uns["sct"]["sct_gene_graph"]["params"]["groups"] == ["type_0", "CD4+/CD25 T"]
+    runs = adata.uns["sct"]
+    assert (
+        runs["sct_gene_graph_CD4+_CD25 T"]["params"]["group"] == "CD4+/CD25 T"
+        and "sct_gene_graph" not in runs
+    )
     adata.write_h5ad(tmp_path / "graphs.h5ad")
+    # the ungrouped graph keeps its record; a grouped re-run replaces the groups' graphs
+    sct.tl.gene_graph(adata, model, top_k=3)
+    with pytest.warns(UserWarning, match="type_0.*43 cells"):
+        sct.tl.gene_graph(adata, model, groupby="cell_type", min_group_size=45, top_k=2)
+    kept = [k for k in adata.varp if k.startswith("sct_gene_graph")]
+    assert sorted(kept) == ["sct_gene_graph", "sct_gene_graph_CD4+_CD25 T"], kept  # type_0: < 45 cells
+    assert adata.uns["sct"]["sct_gene_graph"]["params"].get("groupby") is None
+    assert adata.uns["sct"]["sct_gene_graph_CD4+_CD25 T"]["params"]["top_k"] == 2
+    assert "sct_gene_graph_type_0" not in adata.uns["sct"]
 
     genes = list(adata.var_names[:10])
     sct.tl.gene_graph(adata, model, genes=genes, top_k=3, key_added="small")
@@ -283,6 +296,9 @@ def test_gene_modules_are_leiden_communities_with_cell_scores(graphed):
 
     with pytest.raises(KeyError, match=r"run sct\.tl\.gene_graph"):
         sct.tl.gene_modules(adata, key="missing")
+    # a run without scores leaves no scores of the earlier modules under the same names
+    sct.tl.gene_modules(adata, resolution=3.0, min_size=3, score=False)
+    assert "sct_gene_module_scores" not in adata.obsm
 
 
 def test_gene_graph_refuses_groups_whose_varp_keys_would_clash(trained):

@@ -404,8 +404,10 @@ def gene_graph(
 
     ``.varp[key_added]`` (or ``.varp[f"{key_added}_{group}"]`` per group)
         Sparse CSR ``n_vars x n_vars`` scores (rows of genes outside the graph are empty).
-    ``.uns["sct"][key_added]``
-        The parameters of the run.
+    ``.uns["sct"][key]``
+        The parameters of the run, under the key of each graph written (with ``groupby``, also
+        its ``group``). A grouped run replaces the graphs of an earlier grouped run of the same
+        ``key_added`` (a group now skipped loses its old graph); the ungrouped graph stays.
     """
     model._inference_adata(adata)  # checks the counts
     columns, vocabulary_to_graph = _graph_genes(adata, model, genes)
@@ -473,11 +475,23 @@ def gene_graph(
         graphs[key_added if group is None else suffixed_key(key_added, group)] = full
 
     adata = adata.copy() if copy else adata
+    if groupby is not None:  # the graphs of an earlier grouped run of key_added go: this run replaces them
+        runs = adata.uns.get(KEYS.UNS, {})
+        for key in [
+            k
+            for k, run in runs.items()
+            if run.get("function") == "gene_graph"
+            and run.get("params", {}).get("key_added") == key_added
+            and run.get("params", {}).get("groupby") is not None
+            and k not in graphs
+        ]:
+            adata.varp.pop(key, None)
+            runs.pop(key)
     for key, graph in graphs.items():
         adata.varp[key] = graph
     params = {
+        "key_added": key_added,
         "groupby": groupby,
-        "groups": None if groupby is None else [str(g) for g in subsets],
         "n_genes": n_genes,
         "score": score,
         "layers": layers if isinstance(layers, str) else list(np.atleast_1d(layers).astype(int).tolist()),
@@ -487,7 +501,8 @@ def gene_graph(
         "min_cells": int(min_cells),
         "symmetrize": symmetrize if score == "attention" else True,
     }
-    record_run(adata, key_added, "gene_graph", model, params)
+    for key, group in zip(graphs, subsets, strict=True):  # one record per graph, under its own key
+        record_run(adata, key, "gene_graph", model, params | ({} if group is None else {"group": str(group)}))
     return adata if copy else None
 
 
@@ -674,6 +689,8 @@ def gene_modules(
     adata.var[key_added] = module
     if scores is not None:
         adata.obsm[f"{key_added}_scores"] = scores
+    else:  # scores of an earlier run would name other gene sets by the same module names
+        adata.obsm.pop(f"{key_added}_scores", None)
     record_run(
         adata,
         key_added,
