@@ -403,3 +403,34 @@ def test_load_query_data_refuses_a_bad_accelerator_before_touching_the_query(tra
         with pytest.raises(ValueError, match="finds no CUDA device"):
             sct.GeneTransformer.load_query_data(query, tmp_path / "m", accelerator="cuda")
     assert fingerprint(query) == before and not query.uns
+
+
+def test_setup_and_creation_refuse_what_would_fail_or_mislead_later(adata):
+    # a scipy sparse array (not matrix): a clear error at setup, not a dtype error inside scvi-tools
+    arrays = adata.copy()
+    arrays.layers["counts"] = sp.csr_array(arrays.layers["counts"])
+    with pytest.raises(TypeError, match=r"scipy sparse array.*csr_matrix"):
+        sct.setup_anndata(arrays, layer="counts")
+    # phenotype keys as a pandas Index (e.g. a slice of obs.columns)
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=adata.obs.columns[:1], batch_key="batch")
+    assert sct.GeneTransformer(adata, **TINY).phenotype_categories_.keys() == {adata.obs.columns[0]}
+    # counts normalised in place after setup: refused before gene scales are read from them
+    normalised = adata.copy()
+    sct.setup_anndata(normalised, layer="counts")
+    normalised.layers["counts"] = normalised.layers["counts"].astype(np.float32) / 3
+    with pytest.raises(ValueError, match=r"non-integer values \(e\.g\. .*\).*np\.round"):
+        sct.GeneTransformer(normalised, **TINY)
+    # a batch column with an unused category has one batch: nothing for batch correction to do
+    one = adata.copy()
+    one.obs["batch"] = pd.Categorical(["b0"] * one.n_obs, categories=["b0", "b1"])
+    sct.setup_anndata(one, layer="counts", batch_key="batch")
+    with pytest.raises(ValueError, match="needs at least 2 batches, and the data have 1 batch"):
+        sct.GeneTransformer(one, **TINY, batch_correction="adversarial")
+
+
+def test_training_refuses_counts_normalised_in_place_after_the_model_was_made(adata):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    adata.layers["counts"] = adata.layers["counts"].astype(np.float32) / 3
+    with pytest.raises(ValueError, match="non-integer values"):
+        model.train(max_epochs=1, **QUIET)

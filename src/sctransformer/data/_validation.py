@@ -85,10 +85,13 @@ def check_counts(adata: AnnData, layer: str | None) -> np.ndarray:
                 raise ValueError(
                     f"{where} holds NaN or infinite values; remove or fix them before setup_anndata"
                 )
-            if (values != np.round(values)).any():
+            fractional = values != np.round(values)
+            if fractional.any():
                 raise ValueError(
-                    f"{where} holds non-integer values; pass raw counts (e.g. layer='counts'), "
-                    "not normalised or log-transformed data"
+                    f"{where} holds non-integer values (e.g. {values[fractional][0]:.4g}); sctransformer "
+                    "reads raw integer counts: pass the layer that holds them (e.g. layer='counts'), not "
+                    "normalised or log-transformed data. Fractional counts (EM quantification, ambient-RNA "
+                    "correction) can be rounded first: np.round(...)"
                 )
         if (values < 0).any():
             raise ValueError(f"{where} holds negative values; pass raw, non-negative counts")

@@ -501,6 +501,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         }
         seed = settings.seed if seed is None else seed
         batch_categories = _batch_categories(self.adata_manager)
+        check_counts(adata, setup_args[SETUP_ARGS.LAYER])  # still counts: gene scales are read from them
         self._initialise(
             hyperparameters | {"seed": seed},
             vocabulary,
@@ -577,10 +578,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
     ) -> None:
         """Gene scales and bin edges from the sampled counts, then the module."""
         n_batches = len(batch_categories or [])
-        if hyperparameters["batch_correction"] != "none" and n_batches < 2:
+        n_present = n_batches  # batches with cells (a categorical column may have unused categories)
+        if self.adata is not None and n_batches:
+            n_present = len(np.unique(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)))
+        if hyperparameters["batch_correction"] != "none" and n_present < 2:
             raise ValueError(
                 f"batch_correction={hyperparameters['batch_correction']!r} needs at least 2 batches, and the "
-                f"data have {n_batches or 'no batch key'}{'' if n_batches != 1 else ' batch'}; pass "
+                f"data have {n_present or 'no batch key'}{'' if n_present != 1 else ' batch'}; pass "
                 "setup_anndata(batch_key=...) with a column of several batches, or batch_correction='none'"
             )
         hp = hyperparameters | {"n_batches": n_batches}
@@ -726,7 +730,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             )
         if isinstance(phenotype_keys, str):
             phenotype_keys = [phenotype_keys]
-        phenotype_keys = list(phenotype_keys or [])
+        phenotype_keys = [] if phenotype_keys is None else list(phenotype_keys)  # also a pd.Index
         if len(set(phenotype_keys)) != len(phenotype_keys):
             raise ValueError(f"phenotype_keys has duplicates: {phenotype_keys}")
         if batch_key is not None:
@@ -741,6 +745,15 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             else:
                 check_obs_key(adata, key, "phenotype key")
         gene_identifiers(adata, gene_key)
+        matrix = adata.X if layer is None else adata.layers.get(layer)
+        if isinstance(
+            matrix, getattr(sp, "sparray", ())
+        ):  # scvi-tools' registration and loaders need spmatrix
+            where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+            raise TypeError(
+                f"{where} is a scipy sparse array ({type(matrix).__name__}); setup_anndata needs a sparse "
+                f"matrix: {where} = scipy.sparse.csr_matrix({where})"
+            )
         n_empty = int((check_counts(adata, layer) == 0).sum())
         if n_empty:
             warnings.warn(
@@ -1004,6 +1017,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         if self.shards_ is None:
             self._validate_anndata(self.adata)
             self._check_unchanged_since_setup(self.adata)
+            check_counts(self.adata, self.setup_args_[SETUP_ARGS.LAYER])  # e.g. normalised in place since
         elif length_bucketing:
             raise ValueError(
                 "length_bucketing is not available for sharded data; pass length_bucketing=False"
