@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -16,7 +17,7 @@ import yaml
 import sctransformer as sct
 from sctransformer.cli import _load_data, main
 
-from .conftest import TINY
+from .conftest import QUIET, TINY
 
 
 def write_shards(tmp_path) -> list[str]:
@@ -238,3 +239,41 @@ def test_finetune_refuses_data_settings_that_differ_from_the_reference(tmp_path,
     assert main(["finetune", "--config", str(tmp_path / "finetune.yaml")]) == 0
     saved = yaml.safe_load((tmp_path / "finetuned" / "config.yaml").read_text())["data"]
     assert (saved["layer"], saved["batch_key"], saved["gene_key"]) == ("counts", "batch", None)
+
+
+def test_predict_writes_probabilities_of_labels_with_slashes(tmp_path):
+    data = sct.datasets.synthetic(n_cells=90, n_genes=30, n_cell_types=3, n_markers=6, seed=4)
+    categories = [
+        "CD4+/CD45RA+/CD25- Naive T",
+        "CD8+/CD45RA+ Naive Cytotoxic",
+        "CD14+ Monocyte",
+    ]  # pbmc68k-like
+    data.obs["cell_type"] = data.obs["cell_type"].cat.rename_categories(categories)
+    source = tmp_path / "cells.h5ad"
+    data.write_h5ad(source)
+    sct.setup_anndata(data, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(data, **{**TINY, "max_length": 16})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=32, **QUIET)
+    model.save(tmp_path / "model")
+    out = tmp_path / "predicted.h5ad"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert (
+            main(
+                ["predict", "--model", str(tmp_path / "model"), "--input", str(source), "--output", str(out)]
+            )
+            == 0
+        )
+    assert not [str(w.message) for w in caught if "slash" in str(w.message).lower()]
+    predicted = ad.read_h5ad(out)
+    assert list(predicted.uns["sct"]["sct"]["categories"]["cell_type"]) == categories
+    probabilities = model.predict(data, return_probabilities=True)[1]["cell_type"]
+    np.testing.assert_allclose(
+        predicted.obsm["sct_cell_type_probs"].to_numpy(), probabilities.to_numpy(), atol=1e-6
+    )
+    correct = data.obs["cell_type"].astype(str).to_numpy() == probabilities.idxmax(axis=1).to_numpy()
+    ece = sct.metrics.expected_calibration_error(probabilities.max(axis=1).to_numpy(), correct, n_bins=5)
+    ax = sct.pl.calibration(predicted, "cell_type", "sct_cell_type", n_bins=5, show=False)
+    assert ax.get_title() == f"ECE = {ece:.3f}"

@@ -225,3 +225,57 @@ def test_calibration_after_predict_with_min_confidence_equals_the_plain_one(trai
     sct.tl.predict(adata, model, min_confidence=0.9)
     assert (adata.obs["sct_cell_type"] == "unknown").any()
     assert sct.pl.calibration(adata, "cell_type", "sct_cell_type", show=False).get_title() == plain
+
+
+@pytest.mark.parametrize(
+    ("categories", "columns", "record"),
+    [
+        # as tl.predict stores them: names .h5ad can hold, the exact ones in the run record
+        (
+            ["CD4+/CD25 T Reg", "CD4+_CD25 T Reg", "CD14+ Monocyte"],
+            ["CD4+_CD25 T Reg_2", "CD4+_CD25 T Reg", "CD14+ Monocyte"],
+            True,
+        ),
+        # without the record (ad.concat drops .uns): a column is the label with its stored name
+        (
+            ["CD4+/CD45RA+/CD25- Naive T", "CD8+/CD45RA+ Naive Cytotoxic", "CD14+ Monocyte"],
+            ["CD4+_CD45RA+_CD25- Naive T", "CD8+_CD45RA+ Naive Cytotoxic", "CD14+ Monocyte"],
+            False,
+        ),
+    ],
+)
+def test_calibration_scores_labels_with_slashes_from_probabilities_under_writable_names(
+    categories, columns, record
+):
+    rng = np.random.default_rng(8)
+    n = 300
+    logits = rng.normal(size=(n, 3)) * 2
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    best, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+    truth = np.where(rng.random(n) < confidence, best, rng.integers(0, 3, size=n))
+    labels = np.array(categories, dtype=object)
+    adata = AnnData(
+        obs=pd.DataFrame(
+            {
+                "cell_type": pd.Categorical(labels[truth], categories=categories),
+                "sct_cell_type": pd.Categorical(
+                    np.where(confidence < 0.6, "unknown", labels[best]), categories=[*categories, "unknown"]
+                ),
+                "sct_cell_type_confidence": confidence,
+            },
+            index=[f"c{i}" for i in range(n)],
+        )
+    )
+    adata.obsm["sct_cell_type_probs"] = pd.DataFrame(probabilities, index=adata.obs_names, columns=columns)
+    if record:
+        adata.uns["sct"] = {
+            "sct": {
+                "function": "predict",
+                "params": {"phenotypes": ["cell_type"]},
+                "categories": {"cell_type": np.array(categories, dtype=object)},  # as read from .h5ad
+            }
+        }
+    before = fingerprint(adata)
+    ax = sct.pl.calibration(adata, "cell_type", "sct_cell_type", n_bins=5, show=False)
+    assert fingerprint(adata) == before
+    assert ax.get_title() == f"ECE = {expected_calibration_error(confidence, truth == best, n_bins=5):.3f}"

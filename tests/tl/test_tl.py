@@ -1,11 +1,19 @@
 from __future__ import annotations
 
+import warnings
+
+import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
+import scanpy as sc
 
 import sctransformer as sct
 
-from ..conftest import fingerprint
+from ..conftest import QUIET, TINY, fingerprint
+
+#: pbmc68k-like cell types: "/" cannot be in a column name of an .h5ad or .zarr DataFrame.
+SLASHED = ["CD4+/CD45RA+/CD25- Naive T", "CD8+/CD45RA+ Naive Cytotoxic", "CD14+ Monocyte"]
 
 
 def test_embed_writes_obsm_and_records_parameters(trained):
@@ -118,3 +126,171 @@ def test_predict_with_min_confidence_and_majority_voting(trained):
     adata.obs["groups"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 2, "odd", "even"))
     sct.tl.predict(adata, model, majority_voting=True, over_clustering="groups", key_added="v")
     assert adata.obs.groupby("groups", observed=True)["v_cell_type_majority_voting"].nunique().eq(1).all()
+
+
+@pytest.fixture(scope="module")
+def slashed():
+    """A tiny model trained on cells whose types contain "/", as pbmc68k's do."""
+    data = sct.datasets.synthetic(n_cells=120, n_genes=40, n_cell_types=3, n_markers=8, seed=2)
+    data.obs["cell_type"] = data.obs["cell_type"].cat.rename_categories(SLASHED)
+    sct.setup_anndata(data, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(data, **{**TINY, "max_length": 16})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=3, batch_size=32, **QUIET)
+    return model, data
+
+
+def _write_and_read(adata, path, fmt: str):
+    """``adata`` written to ``path`` in ``fmt`` and read back, every warning an error."""
+    if fmt == "zarr":
+        pytest.importorskip("zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # anndata's notices about its own zarr format defaults, not about the data
+        warnings.filterwarnings("ignore", message=".*(zarr v2|zarr v3|autosharding|[Cc]onsolidated metadata)")
+        getattr(adata, f"write_{fmt}")(path)
+        return getattr(ad, f"read_{fmt}")(path)
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_probabilities_of_labels_with_slashes_write_cleanly_and_keep_their_names(slashed, tmp_path, fmt):
+    model, data = slashed
+    adata = data.copy()
+    sct.tl.predict(adata, model, min_confidence=0.5)
+    back = _write_and_read(adata, tmp_path / f"predicted.{fmt}", fmt)
+    probs = adata.obsm["sct_cell_type_probs"]
+    assert list(probs.columns) == [c.replace("/", "_") for c in SLASHED]
+    assert list(adata.uns["sct"]["sct"]["categories"]["cell_type"]) == SLASHED
+    expected = model.predict(data, return_probabilities=True)[1]["cell_type"]
+    np.testing.assert_allclose(probs.to_numpy(), expected.to_numpy())
+    assert list(back.uns["sct"]["sct"]["categories"]["cell_type"]) == SLASHED
+    pd.testing.assert_frame_equal(back.obsm["sct_cell_type_probs"], probs)
+    # the most probable label is scored with its true name: "/" in it matches the truth
+    best = expected.idxmax(axis=1).to_numpy()
+    correct = data.obs["cell_type"].astype(str).to_numpy() == best
+    assert correct.any() and any("/" in label for label in best[correct])
+    ece = sct.metrics.expected_calibration_error(expected.max(axis=1).to_numpy(), correct, n_bins=5)
+    title = sct.pl.calibration(back, "cell_type", "sct_cell_type", n_bins=5, show=False).get_title()
+    assert title == f"ECE = {ece:.3f}"
+    # without the run record (ad.concat drops .uns) the columns are matched to the labels
+    del back.uns["sct"]
+    assert sct.pl.calibration(back, "cell_type", "sct_cell_type", n_bins=5, show=False).get_title() == title
+
+
+def test_probability_columns_are_distinct_and_writable():
+    from sctransformer.tl._predict import probability_columns
+
+    names = ["a/b", "a_b", "", "_index", ".hidden", "..", "zarr.json", "CD14+ Monocyte", "0"]
+    columns = probability_columns(names)
+    assert columns == ["a_b_2", "a_b", "_", "__index", "_.hidden", "_..", "_zarr.json", "CD14+ Monocyte", "0"]
+    assert probability_columns([1, 2]) == ["1", "2"]
+
+
+def test_predicted_columns_keep_only_the_categories_given_to_cells(trained):
+    model, data = trained
+    labels = model.predict(data)["cell_type"]
+    kept = labels.cat.categories[labels.value_counts(sort=False).to_numpy() > 0][:2]
+    assert len(kept) == 2
+    query = data[labels.isin(kept).to_numpy()].copy()  # lacks the cells predicted as the other type(s)
+    query.X = sct.metrics.log1p_normalise(query.layers["counts"])
+    sct.tl.predict(query, model, min_confidence=1e-6, majority_voting=True)
+    for column in ("sct_cell_type", "sct_cell_type_majority_voting"):
+        categories = list(query.obs[column].cat.categories)
+        assert categories == [c for c in labels.cat.categories if c in set(query.obs[column])]
+    assert list(query.obs["sct_cell_type"].cat.categories) == list(kept)  # nor "unknown"
+    # all of the model's categories are still in the probabilities and the run record
+    assert list(query.obsm["sct_cell_type_probs"].columns) == ["type_0", "type_1", "type_2"]
+    assert list(query.uns["sct"]["sct"]["categories"]["cell_type"]) == ["type_0", "type_1", "type_2"]
+    sc.tl.rank_genes_groups(query, groupby="sct_cell_type", method="wilcoxon")
+    sc.pl.dotplot(query, ["gene_0", "gene_8"], groupby="sct_cell_type", show=False)
+
+
+def test_a_predict_run_without_a_vote_removes_the_votes_of_an_earlier_run(trained):
+    model, data = trained
+    adata = data.copy()
+    sct.tl.predict(adata, model, majority_voting=True, resolution=0.5)
+    adata.uns["sct_over_clustering_colors"] = ["#000000"]  # as scanpy writes when plotting them
+    sct.tl.predict(adata, model)
+    assert [c for c in adata.obs if c.startswith("sct")] == ["sct_cell_type", "sct_cell_type_confidence"]
+    assert "sct_over_clustering_colors" not in adata.uns
+    assert adata.uns["sct"]["sct"]["params"]["majority_voting"] is False
+
+
+def test_each_key_added_votes_on_clusters_of_its_own(trained):
+    model, data = trained
+    adata = data.copy()
+    sct.tl.predict(adata, model, majority_voting=True, key_added="A", resolution=0.5)
+    first = adata.obs["A_over_clustering"].copy()
+    sct.tl.predict(adata, model, majority_voting=True, key_added="B", resolution=3.0)
+    pd.testing.assert_series_equal(adata.obs["A_over_clustering"], first)
+    assert adata.obs["B_over_clustering"].nunique() > first.nunique()
+    assert "sct_over_clustering" not in adata.obs
+    for key in ("A", "B"):
+        clusters = adata.obs[f"{key}_over_clustering"]
+        assert (
+            adata.obs.groupby(clusters, observed=True)[f"{key}_cell_type_majority_voting"]
+            .nunique()
+            .eq(1)
+            .all()
+        )
+    # a vote on the clusters of an earlier run keeps them
+    sct.tl.predict(adata, model, majority_voting=True, over_clustering="A_over_clustering", key_added="A")
+    pd.testing.assert_series_equal(adata.obs["A_over_clustering"], first)
+
+
+def test_predicted_labels_reuse_the_true_colours_next_to_a_grey_unknown(trained):
+    model, data = trained
+    adata = data.copy()
+    adata.uns["cell_type_colors"] = ["#ff0000", "#00ff00", "#0000ff"]
+    truth = dict(zip(["type_0", "type_1", "type_2"], adata.uns["cell_type_colors"], strict=True))
+    threshold = float(np.median(model.predict(data)["cell_type_confidence"]))
+    sct.tl.predict(adata, model, min_confidence=threshold, majority_voting=True)
+    for column in ("sct_cell_type", "sct_cell_type_majority_voting"):
+        categories = list(adata.obs[column].cat.categories)
+        colors = dict(zip(categories, adata.uns[f"{column}_colors"], strict=True))
+        assert colors == {c: truth.get(c, "#bbbbbb") for c in categories}
+    assert "unknown" in adata.obs["sct_cell_type"].cat.categories
+    # colours that cannot be reused are removed, not left from the earlier run
+    adata.uns["cell_type_colors"] = ["#ff0000"]  # too few: scanpy would replace them
+    sct.tl.predict(adata, model, min_confidence=threshold)
+    assert "sct_cell_type_colors" not in adata.uns
+    del adata.uns["cell_type_colors"]
+    sct.tl.predict(adata, model)
+    assert "sct_cell_type_colors" not in adata.uns
+
+
+def test_perturb_replaces_the_cell_shifts_of_an_earlier_run(trained, tmp_path):
+    model, data = trained
+    adata = data.copy()
+    options = {"predict_expression": False, "n_folds": 2}
+    sct.tl.perturb(adata, model, ["gene_0", "gene_1"], store_cell_shifts=True, **options)
+    assert {"sct_perturb_gene_0", "sct_perturb_gene_1"} <= set(adata.obsm)
+    adata.write_h5ad(tmp_path / "perturbed.h5ad")
+    adata = ad.read_h5ad(tmp_path / "perturbed.h5ad")
+    sct.tl.perturb(adata, model, ["gene_9"], store_cell_shifts=True, **options)
+    assert [k for k in adata.obsm if k.startswith("sct_perturb")] == ["sct_perturb_gene_9"]
+    assert list(adata.uns["sct"]["sct_perturb"]["cell_shift_keys"]) == ["sct_perturb_gene_9"]
+    sct.tl.perturb(adata, model, ["gene_2"], **options)
+    assert not [k for k in adata.obsm if k.startswith("sct_perturb")]
+    assert list(adata.uns["sct_perturb"]["summary"]["perturbed"].unique()) == ["gene_2"]
+    # another key_added keeps its own
+    sct.tl.perturb(adata, model, ["gene_3"], store_cell_shifts=True, key_added="other", **options)
+    sct.tl.perturb(adata, model, ["gene_4"], **options)
+    assert "other_gene_3" in adata.obsm
+
+
+def test_perturb_with_copy_leaves_the_input_untouched(trained):
+    model, data = trained
+    adata = data.copy()
+    before = fingerprint(adata)
+    out = sct.tl.perturb(
+        adata, model, "gene_0", predict_expression=False, n_folds=2, store_cell_shifts=True, copy=True
+    )
+    assert fingerprint(adata) == before and "sct_perturb" not in adata.uns
+    assert isinstance(out, ad.AnnData) and out is not adata
+    assert list(out.uns["sct_perturb"]["summary"]["perturbed"]) == ["gene_0"]
+    assert out.obsm["sct_perturb_gene_0"].shape == (adata.n_obs, TINY["d_model"])
+    assert isinstance(
+        sct.tl.perturb(adata, model, "gene_0", predict_expression=False, n_folds=2), pd.DataFrame
+    )

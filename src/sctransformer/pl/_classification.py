@@ -19,14 +19,19 @@ from sctransformer.metrics._classification import (
     _obs_column,
     expected_calibration_error,
 )
+from sctransformer.tl._predict import probability_labels
 
 from ._utils import finish, new_axes
 
 
-def _argmax_labels(probabilities: pd.DataFrame) -> np.ndarray:
-    """Most probable label of each cell (a column name, as ``str``); ``None`` where a row is not finite."""
+def _argmax_labels(probabilities: pd.DataFrame, names: list[str] | None = None) -> np.ndarray:
+    """Most probable label of each cell; ``None`` where a row is not finite.
+
+    A label is the name of its column in ``names`` (default the column names, as ``str``).
+    """
     values = probabilities.to_numpy(dtype=np.float64, na_value=np.nan)
-    labels = np.asarray([*map(str, probabilities.columns), None], dtype=object)
+    names = [str(c) for c in probabilities.columns] if names is None else names
+    labels = np.asarray([*names, None], dtype=object)
     best = values.argmax(axis=1)
     best[~np.isfinite(values).all(axis=1)] = -1  # the last: None
     return labels[best]
@@ -142,7 +147,10 @@ def calibration(
     The confidence is the probability of the most probable label, so that label is the one scored:
     where ``.obsm[f"{pred_key}_probs"]`` (written by :func:`sctransformer.tl.predict`) is present,
     each cell's most probable label is taken from it, which also scores the cells that
-    ``min_confidence`` labelled ``"unknown"``. Without it, the labels of ``pred_key`` are scored
+    ``min_confidence`` labelled ``"unknown"``; its columns are read as the categories that the run
+    record of :func:`~sctransformer.tl.predict` in ``.uns["sct"]`` names (the columns hold names
+    that .h5ad can store: ``"_"`` for ``"/"``), or, without that record (e.g. after
+    :func:`anndata.concat`), as the true or predicted label with that stored name. Without it, the labels of ``pred_key`` are scored
     and cells labelled ``"unknown"`` are left out (their most probable label is not known).
     Labels are compared as the model encodes them: every present value as a string, so a true
     label ``0`` matches the prediction ``"0"`` of a model trained on a column of integers.
@@ -171,7 +179,7 @@ def calibration(
     """
     if confidence_key is None:
         confidence_key = f"{pred_key}_confidence"
-    y_true, _ = _model_labels(_obs_column(adata, true_key, "true_key"))
+    y_true, true_order = _model_labels(_obs_column(adata, true_key, "true_key"))
     pred_column = _obs_column(adata, pred_key, "pred_key")
     if confidence_key not in adata.obs.columns:
         raise KeyError(
@@ -182,7 +190,9 @@ def calibration(
     keep = ~pd.isna(y_true) & ~np.isnan(confidence)
     probabilities = adata.obsm.get(f"{pred_key}_probs")
     if isinstance(probabilities, pd.DataFrame) and probabilities.shape[1] > 0:
-        y_pred = _argmax_labels(probabilities)
+        _, pred_order = _model_labels(pred_column)
+        names = probability_labels(adata, pred_key, probabilities, labels=[*true_order, *pred_order])
+        y_pred = _argmax_labels(probabilities, names)
     else:  # "unknown" hides the label whose probability the confidence is
         y_pred, _ = _model_labels(pred_column)
         keep &= y_pred != KEYS.UNKNOWN

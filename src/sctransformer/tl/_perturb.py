@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from anndata import AnnData
 
@@ -29,7 +30,8 @@ def perturb(
     batch_size: int | None = None,
     store_cell_shifts: bool = False,
     key_added: str = KEYS.PERTURBATION,
-) -> pd.DataFrame:
+    copy: bool = False,
+) -> pd.DataFrame | AnnData:
     """In-silico deletion or over-expression of genes, one at a time (Geneformer-style).
 
     See :meth:`~sctransformer.GeneTransformer.perturb` for the method and the parameters.
@@ -57,18 +59,25 @@ def perturb(
         Write each cell's embedding shift to ``.obsm["<key_added>_<gene>"]`` (``/`` in a gene
         name becomes ``_``: .h5ad keys cannot hold it).
     key_added
-        Where results go.
+        Where results go. The results of an earlier run with the same ``key_added``, its cell
+        shifts included, are replaced.
+    copy
+        Return a modified copy instead of writing into ``adata`` (which is left untouched).
 
     Returns
     -------
-    The summary table (one row per gene and group, see
-    :class:`~sctransformer.model.PerturbationResult`); also written:
+    The modified copy of ``adata`` if ``copy``, else the summary table (one row per gene and
+    group, see :class:`~sctransformer.model.PerturbationResult`); written:
 
     ``.uns["<key_added>"]``
         ``{"summary": table, "expression_change": DataFrame (rows as the table's, columns the
         vocabulary genes), "mode": mode}``.
     ``.obsm["<key_added>_<gene>"]``
         With ``store_cell_shifts``: perturbed minus original embedding (zero where not perturbed).
+        Those of an earlier run with the same ``key_added`` are removed.
+    ``.uns["sct"][key_added]``
+        The parameters of the run (``"params"``) and, in ``"cell_shift_keys"``, the ``.obsm``
+        keys of the cell shifts it wrote (empty without ``store_cell_shifts``).
     """
     result = model.perturb(
         adata,
@@ -82,6 +91,9 @@ def perturb(
         batch_size=batch_size,
         return_cell_shifts=store_cell_shifts,
     )
+    adata = adata.copy() if copy else adata
+    for key in _previous_cell_shift_keys(adata, key_added):
+        adata.obsm.pop(key, None)
     summary = result.summary
     stored: dict[str, Any] = {"summary": summary, "mode": mode}
     if result.expression_change is not None:
@@ -89,8 +101,10 @@ def perturb(
             summary.index.astype(str), axis=0
         )
     adata.uns[key_added] = stored
+    shift_keys = []
     for gene, shifts in result.cell_shifts.items():
-        adata.obsm[suffixed_key(key_added, gene)] = shifts
+        shift_keys.append(suffixed_key(key_added, gene))
+        adata.obsm[shift_keys[-1]] = shifts
     record_run(
         adata,
         key_added,
@@ -104,7 +118,24 @@ def perturb(
             "n_folds": n_folds,
         },
     )
-    return summary
+    adata.uns[KEYS.UNS][key_added]["cell_shift_keys"] = shift_keys
+    return adata if copy else summary
+
+
+def _previous_cell_shift_keys(adata: AnnData, key_added: str) -> list[str]:
+    """``.obsm`` keys of the cell shifts of the last :func:`perturb` run with ``key_added``.
+
+    Records of versions that did not list them give the keys of their perturbed genes.
+    """
+    runs = adata.uns.get(KEYS.UNS)
+    run = runs.get(key_added) if isinstance(runs, Mapping) else None
+    if not isinstance(run, Mapping) or run.get("function") != "perturb":
+        return []
+    if "cell_shift_keys" in run:
+        keys = run["cell_shift_keys"]
+    else:
+        keys = [suffixed_key(key_added, gene) for gene in np.ravel(run.get("params", {}).get("genes", []))]
+    return [str(key) for key in np.ravel(np.asarray(keys, dtype=object))]
 
 
 def predict_response(

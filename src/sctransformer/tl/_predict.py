@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from numbers import Real
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,17 +18,161 @@ from sctransformer.model import GeneTransformer
 
 from ._utils import counts_of, record_run
 
+#: Colour of the ``"unknown"`` label (``min_confidence``) where the true labels have none.
+UNKNOWN_COLOR = "#bbbbbb"
+#: Column names that .h5ad or .zarr cannot hold as they are (besides names with ``/``).
+_RESERVED_COLUMNS = frozenset({"", ".", "..", "_index", "zarr.json"})
+
+
+def over_clustering_key(key_added: str) -> str:
+    """``.obs`` column of the default clusters of :func:`predict`'s majority vote for ``key_added``."""
+    return f"{key_added}_over_clustering"
+
+
+def majority_voting_key(key_added: str, phenotype: str) -> str:
+    """``.obs`` column of the majority-vote labels of ``phenotype`` written by :func:`predict`."""
+    return f"{prediction_key(key_added, phenotype)}_{KEYS.MAJORITY_SUFFIX}"
+
+
+def _writable(name: str) -> bool:
+    """Whether ``name`` can be a column of a DataFrame written to .h5ad and .zarr as it is."""
+    return "/" not in name and name not in _RESERVED_COLUMNS and not name.startswith(".")
+
+
+def probability_columns(categories: Iterable[object]) -> list[str]:
+    """Column names of the probabilities :func:`predict` writes: the categories, made writable.
+
+    .h5ad and .zarr store each column of an ``.obsm`` DataFrame under its name, so ``/`` (as in
+    ``"CD4+/CD45RA+/CD25- Naive T"``) becomes ``_``, and a name that is reserved there (``""``,
+    ``"_index"``, ``"zarr.json"``, or one starting with ``.``) gets a leading ``_``. Names that are
+    writable as they are keep them; a changed name that would repeat another gets ``_2``, ``_3``,
+    .... The exact names are in the run record (see :func:`predict`) and
+    :func:`probability_labels` recovers them.
+
+    Parameters
+    ----------
+    categories
+        Category names, in the order of the columns.
+
+    Returns
+    -------
+    One distinct name per category, in the same order.
+    """
+    names = [str(c) for c in categories]
+    taken = {name for name in names if _writable(name)}
+    columns = []
+    for name in names:
+        if _writable(name):
+            columns.append(name)
+            continue
+        base = name.replace("/", "_")
+        base = base if _writable(base) else f"_{base}"
+        column, n = base, 1
+        while column in taken:
+            n += 1
+            column = f"{base}_{n}"
+        taken.add(column)
+        columns.append(column)
+    return columns
+
+
+def _recorded_categories(adata: AnnData, pred_key: str) -> list[list[str]]:
+    """Category lists that :func:`predict` runs recorded for the probabilities of ``pred_key``."""
+    runs = adata.uns.get(KEYS.UNS)
+    found = []
+    if not isinstance(runs, Mapping):
+        return found
+    for run_key, run in runs.items():
+        if not isinstance(run, Mapping) or run.get("function") != "predict":
+            continue
+        categories = run.get("categories")
+        if not isinstance(categories, Mapping):
+            continue
+        for phenotype, names in categories.items():
+            if prediction_key(str(run_key), str(phenotype)) == pred_key:
+                found.append([str(name) for name in np.asarray(names, dtype=object).ravel()])
+    return found
+
+
+def probability_labels(
+    adata: AnnData, pred_key: str, probabilities: pd.DataFrame, labels: Iterable[object] = ()
+) -> list[str]:
+    """The category of each column of ``.obsm[f"{pred_key}_probs"]``, as the model names it.
+
+    :func:`predict` writes the columns with names that .h5ad and .zarr can store
+    (:func:`probability_columns`) and records the exact names in ``.uns["sct"][key_added]``. Those
+    are used where they match the columns; else (e.g. after :func:`anndata.concat`, which drops
+    ``.uns``) a column is taken for the one label of ``labels`` whose writable name it is, and
+    otherwise for its own name.
+
+    Parameters
+    ----------
+    adata
+        AnnData with the run record in ``.uns``.
+    pred_key
+        ``.obs`` column of the predicted labels, e.g. ``"sct_cell_type"``.
+    probabilities
+        The DataFrame of probabilities, one column per category.
+    labels
+        Known labels (e.g. the true and the predicted ones) to match columns to where no run
+        record matches.
+
+    Returns
+    -------
+    One name per column.
+    """
+    columns = [str(c) for c in probabilities.columns]
+    for names in _recorded_categories(adata, pred_key):
+        if probability_columns(names) == columns:
+            return names
+    by_column: dict[str, set[str]] = {}
+    for label in {str(label) for label in labels}:
+        by_column.setdefault(probability_columns([label])[0], set()).add(label)
+    return [next(iter(found)) if len(found := by_column.get(c, set())) == 1 else c for c in columns]
+
 
 def _reuse_colors(adata: AnnData, source: str, target: str) -> None:
-    """Give predicted labels the colours their true labels have in ``adata.uns``, if any."""
+    """Give the labels of ``.obs[target]`` the colours of the same labels of ``.obs[source]``.
+
+    ``"unknown"`` (``min_confidence``) is grey unless the true labels give it a colour. Where
+    some label gets no colour (no or too few colours in ``.uns[f"{source}_colors"]``, or a label
+    that ``source`` does not have), ``.uns[f"{target}_colors"]`` is removed, so that no colours
+    of an earlier run remain and scanpy picks new ones.
+    """
+    adata.uns.pop(f"{target}_colors", None)
     colors = adata.uns.get(f"{source}_colors")
     column = adata.obs.get(source)
     if colors is None or column is None or not isinstance(column.dtype, pd.CategoricalDtype):
         return
-    by_label = dict(zip(column.cat.categories.astype(str), colors, strict=False))
-    predicted = adata.obs[target].cat.categories
+    categories = column.cat.categories.astype(str)
+    colors = list(colors)
+    if len(colors) < len(categories):  # stale: scanpy would replace them too
+        return
+    by_label = dict(zip(categories, colors, strict=False))
+    by_label.setdefault(KEYS.UNKNOWN, UNKNOWN_COLOR)
+    predicted = adata.obs[target].cat.categories.astype(str)
     if all(label in by_label for label in predicted):
-        adata.uns[f"{target}_colors"] = [by_label[label] for label in predicted]
+        adata.uns[f"{target}_colors"] = [str(by_label[label]) for label in predicted]
+
+
+def _previous_run(adata: AnnData, key_added: str) -> Mapping[str, Any]:
+    """The record of the last :func:`predict` run with ``key_added`` (empty if there is none)."""
+    runs = adata.uns.get(KEYS.UNS)
+    run = runs.get(key_added) if isinstance(runs, Mapping) else None
+    return run if isinstance(run, Mapping) and run.get("function") == "predict" else {}
+
+
+def _wrote_clusters(run: Mapping[str, Any]) -> bool:
+    """Whether a :func:`predict` run (its record) wrote the default clusters of the vote."""
+    params = run.get("params", {})
+    return bool(params.get("majority_voting", False)) and params.get("over_clustering") is None
+
+
+def _drop_obs(adata: AnnData, column: str) -> None:
+    """Remove ``.obs[column]`` and its colours, where present."""
+    if column in adata.obs.columns:
+        del adata.obs[column]
+    adata.uns.pop(f"{column}_colors", None)
 
 
 def _over_clustering(
@@ -105,7 +251,7 @@ def predict(
     over_clustering
         ``.obs`` column of clusters for the vote; default leiden clusters of the model's
         embedding at ``resolution`` (computed on a temporary object, written to
-        ``.obs["sct_over_clustering"]``).
+        ``.obs["<key_added>_over_clustering"]``).
     resolution
         Leiden resolution of the default over-clustering (high: many small clusters).
     key_added
@@ -123,21 +269,31 @@ def predict(
     ``adata`` (or its copy) if ``copy``, else ``None``; sets, for each phenotype ``<key>``,
 
     ``.obs["<key_added>_<key>"]``
-        Predicted label (categorical, with the model's categories, plus ``"unknown"`` with
-        ``min_confidence``).
+        Predicted label (categorical: the model's categories, plus ``"unknown"`` with
+        ``min_confidence``, in that order, without those that no cell was given, so that scanpy
+        can group by it; all categories are in the probabilities and the run record).
     ``.obs["<key_added>_<key>_confidence"]``
         Probability of the predicted label.
     ``.obsm["<key_added>_<key>_probs"]``
-        DataFrame of the probability of every category.
+        DataFrame of the probability of every category of the model, one column per category,
+        named as the category where .h5ad and .zarr allow it (they cannot store ``/`` in a
+        column name: ``"CD4+/CD25 T Reg"`` becomes ``"CD4+_CD25 T Reg"``); the exact names are in
+        the run record.
     ``.obs["<key_added>_<key>_majority_voting"]``
-        With ``majority_voting``: the cluster's majority label.
-    ``.obs["sct_over_clustering"]``
-        With ``majority_voting`` and no ``over_clustering``: the leiden clusters used.
-    ``.uns["<key_added>_<key>_colors"]``
-        The colours of ``.uns["<key>_colors"]``, when the AnnData has them, so that true and
-        predicted labels share colours in plots.
+        With ``majority_voting``: the cluster's majority label (categories as the predicted
+        label's). A run without ``majority_voting`` removes these columns of an earlier run with
+        the same ``key_added``.
+    ``.obs["<key_added>_over_clustering"]``
+        With ``majority_voting`` and no ``over_clustering``: the leiden clusters used (removed by
+        a later run with the same ``key_added`` that does not compute them).
+    ``.uns["<key_added>_<key>_colors"]``, ``.uns["<key_added>_<key>_majority_voting_colors"]``
+        The colours of ``.uns["<key>_colors"]``, when the AnnData has one for every predicted
+        label (``"unknown"`` is grey, ``"#bbbbbb"``, if the true labels have no colour for it), so
+        that true and predicted labels share colours in plots; otherwise removed, so that no
+        colours of an earlier run remain.
     ``.uns["sct"][key_added]``
-        The parameters of the run.
+        The parameters of the run (``"params"``) and, in ``"categories"``, the model's categories
+        of each phenotype, in the order of the columns of the probabilities.
     """
     if over_clustering is not None:
         if not majority_voting:
@@ -166,16 +322,33 @@ def predict(
             else _over_clustering(source, model, resolution, batch_size, settings.seed)
         )
     adata = adata.copy() if copy else adata
+    previous = _previous_run(adata, key_added)
+    categories: dict[str, list[str]] = {}
     for key, probs in probabilities.items():
-        adata.obs[prediction_key(key_added, key)] = table[key].array  # keeps the categories (same order)
+        predicted = prediction_key(key_added, key)
+        # the model's category order, without categories no cell was given (scanpy's groupby fails on them)
+        adata.obs[predicted] = table[key].array.remove_unused_categories()
         adata.obs[confidence_key(key_added, key)] = table[f"{key}_confidence"].to_numpy()
-        adata.obsm[f"{prediction_key(key_added, key)}_probs"] = probs.set_axis(adata.obs_names, axis=0)
+        adata.obsm[f"{predicted}_probs"] = pd.DataFrame(
+            probs.to_numpy(), index=adata.obs_names, columns=probability_columns(probs.columns)
+        )
+        categories[key] = [str(c) for c in probs.columns]
+        _reuse_colors(adata, key, predicted)
         if clusters is not None:
-            voted = f"{prediction_key(key_added, key)}_{KEYS.MAJORITY_SUFFIX}"
-            adata.obs[voted] = majority_vote(table[key], clusters)
-        _reuse_colors(adata, key, prediction_key(key_added, key))
+            voted = majority_voting_key(key_added, key)
+            adata.obs[voted] = majority_vote(table[key], clusters).remove_unused_categories()
+            _reuse_colors(adata, key, voted)
+    # votes of an earlier run with this key_added that this run does not rewrite would be stale
+    earlier = np.asarray(previous.get("params", {}).get("phenotypes", []), dtype=object).ravel()
+    for key in dict.fromkeys([*map(str, earlier), *probabilities]):
+        if clusters is None or key not in probabilities:
+            _drop_obs(adata, majority_voting_key(key_added, key))
+    clusters_key = over_clustering_key(key_added)
     if majority_voting and over_clustering is None:
-        adata.obs[KEYS.OVER_CLUSTERING] = pd.Categorical(clusters)
+        adata.obs[clusters_key] = pd.Categorical(clusters)
+        adata.uns.pop(f"{clusters_key}_colors", None)
+    elif over_clustering != clusters_key and _wrote_clusters(previous):
+        _drop_obs(adata, clusters_key)  # the earlier run's clusters, no longer those of the vote
     record_run(
         adata,
         key_added,
@@ -190,4 +363,5 @@ def predict(
             "resolution": resolution if majority_voting and over_clustering is None else None,
         },
     )
+    adata.uns[KEYS.UNS][key_added]["categories"] = categories
     return adata if copy else None
