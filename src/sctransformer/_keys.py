@@ -19,8 +19,6 @@ class _Keys(NamedTuple):
     UNKNOWN: str = "unknown"
     #: Suffix of the ``.obs`` column of labels after a majority vote over clusters.
     MAJORITY_SUFFIX: str = "majority_voting"
-    #: ``.obs`` column of the clusters used by the majority vote of :func:`sctransformer.tl.predict`.
-    OVER_CLUSTERING: str = "sct_over_clustering"
     #: ``.varp`` key of the gene graph written by :func:`sctransformer.tl.gene_graph`.
     GENE_GRAPH: str = "sct_gene_graph"
     #: ``.varm`` key of the gene embedding written by :func:`sctransformer.tl.gene_embedding`.
