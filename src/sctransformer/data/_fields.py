@@ -2,28 +2,87 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from scvi import settings as scvi_settings
 from scvi.data.fields import BaseAnnDataField, CategoricalObsField
 
 
+def _distinct_values(values: pd.Series) -> tuple[np.ndarray, pd.Index, list[str], list[str]]:
+    """The distinct present values of a column and their names: the one rule for category strings.
+
+    Returns
+    -------
+    The code of each value among the distinct values (``-1`` for a missing value); the distinct
+    values (a categorical column's categories, unused ones included); the name of each, ``str`` of
+    the value as the column holds it (a NumPy scalar for a NumPy column, as ``pd.unique`` and
+    scvi-tools' batch registration give it: ``"0.1"`` for a float32 0.1); and its older name,
+    ``str`` of the value as a Python object (``.astype(object)``: ``"0.10000000149011612"``,
+    ``"2020-01-01 00:00:00"`` for a ``datetime64``), which models saved before and sharded data
+    sets use. The two differ only for float16/float32 and NumPy datetime and timedelta values, and
+    neither is the name of another value of the column's type. A value's name does not depend on the column's other
+    values (unlike ``Series.astype(str)``, which writes dates without a time where every value of
+    the column is at midnight), so a reference and a query name the same value alike.
+    """
+    values = values if isinstance(values, pd.Series) else pd.Series(values)
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        codes, distinct = values.cat.codes.to_numpy(), values.cat.categories
+    elif pd.api.types.is_object_dtype(values.dtype):
+        # each object named by its own str: factorize takes 1, 1.0 and True for one value
+        codes, named = pd.factorize(values.map(str, na_action="ignore"), use_na_sentinel=True)
+        present, first = np.unique(codes, return_index=True)
+        distinct = pd.Index(values.to_numpy()[first[present >= 0]], dtype=object)
+        return codes, distinct, list(named), list(named)
+    else:
+        codes, distinct = pd.factorize(values, use_na_sentinel=True)
+    held = distinct.to_numpy()
+    if isinstance(values.dtype, np.dtype):
+        held = held.astype(values.dtype)  # factorize holds float16 values as float32
+    names = [str(v) for v in held]
+    older = [str(v) for v in pd.Series(distinct).astype(object)]
+    return codes, distinct, names, older
+
+
+def _codes_among(
+    codes: np.ndarray, names: list[str], older: list[str], categories: list[str] | np.ndarray
+) -> np.ndarray:
+    """Codes of values (their codes among distinct values named ``names``/``older``) among ``categories``."""
+    index = pd.Index(np.asarray(categories, dtype=object))
+    if not index.is_unique:
+        raise ValueError(f"categories must be unique, got {list(categories)}")
+    found = index.get_indexer(pd.Index(names, dtype=object))
+    older_found = index.get_indexer(pd.Index(older, dtype=object))
+    lookup = np.where(found >= 0, found, older_found)
+    return np.append(lookup, -1).astype(np.int64)[codes]  # code -1 (missing): the appended -1
+
+
 def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
-    """Codes of ``values`` among ``categories``; ``-1`` for missing values and unseen categories."""
-    as_str = values.astype(object).where(values.notna(), None)
-    as_str = as_str.map(lambda v: None if v is None else str(v))
-    return pd.Categorical(as_str, categories=categories).codes.astype(np.int64)
+    """Codes of ``values`` among ``categories``; ``-1`` for missing values and unseen categories.
+
+    A value matches the category named as :func:`observed_categories` names it; the older name of a
+    float32 or datetime value (``str`` of it as a Python object, as models saved before used) is
+    matched too.
+    """
+    codes, _, names, older = _distinct_values(values)
+    return _codes_among(codes, names, older, categories)
 
 
 def observed_categories(values: pd.Series) -> list[str]:
     """Categories of a column as strings, missing values left out.
 
-    A categorical column keeps its own category order (unused categories dropped), so predicted
-    labels line up with the column's colours; other columns are sorted.
+    A value is named ``str`` of it as the column holds it (a NumPy scalar for a NumPy column), so
+    every present value has a code (:func:`category_codes`). A categorical column keeps its own
+    category order (unused categories dropped), so predicted labels line up with the column's
+    colours; other columns are sorted. Values of different types with one name (``"1"`` and ``1``
+    after a ``pd.concat``) are one category.
     """
     if isinstance(values.dtype, pd.CategoricalDtype):
-        return [str(v) for v in values.cat.remove_unused_categories().cat.categories]
-    return sorted(str(v) for v in pd.unique(values.dropna()))
+        values = values.cat.remove_unused_categories()
+        return list(dict.fromkeys(_distinct_values(values)[2]))
+    return sorted(set(_distinct_values(values)[2]))
 
 
 class PhenotypeObsField(BaseAnnDataField):
@@ -122,36 +181,91 @@ class BatchObsField(CategoricalObsField):
         super().__init__(registry_key, obs_key)
         self._categories = categories
 
-    def _reference_categories_as(self, column: pd.Series) -> list:
-        """The reference's categories (saved as strings) as values of the type ``column`` holds.
+    def _check_reference_names(self, column: pd.Series) -> None:
+        """Raise if values of the type ``column`` holds cannot bear the reference's batch names.
 
-        A query whose batches are e.g. integers 0, 1 must match the reference's "0", "1", not
-        append them as new batches.
+        Batches match by name (:func:`category_codes`): a query whose batches are integers 0, 1
+        matches the reference's "0", "1", booleans match "False", "True". Integers can never be
+        named "batch_0" (nor "1.0", a float batch): such a query is most likely encoded
+        differently from the reference, not made of new batches only.
         """
-        categories = list(self._categories)
+        categories = [str(c) for c in self._categories]
         kind = column.cat.categories.dtype if isinstance(column.dtype, pd.CategoricalDtype) else column.dtype
         if pd.api.types.is_string_dtype(kind) or pd.api.types.is_object_dtype(kind):
-            return categories
+            return
         try:
-            converted = pd.Series(categories, dtype=object).astype(kind)
-            if list(converted.astype(str)) != categories:
+            if pd.api.types.is_bool_dtype(kind):  # astype(bool) makes every non-empty string True
+                flags = {"False": False, "True": True}
+                converted = pd.Series([flags[c] for c in categories], dtype=kind)
+            else:
+                converted = pd.Series(categories, dtype=object).astype(kind)
+            if not np.array_equal(category_codes(converted, categories), np.arange(len(categories))):
                 raise ValueError("not a round trip")
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError, KeyError):
             raise ValueError(
                 f"adata.obs[{self._original_attr_key!r}] holds {kind} batches, but the reference names its "
                 f"batches {categories[:3]}{' ...' if len(categories) > 3 else ''}; give the query's batches "
                 f"as strings, e.g. adata.obs[{self._original_attr_key!r}] = "
                 f"adata.obs[{self._original_attr_key!r}].astype(str)"
             ) from None
-        return converted.tolist()
 
     def register_field(self, adata: AnnData) -> dict:
         """Register the codes; with reference categories, extend them by the new batches."""
         if self._categories is None or self.is_default:
             return super().register_field(adata)
-        categories = self._reference_categories_as(adata.obs[self._original_attr_key])
+        self._check_reference_names(adata.obs[self._original_attr_key])
         reference = {
-            self.CATEGORICAL_MAPPING_KEY: np.asarray(categories, dtype=object),
+            self.CATEGORICAL_MAPPING_KEY: np.asarray([str(c) for c in self._categories], dtype=object),
             self.ORIGINAL_ATTR_KEY: self._original_attr_key,
         }
         return self.transfer_field(reference, adata, extend_categories=True)
+
+    def transfer_field(
+        self, state_registry: dict, adata_target: AnnData, extend_categories: bool = False, **kwargs
+    ) -> dict:
+        """Code the batches of ``adata_target`` by the registry's batches, matched by name.
+
+        Values are named as :func:`category_codes` names them, not converted back from the
+        registry's names (``"False"`` is no ``False`` to ``astype(bool)``). With
+        ``extend_categories``, batches the registry lacks are appended in the order of their values.
+        """
+        if self.is_default:
+            self._setup_default_attr(adata_target)
+        self.validate_field(adata_target)
+        key = self._original_attr_key
+        known = [str(c) for c in state_registry[self.CATEGORICAL_MAPPING_KEY]]
+        codes, distinct, names, older = _distinct_values(adata_target.obs[key])
+        present = np.unique(codes[codes >= 0])
+        try:
+            present = present[distinct.take(present).argsort()]
+        except TypeError:  # values that do not compare, e.g. "a" and 1
+            present = np.asarray(sorted(present, key=lambda i: names[i]), dtype=present.dtype)
+        known_set = set(known)
+        new = list(
+            dict.fromkeys(
+                names[i] for i in present if names[i] not in known_set and older[i] not in known_set
+            )
+        )
+        if new and not extend_categories:
+            raise ValueError(
+                f"Category {new[0]} not found in source registry. "
+                "Cannot transfer setup without `extend_categories = True`."
+            )
+        mapping = known + new
+        batch_codes = _codes_among(codes, names, older, mapping)
+        if (batch_codes < 0).any():
+            raise ValueError(f"adata.obs[{key!r}] has missing values; every cell needs a batch")
+        counts = np.bincount(batch_codes, minlength=len(mapping))
+        if counts[counts > 0].min(initial=3) < 3:
+            warnings.warn(  # as scvi-tools warns when it registers
+                f"Category {int(np.argmin(np.where(counts > 0, counts, np.inf)))} in "
+                f"adata.obs['{self.attr_key}'] has fewer than 3 cells. Models may not train properly.",
+                UserWarning,
+                stacklevel=scvi_settings.warnings_stacklevel,
+            )
+        categorical = pd.Categorical.from_codes(batch_codes, categories=pd.Index(mapping, dtype=object))
+        adata_target.obs[self.attr_key] = categorical.codes  # the small integer type scvi-tools writes
+        return {
+            self.CATEGORICAL_MAPPING_KEY: np.asarray(mapping, dtype=object),
+            self.ORIGINAL_ATTR_KEY: key,
+        }
