@@ -78,13 +78,16 @@ def test_gene_graph_equals_per_cell_attention_aggregated_by_hand(trained):
     model, data = trained
     adata = data[:40].copy()
     before = fingerprint(adata)
-    sct.tl.gene_graph(adata, model, top_k=adata.n_vars - 1, min_cells=1, layers="all", heads="mean")
+    sct.tl.gene_graph(
+        adata, model, score="attention", top_k=adata.n_vars - 1, min_cells=1, layers="all", heads="mean"
+    )
     graph = adata.varp["sct_gene_graph"]
     assert sp.issparse(graph) and graph.format == "csr" and graph.shape == (adata.n_vars, adata.n_vars)
     changed = {k for k in fingerprint(adata) if fingerprint(adata).get(k) != before.get(k)}
     assert changed == {"varp/sct_gene_graph", "uns"}
     params = adata.uns["sct"]["sct_gene_graph"]["params"]
     assert params["normalize"] == "coexpression" and params["layers"] == "all" and params["symmetrize"]
+    assert params["score"] == "attention"
 
     # naive: one cell at a time, attention maps of every layer, loops over token pairs
     module = model.module.eval()
