@@ -17,7 +17,9 @@ only "matched" genes, for each programme gene the ``--matched`` other genes near
 programme-programme edges among each gene's ``--top-k`` strongest edges (symmetrised).
 
 Besides Pearson correlation, a second co-expression score: co-occurrence, the share of the group's
-cells in which both genes are detected.
+cells in which both genes are detected. Attention is read two ways: gene -> gene attention
+(``normalize="coexpression"`` and ``"none"``) and co-attention (``score="co-attention"``, the
+correlation over the group's cells of the ``[CLS]`` token's attention to each gene).
 
 The matched column is the one to read: a score that merely favours genes expressed in most cells
 (raw attention, ``normalize="none"``, or co-occurrence) links the programme's genes, which
@@ -114,16 +116,16 @@ def main() -> None:
     start = time.perf_counter()
     model.train(max_epochs=args.epochs, seed=args.seed, enable_progress_bar=False)
     print(f"# trained {args.epochs} epochs in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    readings = {
+        'attention, normalize="coexpression"': {"normalize": "coexpression"},
+        'attention, normalize="none"': {"normalize": "none"},
+        "co-attention ([CLS] attention correlated over cells)": {"score": "co-attention"},
+    }
     graphs = {
-        normalize: sct.tl.gene_graph(
-            adata,
-            model,
-            groupby="condition",
-            top_k=adata.n_vars - 1,
-            normalize=normalize,
-            copy=True,
+        name: sct.tl.gene_graph(
+            adata, model, groupby="condition", top_k=adata.n_vars - 1, copy=True, **options
         )
-        for normalize in ("coexpression", "none")
+        for name, options in readings.items()
     }
 
     rows = []
@@ -136,8 +138,8 @@ def main() -> None:
             scores = {"Pearson co-expression": np.nan_to_num(np.corrcoef(x.T))}
         detected = (x > 0).astype(np.float32)
         scores["co-occurrence"] = detected.T @ detected / len(detected)
-        for normalize, graph in graphs.items():
-            scores[f'attention, normalize="{normalize}"'] = graph.varp[f"sct_gene_graph_{group}"].toarray()
+        for name, graph in graphs.items():
+            scores[name] = graph.varp[f"sct_gene_graph_{group}"].toarray()
         for name, score in scores.items():
             rows.append(
                 {

@@ -365,9 +365,10 @@ def gene_graph(
         ``symmetrize`` the pair's score is ``(s_ij + s_ji) / 2`` and an edge is kept when it is
         among either gene's ``top_k``. Memory: one dense float32 ``n_genes x n_genes`` sum.
 
-    On four labelled data sets co-attention links marker genes of the same cell type 3-30 times
-    as often as this gene -> gene attention, which is near chance, and about as often as Pearson
-    co-expression (``benchmarks/gene_graph.py``, ``docs/benchmarks.md``).
+    On four labelled data sets co-attention links marker genes of the same cell type 3-27 times
+    as often as this gene -> gene attention, which is near chance, and 0.7-1.05 times as often as
+    a Pearson co-expression graph of as many edges (``benchmarks/gene_graph.py``,
+    ``docs/benchmarks.md``).
 
     Parameters
     ----------
