@@ -10,6 +10,8 @@ of negative correlation 0, as the graph stores only positive ones), and compare 
 
 - a Pearson co-expression graph on log1p-normalised counts with the same number of edges (each
   gene's top correlations, symmetrised like the attention graph, weakest edges dropped to match);
+- a co-detection graph, the same for the correlation over cells of whether each gene is detected (count > 0):
+  what a score that only knew which genes are tokens together would give;
 - random graphs with exactly the attention graph's degrees (networkx double-edge swaps);
 - (AUROC only) the cosine similarity of the model's gene embeddings, identity and contextual.
 
@@ -158,6 +160,22 @@ def trim(graph: sp.csr_matrix, n_edges: int) -> set[tuple[int, int]]:
     return set(zip(coo.row[order].tolist(), coo.col[order].tolist(), strict=True))
 
 
+def same_count(score: np.ndarray, n_edges: int, top_k: int) -> set[tuple[int, int]]:
+    """The ``n_edges`` strongest edges of the top-k union of ``score``, k raised from ``top_k`` until there are enough."""
+    k = top_k
+    while len(edges(top_k_union(score, k))) < n_edges and k < len(score) - 1:
+        k += 1
+    return trim(top_k_union(score, k), n_edges)
+
+
+def detection_correlation(adata: ad.AnnData) -> np.ndarray:
+    """Pearson correlation over cells of whether each gene is detected (count > 0): co-detection."""
+    detected = (adata.X > 0).astype(np.float32)
+    detected = detected.toarray() if sp.issparse(detected) else np.asarray(detected)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nan_to_num(np.corrcoef(detected.T))
+
+
 def same_type(pairs: set[tuple[int, int]], gene_types: list[set[str]]) -> int:
     return sum(bool(gene_types[i] & gene_types[j]) for i, j in pairs)
 
@@ -172,6 +190,7 @@ def auroc(score: np.ndarray, markers: np.ndarray, gene_types: list[set[str]]) ->
 def run(name: str, args: argparse.Namespace) -> list[dict]:
     adata, key = load(name, args.genes)
     markers, gene_types, marker_idx, pearson = marker_context(adata, key, args.markers)
+    detection = detection_correlation(adata)  # a baseline for co-attention: which genes are tokens together
 
     sct.setup_anndata(adata)  # no labels
     model = sct.GeneTransformer(adata, **args.model)
@@ -188,17 +207,17 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
         attention_edges = edges(top_k_union(attention_score, args.top_k))
         n_edges = len(attention_edges)
 
-        k = args.top_k
-        while len(edges(top_k_union(pearson, k))) < n_edges and k < adata.n_vars - 1:
-            k += 1
-        pearson_edges = trim(top_k_union(pearson, k), n_edges)
-
         expected = random_same_type(attention_edges, gene_types, args.random_graphs)
 
         label = f"graph {json.dumps(options)}" if options else "graph (sctransformer defaults)"
         for method, pairs, score in (
             (label, attention_edges, attention_score),
-            ("Pearson co-expression, same edge count", pearson_edges, pearson),
+            ("Pearson co-expression, same edge count", same_count(pearson, n_edges, args.top_k), pearson),
+            (
+                "co-detection correlation, same edge count",
+                same_count(detection, n_edges, args.top_k),
+                detection,
+            ),
         ):
             hits = same_type(pairs, gene_types)
             rows.append(

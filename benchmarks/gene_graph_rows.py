@@ -200,10 +200,7 @@ def query_rows(model, adata, n_folds=4, check=True):
 def evaluate(name, label, score, pearson, gene_types, marker_idx, top_k, n_random, seconds):
     attention_edges = gg.edges(gg.top_k_union(score, top_k))
     n_edges = len(attention_edges)
-    k = top_k
-    while len(gg.edges(gg.top_k_union(pearson, k))) < n_edges and k < score.shape[0] - 1:
-        k += 1
-    pearson_edges = gg.trim(gg.top_k_union(pearson, k), n_edges)
+    pearson_edges = gg.same_count(pearson, n_edges, top_k)
     expected = gg.random_same_type(attention_edges, gene_types, n_random)
     hits = gg.same_type(attention_edges, gene_types)
     p_hits = gg.same_type(pearson_edges, gene_types)
