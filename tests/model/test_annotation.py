@@ -271,3 +271,19 @@ def test_token_plus_mean_phenotype_input_trains_and_round_trips(adata, tmp_path)
     model.save(tmp_path / "m")
     again = sct.GeneTransformer.load(tmp_path / "m")
     pd.testing.assert_frame_equal(again.predict(adata), model.predict(adata))
+
+
+def test_a_query_matching_a_models_older_label_spelling_is_not_warned_about(tmp_path):
+    data = synthetic(seed=11, n_cells=60)
+    data.obs["dose"] = pd.Categorical(np.where(np.arange(60) % 2, 0.1, 0.5).astype(np.float32))
+    sct.setup_anndata(data, layer="counts", phenotype_keys=["dose"])
+    sct.GeneTransformer(data, **TINY).save(tmp_path / "m")
+    # a model saved before the one naming rule: float32 labels spelt as Python floats
+    state = json.loads((tmp_path / "m" / "model.json").read_text())
+    state["phenotype_categories"]["dose"] = [str(float(np.float32(v))) for v in (0.1, 0.5)]
+    (tmp_path / "m" / "model.json").write_text(json.dumps(state))
+    query = data.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "categories the reference does not know"
+        q = sct.GeneTransformer.load_query_data(query, tmp_path / "m")
+    assert (q.adata_manager.get_from_registry("phenotype:dose").ravel() >= 0).all()

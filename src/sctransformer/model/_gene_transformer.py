@@ -2069,8 +2069,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             check_phenotype_column(adata, key)
         categories = saved | {k: observed_categories(adata.obs[k]) for k in new_keys}
         for key in saved:
-            if key in adata.obs:
-                unseen = sorted(set(observed_categories(adata.obs[key])) - set(saved[key]))
+            if key in adata.obs:  # matched as registration matches them (older spellings too)
+                column = adata.obs[key]
+                lost = column.notna().to_numpy() & (category_codes(column, saved[key]) < 0)
+                unseen = observed_categories(column[lost]) if lost.any() else []
                 if unseen:
                     warnings.warn(
                         f"adata.obs[{key!r}] has categories the reference does not know: {unseen[:10]}; "
