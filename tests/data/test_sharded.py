@@ -89,6 +89,17 @@ def test_numbers_stored_as_int_in_one_shard_and_float_in_another_are_one_categor
     np.testing.assert_array_equal(data.batch_codes, [0, 1] * 10)
 
 
+def test_float32_labels_of_shards_are_named_as_in_memory(cells, tmp_path):
+    first, second = cells[:10].copy(), cells[10:20].copy()
+    for part in (first, second):
+        part.obs["dose"] = np.array([0.1, 0.3] * 5, dtype=np.float32)
+    paths = [_write(first, tmp_path / "a.h5ad"), _write(second, tmp_path / "b.h5ad")]
+    data = ShardedAnnData(paths, layer="counts", phenotype_keys=["dose"])
+    in_memory = ad.concat([first, second])
+    assert data.phenotype_categories["dose"] == observed_categories(in_memory.obs["dose"]) == ["0.1", "0.3"]
+    np.testing.assert_array_equal(data.phenotype_codes["dose"], [0, 1] * 10)
+
+
 def test_one_phenotype_key_may_be_given_as_a_string(shards):
     data = ShardedAnnData(shards, layer="counts", phenotype_keys="cell_type")
     assert data.phenotype_keys == ["cell_type"]

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, phenotype_registry_key
 
-from ._fields import category_codes
+from ._fields import category_codes, observed_categories
 from ._loader import to_torch_csr
 from ._splitting import ResumableBatchSampler, epoch_seed, make_resumable, rank_batch_sizes
 from ._validation import positive_int
@@ -194,7 +194,7 @@ class ShardedAnnData:
                 raise KeyError(f"phenotype column {key!r} is in no shard's .obs")
             # one column over all shards, so that the same value has one name in every shard
             values = _concat_labels(labels[key], self.shard_sizes)
-            categories = sorted({str(v) for v in values.dropna()})
+            categories = observed_categories(values)  # named as in memory (e.g. float32, dates)
             if not categories:
                 raise ValueError(f"phenotype column {key!r} has no known value in any shard")
             self.phenotype_categories[key] = categories
