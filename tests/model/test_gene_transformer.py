@@ -434,3 +434,11 @@ def test_training_refuses_counts_normalised_in_place_after_the_model_was_made(ad
     adata.layers["counts"] = adata.layers["counts"].astype(np.float32) / 3
     with pytest.raises(ValueError, match="non-integer values"):
         model.train(max_epochs=1, **QUIET)
+
+
+def test_a_batch_column_of_mixed_value_types_is_refused_with_the_fix(adata):
+    adata.obs["batch"] = pd.Series(["a", 1] * (adata.n_obs // 2), index=adata.obs_names, dtype=object)
+    with pytest.raises(ValueError, match=r"mixes strings and other values.*astype\(str\)"):
+        sct.setup_anndata(adata, layer="counts", batch_key="batch")
+    adata.obs["batch"] = adata.obs["batch"].astype(str)
+    sct.setup_anndata(adata, layer="counts", batch_key="batch")  # the fix works

@@ -737,6 +737,14 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             check_obs_key(adata, batch_key, "batch_key")
             if adata.obs[batch_key].isna().any():
                 raise ValueError(f"adata.obs[{batch_key!r}] has missing values; every cell needs a batch")
+            column = adata.obs[batch_key]
+            values = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else column
+            text = [isinstance(v, str) for v in values.dropna()] if values.dtype == object else []
+            if any(text) and not all(text):  # e.g. "a" and 1 after a pd.concat: scvi-tools cannot sort them
+                raise ValueError(
+                    f"adata.obs[{batch_key!r}] mixes strings and other values; give it one type, e.g. "
+                    f"adata.obs[{batch_key!r}] = adata.obs[{batch_key!r}].astype(str)"
+                )
             if batch_key in phenotype_keys:
                 raise ValueError(f"{batch_key!r} is both batch_key and a phenotype key; choose one role")
         for key in phenotype_keys:
