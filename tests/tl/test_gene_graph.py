@@ -74,6 +74,23 @@ def test_accumulator_matches_a_naive_loop_over_cells(normalize, symmetrize):
         np.testing.assert_array_equal(graph, graph.T)
 
 
+def per_cell_attention(model, adata):
+    """For one cell at a time: its gene tokens' columns of ``adata``, and its attention map (all
+    tokens, prefix first), heads and every layer averaged: the naive reference of the graph tests."""
+    module = model.module.eval()
+    column_to_gene = torch.as_tensor(model._column_to_gene(adata))
+    vocabulary_to_column = {int(g): c for c, g in enumerate(column_to_gene) if g >= 0}
+    for c in range(adata.n_obs):
+        x = to_torch_csr(sp.csr_matrix(adata.layers["counts"][c]))
+        with torch.no_grad():
+            tokens = module.tokenize(x, column_to_gene)
+            _, maps = module.encode_with_attention(
+                tokens, torch.full((1, module.n_phenotypes), -1), list(range(len(module.blocks)))
+            )
+        ids = [vocabulary_to_column[int(g)] for g in tokens.gene_ids[0][tokens.is_token[0]]]
+        yield ids, np.mean([m[0].mean(0).numpy() for m in maps], axis=0)
+
+
 def test_gene_graph_equals_per_cell_attention_aggregated_by_hand(trained):
     model, data = trained
     adata = data[:40].copy()
@@ -90,21 +107,11 @@ def test_gene_graph_equals_per_cell_attention_aggregated_by_hand(trained):
     assert params["score"] == "attention"
 
     # naive: one cell at a time, attention maps of every layer, loops over token pairs
-    module = model.module.eval()
-    column_to_gene = torch.as_tensor(model._column_to_gene(adata))
-    vocabulary_to_column = {int(g): c for c, g in enumerate(column_to_gene) if g >= 0}
     n = adata.n_vars
     total, together = np.zeros((n, n)), np.zeros((n, n))
-    for c in range(adata.n_obs):
-        x = to_torch_csr(sp.csr_matrix(adata.layers["counts"][c]))
-        with torch.no_grad():
-            tokens = module.tokenize(x, column_to_gene)
-            _, maps = module.encode_with_attention(
-                tokens, torch.full((1, module.n_phenotypes), -1), list(range(len(module.blocks)))
-            )
-        p = module.n_prefix
-        attention = np.mean([m[0].mean(0)[p:, p:].numpy() for m in maps], axis=0)
-        ids = [vocabulary_to_column[int(g)] for g in tokens.gene_ids[0][tokens.is_token[0]]]
+    for ids, full in per_cell_attention(model, adata):
+        p = model.module.n_prefix
+        attention = full[p:, p:]
         for i, gi in enumerate(ids):
             for j, gj in enumerate(ids):
                 if i != j:
@@ -167,21 +174,9 @@ def test_co_attention_graph_equals_the_cls_attention_of_each_cell_correlated_by_
     params = adata.uns["sct"]["sct_gene_graph"]["params"]
     assert params["score"] == "co-attention" and "normalize" not in params
 
-    module = model.module.eval()
-    column_to_gene = torch.as_tensor(model._column_to_gene(adata))
-    vocabulary_to_column = {int(g): c for c, g in enumerate(column_to_gene) if g >= 0}
     weights = np.zeros((adata.n_obs, adata.n_vars))
-    for c in range(adata.n_obs):  # one cell at a time: the [CLS] row of every layer's map
-        x = to_torch_csr(sp.csr_matrix(adata.layers["counts"][c]))
-        with torch.no_grad():
-            tokens = module.tokenize(x, column_to_gene)
-            _, maps = module.encode_with_attention(
-                tokens, torch.full((1, module.n_phenotypes), -1), list(range(len(module.blocks)))
-            )
-        p = module.n_prefix
-        cls = np.mean([m[0].mean(0)[0, p:].numpy() for m in maps], axis=0)
-        ids = [vocabulary_to_column[int(g)] for g in tokens.gene_ids[0][tokens.is_token[0]]]
-        weights[c, ids] = cls[: len(ids)]
+    for c, (ids, full) in enumerate(per_cell_attention(model, adata)):  # the [CLS] row of each cell
+        weights[c, ids] = full[0, model.module.n_prefix :][: len(ids)]
     expected, _ = naive_co_attention(weights)
     np.fill_diagonal(expected, 0)
     assert (graph > 0).sum() > adata.n_vars  # a graph with edges, not an empty one
