@@ -271,11 +271,11 @@ def _accumulate(
     score: Score = "attention",
 ) -> AttentionAccumulator | CoAttentionAccumulator:
     """Run every cell of ``adata`` through the model and add its attention (``score``)."""
-    accumulator = (
-        AttentionAccumulator(n_genes, normalize) if score == "attention" else CoAttentionAccumulator(n_genes)
-    )
+    if score == "attention":  # gene token rows
+        accumulator, rows = AttentionAccumulator(n_genes, normalize), "genes"
+    else:  # the [CLS] row
+        accumulator, rows = CoAttentionAccumulator(n_genes), "cls"
     lookup = torch.as_tensor(vocabulary_to_graph)
-    rows = "genes" if score == "attention" else "cls"
     for _, tokens, attention in model._gene_attention(
         adata, layers=layers, heads=heads, batch_size=batch_size, rows=rows
     ):
@@ -475,11 +475,8 @@ def gene_graph(
             batch_size=batch_size,
             score=score,
         )
-        small = (
-            accumulator.graph(top_k, min_cells=min_cells, symmetrize=symmetrize)
-            if isinstance(accumulator, AttentionAccumulator)
-            else accumulator.graph(top_k, min_cells=min_cells)
-        ).tocoo()
+        options = {"symmetrize": symmetrize} if score == "attention" else {}  # co-attention: symmetric
+        small = accumulator.graph(top_k, min_cells=min_cells, **options).tocoo()
         full = sp.csr_matrix(
             (small.data, (columns[small.row], columns[small.col])), shape=(adata.n_vars, adata.n_vars)
         )
