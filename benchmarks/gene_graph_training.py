@@ -78,10 +78,10 @@ def _hidden_identity_rows(
                 h, key_mask = module.embed_tokens(tokens, phenotypes, gene_mask=hidden)
                 for block in module.blocks[:-1]:
                     h = block(h, key_mask)
-                q, k, v = last.attention._heads(last.norm_attention(h))
-                scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-                probs = scores.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(-1)
+                x_last = last.norm_attention(h)
+                probs = last.attention.attention_probabilities(x_last, key_mask)
             if gradient:  # the rest of the last block, differentiated with respect to probs
+                v = last.attention._heads(x_last)[2]
                 probs.requires_grad_()
                 n, length, d = h.shape
                 out = h + last.attention.out((probs @ v).transpose(1, 2).reshape(n, length, d))
