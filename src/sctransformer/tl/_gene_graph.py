@@ -16,7 +16,7 @@ from sctransformer._keys import KEYS
 from sctransformer.data._validation import positive_int
 from sctransformer.model import GeneTransformer
 
-from ._utils import record_run, suffixed_key
+from ._utils import record_run, recorded_runs, suffixed_key
 
 Normalize = Literal["coexpression", "none"]
 Layers = Literal["last", "all"] | int | list[int]
@@ -485,7 +485,7 @@ def gene_graph(
 
     adata = adata.copy() if copy else adata
     if groupby is not None:  # the graphs of an earlier grouped run of key_added go: this run replaces them
-        runs = adata.uns.get(KEYS.UNS, {})
+        runs = recorded_runs(adata)
         for key in [
             k
             for k, run in runs.items()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,7 @@ from sctransformer._keys import KEYS
 from sctransformer.model import GeneTransformer
 from sctransformer.model._expression import PerturbationMode
 
-from ._utils import record_run, suffixed_key
+from ._utils import previous_run, record_run, suffixed_key
 
 
 def perturb(
@@ -117,8 +117,8 @@ def perturb(
             "groupby": groupby,
             "n_folds": n_folds,
         },
+        extra={"cell_shift_keys": shift_keys},
     )
-    adata.uns[KEYS.UNS][key_added]["cell_shift_keys"] = shift_keys
     return adata if copy else summary
 
 
@@ -127,9 +127,8 @@ def _previous_cell_shift_keys(adata: AnnData, key_added: str) -> list[str]:
 
     Records of versions that did not list them give the keys of their perturbed genes.
     """
-    runs = adata.uns.get(KEYS.UNS)
-    run = runs.get(key_added) if isinstance(runs, Mapping) else None
-    if not isinstance(run, Mapping) or run.get("function") != "perturb":
+    run = previous_run(adata, key_added, "perturb")
+    if not run:
         return []
     if "cell_shift_keys" in run:
         keys = run["cell_shift_keys"]

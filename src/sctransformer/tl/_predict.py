@@ -16,7 +16,7 @@ from sctransformer._settings import settings
 from sctransformer.data import ShardedAnnData
 from sctransformer.model import GeneTransformer
 
-from ._utils import counts_of, record_run
+from ._utils import counts_of, previous_run, record_run, recorded_runs
 
 #: Colour of the ``"unknown"`` label (``min_confidence``) where the true labels have none.
 UNKNOWN_COLOR = "#bbbbbb"
@@ -78,11 +78,8 @@ def probability_columns(categories: Iterable[object]) -> list[str]:
 
 def _recorded_categories(adata: AnnData, pred_key: str) -> list[list[str]]:
     """Category lists that :func:`predict` runs recorded for the probabilities of ``pred_key``."""
-    runs = adata.uns.get(KEYS.UNS)
     found = []
-    if not isinstance(runs, Mapping):
-        return found
-    for run_key, run in runs.items():
+    for run_key, run in recorded_runs(adata).items():
         if not isinstance(run, Mapping) or run.get("function") != "predict":
             continue
         categories = run.get("categories")
@@ -153,13 +150,6 @@ def _reuse_colors(adata: AnnData, source: str, target: str) -> None:
     predicted = adata.obs[target].cat.categories.astype(str)
     if all(label in by_label for label in predicted):
         adata.uns[f"{target}_colors"] = [str(by_label[label]) for label in predicted]
-
-
-def _previous_run(adata: AnnData, key_added: str) -> Mapping[str, Any]:
-    """The record of the last :func:`predict` run with ``key_added`` (empty if there is none)."""
-    runs = adata.uns.get(KEYS.UNS)
-    run = runs.get(key_added) if isinstance(runs, Mapping) else None
-    return run if isinstance(run, Mapping) and run.get("function") == "predict" else {}
 
 
 def _wrote_clusters(run: Mapping[str, Any]) -> bool:
@@ -322,7 +312,7 @@ def predict(
             else _over_clustering(source, model, resolution, batch_size, settings.seed)
         )
     adata = adata.copy() if copy else adata
-    previous = _previous_run(adata, key_added)
+    previous = previous_run(adata, key_added, "predict")
     categories: dict[str, list[str]] = {}
     for key, probs in probabilities.items():
         predicted = prediction_key(key_added, key)
@@ -362,6 +352,6 @@ def predict(
             "over_clustering": over_clustering,
             "resolution": resolution if majority_voting and over_clustering is None else None,
         },
+        extra={"categories": categories},
     )
-    adata.uns[KEYS.UNS][key_added]["categories"] = categories
     return adata if copy else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from anndata import AnnData
@@ -10,15 +11,34 @@ from sctransformer._keys import KEYS
 from sctransformer.data import ShardedAnnData
 
 
-def record_run(adata: AnnData, key_added: str, function: str, model: Any, params: dict[str, Any]) -> None:
-    """Record a tool's parameters in ``adata.uns["sct"][key_added]``."""
-    runs = dict(adata.uns.get(KEYS.UNS, {}))
+def record_run(
+    adata: AnnData,
+    key_added: str,
+    function: str,
+    model: Any,
+    params: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Record a tool's parameters (and ``extra`` entries beside them) in ``adata.uns["sct"][key_added]``."""
+    runs = dict(recorded_runs(adata))
     # None cannot be written to .h5ad; an absent parameter means None
     params = {k: v for k, v in params.items() if v is not None}
-    runs[key_added] = {"function": function, "params": params}
+    runs[key_added] = {"function": function, "params": params, **(extra or {})}
     if model is not None:
         runs[key_added]["model"] = repr(model)
     adata.uns[KEYS.UNS] = runs
+
+
+def recorded_runs(adata: AnnData) -> Mapping[str, Any]:
+    """The run records of ``adata.uns["sct"]`` (empty if there are none)."""
+    runs = adata.uns.get(KEYS.UNS)
+    return runs if isinstance(runs, Mapping) else {}
+
+
+def previous_run(adata: AnnData, key_added: str, function: str) -> Mapping[str, Any]:
+    """The record of the last ``function`` run with ``key_added`` (empty if there is none)."""
+    run = recorded_runs(adata).get(key_added)
+    return run if isinstance(run, Mapping) and run.get("function") == function else {}
 
 
 def suffixed_key(key_added: str, suffix: object) -> str:
