@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -105,6 +107,32 @@ def test_a_string_and_an_integer_with_one_name_are_one_category():
     column = pd.Series(["1", 1, "2", None, 2], dtype=object)  # e.g. after pd.concat of two sources
     assert observed_categories(column) == ["1", "2"]
     np.testing.assert_array_equal(category_codes(column, ["1", "2"]), [0, 0, 1, -1, 1])
+
+
+def test_integers_made_float_by_a_missing_value_match_the_integer_names():
+    # pandas holds integers with a missing value as float64: a query labelled 0, 1, NaN matches a
+    # model trained on the integers ("0", "1"); the float names still come first where present
+    column = pd.Series([1, 0, None, 2, 1], dtype=float)
+    assert observed_categories(column) == ["0.0", "1.0", "2.0"]  # names unchanged
+    np.testing.assert_array_equal(category_codes(column, ["0", "1"]), [1, 0, -1, -1, 1])
+    np.testing.assert_array_equal(category_codes(column, ["1", "1.0"]), [1, -1, -1, -1, 1])
+    for whole in (pd.Series([1.0, 2.0], dtype=np.float32), pd.Series(pd.Categorical([1.0, 2.0]))):
+        np.testing.assert_array_equal(category_codes(whole, ["2", "1"]), [1, 0])
+    not_whole = pd.Series([1.5, np.inf, -np.inf])
+    np.testing.assert_array_equal(category_codes(not_whole, ["1", "2", "inf"]), [-1, 2, -1])
+
+
+def test_a_query_with_integer_labels_made_float_keeps_its_labels(adata, tmp_path):
+    adata.obs["label"] = np.arange(adata.n_obs) % 3
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["label"])
+    sct.GeneTransformer(adata, **TINY).save(tmp_path / "m")
+    query = adata[:30].copy()
+    query.obs["label"] = query.obs["label"].astype(float)
+    query.obs.loc[query.obs_names[:5], "label"] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "categories the reference does not know"
+        sct.GeneTransformer.load_query_data(query, tmp_path / "m")
+    np.testing.assert_array_equal(query.obs["_scvi_phenotype_label"], [-1] * 5 + list(np.arange(5, 30) % 3))
 
 
 def test_float32_and_datetime_phenotypes_are_registered_with_codes(adata):

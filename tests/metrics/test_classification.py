@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,6 +9,7 @@ from anndata import AnnData
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
+from sctransformer.data import observed_categories
 from sctransformer.metrics import (
     ClassificationReport,
     classification_report,
@@ -324,3 +327,101 @@ def test_anndata_wrapper_compares_numeric_labels_as_the_model_encodes_them(true)
     subset = classification_report(adata, "label", "sct_label", labels=numbers, n_bootstrap=0)
     assert list(subset.per_class.index) == [str(v) for v in numbers]
     assert (subset.per_class["support"] > 0).all()
+
+
+def _integers_made_float(seed=0, n=200, n_classes=4):
+    """Integer labels with a missing value (so pandas holds them as floats) and the predictions of a
+    model trained on the integers (named "0", "1", ... as observed_categories names integers)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, n_classes, n)
+    model_categories = observed_categories(pd.Series(codes))
+    predicted = np.where(rng.random(n) < 0.8, codes, rng.integers(0, n_classes, n))
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(n)])
+    obs["label"] = codes.astype(float)
+    obs.loc[obs.index[:20], "label"] = np.nan
+    obs["sct_label"] = pd.Categorical([model_categories[c] for c in predicted], categories=model_categories)
+    return AnnData(obs=obs), codes, predicted
+
+
+def test_anndata_wrapper_matches_integers_made_float_by_a_missing_label_with_their_predictions():
+    adata, codes, predicted = _integers_made_float()
+    assert adata.obs["label"].dtype == np.float64
+    before = adata.obs.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = classification_report(adata, "label", "sct_label", n_bootstrap=0)
+    pd.testing.assert_frame_equal(adata.obs, before)
+    assert report.n_cells == 180
+    assert report.summary.loc["accuracy", "value"] == pytest.approx((predicted == codes)[20:].mean())
+    assert list(report.per_class.index) == ["0", "1", "2", "3"]
+    expected = classification_scores(codes[20:].astype(str), predicted[20:].astype(str), n_bootstrap=0)
+    pd.testing.assert_frame_equal(report.summary, expected.summary)
+    # labels given as the column holds them (floats) or as integers
+    for labels in ([1.0, 3.0], [1, 3], ["1", "3"]):
+        subset = classification_report(adata, "label", "sct_label", labels=labels, n_bootstrap=0)
+        assert list(subset.per_class.index) == ["1", "3"]
+        assert (subset.per_class["support"] > 0).all()
+
+
+def test_anndata_wrapper_keeps_float_names_where_the_predictions_use_them():
+    adata, codes, predicted = _integers_made_float(seed=1)
+    adata.obs["sct_label"] = pd.Categorical([f"{c}.0" for c in predicted])  # a model trained on floats
+    report = classification_report(adata, "label", "sct_label", n_bootstrap=0)
+    assert list(report.per_class.index) == ["0.0", "1.0", "2.0", "3.0"]
+    assert report.summary.loc["accuracy", "value"] == pytest.approx((predicted == codes)[20:].mean())
+    adata.obs["label"] += 0.5  # not whole numbers: never named as integers
+    adata.obs["sct_label"] = pd.Categorical([f"{c}" for c in predicted])
+    with pytest.warns(UserWarning, match="none of the predicted labels"):
+        report = classification_report(adata, "label", "sct_label", n_bootstrap=0)
+    assert list(report.per_class.index) == ["0.5", "1.5", "2.5", "3.5"]
+
+
+def test_anndata_wrapper_warns_when_no_predicted_label_is_a_true_label():
+    # the other way round: a model trained on floats predicts "0.0", the truth is integers
+    rng = np.random.default_rng(2)
+    codes = rng.integers(0, 3, 60)
+    obs = pd.DataFrame(
+        {"label": codes, "sct_label": pd.Categorical([f"{c}.0" for c in codes])},
+        index=[f"c{i}" for i in range(60)],
+    )
+    adata = AnnData(obs=obs)
+    message = (
+        r"none of the predicted labels in adata.obs\['sct_label'\] \('0.0', '1.0', '2.0'\) is a true "
+        r"label of adata.obs\['label'\] \('0', '1', '2'\), so every prediction counts as wrong.*rename"
+    )
+    with pytest.warns(UserWarning, match=message):
+        report = classification_report(adata, "label", "sct_label", n_bootstrap=0)
+    assert report.summary.loc["accuracy", "value"] == 0
+    adata.obs["sct_label"] = pd.Categorical(codes.astype(str))  # some predictions right: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        classification_report(adata, "label", "sct_label", n_bootstrap=0)
+
+
+@pytest.mark.parametrize("label", ["NK", "B cell"])
+def test_a_single_string_is_one_label(label):
+    y_true = ["NK", "NK", "B cell", "T", "B cell"]
+    y_pred = ["NK", "NK", "B cell", "B cell", "T"]
+    report = classification_scores(y_true, y_pred, labels=label, n_bootstrap=0)
+    expected = classification_scores(y_true, y_pred, labels=[label], n_bootstrap=0)
+    assert list(report.per_class.index) == [label]
+    pd.testing.assert_frame_equal(report.summary, expected.summary)
+    pd.testing.assert_frame_equal(report.per_class, expected.per_class)
+    adata = AnnData(obs=pd.DataFrame({"t": y_true, "p": y_pred}, index=[f"c{i}" for i in range(5)]))
+    from_obs = classification_report(adata, "t", "p", labels=label, n_bootstrap=0)
+    pd.testing.assert_frame_equal(from_obs.per_class, expected.per_class)
+
+
+def test_missing_predictions_of_every_kind_are_one_wrong_value():
+    y_true = np.array(["a", "b", "b", "a", "a", "b"], dtype=object)
+    y_pred = np.array(["a", "b", pd.NaT, None, np.nan, pd.NA], dtype=object)
+    true_codes, pred_codes, n_classes = _encode(y_true, y_pred, ["a", "b"])
+    np.testing.assert_array_equal(true_codes, [0, 1, 1, 0, 0, 1])
+    np.testing.assert_array_equal(pred_codes, [0, 1, 2, 2, 2, 2])
+    assert n_classes == 3
+    report = classification_scores(y_true, y_pred, n_bootstrap=20)
+    assert report.summary.loc["accuracy", "value"] == pytest.approx(2 / 6)
+    same = classification_scores(
+        y_true, np.array(["a", "b", None, None, None, None], dtype=object), n_bootstrap=20
+    )
+    pd.testing.assert_frame_equal(report.summary, same.summary)

@@ -4,6 +4,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import warnings
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -279,3 +281,48 @@ def test_calibration_scores_labels_with_slashes_from_probabilities_under_writabl
     ax = sct.pl.calibration(adata, "cell_type", "sct_cell_type", n_bins=5, show=False)
     assert fingerprint(adata) == before
     assert ax.get_title() == f"ECE = {expected_calibration_error(confidence, truth == best, n_bins=5):.3f}"
+
+
+@pytest.fixture
+def integers_made_float(numeric):
+    """``numeric`` with the first 15 labels missing: pandas holds the integers as floats (0.0, 1.0)."""
+    adata, codes, predicted_codes = numeric
+    adata.obs["label"] = adata.obs["label"].astype(float)
+    adata.obs.loc[adata.obs_names[:15], "label"] = np.nan
+    return adata, codes, predicted_codes
+
+
+def test_confusion_matrix_matches_integers_made_float_with_their_predictions(integers_made_float):
+    adata, codes, predicted_codes = integers_made_float
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ax = sct.pl.confusion_matrix(adata, "label", "sct_label", normalize=None, show=False)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]  # no "0.0" next to "0"
+    expected = sklearn_confusion_matrix(codes[15:], predicted_codes[15:], labels=[0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), expected)
+
+
+def test_calibration_matches_integers_made_float_with_their_predictions(integers_made_float):
+    adata, codes, predicted_codes = integers_made_float
+    ax = sct.pl.calibration(adata, "label", "sct_label", n_bins=5, show=False)
+    confidence = adata.obs["sct_label_confidence"].to_numpy()[15:]
+    ece = expected_calibration_error(confidence, (codes == predicted_codes)[15:], n_bins=5)
+    assert ax.get_title() == f"ECE = {ece:.3f}"
+    # from the probabilities too, whose columns are the model's categories
+    probabilities = np.random.default_rng(8).dirichlet(np.ones(3), size=len(codes))
+    adata.obsm["sct_label_probs"] = pd.DataFrame(
+        probabilities, index=adata.obs_names, columns=["0", "1", "2"]
+    )
+    adata.obs["sct_label_confidence"] = probabilities.max(1)
+    ax = sct.pl.calibration(adata, "label", "sct_label", n_bins=5, show=False)
+    best = probabilities.argmax(1)
+    ece = expected_calibration_error(probabilities.max(1)[15:], (codes == best)[15:], n_bins=5)
+    assert ax.get_title() == f"ECE = {ece:.3f}"
+
+
+def test_confusion_matrix_warns_when_no_predicted_label_is_a_true_label(numeric):
+    adata, _, predicted_codes = numeric
+    adata.obs["sct_label"] = pd.Categorical([f"{c}.0" for c in predicted_codes])  # a model trained on floats
+    with pytest.warns(UserWarning, match=r"none of the predicted labels in adata.obs\['sct_label'\]"):
+        sct.pl.confusion_matrix(adata, "label", "sct_label", show=False)

@@ -19,11 +19,13 @@ def _distinct_values(values: pd.Series) -> tuple[np.ndarray, pd.Index, list[str]
     The code of each value among the distinct values (``-1`` for a missing value); the distinct
     values (a categorical column's categories, unused ones included); the name of each, ``str`` of
     the value as the column holds it (a NumPy scalar for a NumPy column, as ``pd.unique`` and
-    scvi-tools' batch registration give it: ``"0.1"`` for a float32 0.1); and its older name,
-    ``str`` of the value as a Python object (``.astype(object)``: ``"0.10000000149011612"``,
-    ``"2020-01-01 00:00:00"`` for a ``datetime64``), which models saved before and sharded data
-    sets use. The two differ only for float16/float32 and NumPy datetime and timedelta values, and
-    neither is the name of another value of the column's type. A value's name does not depend on the column's other
+    scvi-tools' batch registration give it: ``"0.1"`` for a float32 0.1); and its other name, also
+    matched: for a float that is a whole number, ``str`` of it as an integer (``"1"`` for ``1.0``:
+    pandas makes a column of integers with a missing value float, and a model trained on the
+    integers names them so); else ``str`` of the value as a Python object (``.astype(object)``:
+    ``"0.10000000149011612"``, ``"2020-01-01 00:00:00"`` for a ``datetime64``), which models saved
+    before and sharded data sets use. The two differ only for float and NumPy datetime and
+    timedelta values, and neither is the name of another value of the column's type. A value's name does not depend on the column's other
     values (unlike ``Series.astype(str)``, which writes dates without a time where every value of
     the column is at midnight), so a reference and a query name the same value alike.
     """
@@ -42,32 +44,35 @@ def _distinct_values(values: pd.Series) -> tuple[np.ndarray, pd.Index, list[str]
     if isinstance(values.dtype, np.dtype):
         held = held.astype(values.dtype)  # factorize holds float16 values as float32
     names = [str(v) for v in held]
-    older = [str(v) for v in pd.Series(distinct).astype(object)]
-    return codes, distinct, names, older
+    other = [str(v) for v in pd.Series(distinct).astype(object)]
+    if held.dtype.kind == "f":  # integers that a missing value made float: 1.0 is also "1"
+        whole = [bool(np.isfinite(v)) and float(v).is_integer() for v in held]
+        other = [str(int(v)) if w else o for v, w, o in zip(held, whole, other, strict=True)]
+    return codes, distinct, names, other
 
 
 def _codes_among(
-    codes: np.ndarray, names: list[str], older: list[str], categories: list[str] | np.ndarray
+    codes: np.ndarray, names: list[str], other: list[str], categories: list[str] | np.ndarray
 ) -> np.ndarray:
-    """Codes of values (their codes among distinct values named ``names``/``older``) among ``categories``."""
+    """Codes of values (their codes among distinct values named ``names``/``other``) among ``categories``."""
     index = pd.Index(np.asarray(categories, dtype=object))
     if not index.is_unique:
         raise ValueError(f"categories must be unique, got {list(categories)}")
     found = index.get_indexer(pd.Index(names, dtype=object))
-    older_found = index.get_indexer(pd.Index(older, dtype=object))
-    lookup = np.where(found >= 0, found, older_found)
+    other_found = index.get_indexer(pd.Index(other, dtype=object))
+    lookup = np.where(found >= 0, found, other_found)
     return np.append(lookup, -1).astype(np.int64)[codes]  # code -1 (missing): the appended -1
 
 
 def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
     """Codes of ``values`` among ``categories``; ``-1`` for missing values and unseen categories.
 
-    A value matches the category named as :func:`observed_categories` names it; the older name of a
-    float32 or datetime value (``str`` of it as a Python object, as models saved before used) is
-    matched too.
+    A value matches the category named as :func:`observed_categories` names it, else its other
+    name: a whole-number float matches the integer's name (``1.0`` matches ``"1"``), a float32 or
+    datetime value ``str`` of it as a Python object (as models saved before used).
     """
-    codes, _, names, older = _distinct_values(values)
-    return _codes_among(codes, names, older, categories)
+    codes, _, names, other = _distinct_values(values)
+    return _codes_among(codes, names, other, categories)
 
 
 def observed_categories(values: pd.Series) -> list[str]:
@@ -234,7 +239,7 @@ class BatchObsField(CategoricalObsField):
         self.validate_field(adata_target)
         key = self._original_attr_key
         known = [str(c) for c in state_registry[self.CATEGORICAL_MAPPING_KEY]]
-        codes, distinct, names, older = _distinct_values(adata_target.obs[key])
+        codes, distinct, names, other = _distinct_values(adata_target.obs[key])
         present = np.unique(codes[codes >= 0])
         try:
             present = present[distinct.take(present).argsort()]
@@ -243,7 +248,7 @@ class BatchObsField(CategoricalObsField):
         known_set = set(known)
         new = list(
             dict.fromkeys(
-                names[i] for i in present if names[i] not in known_set and older[i] not in known_set
+                names[i] for i in present if names[i] not in known_set and other[i] not in known_set
             )
         )
         if new and not extend_categories:
@@ -252,7 +257,7 @@ class BatchObsField(CategoricalObsField):
                 "Cannot transfer setup without `extend_categories = True`."
             )
         mapping = known + new
-        batch_codes = _codes_among(codes, names, older, mapping)
+        batch_codes = _codes_among(codes, names, other, mapping)
         if (batch_codes < 0).any():
             raise ValueError(f"adata.obs[{key!r}] has missing values; every cell needs a batch")
         counts = np.bincount(batch_codes, minlength=len(mapping))

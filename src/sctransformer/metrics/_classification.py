@@ -196,7 +196,14 @@ def _default_labels(y_true: np.ndarray) -> list:
 
 
 def _encode(y_true: np.ndarray, y_pred: np.ndarray, labels: list) -> tuple[np.ndarray, np.ndarray, int]:
-    """Integer codes: ``labels`` are 0 .. L-1, every other value (incl. missing) L, L+1, ..."""
+    """Integer codes: ``labels`` are 0 .. L-1, every other value (incl. missing) L, L+1, ...
+
+    Missing values of every kind (``None``, NaN, ``pd.NaT``, ``pd.NA``) are one value, ``None``:
+    an index of two kinds of missing value is not unique to :meth:`pandas.Index.get_indexer`.
+    """
+    y_true, y_pred = (
+        np.where(_is_missing(values), None, values).astype(object) for values in (y_true, y_pred)
+    )
     index = pd.Index(labels, dtype=object)
     true_codes = index.get_indexer(y_true.astype(object))
     pred_codes = index.get_indexer(y_pred.astype(object))
@@ -311,8 +318,8 @@ def classification_scores(
     y_pred
         Predicted label of each cell.
     labels
-        Labels to score and average into macro-F1; default the sorted unique true labels, so a
-        class that no cell truly has is not averaged in.
+        Labels to score and average into macro-F1 (a single ``str`` is one label); default the
+        sorted unique true labels, so a class that no cell truly has is not averaged in.
     n_bootstrap
         Bootstrap resamples; 0 skips the bootstrap (its columns are then NaN).
     confidence_level
@@ -349,7 +356,7 @@ def classification_scores(
     if labels is None:
         labels = _default_labels(y_true)
     else:
-        labels = list(labels)
+        labels = [labels] if isinstance(labels, str) else list(labels)
         if len(labels) == 0:
             raise ValueError("labels is empty; pass the labels to score or None for the true ones")
         if _is_missing(np.asarray(labels, dtype=object)).any():
@@ -411,35 +418,64 @@ def _obs_column(adata: AnnData, key: str, argument: str) -> pd.Series:
     return adata.obs[key]
 
 
-def _model_labels(column: pd.Series) -> tuple[np.ndarray, list[str]]:
+def _model_labels(column: pd.Series, predicted: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Labels of a column as the model encodes them, and their order.
 
     The model stores the categories of a phenotype as strings
     (:func:`~sctransformer.data.observed_categories`), so :func:`sctransformer.tl.predict` writes
     ``"0"``, ``"1"`` for a column of integers ``0``, ``1``; true and predicted labels are compared
-    after the same conversion (:func:`~sctransformer.data.category_codes`).
+    after the same conversion (:func:`~sctransformer.data.category_codes`). With ``predicted``, a
+    value takes the name of the predicted label it matches as registration matches a model's
+    categories (integers that a missing value made float, ``0.0``, match ``"0"``).
 
     Parameters
     ----------
     column
-        Labels of each cell (``.obs`` column).
+        Labels of each cell (``.obs`` column, or the labels to score).
+    predicted
+        Names of the predicted labels.
 
     Returns
     -------
-    The label of each cell as a ``str`` (``None`` where missing), as an object array, and the
-    labels in order: the column's category order for a categorical column (unused categories
-    left out), else sorted.
+    Each cell's label as a string (``None`` where missing) and the order of the labels: a
+    categorical column's categories (unused ones dropped), else sorted.
     """
+    column = column if isinstance(column, pd.Series) else pd.Series(column)
     categories = observed_categories(column)
     codes = category_codes(column, categories)
+    if predicted is not None:  # each category's cells share a value, so a name per category
+        predicted = list(dict.fromkeys(predicted))
+        matched = category_codes(column, predicted)
+        first = np.unique(codes[codes >= 0], return_index=True)[1]
+        named = [
+            predicted[m] if m >= 0 else c for m, c in zip(matched[codes >= 0][first], categories, strict=True)
+        ]
+        if named != categories:
+            categories = named if isinstance(column.dtype, pd.CategoricalDtype) else sorted(named)
+            return np.asarray([*named, None], dtype=object)[codes], categories
     return np.asarray([*categories, None], dtype=object)[codes], categories  # code -1: the last, None
 
 
-def _labels_as_str(labels: Sequence | None) -> list | None:
-    """``labels`` as the model encodes them (:func:`_model_labels`); missing values stay missing."""
-    if labels is None:
-        return None
-    return [label if _is_missing(np.asarray([label], dtype=object))[0] else str(label) for label in labels]
+def _warn_if_disjoint(y_true: np.ndarray, y_pred: np.ndarray, true_key: str, pred_key: str) -> None:
+    """Warn where no cell's predicted label is any true label: every prediction then counts as wrong."""
+    true_labels = set(y_true[~_is_missing(y_true)])
+    predicted = set(y_pred[~_is_missing(y_true) & ~_is_missing(y_pred)])
+    if not true_labels or not predicted or not true_labels.isdisjoint(predicted):
+        return
+
+    def some(labels: set) -> str:
+        shown = sorted(map(repr, labels))
+        return ", ".join(shown[:5]) + (", ..." if len(shown) > 5 else "")
+
+    warnings.warn(
+        f"none of the predicted labels in adata.obs[{pred_key!r}] ({some(predicted)}) is a true label "
+        f"of adata.obs[{true_key!r}] ({some(true_labels)}), so every prediction counts as wrong. Check "
+        f"that {pred_key!r} predicts {true_key!r}; if the two columns write the same labels differently "
+        "(e.g. 1 and '1.0'), rename the labels of one to those of the other before scoring, e.g. "
+        f"adata.obs[{true_key!r}] = adata.obs[{true_key!r}].map({{true_label: predicted_label, ...}})",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def classification_report(
@@ -457,7 +493,10 @@ def classification_report(
     Labels are compared as the model encodes them: every present value as a string (a true
     label ``0`` matches the prediction ``"0"`` that :func:`sctransformer.tl.predict` writes for
     a column of integers), missing values stay missing; so are ``labels``, and the labels of
-    :attr:`ClassificationReport.per_class` are strings. ``adata`` is not modified.
+    :attr:`ClassificationReport.per_class` are strings. Integers that a missing value made float
+    (``0.0``, ``1.0``) match the predictions ``"0"``, ``"1"`` where the predictions are so named.
+    Warns where no predicted label is a true label (e.g. the columns write the labels differently),
+    as every prediction then counts as wrong. ``adata`` is not modified.
 
     Parameters
     ----------
@@ -481,12 +520,16 @@ def classification_report(
     >>> report.format("macro_f1")  # doctest: +SKIP
     '0.712 [0.681, 0.744]'
     """
-    y_true, _ = _model_labels(_obs_column(adata, true_key, "true_key"))
-    y_pred, _ = _model_labels(_obs_column(adata, pred_key, "pred_key"))
+    true_column = _obs_column(adata, true_key, "true_key")
+    y_pred, pred_order = _model_labels(_obs_column(adata, pred_key, "pred_key"))
+    y_true, _ = _model_labels(true_column, pred_order)
+    _warn_if_disjoint(y_true, y_pred, true_key, pred_key)
     return classification_scores(
         y_true,
         y_pred,
-        labels=_labels_as_str(labels),
+        labels=None
+        if labels is None
+        else list(_model_labels([labels] if isinstance(labels, str) else labels, pred_order)[0]),
         n_bootstrap=n_bootstrap,
         confidence_level=confidence_level,
         seed=seed,

@@ -17,6 +17,7 @@ from sctransformer.metrics._classification import (
     _bin_index,
     _model_labels,
     _obs_column,
+    _warn_if_disjoint,
     expected_calibration_error,
 )
 from sctransformer.tl._predict import probability_labels
@@ -56,8 +57,10 @@ def confusion_matrix(
     columns are categorical (else sorted); predicted labels that no cell truly has, such as
     ``"unknown"``, get their own columns after the true labels. Labels are compared as the model
     encodes them: every present value as a string, so a true label ``0`` matches the prediction
-    ``"0"`` of a model trained on a column of integers. Cells without a true label are left out;
-    cells without a prediction get a column ``"NA"``. ``adata`` is not modified.
+    ``"0"`` of a model trained on a column of integers, and integers that a missing value made
+    float (``0.0``) match the predictions ``"0"`` where the predictions are so named. Warns where
+    no predicted label is a true label. Cells without a true label are left out; cells without a
+    prediction get a column ``"NA"``. ``adata`` is not modified.
 
     Parameters
     ----------
@@ -85,8 +88,9 @@ def confusion_matrix(
     """
     if normalize not in ("true", "pred", "all", None):
         raise ValueError(f"normalize must be 'true', 'pred', 'all' or None, got {normalize!r}")
-    y_true, true_order = _model_labels(_obs_column(adata, true_key, "true_key"))
     y_pred, pred_order = _model_labels(_obs_column(adata, pred_key, "pred_key"))
+    y_true, true_order = _model_labels(_obs_column(adata, true_key, "true_key"), pred_order)
+    _warn_if_disjoint(y_true, y_pred, true_key, pred_key)
     keep = ~pd.isna(y_true)
     y_true, y_pred = y_true[keep], y_pred[keep]
     if len(y_true) == 0:
@@ -153,7 +157,9 @@ def calibration(
     :func:`anndata.concat`), as the true or predicted label with that stored name. Without it, the labels of ``pred_key`` are scored
     and cells labelled ``"unknown"`` are left out (their most probable label is not known).
     Labels are compared as the model encodes them: every present value as a string, so a true
-    label ``0`` matches the prediction ``"0"`` of a model trained on a column of integers.
+    label ``0`` matches the prediction ``"0"`` of a model trained on a column of integers, and
+    integers that a missing value made float (``0.0``) match the predictions ``"0"`` where the
+    predictions are so named.
 
     Parameters
     ----------
@@ -179,23 +185,26 @@ def calibration(
     """
     if confidence_key is None:
         confidence_key = f"{pred_key}_confidence"
-    y_true, true_order = _model_labels(_obs_column(adata, true_key, "true_key"))
+    true_column = _obs_column(adata, true_key, "true_key")
     pred_column = _obs_column(adata, pred_key, "pred_key")
+    y_true, true_order = _model_labels(true_column)
     if confidence_key not in adata.obs.columns:
         raise KeyError(
             f"confidence_key={confidence_key!r} is not a column of adata.obs; run "
             "sct.tl.predict(adata, model) or pass confidence_key="
         )
     confidence = adata.obs[confidence_key].to_numpy(dtype=np.float64)
-    keep = ~pd.isna(y_true) & ~np.isnan(confidence)
+    y_pred, pred_order = _model_labels(pred_column)
     probabilities = adata.obsm.get(f"{pred_key}_probs")
+    keep = ~np.isnan(confidence)
     if isinstance(probabilities, pd.DataFrame) and probabilities.shape[1] > 0:
-        _, pred_order = _model_labels(pred_column)
         names = probability_labels(adata, pred_key, probabilities, labels=[*true_order, *pred_order])
         y_pred = _argmax_labels(probabilities, names)
+        pred_order = [*pred_order, *names]
     else:  # "unknown" hides the label whose probability the confidence is
-        y_pred, _ = _model_labels(pred_column)
         keep &= y_pred != KEYS.UNKNOWN
+    y_true, _ = _model_labels(true_column, pred_order)  # integers made float as the predictions name them
+    keep &= ~pd.isna(y_true)
     if not keep.any():
         raise ValueError(
             f"no cell has a label in adata.obs[{true_key!r}], a confidence and a prediction other "
