@@ -62,7 +62,24 @@ def test_cells_without_a_batch_are_left_out_and_pcr_can_be_left_out():
         adata, batch_key="batch", label_key="label", embeddings=["mixed"], pre_integrated=None, kbet=False
     )
     assert "PCR comparison" not in without_pcr.columns and np.isfinite(without_pcr.to_numpy()).all()
-    expected = sct.metrics.integration(
-        kept, batch_key="batch", label_key="label", embeddings=["mixed"], pre_integrated=None, kbet=False
+    expected = sct.metrics.integration(  # a single key as a string: not split into characters
+        kept, batch_key="batch", label_key="label", embeddings="mixed", pre_integrated=None, kbet=False
     )
     pd.testing.assert_frame_equal(without_pcr, expected)  # not a batch called "nan"
+
+
+def test_a_single_label_is_refused_before_scoring(monkeypatch):
+    import scib_metrics.benchmark
+
+    def fail(*args, **kwargs):
+        raise AssertionError("scored a single label")
+
+    monkeypatch.setattr(scib_metrics.benchmark.Benchmarker, "benchmark", fail)
+    adata = _cells()
+    adata.obs["label"] = "T"
+    with pytest.raises(ValueError, match="single label among the cells with a label and a batch"):
+        sct.metrics.integration(adata, batch_key="batch", label_key="label", embeddings=["mixed"])
+    one_with_batch = _cells()  # two labels, but only one among the cells with a batch
+    one_with_batch.obs.loc[one_with_batch.obs["label"] != "0", "batch"] = np.nan
+    with pytest.raises(ValueError, match="single label among the cells with a label and a batch"):
+        sct.metrics.integration(one_with_batch, batch_key="batch", label_key="label", embeddings="mixed")

@@ -18,7 +18,7 @@ def integration(
     *,
     batch_key: str,
     label_key: str,
-    embeddings: Sequence[str],
+    embeddings: str | Sequence[str],
     pre_integrated: str | None = "X_pca",
     kbet: bool = True,
     n_jobs: int = 1,
@@ -39,9 +39,10 @@ def integration(
     batch_key
         ``.obs`` column of the batches to mix (cells without a batch are left out).
     label_key
-        ``.obs`` column of the cell labels to keep apart (cells without a label are left out).
+        ``.obs`` column of the cell labels to keep apart (cells without a label are left out);
+        needs at least two labels among the cells with a batch.
     embeddings
-        ``.obsm`` keys to score.
+        ``.obsm`` keys to score (a single ``str`` is one key).
     pre_integrated
         ``.obsm`` key of the embedding before integration, for the PCR comparison; ``None`` to
         leave that metric out.
@@ -65,7 +66,7 @@ def integration(
     for key, role in ((batch_key, "batch_key"), (label_key, "label_key")):
         if key not in adata.obs:
             raise KeyError(f"{role} {key!r} not found in adata.obs (available: {list(adata.obs.columns)})")
-    keys = list(embeddings)
+    keys = [embeddings] if isinstance(embeddings, str) else list(embeddings)
     if not keys:
         raise ValueError("embeddings must name at least one .obsm key")
     for key in [*keys, *([pre_integrated] if pre_integrated else [])]:
@@ -78,6 +79,11 @@ def integration(
         raise ValueError(
             f"adata.obs[{batch_key!r}] has a single batch among the cells with a label and a batch; "
             "there is nothing to integrate"
+        )
+    if adata.obs[label_key][labelled].nunique() < 2:
+        raise ValueError(
+            f"adata.obs[{label_key!r}] has a single label among the cells with a label and a batch; "
+            "the bio-conservation metrics compare labels, so pass a label_key with at least two labels"
         )
     cells = AnnData(
         obs=pd.DataFrame(

@@ -14,7 +14,33 @@ def retrieval_ranks(queries: np.ndarray, targets: np.ndarray, *, chunk_size: int
 
     Ties count against the cell (a target as similar as its partner ranks before it), so a
     collapsed embedding cannot score well.
+
+    Parameters
+    ----------
+    queries, targets
+        Embeddings ``(n_cells, n_dims)`` of the same cells in the same order, finite.
+    chunk_size
+        Queries compared at once (bounds the memory to ``chunk_size × n_cells`` similarities).
+
+    Returns
+    -------
+    The rank of each cell's partner, from 1 to ``n_cells``.
     """
+    queries = np.asarray(queries, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    if queries.ndim != 2 or queries.shape != targets.shape:
+        raise ValueError(
+            f"queries {queries.shape} and targets {targets.shape} must be 2-D and of the same shape "
+            "(n_cells, n_dims): row i of each is the same cell"
+        )
+    for name, values in (("queries", queries), ("targets", targets)):
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if len(bad):
+            shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            raise ValueError(
+                f"{name} hold NaN or infinite values in {len(bad)} of {len(values)} cells (rows {shown}); "
+                "leave those cells out of both embeddings"
+            )
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(1e-12)
     t = targets / np.linalg.norm(targets, axis=1, keepdims=True).clip(1e-12)
     ranks = np.empty(len(q), dtype=np.int64)
@@ -30,7 +56,7 @@ def cross_modal_retrieval(
     key_a: str,
     key_b: str,
     *,
-    k: Sequence[int] = (1, 5, 10),
+    k: int | Sequence[int] = (1, 5, 10),
     seed: int = 0,
 ) -> pd.DataFrame:
     """Recall@k and rank of each cell's partner across two aligned embeddings, against shuffled pairs.
@@ -48,7 +74,7 @@ def cross_modal_retrieval(
         ``.obsm`` keys of the two embeddings, same width (e.g. ``model.get_latent_representation``
         with ``space="aligned"`` and ``space="aligned_other"``).
     k
-        The ``k`` of recall@k.
+        The ``k`` of recall@k: one or several.
     seed
         Seed of the control's permutation.
 
@@ -65,7 +91,7 @@ def cross_modal_retrieval(
         raise ValueError(f"{key_a!r} {a.shape} and {key_b!r} {b.shape} must have the same shape")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("the embeddings hold NaN or infinite values")
-    ks = [int(x) for x in k]
+    ks = [int(x) for x in ([k] if np.ndim(k) == 0 else k)]
     if not ks or any(x < 1 for x in ks):
         raise ValueError(f"k must be positive integers, got {k!r}")
     shuffled = np.random.default_rng(seed).permutation(len(b))
