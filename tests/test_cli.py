@@ -9,13 +9,14 @@ import sys
 import warnings
 
 import anndata as ad
+import h5py
 import numpy as np
 import pytest
 import torch
 import yaml
 
 import sctransformer as sct
-from sctransformer.cli import _load_data, main
+from sctransformer.cli import ConfigError, _load_data, main, read_config
 
 from .conftest import QUIET, TINY
 
@@ -277,3 +278,120 @@ def test_predict_writes_probabilities_of_labels_with_slashes(tmp_path):
     ece = sct.metrics.expected_calibration_error(probabilities.max(axis=1).to_numpy(), correct, n_bins=5)
     ax = sct.pl.calibration(predicted, "cell_type", "sct_cell_type", n_bins=5, show=False)
     assert ax.get_title() == f"ECE = {ece:.3f}"
+
+
+def test_output_ending_in_a_slash_keeps_its_logs_beside_it_and_the_model_is_saved(tmp_path):
+    config = write_config(tmp_path, output=f"{tmp_path}/model/", log={"loggers": ["csv"]})
+    settings = read_config(config)
+    assert settings["output"] == str(tmp_path / "model")
+    assert settings["log"]["dir"] == str(tmp_path / "model-logs")  # not model/-logs, inside the output
+    assert main(["pretrain", "--config", config]) == 0
+    assert (tmp_path / "model" / "model.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "config.yaml",
+        "model.json",
+        "model.safetensors",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("train", "checkpoint_dir", "model/ckpt"),
+        ("train", "checkpoint_dir", "./model/"),
+        ("log", "dir", "model/logs"),
+    ],
+)
+def test_checkpoints_or_logs_inside_the_output_are_refused_before_training(
+    tmp_path, capsys, section, key, value
+):
+    config = write_config(tmp_path, log={"loggers": ["csv"]})
+    settings = yaml.safe_load(open(config))
+    settings[section] = settings[section] | {key: value, **({"resume": True} if section == "train" else {})}
+    (tmp_path / "inside.yaml").write_text(yaml.safe_dump(settings))
+    assert main(["pretrain", "--config", str(tmp_path / "inside.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{section}.{key}" in err and "inside the output directory" in err, err
+    assert not (tmp_path / "model").exists()  # refused before anything was trained or written
+
+
+def test_a_key_or_section_given_twice_is_refused(tmp_path, capsys):
+    write_shards(tmp_path)
+    (tmp_path / "twice.yaml").write_text(
+        "data: {paths: [shard_0.h5ad], layer: counts}\n"
+        "train: {max_epochs: 50, checkpoint_dir: ckpt, resume: true}\n"
+        "output: model\n"
+        "train: {batch_size: 64}\n"
+    )
+    assert main(["pretrain", "--config", str(tmp_path / "twice.yaml")]) == 2
+    assert "found the key 'train' twice" in capsys.readouterr().err
+    (tmp_path / "twice.json").write_text(
+        '{"data": {"paths": ["shard_0.h5ad"], "layer": "counts", "layer": null}, "output": "model"}'
+    )
+    with pytest.raises(ConfigError, match="found the key 'layer' twice"):
+        read_config(tmp_path / "twice.json")
+    (tmp_path / "merge.yaml").write_text(  # a merge key's values may be overridden
+        "data: {paths: [shard_0.h5ad], layer: counts}\n"
+        "model: {<<: {d_model: 16, n_layers: 2}, n_layers: 1}\n"
+        "train: {max_epochs: 1}\n"
+        "output: model\n"
+    )
+    assert read_config(tmp_path / "merge.yaml")["model"] == {"d_model": 16, "n_layers": 1}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_data_file_listed_twice_is_refused(tmp_path, capsys, streaming):
+    config = write_config(tmp_path)
+    settings = yaml.safe_load(open(config))
+    settings["data"] |= {"paths": ["shard_0.h5ad", "shard_1.h5ad", "./shard_0.h5ad"], "streaming": streaming}
+    (tmp_path / "twice.yaml").write_text(yaml.safe_dump(settings))
+    assert main(["pretrain", "--config", str(tmp_path / "twice.yaml")]) == 2
+    assert "'./shard_0.h5ad' twice (also as 'shard_0.h5ad')" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+
+
+def test_in_memory_files_of_one_name_in_two_folders_are_told_apart_and_a_source_file_column_is_kept(
+    tmp_path,
+):
+    data = sct.datasets.synthetic(n_cells=60, n_genes=30, n_cell_types=3, n_markers=5, seed=0)
+    paths = []
+    for i, part in enumerate((slice(0, 25), slice(25, None))):  # as cellranger lays them out
+        (tmp_path / f"sample_{i}").mkdir()
+        sample = data[part].copy()
+        sample.obs["source_file"] = f"run_{i}.bam"  # the user's own column
+        sample.write_h5ad(tmp_path / f"sample_{i}" / "filtered.h5ad")
+        paths.append(str(tmp_path / f"sample_{i}" / "filtered.h5ad"))
+    adata = _load_data({"paths": paths})
+    assert adata.n_obs == 60
+    assert list(adata.obs["source_file"].astype(str).unique()) == ["run_0.bam", "run_1.bam"]  # kept
+    assert list(adata.obs["source_file_1"].astype(str).unique()) == [
+        "sample_0/filtered.h5ad",
+        "sample_1/filtered.h5ad",
+    ]
+    assert (adata.obs["source_file_1"].astype(str) == "sample_0/filtered.h5ad").sum() == 25
+
+
+def test_an_obs_column_in_an_unknown_encoding_is_exit_status_2_naming_the_file(tmp_path, capsys):
+    config = write_config(tmp_path)
+    with h5py.File(tmp_path / "shard_1.h5ad", "r+") as file:  # an encoding this anndata cannot read
+        n_obs = len(file["obs/cell_type/codes"])
+        del file["obs/cell_type"]
+        file["obs/cell_type"] = np.zeros(n_obs, dtype="f4")
+        file["obs/cell_type"].attrs.update({"encoding-type": "foo-array", "encoding-version": "0.1.0"})
+    settings = yaml.safe_load(open(config))
+    settings["data"]["streaming"] = True
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(settings))
+    assert main(["pretrain", "--config", str(tmp_path / "stream.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read .obs['cell_type'] of shard" in err and "shard_1.h5ad" in err, err
+    assert not (tmp_path / "model").exists()
+
+    reference = ad.read_h5ad(tmp_path / "shard_0.h5ad")
+    sct.setup_anndata(reference, layer="counts")
+    sct.GeneTransformer(reference, **TINY).save(tmp_path / "ref")
+    out = tmp_path / "embedded.h5ad"
+    args = ["--model", str(tmp_path / "ref"), "--input", str(tmp_path / "shard_1.h5ad"), "--output", str(out)]
+    assert main(["embed", *args]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read .obs/.uns of" in err and "shard_1.h5ad" in err, err
+    assert not out.exists()

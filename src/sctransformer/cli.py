@@ -16,6 +16,12 @@
     log: {loggers: [csv, tensorboard], dir: null, wandb_project: null}   # optional
     output: model/                               # saved model; the resolved config is saved beside it
 
+Relative paths are taken beside the config file. Each data file is listed once (``a.h5ad`` and
+``./a.h5ad`` are the same file: an error), and a key or section given twice is an error, not the
+last one silently kept. The save replaces the whole ``output`` directory, so ``train.checkpoint_dir``
+and ``log.dir`` must lie outside it (an error before training; put them beside it, e.g.
+``checkpoint_dir: model-ckpt/``).
+
 ``finetune`` takes the same config with ``reference: <saved model directory>`` in place of
 ``model``: the reference is attached to the data (its genes, bins and categories kept; new
 phenotype keys get new heads, see :meth:`GeneTransformer.load_query_data`) and trained further,
@@ -24,7 +30,13 @@ reference was set up: ``data.layer``, ``data.gene_key`` and ``data.batch_key`` m
 (the saved config records the reference's), and are an error where they differ from it.
 
 Metrics are logged per epoch to CSV (and TensorBoard when it is installed) in ``log.dir``
-(default ``<output>-logs/``); ``wandb`` in ``log.loggers`` logs to Weights & Biases, if installed.
+(default ``<output>-logs/``, beside the output, also for ``output: model/``); ``wandb`` in
+``log.loggers`` logs to Weights & Biases, if installed.
+
+Data loaded into memory (``streaming: false``) from several files record each cell's file in
+``.obs["source_file"]``, as its path relative to the folder the files share (``sample_0/filtered.h5ad``
+and ``sample_1/filtered.h5ad`` stay apart); where the files already have a ``source_file`` column, it is
+kept and the file is recorded in ``source_file_1`` (or the next free name) instead.
 
 ``embed`` and ``predict`` apply a saved model to an ``.h5ad`` file and write a copy with the results;
 the count matrix is read from disk in row blocks (never loaded whole, whether in X or a layer) and
@@ -38,10 +50,11 @@ import argparse
 import importlib.util
 import inspect
 import json
+import os
 import shutil
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +76,45 @@ class ConfigError(ValueError):
     """A config file that cannot be used as it is."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives a key twice (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found the key {key!r} twice; keep one (else the last would be used silently)",
+                        key_node.start_mark,
+                    )
+                if isinstance(key, Hashable):
+                    seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _absolute(path: str | os.PathLike, base: Path) -> str:
+    """``path``, taken beside ``base`` when relative, as a normalised absolute path (no trailing ``/``)."""
+    return os.path.abspath(base / path)
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or lies below it (compared as resolved paths)."""
+    path, directory = Path(path).resolve(), Path(directory).resolve()
+    return path == directory or directory in path.parents
+
+
 def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
     """Read and check a ``pretrain`` or ``finetune`` config (YAML or JSON).
 
-    Every problem is a :class:`ConfigError`; relative paths are resolved beside the config file.
+    Every problem is a :class:`ConfigError`; relative paths are resolved beside the config file,
+    and every path is normalised. A key given twice, a data file listed twice, or a checkpoint or
+    log directory inside the output directory (which the save replaces) is refused.
     """
     from sctransformer.model import GeneTransformer
 
@@ -74,7 +122,7 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {err}") from err
     if not isinstance(config, dict):
@@ -110,10 +158,17 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
     if not paths or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise ConfigError("data.paths must be an .h5ad path or a non-empty list of them")
     base = path.parent
-    resolved = [str(p if Path(p).is_absolute() else base / p) for p in paths]
+    resolved = [_absolute(p, base) for p in paths]
     missing = [p for p in resolved if not Path(p).is_file()]
     if missing:
         raise ConfigError(f"data files not found: {missing}")
+    seen: dict[Path, int] = {}
+    for i, file in enumerate(resolved):  # its cells would count twice, in training and validation
+        first = seen.setdefault(Path(file).resolve(), i)
+        if first != i:
+            raise ConfigError(
+                f"data.paths lists the file {paths[i]!r} twice (also as {paths[first]!r}); list it once"
+            )
     data["paths"] = resolved
     data.setdefault("streaming", False)
     data.setdefault("join", "inner")
@@ -129,7 +184,7 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
         reference = config["reference"]
         if not isinstance(reference, str) or not reference:
             raise ConfigError("reference must be the directory of a saved model")
-        config["reference"] = str(reference if Path(reference).is_absolute() else base / reference)
+        config["reference"] = _absolute(reference, base)
         if not Path(config["reference"]).is_dir():
             raise ConfigError(f"reference {config['reference']!r} is not a directory of a saved model")
     log = config["log"]
@@ -161,13 +216,17 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
             )
     if not isinstance(config["output"], str) or not config["output"]:
         raise ConfigError("output must be the path of the directory to save the model in")
-    if not Path(config["output"]).is_absolute():
-        config["output"] = str(base / config["output"])
-    log_dir = log.get("dir") or f"{config['output']}-logs"
-    log["dir"] = str(log_dir if Path(log_dir).is_absolute() else base / log_dir)
-    checkpoint_dir = config["train"].get("checkpoint_dir")
-    if checkpoint_dir is not None and not Path(checkpoint_dir).is_absolute():
-        config["train"]["checkpoint_dir"] = str(base / checkpoint_dir)
+    output = config["output"] = _absolute(config["output"], base)  # "model/": logs beside it, not in it
+    log["dir"] = _absolute(log.get("dir") or f"{output}-logs", base)
+    if config["train"].get("checkpoint_dir") is not None:
+        config["train"]["checkpoint_dir"] = _absolute(config["train"]["checkpoint_dir"], base)
+    for name, directory in (("train.checkpoint_dir", config["train"].get("checkpoint_dir")),
+                            ("log.dir", log["dir"])):  # fmt: skip
+        if directory is not None and _inside(directory, output):
+            raise ConfigError(
+                f"{name} {directory!r} is inside the output directory {output!r}, which the save "
+                f"replaces; put it beside it (e.g. {output}-{'ckpt' if name.startswith('train') else 'logs'})"
+            )
     return config
 
 
@@ -195,10 +254,19 @@ def _load_data(data: dict[str, Any]) -> ad.AnnData:
     Layers and ``.obsm`` entries are those every file has; ``.obs`` columns are those of any file,
     missing values (NaN) where a file lacks one (its cells are unknown for a phenotype column). An
     unreadable file is an error naming it; a file without cells is skipped with a warning; the
-    genes each file loses in the join are logged.
+    genes each file loses in the join are logged. Each cell's file is recorded in
+    ``.obs["source_file"]`` as its path relative to the folder the files share (``source_file_1``
+    or the next free name where a file has a ``source_file`` column of its own, which is kept).
     """
+    files = [os.path.abspath(p) for p in data["paths"]]
+    # keys relative to the shared folder: sample_0/filtered.h5ad and sample_1/filtered.h5ad stay apart
+    common = os.path.commonpath([os.path.dirname(f) for f in files])
+    keys = [os.path.relpath(f, common) for f in files]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ValueError(f"data files listed twice: {twice}; list each file once")
     parts, names = [], []
-    for path in data["paths"]:
+    for path, key in zip(data["paths"], keys, strict=True):
         try:
             part = ad.read_h5ad(path)
         except Exception as err:  # h5py / anndata raise many types for a damaged file
@@ -207,7 +275,7 @@ def _load_data(data: dict[str, Any]) -> ad.AnnData:
             warnings.warn(f"data file {path!r} has no cells; skipped", UserWarning, stacklevel=2)
             continue
         parts.append(part)
-        names.append(Path(path).name)
+        names.append(key)
     if not parts:
         raise ValueError("every data file is empty; nothing to train on")
     if len(parts) == 1:
@@ -225,13 +293,20 @@ def _load_data(data: dict[str, Any]) -> ad.AnnData:
     if gene_key:  # join on the identifiers, not on whatever var_names hold
         for part in parts:
             part.var_names = pd.Index(part.var[gene_key].astype(str))
+    columns = set().union(*(part.obs.columns for part in parts))
+    label, n = "source_file", 0
+    while label in columns:
+        n += 1
+        label = f"source_file_{n}"
+    if label != "source_file":  # a column of the user's own is never overwritten
+        logger.warning(
+            "the data files have an .obs['source_file'] column; each cell's file is in .obs[%r]", label
+        )
     # genes, layers and obsm: those of every file (a layer one file lacks is not filled with zeros)
-    adata = ad.concat(parts, join="inner", label="source_file", keys=names, merge="first")
+    adata = ad.concat(parts, join="inner", label=label, keys=names, merge="first")
     # .obs: the columns of any file, so that a label column one file lacks is unknown (NaN) for
     # its cells, as with streaming, instead of dropped for all
-    obs = ad.concat(
-        [ad.AnnData(obs=part.obs) for part in parts], join="outer", label="source_file", keys=names
-    ).obs
+    obs = ad.concat([ad.AnnData(obs=part.obs) for part in parts], join="outer", label=label, keys=names).obs
     if not obs.index.equals(adata.obs_names):  # the same cells in the same order, by construction
         raise RuntimeError("the .obs of the data files could not be joined; please report this")
     adata.obs = obs
@@ -349,9 +424,12 @@ def _read_annotations(path: Path) -> ad.AnnData:
     except ImportError:  # anndata < 0.11
         from anndata.experimental import read_elem
 
-    with h5py.File(path, "r") as store:
-        obs = read_elem(store["obs"])
-        uns = read_elem(store["uns"]) if "uns" in store else {}
+    try:  # an encoding this anndata cannot read: an error naming the file, not a traceback
+        with h5py.File(path, "r") as store:
+            obs = read_elem(store["obs"])
+            uns = read_elem(store["uns"]) if "uns" in store else {}
+    except Exception as err:
+        raise ValueError(f"cannot read .obs/.uns of {str(path)!r}: {type(err).__name__}: {err}") from err
     return ad.AnnData(obs=obs, uns=uns)
 
 

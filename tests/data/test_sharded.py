@@ -370,3 +370,60 @@ def test_at_most_max_open_shard_files_stay_open_and_reads_stay_right(cells, shar
             assert len(data._handles) <= 2
     data.close()
     assert not data._handles
+
+
+def test_a_damaged_chunk_or_an_unreadable_obs_column_is_an_error_naming_the_shard(cells, shards, tmp_path):
+    damaged = tmp_path / "damaged.h5ad"
+    cells[:50].copy().write_h5ad(damaged, compression="gzip")
+    with h5py.File(damaged, "r") as file:
+        chunk = file["layers/counts/data"].id.get_chunk_info(0)
+    with open(damaged, "r+b") as raw:  # the first compressed chunk of the counts cannot be inflated
+        raw.seek(chunk.byte_offset)
+        raw.write(b"\xff" * min(64, chunk.size))
+    with pytest.raises(ValueError, match=r"layer 'counts' \(rows 0:50\) of shard .*damaged\.h5ad") as caught:
+        ShardedAnnData([shards[0], damaged], layer="counts")
+    assert isinstance(caught.value.__cause__, OSError)  # chained, for the details
+
+    odd = Path(_write(cells[:30].copy(), tmp_path / "odd.h5ad"))
+    with h5py.File(odd, "r+") as file:  # an encoding this anndata cannot read
+        del file["obs/cell_type"]
+        file["obs/cell_type"] = np.zeros(30, dtype="f4")
+        file["obs/cell_type"].attrs.update({"encoding-type": "foo-array", "encoding-version": "0.1.0"})
+    with pytest.raises(ValueError, match=r"\.obs\['cell_type'\] of shard .*odd\.h5ad") as caught:
+        ShardedAnnData([shards[0], odd], layer="counts", phenotype_keys=["cell_type"])
+    assert caught.value.__cause__ is not None
+
+
+def test_a_shard_listed_twice_is_refused(shards, tmp_path):
+    again = os.path.join(os.path.dirname(shards[0]), ".", os.path.basename(shards[0]))
+    with pytest.raises(ValueError, match=r"s0\.h5ad is listed twice"):
+        ShardedAnnData([shards[0], shards[1], again], layer="counts")
+    link = tmp_path / "link.h5ad"
+    link.symlink_to(shards[1])
+    with pytest.raises(ValueError, match=r"link\.h5ad is listed twice \(also as .*s1\.h5ad\)"):
+        ShardedAnnData([shards[1], link], layer="counts")
+
+
+def test_a_reopened_shard_reads_the_indptr_of_its_rows_only(cells, shards, monkeypatch):
+    """Beyond MAX_OPEN shards each block reopens its file: it must not read the shard's whole indptr."""
+    monkeypatch.setattr(ShardedAnnData, "MAX_OPEN", 1)
+    data = ShardedAnnData(shards, layer="counts")
+    blocks = split_blocks(data.shard_sizes, 8)
+    blocks = blocks[np.lexsort((blocks[:, 0], blocks[:, 1]))]  # shards in turn: each block reopens its file
+    read = []
+    original = h5py.Dataset.__getitem__
+
+    def counting(dataset, key):
+        out = original(dataset, key)
+        if dataset.name.endswith("/indptr"):
+            read.append(np.size(out))
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    reference = _reference_rows(cells, data.genes)
+    for shard, start, stop in blocks:
+        got = data.read_rows(int(shard), int(start), int(stop)).toarray()[:, :-1]
+        offset = data.offsets[shard]
+        np.testing.assert_array_equal(got, reference[offset + start : offset + stop])
+    data.close()
+    assert sum(read) <= sum(int(stop - start) + 1 for _, start, stop in blocks)  # not 61 or 41 per open

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import anndata as ad
@@ -60,6 +61,24 @@ def _index_key(group: h5py.Group) -> str:
     return group.attrs["_index"]
 
 
+def _read_element(path: Path, where: str, read: Callable, *args: object):
+    """``read(*args)``, an error of which (a damaged chunk, an encoding anndata cannot read) names the file."""
+    try:
+        return read(*args)
+    except Exception as err:  # h5py and anndata raise many types (OSError, IORegistryError, ...)
+        raise ValueError(f"cannot read {where} of shard {path}: {type(err).__name__}: {err}") from err
+
+
+#: Open sparse matrices without caching their whole ``indptr``: a shard reopened for each block
+#: (more shards than ``MAX_OPEN``) would otherwise read all of it on every open, for a few rows.
+#: anndata versions without the option keep their cache.
+_SPARSE_OPTIONS = (
+    {"should_cache_indptr": False}
+    if "should_cache_indptr" in inspect.signature(ad.io.sparse_dataset).parameters
+    else {}
+)
+
+
 def _check_block(values: np.ndarray, path: Path, where: str) -> None:
     """Raise if counts read from disk are not finite, non-negative integers."""
     if values.size == 0:
@@ -87,8 +106,9 @@ class ShardedAnnData:
     Parameters
     ----------
     paths
-        The ``.h5ad`` files. Empty ones are skipped with a warning; one that cannot be read is an
-        error naming it.
+        The ``.h5ad`` files. Empty ones are skipped with a warning; one that cannot be read (or
+        whose ``.obs``/``.var`` columns or counts cannot be decoded) is an error naming it, and so
+        is a file listed twice (compared as resolved paths, e.g. ``a.h5ad`` and ``./a.h5ad``).
     layer
         Layer holding raw counts (sparse CSR or dense); ``None`` for ``X``.
     phenotype_keys
@@ -144,6 +164,13 @@ class ShardedAnnData:
         self.phenotype_keys = phenotype_keys
         self._handles: OrderedDict[int, tuple[h5py.File, object]] = OrderedDict()
         self._pid = os.getpid()
+        seen: dict[Path, int] = {}
+        for i, path in enumerate(paths):  # its cells would be counted twice, in training and validation
+            first = seen.setdefault(Path(path).resolve(), i)
+            if first != i:
+                raise ValueError(
+                    f"shard {path} is listed twice (also as {paths[first]}); list each file once"
+                )
 
         shards, sizes, genes, labels, batches = [], [], [], {k: [] for k in phenotype_keys}, []
         for path in map(Path, paths):
@@ -228,7 +255,9 @@ class ShardedAnnData:
             gene_key = self.gene_key or _index_key(var)
             if gene_key not in var:
                 raise KeyError(f"{path}: .var has no column {gene_key!r} (gene_key)")
-            shard_genes = [str(g) for g in _read_column(var, gene_key)]
+            shard_genes = [
+                str(g) for g in _read_element(path, f".var[{gene_key!r}]", _read_column, var, gene_key)
+            ]
             if len(set(shard_genes)) != len(shard_genes):
                 raise ValueError(
                     f"{path}: the gene identifiers are not unique; make them unique "
@@ -236,7 +265,9 @@ class ShardedAnnData:
                 )
             labels = {}
             for key in self.phenotype_keys:
-                labels[key] = _read_labels(obs, key) if key in obs else None
+                labels[key] = (
+                    _read_element(path, f".obs[{key!r}]", _read_labels, obs, key) if key in obs else None
+                )
                 if labels[key] is None and n_obs:
                     logger.info("%s has no .obs[%r]; its cells count as unknown for it", path, key)
             batches = None
@@ -245,7 +276,7 @@ class ShardedAnnData:
                     raise KeyError(
                         f"{path}: .obs has no batch column {self.batch_key!r}; every shard needs it"
                     )
-                batches = _read_labels(obs, self.batch_key)
+                batches = _read_element(path, f".obs[{self.batch_key!r}]", _read_labels, obs, self.batch_key)
                 if batches.isna().any():
                     raise ValueError(f"{path}: .obs[{self.batch_key!r}] has missing values")
         return n_obs, shard_genes, labels, batches
@@ -323,7 +354,11 @@ class ShardedAnnData:
         else:
             file = h5py.File(self.paths[shard], "r")
             element = self._matrix_element(file, self.paths[shard])
-            matrix = ad.io.sparse_dataset(element) if isinstance(element, h5py.Group) else element
+            matrix = (
+                ad.io.sparse_dataset(element, **_SPARSE_OPTIONS)
+                if isinstance(element, h5py.Group)
+                else element
+            )
             self._handles[shard] = (file, matrix)
             while len(self._handles) > self.MAX_OPEN:  # the least recently read shard is closed
                 self._handles.popitem(last=False)[1][0].close()
@@ -340,11 +375,13 @@ class ShardedAnnData:
 
         The matrix has ``n_vars + 1`` columns: the last holds each cell's summed counts of the
         shard's genes outside the vocabulary, so that library sizes are those of the whole cell,
-        as for an AnnData whose extra genes are outside a model's vocabulary.
+        as for an AnnData whose extra genes are outside a model's vocabulary. A block that cannot be
+        read (e.g. a damaged compressed chunk) is a ``ValueError`` naming the file and rows.
         """
-        block = self._matrix(shard)[start:stop]
-        block = sp.csr_matrix(block, dtype=np.float32) if not sp.issparse(block) else block.tocsr()
         where = "X" if self.layer is None else f"layer {self.layer!r}"
+        matrix = self._matrix(shard)
+        block = _read_element(self.paths[shard], f"{where} (rows {start}:{stop})", lambda: matrix[start:stop])
+        block = sp.csr_matrix(block, dtype=np.float32) if not sp.issparse(block) else block.tocsr()
         _check_block(block.data, self.paths[shard], f"{where} (rows {start}:{stop})")
         genes = self._column_to_gene[shard][block.indices]
         genes = np.where(genes >= 0, genes, self.n_vars)  # genes outside the vocabulary: summed
