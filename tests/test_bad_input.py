@@ -188,6 +188,8 @@ def test_model_on_an_adata_that_is_not_set_up(adata):
         ({"focal_gamma": -1.0}, "focal_gamma"),
         ({"freeze": "decoder"}, "freeze"),
         ({"deterministic": "yes"}, "deterministic"),
+        ({"precision": "16-true"}, "precision must be one of"),
+        ({"precision": "transformer-engine"}, "precision must be one of"),
     ],
 )
 def test_training_options_out_of_range_are_refused(adata, kwargs, message):
@@ -196,6 +198,21 @@ def test_training_options_out_of_range_are_refused(adata, kwargs, message):
     with pytest.raises(ValueError, match=message):
         model.train(**kwargs)
     assert not model.is_trained
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(
+    "name", ["lr", "weight_decay", "adversary_weight", "adversary_lr_factor", "align_weight"]
+)
+def test_non_finite_training_options_are_refused_before_touching_the_weights(adata, name, value):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        model.train(max_epochs=1, **QUIET, **{name: value})
+    assert not model.is_trained
+    for key, tensor in model.module.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
 
 
 def test_adata_whose_shape_changed_after_setup(adata):

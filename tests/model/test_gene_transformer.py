@@ -60,6 +60,83 @@ def test_bf16_mixed_precision_on_the_cpu_learns_cell_types_and_keeps_float32_wei
     assert model.get_latent_representation().dtype == np.float32
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_true_precisions_train_on_the_cpu_and_leave_a_usable_float32_model(adata, precision):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    train_quietly(model, precision=precision, accelerator="cpu")
+    tensors = [*model.module.parameters(), *model.module.buffers()]
+    assert all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
+    assert np.isfinite(model.history["loss_train"].to_numpy()).all()
+    assert model.temperatures_  # calibrated after the run
+    latent = model.get_latent_representation()
+    assert latent.dtype == np.float32 and np.isfinite(latent).all()
+    assert model.predict()["cell_type"].notna().all()
+    train_quietly(model, max_epochs=1)  # a later default-precision run goes on from these weights
+    assert all(p.dtype == torch.float32 for p in model.module.parameters())
+    assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_a_failed_training_run_leaves_the_weights_their_dtype_and_the_calibration_as_they_were(adata):
+    import lightning.pytorch as pl
+
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    train_quietly(model)
+    temperatures, calibration = dict(model.temperatures_), dict(model.calibration_)
+    assert temperatures and calibration
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    cast = []
+
+    class FailAtTheFirstStep(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            cast.append(next(module.module.parameters()).dtype)
+            raise RuntimeError("interrupted")
+
+    # "64-true" casts the weights to float64 (exactly reversible), then the run fails
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train_quietly(model, precision="64-true", accelerator="cpu", callbacks=[FailAtTheFirstStep()])
+    assert cast == [torch.float64]
+    after = model.module.state_dict()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+    assert model.temperatures_ == temperatures and model.calibration_ == calibration
+    # an unsupported precision is refused before anything is touched
+    with pytest.raises(ValueError, match=r"precision must be one of .*'bf16-true'.*16-mixed"):
+        model.train(max_epochs=1, precision="16-true", **QUIET)
+    assert all(torch.equal(model.module.state_dict()[k], v) for k, v in before.items())
+    assert model.temperatures_ == temperatures
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"batch_correction": "token"}, {"value_encoding": "continuous", "gene_prediction": 0.15}],
+)
+def test_freeze_embeddings_keeps_every_documented_embedding_bit_identical(adata, kwargs):
+    # the docstring: "the gene, value, profile (with its layer norm) and batch embeddings"
+    documented = (
+        "gene_embedding",
+        "gene_mask",
+        "bin_embedding",
+        "value_mlp",
+        "value_mask",
+        "profile_embedding",
+        "profile_norm",
+        "batch_embedding",
+    )
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"], batch_key="batch")
+    model = sct.GeneTransformer(adata, **TINY, **kwargs)
+    before = {k: v.detach().clone() for k, v in model.module.named_parameters()}
+    train_quietly(model, freeze="embeddings")
+    after = dict(model.module.named_parameters())
+    frozen = [k for k in before if k.split(".")[0] in documented]
+    assert {k.split(".")[0] for k in frozen} >= {"gene_embedding", "profile_embedding", "profile_norm"}
+    for key in frozen:
+        assert torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in frozen)
+    assert all(p.requires_grad for p in model.module.parameters())
+
+
 def test_same_seed_gives_same_weights_with_workers_and_deterministic_kernels(adata):
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     states = []

@@ -190,6 +190,24 @@ def test_the_split_is_restored_only_onto_the_cells_it_indexes(saved):
             other.calibrate()  # it asks which cells to fit on instead of using the reference's split
 
 
+def test_a_model_loaded_without_cells_and_saved_again_keeps_the_cells_its_split_indexes(saved, tmp_path):
+    path, model, data = saved
+    again = tmp_path / "again"
+    sct.GeneTransformer.load(path).save(again)  # e.g. a copy or conversion, with no cells attached
+    recorded = json.loads((path / "model.json").read_text())["indexed_cells"]
+    assert recorded is not None
+    assert json.loads((again / "model.json").read_text())["indexed_cells"] == recorded
+    # the same cells in another order: the saved positions would point at other cells
+    shuffled = data[np.random.default_rng(0).permutation(data.n_obs)].copy()
+    moved = sct.GeneTransformer.load(again, adata=shuffled)
+    assert moved.train_indices is None and moved.validation_indices is None
+    same = sct.GeneTransformer.load(again, adata=data)
+    np.testing.assert_array_equal(same.validation_indices, model.validation_indices)
+    # saved once more from an in-memory copy, still without cells
+    sct.GeneTransformer.load(again).save(again, overwrite=True)
+    assert json.loads((again / "model.json").read_text())["indexed_cells"] == recorded
+
+
 def test_numpy_settings_save_and_saving_follows_a_symlink(tmp_path, monkeypatch):
     data = sct.datasets.synthetic(n_cells=60, n_genes=20, n_cell_types=2, n_markers=4, seed=2)
     sct.setup_anndata(data, layer="counts")

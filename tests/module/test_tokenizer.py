@@ -338,3 +338,22 @@ def test_random_non_canonical_matrices_match_naive(n_cells, n_genes, density, ma
     check_against_naive(
         x, np.arange(n_genes), max_length=max_length, n_bins=n_bins, matrix=non_canonical(x, rng)
     )
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_tokens_do_not_depend_on_the_default_dtype(default_dtype):
+    # Lightning's "-true" precisions set the default dtype while the model runs
+    rng = np.random.default_rng(5)
+    x = to_torch_csr(sp.csr_matrix(random_counts(rng, 8, 30, 0.4)))
+    tokenizer = Tokenizer(30, max_length=10, n_bins=4)
+    reference = tokenizer(x, torch.arange(30), n_queries=3, generator=torch.Generator().manual_seed(0))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        out = tokenizer(x, torch.arange(30), n_queries=3, generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_dtype(previous)
+    for field in ("gene_ids", "values", "bins", "is_token", "is_query", "all_values", "held_share"):
+        assert getattr(out, field).dtype == getattr(reference, field).dtype, field
+    for field in ("gene_ids", "values", "bins", "all_genes", "all_values"):
+        torch.testing.assert_close(getattr(out, field), getattr(reference, field), rtol=0, atol=0, msg=field)

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import inspect
 import logging
+import math
 import os
 import random
 import warnings
@@ -87,6 +88,35 @@ _HEADS = (
     "gene_head",
     "gene_bias",
 )
+
+
+#: Lightning precisions that train() accepts; ``"16-true"`` is not one (see ``_check_precision``)
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def _check_precision(precision: Any) -> str | None:
+    """The Lightning name of a precision ``train`` supports (``None`` stays ``None``); else raise."""
+    if precision is None:
+        return None
+    is_int = isinstance(precision, int | np.integer) and not isinstance(precision, bool)
+    name = str(precision) if is_int else precision
+    name = _PRECISION_ALIASES.get(name, name) if isinstance(name, str) else name
+    if name not in PRECISIONS:
+        hint = (
+            "; in float16 weights AdamW's epsilon (1e-8) is 0 and the loss turns non-finite within steps: "
+            "use '16-mixed' or 'bf16-mixed'"
+            if name == "16-true"
+            else ""
+        )
+        raise ValueError(f"precision must be one of {list(PRECISIONS)} or None, got {precision!r}{hint}")
+    return name
+
+
+def _check_finite(name: str, value: Any) -> None:
+    """Refuse a training option that is not a finite real number (NaN and inf would poison the weights)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def _check_gene_prediction(value: Any) -> None:
@@ -895,12 +925,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         align_weight
             With ``align_obsm``: weight of the CLIP alignment loss added to masked modelling.
         freeze
-            Parameters kept fixed (fine-tuning): ``"embeddings"`` freezes the gene, value and
-            profile embeddings; ``"backbone"`` also freezes ``[CLS]`` and the transformer blocks, training
-            only the output heads and the phenotype token tables; with ``align_obsm``,
-            ``"transcriptome"`` keeps the transcriptome side of the alignment (encoder and its
-            projection) fixed and trains the other modality's MLP, ``"other"`` the reverse;
-            ``"none"``/``None`` trains all.
+            Parameters kept fixed (fine-tuning): ``"embeddings"`` freezes the gene, value, profile
+            (with its layer norm) and batch embeddings; ``"backbone"`` also freezes ``[CLS]`` and
+            the transformer blocks, training only the output heads and the phenotype token tables;
+            with ``align_obsm``, ``"transcriptome"`` keeps the transcriptome side of the alignment
+            (encoder and its projection) fixed and trains the other modality's MLP, ``"other"`` the
+            reverse; ``"none"``/``None`` trains all.
         calibrate
             After training, fit a temperature per phenotype on the validation cells
             (:meth:`calibrate`) so that prediction confidences are calibrated.
@@ -910,7 +940,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         accelerator, devices
             Lightning device selection; ``"auto"`` takes a GPU when there is one.
         precision
-            Lightning precision; default ``"bf16-mixed"`` on GPUs that support it, else 32-bit.
+            Lightning precision: ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``, ``"bf16-true"`` or
+            ``"64-true"`` (or Lightning's aliases ``32``, ``64``, ``16``, ``"bf16"``); default
+            ``"bf16-mixed"`` on GPUs that support it, else 32-bit. A ``"-true"`` precision trains the
+            weights in its dtype; they return to float32 after training. ``"16-true"`` is refused:
+            in float16 weights AdamW's epsilon is 0 and the loss turns non-finite within steps.
             ``"bf16-mixed"`` also runs on CPUs (matrix products in bf16, weights in float32). On a
             CPU with bf16 matrix units (Intel AMX) it trained models of ``d_model >= 128``
             1.1-2.1x faster, with the same accuracy, and the default ``d_model=64`` slower
@@ -958,6 +992,14 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         """
         max_epochs = None if max_epochs is None else positive_int(max_epochs, "max_epochs")
         batch_size = positive_int(batch_size, "batch_size")
+        for name, value in (
+            ("lr", lr),
+            ("weight_decay", weight_decay),
+            ("adversary_weight", adversary_weight),
+            ("adversary_lr_factor", adversary_lr_factor),
+            ("align_weight", align_weight),
+        ):
+            _check_finite(name, value)
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if weight_decay < 0:
@@ -1019,6 +1061,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             raise TypeError(f"length_bucketing must be True or False, got {length_bucketing!r}")
         if deterministic not in (None, True, False):
             raise ValueError(f"deterministic must be None, True or False, got {deterministic!r}")
+        precision = _check_precision(precision)
         source = self.shards_ if self.shards_ is not None else self.adata
         if source is None:
             raise ValueError("the model has no AnnData to train on; load it with adata=...")
@@ -1104,6 +1147,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         frozen = self._frozen_parameters(freeze)
         for param in frozen:
             param.requires_grad_(False)
+        # a "-true" precision casts the weights; a failed run keeps the previous calibration
+        dtype = next(self.module.parameters()).dtype
+        calibration, finished = (self.temperatures_, self.calibration_), False
         self.temperatures_, self.calibration_ = {}, {}
         try:
             pl.seed_everything(seed, workers=True, verbose=False)
@@ -1168,11 +1214,15 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             with quiet_sparse_tensors(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
                 runner()
+            finished = True
         finally:
             scvi.settings.seed = previous_seed
             _set_global_rng_state(previous_rng)  # the user's random draws go on as if untouched
             for param in frozen:
                 param.requires_grad_(True)
+            self.module.to(dtype)
+            if not finished:
+                self.temperatures_, self.calibration_ = calibration
             self.module.eval()
             if self.shards_ is not None:
                 self.shards_.close()
@@ -1210,6 +1260,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             "value_mask",
             "gene_mask",
             "profile_embedding",
+            "profile_norm",
             "batch_embedding",
         )
         frozen = []
@@ -1779,8 +1830,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 else [int(i) for i in getattr(self, f"{name}_indices_")]
                 for name in ("train", "validation", "test")
             },
-            # which cells the indices point into: restored only onto those cells (see _from_state)
-            "indexed_cells": None
+            # which cells the indices point into: restored only onto those cells (see _from_state);
+            # with no cells attached (loaded without adata), those the loaded model recorded
+            "indexed_cells": getattr(self, "_indexed_cells", None)
             if self.adata is None and self.shards_ is None
             else _cells_fingerprint(self.adata if self.adata is not None else self.shards_),
         }
@@ -1906,6 +1958,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         )
         for name, idx in state["indices"].items():
             setattr(model, f"{name}_indices_", None if idx is None or not same_cells else np.asarray(idx))
+        model._indexed_cells = recorded if adata is None else None  # saved again with the indices
         model.module.eval()
         model.to_device(
             "cuda"
@@ -1926,9 +1979,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             Directory written by :meth:`save`.
         adata
             AnnData to attach (for further training or as the default of the getters). Its genes
-            are aligned to the saved vocabulary by identifier; genes outside it are ignored. If it
-            is not set up, it is set up with the saved settings (phenotype columns it lacks are
-            treated as unknown). The training split (``train_indices`` etc.) is restored only if
+            are aligned to the saved vocabulary by identifier; genes outside it get no token but
+            still count towards each cell's library size (the total counts of the whole cell, by
+            which its values are normalised). If it is not set up, it is set up with the saved
+            settings (phenotype columns it lacks are treated as unknown). The training split (``train_indices`` etc.) is restored only if
             these are the cells the model was saved with (same names, same order).
         accelerator
             ``"cpu"``, ``"cuda"`` or ``"auto"``.

@@ -76,7 +76,9 @@ class TokenizedCells:
         if self.is_query is None:
             self.is_query = self.is_unexpressed.clone()
         if self.held_share is None:
-            self.held_share = torch.zeros(len(self.n_expressed), device=self.n_expressed.device)
+            self.held_share = torch.zeros(
+                len(self.n_expressed), dtype=self.values.dtype, device=self.n_expressed.device
+            )
 
     @property
     def is_context(self) -> torch.Tensor:
@@ -288,7 +290,7 @@ class Tokenizer(nn.Module):
         n_cells = x.shape[0]
         val = x.values().float()
         row = torch.repeat_interleave(torch.arange(n_cells, device=device), x.crow_indices().diff())
-        library = torch.zeros(n_cells, device=device).index_add_(0, row, val)
+        library = torch.zeros(n_cells, dtype=val.dtype, device=device).index_add_(0, row, val)
         # duplicate entries of a (cell, column) are one count, their sum, as scipy reads them
         row, column, val = _sum_duplicates(row, x.col_indices(), val, x.shape[1])
         gene = column_to_gene.to(device)[column]
@@ -296,7 +298,7 @@ class Tokenizer(nn.Module):
         row, gene, val = row[keep], gene[keep], val[keep]
         n_all = torch.bincount(row, minlength=n_cells)
 
-        held_share = torch.zeros(n_cells, device=device)
+        held_share = torch.zeros(n_cells, dtype=val.dtype, device=device)
         if held_out is not None:
             held_out = held_out.to(device=device, dtype=torch.bool)
             if held_out.dim() == 1:
@@ -304,8 +306,10 @@ class Tokenizer(nn.Module):
         if n_queries > 0:
             # a share uniform in [0, 1.1), capped at 1: about 9% of the cells hold every gene out and
             # train the prediction from phenotype tokens alone, where generation starts
-            share = (1.1 * torch.rand(n_cells, 1, generator=generator, device=device)).clamp(max=1.0)
-            drawn = torch.rand(n_cells, self.n_genes, generator=generator, device=device) < share
+            # (random draws in float32 throughout: "-true" precisions change the default dtype)
+            uniform = dict(generator=generator, dtype=val.dtype, device=device)
+            share = (1.1 * torch.rand(n_cells, 1, **uniform)).clamp(max=1.0)
+            drawn = torch.rand(n_cells, self.n_genes, **uniform) < share
             held_out = drawn if held_out is None else held_out | drawn
         if held_out is not None:
             held = held_out[row, gene]
@@ -334,9 +338,7 @@ class Tokenizer(nn.Module):
         if n_queries > 0:
             # expressed queries: a random choice among the held-out genes the cell expresses
             h_row, h_gene, h_val = row[held], gene[held], val[held]
-            score = self._rows(
-                h_row, torch.rand(h_row.numel(), generator=generator, device=device), n_cells, -1.0
-            )
+            score = self._rows(h_row, torch.rand(h_row.numel(), **uniform), n_cells, -1.0)
             k = min(n_queries, score.shape[1])
             top, pick = score.topk(k, dim=1)
             valid = top >= 0
@@ -470,7 +472,8 @@ class Tokenizer(nn.Module):
         Returns the genes ``(n_cells, n_sample)`` and which of them are real (cells with fewer
         eligible genes get fewer).
         """
-        scores = torch.rand(pool.shape, generator=generator, device=pool.device).masked_fill(~pool, -1.0)
+        draws = torch.rand(pool.shape, generator=generator, dtype=torch.float32, device=pool.device)
+        scores = draws.masked_fill(~pool, -1.0)
         k = min(n_sample, pool.shape[1])
         top, sampled = scores.topk(k, dim=1)
         valid = top >= 0
