@@ -71,7 +71,10 @@ class ExpressionMixin:
     Predictions therefore split the vocabulary into ``n_folds`` fixed random folds of genes: the
     genes of each fold are predicted from the cell's other genes (the fold is held out of the
     input and of the ``[PROFILE]`` token, which training teaches the model to do), so each
-    prediction uses about ``1 - 1 / n_folds`` of the cell and costs ``n_folds`` passes.
+    prediction uses about ``1 - 1 / n_folds`` of the cell and costs ``n_folds`` passes. The cell's
+    library size and the ranks behind its per-cell quantile bins still count the held-out genes
+    (as the measured cell does), so the input is not wholly blind to them: changing only a held-out
+    gene's count can move another token to a neighbouring bin.
     """
 
     module: GeneTransformerModule
