@@ -2045,7 +2045,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         calibration and weights; its genes are aligned to the vocabulary by identifier and its
         batches are appended to the reference's. Phenotype keys the reference does not have
         (e.g. ``cell_type`` on a model pre-trained without labels) get new token slots and heads,
-        to be trained with :meth:`train` (e.g. ``freeze="backbone"``).
+        to be trained with :meth:`train` (e.g. ``freeze="backbone"``). A new slot's token (its
+        ``[MASK]`` until trained, and ``freeze="backbone"`` trains the phenotype tables) is read by
+        every cell, so embeddings of the query model move a little from the reference's: embed the
+        reference cells again with the query model before comparing them with the query's.
 
         Parameters
         ----------
