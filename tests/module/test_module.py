@@ -174,6 +174,69 @@ def test_a_minibatch_with_nothing_to_score_is_a_zero_loss_that_still_backpropaga
     out.total.backward()  # a step on such a minibatch must not crash training
 
 
+def _every_head_module() -> GeneTransformerModule:
+    return make_module(gene_prediction=True, batch_adversary=True, n_batches=2, align_dims=(5, 8))
+
+
+def test_every_parameter_takes_part_in_the_loss_of_a_minibatch_with_nothing_for_its_head():
+    """Distributed data parallel training needs a gradient for every parameter on every rank.
+
+    In a minibatch with no hidden value, no query, no hidden gene, no labelled cell of phenotype
+    ``b``, no batch and no second modality, each of those heads takes part in the loss with weight
+    0: a gradient of exactly 0, and the total and every other gradient as without it.
+    """
+    module = _every_head_module()
+    tokens = module.tokenize(counts(), torch.arange(20))  # no query tokens
+    targets = torch.tensor([[0, -1], [1, -1], [2, -1], [0, -1], [1, -1], [2, -1]])
+    nothing = torch.zeros_like(tokens.is_context)
+    hidden = module.encode(tokens, torch.full_like(targets, -1), nothing)
+    out = module.loss(
+        hidden, tokens, nothing, targets, torch.ones_like(targets, dtype=torch.bool), ["a", "b"]
+    )
+    assert set(out.components) == {"phenotype_a"}
+    assert out.total.item() == out.components["phenotype_a"].item()
+    out.total.backward(retain_graph=True)
+    assert [name for name, param in module.named_parameters() if param.grad is None] == []
+    with_zeros = {name: param.grad.clone() for name, param in module.named_parameters()}
+
+    module.zero_grad(set_to_none=True)
+    out.components["phenotype_a"].backward()
+    unscored = {
+        id(param) for term, params in module.loss_heads().items() if term != "phenotype_0" for param in params
+    }
+    for name, param in module.named_parameters():
+        if id(param) in unscored:
+            assert param.grad is None and not with_zeros[name].any(), name
+        elif param.grad is not None:
+            assert torch.equal(with_zeros[name], param.grad), name
+
+
+def test_loss_names_are_those_of_a_minibatch_that_scores_every_head():
+    module = _every_head_module()
+    gen = torch.Generator().manual_seed(1)
+    tokens = module.tokenize(counts(), torch.arange(20), n_queries=3, generator=gen)
+    value_mask = tokens.is_context & (torch.rand(tokens.is_context.shape, generator=gen) < 0.5)
+    gene_mask = tokens.is_context & ~value_mask
+    targets = torch.tensor([[0, 1], [1, -1], [2, 0], [0, 1], [-1, 0], [1, 1]])
+    hidden = module.encode(tokens, torch.full_like(targets, -1), value_mask, gene_mask=gene_mask)
+    out = module.loss(
+        hidden,
+        tokens,
+        value_mask,
+        targets,
+        torch.ones_like(targets, dtype=torch.bool),
+        ["a", "b"],
+        batch_targets=torch.tensor([0, 1, 0, 1, 0, 1]),
+        other=torch.randn(6, 5, generator=gen),
+        gene_mask=gene_mask,
+    )
+    names = module.loss_names(["a", "b"])
+    assert list(out.components) + list(out.metrics) == names
+    assert set(out.counts) == set(names)
+    heads = ["expression", "expression_from_cell", "query", "gene", "phenotype_0", "phenotype_1"]
+    assert sorted(module.loss_heads()) == sorted([*heads, "batch_adversary", "alignment"])
+
+
 def test_focal_loss_matches_a_naive_reference():
     from sctransformer.module import phenotype_loss
 

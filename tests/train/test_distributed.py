@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from sctransformer.data import _sharded, _splitting
+from sctransformer.module import GeneTransformerModule
 
 from ..conftest import QUIET
 
@@ -27,7 +29,10 @@ SETUP = textwrap.dedent(
         paths = []
         for i, (start, stop) in enumerate([(0, 40), (40, 96)]):
             paths.append(f"{workdir}/shard_{i}.h5ad")
-            adata[start:stop].copy().write_h5ad(paths[-1])
+            shard = adata[start:stop].copy()
+            if kind == "unlabelled_shard" and i == 1:
+                del shard.obs["cell_type"]  # its cells' phenotype is unknown: nothing to score there
+            shard.write_h5ad(paths[-1])
         data = sct.data.ShardedAnnData(paths, layer="counts", phenotype_keys=["cell_type"])
         return sct.GeneTransformer.from_shards(data, **hyperparameters)
 
@@ -38,17 +43,37 @@ SETUP = textwrap.dedent(
 
 DDP_RUN = SETUP + textwrap.dedent(
     """
-    import os, sys, torch
+    import json, os, sys, torch
 
-    kind, workdir, out = sys.argv[1:4]
+    kind, workdir, out, overrides = sys.argv[1:5]
     model = make_model(kind, workdir)
-    model.train(**TRAIN | {"logger": None}, accelerator="cpu", devices=2, strategy="ddp")
+    settings = TRAIN | json.loads(overrides) | {"logger": None}
+    model.train(**settings, accelerator="cpu", devices=2, strategy="ddp")
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         torch.save(model.module.state_dict(), out)
         with open(out + ".loss", "w") as f:  # the epoch's logged loss, over both ranks' cells
             f.write(repr(float(model.history["loss_train"].iloc[-1, 0])))
+        with open(out + ".history", "w") as f:  # every logged curve
+            json.dump({name: frame.iloc[:, 0].tolist() for name, frame in model.history.items()}, f)
     """
 )
+
+
+def _run_ddp(
+    tmp_path, kind: str, overrides: dict | None = None, timeout: float = 600
+) -> dict[str, torch.Tensor]:
+    """Train ``make_model(kind)`` on 2 gloo processes; rank 0's weights (its curves beside them)."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_RUN)
+    out = tmp_path / "ddp_weights.pt"
+    run = subprocess.run(
+        [sys.executable, str(script), kind, str(tmp_path), str(out), json.dumps(overrides or {})],
+        capture_output=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    return torch.load(out)
 
 
 def _namespace() -> dict:
@@ -64,15 +89,20 @@ def _interleaved(sampler_cls):
         def __init__(self, *args, rank: int = 0, world_size: int = 1, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.ranks = [sampler_cls(*args, **kwargs, rank=r, world_size=2) for r in range(2)]
+            # unshuffled (validation): every rank scores all the cells, as this one process does
+            self.whole = kwargs.get("shuffle", True) is False
 
         def set_epoch(self, epoch: int) -> None:
             for sampler in self.ranks:
                 sampler.set_epoch(epoch)
 
         def __len__(self) -> int:
-            return sum(len(s) for s in self.ranks)
+            return super().__len__() if self.whole else sum(len(s) for s in self.ranks)
 
         def __iter__(self):
+            if self.whole:
+                yield from super().__iter__()
+                return
             for pair in zip(*self.ranks, strict=True):
                 yield from pair
 
@@ -83,17 +113,7 @@ def _interleaved(sampler_cls):
 def test_two_gloo_processes_take_the_step_of_one_process_on_the_same_global_batch(
     tmp_path, kind, monkeypatch
 ):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_RUN)
-    out = tmp_path / "ddp_weights.pt"
-    run = subprocess.run(
-        [sys.executable, str(script), kind, str(tmp_path), str(out)],
-        capture_output=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr.decode()[-3000:]
-    distributed = torch.load(out)
+    distributed = _run_ddp(tmp_path, kind)
 
     namespace = _namespace()
     make_model, settings = namespace["make_model"], namespace["TRAIN"]
@@ -125,3 +145,54 @@ def test_two_gloo_processes_take_the_step_of_one_process_on_the_same_global_batc
         model.train(**settings | {"logger": QUIET["logger"]})
     alone = model.module.state_dict()
     assert any(not torch.allclose(distributed[k], alone[k], rtol=1e-5, atol=1e-6) for k in changed)
+
+
+def test_ranks_whose_minibatches_have_no_label_train_and_log_as_one_process(tmp_path, monkeypatch):
+    """A minibatch with no labelled masked cell: its rank's phenotype head still takes part in the step.
+
+    One of the two shards has no phenotype column, so at some steps one rank scores the phenotype
+    and the other does not. The 2 ranks train (DDP requires every parameter in every rank's loss)
+    to the weights of one process accumulating the same minibatches, and log the same curves: each
+    epoch value is the mean over the items of both ranks, not a mean of the ranks' means with a
+    missing value counted as 0.
+    """
+    overrides = {"max_steps": -1, "max_epochs": 2, "batch_size": 8, "train_size": 0.75}
+    # where one rank fails, the other waits for its gradients: give up well before 600 s
+    distributed = _run_ddp(tmp_path, "unlabelled_shard", overrides, timeout=300)
+    curves = json.loads((tmp_path / "ddp_weights.pt.history").read_text())
+
+    namespace = _namespace()
+    make_model, settings = namespace["make_model"], namespace["TRAIN"] | overrides
+    monkeypatch.setattr(_sharded, "ShardBlockSampler", _interleaved(_sharded.ShardBlockSampler))
+    scored = []  # whether each training minibatch scored the phenotype (minibatches of rank 0, 1, 0, ...)
+    loss = GeneTransformerModule.loss
+
+    def recording_loss(self, *args, **kwargs):
+        out = loss(self, *args, **kwargs)
+        if torch.is_grad_enabled():
+            scored.append("phenotype_cell_type" in out.components)
+        return out
+
+    monkeypatch.setattr(GeneTransformerModule, "loss", recording_loss)
+    model = make_model("unlabelled_shard", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(**settings | {"logger": QUIET["logger"]}, accumulate_grad_batches=2)
+    # at some step one rank scored the phenotype and the other did not
+    assert any(a != b for a, b in zip(scored[::2], scored[1::2], strict=True)), scored
+
+    history = {name: frame.iloc[:, 0].tolist() for name, frame in model.history.items()}
+    assert "phenotype_cell_type_train" in history and "phenotype_cell_type_validation" in history
+    assert sorted(curves) == sorted(history)
+    for name, values in history.items():
+        assert curves[name] == pytest.approx(values, rel=1e-5), name
+
+    single = model.module.state_dict()
+    for key in single:
+        ddp, one = distributed[key], single[key]
+        if key.endswith("attention.qkv.bias"):
+            # not the key bias: softmax is invariant to it, so its gradient is rounding noise, which
+            # Adam scales up to steps that differ between the two orders of summation
+            d = len(one) // 3
+            ddp, one = torch.cat([ddp[:d], ddp[2 * d :]]), torch.cat([one[:d], one[2 * d :]])
+        torch.testing.assert_close(ddp, one, rtol=1e-5, atol=1e-6)

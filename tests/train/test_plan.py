@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sctransformer.module import Tokenizer
-from sctransformer.train import mask_genes, mask_tokens, warmup_cosine
+from sctransformer.module import GeneTransformerModule, Tokenizer
+from sctransformer.train import MaskedModelingPlan, mask_genes, mask_tokens, warmup_cosine
 
 
 def tokens_for(n_cells: int = 400, n_genes: int = 50, n_queries: int = 4):
@@ -87,3 +87,46 @@ def test_warmup_then_cosine_decay():
     assert factors[60] == pytest.approx(0.5)
     assert factors[110] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+
+
+def test_a_head_that_scored_nothing_in_a_step_is_left_as_it_is_by_the_optimizer():
+    """Its zero-weight term (every parameter in every distributed rank's loss) gives it a gradient of 0.
+
+    The plan drops that gradient before the step: AdamW then moves the head neither by momentum nor
+    by weight decay, as when the head was left out of the loss.
+    """
+    torch.manual_seed(0)
+    module = GeneTransformerModule(
+        50,
+        [3, 2],
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        d_ff=32,
+        dropout=0.0,
+        max_length=30,
+        value_encoding="binned",
+        n_bins=4,
+        binning="quantile",
+        bin_edges=None,
+        label_smoothing=0.0,
+        cell_expression_loss=False,
+    )
+    plan = MaskedModelingPlan(module, column_to_gene=np.arange(50), phenotype_keys=["a", "b"])
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1, weight_decay=0.1)
+    tokens = tokens_for(8, n_queries=0)
+    value_mask = tokens.is_context
+    for labels_of_b in ([0, 1, 0, 1, 0, 1, 0, 1], [-1] * 8):  # phenotype b: labelled, then not
+        targets = torch.stack([torch.zeros(8, dtype=torch.long), torch.tensor(labels_of_b)], 1)
+        hidden = module.encode(tokens, torch.full_like(targets, -1), value_mask)
+        mask = torch.ones_like(targets, dtype=torch.bool)
+        optimizer.zero_grad()
+        module.loss(hidden, tokens, value_mask, targets, mask, ["a", "b"]).total.backward()
+        plan.on_before_optimizer_step(optimizer)
+        before = [p.detach().clone() for p in module.parameters()]
+        optimizer.step()
+    params = list(module.parameters())
+    moved = {id(p) for a, p in zip(before, params, strict=True) if not torch.equal(a, p)}
+    assert all(p.grad is None for p in module.phenotype_heads[1].parameters())
+    assert not moved & {id(p) for p in module.phenotype_heads[1].parameters()}
+    assert {id(p) for p in module.phenotype_heads[0].parameters()} <= moved

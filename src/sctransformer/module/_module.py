@@ -577,6 +577,62 @@ class GeneTransformerModule(nn.Module):
         cell = torch.nonzero(rows)[:, 0]
         return logits.masked_fill_(taken[cell, :n_genes], float("-inf"))
 
+    def loss_heads(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters of each head that only its own loss term uses, by term.
+
+        The terms are ``expression``, ``expression_from_cell``, ``query``, ``gene``,
+        ``phenotype_<slot>`` (by slot number), ``batch_adversary`` and ``alignment``, those this
+        module has. :meth:`loss` leaves a head out when its term has nothing to score in a minibatch
+        (no masked value, no query, no hidden gene, no labelled masked cell, ...), and then adds a
+        term of exactly 0 that depends on its parameters instead: every parameter takes part in every
+        minibatch's loss, which distributed data parallel training requires of every rank.
+        """
+        heads = {"expression": list(self.expression_head.parameters())}
+        if self.cell_expression_loss:
+            heads["expression_from_cell"] = [
+                *self.cell_query.parameters(),
+                *self.cell_expression_head.parameters(),
+            ]
+        if self.expression_queries:
+            heads["query"] = [
+                *self.query_head.parameters(),
+                *self.query_bias.parameters(),
+                *self.query_cell.parameters(),
+                *self.query_interaction.parameters(),
+            ]
+        if self.gene_prediction:  # the [GENE] mask too: the encoder does not use it without a gene mask
+            heads["gene"] = [*self.gene_head.parameters(), self.gene_bias, self.gene_mask]
+        for slot, head in enumerate(self.phenotype_heads):
+            heads[f"phenotype_{slot}"] = list(head.parameters())
+        if self.batch_adversary:
+            heads["batch_adversary"] = list(self.batch_discriminator.parameters())
+        if self.align_dims is not None:
+            heads["alignment"] = [
+                *self.align_transcriptome.parameters(),
+                *self.align_other.parameters(),
+                self.align_logit_scale,
+            ]
+        return heads
+
+    def loss_names(self, phenotype_names: list[str]) -> list[str]:
+        """Every name of a component or metric that :meth:`loss` may return for this module.
+
+        Components first, then metrics, in a fixed order: what a minibatch scores is a subset.
+        """
+        terms = [("expression", "expression_accuracy")]
+        if self.cell_expression_loss:
+            terms.append(("expression_from_cell", "expression_from_cell_accuracy"))
+        if self.expression_queries:
+            terms += [("query_expressed", "query_expressed_accuracy"), ("query_value", "query_value_error")]
+        if self.gene_prediction:
+            terms.append(("gene", "gene_accuracy"))
+        terms += [(f"phenotype_{name}", f"phenotype_{name}_accuracy") for name in phenotype_names]
+        if self.batch_adversary:
+            terms.append(("batch_adversary", "batch_adversary_accuracy"))
+        if self.align_dims is not None:
+            terms.append(("alignment", "alignment_accuracy"))
+        return [component for component, _ in terms] + [metric for _, metric in terms]
+
     def _value_loss(
         self, prediction: torch.Tensor, tokens: TokenizedCells, scored: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -648,6 +704,10 @@ class GeneTransformerModule(nn.Module):
     ) -> LossOutput:
         """Masked-modelling losses of a minibatch.
 
+        A head whose term has nothing to score in the minibatch adds a term of exactly 0 that
+        depends on its parameters instead (:meth:`loss_heads`); the names it may return are
+        :meth:`loss_names`.
+
         Parameters
         ----------
         hidden
@@ -681,6 +741,15 @@ class GeneTransformerModule(nn.Module):
         """
         # 0 with a gradient path: a minibatch with nothing to score still trains (a no-op step)
         out = LossOutput(total=hidden.sum() * 0)
+        heads = self.loss_heads()
+
+        def unscored(term: str) -> None:
+            # the sum of none of the head's entries: exactly 0, with a gradient path to each parameter
+            # (every parameter must take part on every distributed rank); the total and every other
+            # gradient stay exactly as they were
+            for param in heads[term]:
+                out.total = out.total + param.reshape(-1)[:0].sum()
+
         gene_hidden = hidden[:, self.n_prefix :]
         scored = value_mask & tokens.is_context
         n_scored = int(scored.sum())
@@ -698,8 +767,15 @@ class GeneTransformerModule(nn.Module):
                 out.metrics["expression_from_cell_accuracy"] = accuracy
                 out.counts["expression_from_cell"] = n_scored
                 out.counts["expression_from_cell_accuracy"] = n_scored
-        if self.expression_queries and bool(tokens.is_query.any()):
-            self._query_losses(out, hidden, tokens)
+        else:
+            unscored("expression")
+            if self.cell_expression_loss:
+                unscored("expression_from_cell")
+        if self.expression_queries:
+            if bool(tokens.is_query.any()):
+                self._query_losses(out, hidden, tokens)
+            else:
+                unscored("query")
         hidden_genes = None if gene_mask is None else gene_mask & tokens.is_context
         if hidden_genes is not None and bool(hidden_genes.any()):
             logits = self.gene_logits(hidden, tokens, hidden_genes)
@@ -707,11 +783,14 @@ class GeneTransformerModule(nn.Module):
             out.components["gene"] = F.cross_entropy(logits, target)
             out.metrics["gene_accuracy"] = (logits.argmax(-1) == target).float().mean()
             out.counts["gene"] = out.counts["gene_accuracy"] = int(hidden_genes.sum())
+        elif self.gene_prediction:
+            unscored("gene")
         for slot, logits in enumerate(self.phenotype_logits(hidden, tokens)):
             target = phenotype_targets[:, slot]
             rows = phenotype_mask[:, slot] & (target >= 0)
             n_rows = int(rows.sum())
             if n_rows == 0:
+                unscored(f"phenotype_{slot}")
                 continue
             name = phenotype_names[slot]
             weight = None if phenotype_weights is None else phenotype_weights[slot]
@@ -722,25 +801,30 @@ class GeneTransformerModule(nn.Module):
                 (logits[rows].argmax(-1) == target[rows]).float().mean()
             )
             out.counts[f"phenotype_{name}"] = out.counts[f"phenotype_{name}_accuracy"] = n_rows
-        if self.batch_adversary and batch_targets is not None:
-            rows = (batch_targets >= 0) & (batch_targets < self.n_batches)
-            if bool(rows.any()):
+        if self.batch_adversary:
+            rows = None if batch_targets is None else (batch_targets >= 0) & (batch_targets < self.n_batches)
+            if rows is None or not bool(rows.any()):
+                unscored("batch_adversary")
+            else:
                 embedding = reverse_gradient(self.cell_embedding(hidden, tokens)[rows], self.adversary_scale)
                 logits = self.batch_discriminator(embedding).float()
                 target = batch_targets[rows].long()
                 out.components["batch_adversary"] = adversary_weight * F.cross_entropy(logits, target)
                 out.metrics["batch_adversary_accuracy"] = (logits.argmax(-1) == target).float().mean()
                 out.counts["batch_adversary"] = out.counts["batch_adversary_accuracy"] = int(rows.sum())
-        if self.align_dims is not None and other is not None and len(other) > 1:
-            scale = self.align_logit_scale.clamp(max=math.log(100.0))  # CLIP's cap on 1/temperature
-            a = self.align_transcriptome(self.cell_embedding(hidden, tokens))
-            b = self.align_other(other.to(a.dtype))
-            out.components["alignment"] = align_weight * symmetric_info_nce(a, b, scale)
-            with torch.no_grad():
-                similarity = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
-                matched = similarity.argmax(1) == torch.arange(len(a), device=a.device)
-            out.metrics["alignment_accuracy"] = matched.float().mean()
-            out.counts["alignment"] = out.counts["alignment_accuracy"] = len(a)
+        if self.align_dims is not None:
+            if other is None or len(other) < 2:
+                unscored("alignment")
+            else:
+                scale = self.align_logit_scale.clamp(max=math.log(100.0))  # CLIP's cap on 1/temperature
+                a = self.align_transcriptome(self.cell_embedding(hidden, tokens))
+                b = self.align_other(other.to(a.dtype))
+                out.components["alignment"] = align_weight * symmetric_info_nce(a, b, scale)
+                with torch.no_grad():
+                    similarity = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+                    matched = similarity.argmax(1) == torch.arange(len(a), device=a.device)
+                out.metrics["alignment_accuracy"] = matched.float().mean()
+                out.counts["alignment"] = out.counts["alignment_accuracy"] = len(a)
         for value in out.components.values():
             out.total = out.total + value
         return out

@@ -174,6 +174,8 @@ class MaskedModelingPlan(pl.LightningModule):
         self.align_weight = align_weight
         self.has_batches = has_batches
         self.gene_prediction_prob = gene_prediction_prob
+        # per stage, the epoch's sums of each logged value times its count, and the counts
+        self._epoch_sums: dict[str, tuple[dict[str, torch.Tensor], dict[str, int]]] = {}
 
     def _phenotypes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
@@ -252,19 +254,117 @@ class MaskedModelingPlan(pl.LightningModule):
             align_weight=self.align_weight,
             gene_mask=gene_mask,
         )
-        n = phenotypes.shape[0]
-        # epoch means over the cells of every distributed rank (synced once, at the epoch's end)
-        log = {"on_step": False, "on_epoch": True, "sync_dist": True}
-        self.log(f"loss_{stage}", out.total, batch_size=n, prog_bar=True, **log)
-        for name, value in {**out.components, **out.metrics}.items():
-            self.log(f"{name}_{stage}", value, batch_size=out.counts[name], **log)
+        self._record(stage, out, phenotypes.shape[0])
         return out
+
+    def _record(self, stage: str, out: LossOutput, n_cells: int) -> None:
+        """Add a minibatch's loss (per cell) and components and metrics (per scored item) to the epoch's sums."""
+        sums, counts = self._epoch_sums.setdefault(stage, ({}, {}))
+        values = {"loss": (out.total, n_cells)}
+        values.update((name, (value, out.counts[name])) for name, value in out.components.items())
+        values.update((name, (value, out.counts[name])) for name, value in out.metrics.items())
+        for name, (value, count) in values.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float() * count
+            counts[name] = counts.get(name, 0) + count
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch means of ``stage`` as ``<name>_<stage>``, over the items of every distributed rank.
+
+        Each rank sums each value times its count and the counts; one all-reduce adds up the ranks'
+        sums of every name the module may log (0 where a rank scored none), so every rank logs the
+        same names, a mean over the very items a single process would average, and nothing for a
+        name that no rank scored in the epoch.
+        """
+        sums, counts = self._epoch_sums.pop(stage, ({}, {}))
+        names = ["loss", *self.module.loss_names(self.phenotype_keys)]
+        unknown = sorted(set(sums) - set(names))
+        if unknown:
+            raise RuntimeError(f"the module's loss returned {unknown}, which its loss_names() leaves out")
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        totals = torch.cat(
+            [
+                torch.stack([sums[name].double() if name in sums else zero for name in names]),
+                torch.tensor(
+                    [counts.get(name, 0) for name in names], dtype=torch.float64, device=self.device
+                ),
+            ]
+        )
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        means, scored = (totals[: len(names)] / totals[len(names) :]).float(), totals[len(names) :] > 0
+        for name, mean, is_scored in zip(names, means, scored.tolist(), strict=True):
+            if is_scored:
+                # the same value on every rank already: their maximum keeps it exactly
+                self.log(
+                    f"{name}_{stage}",
+                    mean,
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=1,
+                    prog_bar=name == "loss",
+                    sync_dist=True,
+                    reduce_fx="max",
+                )
 
     def on_train_epoch_start(self) -> None:
         """Set the training order of this epoch (a function of ``(seed, epoch)`` alone)."""
+        self._epoch_sums.pop("train", None)
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "reseed"):
             datamodule.reseed(self.current_epoch)
+
+    def on_train_batch_end(
+        self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], batch_idx: int
+    ) -> None:
+        """After the epoch's last training minibatch (or the run's last step), log the epoch's means.
+
+        Then the callbacks' ``on_train_epoch_end``, which Lightning calls before this module's,
+        read them.
+        """
+        trainer = self.trainer
+        last_step = 0 <= trainer.max_steps <= trainer.global_step
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or last_step:
+            self._log_epoch("train")
+
+    def on_train_epoch_end(self) -> None:
+        """Log the means of an epoch that ended before its last minibatch (stopped by a callback)."""
+        if "train" in self._epoch_sums:
+            self._log_epoch("train")
+
+    def on_validation_epoch_start(self) -> None:
+        """Start the validation sums afresh."""
+        self._epoch_sums.pop("validation", None)
+
+    def on_validation_batch_end(
+        self, outputs: None, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """After the last validation minibatch, log the means (read by the callbacks' epoch end)."""
+        trainer = self.trainer
+        n_batches = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+        if dataloader_idx == len(n_batches) - 1 and batch_idx + 1 == n_batches[dataloader_idx]:
+            self._log_epoch("validation")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation means, where the last minibatch has not."""
+        if "validation" in self._epoch_sums:
+            self._log_epoch("validation")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients of the heads that scored nothing in this step.
+
+        A head with nothing to score takes part in the loss with weight 0
+        (:meth:`~sctransformer.module.GeneTransformerModule.loss_heads`); its gradient is then
+        exactly 0, on every distributed rank alike once they are averaged. Without a gradient, AdamW
+        leaves the head as it is (no momentum, no weight decay), as for a head not in the loss.
+        """
+        heads = [[p for p in params if p.grad is not None] for params in self.module.loss_heads().values()]
+        heads = [params for params in heads if params]
+        if not heads:
+            return
+        scored = torch.stack([torch.stack([p.grad.ne(0).any() for p in params]).any() for params in heads])
+        for params, is_scored in zip(heads, scored.tolist(), strict=True):
+            if not is_scored:
+                for param in params:
+                    param.grad = None
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Seed the global RNG (masks, dropout) from ``(seed, epoch, minibatch number)``.
