@@ -229,3 +229,57 @@ def test_resume_needs_a_checkpoint_directory(adata):
         model.train(resume=True)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         model.train(checkpoint_every_n_steps=10)
+
+
+@pytest.mark.parametrize(
+    ("warmup", "kill_epoch"),
+    [
+        (0, 7),  # the epoch-7 checkpoint holds early stopping's check of epoch 6, the best one
+        (0, 8),  # ... of epoch 7, the first without improvement
+        (3, 8),  # and early stopping's warm-up count (its checks of epochs 0-2 were skipped)
+    ],
+)
+def test_a_killed_run_with_early_stopping_resumes_to_the_uninterrupted_stop(tmp_path, warmup, kill_epoch):
+    """Early stopping checks an epoch after the callbacks' epoch end: its checkpoint holds that check.
+
+    The uninterrupted run stops after 9 epochs (its validation loss is lowest after epoch 6). A run
+    killed at the start of epoch 7 or 8 and resumed stops there too, with the same weights; so does
+    a run resumed from the stopped run's own checkpoint, without training.
+    """
+    make_model, _, _ = _make_model_and_settings()
+    settings = {
+        "max_epochs": 14,
+        "batch_size": 32,
+        "seed": 2,
+        "lr": 0.05,
+        "calibrate": False,
+        "enable_progress_bar": False,
+        "early_stopping": True,
+        "early_stopping_patience": 2,
+        "early_stopping_warmup_epochs": warmup,
+    }
+    model = make_model("shards", tmp_path)
+    uninterrupted = _train(model, **settings, checkpoint_dir=tmp_path / "uninterrupted")
+    n_epochs = len(model.history["loss_train"])
+    assert n_epochs == 9 < settings["max_epochs"]  # stopped early
+
+    checkpoints = tmp_path / "ckpt"
+    with pytest.raises(_Stop):  # 3 minibatches per epoch
+        _train(
+            make_model("shards", tmp_path),
+            **settings,
+            checkpoint_dir=checkpoints,
+            callbacks=[_StopAtStep(3 * kill_epoch)],
+        )
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["epoch"] == kill_epoch - 1
+    model = make_model("shards", tmp_path)
+    resumed = _train(model, **settings, checkpoint_dir=checkpoints, resume=True)
+    assert kill_epoch + len(model.history["loss_train"]) == n_epochs  # history: the resumed epochs
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
+
+    model = make_model("shards", tmp_path)
+    finished = _train(model, **settings, checkpoint_dir=tmp_path / "uninterrupted", resume=True)
+    assert "loss_train" not in model.history
+    for key in uninterrupted:
+        torch.testing.assert_close(finished[key], uninterrupted[key], rtol=0, atol=0)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
 
 from sctransformer.data._splitting import check_order_settings
 
@@ -25,6 +25,14 @@ class PeriodicCheckpoint(Callback):
     writes (end of a training batch, end of an epoch) and read back by
     ``Trainer.fit(ckpt_path=...)``. Each write goes beside ``last.ckpt`` and is renamed into place,
     so a run killed while writing keeps the previous checkpoint.
+
+    Lightning calls the monitoring callbacks' ``on_train_epoch_end`` (early stopping's check of
+    the epoch) after this callback's. The checkpoint of an epoch is therefore taken in this
+    callback's ``on_train_epoch_end`` and written at the next epoch's start or at the end of
+    training, with the states that the callbacks called after this one have by then: it holds the
+    epoch's early-stopping check. It also holds what early stopping does not checkpoint itself:
+    scvi-tools' warm-up count (``early_stopping_warmup_epochs``) and whether it stopped the run (a
+    run resumed from the checkpoint of a stopped run ends without training).
 
     A resumed run must cut the same training minibatches as the run that wrote the checkpoint:
     the training loader's state records what sets them (seed, training cells, batch size, number
@@ -47,11 +55,22 @@ class PeriodicCheckpoint(Callback):
         self.every_n_steps = every_n_steps
         self._last_step = -1
         self._resumed_loader_states: list[dict[str, Any]] = []
+        self._epoch_end: dict[str, Any] | None = None  # the checkpoint of an epoch end, to be written
+        self._run_state: dict[str, Any] = {}
+        self._resumed_run_state: dict[str, Any] = {}
 
     @property
     def last(self) -> Path:
         """Path of the most recent checkpoint."""
         return self.dirpath / LAST_CHECKPOINT
+
+    def state_dict(self) -> dict[str, Any]:
+        """Early stopping's warm-up counts and whether it stopped the run, when the checkpoint was taken."""
+        return dict(self._run_state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the checkpoint's early-stopping counts, to restore them at the start."""
+        self._resumed_run_state = dict(state_dict)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -61,7 +80,11 @@ class PeriodicCheckpoint(Callback):
         self._resumed_loader_states = list(fit_loop.get("state_dict", {}).get("combined_loader", []))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Raise if the resumed run's training minibatches differ from those of the checkpoint's run."""
+        """Raise if the resumed run's training minibatches differ from those of the checkpoint's run.
+
+        Then restore early stopping's warm-up counts, and end the run at once where early stopping
+        had stopped it.
+        """
         states, self._resumed_loader_states = self._resumed_loader_states, []
         loaders = trainer.train_dataloader
         if isinstance(loaders, dict):
@@ -71,6 +94,13 @@ class PeriodicCheckpoint(Callback):
         stateful = [loader for loader in loaders if callable(getattr(loader, "state_dict", None))]
         for recorded, loader in zip(states, stateful, strict=False):
             check_order_settings(recorded, loader.state_dict())
+        run_state, self._resumed_run_state = self._resumed_run_state, {}
+        steps = run_state.get("early_stopping_steps", {})
+        for callback in trainer.callbacks:
+            if isinstance(callback, EarlyStopping) and callback.state_key in steps:
+                callback._current_step = steps[callback.state_key]
+        if run_state.get("should_stop", False):
+            trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         """Checkpoint every ``every_n_steps`` steps (not at an epoch's last batch: the epoch end does)."""
@@ -84,12 +114,61 @@ class PeriodicCheckpoint(Callback):
         self._save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Checkpoint the finished epoch."""
-        self._save(trainer)
+        """Take the checkpoint of the finished epoch (written once early stopping has checked the epoch)."""
+        # what Trainer.save_checkpoint writes; the weights and optimizer state it refers to stay as
+        # they are until it is written (no step comes in between)
+        self._epoch_end = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the checkpoint of the previous epoch."""
+        self._save_epoch_end(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the checkpoint of the last epoch."""
+        self._save_epoch_end(trainer)
+
+    def _save_epoch_end(self, trainer: pl.Trainer) -> None:
+        checkpoint, self._epoch_end = self._epoch_end, None
+        if checkpoint is None:
+            return
+        # the callbacks that Lightning called after this one at the epoch's end (FitLoop.on_advance_end):
+        # the later ordinary ones, then the monitoring ones, early stopping among them
+        monitoring = (EarlyStopping, Checkpoint)
+        ordinary = [callback for callback in trainer.callbacks if not isinstance(callback, monitoring)]
+        later = ordinary[ordinary.index(self) + 1 :] if self in ordinary else []
+        later += [callback for callback in trainer.callbacks if isinstance(callback, monitoring)]
+        states = checkpoint.setdefault("callbacks", {})
+        for callback in [*later, self]:
+            states.pop(callback.state_key, None)
+            state = self._take_run_state(trainer) if callback is self else callback.state_dict()
+            if state:
+                states[callback.state_key] = state
+        self._write(trainer, checkpoint)
+
+    def _take_run_state(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Record what early stopping does not checkpoint itself; returns :meth:`state_dict`."""
+        self._run_state = {
+            "early_stopping_steps": {
+                callback.state_key: callback._current_step
+                for callback in trainer.callbacks
+                if isinstance(callback, EarlyStopping) and hasattr(callback, "_current_step")
+            },
+            "should_stop": bool(trainer.should_stop),
+        }
+        return self.state_dict()
 
     def _save(self, trainer: pl.Trainer) -> None:
+        self._take_run_state(trainer)
+        self._write(trainer)
+
+    def _write(self, trainer: pl.Trainer, checkpoint: dict[str, Any] | None = None) -> None:
+        """Write ``checkpoint`` (default: the trainer's present state) as :attr:`last`."""
         self.dirpath.mkdir(parents=True, exist_ok=True)
         partial = self.dirpath / f".{LAST_CHECKPOINT}.partial"
-        trainer.save_checkpoint(partial)
+        if checkpoint is None:
+            trainer.save_checkpoint(partial, weights_only=False)
+        else:  # what Trainer.save_checkpoint does with the state it takes
+            trainer.strategy.save_checkpoint(checkpoint, partial)
+            trainer.strategy.barrier("PeriodicCheckpoint._write")
         if trainer.is_global_zero:
             os.replace(partial, self.last)
