@@ -2,8 +2,8 @@
 
 For each labelled data set: train sctransformer self-supervised (no labels, default settings;
 masked expression only, so the labels that define the marker sets are never seen), build from
-it both gene graphs of :func:`sctransformer.tl.gene_graph` over the data set's genes (last layer,
-heads averaged, ``--top-k`` edges per gene): gene -> gene attention (``score="attention"``,
+it both gene graphs of :func:`sctransformer.tl.gene_graph` over the data set's genes (each score's
+default layers, heads averaged, ``--top-k`` edges per gene): gene -> gene attention (``score="attention"``,
 co-expression-corrected, symmetrised) and co-attention (``score="co-attention"``, the default:
 correlation over cells of the ``[CLS]`` token's attention to each gene; its AUROC scores pairs
 of negative correlation 0, as the graph stores only positive ones), and compare each with
@@ -13,6 +13,8 @@ of negative correlation 0, as the graph stores only positive ones), and compare 
 - a co-detection graph, the same for the correlation over cells of whether each gene is detected (count > 0):
   what a score that only knew which genes are tokens together would give;
 - random graphs with exactly the attention graph's degrees (networkx double-edge swaps);
+- the same graph from the untrained model (its initial weights, the same seed): what the
+  architecture and the input encoding give before anything is learned;
 - (AUROC only) the cosine similarity of the model's gene embeddings, identity and contextual.
 
 Marker sets: the top ``--markers`` genes of each cell type by scanpy's ``rank_genes_groups``
@@ -193,7 +195,12 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
     detection = detection_correlation(adata)  # a baseline for co-attention: which genes are tokens together
 
     sct.setup_anndata(adata)  # no labels
+    untrained = sct.GeneTransformer(adata, **args.model)  # the trained model's initial weights (same seed)
     model = sct.GeneTransformer(adata, **args.model)
+    start_weights = zip(
+        untrained.module.state_dict().values(), model.module.state_dict().values(), strict=True
+    )
+    assert all(torch.equal(a, b) for a, b in start_weights), "the two models must start from the same weights"
     start = time.perf_counter()
     model.train(enable_progress_bar=False, logger=False, **args.train)
     train_minutes = (time.perf_counter() - start) / 60
@@ -208,10 +215,18 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
         n_edges = len(attention_edges)
 
         expected = random_same_type(attention_edges, gene_types, args.random_graphs)
+        # the same graph before training: what the architecture and input encoding give unlearned
+        control = sct.tl.gene_graph(adata, untrained, **{"top_k": adata.n_vars - 1, **options}, copy=True)
+        control_score = control.varp["sct_gene_graph"].toarray()
 
         label = f"graph {json.dumps(options)}" if options else "graph (sctransformer defaults)"
         for method, pairs, score in (
             (label, attention_edges, attention_score),
+            (
+                "the same graph, untrained model (initial weights), same edge count",
+                same_count(control_score, n_edges, args.top_k),
+                control_score,
+            ),
             ("Pearson co-expression, same edge count", same_count(pearson, n_edges, args.top_k), pearson),
             (
                 "co-detection correlation, same edge count",

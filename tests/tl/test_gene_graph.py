@@ -185,6 +185,25 @@ def test_co_attention_graph_equals_the_cls_attention_of_each_cell_correlated_by_
         sct.tl.gene_graph(adata, model, score="cls")
 
 
+def test_default_layers_are_the_first_for_co_attention_and_the_last_for_attention():
+    adata = sct.datasets.synthetic(n_cells=60, n_genes=30, n_cell_types=3, n_markers=5, seed=2)
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **{**TINY, "n_layers": 2})  # two blocks: first != last
+    options = {"top_k": adata.n_vars - 1, "min_cells": 1, "copy": True}
+    for score, default, other in (("co-attention", 0, "last"), ("attention", "last", 0)):
+        graph = sct.tl.gene_graph(adata, model, score=score, **options)
+        chosen = sct.tl.gene_graph(adata, model, score=score, layers=default, **options)
+        not_chosen = sct.tl.gene_graph(adata, model, score=score, layers=other, **options)
+        key = "sct_gene_graph"
+        assert graph.uns["sct"][key]["params"]["layers"] == ("first" if default == 0 else "last")
+        np.testing.assert_array_equal(graph.varp[key].toarray(), chosen.varp[key].toarray())
+        assert not np.allclose(graph.varp[key].toarray(), not_chosen.varp[key].toarray())
+    first = sct.tl.gene_graph(adata, model, layers="first", **options).varp["sct_gene_graph"].toarray()
+    block_0 = sct.tl.gene_graph(adata, model, layers=[0], **options).varp["sct_gene_graph"].toarray()
+    assert first.any()
+    np.testing.assert_array_equal(first, block_0)
+
+
 def test_gene_graph_by_group_and_restricted_genes(trained, tmp_path):
     model, data = trained
     adata = data.copy()

@@ -1347,9 +1347,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         for idx, tokens, hidden, _ in self._passes(adata, batch_size, [], indices, batch):
             yield idx, tokens, hidden
 
-    def _attention_layers(self, layers: Literal["last", "all"] | int | list[int]) -> list[int]:
+    def _attention_layers(self, layers: Literal["first", "last", "all"] | int | list[int]) -> list[int]:
         """Block indices named by ``layers`` (negative integers count from the last block)."""
         n_layers = len(self.module.blocks)
+        if layers == "first":
+            return [0]
         if layers == "last":
             return [n_layers - 1]
         if layers == "all":
@@ -1363,7 +1365,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             or any(not -n_layers <= x < n_layers for x in chosen)
         ):
             raise ValueError(
-                f"layers must be 'last', 'all', or block indices in [{-n_layers}, {n_layers}), got {layers!r}"
+                f"layers must be 'first', 'last', 'all', or block indices in [{-n_layers}, {n_layers}), "
+                f"got {layers!r}"
             )
         return sorted({int(x) % n_layers for x in chosen})
 
@@ -1371,7 +1374,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         self,
         adata: AnnData,
         *,
-        layers: Literal["last", "all"] | int | list[int] = "last",
+        layers: Literal["first", "last", "all"] | int | list[int] = "last",
         heads: Literal["mean", "max"] = "mean",
         batch_size: int | None = None,
         rows: Literal["genes", "cls"] = "genes",

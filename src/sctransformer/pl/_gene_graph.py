@@ -93,7 +93,7 @@ def attention(
     model: GeneTransformer,
     cell: int | str = 0,
     *,
-    layers: Literal["last", "all"] | int | list[int] = "last",
+    layers: Literal["first", "last", "all"] | int | list[int] = "last",
     heads: Literal["mean", "max"] = "mean",
     n_genes: int = 30,
     cmap: str = "viridis",
