@@ -107,6 +107,17 @@ def test_a_failed_training_run_leaves_the_weights_their_dtype_and_the_calibratio
     assert all(torch.equal(model.module.state_dict()[k], v) for k, v in before.items())
     assert model.temperatures_ == temperatures
 
+    class FailAfterTwoSteps(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 2:
+                raise RuntimeError("interrupted")
+
+    # after an optimizer step the weights the temperatures were fitted to are gone: none kept
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train_quietly(model, callbacks=[FailAfterTwoSteps()])
+    assert not all(torch.equal(model.module.state_dict()[k], v) for k, v in before.items())
+    assert model.temperatures_ == {} and model.calibration_ == {}
+
 
 @pytest.mark.parametrize(
     "kwargs",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -283,3 +285,39 @@ def test_a_killed_run_with_early_stopping_resumes_to_the_uninterrupted_stop(tmp_
     assert "loss_train" not in model.history
     for key in uninterrupted:
         torch.testing.assert_close(finished[key], uninterrupted[key], rtol=0, atol=0)
+    if kill_epoch == 7:  # resumed without early stopping, the stopped run trains on to max_epochs
+        model = make_model("shards", tmp_path)
+        _train(
+            model,
+            **{**settings, "early_stopping": False},
+            checkpoint_dir=tmp_path / "uninterrupted",
+            resume=True,
+        )
+        assert len(model.history["loss_train"]) == settings["max_epochs"] - n_epochs
+
+
+class _TerminateInValidation(pl.Callback):
+    """A SIGTERM (a cluster pre-empting the job) during the validation of ``epoch``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_run_terminated_after_an_epoch_end_keeps_that_epochs_checkpoint(tmp_path):
+    # Lightning holds the SIGTERM back until the epoch's end hooks have run, then raises
+    make_model, settings, _ = _make_model_and_settings()
+    checkpoints = tmp_path / "ckpt"
+    with pytest.raises(BaseException) as raised:
+        _train(
+            make_model("anndata", tmp_path),
+            **settings,
+            checkpoint_dir=checkpoints,
+            callbacks=[_TerminateInValidation(1)],
+        )
+    assert "SIGTERM" in type(raised.value).__name__
+    checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 6)  # 3 minibatches per epoch

@@ -1147,9 +1147,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         frozen = self._frozen_parameters(freeze)
         for param in frozen:
             param.requires_grad_(False)
-        # a "-true" precision casts the weights; a failed run keeps the previous calibration
+        # a "-true" precision casts the weights; a run that fails before its first optimizer step
+        # keeps the previous calibration (after one, the weights it was fitted to have changed)
         dtype = next(self.module.parameters()).dtype
-        calibration, finished = (self.temperatures_, self.calibration_), False
+        calibration, finished, plan = (self.temperatures_, self.calibration_), False, None
         self.temperatures_, self.calibration_ = {}, {}
         try:
             pl.seed_everything(seed, workers=True, verbose=False)
@@ -1221,7 +1222,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             for param in frozen:
                 param.requires_grad_(True)
             self.module.to(dtype)
-            if not finished:
+            if not finished and (plan is None or plan.global_step == 0):
                 self.temperatures_, self.calibration_ = calibration
             self.module.eval()
             if self.shards_ is not None:

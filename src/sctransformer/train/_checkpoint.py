@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from sctransformer.data._splitting import check_order_settings
 
 LAST_CHECKPOINT = "last.ckpt"
+logger = logging.getLogger(__name__)
 
 
 class PeriodicCheckpoint(Callback):
@@ -31,8 +35,10 @@ class PeriodicCheckpoint(Callback):
     callback's ``on_train_epoch_end`` and written at the next epoch's start or at the end of
     training, with the states that the callbacks called after this one have by then: it holds the
     epoch's early-stopping check. It also holds what early stopping does not checkpoint itself:
-    scvi-tools' warm-up count (``early_stopping_warmup_epochs``) and whether it stopped the run (a
-    run resumed from the checkpoint of a stopped run ends without training).
+    scvi-tools' warm-up count (``early_stopping_warmup_epochs``). A run resumed from the checkpoint of
+    a run that early stopping ended ends without training, if it has the same early stopping. A run
+    stopped by an exception (SIGTERM, Ctrl-C, an error) after an epoch's end still writes that epoch's
+    checkpoint.
 
     A resumed run must cut the same training minibatches as the run that wrote the checkpoint:
     the training loader's state records what sets them (seed, training cells, batch size, number
@@ -65,7 +71,7 @@ class PeriodicCheckpoint(Callback):
         return self.dirpath / LAST_CHECKPOINT
 
     def state_dict(self) -> dict[str, Any]:
-        """Early stopping's warm-up counts and whether it stopped the run, when the checkpoint was taken."""
+        """Early stopping's warm-up counts when the checkpoint was taken."""
         return dict(self._run_state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -99,8 +105,11 @@ class PeriodicCheckpoint(Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, EarlyStopping) and callback.state_key in steps:
                 callback._current_step = steps[callback.state_key]
-        if run_state.get("should_stop", False):
-            trainer.should_stop = True
+        for callback in trainer.callbacks:  # restored by Lightning where this run has the same one
+            reason = getattr(callback, "stopping_reason", None)
+            if isinstance(callback, EarlyStopping) and reason is not None and reason.name != "NOT_STOPPED":
+                logger.info("the checkpoint's run was ended by early stopping; nothing left to train")
+                trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         """Checkpoint every ``every_n_steps`` steps (not at an epoch's last batch: the epoch end does)."""
@@ -115,9 +124,12 @@ class PeriodicCheckpoint(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take the checkpoint of the finished epoch (written once early stopping has checked the epoch)."""
-        # what Trainer.save_checkpoint writes; the weights and optimizer state it refers to stay as
-        # they are until it is written (no step comes in between)
-        self._epoch_end = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        # what Trainer.save_checkpoint writes, copied: callbacks may change the weights in place
+        # before it is written (e.g. stochastic weight averaging at the end of training)
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        self._epoch_end = apply_to_collection(
+            checkpoint, torch.Tensor, lambda t: t.detach().to("cpu", copy=True)
+        )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the checkpoint of the previous epoch."""
@@ -127,7 +139,13 @@ class PeriodicCheckpoint(Callback):
         """Write the checkpoint of the last epoch."""
         self._save_epoch_end(trainer)
 
-    def _save_epoch_end(self, trainer: pl.Trainer) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Write the checkpoint of a finished epoch when the run stops before the next (SIGTERM, Ctrl-C, error)."""
+        self._save_epoch_end(trainer, synchronize=False)  # other ranks may not be here to wait for
+
+    def _save_epoch_end(self, trainer: pl.Trainer, synchronize: bool = True) -> None:
         checkpoint, self._epoch_end = self._epoch_end, None
         if checkpoint is None:
             return
@@ -143,7 +161,7 @@ class PeriodicCheckpoint(Callback):
             state = self._take_run_state(trainer) if callback is self else callback.state_dict()
             if state:
                 states[callback.state_key] = state
-        self._write(trainer, checkpoint)
+        self._write(trainer, checkpoint, synchronize)
 
     def _take_run_state(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Record what early stopping does not checkpoint itself; returns :meth:`state_dict`."""
@@ -153,7 +171,6 @@ class PeriodicCheckpoint(Callback):
                 for callback in trainer.callbacks
                 if isinstance(callback, EarlyStopping) and hasattr(callback, "_current_step")
             },
-            "should_stop": bool(trainer.should_stop),
         }
         return self.state_dict()
 
@@ -161,7 +178,9 @@ class PeriodicCheckpoint(Callback):
         self._take_run_state(trainer)
         self._write(trainer)
 
-    def _write(self, trainer: pl.Trainer, checkpoint: dict[str, Any] | None = None) -> None:
+    def _write(
+        self, trainer: pl.Trainer, checkpoint: dict[str, Any] | None = None, synchronize: bool = True
+    ) -> None:
         """Write ``checkpoint`` (default: the trainer's present state) as :attr:`last`."""
         self.dirpath.mkdir(parents=True, exist_ok=True)
         partial = self.dirpath / f".{LAST_CHECKPOINT}.partial"
@@ -169,6 +188,7 @@ class PeriodicCheckpoint(Callback):
             trainer.save_checkpoint(partial, weights_only=False)
         else:  # what Trainer.save_checkpoint does with the state it takes
             trainer.strategy.save_checkpoint(checkpoint, partial)
-            trainer.strategy.barrier("PeriodicCheckpoint._write")
+            if synchronize:
+                trainer.strategy.barrier("PeriodicCheckpoint._write")
         if trainer.is_global_zero:
             os.replace(partial, self.last)
