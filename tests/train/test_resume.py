@@ -321,3 +321,24 @@ def test_a_run_terminated_after_an_epoch_end_keeps_that_epochs_checkpoint(tmp_pa
     assert "SIGTERM" in type(raised.value).__name__
     checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=False)
     assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 6)  # 3 minibatches per epoch
+
+
+def test_the_epoch_end_checkpoint_holds_the_weights_of_that_epoch_end(tmp_path):
+    # stochastic weight averaging copies the averaged weights into the model at the end of training,
+    # after the last epoch's checkpoint is taken and before it is written
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    class LastEpochEnd(pl.Callback):
+        def on_train_epoch_end(self, trainer, module) -> None:
+            self.weights = {k: v.detach().clone() for k, v in module.module.state_dict().items()}
+
+    make_model, settings, _ = _make_model_and_settings()
+    recorder = LastEpochEnd()
+    swa = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1)
+    _train(make_model("anndata", tmp_path), **settings, checkpoint_dir=tmp_path, callbacks=[swa, recorder])
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert any(
+        not torch.equal(saved[f"module.{k}"], v) for k, v in swa._average_model.module.state_dict().items()
+    )
+    for key, value in recorder.weights.items():
+        torch.testing.assert_close(saved[f"module.{key}"], value, rtol=0, atol=0)
