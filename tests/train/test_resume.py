@@ -10,6 +10,7 @@ import textwrap
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 
@@ -95,7 +96,9 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_weights(
     tmp_path, kind, kill_at, every, checkpoint_step, setting
 ):
     make_model, settings, strategy = _make_model_and_settings()
-    uninterrupted = _train(make_model(kind, tmp_path), **settings, **strategy(setting))
+    model = make_model(kind, tmp_path)
+    uninterrupted = _train(model, **settings, **strategy(setting))
+    curves = model.history
 
     script = tmp_path / "killed_run.py"
     script.write_text(KILLED_RUN)
@@ -109,11 +112,14 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_weights(
     checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == checkpoint_step
 
-    resumed = _train(
-        make_model(kind, tmp_path), **settings, **strategy(setting), checkpoint_dir=checkpoints, resume=True
-    )
+    model = make_model(kind, tmp_path)
+    resumed = _train(model, **settings, **strategy(setting), checkpoint_dir=checkpoints, resume=True)
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
+    # the resumed epochs' means, the one resumed midway included (its sums are in the checkpoint)
+    for name, curve in model.history.items():
+        expected = curves[name].iloc[-len(curve) :].to_numpy()
+        np.testing.assert_allclose(curve.to_numpy(), expected, rtol=1e-6, err_msg=name)
 
 
 def test_a_mid_epoch_resume_without_the_data_position_would_differ(tmp_path):

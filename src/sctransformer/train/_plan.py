@@ -74,6 +74,10 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_factor:
     return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+#: Checkpoint entry of the training sums of an epoch checkpointed midway (``on_save_checkpoint``)
+EPOCH_SUMS_KEY = "sctransformer_train_epoch_sums"
+
+
 class MaskedModelingPlan(pl.LightningModule):
     """Trains a :class:`~sctransformer.module.GeneTransformerModule` by masked modelling.
 
@@ -176,6 +180,7 @@ class MaskedModelingPlan(pl.LightningModule):
         self.gene_prediction_prob = gene_prediction_prob
         # per stage, the epoch's sums of each logged value times its count, and the counts
         self._epoch_sums: dict[str, tuple[dict[str, torch.Tensor], dict[str, int]]] = {}
+        self._resumed_sums: tuple[dict[str, torch.Tensor], dict[str, int]] | None = None
 
     def _phenotypes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
@@ -304,6 +309,26 @@ class MaskedModelingPlan(pl.LightningModule):
                     sync_dist=True,
                     reduce_fx="max",
                 )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the sums of an epoch checkpointed midway, so a resumed run's epoch means cover all of it."""
+        if "train" in self._epoch_sums:
+            sums, counts = self._epoch_sums["train"]
+            checkpoint[EPOCH_SUMS_KEY] = ({k: v.cpu() for k, v in sums.items()}, dict(counts))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Take the sums of the epoch the checkpoint was written in, to go on from at the start."""
+        self._resumed_sums = checkpoint.get(EPOCH_SUMS_KEY)
+
+    def on_train_start(self) -> None:
+        """Go on from the checkpoint's sums where the run resumes midway through an epoch.
+
+        Lightning calls :meth:`on_train_epoch_start` for the next epoch, not for the one resumed.
+        """
+        resumed, self._resumed_sums = self._resumed_sums, None
+        if resumed is not None:
+            sums, counts = resumed
+            self._epoch_sums["train"] = ({k: v.to(self.device) for k, v in sums.items()}, dict(counts))
 
     def on_train_epoch_start(self) -> None:
         """Set the training order of this epoch (a function of ``(seed, epoch)`` alone)."""
