@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sctransformer.module import GeneTransformerModule, Tokenizer
+from sctransformer.module import Tokenizer
 from sctransformer.train import MaskedModelingPlan, mask_genes, mask_tokens, warmup_cosine
+
+from ..module.test_module import make_module
 
 
 def tokens_for(n_cells: int = 400, n_genes: int = 50, n_queries: int = 4):
@@ -95,21 +97,12 @@ def test_a_head_that_scored_nothing_in_a_step_is_left_as_it_is_by_the_optimizer(
     The plan drops that gradient before the step: AdamW then moves the head neither by momentum nor
     by weight decay, as when the head was left out of the loss.
     """
-    torch.manual_seed(0)
-    module = GeneTransformerModule(
+    module = make_module(
         50,
-        [3, 2],
-        d_model=16,
         n_layers=1,
-        n_heads=2,
-        d_ff=32,
-        dropout=0.0,
         max_length=30,
-        value_encoding="binned",
-        n_bins=4,
-        binning="quantile",
-        bin_edges=None,
         label_smoothing=0.0,
+        expression_queries=False,
         cell_expression_loss=False,
     )
     plan = MaskedModelingPlan(module, column_to_gene=np.arange(50), phenotype_keys=["a", "b"])
