@@ -119,6 +119,35 @@ def test_packed_encoder_matches_padded_outputs_and_gradients(packed_reference):
         torch.testing.assert_close(g_pack[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_sdpa_minibatches_padded_further_give_the_same_outputs_and_gradients(monkeypatch):
+    """On CUDA, SDPA minibatches are padded to a multiple of 64 tokens; here forced on CPU."""
+    module = query_module(dropout=0.0).train()
+    module.attention = "sdpa"
+    tokens = module.tokenize(to_torch_csr(sp.csr_matrix(counts())), torch.arange(N_GENES))
+    value_mask = tokens.is_context & (
+        torch.rand(tokens.is_context.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    )
+    targets = torch.tensor([[0], [1], [2], [0], [1], [2], [-1]])
+    results = []
+    for pad in (0, 5):
+        monkeypatch.setattr(_module, "sdpa_length_padding", lambda x, pad=pad: pad)
+        module.zero_grad()
+        hidden = module.encode(tokens, torch.full_like(targets, -1), value_mask)
+        module.loss(
+            hidden, tokens, value_mask, targets, torch.ones_like(targets, dtype=bool), ["a"]
+        ).total.backward()
+        results.append(
+            (hidden.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+        )
+    (h0, g0), (h1, g1) = results
+    assert h1.shape == h0.shape
+    torch.testing.assert_close(h1, h0, atol=1e-6, rtol=1e-5)
+    assert g1.keys() == g0.keys()
+    for name, grad in g0.items():
+        torch.testing.assert_close(g1[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert _attention.sdpa_length_padding(torch.zeros(2, 70, 4)) == 0  # none on CPU
+
+
 def test_model_trained_on_the_packed_path_embeds_as_on_the_padded_path(packed_reference):
     data = sct.datasets.synthetic(n_cells=60, n_genes=40, n_cell_types=3, n_markers=6, seed=4)
     sct.setup_anndata(data, layer="counts", phenotype_keys=["cell_type"])

@@ -30,6 +30,11 @@ from torch import nn
 AttentionBackend = Literal["auto", "sdpa", "varlen", "flash"]
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flash")
 _HALF = (torch.float16, torch.bfloat16)
+#: On CUDA, padded SDPA minibatches are padded further to a multiple of this many tokens. SDPA's
+#: cuDNN kernels build a plan per sequence length (78 ms per new length against 1.6 ms per call on
+#: an H200, ``benchmarks/attention.py``), so length-bucketed minibatches, each of its own length,
+#: trained 4x slower than random ones; rounded up, a run needs a few plans.
+CUDA_SDPA_LENGTH_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,14 @@ class PackedTokens:
         n, length = self.shape
         out = packed.new_zeros(n * length, packed.shape[-1])
         return out.index_copy(0, self.index, packed).view(n, length, -1)
+
+
+def sdpa_length_padding(x: torch.Tensor) -> int:
+    """Tokens to append to a padded SDPA minibatch ``x`` ``(n, length, d)`` (on CUDA only).
+
+    Up to a multiple of :data:`CUDA_SDPA_LENGTH_MULTIPLE`; elsewhere none.
+    """
+    return -x.shape[1] % CUDA_SDPA_LENGTH_MULTIPLE if x.is_cuda else 0
 
 
 def check_attention(backend: str) -> None:

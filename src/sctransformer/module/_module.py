@@ -16,6 +16,7 @@ from ._attention import (
     EncoderBlock,
     PackedTokens,
     check_attention,
+    sdpa_length_padding,
     select_attention,
 )
 from ._tokenizer import Binning, TokenizedCells, Tokenizer, ValueEncoding
@@ -478,9 +479,13 @@ class GeneTransformerModule(nn.Module):
         x, key_mask = self.embed_tokens(tokens, phenotype_inputs, value_mask, batch_inputs, gene_mask)
         backend = select_attention(self.attention, x, self.head_dim)
         if backend == "sdpa":
+            length = x.shape[1]
+            pad = sdpa_length_padding(x)
+            if pad:  # padding keys are masked; the padded query rows are dropped below
+                x, key_mask = F.pad(x, (0, 0, 0, pad)), F.pad(key_mask, (0, pad))
             for block in self.blocks:
                 x = block(x, key_mask)
-            return self.norm(x)
+            return self.norm(x[:, :length])
         present = torch.cat([key_mask[:, : self.n_prefix], tokens.is_token], 1)
         packed = PackedTokens.from_masks(key_mask, present, check=False)  # keys: prefix and context
         y = packed.pack(x)
