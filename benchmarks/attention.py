@@ -28,6 +28,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import sctransformer as sct
 from sctransformer.data import (
@@ -36,11 +37,11 @@ from sctransformer.data import (
     expressed_per_cell,
     to_torch_csr,
 )
-from sctransformer.module import _attention, sdpa_varlen_reference
+from sctransformer.module import _attention, sdpa_varlen_reference, select_attention
 from sctransformer.train import mask_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import train_flops
+from throughput import make_bert, train_flops
 
 warnings.filterwarnings("ignore")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -91,12 +92,13 @@ def main() -> None:
         backends = ["sdpa", "varlen"] + (["flash"] if importlib.util.find_spec("flash_attn") else [])
     else:
         # the packed code path with a per-cell SDPA kernel, allowed on CPU (a check, not a timing)
+        kernels, unusable = dict(_attention.VARLEN_KERNELS), _attention.attention_unusable
         _attention.VARLEN_KERNELS["varlen"] = sdpa_varlen_reference
         _attention.attention_unusable = lambda backend, x, head_dim: None
         backends = ["sdpa", "varlen"]
         args.cells, args.d_model, args.layers, args.heads = min(args.cells, 128), 64, 2, 4
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    peak = matmul_peak(device, torch.bfloat16 if cuda else torch.float32)
+    peak = matmul_peak(device, torch.bfloat16 if cuda else torch.float32, n=8192 if cuda else 4096)
 
     adata = load_cells(args.cells)
     sct.setup_anndata(adata)
@@ -166,7 +168,118 @@ def main() -> None:
                 f"| {backend if cuda else backend.replace('varlen', 'reference')} | {order_name} | {len(batches) * bs / seconds:,.1f} | {real / seconds:,.0f} | "
                 f"{flops / seconds / peak:.1%} | {abs(first_loss[backend] - first_loss['sdpa']):.2e} |"
             )
+        bert_row(model, args, batches, counts, column_to_gene, order_name, autocast, peak)
     model.module.attention = "auto"
+    if not cuda:  # the end-to-end run uses the real kernel choice
+        _attention.VARLEN_KERNELS.update(kernels)
+        _attention.attention_unusable = unusable
+    end_to_end(model, adata, initial, bs, args.heads, device)
+    if cuda:
+        sdpa_length_cost()
+
+
+def sdpa_length_cost(n_cells: int = 64, heads: int = 8, d_head: int = 32) -> None:
+    """Forward + backward of masked SDPA (bf16) over 29 new padded lengths, then the same again, per backend.
+
+    cuDNN's attention builds a plan per sequence length: the first pass pays it, the second does not.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    lengths = list(range(520, 1100, 20))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def call(length: int) -> None:
+        q, k, v = (
+            torch.randn(
+                n_cells, heads, length, d_head, device="cuda", dtype=torch.bfloat16, generator=generator
+            ).requires_grad_()
+            for _ in range(3)
+        )
+        mask = torch.arange(length, device="cuda") < length - torch.arange(n_cells, device="cuda")[:, None]
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]).sum().backward()
+
+    print(f"\n# masked SDPA, {n_cells} cells x {heads} heads x {d_head}, bf16, forward + backward")
+    print(f"| SDPA kernels | first pass over {len(lengths)} new lengths, ms/call | second pass, ms/call |")
+    print("|---|---|---|")
+    choices = {
+        "torch's choice (cuDNN on Hopper)": nullcontext(),
+        "memory-efficient only": sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]),
+    }
+    for name, kernels in choices.items():
+        passes = []
+        with kernels:
+            for _ in range(2):
+                synchronize(torch.device("cuda"))
+                start = time.perf_counter()
+                for length in lengths:
+                    call(length)
+                synchronize(torch.device("cuda"))
+                passes.append((time.perf_counter() - start) / len(lengths) * 1e3)
+        print(f"| {name} | {passes[0]:.1f} | {passes[1]:.1f} |")
+
+
+def bert_row(model, args, batches, counts, column_to_gene, order_name, autocast, peak) -> None:
+    """The same minibatches through a Hugging Face ``BertModel`` of the same size, padded, bf16 autocast."""
+    module = model.module
+    bert = make_bert(
+        args.d_model, args.layers, len(model.vocabulary_), args.max_length, module.cls.device, args.heads
+    )
+    if bert is None:
+        print(f"| hf-bert (padded) | {order_name} | transformers is not installed | | | |")
+        return
+    flops = real = 0.0
+    for step, batch in enumerate([batches[0], *batches]):
+        tokens = module.tokenize(to_torch_csr(counts[batch]).to(module.cls.device), column_to_gene)
+        if step == 1:
+            synchronize(module.cls.device)
+            start = time.perf_counter()
+            flops = real = 0.0
+        real += bert.step(tokens, autocast)
+        flops += train_flops(
+            tokens, d_model=args.d_model, d_ff=4 * args.d_model, n_layers=args.layers, n_prefix=0, n_bins=16
+        )
+    synchronize(module.cls.device)
+    seconds = time.perf_counter() - start
+    print(
+        f"| hf-bert (padded) | {order_name} | {len(batches) * args.batch_size / seconds:,.1f} | "
+        f"{real / seconds:,.0f} | {flops / seconds / peak:.1%} | |"
+    )
+
+
+def end_to_end(
+    model: sct.GeneTransformer, adata: ad.AnnData, initial: dict, bs: int, n_heads: int, device: torch.device
+) -> None:
+    """What a user runs: ``train()`` in bf16 with ``attention="auto"``, and embedding, timed."""
+    model.module.load_state_dict(initial)
+    d_model = model.module.cls.shape[-1]
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        chosen = select_attention("auto", torch.zeros(1, 1, d_model, device=device), d_model // n_heads)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\n# end to end on {name}: attention='auto' runs {chosen!r} in bf16")
+    print("| step | cells | seconds | cells/s |")
+    print("|---|---|---|---|")
+    for bucketing in (False, True):
+        start = time.perf_counter()
+        model.train(
+            max_epochs=2,
+            batch_size=bs,
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            precision="bf16-mixed",
+            length_bucketing=bucketing,
+            calibrate=False,
+            train_size=1.0,
+            enable_progress_bar=False,
+            logger=False,
+        )
+        seconds = time.perf_counter() - start
+        name = f"train(), 2 epochs, length_bucketing={bucketing}"
+        print(f"| {name} | {2 * adata.n_obs} | {seconds:.1f} | {2 * adata.n_obs / seconds:,.0f} |")
+    for _ in range(2):  # the first call includes CUDA warm-up
+        start = time.perf_counter()
+        model.get_latent_representation(adata, batch_size=256)
+        seconds = time.perf_counter() - start
+    print(f"| get_latent_representation | {adata.n_obs} | {seconds:.1f} | {adata.n_obs / seconds:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import argparse
 import platform
 import time
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import anndata as ad
@@ -100,14 +101,22 @@ class BertBaseline:
     transformer does). Built once; :meth:`step` trains on one tokenized minibatch.
     """
 
-    def __init__(self, d_model: int, n_layers: int, n_genes: int, max_length: int) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_layers: int,
+        n_genes: int,
+        max_length: int,
+        device: str | torch.device = "cpu",
+        n_heads: int = 4,
+    ) -> None:
         from transformers import BertConfig, BertModel
 
         config = BertConfig(
             vocab_size=n_genes + 2,  # + [PAD], [MASK]
             hidden_size=d_model,
             num_hidden_layers=n_layers,
-            num_attention_heads=4,
+            num_attention_heads=n_heads,
             intermediate_size=4 * d_model,
             max_position_embeddings=max_length + 1,
             hidden_dropout_prob=0.0,
@@ -115,30 +124,40 @@ class BertBaseline:
             pad_token_id=0,
         )
         config._attn_implementation = "sdpa"  # torch's fused attention, as the gene transformer uses
-        self.bert = BertModel(config, add_pooling_layer=False).train()
-        self.head = torch.nn.Linear(d_model, 16)
+        self.bert = BertModel(config, add_pooling_layer=False).to(device).train()
+        self.head = torch.nn.Linear(d_model, 16).to(device)
         self.optimizer = torch.optim.AdamW([*self.bert.parameters(), *self.head.parameters()], lr=1e-4)
-        self.generator = torch.Generator().manual_seed(0)
+        self.generator = torch.Generator(device=device).manual_seed(0)
 
-    def step(self, tokens) -> int:
-        """One training step on ``tokens``; returns its number of real (non-padding) tokens."""
+    def step(self, tokens, autocast: AbstractContextManager | None = None) -> int:
+        """One training step on ``tokens`` (under ``autocast``); returns its number of real tokens."""
         input_ids = torch.where(tokens.is_token, tokens.gene_ids + 2, 0)
-        masked = (torch.rand(input_ids.shape, generator=self.generator) < 0.15) & tokens.is_token
-        hidden = self.bert(
-            input_ids=input_ids.masked_fill(masked, 1), attention_mask=tokens.is_token.long()
-        ).last_hidden_state
-        target = tokens.bins.clamp(min=0)
-        loss = torch.nn.functional.cross_entropy(self.head(hidden[masked]), target[masked])
+        masked = (
+            torch.rand(input_ids.shape, generator=self.generator, device=input_ids.device) < 0.15
+        ) & tokens.is_token
+        with autocast or nullcontext():
+            hidden = self.bert(
+                input_ids=input_ids.masked_fill(masked, 1), attention_mask=tokens.is_token.long()
+            ).last_hidden_state
+            target = tokens.bins.clamp(min=0)
+            loss = torch.nn.functional.cross_entropy(self.head(hidden[masked]), target[masked])
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
         return int(tokens.is_token.sum())
 
 
-def make_bert(d_model: int, n_layers: int, n_genes: int, max_length: int) -> BertBaseline | None:
+def make_bert(
+    d_model: int,
+    n_layers: int,
+    n_genes: int,
+    max_length: int,
+    device: str | torch.device = "cpu",
+    n_heads: int = 4,
+) -> BertBaseline | None:
     """The BERT baseline, or ``None`` without ``transformers`` installed."""
     try:
-        return BertBaseline(d_model, n_layers, n_genes, max_length)
+        return BertBaseline(d_model, n_layers, n_genes, max_length, device, n_heads)
     except ImportError:
         return None
 
