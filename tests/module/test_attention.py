@@ -194,7 +194,7 @@ def test_attention_is_a_checked_setting_that_is_saved(adata, tmp_path):
     assert loaded.get_latent_representation().shape == (adata.n_obs, TINY["d_model"])
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU of compute capability 8.0+")
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU of compute capability 8.0+ and SCT_TEST_CUDA=1")
 @pytest.mark.parametrize("backend", ["varlen", "flash"])
 def test_cuda_kernels_match_sdpa_within_bf16_tolerance(backend):
     if backend == "flash" and importlib.util.find_spec("flash_attn") is None:
