@@ -31,7 +31,7 @@ AttentionBackend = Literal["auto", "sdpa", "varlen", "flash"]
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flash")
 _HALF = (torch.float16, torch.bfloat16)
 #: On CUDA, padded SDPA minibatches are padded further to a multiple of this many tokens. SDPA's
-#: cuDNN kernels build a plan per sequence length (78 ms per new length against 1.6 ms per call on
+#: cuDNN kernels build a plan per sequence length (88 ms per new length against 1.6 ms per call on
 #: an H200, ``benchmarks/attention.py``), so length-bucketed minibatches, each of its own length,
 #: trained 4x slower than random ones; rounded up, a run needs a few plans.
 CUDA_SDPA_LENGTH_MULTIPLE = 64
