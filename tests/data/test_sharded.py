@@ -24,8 +24,10 @@ from sctransformer.data import (
     ShardedAnnData,
     ShardedDataModule,
     observed_categories,
+    shard_buffer_order,
     split_blocks,
 )
+from sctransformer.data._splitting import check_order_settings
 
 from ..conftest import QUIET, TINY
 
@@ -132,15 +134,20 @@ def test_minibatches_and_random_samples_read_the_right_cells(cells, shards):
     np.testing.assert_array_equal(sample.toarray()[:, :-1], reference[rows])
 
 
+@pytest.mark.parametrize("shuffle_buffer", [None, 16])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_each_cell_is_seen_once_per_epoch_over_all_ranks_and_ranks_get_equal_batch_counts(world_size):
+def test_each_cell_is_seen_once_per_epoch_over_all_ranks_and_ranks_get_equal_batch_counts(
+    world_size, shuffle_buffer
+):
     blocks = split_blocks([37, 0, 64, 5], block_size=8)
     n_cells = 37 + 64 + 5
     orders = []
     for epoch in (0, 1):
         cells, lengths = [], []
         for rank in range(world_size):
-            sampler = ShardBlockSampler(blocks, 10, seed=4, rank=rank, world_size=world_size)
+            sampler = ShardBlockSampler(
+                blocks, 10, seed=4, shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size
+            )
             sampler.set_epoch(epoch)
             batches = list(sampler)
             lengths.append(len(batches))
@@ -153,6 +160,84 @@ def test_each_cell_is_seen_once_per_epoch_over_all_ranks_and_ranks_get_equal_bat
         assert len(cells) == n_cells
         orders.append(cells)
     assert orders[0] != orders[1]  # a new order each epoch
+
+
+def _naive_shard_buffer_order(blocks: np.ndarray, buffer_cells: int, seed: int) -> list[tuple[int, int, int]]:
+    """The documented order, with loops: shards in random order, blocks in row order, shuffled per buffer."""
+    generator = torch.Generator().manual_seed(seed)
+    shards = sorted({int(b[0]) for b in blocks})
+    places = torch.randperm(len(shards), generator=generator).tolist()
+    place = {shard: places[i] for i, shard in enumerate(shards)}
+    sequence = sorted((tuple(int(v) for v in b) for b in blocks), key=lambda b: (place[b[0]], b[1]))
+    windows, start = [], 0
+    for _, a, b in sequence:
+        windows.append(start // buffer_cells)
+        start += b - a
+    within = torch.randperm(len(sequence), generator=generator).tolist()
+    return [sequence[i] for i in sorted(range(len(sequence)), key=lambda i: (windows[i], within[i]))]
+
+
+@pytest.mark.parametrize("buffer_cells", [1, 10, 24, 1000])
+def test_shard_buffer_order_equals_a_naive_reference(buffer_cells):
+    blocks = split_blocks([37, 0, 64, 5, 12], block_size=8)
+    blocks = blocks[np.random.default_rng(0).permutation(len(blocks))]  # any input order
+    for seed in (0, 1):
+        got = shard_buffer_order(blocks, buffer_cells, torch.Generator().manual_seed(seed))
+        assert [tuple(int(v) for v in b) for b in got] == _naive_shard_buffer_order(
+            blocks, buffer_cells, seed
+        )
+    assert len(shard_buffer_order(blocks[:0], 4, torch.Generator())) == 0
+
+
+def test_shard_by_shard_minibatches_stay_in_one_buffer_and_ranks_read_their_own_shards():
+    blocks = split_blocks([64, 64, 64, 64], block_size=4)  # buffers of 16 cells: 4 per shard
+    shards_of_rank, first_shards = [], set()
+    for rank in (0, 1):
+        sampler = ShardBlockSampler(blocks, 8, seed=3, shuffle_buffer=16, rank=rank, world_size=2)
+        for epoch in range(4):
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            for segments in batches:  # one shard, rows within one buffer
+                assert len({shard for shard, _, _ in segments}) == 1
+                assert min(a for _, a, _ in segments) // 16 == (max(b for _, _, b in segments) - 1) // 16
+            if epoch == 0:
+                shards_of_rank.append({shard for segments in batches for shard, _, _ in segments})
+            first_shards.add(batches[0][0][0])
+    assert len(shards_of_rank[0]) == len(shards_of_rank[1]) == 2
+    assert shards_of_rank[0].isdisjoint(shards_of_rank[1])  # each rank reads its own shards
+    assert len(first_shards) > 1  # the shard order changes with the epoch
+    mixed = ShardBlockSampler(blocks, 8, seed=3)  # the default: all blocks shuffled together
+    assert max(len({shard for shard, _, _ in segments}) for segments in mixed) > 1
+
+
+def test_a_run_resumed_with_another_shuffle_buffer_is_refused(cells, shards):
+    blocks = split_blocks([64, 64], block_size=4)
+    recorded = ShardBlockSampler(blocks, 8, seed=0, shuffle_buffer=32).order_settings()
+    check_order_settings(recorded, ShardBlockSampler(blocks, 8, seed=0, shuffle_buffer=32).order_settings())
+    with pytest.raises(ValueError, match=r"shuffle_buffer: 32 in the checkpoint, 0 now"):
+        check_order_settings(recorded, ShardBlockSampler(blocks, 8, seed=0).order_settings())
+    data = ShardedAnnData(shards, layer="counts")
+    for bad in (0, 2.5, "64", True):
+        with pytest.raises(ValueError, match=r"^shuffle_buffer must be a positive integer"):
+            ShardedDataModule(
+                data, batch_size=8, train_size=0.9, validation_size=None, seed=0, shuffle_buffer=bad
+            )
+
+
+def test_a_model_trains_on_shards_read_shard_by_shard(shards):
+    data = ShardedAnnData(shards, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer.from_shards(data, **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(
+            max_epochs=2,
+            batch_size=16,
+            accelerator="cpu",
+            datasplitter_kwargs={"shuffle_buffer": 32},
+            **QUIET,
+        )
+    assert len(model.history["loss_train"]) == 2
+    assert np.isfinite(model.history["loss_train"].to_numpy()).all()
 
 
 def test_one_cell_minibatches_on_ranks_of_unequal_shares_are_never_empty(cells, tmp_path):

@@ -2,7 +2,14 @@
 
 from ._fields import BatchObsField, PhenotypeObsField, category_codes, observed_categories
 from ._loader import expressed_per_cell, iter_minibatches, to_torch_csr
-from ._sharded import ShardBatches, ShardBlockSampler, ShardedAnnData, ShardedDataModule, split_blocks
+from ._sharded import (
+    ShardBatches,
+    ShardBlockSampler,
+    ShardedAnnData,
+    ShardedDataModule,
+    shard_buffer_order,
+    split_blocks,
+)
 from ._splitting import (
     EpochBatchSampler,
     EpochSeededDataSplitter,
@@ -39,6 +46,7 @@ __all__ = [
     "make_resumable",
     "observed_categories",
     "rank_batch_sizes",
+    "shard_buffer_order",
     "split_blocks",
     "to_torch_csr",
 ]

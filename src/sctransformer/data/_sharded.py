@@ -548,6 +548,26 @@ def _cut(blocks: np.ndarray, sizes: Sequence[int]) -> list[list[Segment]]:
     return batches
 
 
+def shard_buffer_order(blocks: np.ndarray, buffer_cells: int, generator: torch.Generator) -> np.ndarray:
+    """An epoch's order of ``blocks``: shard after shard in random order, shuffled within buffers.
+
+    The shards come in a random order, the blocks of each in row order; that sequence is cut into
+    windows of ``buffer_cells`` consecutive cells (by the cell each block starts with) and the blocks
+    are shuffled within each window. Consecutive minibatches so read one region of one or two
+    shards at a time, rather than blocks of any shard.
+    """
+    if len(blocks) == 0:
+        return blocks
+    shards = np.unique(blocks[:, 0])
+    shard_place = np.zeros(int(shards[-1]) + 1, dtype=np.int64)
+    shard_place[shards] = torch.randperm(len(shards), generator=generator).numpy()
+    sequence = blocks[np.lexsort((blocks[:, 1], shard_place[blocks[:, 0]]))]
+    sizes = sequence[:, 2] - sequence[:, 1]
+    window = (np.cumsum(sizes) - sizes) // buffer_cells
+    within = torch.randperm(len(sequence), generator=generator).numpy()
+    return sequence[np.lexsort((within, window))]
+
+
 class ShardBlockSampler(ResumableBatchSampler):
     """Minibatches of random blocks of consecutive cells, disjoint between distributed ranks.
 
@@ -555,6 +575,8 @@ class ShardBlockSampler(ResumableBatchSampler):
     shared out between ranks and cut into minibatches as :func:`rank_batch_sizes` says: no cell is
     seen by two ranks, none is skipped, and every rank has the same number of minibatches. A
     minibatch reads about ``batch_size / block_size`` blocks, each a contiguous row range on disk.
+    The shuffle is over all blocks, or with ``shuffle_buffer`` by shard and then within buffers
+    (:func:`shard_buffer_order`); each rank then reads its own run of whole shards.
 
     Parameters
     ----------
@@ -566,6 +588,8 @@ class ShardBlockSampler(ResumableBatchSampler):
         Seed of the order.
     shuffle
         Shuffle the blocks (training); else keep them in order (validation).
+    shuffle_buffer
+        Cells per buffer of the shard-by-shard order; ``None`` shuffles all blocks together.
     rank, world_size
         This process's place among distributed processes.
     """
@@ -577,6 +601,7 @@ class ShardBlockSampler(ResumableBatchSampler):
         seed: int,
         *,
         shuffle: bool = True,
+        shuffle_buffer: int | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -584,6 +609,7 @@ class ShardBlockSampler(ResumableBatchSampler):
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
@@ -605,6 +631,7 @@ class ShardBlockSampler(ResumableBatchSampler):
             "batch_size": int(self.batch_size),
             "world_size": int(self.world_size),
             "batches_per_epoch": len(self),
+            "shuffle_buffer": int(self.shuffle_buffer or 0),
         }
 
     def batches(self) -> list[list[Segment]]:
@@ -612,7 +639,10 @@ class ShardBlockSampler(ResumableBatchSampler):
         blocks = self.blocks
         if self.shuffle:
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-            blocks = blocks[torch.randperm(len(blocks), generator=generator).numpy()]
+            if self.shuffle_buffer is None:
+                blocks = blocks[torch.randperm(len(blocks), generator=generator).numpy()]
+            else:
+                blocks = shard_buffer_order(blocks, self.shuffle_buffer, generator)
         return _cut(blocks, [self._start, *self._sizes])[1:]
 
 
@@ -642,6 +672,14 @@ class ShardedDataModule(pl.LightningDataModule):
     block_size
         Consecutive cells read together; smaller blocks mix the cells of a minibatch better,
         larger ones read faster.
+    shuffle_buffer
+        ``None`` (default): each epoch shuffles all training blocks together, so a minibatch
+        mixes cells of any shards. A number of cells: shards in random order, the blocks of each
+        shuffled within buffers of that many consecutive cells (:func:`shard_buffer_order`),
+        so a minibatch holds cells of one or two shards from one region of the file: fewer files
+        open and reads closer together, for atlases of many (compressed) shards, at the cost of
+        minibatches less mixed (cells stored sorted, e.g. by cell type, stay together within a
+        buffer).
     num_workers
         DataLoader worker processes.
     """
@@ -655,17 +693,27 @@ class ShardedDataModule(pl.LightningDataModule):
         validation_size: float | None,
         seed: int,
         block_size: int = 8,
+        shuffle_buffer: int | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         block_size = positive_int(block_size, "block_size")
+        self.shuffle_buffer = (
+            None if shuffle_buffer is None else positive_int(shuffle_buffer, "shuffle_buffer")
+        )
         self.data = data
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
-        self.train_blocks, self.val_blocks, self.test_blocks = split_train_validation_test(
-            split_blocks(data.shard_sizes, block_size), train_size, validation_size, seed
-        )
+        try:
+            self.train_blocks, self.val_blocks, self.test_blocks = split_train_validation_test(
+                split_blocks(data.shard_sizes, block_size), train_size, validation_size, seed
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"train_size={train_size}, validation_size={validation_size} do not split the shards' "
+                f"blocks of cells: {err}"
+            ) from err
         self.train_idx = self._positions(self.train_blocks)
         self.val_idx = self._positions(self.val_blocks)
         self.test_idx = self._positions(self.test_blocks)
@@ -705,7 +753,12 @@ class ShardedDataModule(pl.LightningDataModule):
         """Random blocks, this rank's share, resumable within an epoch."""
         rank, world_size = self._place()
         sampler = ShardBlockSampler(
-            self.train_blocks, self.batch_size, self.seed, rank=rank, world_size=world_size
+            self.train_blocks,
+            self.batch_size,
+            self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            rank=rank,
+            world_size=world_size,
         )
         trainer = getattr(self, "trainer", None)
         sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0)

@@ -257,6 +257,7 @@ ORDER_SETTINGS = {
     "world_size": "number of distributed processes (devices x nodes)",
     "length_bucketing": "length_bucketing",
     "batches_per_epoch": "training minibatches per epoch",
+    "shuffle_buffer": "shuffle_buffer",
 }
 
 

@@ -964,9 +964,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             the weights of an uninterrupted run (an epoch interrupted midway goes on from the
             minibatch after the checkpoint). ``history`` then holds the resumed epochs only.
             Arguments that change the training minibatches (the data, ``batch_size``, ``seed``,
-            ``train_size``/``validation_size``, ``devices``, ``length_bucketing``, ``block_size``
-            or ``drop_last`` in ``datasplitter_kwargs``) raise a :class:`ValueError` naming them
-            before training.
+            ``train_size``/``validation_size``, ``devices``, ``length_bucketing``, ``block_size``,
+            ``shuffle_buffer`` or ``drop_last`` in ``datasplitter_kwargs``) raise a
+            :class:`ValueError` naming them before training.
             Checkpoints are Lightning's format, which Lightning reads by unpickling: resume only
             from checkpoints you wrote (saved models, by contrast, are safetensors + JSON).
         deterministic
@@ -986,7 +986,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             minibatches are padded to their longest cell, so this wastes less compute on padding.
             The order stays random between batches and is set by the seed and epoch.
         datasplitter_kwargs
-            More options of :class:`scvi.dataloaders.DataSplitter`, e.g. ``num_workers``.
+            More options of :class:`scvi.dataloaders.DataSplitter`, e.g. ``num_workers``; for
+            sharded data, of :class:`~sctransformer.data.ShardedDataModule` (``num_workers``,
+            ``block_size``, ``shuffle_buffer``).
         **trainer_kwargs
             More options of :class:`scvi.train.Trainer` (a Lightning ``Trainer``).
         """
@@ -1076,20 +1078,14 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         seed = _check_seed(settings.seed if seed is None else seed)
         shard_datamodule = None
         if self.shards_ is not None:
-            try:
-                shard_datamodule = ShardedDataModule(
-                    self.shards_,
-                    batch_size=batch_size,
-                    train_size=train_size,
-                    validation_size=validation_size,
-                    seed=seed,
-                    **(datasplitter_kwargs or {}),
-                )
-            except ValueError as err:
-                raise ValueError(
-                    f"train_size={train_size}, validation_size={validation_size} do not split the shards' "
-                    f"blocks of cells: {err}"
-                ) from err
+            shard_datamodule = ShardedDataModule(
+                self.shards_,
+                batch_size=batch_size,
+                train_size=train_size,
+                validation_size=validation_size,
+                seed=seed,
+                **(datasplitter_kwargs or {}),
+            )
             n_validation = shard_datamodule.n_val
         else:
             try:  # scvi-tools' own rule, the one its DataSplitter applies
