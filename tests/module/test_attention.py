@@ -148,6 +148,24 @@ def test_sdpa_minibatches_padded_further_give_the_same_outputs_and_gradients(mon
     assert _attention.sdpa_length_padding(torch.zeros(2, 70, 4)) == 0  # none on CPU
 
 
+def test_padding_leaves_query_decoding_and_attention_maps_unchanged(monkeypatch):
+    module = query_module(dropout=0.0).eval()
+    tokens = module.tokenize(to_torch_csr(sp.csr_matrix(counts())), torch.arange(N_GENES))
+    phenotypes = torch.full((len(tokens.gene_ids), 1), -1)
+    genes = torch.arange(N_GENES)
+    results = []
+    with torch.no_grad():
+        for pad in (0, 5):
+            monkeypatch.setattr(_module, "sdpa_length_padding", lambda x, pad=pad: pad)
+            hidden, cache, key_mask = module.encode_context(tokens, phenotypes)
+            decoded = module.decode_queries(cache, key_mask, genes, tokens.held_share)
+            _, maps = module.encode_with_attention(tokens, phenotypes, layers=[0])
+            results.append((hidden, decoded, maps[0]))
+    for before, after in zip(*results, strict=True):
+        assert after.shape == before.shape
+        torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-5)
+
+
 def test_model_trained_on_the_packed_path_embeds_as_on_the_padded_path(packed_reference):
     data = sct.datasets.synthetic(n_cells=60, n_genes=40, n_cell_types=3, n_markers=6, seed=4)
     sct.setup_anndata(data, layer="counts", phenotype_keys=["cell_type"])

@@ -22,6 +22,19 @@ from ._attention import (
 from ._tokenizer import Binning, TokenizedCells, Tokenizer, ValueEncoding
 
 Pooling = Literal["cls", "mean", "profile"]
+
+
+def _pad_for_sdpa(x: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``x`` ``(n, length, d)`` and key mask padded as :func:`sdpa_length_padding` says (keys masked).
+
+    Callers cut the outputs back to ``length``; the padded query rows attend like any token and are dropped.
+    """
+    pad = sdpa_length_padding(x)
+    if not pad:
+        return x, key_mask
+    return F.pad(x, (0, 0, 0, pad)), F.pad(key_mask, (0, pad))
+
+
 PhenotypeInput = Literal["token", "token+mean"]
 
 
@@ -415,14 +428,17 @@ class GeneTransformerModule(nn.Module):
         """:meth:`encode`, also returning each block's attention keys and values and the key mask.
 
         With them, :meth:`decode_queries` gives the outputs of any number of query tokens without
-        encoding the context again.
+        encoding the context again. On CUDA the keys, values and key mask may hold padding
+        (masked) beyond the tokens, see :func:`~sctransformer.module._attention.sdpa_length_padding`.
         """
         x, key_mask = self.embed_tokens(tokens, phenotype_inputs, batch_inputs=batch_inputs)
+        length = x.shape[1]
+        x, key_mask = _pad_for_sdpa(x, key_mask)
         cache = []
         for block in self.blocks:
             x, keys, values = block(x, key_mask, return_keys_values=True)
             cache.append((keys, values))
-        return self.norm(x), cache, key_mask
+        return self.norm(x[:, :length]), cache, key_mask
 
     def decode_queries(
         self,
@@ -480,9 +496,7 @@ class GeneTransformerModule(nn.Module):
         backend = select_attention(self.attention, x, self.head_dim)
         if backend == "sdpa":
             length = x.shape[1]
-            pad = sdpa_length_padding(x)
-            if pad:  # padding keys are masked; the padded query rows are dropped below
-                x, key_mask = F.pad(x, (0, 0, 0, pad)), F.pad(key_mask, (0, pad))
+            x, key_mask = _pad_for_sdpa(x, key_mask)
             for block in self.blocks:
                 x = block(x, key_mask)
             return self.norm(x[:, :length])
@@ -509,12 +523,15 @@ class GeneTransformerModule(nn.Module):
         if any(not 0 <= layer < len(self.blocks) for layer in layers):
             raise ValueError(f"layers must lie in [0, {len(self.blocks)}), got {layers}")
         x, key_mask = self.embed_tokens(tokens, phenotype_inputs, batch_inputs=batch_inputs)
+        length = x.shape[1]
+        x, key_mask = _pad_for_sdpa(x, key_mask)
         maps = {}
         for i, block in enumerate(self.blocks):
             if i in layers:
-                maps[i] = block.attention.attention_probabilities(block.norm_attention(x), key_mask)
+                probabilities = block.attention.attention_probabilities(block.norm_attention(x), key_mask)
+                maps[i] = probabilities[..., :length, :length]  # padding keys have probability 0
             x = block(x, key_mask)
-        return self.norm(x), [maps[layer] for layer in layers]
+        return self.norm(x[:, :length]), [maps[layer] for layer in layers]
 
     def pool(self, hidden: torch.Tensor, tokens: TokenizedCells, pooling: Pooling) -> torch.Tensor:
         """Cell embedding ``(n, d)``: the ``[CLS]`` or ``[PROFILE]`` output, or the gene-token mean."""
