@@ -395,3 +395,31 @@ def test_an_obs_column_in_an_unknown_encoding_is_exit_status_2_naming_the_file(t
     err = capsys.readouterr().err
     assert "cannot read .obs/.uns of" in err and "shard_1.h5ad" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("output", "extra", "message"),
+    [
+        ("no_such_dir/out.h5ad", [], "does not exist"),
+        ("out_dir.h5ad", [], "is a directory"),
+        ("out_dir.h5ad", ["--overwrite"], "is a directory"),
+        ("out.h5ad", ["--key-added", "."], "--key-added"),
+        ("out.h5ad", ["--key-added", ".."], "--key-added"),
+    ],
+)
+def test_a_bad_output_is_refused_before_the_model_is_loaded(
+    tmp_path, capsys, monkeypatch, output, extra, message
+):
+    source = tmp_path / "cells.h5ad"
+    sct.datasets.synthetic(n_cells=20, n_genes=40, seed=0).write_h5ad(source)
+    (tmp_path / "out_dir.h5ad").mkdir()
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(sct.GeneTransformer, "load", load)
+    args = ["--model", str(tmp_path / "model"), "--input", str(source), "--output", str(tmp_path / output)]
+    assert main(["embed", *args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--overwrite" not in err, err  # a directory cannot be overwritten
+    assert not (tmp_path / "out.h5ad").exists() and not list(tmp_path.rglob(".*.partial"))

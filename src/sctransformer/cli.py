@@ -442,12 +442,22 @@ def _apply(args: argparse.Namespace, tool: str) -> Path:
         raise FileNotFoundError(f"input file {str(source)!r} does not exist")
     if source.suffix != ".h5ad" or target.suffix != ".h5ad":
         raise ValueError("--input and --output must be .h5ad files")
+    # every check of the output before the model is loaded: else a bad path fails after the model ran
+    if target.is_dir():  # --overwrite cannot replace a directory with the file
+        raise IsADirectoryError(f"output {str(target)!r} is a directory; choose a file path")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(
+            f"the directory of output {str(target)!r} does not exist; create it or choose another path"
+        )
     if target.exists() and not args.overwrite:
         raise FileExistsError(f"output {str(target)!r} exists; pass --overwrite or choose another path")
     if target.resolve() == source.resolve():
         raise ValueError("--output must differ from --input: the input file is never changed")
-    if tool == "embed" and (not args.key_added or "/" in args.key_added):
-        raise ValueError(f"--key-added must be a non-empty .obsm key without '/', got {args.key_added!r}")
+    if tool == "embed" and (not args.key_added or "/" in args.key_added or args.key_added in (".", "..")):
+        raise ValueError(
+            f"--key-added must be a non-empty .obsm key without '/', and not '.' or '..' (HDF5 reads "
+            f"those as groups), got {args.key_added!r}"
+        )
     model = sct.GeneTransformer.load(args.model)
     counts = sct.data.ShardedAnnData(
         [source], layer=model.setup_args_["layer"], gene_key=model.setup_args_["gene_key"], join="outer"

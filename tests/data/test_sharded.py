@@ -512,3 +512,14 @@ def test_a_reopened_shard_reads_the_indptr_of_its_rows_only(cells, shards, monke
         np.testing.assert_array_equal(got, reference[offset + start : offset + stop])
     data.close()
     assert sum(read) <= sum(int(stop - start) + 1 for _, start, stop in blocks)  # not 61 or 41 per open
+
+
+@pytest.mark.parametrize("n_missing", [1, 2])
+def test_a_shard_with_missing_gene_identifiers_is_refused_as_in_memory(cells, tmp_path, n_missing):
+    cells.var["symbol"] = cells.var_names.astype(object)
+    cells.var.iloc[:n_missing, cells.var.columns.get_loc("symbol")] = np.nan  # not read as the gene "nan"
+    with pytest.raises(ValueError, match="missing gene identifiers; fill or drop them"):
+        sct.data.gene_identifiers(cells, "symbol")
+    path = _write(cells, tmp_path / "missing.h5ad")
+    with pytest.raises(ValueError, match=r"missing\.h5ad: \.var\['symbol'\] has missing gene identifiers"):
+        ShardedAnnData([path], layer="counts", gene_key="symbol")

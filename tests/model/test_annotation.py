@@ -287,3 +287,28 @@ def test_a_query_matching_a_models_older_label_spelling_is_not_warned_about(tmp_
         warnings.simplefilter("error", UserWarning)  # no "categories the reference does not know"
         q = sct.GeneTransformer.load_query_data(query, tmp_path / "m")
     assert (q.adata_manager.get_from_registry("phenotype:dose").ravel() >= 0).all()
+
+
+def test_a_query_without_the_models_layer_is_told_how_to_fill_it(trained, tmp_path):
+    model, _ = trained
+    model.save(tmp_path / "ref")
+    query = synthetic(seed=4, n_cells=40)
+    query.layers["raw"] = query.layers.pop("counts")
+    fix = "adata.layers['counts'] = adata.layers['raw']"
+    for load in (
+        lambda: sct.GeneTransformer.load(tmp_path / "ref", adata=query.copy()),
+        lambda: sct.GeneTransformer.load_query_data(query.copy(), tmp_path / "ref"),
+    ):
+        with pytest.raises(KeyError) as err:  # neither takes layer=
+            load()
+        assert fix in str(err.value) and "layer=" not in str(err.value), err.value
+    with pytest.raises(KeyError, match="layer=None"):  # setup_anndata does take it
+        sct.setup_anndata(query.copy(), layer="counts")
+
+    plain = synthetic(seed=5, n_cells=40)
+    plain.X = plain.layers["counts"].copy()
+    sct.setup_anndata(plain)  # counts in X
+    sct.GeneTransformer(plain, **TINY).save(tmp_path / "x")
+    query.X = None
+    with pytest.raises(ValueError, match=r"adata.X = adata.layers\['raw'\]"):
+        sct.GeneTransformer.load(tmp_path / "x", adata=query)

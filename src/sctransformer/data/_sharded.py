@@ -255,9 +255,12 @@ class ShardedAnnData:
             gene_key = self.gene_key or _index_key(var)
             if gene_key not in var:
                 raise KeyError(f"{path}: .var has no column {gene_key!r} (gene_key)")
-            shard_genes = [
-                str(g) for g in _read_element(path, f".var[{gene_key!r}]", _read_column, var, gene_key)
-            ]
+            column = _read_element(path, f".var[{gene_key!r}]", _read_column, var, gene_key)
+            if column.isna().any():  # else NaN would be read as the gene "nan"
+                raise ValueError(
+                    f"{path}: .var[{gene_key!r}] has missing gene identifiers; fill or drop them"
+                )
+            shard_genes = [str(g) for g in column]
             if len(set(shard_genes)) != len(shard_genes):
                 raise ValueError(
                     f"{path}: the gene identifiers are not unique; make them unique "

@@ -49,6 +49,35 @@ def get_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
+def check_model_layer(adata: AnnData, layer: str | None) -> None:
+    """Raise if ``adata`` lacks the count matrix a saved model reads, saying how to put the counts there.
+
+    :func:`get_matrix` asks for another ``layer=``, which loading a model does not take.
+
+    Parameters
+    ----------
+    adata
+        Cells to register with the model's settings.
+    layer
+        The model's layer (``None``: ``adata.X``).
+    """
+    if layer is None:
+        if adata.X is None:
+            fix = f", e.g. adata.X = adata.layers[{next(iter(adata.layers))!r}]" if adata.layers else ""
+            raise ValueError(
+                f"the model reads counts from adata.X, which is empty; put the counts there{fix}"
+            )
+    elif layer not in adata.layers:
+        if adata.layers:
+            fix = f", e.g. adata.layers[{layer!r}] = adata.layers[{next(iter(adata.layers))!r}]"
+        else:
+            fix = f", e.g. adata.layers[{layer!r}] = adata.X" if adata.X is not None else ""
+        raise KeyError(
+            f"the model reads counts from adata.layers[{layer!r}], which adata lacks (its layers: "
+            f"{list(adata.layers)}); put the counts there{fix}"
+        )
+
+
 def check_counts(adata: AnnData, layer: str | None) -> np.ndarray:
     """Raise if the count matrix is empty, not numeric, or holds NaN/inf, negative or fractional values.
 

@@ -47,7 +47,13 @@ from sctransformer.data import (
     iter_minibatches,
     observed_categories,
 )
-from sctransformer.data._validation import cell_positions, check_obs_key, check_phenotype_column, positive_int
+from sctransformer.data._validation import (
+    cell_positions,
+    check_model_layer,
+    check_obs_key,
+    check_phenotype_column,
+    positive_int,
+)
 from sctransformer.metrics import expected_calibration_error, log1p_normalise
 from sctransformer.metrics._classification import N_CALIBRATION_BINS
 from sctransformer.module import (
@@ -749,7 +755,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         """Validate and register.
 
         ``phenotype_categories`` fixes the categories of the keys it names (a saved model's);
-        ``batch_categories`` are a reference's batches, extended by the new ones.
+        ``batch_categories`` are a reference's batches, extended by the new ones. With
+        ``phenotype_categories`` given (also empty), these are a saved model's settings: a missing
+        count matrix is reported as the model's layer to fill, not as a ``layer=`` to pass.
         """
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
@@ -783,6 +791,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             else:
                 check_obs_key(adata, key, "phenotype key")
         gene_identifiers(adata, gene_key)
+        if phenotype_categories is not None:  # a saved model's layer: load() etc. take no layer=
+            check_model_layer(adata, layer)
         matrix = adata.X if layer is None else adata.layers.get(layer)
         if isinstance(
             matrix, getattr(sp, "sparray", ())
@@ -1330,6 +1340,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             return adata  # its rows are checked as they are read
         elif not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData or a ShardedAnnData, got {type(adata).__name__}")
+        check_model_layer(adata, self.setup_args_[SETUP_ARGS.LAYER])
         check_counts(adata, self.setup_args_[SETUP_ARGS.LAYER])
         return adata
 
