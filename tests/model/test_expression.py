@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from unittest import mock
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -315,3 +317,92 @@ def test_response_plot_matches_genes_by_the_models_gene_key():
     observed = values[stim].mean(0) - values[~stim].mean(0)
     columns = pd.Index(data.var["ensembl"]).get_indexer(predicted.var_names)
     np.testing.assert_allclose(y, observed[columns], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def counts_in_x():
+    """A tiny querying model set up on counts in ``X`` (the matrix a backed AnnData reads from disk)."""
+    data = sct.datasets.synthetic(n_cells=60, n_genes=40, n_cell_types=3, n_markers=6, seed=3)
+    sct.setup_anndata(data, layer=None, phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(data, **TINY, expression_queries=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=32, **QUIET)
+    return model, data
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_perturbation_of_a_backed_adata_reads_it_in_row_chunks_and_matches_in_memory(
+    counts_in_x, tmp_path, monkeypatch, dense
+):
+    model, data = counts_in_x
+    data = data.copy()
+    if dense:
+        data.X = data.X.toarray()
+    data.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    options = {"groupby": "cell_type", "return_cell_shifts": True, "batch_size": 16}
+    expected = {
+        mode: model.perturb(data, ["gene_1", "gene_7"], mode=mode, **options)
+        for mode in ("overexpress", "delete")
+    }
+    monkeypatch.setattr("sctransformer.model._expression._CHUNK_ROWS", 7, raising=False)  # several chunks
+    for mode, reference in expected.items():
+        result = model.perturb(backed, ["gene_1", "gene_7"], mode=mode, **options)
+        pd.testing.assert_frame_equal(result.summary, reference.summary)
+        pd.testing.assert_frame_equal(result.expression_change, reference.expression_change)
+        for gene, shifts in reference.cell_shifts.items():
+            np.testing.assert_array_equal(result.cell_shifts[gene], shifts)
+
+
+def test_overexpression_leaves_out_cells_without_vocabulary_genes(querying):
+    model, data = querying
+    data = data.copy()
+    counts = data.layers["counts"].tolil()
+    counts[0, :] = 0
+    data.layers["counts"] = counts.tocsr()
+    # a gene outside the vocabulary that every cell expresses: cell 0 has only it
+    extra = ad.AnnData(X=sp.csr_matrix(np.full((data.n_obs, 1), 5, dtype=np.float32)), obs=data.obs.copy())
+    extra.layers["counts"] = extra.X.copy()
+    extra.var_names = ["NOT_IN_VOCABULARY"]
+    cells = ad.concat([data, extra], axis=1, merge="same")
+    for value in (None, 2.0):
+        result = model.perturb(
+            cells,
+            "gene_1",
+            mode="overexpress",
+            value=value,
+            predict_expression=False,
+            return_cell_shifts=True,
+        )
+        assert int(result.summary["n_cells"].iloc[0]) == cells.n_obs - 1
+        assert not result.cell_shifts["gene_1"][0].any()
+        assert result.cell_shifts["gene_1"][1:].any()
+
+
+def test_a_non_finite_cell_shift_is_refused_before_anything_is_computed(querying):
+    model, data = querying
+    d_model = TINY["d_model"]
+    with mock.patch.object(model, "_fold_outputs", side_effect=AssertionError("computed")):
+        for bad in (np.nan, np.inf, -np.inf):
+            shift = np.zeros(d_model)
+            shift[3] = bad
+            with pytest.raises(ValueError, match="cell_shift holds NaN or infinite values"):
+                model.get_normalized_expression(data, cell_shift=shift)
+    finite = model.get_normalized_expression(data[:5], cell_shift=np.full(d_model, 0.1))
+    assert np.isfinite(finite).all()
+
+
+def test_deletion_without_a_profile_warns_of_expressing_cells_beyond_max_length():
+    data = sct.datasets.synthetic(n_cells=60, n_genes=40, n_cell_types=3, n_markers=6, seed=3)
+    sct.setup_anndata(data, layer="counts")
+    model = sct.GeneTransformer(data, **{**TINY, "max_length": 8}, cell_profile=False)
+    expressing = int((data.layers["counts"][:, 1] > 0).sum())
+    with pytest.warns(
+        UserWarning, match=r"(\d+) of the (\d+) cells expressing gene_1 were skipped"
+    ) as caught:
+        result = model.perturb(data, "gene_1", predict_expression=False)
+    message = next(str(w.message) for w in caught if "cells expressing gene_1" in str(w.message))
+    skipped, total = map(int, message.split(" cells expressing")[0].split(" of the "))
+    n_cells = int(result.summary["n_cells"].iloc[0])
+    assert total == expressing and skipped > 0 and n_cells == expressing - skipped

@@ -6,8 +6,10 @@ matplotlib.use("Agg")
 
 import warnings
 
+import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 from anndata import ImplicitModificationWarning
 from matplotlib.axes import Axes
@@ -108,3 +110,86 @@ def test_training_history_takes_one_metric_as_a_string(trained):
     _, ax = plt.subplots()
     assert sct.pl.training_history(model, metrics="loss", ax=ax, show=False) is ax
     assert ax.get_title() == "loss"
+
+
+def _response_of(cells, swap: dict) -> ad.AnnData:
+    """What tl.predict_response returns for ``cells`` (values made up: pl.response reads its means)."""
+    rng = np.random.default_rng(0)
+    shape = (cells.n_obs, cells.n_vars)
+    predicted = ad.AnnData(
+        X=rng.random(shape, dtype=np.float32),
+        obs=cells.obs.copy(),
+        var=cells.var[[]].copy(),
+        layers={"sct_baseline": rng.random(shape, dtype=np.float32)},
+    )
+    predicted.uns["sct_response"] = {"set": swap, "n_folds": 4, "refine_rounds": 0}
+    return predicted
+
+
+def _observed_change(counts: np.ndarray, target: np.ndarray, source: np.ndarray) -> np.ndarray:
+    values = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    return values[target].mean(0) - values[source].mean(0)
+
+
+def test_response_finds_the_swapped_in_cells_by_the_models_category_names():
+    data = sct.datasets.synthetic(n_cells=60, n_genes=20, n_cell_types=2, n_markers=4, seed=3)
+    counts = data.layers["counts"].toarray()
+    even = np.arange(data.n_obs) % 2 == 0
+    # a sampling day (datetime): the model names its categories '2020-01-08T00:00:00.000000000'
+    data.obs["day"] = pd.to_datetime(np.where(even, "2020-01-01", "2020-01-08"))
+    # a dose made float by a missing value (as after a concat): 1.0 is the model's category '1'
+    data.obs["dose"] = np.where(even, 0.0, 1.0)
+    data.obs.loc[data.obs_names[-1], "dose"] = np.nan
+    late = sct.data.observed_categories(data.obs["day"])[1]
+    assert late == "2020-01-08T00:00:00.000000000"
+    for swap, target in (({"day": late}, ~even), ({"dose": "1"}, ~even & (np.arange(data.n_obs) < 59))):
+        predicted = _response_of(data[even], swap)
+        ax = sct.pl.response(predicted, data, show=False)
+        _, y = np.asarray(ax.collections[0].get_offsets()).T
+        np.testing.assert_allclose(y, _observed_change(counts, target, even), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_response_reads_the_counts_of_a_backed_adata(tmp_path, dense):
+    data = sct.datasets.synthetic(n_cells=60, n_genes=20, n_cell_types=2, n_markers=4, seed=3)
+    data.obs["condition"] = np.where(np.arange(data.n_obs) % 3 == 0, "ctrl", "stim")
+    counts = data.layers["counts"].toarray()
+    data.X = counts if dense else data.layers["counts"].copy()
+    del data.layers["counts"]
+    data.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    controls = (data.obs["condition"] == "ctrl").to_numpy()
+    predicted = _response_of(data[controls], {"condition": "stim"})
+    for observed in (backed, backed[::2]):  # a view of a backed AnnData too
+        ax = sct.pl.response(predicted, observed, layer=None, show=False)
+        _, y = np.asarray(ax.collections[0].get_offsets()).T
+        kept = np.zeros(data.n_obs, dtype=bool)
+        kept[np.arange(data.n_obs)[:: 1 if observed is backed else 2]] = True
+        source = kept & controls
+        np.testing.assert_allclose(
+            y, _observed_change(counts, kept & ~controls, source), rtol=1e-5, atol=1e-6
+        )
+    from sctransformer.metrics._probes import mean_log1p_normalised
+
+    rows = np.flatnonzero(~controls)
+    np.testing.assert_allclose(
+        mean_log1p_normalised(backed.X, rows, chunk_size=7),
+        np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)[rows].mean(0),
+        rtol=1e-6,
+    )
+
+
+def test_perturbation_plot_of_the_returned_table_with_a_gene_says_what_to_pass():
+    table = pd.DataFrame(
+        {
+            "perturbed": ["gene_1"],
+            "group": ["all"],
+            "n_cells": [5],
+            "embedding_shift": [0.1],
+            "most_changed": ["gene_2 +0.100"],
+            "max_abs_change": [0.1],
+        }
+    )
+    assert sct.pl.perturbation(table, show=False) is not None
+    with pytest.raises(ValueError, match=r"pass the AnnData it wrote to \(or the PerturbationResult"):
+        sct.pl.perturbation(table, gene="gene_1", show=False)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import anndata as ad
 import numpy as np
@@ -294,3 +295,49 @@ def test_perturb_with_copy_leaves_the_input_untouched(trained):
     assert isinstance(
         sct.tl.perturb(adata, model, "gene_0", predict_expression=False, n_folds=2), pd.DataFrame
     )
+
+
+def test_perturb_with_copy_refuses_a_backed_adata_before_computing(trained, tmp_path):
+    model, data = trained
+    data.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    for cells in (backed, backed[:10]):  # a view of a backed AnnData is backed too
+        with mock.patch.object(model, "perturb", side_effect=AssertionError("computed")):
+            with pytest.raises(ValueError, match=r"copy=True cannot copy a backed AnnData.*to_memory\(\)"):
+                sct.tl.perturb(cells, model, "gene_0", predict_expression=False, copy=True)
+    # without copy the results go into the backed object's in-memory .uns and .obsm
+    summary = sct.tl.perturb(backed, model, "gene_0", predict_expression=False, store_cell_shifts=True)
+    assert list(summary["perturbed"]) == ["gene_0"] and "sct_perturb_gene_0" in backed.obsm
+
+
+def test_perturb_refuses_genes_whose_cell_shift_keys_would_collide_before_computing():
+    data = sct.datasets.synthetic(n_cells=40, n_genes=20, n_cell_types=2, n_markers=4, seed=5)
+    data.var_names = ["HLA-A/B", "HLA-A_B", *data.var_names[2:]]
+    sct.setup_anndata(data, layer="counts")
+    model = sct.GeneTransformer(data, **TINY)
+    with mock.patch.object(model, "perturb", side_effect=AssertionError("computed")):
+        with pytest.raises(ValueError, match=r"'HLA-A/B' and 'HLA-A_B' -> 'sct_perturb_HLA-A_B'"):
+            sct.tl.perturb(
+                data, model, ["HLA-A/B", "HLA-A_B"], predict_expression=False, store_cell_shifts=True
+            )
+    assert not [k for k in data.obsm if k.startswith("sct_perturb")]
+    # without cell shifts there is no .obsm key to share; one of them alone has its key
+    sct.tl.perturb(data, model, ["HLA-A/B", "HLA-A_B"], predict_expression=False)
+    sct.tl.perturb(data, model, iter(["HLA-A/B"]), predict_expression=False, store_cell_shifts=True)
+    assert list(data.uns["sct"]["sct_perturb"]["cell_shift_keys"]) == ["sct_perturb_HLA-A_B"]
+
+
+@pytest.mark.parametrize("tool", ["embed", "predict", "gene_graph", "gene_embedding", "gene_modules"])
+def test_every_tool_refuses_to_copy_a_backed_adata_before_computing(trained, tmp_path, tool):
+    model, data = trained
+    data.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    calls = {
+        "embed": lambda: sct.tl.embed(backed, model, copy=True),
+        "predict": lambda: sct.tl.predict(backed, model, copy=True),
+        "gene_graph": lambda: sct.tl.gene_graph(backed, model, copy=True),
+        "gene_embedding": lambda: sct.tl.gene_embedding(backed, model, copy=True),
+        "gene_modules": lambda: sct.tl.gene_modules(backed, copy=True),
+    }
+    with pytest.raises(ValueError, match=r"copy=True cannot copy a backed AnnData.*to_memory\(\)"):
+        calls[tool]()

@@ -30,6 +30,24 @@ def log1p_normalise(counts, *, target_sum: float = TARGET_SUM) -> np.ndarray | s
     return np.log1p(x * scale)
 
 
+def mean_log1p_normalised(
+    counts, rows: np.ndarray, *, target_sum: float = TARGET_SUM, chunk_size: int = 10_000
+) -> np.ndarray:
+    """Mean over the cells ``rows`` (integer positions) of :func:`log1p_normalise` ``counts``.
+
+    Only those rows are read, ``chunk_size`` at a time, so ``counts`` can be a backed matrix
+    (``adata.X`` of ``read_h5ad(..., backed="r")``) that is never loaded whole.
+    """
+    rows = np.unique(np.asarray(rows, dtype=np.int64))  # sorted: backed matrices read increasing rows
+    if len(rows) == 0:
+        raise ValueError("rows is empty; pass at least one cell")
+    total = np.zeros(counts.shape[1])
+    for start in range(0, len(rows), chunk_size):
+        block = log1p_normalise(counts[rows[start : start + chunk_size]], target_sum=target_sum)
+        total += np.asarray(block.sum(axis=0)).ravel()
+    return total / len(rows)
+
+
 def _labelled(positions: np.ndarray, labels: np.ndarray, name: str) -> np.ndarray:
     """The cells of ``positions`` that have a label; an error if none has."""
     kept = positions[pd.notna(labels[positions])]

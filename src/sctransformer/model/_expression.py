@@ -30,6 +30,7 @@ logger = logging.getLogger("sctransformer")
 PerturbationMode = Literal["delete", "overexpress"]
 _QUERY_CHUNK = 512
 _MIN_VALUE = 1e-3  # smallest generated log1p value of an expressed gene
+_CHUNK_ROWS = 10_000  # cells read at once where a whole (possibly backed) matrix is scanned
 
 
 @dataclass
@@ -57,6 +58,28 @@ class PerturbationResult:
     expression_change: pd.DataFrame | None
     cell_shifts: dict[str, np.ndarray]
     mode: str
+
+
+def _expressing_cells(matrix, n_cells: int, column_sets: Sequence[np.ndarray]) -> np.ndarray:
+    """``(n_cells, len(column_sets))``: whether each cell has a count > 0 in any column of each set.
+
+    One pass over the matrix in row chunks (a backed matrix is never loaded whole).
+    """
+    out = np.zeros((n_cells, len(column_sets)), dtype=bool)
+    columns = np.concatenate([np.asarray(c, dtype=np.int64) for c in column_sets] + [np.zeros(0, np.int64)])
+    owner = np.repeat(np.arange(len(column_sets)), [len(c) for c in column_sets])  # the set of each column
+    if len(columns) == 0:
+        return out
+    for start in range(0, n_cells, _CHUNK_ROWS):
+        block = matrix[start : start + _CHUNK_ROWS]
+        if sp.issparse(block):
+            hits = sp.csr_matrix(block)[:, columns].tocoo()
+            positive = hits.data > 0
+            rows, at = hits.row[positive], hits.col[positive]
+        else:
+            rows, at = np.nonzero(np.asarray(block)[:, columns] > 0)
+        out[start + rows, owner[at]] = True
+    return out
 
 
 class ExpressionMixin:
@@ -304,7 +327,8 @@ class ExpressionMixin:
             ``(d_model,)`` vector added to every cell's embedding where it enters the query head
             (scGen-style latent arithmetic, e.g. the mean embedding of stimulated minus control
             cells). The query tokens still attend to the cell's own genes, so this moves only the
-            part of the prediction that goes through the embedding.
+            part of the prediction that goes through the embedding. Must be finite (NaN or inf
+            raise a ValueError).
 
         Returns
         -------
@@ -312,6 +336,15 @@ class ExpressionMixin:
         """
         self._require_queries("get_normalized_expression")
         overrides = self._check_phenotype_values(phenotypes, "phenotypes")
+        if cell_shift is not None:
+            d_model = self.module.gene_embedding.embedding_dim
+            if np.shape(cell_shift) != (d_model,):
+                raise ValueError(f"cell_shift must be a vector of {d_model} values (the embedding width)")
+            if not np.isfinite(np.asarray(cell_shift, dtype=np.float64)).all():
+                raise ValueError(
+                    "cell_shift holds NaN or infinite values (e.g. the mean embedding of an empty "
+                    "selection of cells); pass a finite vector"
+                )
         adata = self._counts_source(adata)
         rows = self._column_to_gene(adata) if genes is None else self._vocabulary_indices(genes)
         return self._predicted_expression(adata, rows, overrides, n_folds, batch_size, cell_shift=cell_shift)
@@ -335,9 +368,6 @@ class ExpressionMixin:
         phenotype_codes = self._phenotype_inputs(adata, adata.n_obs, overrides)
         batch_codes = self._batch_inputs(adata, None)
         matrix = get_matrix(adata, self.setup_args_[SETUP_ARGS.LAYER])
-        d_model = self.module.gene_embedding.embedding_dim
-        if cell_shift is not None and np.shape(cell_shift) != (d_model,):
-            raise ValueError(f"cell_shift must be a vector of {d_model} values (the embedding width)")
         with self._inference() as device:
             column_to_gene = torch.as_tensor(self._column_to_gene(adata), device=device)
             query = torch.as_tensor(rows[known], device=device)
@@ -454,9 +484,14 @@ class ExpressionMixin:
         tokens (a deleted gene's token is masked out of attention and its ``[PROFILE]`` weight set
         to 0; an over-expressed gene's value and bin are set, or a token is appended) and reruns
         the forward pass. Deletion runs on the cells that express the gene; over-expression on
-        every cell. Predicted expression (``predict_expression``) is computed by gene folds, before
-        and after the same edit, with the perturbed gene kept in every fold's input: ``n_folds + 1``
-        more passes per gene.
+        every cell that expresses at least one vocabulary gene (a cell with none has no value or
+        bin to set the gene against). A model without ``[PROFILE]`` (``cell_profile=False``) reads
+        only a cell's ``max_length`` tokens, so deleting a gene beyond them changes nothing: those
+        expressing cells are left out of the results (not counted in ``n_cells``) with a warning
+        that says how many. Predicted expression (``predict_expression``) is computed by gene
+        folds, before and after the same edit, with the perturbed gene kept in every fold's input:
+        ``n_folds + 1`` more passes per gene. The cells to perturb are found in one pass over the
+        count matrix in row chunks, so a backed AnnData is never loaded whole.
 
         Parameters
         ----------
@@ -519,18 +554,23 @@ class ExpressionMixin:
         batch_codes = self._batch_inputs(adata, None)
         n_genes = len(self.vocabulary_)
 
-        # which cells each gene is perturbed in: those expressing it (deletion) or all
+        # which cells each gene is perturbed in: those expressing it (deletion), or those with
+        # vocabulary genes to compare it to (over-expression); one pass over the matrix in row chunks
+        column_sets = (
+            [np.flatnonzero(column_to_gene >= 0)]
+            if mode == "overexpress"
+            else [np.flatnonzero(column_to_gene == target) for target in targets]
+        )
+        expressing = _expressing_cells(matrix, adata.n_obs, column_sets)
         perturbed = {}
-        for target, name in zip(targets, names, strict=True):
-            columns = np.flatnonzero(column_to_gene == target)
-            if mode == "overexpress":  # every cell with genes to compare it to
-                perturbed[name] = np.asarray(matrix.sum(1)).ravel() > 0
+        for j, name in enumerate(names):
+            if mode == "overexpress":
+                perturbed[name] = expressing[:, 0].copy()
                 continue
-            expressing = np.asarray((matrix[:, columns] > 0).sum(1)).ravel() > 0 if len(columns) else None
-            if expressing is None or not expressing.any():
+            if not expressing[:, j].any():
                 warnings.warn(f"{name} is expressed in no cell; its deletion is skipped", stacklevel=2)
                 continue
-            perturbed[name] = expressing
+            perturbed[name] = expressing[:, j]
         chosen = [(int(t), name) for t, name in zip(targets, names, strict=True) if name in perturbed]
         cells = np.flatnonzero(np.any([perturbed[name] for _, name in chosen], axis=0)) if chosen else []
         d_model = self.module.gene_embedding.embedding_dim
@@ -541,6 +581,7 @@ class ExpressionMixin:
             else {}
         )
         change_sum = {name: np.zeros((len(group_names), n_genes)) for _, name in chosen}
+        beyond = dict.fromkeys(perturbed, 0)  # expressing cells whose gene is not in the input
         with self._inference() as device:
             c2g = torch.as_tensor(column_to_gene, device=device)
             vocabulary = torch.arange(n_genes, device=device)
@@ -566,6 +607,7 @@ class ExpressionMixin:
                         # without [PROFILE], a gene cut by max_length is not in the input at all
                         present = (tokens.is_context & (tokens.gene_ids == target)).any(1).cpu().numpy()
                         perturbed[name][idx[rows[~present[rows]]]] = False
+                        beyond[name] += int((~present[rows]).sum())
                         rows = rows[present[rows]]
                     if len(rows) == 0:
                         continue
@@ -601,6 +643,16 @@ class ExpressionMixin:
                             change_sum[name], group_codes[idx[rows]], (moved - base).double().cpu().numpy()
                         )
 
+        for name, n_skipped in beyond.items():
+            if n_skipped:
+                warnings.warn(
+                    f"{n_skipped} of the {n_skipped + int(perturbed[name].sum())} cells expressing {name} "
+                    "were skipped: the model has no [PROFILE] token (cell_profile=False) and the gene is "
+                    f"not among their max_length={self.module.tokenizer.max_length} tokens, so deleting "
+                    "it would change nothing",
+                    UserWarning,
+                    stacklevel=2,
+                )
         rows, changes = [], []
         for target, name in chosen:
             for g, group in enumerate(group_names):

@@ -12,8 +12,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from sctransformer._keys import KEYS
-from sctransformer.data import gene_identifiers, get_matrix
-from sctransformer.metrics import log1p_normalise
+from sctransformer.data import category_codes, gene_identifiers, get_matrix
+from sctransformer.metrics._probes import mean_log1p_normalised
 from sctransformer.model import PerturbationResult
 
 from ._utils import finish, new_axes
@@ -60,15 +60,20 @@ def perturbation(
 
     Without ``gene``: the perturbed genes (and groups) ranked by the mean shift of the cell
     embedding (``1 - cos``). With ``gene``: the ``n`` genes whose predicted expression that
-    perturbation moves most, signed (needs a run with ``predict_expression``).
+    perturbation moves most, signed. These per-gene changes are kept in the AnnData
+    :func:`sctransformer.tl.perturb` wrote to and in a
+    :class:`~sctransformer.model.PerturbationResult`, from a run with ``predict_expression``; the
+    table :func:`sctransformer.tl.perturb` returns holds only the summary (``most_changed`` as
+    text), so it draws only the embedding shifts.
 
     Parameters
     ----------
     data
-        The table :func:`sctransformer.tl.perturb` returned, the AnnData it wrote to, or a
-        :class:`~sctransformer.model.PerturbationResult`.
+        The table :func:`sctransformer.tl.perturb` returned (without ``gene`` only), the AnnData
+        it wrote to, or a :class:`~sctransformer.model.PerturbationResult`.
     gene
-        A perturbed gene whose predicted expression changes to draw.
+        A perturbed gene whose predicted expression changes to draw (``data`` the AnnData or the
+        :class:`~sctransformer.model.PerturbationResult`).
     group
         With ``gene`` and a run with ``groupby``: the group; default the first.
     n
@@ -92,6 +97,12 @@ def perturbation(
         ax.set_xlabel("embedding shift (1 - cos)")
         ax.set_title(f"in-silico {mode}: embedding shift")
         return finish(fig, ax, show=show, return_fig=return_fig)
+    if change is None and isinstance(data, pd.DataFrame):
+        raise ValueError(
+            "the table sctransformer.tl.perturb returns holds no per-gene expression changes; to draw them "
+            "with gene=..., pass the AnnData it wrote to (or the PerturbationResult of "
+            "GeneTransformer.perturb) of a run with predict_expression=True"
+        )
     if change is None:
         raise ValueError("these results hold no expression changes; run perturb with predict_expression=True")
     rows = summary.index[summary["perturbed"] == gene]
@@ -134,7 +145,11 @@ def response(
     layer (:func:`sctransformer.tl.predict_response`). The observed change is the mean
     log1p-normalised expression of ``adata``'s cells that have the swapped-in phenotype minus that
     of the swapped cells themselves (``predicted``'s cells, found in ``adata`` by name); with
-    ``groupby``, only cells of the groups among ``predicted``'s cells count.
+    ``groupby``, only cells of the groups among ``predicted``'s cells count. A cell has the
+    swapped-in phenotype where its label is that category as the model names categories
+    (``sctransformer.data.category_codes``: a whole-number float ``1.0`` is ``"1"``, a
+    datetime has its ISO name), as :func:`sctransformer.tl.predict_response` reads labels. Only
+    the rows of those cells are read from ``layer``, in chunks, so ``adata`` may be backed.
 
     Parameters
     ----------
@@ -161,8 +176,8 @@ def response(
     if not source.any():
         raise ValueError("none of predicted's cells is in adata (matched by .obs_names)")
     target = np.ones(adata.n_obs, dtype=bool)
-    for k, v in swap.items():
-        target &= adata.obs[k].astype(str).to_numpy() == str(v)
+    for k, v in swap.items():  # v names the category as the model does (category_codes' rule)
+        target &= category_codes(adata.obs[k].reset_index(drop=True), [str(v)]) == 0
     if groupby is not None:
         if groupby not in adata.obs or groupby not in predicted.obs:
             raise KeyError(f"groupby {groupby!r} must be a column of both adata.obs and predicted.obs")
@@ -177,12 +192,11 @@ def response(
     if (columns < 0).any():
         missing = list(predicted.var_names[columns < 0][:10])
         raise ValueError(f"predicted's genes must all be in {where}; missing: {missing}")
-    values = log1p_normalise(get_matrix(adata, layer))
-
-    def mean(rows: np.ndarray) -> np.ndarray:
-        return np.asarray(values[np.flatnonzero(rows)].mean(0)).ravel()[columns]
-
-    observed = mean(target) - mean(source)
+    counts = get_matrix(adata, layer)  # only the target and source rows are read (backed: in chunks)
+    observed = (
+        mean_log1p_normalised(counts, np.flatnonzero(target))
+        - mean_log1p_normalised(counts, np.flatnonzero(source))
+    )[columns]
     predicted_change = np.asarray(predicted.X).mean(0) - np.asarray(predicted.layers["sct_baseline"]).mean(0)
     r = np.corrcoef(predicted_change, observed)[0, 1] if np.std(predicted_change) > 0 else float("nan")
 

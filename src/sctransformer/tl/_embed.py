@@ -11,7 +11,7 @@ from sctransformer.data import ShardedAnnData
 from sctransformer.model import GeneTransformer
 from sctransformer.module import Pooling
 
-from ._utils import counts_of, record_run
+from ._utils import counts_of, record_run, refuse_backed_copy
 
 
 def embed(
@@ -63,6 +63,7 @@ def embed(
     ``.uns["sct"][key_added]``
         The parameters of the run.
     """
+    refuse_backed_copy(adata, copy)
     if space != "cell":  # the aligned spaces project the default cell embedding
         embedding = model.get_latent_representation(
             adata if space == "aligned_other" else counts_of(adata, counts),

@@ -16,7 +16,7 @@ from sctransformer._keys import KEYS
 from sctransformer.data._validation import positive_int
 from sctransformer.model import GeneTransformer
 
-from ._utils import record_run, recorded_runs, suffixed_key
+from ._utils import check_distinct_keys, record_run, recorded_runs, refuse_backed_copy, suffixed_key
 
 Normalize = Literal["coexpression", "none"]
 Layers = Literal["first", "last", "all"] | int | list[int]
@@ -428,6 +428,7 @@ def gene_graph(
         its ``group``). A grouped run replaces the graphs of an earlier grouped run of the same
         ``key_added`` (a group now skipped loses its old graph); the ungrouped graph stays.
     """
+    refuse_backed_copy(adata, copy)
     model._inference_adata(adata)  # checks the counts
     columns, vocabulary_to_graph = _graph_genes(adata, model, genes)
     n_genes = len(columns)
@@ -463,12 +464,7 @@ def gene_graph(
             subsets[group] = idx
         if not subsets:
             raise ValueError(f"no group of {groupby!r} has min_group_size={min_group_size} cells")
-        keys = pd.Series([str(g) for g in subsets]).groupby([suffixed_key(key_added, g) for g in subsets])
-        clashes = [list(names) for names in keys.agg(list) if len(names) > 1]
-        if clashes:
-            raise ValueError(
-                f"groups of {groupby!r} would share a .varp key ('/' becomes '_'): {clashes}; rename them"
-            )
+        check_distinct_keys(key_added, subsets, f"groups of {groupby!r}", ".varp", fix="rename them")
 
     graphs = {}
     for group, idx in subsets.items():
@@ -569,6 +565,7 @@ def gene_embedding(
     ``.uns["sct"][key_added]``
         The parameters of the run.
     """
+    refuse_backed_copy(adata, copy)
     if kind not in ("identity", "contextual"):
         raise ValueError(f"kind must be 'identity' or 'contextual', got {kind!r}")
     if not isinstance(adata, AnnData):
@@ -659,6 +656,7 @@ def gene_modules(
     ``.obsm[f"{key_added}_scores"]`` (cells x modules DataFrame, with ``score``) and
     ``.uns["sct"][key_added]``.
     """
+    refuse_backed_copy(adata, copy)
     graph = stored_graph(adata, key)
     if not resolution > 0:
         raise ValueError(f"resolution must be positive, got {resolution!r}")

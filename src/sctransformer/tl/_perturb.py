@@ -13,7 +13,7 @@ from sctransformer._keys import KEYS
 from sctransformer.model import GeneTransformer
 from sctransformer.model._expression import PerturbationMode
 
-from ._utils import previous_run, record_run, suffixed_key
+from ._utils import check_distinct_keys, previous_run, record_run, refuse_backed_copy, suffixed_key
 
 
 def perturb(
@@ -46,7 +46,8 @@ def perturb(
     genes
         Genes to perturb.
     mode
-        ``"delete"`` (cells expressing the gene) or ``"overexpress"`` (every cell).
+        ``"delete"`` (cells expressing the gene) or ``"overexpress"`` (every cell that expresses
+        a vocabulary gene).
     value
         Over-expressed log1p-normalised value; default each cell's highest.
     groupby
@@ -57,12 +58,17 @@ def perturb(
         See :meth:`~sctransformer.GeneTransformer.perturb`.
     store_cell_shifts
         Write each cell's embedding shift to ``.obsm["<key_added>_<gene>"]`` (``/`` in a gene
-        name becomes ``_``: .h5ad keys cannot hold it).
+        name becomes ``_``: .h5ad keys cannot hold it). Genes whose keys would then be the same
+        (``"A/B"`` and ``"A_B"``) raise a ``ValueError`` before anything is computed; perturb
+        them in separate runs with different ``key_added``.
     key_added
         Where results go. The results of an earlier run with the same ``key_added``, its cell
         shifts included, are replaced.
     copy
-        Return a modified copy instead of writing into ``adata`` (which is left untouched).
+        Return a modified copy instead of writing into ``adata`` (which is left untouched). As
+        :meth:`anndata.AnnData.copy`, this refuses a backed AnnData (``ValueError``, before
+        anything is computed): load it with ``adata.to_memory()``, or pass ``copy=False`` to write
+        the results into the backed object's in-memory ``.uns`` and ``.obsm``.
 
     Returns
     -------
@@ -79,6 +85,10 @@ def perturb(
         The parameters of the run (``"params"``) and, in ``"cell_shift_keys"``, the ``.obsm``
         keys of the cell shifts it wrote (empty without ``store_cell_shifts``).
     """
+    refuse_backed_copy(adata, copy)
+    if store_cell_shifts:  # before the run: genes whose .obsm keys would be the same
+        genes = [genes] if isinstance(genes, str) else list(genes)
+        check_distinct_keys(key_added, genes, "genes", ".obsm")
     result = model.perturb(
         adata,
         genes,

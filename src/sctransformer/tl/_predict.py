@@ -16,7 +16,7 @@ from sctransformer._settings import settings
 from sctransformer.data import ShardedAnnData
 from sctransformer.model import GeneTransformer
 
-from ._utils import counts_of, previous_run, record_run, recorded_runs
+from ._utils import counts_of, previous_run, record_run, recorded_runs, refuse_backed_copy
 
 #: Colour of the ``"unknown"`` label (``min_confidence``) where the true labels have none.
 UNKNOWN_COLOR = "#bbbbbb"
@@ -285,6 +285,7 @@ def predict(
         The parameters of the run (``"params"``) and, in ``"categories"``, the model's categories
         of each phenotype, in the order of the columns of the probabilities.
     """
+    refuse_backed_copy(adata, copy)
     if over_clustering is not None:
         if not majority_voting:
             raise ValueError("over_clustering is only used with majority_voting=True")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import pandas as pd
 from anndata import AnnData
 
 from sctransformer._keys import KEYS
@@ -44,6 +45,32 @@ def previous_run(adata: AnnData, key_added: str, function: str) -> Mapping[str, 
 def suffixed_key(key_added: str, suffix: object) -> str:
     """``f"{key_added}_{suffix}"`` with ``/`` (not allowed in .h5ad keys) as ``_``."""
     return f"{key_added}_{suffix}".replace("/", "_")
+
+
+def refuse_backed_copy(adata: AnnData, copy: bool) -> None:
+    """Raise before any computation where ``copy=True`` cannot copy ``adata`` (a backed AnnData)."""
+    if copy and getattr(adata, "isbacked", False):
+        raise ValueError(
+            "copy=True cannot copy a backed AnnData (anndata copies those only to a new file); load it "
+            "first with adata = adata.to_memory(), or pass copy=False to write the results into adata"
+        )
+
+
+def check_distinct_keys(
+    key_added: str,
+    suffixes: Iterable[object],
+    what: str,
+    where: str,
+    fix: str = "run them separately, each with its own key_added",
+) -> None:
+    """Raise if distinct ``suffixes`` would share a :func:`suffixed_key` (``"A/B"`` and ``"A_B"``)."""
+    names = pd.Series(list(dict.fromkeys(str(s) for s in suffixes)), dtype=object)
+    keys = names.groupby([suffixed_key(key_added, name) for name in names]).agg(list)
+    clashes = [
+        f"{' and '.join(map(repr, group))} -> {key!r}" for key, group in keys.items() if len(group) > 1
+    ]
+    if clashes:
+        raise ValueError(f"{what} would share a {where} key ('/' becomes '_'): {'; '.join(clashes)}; {fix}")
 
 
 def counts_of(adata: AnnData, counts: ShardedAnnData | None) -> AnnData | ShardedAnnData:
