@@ -35,7 +35,7 @@ def write_shards(
     workdir: Path, n_shards: int, n_cells: int, expressed: int, compression: str | None
 ) -> list[Path]:
     """Synthetic shards whose cells are sorted by cell type (reused when present)."""
-    folder = workdir / (compression or "none")
+    folder = workdir / f"{n_shards}x{n_cells}_{expressed}genes_{compression or 'none'}"  # no stale reuse
     folder.mkdir(parents=True, exist_ok=True)
     genes = pd.Index([f"gene_{i:05d}" for i in range(N_GENES)])
     paths = []

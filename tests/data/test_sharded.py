@@ -210,18 +210,73 @@ def test_shard_by_shard_minibatches_stay_in_one_buffer_and_ranks_read_their_own_
     assert max(len({shard for shard, _, _ in segments}) for segments in mixed) > 1
 
 
+@pytest.mark.parametrize(
+    ("sizes", "world_size", "buffer"),
+    [([50, 70, 30], 2, 20), ([64] * 4, 2, 48), ([60] * 6, 3, 16), ([37, 0, 64, 5], 3, 9)],
+)
+def test_ranks_reading_shard_by_shard_share_only_the_shards_at_the_ends_of_their_runs(
+    sizes, world_size, buffer
+):
+    blocks = split_blocks(sizes, block_size=4)
+    for epoch in range(3):
+        runs = []
+        for rank in range(world_size):
+            sampler = ShardBlockSampler(
+                blocks, 6, seed=1, shuffle_buffer=buffer, rank=rank, world_size=world_size
+            )
+            sampler.set_epoch(epoch)
+            runs.append({shard for segments in sampler for shard, _, _ in segments})
+        for a in range(world_size):
+            for b in range(a + 1, world_size):
+                assert len(runs[a] & runs[b]) <= (1 if b == a + 1 else 0), (epoch, runs)
+        assert sum(len(run) for run in runs) <= sum(n > 0 for n in sizes) + world_size - 1
+
+
 def test_a_run_resumed_with_another_shuffle_buffer_is_refused(cells, shards):
     blocks = split_blocks([64, 64], block_size=4)
     recorded = ShardBlockSampler(blocks, 8, seed=0, shuffle_buffer=32).order_settings()
     check_order_settings(recorded, ShardBlockSampler(blocks, 8, seed=0, shuffle_buffer=32).order_settings())
-    with pytest.raises(ValueError, match=r"shuffle_buffer: 32 in the checkpoint, 0 now"):
+    with pytest.raises(
+        ValueError,
+        match=r"shuffle_buffer \(None: all blocks shuffled together\): 32 in the checkpoint, None now",
+    ):
         check_order_settings(recorded, ShardBlockSampler(blocks, 8, seed=0).order_settings())
+    # a checkpoint of a version before shuffle_buffer shuffled all blocks together
+    older = {
+        k: v
+        for k, v in ShardBlockSampler(blocks, 8, seed=0).order_settings().items()
+        if k != "shuffle_buffer"
+    }
+    check_order_settings(older, ShardBlockSampler(blocks, 8, seed=0).order_settings())
+    with pytest.raises(ValueError, match=r"None in the checkpoint, 32 now"):
+        check_order_settings(older, ShardBlockSampler(blocks, 8, seed=0, shuffle_buffer=32).order_settings())
     data = ShardedAnnData(shards, layer="counts")
-    for bad in (0, 2.5, "64", True):
+    for bad in (0, -3, 2.5, "64", True):
         with pytest.raises(ValueError, match=r"^shuffle_buffer must be a positive integer"):
             ShardedDataModule(
                 data, batch_size=8, train_size=0.9, validation_size=None, seed=0, shuffle_buffer=bad
             )
+        with pytest.raises(ValueError, match=r"^shuffle_buffer must be a positive integer"):
+            ShardBlockSampler(blocks, 8, seed=0, shuffle_buffer=bad)
+    for buffer, batch_size in ((8, 8), (15, 16)):  # one block per buffer, or less than a minibatch
+        with pytest.raises(ValueError, match="would leave minibatches unshuffled"):
+            ShardedDataModule(
+                data,
+                batch_size=batch_size,
+                train_size=0.9,
+                validation_size=None,
+                seed=0,
+                shuffle_buffer=buffer,
+            )
+
+
+def test_shard_options_on_in_memory_data_are_refused_before_training(cells):
+    sct.setup_anndata(cells, layer="counts")
+    model = sct.GeneTransformer(cells, **TINY)
+    for option in ({"shuffle_buffer": 64}, {"block_size": 4}):
+        with pytest.raises(ValueError, match="apply to data streamed from shards"):
+            model.train(max_epochs=1, accelerator="cpu", datasplitter_kwargs=option, **QUIET)
+    assert model.history is None or len(model.history) == 0
 
 
 def test_a_model_trains_on_shards_read_shard_by_shard(shards):

@@ -8,6 +8,8 @@ from ._sharded import (
     ShardedAnnData,
     ShardedDataModule,
     shard_buffer_order,
+    shard_sequence,
+    shuffle_within_buffers,
     split_blocks,
 )
 from ._splitting import (
@@ -47,6 +49,8 @@ __all__ = [
     "observed_categories",
     "rank_batch_sizes",
     "shard_buffer_order",
+    "shard_sequence",
+    "shuffle_within_buffers",
     "split_blocks",
     "to_torch_csr",
 ]

@@ -551,24 +551,36 @@ def _cut(blocks: np.ndarray, sizes: Sequence[int]) -> list[list[Segment]]:
     return batches
 
 
-def shard_buffer_order(blocks: np.ndarray, buffer_cells: int, generator: torch.Generator) -> np.ndarray:
-    """An epoch's order of ``blocks``: shard after shard in random order, shuffled within buffers.
-
-    The shards come in a random order, the blocks of each in row order; that sequence is cut into
-    windows of ``buffer_cells`` consecutive cells (by the cell each block starts with) and the blocks
-    are shuffled within each window. Consecutive minibatches so read one region of one or two
-    shards at a time, rather than blocks of any shard.
-    """
+def shard_sequence(blocks: np.ndarray, generator: torch.Generator) -> np.ndarray:
+    """``blocks`` shard after shard, the shards in a random order, the blocks of each in row order."""
     if len(blocks) == 0:
         return blocks
     shards = np.unique(blocks[:, 0])
     shard_place = np.zeros(int(shards[-1]) + 1, dtype=np.int64)
     shard_place[shards] = torch.randperm(len(shards), generator=generator).numpy()
-    sequence = blocks[np.lexsort((blocks[:, 1], shard_place[blocks[:, 0]]))]
-    sizes = sequence[:, 2] - sequence[:, 1]
+    return blocks[np.lexsort((blocks[:, 1], shard_place[blocks[:, 0]]))]
+
+
+def shuffle_within_buffers(blocks: np.ndarray, buffer_cells: int, generator: torch.Generator) -> np.ndarray:
+    """Shuffle a sequence of blocks within windows of ``buffer_cells`` consecutive cells.
+
+    A block belongs to the window of the cell it starts with.
+    """
+    sizes = blocks[:, 2] - blocks[:, 1]
     window = (np.cumsum(sizes) - sizes) // buffer_cells
-    within = torch.randperm(len(sequence), generator=generator).numpy()
-    return sequence[np.lexsort((within, window))]
+    within = torch.randperm(len(blocks), generator=generator).numpy()
+    return blocks[np.lexsort((within, window))]
+
+
+def shard_buffer_order(blocks: np.ndarray, buffer_cells: int, generator: torch.Generator) -> np.ndarray:
+    """An epoch's order of ``blocks`` on one process: shard after shard, shuffled within buffers.
+
+    :func:`shard_sequence`, then :func:`shuffle_within_buffers`. Consecutive minibatches so read
+    one region of one or two shards at a time, rather than blocks of any shard. With several
+    distributed ranks, :class:`ShardBlockSampler` cuts each rank's share out of the shard sequence
+    first and shuffles within buffers of that share.
+    """
+    return shuffle_within_buffers(shard_sequence(blocks, generator), buffer_cells, generator)
 
 
 class ShardBlockSampler(ResumableBatchSampler):
@@ -578,8 +590,10 @@ class ShardBlockSampler(ResumableBatchSampler):
     shared out between ranks and cut into minibatches as :func:`rank_batch_sizes` says: no cell is
     seen by two ranks, none is skipped, and every rank has the same number of minibatches. A
     minibatch reads about ``batch_size / block_size`` blocks, each a contiguous row range on disk.
-    The shuffle is over all blocks, or with ``shuffle_buffer`` by shard and then within buffers
-    (:func:`shard_buffer_order`); each rank then reads its own run of whole shards.
+    The shuffle is over all blocks, or with ``shuffle_buffer`` by shard and then within buffers:
+    each rank takes its share as a run of the epoch's :func:`shard_sequence` and shuffles it within
+    buffers (:func:`shuffle_within_buffers`), so ranks read disjoint shards, except that a shard
+    at the end of one rank's run may begin the next rank's.
 
     Parameters
     ----------
@@ -612,7 +626,9 @@ class ShardBlockSampler(ResumableBatchSampler):
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer = (
+            None if shuffle_buffer is None else positive_int(shuffle_buffer, "shuffle_buffer")
+        )
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
@@ -634,7 +650,7 @@ class ShardBlockSampler(ResumableBatchSampler):
             "batch_size": int(self.batch_size),
             "world_size": int(self.world_size),
             "batches_per_epoch": len(self),
-            "shuffle_buffer": int(self.shuffle_buffer or 0),
+            "shuffle_buffer": self.shuffle_buffer,
         }
 
     def batches(self) -> list[list[Segment]]:
@@ -642,10 +658,11 @@ class ShardBlockSampler(ResumableBatchSampler):
         blocks = self.blocks
         if self.shuffle:
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-            if self.shuffle_buffer is None:
-                blocks = blocks[torch.randperm(len(blocks), generator=generator).numpy()]
-            else:
-                blocks = shard_buffer_order(blocks, self.shuffle_buffer, generator)
+            if self.shuffle_buffer is not None:  # this rank's run of the shard sequence, then buffers
+                _, rest = _take_cells(shard_sequence(blocks, generator), self._start)
+                share, _ = _take_cells(rest, sum(self._sizes))
+                return _cut(shuffle_within_buffers(share, self.shuffle_buffer, generator), self._sizes)
+            blocks = blocks[torch.randperm(len(blocks), generator=generator).numpy()]
         return _cut(blocks, [self._start, *self._sizes])[1:]
 
 
@@ -704,6 +721,12 @@ class ShardedDataModule(pl.LightningDataModule):
         self.shuffle_buffer = (
             None if shuffle_buffer is None else positive_int(shuffle_buffer, "shuffle_buffer")
         )
+        if self.shuffle_buffer is not None and self.shuffle_buffer < max(2 * block_size, batch_size):
+            raise ValueError(
+                f"shuffle_buffer={self.shuffle_buffer} cells would leave minibatches unshuffled: a buffer "
+                f"must hold several blocks (block_size={block_size}) and at least a minibatch "
+                f"(batch_size={batch_size}); use thousands of cells, e.g. shuffle_buffer=4096"
+            )
         self.data = data
         self.batch_size = batch_size
         self.seed = seed

@@ -257,8 +257,10 @@ ORDER_SETTINGS = {
     "world_size": "number of distributed processes (devices x nodes)",
     "length_bucketing": "length_bucketing",
     "batches_per_epoch": "training minibatches per epoch",
-    "shuffle_buffer": "shuffle_buffer",
+    "shuffle_buffer": "shuffle_buffer (None: all blocks shuffled together)",
 }
+#: Order settings added after checkpoints began to record them, with the value older versions had.
+LATER_ORDER_SETTINGS = {"shuffle_buffer": None}
 
 
 def items_checksum(items: np.ndarray | torch.Tensor | Sequence[int]) -> int:
@@ -270,7 +272,8 @@ def check_order_settings(recorded: Mapping[str, object], current: Mapping[str, o
     """Raise if a checkpointed loader state was written with other training minibatches than ``current``.
 
     Only the settings of ``ORDER_SETTINGS`` that both record are compared: a checkpoint of an
-    older version, which records none, is not checked.
+    older version, which records none, is not checked; one that records some has the old value of
+    those added since (``LATER_ORDER_SETTINGS``).
 
     Parameters
     ----------
@@ -284,6 +287,8 @@ def check_order_settings(recorded: Mapping[str, object], current: Mapping[str, o
     ValueError
         Naming each differing setting with its value in the checkpoint and now.
     """
+    if any(key in recorded for key in ORDER_SETTINGS):
+        recorded = LATER_ORDER_SETTINGS | dict(recorded)
     differing = [
         key for key in ORDER_SETTINGS if key in recorded and key in current and recorded[key] != current[key]
     ]

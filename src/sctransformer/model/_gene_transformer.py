@@ -1078,6 +1078,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         if source is None:
             raise ValueError("the model has no AnnData to train on; load it with adata=...")
         if self.shards_ is None:
+            sharded_only = sorted({"block_size", "shuffle_buffer"} & set(datasplitter_kwargs or {}))
+            if sharded_only:
+                raise ValueError(
+                    f"datasplitter_kwargs {sharded_only} apply to data streamed from shards "
+                    "(GeneTransformer.from_shards; in the CLI, data.streaming: true); in-memory "
+                    "AnnData is shuffled cell by cell"
+                )
             self._validate_anndata(self.adata)
             self._check_unchanged_since_setup(self.adata)
             check_counts(self.adata, self.setup_args_[SETUP_ARGS.LAYER])  # e.g. normalised in place since
