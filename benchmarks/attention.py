@@ -1,6 +1,6 @@
 """Attention backends side by side: padded SDPA against packed varlen kernels, one run, one table.
 
-The same real cells (kang18, 510-1,100 expressed genes; pbmc68k tiled where kang18 is absent) are
+The same real cells (kang18, most with 510-1,100 expressed genes; pbmc68k tiled where kang18 is absent) are
 trained on for the same steps with each backend of ``GeneTransformer(attention=...)``, from the
 same initial weights, in minibatches of random order (much padding) and length-bucketed
 (little). Printed per backend: cells/s, real tokens/s, model FLOP utilisation against a large

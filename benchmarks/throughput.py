@@ -3,7 +3,7 @@
 Prints one table. Data: the real pbmc68k counts (700 cells x 765 genes, ~250 expressed genes per
 cell) tiled to ``--cells`` cells. Ratios within one run are what to compare across machines.
 
-A second table trains on real kang18 cells (510-1,100 expressed genes; ``max_length=1024``) with
+A second table trains on real kang18 cells (most with 510-1,100 expressed genes; ``max_length=1024``) with
 minibatches in random order against length-bucketed minibatches (``train(length_bucketing=True)``):
 the same cells and steps, padded to each minibatch's longest cell.
 

@@ -957,8 +957,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             in float16 weights AdamW's epsilon is 0 and the loss turns non-finite within steps.
             ``"bf16-mixed"`` also runs on CPUs (matrix products in bf16, weights in float32). On a
             CPU with bf16 matrix units (Intel AMX) it trained models of ``d_model >= 128``
-            1.1-2.1x faster, with the same accuracy, and the default ``d_model=64`` slower
-            (``benchmarks/cpu_precision.py``).
+            1.1-2.1x faster and the default ``d_model=64`` slower, with the same accuracy there
+            (measured at ``d_model=64`` only; ``benchmarks/cpu_precision.py``).
         early_stopping
             Stop when ``loss_validation`` stops improving.
         seed
@@ -988,8 +988,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             DataLoader workers, ``datasplitter_kwargs={"num_workers": n}``). On a GPU, atomic-add
             kernels make weights differ in the last bits between runs unless
             ``deterministic=True``; results still differ between GPU models, between precisions
-            (bf16 mixed by default) and from CPU results. The GPU path is not yet tested on
-            hardware.
+            (bf16 mixed by default) and from CPU results. On a GPU the test suite runs only its
+            CUDA tests (bf16 kernels against SDPA, ``SCT_TEST_CUDA=1``).
         length_bucketing
             Put training cells with similar numbers of tokens (expressed genes, up to
             ``max_length``) in the same minibatch (:class:`~sctransformer.data.LengthBucketedSampler`):
