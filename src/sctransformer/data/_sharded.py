@@ -694,12 +694,13 @@ class ShardedDataModule(pl.LightningDataModule):
         larger ones read faster.
     shuffle_buffer
         ``None`` (default): each epoch shuffles all training blocks together, so a minibatch
-        mixes cells of any shards. A number of cells: shards in random order, the blocks of each
-        shuffled within buffers of that many consecutive cells (:func:`shard_buffer_order`),
-        so a minibatch holds cells of one or two shards from one region of the file: fewer files
-        open and reads closer together, for atlases of many (compressed) shards, at the cost of
-        minibatches less mixed (cells stored sorted, e.g. by cell type, stay together within a
-        buffer).
+        mixes cells of any shards. A number of cells (at least two blocks and a minibatch): the
+        shards one after another in a random order, their blocks shuffled within buffers of that
+        many consecutive cells (:func:`shard_buffer_order`), so that each file is opened once per
+        epoch and read region by region: for atlases of many (compressed) shards. A buffer of
+        several shards' worth of cells mixes minibatches about as well as the default; one within
+        a shard keeps a minibatch to one region of one file (cells stored sorted, e.g. by cell
+        type, stay together). ``benchmarks/shard_order.py`` measures both.
     num_workers
         DataLoader worker processes.
     """
