@@ -63,13 +63,12 @@ import pandas as pd
 import yaml
 
 from sctransformer._settings import logger
-from sctransformer.model._save_load import check_save_target
+from sctransformer.model._save_load import CONFIG_FILE, check_save_target
 
 SECTIONS = {"data", "model", "reference", "train", "log", "output"}
 DATA_KEYS = {"paths", "layer", "batch_key", "phenotype_keys", "gene_key", "streaming", "join"}
 LOG_KEYS = {"loggers", "dir", "wandb_project"}
 LOGGERS = ("csv", "tensorboard", "wandb")
-CONFIG_NAME = "config.yaml"
 
 
 class ConfigError(ValueError):
@@ -382,7 +381,7 @@ def pretrain(config_path: str, *, overwrite: bool = False, command: str = "pretr
             model = sct.GeneTransformer(adata, **config["model"])
     model.train(**config["train"], logger=_loggers(config["log"]))
     model.save(output, overwrite=overwrite)
-    (output / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
+    (output / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
     return output
 
 

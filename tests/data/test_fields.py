@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import anndata as ad
@@ -122,6 +123,42 @@ def test_integers_made_float_by_a_missing_value_match_the_integer_names():
     np.testing.assert_array_equal(category_codes(not_whole, ["1", "2", "inf"]), [-1, 2, -1])
 
 
+def test_integers_match_the_names_of_the_same_labels_made_float():
+    # a model trained on labels with a missing value (float: "0.0", "1.0") and a query labelled
+    # completely (integers again): the integers match the float names, the integer names first
+    floats = ["0.0", "1.0", "2.0"]
+    for column in (
+        pd.Series([1, 0, 2, 1]),
+        pd.Series(np.array([1, 0, 2, 1], dtype=np.uint8)),
+        pd.Series(pd.array([1, 0, 2, 1], dtype="Int64")),
+        pd.Series(pd.Categorical([1, 0, 2, 1])),
+    ):
+        assert observed_categories(column) == ["0", "1", "2"]  # names unchanged
+        np.testing.assert_array_equal(category_codes(column, floats), [1, 0, 2, 1])
+        np.testing.assert_array_equal(category_codes(column, ["1", "1.0"]), [0, -1, -1, 0])
+    with_na = pd.Series(pd.array([1, None, 2], dtype="Int64"))
+    np.testing.assert_array_equal(category_codes(with_na, floats), [1, -1, 2])
+    # an integer that no float holds exactly is not named by the float it rounds to
+    np.testing.assert_array_equal(category_codes(pd.Series([2**53 + 1]), [str(float(2**53))]), [-1])
+
+
+@pytest.mark.parametrize("dtype", ["int64", "Int64"])
+def test_a_query_with_integer_labels_matches_a_reference_whose_labels_were_float(adata, tmp_path, dtype):
+    labels = (np.arange(adata.n_obs) % 3).astype(float)
+    labels[:5] = np.nan  # some unlabelled cells: pandas holds the integer labels as float
+    adata.obs["label"] = labels
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["label"])
+    model = sct.GeneTransformer(adata, **TINY)
+    assert model.phenotype_categories_["label"] == ["0.0", "1.0", "2.0"]
+    model.save(tmp_path / "m")
+    query = adata[:30].copy()
+    query.obs["label"] = pd.array(np.arange(30) % 3, dtype=dtype)  # labelled completely: integers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "categories the reference does not know"
+        sct.GeneTransformer.load_query_data(query, tmp_path / "m")
+    np.testing.assert_array_equal(query.obs["_scvi_phenotype_label"], np.arange(30) % 3)
+
+
 def test_a_query_with_integer_labels_made_float_keeps_its_labels(adata, tmp_path):
     adata.obs["label"] = np.arange(adata.n_obs) % 3
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["label"])
@@ -196,14 +233,57 @@ def test_new_query_batches_are_appended_in_value_order():
 @pytest.mark.parametrize(
     ("names", "values"),
     [
-        (["batch_0", "batch_1"], np.array([0, 1] * 3)),
-        (["1.0", "2.0"], np.array([1, 2] * 3)),  # float batches: integers never name them
-        (["0", "1"], np.array([False, True] * 3)),
+        (["0.0", "1.0"], np.array([1, 0] * 3)),
+        (["0.0", "1.0"], pd.array([1, 0] * 3, dtype="Int64")),
+        (["0.0", "1.0"], pd.Categorical([1, 0] * 3)),
+        (["0.0", "1"], np.array([1, 0] * 3)),
     ],
 )
-def test_query_batches_of_a_type_that_cannot_bear_the_reference_names_are_refused(names, values):
-    with pytest.raises(ValueError, match=r"astype\(str\)"):
+def test_integer_query_batches_match_a_reference_whose_batches_were_float(names, values):
+    # e.g. plates read as 0.0, 1.0 for the reference and as 0, 1 for the query: the same batches
+    query = _cells(values)
+    registered = BatchObsField("batch", "b", names).register_field(query)
+    assert [str(c) for c in registered[BatchObsField.CATEGORICAL_MAPPING_KEY]] == names  # nothing new
+    np.testing.assert_array_equal(query.obs["_scvi_batch"], [1, 0] * 3)
+
+
+@pytest.mark.parametrize(
+    ("names", "values", "advice"),
+    [
+        # as strings the query's batches would still not be the reference's: no astype(str) advice
+        (["batch_0", "batch_1"], np.array([0, 1] * 3), "recode"),
+        (["0.5", "1.5"], np.array([1, 2] * 3), "recode"),
+        (["0", "1"], np.array([False, True] * 3), "recode"),
+        # as strings some are: astype(str) gives the reference's names
+        (["0", "1", "batch_x"], np.array([0, 1] * 3), r"astype\(str\)"),
+    ],
+)
+def test_query_batches_of_a_type_that_cannot_bear_the_reference_names_are_refused(names, values, advice):
+    with pytest.raises(ValueError, match="the reference names its batches") as error:
         BatchObsField("batch", "b", names).register_field(_cells(values))
+    assert re.search(advice, str(error.value)), str(error.value)
+    if advice == "recode":
+        assert "give the query's batches as strings" not in str(error.value)
+
+
+def test_unused_categories_of_a_batch_column_are_no_batches():
+    values = pd.Categorical(["y", "x"] * 3, categories=["y", "unused", "x"])
+    cells = _cells(values)
+    registered = BatchObsField("batch", "b").register_field(cells)
+    assert [str(c) for c in registered[BatchObsField.CATEGORICAL_MAPPING_KEY]] == ["y", "x"]  # column's order
+    np.testing.assert_array_equal(cells.obs["_scvi_batch"], [0, 1] * 3)
+    assert list(cells.obs["b"].cat.categories) == ["y", "unused", "x"]  # the column is not changed
+
+
+def test_a_model_has_no_batch_for_an_unused_category(adata):
+    adata.obs["batch"] = adata.obs["batch"].cat.add_categories(["batch_unused"])  # left after subsetting
+    sct.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = sct.GeneTransformer(adata, **TINY, batch_correction="token")
+    assert model.batch_categories_ == ["batch_0", "batch_1"]
+    assert model.module.n_batches == 2
+    assert "batch_unused" in adata.obs["batch"].cat.categories
+    with pytest.raises(ValueError, match="not one of the batches"):
+        model.get_latent_representation(batch="batch_unused")
 
 
 def test_a_registration_transfers_to_new_cells_by_name():

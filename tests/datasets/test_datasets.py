@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scanpy as sc
 
 import sctransformer as sct
@@ -25,3 +26,38 @@ def test_synthetic_shape_and_marker_structure():
     frac = x / x.sum(1, keepdims=True)
     assert frac[is_0, :5].mean() > 3 * frac[~is_0, :5].mean()
     assert frac[~is_0, 5:10].mean() > 3 * frac[is_0, 5:10].mean()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"n_cells": 0}, ValueError, "n_cells must be at least 1"),
+        ({"n_genes": -3}, ValueError, "n_genes must be at least 1"),
+        ({"n_cell_types": 0}, ValueError, "n_cell_types must be at least 1"),
+        ({"n_batches": 0}, ValueError, "n_batches must be at least 1"),
+        ({"n_markers": -1}, ValueError, "n_markers must be at least 0"),
+        (
+            {"n_markers": 40},
+            ValueError,
+            r"n_cell_types \* n_markers \(3 \* 40\) must not exceed n_genes \(100\)",
+        ),
+        ({"n_cells": 2.5}, TypeError, "n_cells must be an integer"),
+        ({"n_batches": True}, TypeError, "n_batches must be an integer"),
+        ({"n_genes": "100"}, TypeError, "n_genes must be an integer"),
+        ({"mean_counts": -5}, ValueError, "mean_counts must be finite and positive"),
+        ({"mean_counts": 0}, ValueError, "mean_counts must be finite and positive"),
+        ({"mean_counts": float("nan")}, ValueError, "mean_counts must be finite and positive"),
+        ({"mean_counts": float("inf")}, ValueError, "mean_counts must be finite and positive"),
+        ({"mean_counts": "300"}, TypeError, "mean_counts must be a number"),
+    ],
+)
+def test_synthetic_refuses_bad_arguments_naming_them(arguments, error, message):
+    with pytest.raises(error, match=message):
+        sct.datasets.synthetic(**arguments)
+
+
+def test_synthetic_takes_numpy_numbers_and_no_markers():
+    adata = sct.datasets.synthetic(
+        n_cells=np.int64(20), n_genes=np.int32(10), n_markers=0, n_batches=1, mean_counts=np.float32(50)
+    )
+    assert adata.shape == (20, 10) and adata.obs["batch"].nunique() == 1

@@ -83,3 +83,16 @@ def test_a_single_label_is_refused_before_scoring(monkeypatch):
     one_with_batch.obs.loc[one_with_batch.obs["label"] != "0", "batch"] = np.nan
     with pytest.raises(ValueError, match="single label among the cells with a label and a batch"):
         sct.metrics.integration(one_with_batch, batch_key="batch", label_key="label", embeddings="mixed")
+
+
+def test_a_sparse_embedding_is_scored_as_its_dense_values():
+    import scipy.sparse as sp
+
+    adata = _cells()
+    options = {"batch_key": "batch", "label_key": "label", "kbet": False}
+    dense = sct.metrics.integration(adata, embeddings="mixed", pre_integrated="X_pca", **options)
+    adata.obsm["mixed"] = sp.csr_matrix(adata.obsm["mixed"])
+    adata.obsm["X_pca"] = sp.csr_array(adata.obsm["X_pca"])
+    pd.testing.assert_frame_equal(
+        sct.metrics.integration(adata, embeddings="mixed", pre_integrated="X_pca", **options), dense
+    )

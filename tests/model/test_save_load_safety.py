@@ -89,6 +89,41 @@ def test_a_newer_format_version_names_the_version(saved):
         sct.GeneTransformer.load(path)
 
 
+@pytest.mark.parametrize("version", ["1", 1.0, None, True, 0, [1]], ids=repr)
+def test_a_format_version_that_is_no_integer_says_the_file_is_damaged(saved, version):
+    path, _, _ = saved
+    state = json.loads((path / "model.json").read_text())
+    state["format_version"] = version
+    if version is None:
+        del state["format_version"]
+    (path / "model.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="damaged or was not written by sctransformer") as error:
+        sct.GeneTransformer.load(path)
+    assert "upgrade" not in str(error.value)
+
+
+def test_overwrite_never_deletes_other_files_beside_a_saved_model(saved):
+    path, model, _ = saved
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    (path / "adata.h5ad").write_bytes(b"the user's data")
+    (path / "figures").mkdir()
+    (path / "figures" / "umap.png").write_bytes(b"png")
+    with pytest.raises(ValueError, match=r"other files \(adata\.h5ad, figures/\)"):
+        model.save(path, overwrite=True)
+    assert (path / "adata.h5ad").read_bytes() == b"the user's data"
+    assert (path / "figures" / "umap.png").read_bytes() == b"png"
+    assert {name: (path / name).read_bytes() for name in before} == before  # the model is kept too
+    with pytest.raises(ValueError, match="other files"):  # not "pass overwrite=True"
+        model.save(path)
+    # the model's own files, and the config the command line saves beside them, are replaced
+    (path / "adata.h5ad").unlink()
+    (path / "figures" / "umap.png").unlink()
+    (path / "figures").rmdir()
+    (path / "config.yaml").write_text("output: model\n")
+    model.save(path, overwrite=True)
+    assert sorted(p.name for p in path.iterdir()) == ["model.json", "model.safetensors"]
+
+
 @pytest.mark.parametrize("damage", ["missing json", "missing weights", "invalid json"])
 def test_missing_or_unreadable_files_give_a_clear_error(saved, damage):
     path, _, _ = saved

@@ -323,6 +323,6 @@ def test_calibration_matches_integers_made_float_with_their_predictions(integers
 
 def test_confusion_matrix_warns_when_no_predicted_label_is_a_true_label(numeric):
     adata, _, predicted_codes = numeric
-    adata.obs["sct_label"] = pd.Categorical([f"{c}.0" for c in predicted_codes])  # a model trained on floats
+    adata.obs["sct_label"] = pd.Categorical([f"type_{c}" for c in predicted_codes])  # another model's names
     with pytest.warns(UserWarning, match=r"none of the predicted labels in adata.obs\['sct_label'\]"):
         sct.pl.confusion_matrix(adata, "label", "sct_label", show=False)

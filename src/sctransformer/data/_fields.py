@@ -22,12 +22,15 @@ def _distinct_values(values: pd.Series) -> tuple[np.ndarray, pd.Index, list[str]
     scvi-tools' batch registration give it: ``"0.1"`` for a float32 0.1); and its other name, also
     matched: for a float that is a whole number, ``str`` of it as an integer (``"1"`` for ``1.0``:
     pandas makes a column of integers with a missing value float, and a model trained on the
-    integers names them so); else ``str`` of the value as a Python object (``.astype(object)``:
-    ``"0.10000000149011612"``, ``"2020-01-01 00:00:00"`` for a ``datetime64``), which models saved
-    before and sharded data sets use. The two differ only for float and NumPy datetime and
-    timedelta values, and neither is the name of another value of the column's type. A value's name does not depend on the column's other
-    values (unlike ``Series.astype(str)``, which writes dates without a time where every value of
-    the column is at midnight), so a reference and a query name the same value alike.
+    integers names them so); for an integer that a float holds exactly, ``str`` of it as a float
+    (``"1.0"`` for ``1``: the same labels, once complete, are integers again, and a model trained on
+    them made float names them so); else ``str`` of the value as a Python object
+    (``.astype(object)``: ``"0.10000000149011612"``, ``"2020-01-01 00:00:00"`` for a
+    ``datetime64``), which models saved before and sharded data sets use. The two differ only for
+    integer, float and NumPy datetime and timedelta values, and neither is the name of another
+    value of the column's type. A value's name does not depend on the column's other values
+    (unlike ``Series.astype(str)``, which writes dates without a time where every value of the
+    column is at midnight), so a reference and a query name the same value alike.
     """
     values = values if isinstance(values, pd.Series) else pd.Series(values)
     if isinstance(values.dtype, pd.CategoricalDtype):
@@ -48,6 +51,9 @@ def _distinct_values(values: pd.Series) -> tuple[np.ndarray, pd.Index, list[str]
     if held.dtype.kind == "f":  # integers that a missing value made float: 1.0 is also "1"
         whole = [bool(np.isfinite(v)) and float(v).is_integer() for v in held]
         other = [str(int(v)) if w else o for v, w, o in zip(held, whole, other, strict=True)]
+    elif held.dtype.kind in "iu":  # and the integers complete again: 1 is also "1.0"
+        exact = [int(float(v)) == int(v) for v in held]  # not 2**53 + 1, which a float rounds
+        other = [str(float(v)) if e else o for v, e, o in zip(held, exact, other, strict=True)]
     return codes, distinct, names, other
 
 
@@ -64,12 +70,24 @@ def _codes_among(
     return np.append(lookup, -1).astype(np.int64)[codes]  # code -1 (missing): the appended -1
 
 
+def _as_integer(name: str) -> int:
+    """The integer named ``name``, as an integer (``"1"``) or as a whole-number float (``"1.0"``)."""
+    try:
+        return int(name)
+    except ValueError:
+        value = float(name)
+        if not value.is_integer():
+            raise ValueError(f"{name!r} names no integer") from None
+        return int(value)
+
+
 def category_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
     """Codes of ``values`` among ``categories``; ``-1`` for missing values and unseen categories.
 
     A value matches the category named as :func:`observed_categories` names it, else its other
-    name: a whole-number float matches the integer's name (``1.0`` matches ``"1"``), a float32 or
-    datetime value ``str`` of it as a Python object (as models saved before used).
+    name: a whole-number float matches the integer's name (``1.0`` matches ``"1"``) and an integer
+    the float's (``1`` matches ``"1.0"``), a float32 or datetime value ``str`` of it as a Python
+    object (as models saved before used).
     """
     codes, _, names, other = _distinct_values(values)
     return _codes_among(codes, names, other, categories)
@@ -190,8 +208,8 @@ class BatchObsField(CategoricalObsField):
         """Raise if values of the type ``column`` holds cannot bear the reference's batch names.
 
         Batches match by name (:func:`category_codes`): a query whose batches are integers 0, 1
-        matches the reference's "0", "1", booleans match "False", "True". Integers can never be
-        named "batch_0" (nor "1.0", a float batch): such a query is most likely encoded
+        matches the reference's "0", "1" (or "0.0", "1.0", a float batch), booleans match "False",
+        "True". Integers can never be named "batch_0": such a query is most likely encoded
         differently from the reference, not made of new batches only.
         """
         categories = [str(c) for c in self._categories]
@@ -202,23 +220,54 @@ class BatchObsField(CategoricalObsField):
             if pd.api.types.is_bool_dtype(kind):  # astype(bool) makes every non-empty string True
                 flags = {"False": False, "True": True}
                 converted = pd.Series([flags[c] for c in categories], dtype=kind)
+            elif pd.api.types.is_integer_dtype(kind):  # "1.0" names the integer 1 too
+                converted = pd.Series([_as_integer(c) for c in categories], dtype=object).astype(kind)
             else:
                 converted = pd.Series(categories, dtype=object).astype(kind)
             if not np.array_equal(category_codes(converted, categories), np.arange(len(categories))):
                 raise ValueError("not a round trip")
         except (ValueError, TypeError, OverflowError, KeyError):
+            key = self._original_attr_key
+            shown = f"{categories[:3]}{' ...' if len(categories) > 3 else ''}"
+            as_strings = sorted(set(column.dropna().astype(str)))
+            if set(as_strings) & set(categories):  # as strings, (some of) the query's batches match
+                advice = (
+                    f"give the query's batches as strings, e.g. "
+                    f"adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)"
+                )
+            else:
+                advice = (
+                    f"as strings (.astype(str)) they would be {as_strings[:3]}"
+                    f"{' ...' if len(as_strings) > 3 else ''}, none of the reference's batches either, so "
+                    "the query looks encoded differently from the reference: recode "
+                    f"adata.obs[{key!r}] with the reference's batch names (batches the reference lacks, "
+                    "given as strings, are added as new batches)"
+                )
             raise ValueError(
-                f"adata.obs[{self._original_attr_key!r}] holds {kind} batches, but the reference names its "
-                f"batches {categories[:3]}{' ...' if len(categories) > 3 else ''}; give the query's batches "
-                f"as strings, e.g. adata.obs[{self._original_attr_key!r}] = "
-                f"adata.obs[{self._original_attr_key!r}].astype(str)"
+                f"adata.obs[{key!r}] holds {kind} batches, but the reference names its batches "
+                f"{shown}; {advice}"
             ) from None
 
     def register_field(self, adata: AnnData) -> dict:
-        """Register the codes; with reference categories, extend them by the new batches."""
-        if self._categories is None or self.is_default:
+        """Register the codes; with reference categories, extend them by the new batches.
+
+        Without them, the batches are the values present: unused categories of a categorical
+        column (left over after subsetting) are no batches, as they have no cells to train on.
+        The column itself is not changed.
+        """
+        if self.is_default:
             return super().register_field(adata)
-        self._check_reference_names(adata.obs[self._original_attr_key])
+        self.validate_field(adata)
+        column = adata.obs[self._original_attr_key]
+        if self._categories is None:
+            if not isinstance(column.dtype, pd.CategoricalDtype):
+                return super().register_field(adata)
+            observed = {
+                self.CATEGORICAL_MAPPING_KEY: np.asarray(observed_categories(column), dtype=object),
+                self.ORIGINAL_ATTR_KEY: self._original_attr_key,
+            }
+            return self.transfer_field(observed, adata)
+        self._check_reference_names(column)
         reference = {
             self.CATEGORICAL_MAPPING_KEY: np.asarray([str(c) for c in self._categories], dtype=object),
             self.ORIGINAL_ATTR_KEY: self._original_attr_key,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -23,26 +25,51 @@ def synthetic(
     Parameters
     ----------
     n_cells, n_genes
-        Shape.
+        Shape, at least 1 each.
     n_cell_types
-        Number of cell types; type ``t`` over-expresses genes ``t * n_markers`` to
+        Number of cell types, at least 1; type ``t`` over-expresses genes ``t * n_markers`` to
         ``(t + 1) * n_markers - 1`` eight-fold.
     n_batches
-        Number of batches; each scales all genes by a random batch factor.
+        Number of batches, at least 1; each scales all genes by a random batch factor.
     n_markers
-        Marker genes per cell type.
+        Marker genes per cell type, at least 0; ``n_cell_types * n_markers`` at most ``n_genes``.
     mean_counts
-        Mean library size.
+        Mean library size, finite and positive.
     seed
         Random seed.
+
+    Raises
+    ------
+    TypeError
+        If a count is not an integer or ``mean_counts`` not a number.
+    ValueError
+        If an argument is out of its range.
 
     Returns
     -------
     AnnData with counts in ``X`` and ``layers["counts"]`` (CSR), ``obs["cell_type"]``,
     ``obs["batch"]`` and gene names ``gene_0`` ... in ``var_names``.
     """
+    for name, value, least in (
+        ("n_cells", n_cells, 1),
+        ("n_genes", n_genes, 1),
+        ("n_cell_types", n_cell_types, 1),
+        ("n_batches", n_batches, 1),
+        ("n_markers", n_markers, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
     if n_cell_types * n_markers > n_genes:
-        raise ValueError("n_cell_types * n_markers must not exceed n_genes")
+        raise ValueError(
+            f"n_cell_types * n_markers ({n_cell_types} * {n_markers}) must not exceed n_genes ({n_genes}): "
+            "each cell type has its own marker genes"
+        )
+    if isinstance(mean_counts, bool) or not isinstance(mean_counts, Real):
+        raise TypeError(f"mean_counts must be a number, got {mean_counts!r}")
+    if not (np.isfinite(mean_counts) and mean_counts > 0):
+        raise ValueError(f"mean_counts must be finite and positive, got {mean_counts}")
     rng = np.random.default_rng(seed)
     base = rng.gamma(0.6, 1.0, size=n_genes)
     cell_type = rng.integers(0, n_cell_types, size=n_cells)

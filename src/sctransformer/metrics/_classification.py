@@ -426,7 +426,8 @@ def _model_labels(column: pd.Series, predicted: Sequence[str] | None = None) -> 
     ``"0"``, ``"1"`` for a column of integers ``0``, ``1``; true and predicted labels are compared
     after the same conversion (:func:`~sctransformer.data.category_codes`). With ``predicted``, a
     value takes the name of the predicted label it matches as registration matches a model's
-    categories (integers that a missing value made float, ``0.0``, match ``"0"``).
+    categories (integers that a missing value made float, ``0.0``, match ``"0"``, and integers
+    match the float names ``"0.0"``).
 
     Parameters
     ----------

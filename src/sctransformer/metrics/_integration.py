@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from ._retrieval import obsm_dense
+
 #: scIB metric groups, as scib-metrics names the columns of its results.
 BIO_CONSERVATION = "Bio conservation"
 BATCH_CORRECTION = "Batch correction"
@@ -35,7 +37,7 @@ def integration(
     Parameters
     ----------
     adata
-        Cells with the embeddings in ``.obsm`` (not modified).
+        Cells with the embeddings in ``.obsm`` (not modified); a sparse embedding is densified.
     batch_key
         ``.obs`` column of the batches to mix (cells without a batch are left out).
     label_key
@@ -72,7 +74,7 @@ def integration(
     for key in [*keys, *([pre_integrated] if pre_integrated else [])]:
         if key not in adata.obsm:
             raise KeyError(f"embedding {key!r} not found in adata.obsm (available: {list(adata.obsm)})")
-        if not np.isfinite(np.asarray(adata.obsm[key])).all():
+        if not np.isfinite(obsm_dense(adata, key)).all():
             raise ValueError(f"adata.obsm[{key!r}] holds NaN or infinite values")
     labelled = (adata.obs[label_key].notna() & adata.obs[batch_key].notna()).to_numpy()
     if adata.obs[batch_key][labelled].nunique() < 2:
@@ -94,7 +96,7 @@ def integration(
             index=adata.obs_names[labelled],
         ),
         obsm={
-            key: np.asarray(adata.obsm[key], dtype=np.float32)[labelled]
+            key: obsm_dense(adata, key).astype(np.float32)[labelled]
             for key in {*keys, *([pre_integrated] if pre_integrated else [])}
         },
     )

@@ -6,14 +6,41 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
+
+#: Cosine similarities within this of a partner's tie with it. Similarities of unit vectors
+#: (so the tolerance is relative to their norm of 1) computed in float64 carry rounding noise
+#: near 1e-16 that depends on how the product is blocked: identical targets must tie whatever
+#: the blocking, and targets this close are not told apart by any retrieval worth the name.
+TIE_TOLERANCE = 1e-9
+
+
+def obsm_dense(adata: AnnData, key: str) -> np.ndarray:
+    """``adata.obsm[key]`` as a dense float64 matrix; a sparse one is densified.
+
+    An embedding has a few hundred columns at most, so its dense copy is small, and the cosine
+    similarities and neighbour searches of the metrics need dense rows anyway.
+    """
+    values = adata.obsm[key]
+    try:
+        dense = np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"adata.obsm[{key!r}] ({type(values).__name__}) is not a numeric matrix: {err}"
+        ) from None
+    if dense.ndim != 2:
+        raise ValueError(f"adata.obsm[{key!r}] must be a matrix (n_cells, n_dims), got shape {dense.shape}")
+    return dense
 
 
 def retrieval_ranks(queries: np.ndarray, targets: np.ndarray, *, chunk_size: int = 2048) -> np.ndarray:
     """Rank (1 = best) of target ``i`` among all targets by cosine similarity to query ``i``.
 
     Ties count against the cell (a target as similar as its partner ranks before it), so a
-    collapsed embedding cannot score well.
+    collapsed embedding cannot score well. Similarities within :data:`TIE_TOLERANCE` of the
+    partner's tie with it, so that identical targets tie whatever the rounding of the product
+    (and ``chunk_size``).
 
     Parameters
     ----------
@@ -47,7 +74,7 @@ def retrieval_ranks(queries: np.ndarray, targets: np.ndarray, *, chunk_size: int
     for start in range(0, len(q), chunk_size):
         similarity = q[start : start + chunk_size] @ t.T
         own = similarity[np.arange(len(similarity)), np.arange(start, start + len(similarity))]
-        ranks[start : start + len(similarity)] = (similarity >= own[:, None]).sum(1)
+        ranks[start : start + len(similarity)] = (similarity >= own[:, None] - TIE_TOLERANCE).sum(1)
     return ranks
 
 
@@ -69,7 +96,7 @@ def cross_modal_retrieval(
     Parameters
     ----------
     adata
-        Cells with both embeddings in ``.obsm`` (not modified).
+        Cells with both embeddings in ``.obsm`` (not modified); a sparse embedding is densified.
     key_a, key_b
         ``.obsm`` keys of the two embeddings, same width (e.g. ``model.get_latent_representation``
         with ``space="aligned"`` and ``space="aligned_other"``).
@@ -86,7 +113,7 @@ def cross_modal_retrieval(
     for key in (key_a, key_b):
         if key not in adata.obsm:
             raise KeyError(f"embedding {key!r} not found in adata.obsm (available: {list(adata.obsm)})")
-    a, b = (np.asarray(adata.obsm[key], dtype=np.float64) for key in (key_a, key_b))
+    a, b = (obsm_dense(adata, key) for key in (key_a, key_b))
     if a.shape != b.shape:
         raise ValueError(f"{key_a!r} {a.shape} and {key_b!r} {b.shape} must have the same shape")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):

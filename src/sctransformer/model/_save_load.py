@@ -18,6 +18,10 @@ from sctransformer._constants import MODEL_FORMAT_VERSION
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "model.json"
+#: The resolved config that ``sctransformer pretrain|finetune`` saves beside the model.
+CONFIG_FILE = "config.yaml"
+#: The files of a saved model directory, which a save with ``overwrite`` replaces.
+MODEL_DIR_FILES = frozenset({STATE_FILE, WEIGHTS_FILE, CONFIG_FILE})
 
 
 def _sha256(path: Path) -> str:
@@ -41,8 +45,9 @@ def check_save_target(
     """Resolve ``dir_path`` and check that a model may be saved there; raise ``ValueError`` if not.
 
     A save replaces the whole directory, so only an empty directory, a missing one, or (with
-    ``overwrite``) one that holds a saved model is accepted. ``overwrite_option`` names the
-    option in the message (``--overwrite`` on the command line).
+    ``overwrite``) one that holds a saved model and nothing else (:data:`MODEL_DIR_FILES`) is
+    accepted: other files there (data, figures) are never deleted. ``overwrite_option`` names
+    the option in the message (``--overwrite`` on the command line).
     """
     target = Path(dir_path).resolve()  # through a symlink: replace the model it points to
     if target == Path.cwd() or target in Path.cwd().parents:
@@ -57,6 +62,15 @@ def check_save_target(
             raise ValueError(
                 f"{target} is not empty and does not hold a saved sctransformer model ({STATE_FILE} "
                 "missing); a save replaces the whole directory, so choose a new or empty directory"
+            )
+        others = sorted(
+            p.name + ("/" if p.is_dir() else "") for p in target.iterdir() if p.name not in MODEL_DIR_FILES
+        )
+        if others:
+            shown = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
+            raise ValueError(
+                f"{target} holds a saved model and other files ({shown}); a save replaces the whole "
+                "directory, which would delete them: move them out or save the model into another directory"
             )
         if not overwrite:
             raise ValueError(f"{target} holds a saved model; pass {overwrite_option} to replace it")
@@ -119,8 +133,13 @@ def read_model_dir(dir_path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
             state = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path / STATE_FILE} is not valid JSON ({err}); the model is damaged") from err
-    version = state.get("format_version")
-    if not isinstance(version, int) or version > MODEL_FORMAT_VERSION:
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(
+            f"{path / STATE_FILE} has no valid format_version (an integer from 1, got {version!r}); "
+            "the file is damaged or was not written by sctransformer"
+        )
+    if version > MODEL_FORMAT_VERSION:
         raise ValueError(
             f"{path} was saved in model format {version!r} by sctransformer "
             f"{state.get('sctransformer_version', 'unknown')}; this sctransformer reads format "
