@@ -160,6 +160,9 @@ def test_documented_warnings_single_category_and_empty_cells(adata):
         ({"expression_queries": -1}, "expression_queries"),
         ({"value_encoding": "log"}, "value_encoding"),
         ({"binning": "uniform"}, "binning"),
+        ({"seed": 2**64}, r"seed must be an integer >= 0 and < 2\*\*32"),  # was an overflow after sampling
+        ({"dropout": "0.1"}, r"dropout must be a number in \[0, 1\), got '0.1'"),  # was a raw TypeError
+        ({"label_smoothing": None}, r"label_smoothing must be a number in \[0, 1\), got None"),
     ],
 )
 def test_model_hyperparameters_out_of_range_are_refused(adata, kwargs, message):
@@ -229,6 +232,37 @@ def test_phenotype_column_changed_after_setup(adata):
     adata.obs["cell_type"] = adata.obs["cell_type"].cat.rename_categories(["a", "b", "c"])
     with pytest.raises(ValueError, match=r"obs\['cell_type'\] changed since setup_anndata"):
         model.train(max_epochs=1)
+
+
+def test_cells_labelled_after_setup_with_a_new_category_are_refused(adata):
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object)
+    adata.obs.loc[adata.obs_names[:40], "cell_type"] = np.nan  # not annotated yet
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    adata.obs.loc[adata.obs_names[:40], "cell_type"] = (
+        "type_new"  # annotated after setup: not silently unknown
+    )
+    message = r"obs\['cell_type'\] changed since setup_anndata: 40 cells without a label then have one now"
+    with pytest.raises(ValueError, match=message):
+        model.train(max_epochs=1, **QUIET)
+    with pytest.raises(ValueError, match=message):
+        sct.GeneTransformer(adata, **TINY)
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])  # the fix works
+    assert "type_new" in sct.GeneTransformer(adata, **TINY).phenotype_categories_["cell_type"]
+
+
+def test_a_query_labelled_after_setup_with_categories_the_reference_lacks_still_trains(trained, tmp_path):
+    model, data = trained
+    model.save(tmp_path / "m")
+    query = data.copy()
+    query.obs["cell_type"] = query.obs["cell_type"].astype(object)
+    query.obs.loc[query.obs_names[:20], "cell_type"] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = sct.GeneTransformer.load_query_data(query, tmp_path / "m")
+        query.obs.loc[query.obs_names[:20], "cell_type"] = "type_new"  # unknown to the model either way
+        loaded.train(max_epochs=1, **QUIET)
+    assert loaded.is_trained
 
 
 def test_training_that_hits_a_non_finite_loss_stops_naming_the_step(adata):
@@ -386,6 +420,67 @@ def test_save_and_load_refuse_bad_targets(trained, tmp_path):
     (tmp_path / "m" / "model.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match="holds a 'OtherModel'"):
         sct.GeneTransformer.load(tmp_path / "m")
+
+
+def _edit(path: list[str], value=None):
+    """A change to model.json: set ``value`` at ``path`` (remove the key where ``value`` is ``...``)."""
+
+    def change(state):
+        *parents, last = path
+        for key in parents:
+            state = state[key]
+        if value is ...:
+            del state[last]
+        else:
+            state[last] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_edit(["hyperparameters", "n_heads"], 3), "n_heads=3 must divide d_model=16"),
+        (_edit(["hyperparameters", "max_length"], -1), "max_length must be an integer >= 1"),
+        (_edit(["hyperparameters", "dropout"], "0.1"), "dropout must be a number"),
+        (_edit(["hyperparameters", "seed"], 2**64), "seed must be an integer"),
+        (_edit(["hyperparameters", "d_model"], ...), "missing key 'd_model' in hyperparameters"),
+        (_edit(["setup_args", "layer"], ...), "missing key 'layer' in setup_args"),
+        (_edit(["is_trained"], ...), "missing key 'is_trained'"),
+        (_edit(["history"], ...), "missing key 'history'"),
+        (
+            _edit(["temperatures"], {"cell_type": -1.0}),
+            r"temperatures\['cell_type'\] must be a finite number > 0",
+        ),
+        (_edit(["temperatures"], {"cell_type": 0}), "must be a finite number > 0, got 0"),
+        (_edit(["temperatures"], {"cell_type": float("nan")}), "must be a finite number > 0, got nan"),
+        (
+            _edit(["phenotype_categories", "cell_type"], "abc"),
+            "must be a list of distinct strings, got 'abc'",
+        ),
+        (_edit(["phenotype_categories", "cell_type"], ["a", "a", "b"]), "list of distinct strings"),
+        (_edit(["phenotype_categories", "cell_type"], [1, 2, 3]), "list of distinct strings"),
+        (_edit(["vocabulary"], "genes"), "vocabulary must be a list of distinct strings"),
+    ],
+)
+def test_a_hand_edited_model_json_is_refused_on_load_naming_the_damage(trained, tmp_path, change, message):
+    model, data = trained
+    model.save(tmp_path / "m")
+    state = json.loads((tmp_path / "m" / "model.json").read_text())
+    change(state)
+    (tmp_path / "m" / "model.json").write_text(json.dumps(state))
+    query = data.copy()
+    query.obs = query.obs[[c for c in query.obs if not c.startswith("_scvi")]]
+    query.uns.clear()
+    before = fingerprint(query)
+    for load in (
+        lambda: sct.GeneTransformer.load(tmp_path / "m"),
+        lambda: sct.GeneTransformer.load(tmp_path / "m", adata=query),
+        lambda: sct.GeneTransformer.load_query_data(query, tmp_path / "m"),
+    ):  # were loaded (then predicted wrong labels or failed deep inside), or raised a bare KeyError
+        with pytest.raises(ValueError, match=f"damaged model.json in .*{message}"):
+            load()
+    assert fingerprint(query) == before
 
 
 def _cli_case(tmp_path, case: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -135,3 +136,70 @@ def test_a_query_whose_second_modality_has_another_width_is_refused_before_setup
         with pytest.raises(ValueError, match="has 4 features; the model was trained on 3"):
             load()  # not later, deep in training
         assert not any(c.startswith("_scvi") for c in query.obs)  # refused before the setup
+
+
+def test_a_plain_model_made_after_an_aligned_one_on_the_same_cells_has_no_second_modality(adata, tmp_path):
+    adata.obsm["X_other"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5)).astype(np.float32)
+    sct.setup_anndata(adata, layer="counts")
+    sct.GeneTransformer(adata, **TINY, align_obsm="X_other", align_dim=4)  # sets adata up again
+    plain = sct.GeneTransformer(adata, **TINY)
+    assert plain.setup_args_["align_obsm"] is None and plain.module.align_dims is None
+    plain.save(tmp_path / "plain")
+    query = sct.datasets.synthetic(n_cells=40, n_genes=60, n_cell_types=3, n_markers=8, seed=1)
+    query.obsm["X_other"] = np.zeros((40, 5), dtype=np.float32)
+    for loaded in (  # were refused: "has 5 features; the model was trained on None"
+        sct.GeneTransformer.load(tmp_path / "plain", adata=adata),
+        sct.GeneTransformer.load_query_data(query, tmp_path / "plain"),
+    ):
+        assert loaded.setup_args_["align_obsm"] is None
+    np.testing.assert_allclose(
+        sct.GeneTransformer.load(tmp_path / "plain", adata=adata).get_latent_representation(),
+        plain.get_latent_representation(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # saved before the fix, a plain model recorded the key of the AnnData's setup: it loads too
+    state = json.loads((tmp_path / "plain" / "model.json").read_text())
+    state["setup_args"]["align_obsm"] = "X_other"
+    (tmp_path / "plain" / "model.json").write_text(json.dumps(state))
+    assert sct.GeneTransformer.load(tmp_path / "plain", adata=adata).module.align_dims is None
+
+
+@pytest.mark.parametrize("change", ["a NaN row", "another width"])
+def test_training_checks_the_second_modality_again_before_it_starts(adata, change):
+    adata.obsm["X_other"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5)).astype(np.float32)
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY, align_obsm="X_other", align_dim=4)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    if change == "a NaN row":  # changed after the model was made, e.g. a panel read again
+        adata.obsm["X_other"][5] = np.nan
+        error, message = ValueError, r"adata.obsm\['X_other'\] holds NaN"
+    else:
+        adata.obsm["X_other"] = np.zeros((adata.n_obs, 7), dtype=np.float32)
+        error, message = ValueError, "has 7 features; the model was trained on 5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(error, match=message):  # not a non-finite loss or a shape error mid-run
+            model.train(max_epochs=1, batch_size=32, **QUIET)
+    assert not model.is_trained
+    assert all(torch.equal(v, before[k]) for k, v in model.module.state_dict().items())
+
+
+def test_an_aligned_model_loads_onto_cells_set_up_by_setup_anndata_without_a_warning(adata, tmp_path):
+    from sctransformer._constants import REGISTRY_KEYS
+
+    adata.obsm["X_other"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5)).astype(np.float32)
+    sct.setup_anndata(adata, layer="counts")
+    sct.GeneTransformer(adata, **TINY, align_obsm="X_other", align_dim=4).save(tmp_path / "m")
+    cells = sct.datasets.synthetic(n_cells=40, n_genes=60, n_cell_types=3, n_markers=8, seed=1)
+    cells.obsm["X_other"] = np.zeros((40, 5), dtype=np.float32)
+    sct.setup_anndata(cells, layer="counts")  # the documented setup: it has no align_obsm
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        loaded = sct.GeneTransformer.load(tmp_path / "m", adata=cells)
+    assert not [w for w in record if "other settings" in str(w.message)]
+    assert REGISTRY_KEYS.ALIGN_KEY in loaded.adata_manager.data_registry  # training aligns
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded.train(max_epochs=1, batch_size=32, **QUIET)
+    assert "alignment_train" in loaded.history

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -145,3 +146,23 @@ def test_cells_without_a_batch_column_feed_no_batch_instead_of_the_placeholder_b
     )
     assert with_batches._batches(batch).tolist() == [0, 0, 0, 0]
     assert without._batches(batch) is None
+
+
+@pytest.mark.parametrize("change", ["edited", "removed"])
+def test_a_batch_column_changed_after_setup_is_refused_before_training(adata, change):
+    sct.setup_anndata(adata, layer="counts", batch_key="batch")
+    model = sct.GeneTransformer(adata, **TINY, batch_correction="token")
+    if change == "edited":  # e.g. the batches corrected after setup: the registered codes are stale
+        adata.obs["batch"] = pd.Categorical(["batch_1"] * adata.n_obs)
+        message = r"obs\['batch'\] \(the batch key\) changed since setup_anndata; call setup_anndata again"
+    else:
+        del adata.obs["batch"]
+        message = r"obs\['batch'\] \(the batch key\) was removed since setup_anndata"
+    with pytest.raises(ValueError, match=message):
+        model.train(max_epochs=1, **QUIET)
+    assert not model.is_trained
+    if change == "edited":
+        with pytest.raises(ValueError, match="changed since setup_anndata"):
+            sct.GeneTransformer(adata, **TINY)  # nor is a new model made on the stale codes
+        sct.setup_anndata(adata, layer="counts", batch_key="batch")  # the fix works
+        assert sct.GeneTransformer(adata, **TINY).batch_categories_ == ["batch_1"]

@@ -530,3 +530,45 @@ def test_a_batch_column_of_mixed_value_types_is_refused_with_the_fix(adata):
         sct.setup_anndata(adata, layer="counts", batch_key="batch")
     adata.obs["batch"] = adata.obs["batch"].astype(str)
     sct.setup_anndata(adata, layer="counts", batch_key="batch")  # the fix works
+
+
+def test_a_load_that_fails_leaves_the_anndata_untouched(adata, tmp_path):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"], batch_key="batch")
+    sct.GeneTransformer(adata, **TINY).save(tmp_path / "m")
+    state = json.loads((tmp_path / "m" / "model.json").read_text())
+    state["phenotype_categories"]["cell_type"].append("type_9")  # no longer fits the weights
+    (tmp_path / "m" / "model.json").write_text(json.dumps(state))
+
+    def fresh():
+        return sct.datasets.synthetic(n_cells=40, n_genes=60, n_cell_types=3, n_markers=8, seed=3)
+
+    own = fresh()  # set up by the user otherwise (no batch key): keeps that setup
+    sct.setup_anndata(own, layer="counts", phenotype_keys=["cell_type"])
+    for cells, load in (
+        (fresh(), lambda a: sct.GeneTransformer.load(tmp_path / "m", adata=a)),
+        (fresh(), lambda a: sct.GeneTransformer.load_query_data(a, tmp_path / "m")),
+        (own, lambda a: sct.GeneTransformer.load(tmp_path / "m", adata=a)),
+    ):
+        before, uns = fingerprint(cells), dict(cells.uns)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(ValueError, match="do not fit the saved hyper-parameters"):
+                load(cells)
+        assert fingerprint(cells) == before and dict(cells.uns) == uns
+    assert sct.GeneTransformer._registered_manager(own).registry["setup_args"]["batch_key"] is None
+
+
+def test_setting_up_a_copy_leaves_the_original_set_up(adata, tmp_path):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    sct.GeneTransformer(adata, **TINY).save(tmp_path / "m")
+    for set_up in (
+        lambda a: sct.setup_anndata(a, layer="counts"),
+        lambda a: sct.GeneTransformer.load(tmp_path / "m", adata=a),
+        lambda a: sct.GeneTransformer.load_query_data(a, tmp_path / "m"),
+    ):
+        copy = adata[:30].copy()  # inherits the original's scvi-tools id in .uns
+        set_up(copy)
+        assert copy.uns["_scvi_uuid"] != adata.uns["_scvi_uuid"]
+        # both stay set up (was: "The provided AnnData object does not match ... Did you make a copy?")
+        assert sct.GeneTransformer(adata, **TINY).adata is adata
+        assert sct.GeneTransformer(copy, **TINY).adata is copy

@@ -23,6 +23,8 @@ import scvi
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
+from scvi.data._constants import _SCVI_UUID_KEY
+from scvi.data._utils import _assign_adata_uuid
 from scvi.data.fields import LayerField, ObsmField
 from scvi.dataloaders._data_splitting import validate_data_split
 from scvi.model.base import BaseModelClass
@@ -168,11 +170,10 @@ def _check_hyperparameters(
         positive_int("d_ff", d_ff)
     if d_model % n_heads:
         raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}; e.g. n_heads=4 with d_model=128")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    for name, value in (("dropout", dropout), ("label_smoothing", label_smoothing)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
+            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     _check_gene_prediction(gene_prediction)
-    if not 0 <= label_smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if value_encoding not in ("binned", "continuous"):
         raise ValueError(f"value_encoding must be 'binned' or 'continuous', got {value_encoding!r}")
     if binning not in ("quantile", "fixed"):
@@ -229,9 +230,9 @@ def _default_logger(save_dir: str | os.PathLike) -> Any:
 
 
 def _check_seed(seed: Any) -> int:
-    """``seed`` as a Python int; refuse anything but a non-negative integer."""
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    """``seed`` as a Python int; refuse anything but an integer in ``[0, 2**32)`` (Lightning's and NumPy's)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer >= 0 and < 2**32, got {seed!r}")
     return int(seed)
 
 
@@ -330,8 +331,12 @@ def _fixed_bin_edges(sample: sp.csr_matrix, n_bins: int, column_to_gene: np.ndar
 
 
 def _check_align_width(adata: AnnData, state: dict[str, Any]) -> None:
-    """Raise if ``adata``'s second modality (if it has one) is not as wide as the saved model's."""
-    key, width = state["setup_args"].get(SETUP_ARGS.ALIGN_OBSM), state["hyperparameters"].get("align_in_dim")
+    """Raise if ``adata``'s second modality (if it has one) is not as wide as the saved model's.
+
+    The key is the model's own ``align_obsm`` (``None`` for a model without alignment), not that of
+    the AnnData's registration, which another, aligned model may have set up.
+    """
+    key, width = state["hyperparameters"].get("align_obsm"), state["hyperparameters"].get("align_in_dim")
     if key is not None and isinstance(adata, AnnData) and key in adata.obsm:
         if np.shape(adata.obsm[key])[1] != width:
             raise ValueError(
@@ -352,6 +357,136 @@ def _registered_codes_differ(adata: AnnData, key: str, categories: list[str]) ->
     if key not in adata.obs:
         return bool((adata.obs[column].to_numpy() >= 0).any())
     return not np.array_equal(category_codes(adata.obs[key], categories), adata.obs[column].to_numpy())
+
+
+def _labelled_since_setup(manager: AnnDataManager, adata: AnnData, key: str) -> np.ndarray:
+    """Cells with a label of phenotype ``key`` now that was missing when ``manager`` set ``adata`` up.
+
+    Only for a setup that took the categories from the column (``setup_anndata``): there every
+    label present got a code, so a registered ``-1`` was a missing label. With a model's categories
+    (``load``, ``load_query_data``), ``-1`` also codes labels the model does not know, which stay
+    unknown however often the setup is repeated.
+    """
+    none = np.zeros(adata.n_obs, dtype=bool)
+    field = next((f for f in manager.fields if f.registry_key == phenotype_registry_key(key)), None)
+    if not isinstance(field, PhenotypeObsField) or field._categories is not None:  # a model's categories
+        return none
+    if key not in adata.obs or field.attr_key not in adata.obs:
+        return none
+    return adata.obs[key].notna().to_numpy() & (adata.obs[field.attr_key].to_numpy() < 0)
+
+
+def _batch_codes_differ(manager: AnnDataManager, adata: AnnData) -> bool:
+    """Whether the batch codes ``manager`` registered differ from the batch column coded now.
+
+    ``False`` without a batch key; ``True`` where the column or its codes were removed.
+    """
+    batch_key = manager.registry["setup_args"][SETUP_ARGS.BATCH_KEY]
+    if batch_key is None:
+        return False
+    column = manager.data_registry[REGISTRY_KEYS.BATCH_KEY].attr_key
+    if batch_key not in adata.obs or column not in adata.obs:
+        return True
+    now = category_codes(adata.obs[batch_key], _batch_categories(manager))
+    return not np.array_equal(now, adata.obs[column].to_numpy())
+
+
+def _check_align_input(adata: AnnData, key: str, width: int) -> None:
+    """Raise unless ``adata.obsm[key]`` is a finite matrix with ``width`` features (the model's)."""
+    _check_align_obsm(adata, key)
+    if np.shape(adata.obsm[key])[1] != width:
+        raise ValueError(
+            f"adata.obsm[{key!r}] has {np.shape(adata.obsm[key])[1]} features; the model was trained "
+            f"on {width} (the same features, in the same order)"
+        )
+
+
+#: What :meth:`GeneTransformer.load` reads from model.json without a default
+_STATE_KEYS = (
+    "hyperparameters",
+    "setup_args",
+    "vocabulary",
+    "phenotype_categories",
+    "is_trained",
+    "history",
+    "indices",
+)
+_SAVED_HYPERPARAMETERS = (
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_ff",
+    "dropout",
+    "max_length",
+    "value_encoding",
+    "n_bins",
+    "binning",
+    "label_smoothing",
+    "cell_expression_loss",
+    "seed",
+)
+_SAVED_SETUP_ARGS = (SETUP_ARGS.LAYER, SETUP_ARGS.GENE_KEY, SETUP_ARGS.BATCH_KEY)
+
+
+def _check_state(state: Any, source: str) -> None:
+    """Raise a :class:`ValueError` naming what is wrong if a saved model's state cannot be loaded as is.
+
+    model.json may have been edited by hand: every key the loader needs, hyper-parameters in range,
+    category lists of unique names and temperatures that are positive numbers.
+    """
+
+    def damaged(problem: str) -> ValueError:
+        return ValueError(f"damaged model.json in {source}: {problem}")
+
+    def require(mapping: Any, keys: tuple[str, ...], where: str) -> None:
+        if not isinstance(mapping, dict):
+            raise damaged(f"{where} must be a mapping, got {type(mapping).__name__}")
+        for key in keys:
+            if key not in mapping:
+                raise damaged(f"missing key {key!r}{'' if where == 'the state' else ' in ' + where}")
+
+    def names(value: Any, what: str) -> None:
+        if (
+            not isinstance(value, list)
+            or not all(isinstance(v, str) for v in value)
+            or len(set(value)) != len(value)
+        ):
+            raise damaged(f"{what} must be a list of distinct strings, got {value!r}")
+
+    require(state, _STATE_KEYS, "the state")
+    hp = state["hyperparameters"]
+    require(hp, _SAVED_HYPERPARAMETERS, "hyperparameters")
+    require(state["setup_args"], _SAVED_SETUP_ARGS, "setup_args")
+    aligned = hp.get("align_obsm") is not None
+    if aligned:
+        require(hp, ("align_in_dim", "align_dim"), "hyperparameters")
+    try:  # models saved before these hyper-parameters existed lack them
+        _check_hyperparameters(**({"expression_queries": 0, "gene_ranking": "expression"} | hp))
+        _check_seed(hp["seed"])
+        if aligned:
+            positive_int(hp["align_in_dim"], "align_in_dim")
+            positive_int(hp["align_dim"], "align_dim")
+        n_batches = hp.get("n_batches", 0)
+        if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 0:
+            raise ValueError(f"n_batches must be an integer >= 0, got {n_batches!r}")
+    except (ValueError, TypeError) as err:
+        raise damaged(f"hyperparameters: {err}") from err
+    if not isinstance(state["is_trained"], bool):
+        raise damaged(f"is_trained must be true or false, got {state['is_trained']!r}")
+    names(state["vocabulary"], "vocabulary")
+    categories = state["phenotype_categories"]
+    if not isinstance(categories, dict):
+        raise damaged(f"phenotype_categories must be a mapping, got {type(categories).__name__}")
+    for key, value in categories.items():
+        names(value, f"phenotype_categories[{key!r}]")
+    if state.get("batch_categories") is not None:
+        names(state["batch_categories"], "batch_categories")
+    temperatures = state.get("temperatures") or {}
+    if not isinstance(temperatures, dict):
+        raise damaged(f"temperatures must be a mapping, got {type(temperatures).__name__}")
+    for key, value in temperatures.items():
+        if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value > 0):
+            raise damaged(f"temperatures[{key!r}] must be a finite number > 0, got {value!r}")
 
 
 def _cells_fingerprint(adata: AnnData | ShardedAnnData) -> dict[str, int | str]:
@@ -438,6 +573,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         symmetric InfoNCE loss and a learnt temperature alongside masked modelling
         (``train(align_weight=..., freeze="transcriptome" | "other")``);
         ``get_latent_representation(space="aligned" | "aligned_other")`` gives both sides.
+        Creating the model sets ``adata`` up again, with the settings it was set up with and this
+        key registered beside the counts (so that training reads both); the key is the model's own
+        (``model.setup_args_``): a later model on ``adata`` without ``align_obsm`` has none.
     align_dim
         Width of the shared space.
     attention
@@ -655,6 +793,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         self.temperatures_: dict[str, float] = {}
         self.calibration_: dict[str, dict[str, float]] = {}
         self.setup_args_ = {k: setup_args.get(k) for k in SETUP_ARGS}
+        # the model's own second modality, not whichever the AnnData was last registered with
+        self.setup_args_[SETUP_ARGS.ALIGN_OBSM] = hyperparameters.get("align_obsm")
         self.hyperparameters_ = dict(hyperparameters)
         hp = self.hyperparameters_
         with torch.random.fork_rng(devices=[]):
@@ -728,7 +868,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         Returns
         -------
         Nothing; adds ``adata.obs["_scvi_batch"]``, ``adata.obs["_scvi_phenotype_<key>"]`` (category
-        codes) and ``adata.uns["_scvi_uuid"]``, ``adata.uns["_scvi_manager_uuid"]``.
+        codes) and ``adata.uns["_scvi_uuid"]``, ``adata.uns["_scvi_manager_uuid"]`` (a copy of a set-up
+        AnnData, which inherits the original's ``_scvi_uuid``, gets a new one: both stay set up).
 
         Notes
         -----
@@ -831,6 +972,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             PhenotypeObsField(phenotype_registry_key(key), key, categories.get(key)) for key in phenotype_keys
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        previous = cls._setup_adata_manager_store.get(adata.uns.get(_SCVI_UUID_KEY))
+        if previous is not None and previous.adata is not adata:  # a copy: its id is the original's
+            _assign_adata_uuid(adata, overwrite=True)  # else the copy would take the original's setup over
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not contain unnormalized count data.*")
             manager.register_fields(adata)
@@ -845,12 +989,19 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             return None
 
     def _check_unchanged_since_setup(self, adata: AnnData) -> None:
-        """Raise if the shape or a phenotype column of ``adata`` changed since it was set up."""
+        """Raise if the shape, the batch column or a phenotype column of ``adata`` changed since setup."""
         stats = self.adata_manager.summary_stats
         if (adata.n_obs, adata.n_vars) != (stats["n_cells"], stats["n_vars"]):
             raise ValueError(
                 f"adata changed shape since setup_anndata ({stats['n_cells']} x {stats['n_vars']} "
                 f"then, {adata.n_obs} x {adata.n_vars} now); call setup_anndata again"
+            )
+        if _batch_codes_differ(self.adata_manager, adata):
+            batch_key = self.adata_manager.registry["setup_args"][SETUP_ARGS.BATCH_KEY]
+            change = "changed" if batch_key in adata.obs else "was removed"
+            raise ValueError(
+                f"adata.obs[{batch_key!r}] (the batch key) {change} since setup_anndata; call "
+                "setup_anndata again (and create a new model if it has new batches)"
             )
         for key, categories in self.phenotype_categories_.items():
             if _registered_codes_differ(adata, key, categories):
@@ -858,6 +1009,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 raise ValueError(
                     f"adata.obs[{key!r}] {change} since setup_anndata; call setup_anndata again "
                     "(and create a new model if it has new categories)"
+                )
+            labelled = _labelled_since_setup(self.adata_manager, adata, key)
+            if labelled.any():
+                raise ValueError(
+                    f"adata.obs[{key!r}] changed since setup_anndata: {int(labelled.sum())} cells without "
+                    f"a label then have one now (e.g. {adata.obs[key][labelled].iloc[0]!r}); call "
+                    "setup_anndata again (and create a new model if it has new categories)"
                 )
 
     # ------------------------------------------------------------------ training
@@ -1085,6 +1243,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                     "(GeneTransformer.from_shards; in the CLI, data.streaming: true); in-memory "
                     "AnnData is shuffled cell by cell"
                 )
+            if (
+                self.module.align_dims is not None
+                and REGISTRY_KEYS.ALIGN_KEY in self.adata_manager.data_registry
+            ):
+                # the second modality may have changed since the model was made, as the counts may
+                _check_align_input(self.adata, self.hyperparameters_["align_obsm"], self.module.align_dims[0])
             self._validate_anndata(self.adata)
             self._check_unchanged_since_setup(self.adata)
             check_counts(self.adata, self.setup_args_[SETUP_ARGS.LAYER])  # e.g. normalised in place since
@@ -1553,15 +1717,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         key = self.hyperparameters_["align_obsm"]
         if adata is None or not isinstance(adata, AnnData):
             raise ValueError("space='aligned_other' reads adata.obsm; pass an AnnData")
-        _check_align_obsm(adata, key)
+        _check_align_input(adata, key, self.module.align_dims[0])
         values = adata.obsm[key]
         values = np.asarray(
             values.to_numpy() if isinstance(values, pd.DataFrame) else values, dtype=np.float32
         )
-        if values.shape[1] != self.module.align_dims[0]:
-            raise ValueError(
-                f"adata.obsm[{key!r}] has {values.shape[1]} features; the model was trained on {self.module.align_dims[0]}"
-            )
         device = next(self.module.parameters()).device
         was_training = self.module.training
         self.module.eval()
@@ -1884,6 +2044,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         state, weights = read_model_dir(source)
         if state.get("model_class") != cls.__name__:
             raise ValueError(f"{source} holds a {state.get('model_class')!r}, not a {cls.__name__}")
+        _check_state(state, str(source))  # a hand-edited model.json: refused before it is used
         return state, weights
 
     @classmethod
@@ -1898,10 +2059,14 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         phenotype_categories: dict[str, list[str]] | None = None,
         batch_categories: list[str] | None = None,
         setup_again: bool = False,
+        extend_batches: bool = False,
     ) -> GeneTransformer:
         """Rebuild a model; phenotype keys beyond the saved ones get new, freshly initialised slots.
 
-        ``adata`` is set up with the saved settings if it is not set up, or if ``setup_again``.
+        ``adata`` is set up with the saved settings if it is not set up, or if ``setup_again``;
+        only once the weights have loaded, so that a model that fails to load leaves it untouched.
+        With ``extend_batches`` (a query), the model's batches are those of that setup: the
+        reference's, extended by the new ones.
         """
         _check_accelerator(accelerator)
         vocabulary = GeneVocabulary(state["vocabulary"])
@@ -1909,27 +2074,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         categories = phenotype_categories or saved_categories
         batch_categories = batch_categories or state.get("batch_categories")
         setup_args = state["setup_args"]
-        model = cls.__new__(cls)
         if adata is not None:
             if not isinstance(adata, AnnData):
                 raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
             vocabulary.column_to_gene(gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY]))
             _check_align_width(adata, state)
-            if setup_again or cls._registered_manager(adata) is None:
-                batch_key = setup_args[SETUP_ARGS.BATCH_KEY]
-                cls._register(
-                    adata,
-                    layer=setup_args[SETUP_ARGS.LAYER],
-                    batch_key=batch_key if batch_key in adata.obs else None,
-                    phenotype_keys=[k for k in categories if k in adata.obs],
-                    gene_key=setup_args[SETUP_ARGS.GENE_KEY],
-                    phenotype_categories=categories,
-                    batch_categories=batch_categories,
-                    align_obsm=_present_obsm(adata, setup_args.get(SETUP_ARGS.ALIGN_OBSM)),
-                )
-            BaseModelClass.__init__(model, adata)
-        else:
-            BaseModelClass.__init__(model, registry={"setup_args": setup_args, "field_registries": {}})
         hyperparameters = dict(state["hyperparameters"])
         if "n_unexpressed" in hyperparameters:  # saved before query tokens replaced the is-zero head
             if hyperparameters.pop("n_unexpressed") > 0:
@@ -1942,6 +2091,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 weights = {k: v for k, v in weights.items() if not k.startswith("is_zero_head.")}
             hyperparameters.setdefault("expression_queries", 0)
         state = state | {"hyperparameters": hyperparameters}
+        model = cls.__new__(cls)
         model._build(hyperparameters, vocabulary, categories, setup_args, None, batch_categories)
         new_slots = [i for i, key in enumerate(categories) if key not in saved_categories]
         if list(categories)[: len(saved_categories)] != list(saved_categories):
@@ -1958,6 +2108,26 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 f"the weights in {source} do not fit the saved hyper-parameters (missing "
                 f"{bad_missing[:5]}, unexpected {list(unexpected)[:5]}); the model files are inconsistent"
             )
+        summary = model._model_summary_string  # BaseModelClass.__init__ blanks it
+        if adata is not None:  # the model loads: now adata may be set up
+            if setup_again or cls._registered_manager(adata) is None:
+                batch_key = setup_args[SETUP_ARGS.BATCH_KEY]
+                cls._register(
+                    adata,
+                    layer=setup_args[SETUP_ARGS.LAYER],
+                    batch_key=batch_key if batch_key in adata.obs else None,
+                    phenotype_keys=[k for k in categories if k in adata.obs],
+                    gene_key=setup_args[SETUP_ARGS.GENE_KEY],
+                    phenotype_categories=categories,
+                    batch_categories=batch_categories,
+                    align_obsm=_present_obsm(adata, hyperparameters.get("align_obsm")),
+                )
+            BaseModelClass.__init__(model, adata)
+            if extend_batches:
+                model.batch_categories_ = _batch_categories(model.adata_manager) or batch_categories
+        else:
+            BaseModelClass.__init__(model, registry={"setup_args": setup_args, "field_registries": {}})
+        model._model_summary_string = summary
         model.init_params_ = {"kwargs": {}, "non_kwargs": dict(state["hyperparameters"])}
         model.is_trained_ = state["is_trained"]
         model.train_settings_ = state.get("train_settings")
@@ -2017,13 +2187,20 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 UserWarning,
                 stacklevel=2,
             )
+        # an aligned model registers its second modality with the counts, as creating it does
+        align_obsm = state["hyperparameters"].get("align_obsm")
+        unaligned = (
+            manager is not None
+            and _present_obsm(adata, align_obsm) is not None
+            and manager.registry["setup_args"].get(SETUP_ARGS.ALIGN_OBSM) != align_obsm
+        )
         return cls._from_state(
             state,
             weights,
             adata=adata,
             accelerator=accelerator,
             source=str(dir_path),
-            setup_again=bool(differences),
+            setup_again=bool(differences) or unaligned,
         )
 
     @staticmethod
@@ -2032,7 +2209,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         saved, registered = state["setup_args"], manager.registry["setup_args"]
         differences = [
             f"{key}={registered.get(key)!r}, the model's {saved.get(key)!r}"
-            for key in (SETUP_ARGS.LAYER, SETUP_ARGS.GENE_KEY, SETUP_ARGS.BATCH_KEY, SETUP_ARGS.ALIGN_OBSM)
+            for key in (SETUP_ARGS.LAYER, SETUP_ARGS.GENE_KEY, SETUP_ARGS.BATCH_KEY)  # setup_anndata's
             if registered.get(key) != saved.get(key)
         ]
         batches = state.get("batch_categories")
@@ -2164,26 +2341,15 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                         UserWarning,
                         stacklevel=2,
                     )
-        batch_key = setup_args[SETUP_ARGS.BATCH_KEY]
-        cls._register(
-            adata,
-            layer=setup_args[SETUP_ARGS.LAYER],
-            batch_key=batch_key if batch_key is not None and batch_key in adata.obs else None,
-            phenotype_keys=[k for k in categories if k in adata.obs],
-            gene_key=setup_args[SETUP_ARGS.GENE_KEY],
-            phenotype_categories=categories,
-            batch_categories=state.get("batch_categories"),
-            align_obsm=_present_obsm(adata, setup_args.get(SETUP_ARGS.ALIGN_OBSM)),
-        )
-        batch_categories = _batch_categories(cls._registered_manager(adata)) or state.get("batch_categories")
-        model = cls._from_state(
+        model = cls._from_state(  # sets adata up with the reference's settings once the weights load
             state,
             weights,
             adata=adata,
             accelerator=accelerator,
             source=source,
             phenotype_categories=categories,
-            batch_categories=batch_categories,
+            setup_again=True,
+            extend_batches=True,
         )
         for key in new_keys:
             model.temperatures_.pop(key, None)
