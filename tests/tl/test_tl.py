@@ -341,3 +341,31 @@ def test_every_tool_refuses_to_copy_a_backed_adata_before_computing(trained, tmp
     }
     with pytest.raises(ValueError, match=r"copy=True cannot copy a backed AnnData.*to_memory\(\)"):
         calls[tool]()
+
+
+def test_a_phenotype_key_with_a_slash_is_refused_at_setup():
+    data = sct.datasets.synthetic(n_cells=30, n_genes=20, n_cell_types=2, n_markers=4, seed=0)
+    data.obs["cell/type"] = data.obs["cell_type"]
+    with pytest.raises(ValueError, match=r"contain '/'.*rename the columns"):
+        sct.setup_anndata(data, layer="counts", phenotype_keys=["cell/type"])
+    assert "_scvi_manager_uuid" not in data.uns
+
+
+def test_min_confidence_is_refused_for_a_model_with_a_class_named_unknown(trained):
+    model, data = trained
+    named = data.copy()
+    named.obs["cell_type"] = named.obs["cell_type"].astype(str).replace({"type_2": "unknown"})
+    sct.setup_anndata(named, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(named, **TINY)
+    with pytest.raises(ValueError, match="class named 'unknown'"):
+        model.predict(named, min_confidence=0.6)
+    assert "unknown" in model.predict(named)["cell_type"].cat.categories  # without it, predicted as usual
+
+
+def test_majority_voting_on_one_or_two_cells_keeps_each_cells_label(trained):
+    model, data = trained
+    for n in (1, 2):
+        cells = data[:n].copy()
+        sct.tl.predict(cells, model, majority_voting=True)
+        voted = [c for c in cells.obs if c.endswith("majority_voting")]
+        assert voted and (cells.obs[voted[0]].astype(str) == cells.obs["sct_cell_type"].astype(str)).all()

@@ -912,6 +912,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         phenotype_keys = [] if phenotype_keys is None else list(phenotype_keys)  # also a pd.Index
         if len(set(phenotype_keys)) != len(phenotype_keys):
             raise ValueError(f"phenotype_keys has duplicates: {phenotype_keys}")
+        slashed = [key for key in phenotype_keys if "/" in str(key)]
+        if slashed and phenotype_categories is None:  # a saved model's keys were checked when it was set up
+            raise ValueError(
+                f"phenotype keys {slashed} contain '/': the results named after them (.obsm, .uns) could "
+                "not be written to .h5ad or .zarr; rename the columns, e.g. "
+                f"adata.obs = adata.obs.rename(columns={{{slashed[0]!r}: {slashed[0].replace('/', '_')!r}}})"
+            )
         if batch_key is not None:
             check_obs_key(adata, batch_key, "batch_key")
             if adata.obs[batch_key].isna().any():
@@ -1813,6 +1820,15 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 f"min_confidence must be a probability in (0, 1), e.g. 0.5, got {min_confidence!r}"
             )
         keys = self._phenotype_selection(phenotype)
+        clashing = [
+            k for k in keys if min_confidence is not None and KEYS.UNKNOWN in self.phenotype_categories_[k]
+        ]
+        if clashing:
+            raise ValueError(
+                f"phenotypes {clashing} have a class named {KEYS.UNKNOWN!r}, the label min_confidence gives "
+                "cells below it, so abstentions would count as that class; predict without min_confidence "
+                "or rename the class and train again"
+            )
         adata = self._inference_adata(adata)
         logits = self._phenotype_logits(adata, keys, batch_size)
         table = pd.DataFrame(index=adata.obs_names.copy())
@@ -1824,8 +1840,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             codes = p.argmax(1)
             confidence = p.max(1)
             if min_confidence is not None:
-                if KEYS.UNKNOWN not in cats:
-                    cats = [*cats, KEYS.UNKNOWN]
+                cats = [*cats, KEYS.UNKNOWN]
                 codes = np.where(confidence < min_confidence, cats.index(KEYS.UNKNOWN), codes)
             table[key] = pd.Categorical.from_codes(codes, categories=cats)
             table[f"{key}_confidence"] = confidence

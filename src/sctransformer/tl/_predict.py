@@ -173,6 +173,8 @@ def _over_clustering(
     seed: int,
 ) -> pd.Categorical:
     """Leiden clusters of the model's cell embedding (on a temporary AnnData; ``adata`` is untouched)."""
+    if adata.n_obs < 3:  # too few cells for a neighbour graph: each cell is its own cluster
+        return pd.Categorical(np.arange(adata.n_obs).astype(str))
     embedding = model.get_latent_representation(adata, batch_size=batch_size)
     tmp = AnnData(obs=pd.DataFrame(index=np.arange(adata.n_obs).astype(str)), obsm={"X_sct": embedding})
     sc.pp.neighbors(tmp, use_rep="X_sct", n_neighbors=min(15, max(2, adata.n_obs - 1)), random_state=seed)
