@@ -369,3 +369,16 @@ def test_majority_voting_on_one_or_two_cells_keeps_each_cells_label(trained):
         sct.tl.predict(cells, model, majority_voting=True)
         voted = [c for c in cells.obs if c.endswith("majority_voting")]
         assert voted and (cells.obs[voted[0]].astype(str) == cells.obs["sct_cell_type"].astype(str)).all()
+
+
+def test_predicting_cells_without_counts_in_the_models_genes_warns(trained):
+    model, data = trained
+    cells = data[:10].copy()
+    counts = cells.layers["counts"].tolil()
+    counts[:3] = 0
+    cells.layers["counts"] = counts.tocsr()
+    with pytest.warns(UserWarning, match="^3 cells have no counts in the model's genes"):
+        model.predict(cells)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.predict(data[10:20].copy())  # cells with counts: no warning

@@ -1768,16 +1768,26 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
     ) -> dict[str, np.ndarray]:
         """Uncalibrated logits ``(n_cells, n_categories)`` of each phenotype in ``keys``.
 
-        With ``indices`` (shards only), only those rows are computed (the others stay zero).
+        With ``indices`` (shards only), only those rows are computed (the others stay zero). Warns
+        of cells without a count in the model's genes, whose predictions say nothing about them.
         """
         slots = {key: list(self.phenotype_categories_).index(key) for key in keys}
         logits = {
             key: np.zeros((adata.n_obs, len(self.phenotype_categories_[key])), np.float32) for key in keys
         }
+        n_empty = 0
         for idx, tokens, hidden in self._forward(adata, batch_size, indices):
             out = self.module.phenotype_logits(hidden, tokens)
             for key, slot in slots.items():
                 logits[key][idx] = out[slot].float().cpu().numpy()
+            n_empty += int((~tokens.is_token.any(1)).sum())
+        if n_empty:
+            warnings.warn(
+                f"{n_empty} cells have no counts in the model's genes: their predicted phenotypes and "
+                "confidences come from the model's prior alone and say nothing about those cells",
+                UserWarning,
+                stacklevel=3,
+            )
         return logits
 
     def predict(
