@@ -4,8 +4,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import warnings
+
+import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from matplotlib.axes import Axes
@@ -70,3 +74,45 @@ def test_gene_modules_dotplot_has_one_column_per_module(with_graph):
     assert list(dotplot.var_names) == list(adata.var["sct_gene_module"].cat.categories)
     with pytest.raises(KeyError, match="gene_modules"):
         sct.pl.gene_modules(adata, "cell_type", key="missing", show=False)
+
+
+def test_gene_graph_plot_refuses_genes_outside_the_graph(trained):
+    model, data = trained
+    extra = sp.csr_matrix(np.random.default_rng(3).poisson(2, (data.n_obs, 2)).astype(np.float32))
+    counts = sp.hstack([data.layers["counts"], extra]).tocsr()
+    adata = ad.AnnData(
+        X=counts.copy(),
+        obs=data.obs.copy(),
+        var=pd.DataFrame(index=[*data.var_names, "CD3E", "MS4A1"]),
+        layers={"counts": counts},
+    )
+    sct.tl.gene_graph(adata, model, top_k=3)
+    with pytest.raises(ValueError, match=r"not in the graph.*CD3E.*MS4A1"):
+        sct.pl.gene_graph(adata, ["gene_0", "CD3E", "MS4A1"], show=False)
+    sct.tl.gene_graph(adata, model, top_k=3, genes=[f"gene_{i}" for i in range(10)], key_added="sub")
+    with pytest.raises(ValueError, match=r"not in the graph.*gene_20"):
+        sct.pl.gene_graph(adata, ["gene_0", "gene_20"], key="sub", show=False)
+    sct.pl.gene_graph(adata, ["gene_0", "gene_9"], key="sub", show=False)
+    # a graph written without the record of its genes: drawn as before
+    del adata.uns["sct"]["sub"]["genes"]
+    ax = sct.pl.gene_graph(adata, ["gene_0", "gene_20"], key="sub", show=False)
+    assert "gene_20" in ax.get_title()
+
+
+def test_gene_graph_plot_refuses_ambiguous_var_names(with_graph):
+    _, graph = with_graph
+    adata = graph.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata: var_names not unique
+        adata.var_names = [*adata.var_names[:-1], "gene_0"]
+    with pytest.raises(ValueError, match=r"more than one column.*gene_0"):
+        sct.pl.gene_graph(adata, ["gene_0"], show=False)
+    sct.pl.gene_graph(adata, ["gene_1"], show=False)
+
+
+def test_gene_modules_plot_with_an_empty_x_says_what_it_needs(with_graph):
+    _, graph = with_graph
+    adata = graph.copy()
+    adata.X = None
+    with pytest.raises(ValueError, match=r"log-normalised.*adata\.X"):
+        sct.pl.gene_modules(adata, "cell_type", show=False)

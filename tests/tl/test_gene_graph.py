@@ -397,6 +397,86 @@ def test_a_module_of_nearly_every_gene_is_scored_with_a_warning(graphed):
         assert np.isnan(_module_score(light, list(light.var_names), "M1", random_state=0)).all()
 
 
+def test_key_added_with_a_slash_is_refused_before_any_work(graphed):
+    """'/' in a .varp/.varm/.uns key makes the written .h5ad unreadable."""
+    model, with_graph = graphed
+    adata = with_graph.copy()
+    before = fingerprint(adata)
+    with pytest.raises(ValueError, match="without '/'"):
+        sct.tl.gene_graph(adata, model, top_k=3, key_added="pbmc/graph")
+    with pytest.raises(ValueError, match="without '/'"):
+        sct.tl.gene_embedding(adata, model, key_added="emb/id")
+    with pytest.raises(ValueError, match="without '/'"):
+        sct.tl.gene_modules(adata, key_added="modules/v1")
+    assert fingerprint(adata) == before
+
+
+def test_gene_modules_refuses_to_score_a_backed_adata(graphed, tmp_path, monkeypatch):
+    """scanpy cannot score a backed X; that is not 'no control genes' (all-NaN scores)."""
+    import anndata as ad
+
+    _, with_graph = graphed
+    with_graph.write_h5ad(tmp_path / "graph.h5ad")
+    backed = ad.read_h5ad(tmp_path / "graph.h5ad", backed="r+")
+    try:
+        with pytest.raises(ValueError, match=r"backed.*to_memory\(\).*score=False"):
+            sct.tl.gene_modules(backed)
+        assert "sct_gene_module" not in backed.var
+        sct.tl.gene_modules(backed, score=False)  # the modules need no X
+        assert "sct_gene_module" in backed.var
+    finally:
+        backed.file.close()
+
+    # only scanpy's "no control genes" falls back; other errors of score_genes propagate
+    from sctransformer.tl._gene_graph import _module_score
+
+    def not_implemented(*args, **kwargs):
+        raise NotImplementedError("not for this matrix")
+
+    monkeypatch.setattr(sc.tl, "score_genes", not_implemented)
+    light = sc.AnnData(np.ones((4, 4), dtype=np.float32))
+    with pytest.raises(NotImplementedError):
+        _module_score(light, ["0", "1"], "M0", random_state=0)
+
+
+def test_gene_modules_with_an_empty_x_says_what_it_needs(graphed):
+    _, with_graph = graphed
+    adata = with_graph.copy()
+    adata.X = None
+    with pytest.raises(ValueError, match=r"log-normalised.*adata\.X.*score=False"):
+        sct.tl.gene_modules(adata)
+    sct.tl.gene_modules(adata, score=False)
+    assert "sct_gene_module" in adata.var
+
+
+def test_grouped_gene_graph_on_a_view_leaves_the_parent_alone(trained):
+    model, data = trained
+    adata = data.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sct.tl.gene_graph(adata, model, top_k=3, groupby="cell_type", min_group_size=5)
+    keys = sorted(adata.uns["sct"])
+    assert "sct_gene_graph_type_1" in keys
+    before = fingerprint(adata)
+    view = adata[adata.obs["cell_type"] != "type_1"]
+    sct.tl.gene_graph(view, model, top_k=2, groupby="cell_type", min_group_size=5)
+    assert "sct_gene_graph_type_1" not in view.uns["sct"] and "sct_gene_graph_type_1" not in view.varp
+    assert sorted(adata.uns["sct"]) == keys and fingerprint(adata) == before
+    assert all(adata.uns["sct"][k]["params"]["top_k"] == 3 for k in keys)
+
+
+def test_gene_graph_records_its_genes_writably(trained, tmp_path):
+    import anndata as ad
+
+    model, data = trained
+    adata = data.copy()
+    genes = list(adata.var_names[:10])
+    sct.tl.gene_graph(adata, model, top_k=3, genes=genes, key_added="sub")
+    assert list(adata.uns["sct"]["sub"]["genes"]) == genes
+    adata.write_h5ad(tmp_path / "sub.h5ad")
+    assert list(ad.read_h5ad(tmp_path / "sub.h5ad").uns["sct"]["sub"]["genes"]) == genes
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("score", "bound_gib"), [("attention", 2.3), ("co-attention", 1.0)])
 def test_gene_graph_memory_is_bounded_for_20000_genes(tmp_path, score, bound_gib):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 import networkx as nx
@@ -14,7 +15,8 @@ from matplotlib.figure import Figure
 
 from sctransformer._keys import KEYS
 from sctransformer.data._validation import get_matrix, positive_int
-from sctransformer.tl._gene_graph import stored_graph
+from sctransformer.tl._gene_graph import _check_scorable, stored_graph
+from sctransformer.tl._utils import recorded_runs
 
 from ._utils import finish, new_axes
 
@@ -61,6 +63,22 @@ def gene_graph(
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         raise KeyError(f"genes not in adata.var_names: {missing}")
+    requested = adata.var_names[adata.var_names.isin(genes)]
+    ambiguous = sorted(set(requested[requested.duplicated()]))
+    if ambiguous:
+        raise ValueError(
+            f"genes named by more than one column of adata.var_names: {ambiguous[:10]}; "
+            "make adata.var_names unique (adata.var_names_make_unique()) to choose among them"
+        )
+    run = recorded_runs(adata).get(key)
+    covered = run.get("genes") if isinstance(run, Mapping) else None
+    if covered is not None:  # graphs written before this record have none: no check
+        outside = [g for g in genes if g not in set(np.asarray(covered).astype(str))]
+        if outside:
+            raise ValueError(
+                f"genes not in the graph in adata.varp[{key!r}]: {outside[:10]}; it covers only the genes of "
+                "adata in the model's vocabulary (or the genes= of sct.tl.gene_graph)"
+            )
     n_neighbors = positive_int(n_neighbors, "n_neighbors")
     names = adata.var_names
     network = nx.Graph()
@@ -191,6 +209,7 @@ def gene_modules(
     modules = pd.Categorical(adata.var[key])
     if len(modules.categories) == 0:
         raise ValueError(f"adata.var[{key!r}] holds no module")
+    _check_scorable(adata, "sct.pl.gene_modules")
     x = get_matrix(adata, None)
     columns = []
     for name in modules.categories:

@@ -195,6 +195,28 @@ def _stacked(rows: list[sp.csr_matrix], n_genes: int) -> sp.csc_matrix:
     return sp.vstack(rows).tocsc() if rows else sp.csc_matrix((0, n_genes))
 
 
+def _check_key_added(key_added: str) -> None:
+    """Raise if ``key_added`` holds ``/``, which .h5ad files cannot read back in a key."""
+    if not isinstance(key_added, str) or "/" in key_added:
+        raise ValueError(
+            f"key_added must be a string without '/' (.h5ad cannot read such keys back), got {key_added!r}"
+        )
+
+
+def _check_scorable(adata: AnnData, what: str) -> None:
+    """Raise unless ``adata.X`` holds in-memory values that module scores can be computed from."""
+    if adata.X is None:
+        raise ValueError(
+            f"{what} reads log-normalised expression from adata.X, which is empty; put it there "
+            "(e.g. adata.X = adata.layers[...]). sct.tl.gene_modules(adata, score=False) skips the scores"
+        )
+    if getattr(adata, "isbacked", False):
+        raise ValueError(
+            f"{what} cannot read adata.X of a backed AnnData; load it first with adata = adata.to_memory(), "
+            "or pass score=False to sct.tl.gene_modules to skip the scores"
+        )
+
+
 def _top_k_graph(score, n: int, top_k: int, *, symmetrize: bool) -> sp.csr_matrix:
     """Each gene's ``top_k`` highest positive scores as CSR, ``score(start, stop)`` giving row blocks.
 
@@ -297,7 +319,9 @@ def _module_score(light: AnnData, members: list[str], name: str, random_state: i
             sc.tl.score_genes(
                 light, members, ctrl_size=ctrl_size, random_state=random_state, score_name=name, **fallback
             )
-        except RuntimeError:  # scanpy: "No control genes found in any cut"
+        except RuntimeError as error:  # scanpy: "No control genes found in any cut"
+            if isinstance(error, NotImplementedError) or "control genes" not in str(error):
+                raise
             continue
         if fallback:
             warnings.warn(
@@ -425,10 +449,12 @@ def gene_graph(
         Sparse CSR ``n_vars x n_vars`` scores (rows of genes outside the graph are empty).
     ``.uns["sct"][key]``
         The parameters of the run, under the key of each graph written (with ``groupby``, also
-        its ``group``). A grouped run replaces the graphs of an earlier grouped run of the same
+        its ``group``), and ``"genes"``: the names of the graph's genes (:func:`sctransformer.pl.gene_graph`
+        refuses others). A grouped run replaces the graphs of an earlier grouped run of the same
         ``key_added`` (a group now skipped loses its old graph); the ungrouped graph stays.
     """
     refuse_backed_copy(adata, copy)
+    _check_key_added(key_added)
     model._inference_adata(adata)  # checks the counts
     columns, vocabulary_to_graph = _graph_genes(adata, model, genes)
     n_genes = len(columns)
@@ -490,17 +516,20 @@ def gene_graph(
 
     adata = adata.copy() if copy else adata
     if groupby is not None:  # the graphs of an earlier grouped run of key_added go: this run replaces them
-        runs = recorded_runs(adata)
-        for key in [
+        runs = dict(recorded_runs(adata))  # a copy: a view's .uns may share its parent's dict
+        stale = [
             k
             for k, run in runs.items()
             if run.get("function") == "gene_graph"
             and run.get("params", {}).get("key_added") == key_added
             and run.get("params", {}).get("groupby") is not None
             and k not in graphs
-        ]:
+        ]
+        for key in stale:
             adata.varp.pop(key, None)
             runs.pop(key)
+        if stale:
+            adata.uns[KEYS.UNS] = runs
     for key, graph in graphs.items():
         adata.varp[key] = graph
     params = {
@@ -515,8 +544,17 @@ def gene_graph(
         "min_cells": int(min_cells),
         "symmetrize": symmetrize if score == "attention" else True,
     }
+    # the genes of the graph, by name (pl.gene_graph refuses others)
+    covered = {"genes": [str(name) for name in adata.var_names[columns]]}
     for key, group in zip(graphs, subsets, strict=True):  # one record per graph, under its own key
-        record_run(adata, key, "gene_graph", model, params | ({} if group is None else {"group": str(group)}))
+        record_run(
+            adata,
+            key,
+            "gene_graph",
+            model,
+            params | ({} if group is None else {"group": str(group)}),
+            covered,
+        )
     return adata if copy else None
 
 
@@ -573,6 +611,7 @@ def gene_embedding(
     key_added = key_added or (
         KEYS.GENE_EMBEDDING if kind == "identity" else f"{KEYS.GENE_EMBEDDING}_contextual"
     )
+    _check_key_added(key_added)
     column_to_gene = model._column_to_gene(adata)
     known = column_to_gene >= 0
     d_model = model.hyperparameters_["d_model"]
@@ -657,7 +696,10 @@ def gene_modules(
     ``.uns["sct"][key_added]``.
     """
     refuse_backed_copy(adata, copy)
+    _check_key_added(key_added)
     graph = stored_graph(adata, key)
+    if score:
+        _check_scorable(adata, "sct.tl.gene_modules(score=True)")
     if not resolution > 0:
         raise ValueError(f"resolution must be positive, got {resolution!r}")
     min_size = positive_int(min_size, "min_size")
