@@ -338,11 +338,16 @@ def _check_align_width(adata: AnnData, state: dict[str, Any]) -> None:
     """
     key, width = state["hyperparameters"].get("align_obsm"), state["hyperparameters"].get("align_in_dim")
     if key is not None and isinstance(adata, AnnData) and key in adata.obsm:
-        if np.shape(adata.obsm[key])[1] != width:
-            raise ValueError(
-                f"adata.obsm[{key!r}] has {np.shape(adata.obsm[key])[1]} features; the model was trained "
-                f"on {width} (the same features, in the same order)"
-            )
+        _check_align_features(adata, key, width)
+
+
+def _check_align_features(adata: AnnData, key: str, width: int) -> None:
+    """Raise unless ``adata.obsm[key]`` has ``width`` features (the model's)."""
+    if np.shape(adata.obsm[key])[1] != width:
+        raise ValueError(
+            f"adata.obsm[{key!r}] has {np.shape(adata.obsm[key])[1]} features; the model was trained "
+            f"on {width} (the same features, in the same order)"
+        )
 
 
 def _registered_codes_differ(adata: AnnData, key: str, categories: list[str]) -> bool:
@@ -394,11 +399,7 @@ def _batch_codes_differ(manager: AnnDataManager, adata: AnnData) -> bool:
 def _check_align_input(adata: AnnData, key: str, width: int) -> None:
     """Raise unless ``adata.obsm[key]`` is a finite matrix with ``width`` features (the model's)."""
     _check_align_obsm(adata, key)
-    if np.shape(adata.obsm[key])[1] != width:
-        raise ValueError(
-            f"adata.obsm[{key!r}] has {np.shape(adata.obsm[key])[1]} features; the model was trained "
-            f"on {width} (the same features, in the same order)"
-        )
+    _check_align_features(adata, key, width)
 
 
 #: What :meth:`GeneTransformer.load` reads from model.json without a default
