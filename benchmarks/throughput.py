@@ -22,6 +22,7 @@ import time
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -147,17 +148,10 @@ class BertBaseline:
         return int(tokens.is_token.sum())
 
 
-def make_bert(
-    d_model: int,
-    n_layers: int,
-    n_genes: int,
-    max_length: int,
-    device: str | torch.device = "cpu",
-    n_heads: int = 4,
-) -> BertBaseline | None:
-    """The BERT baseline, or ``None`` without ``transformers`` installed."""
+def make_bert(*args: Any, **kwargs: Any) -> BertBaseline | None:
+    """:class:`BertBaseline` of these arguments, or ``None`` without ``transformers`` installed."""
     try:
-        return BertBaseline(d_model, n_layers, n_genes, max_length, device, n_heads)
+        return BertBaseline(*args, **kwargs)
     except ImportError:
         return None
 
