@@ -376,29 +376,28 @@ def test_anndata_wrapper_keeps_float_names_where_the_predictions_use_them():
     assert list(report.per_class.index) == ["0.5", "1.5", "2.5", "3.5"]
 
 
-def test_anndata_wrapper_matches_integer_labels_with_the_float_names_of_predictions():
-    # the other way round: a model trained on floats predicts "0.0", the truth is integers
-    rng = np.random.default_rng(2)
-    codes = rng.integers(0, 3, 60)
+def _integer_truth_and_predictions(names: str) -> tuple[np.ndarray, AnnData]:
+    """60 cells with integer labels 0-2 and predictions of the same codes named by ``names`` (a format)."""
+    codes = np.random.default_rng(2).integers(0, 3, 60)
     obs = pd.DataFrame(
-        {"label": codes, "sct_label": pd.Categorical([f"{c}.0" for c in codes])},
+        {"label": codes, "sct_label": pd.Categorical([names.format(c) for c in codes])},
         index=[f"c{i}" for i in range(60)],
     )
+    return codes, AnnData(obs=obs)
+
+
+def test_anndata_wrapper_matches_integer_labels_with_the_float_names_of_predictions():
+    # the other way round: a model trained on floats predicts "0.0", the truth is integers
+    _, adata = _integer_truth_and_predictions("{}.0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "none of the predicted labels is a true label"
-        report = classification_report(AnnData(obs=obs), "label", "sct_label", n_bootstrap=0)
+        report = classification_report(adata, "label", "sct_label", n_bootstrap=0)
     assert report.summary.loc["accuracy", "value"] == 1
     assert list(report.per_class.index) == ["0.0", "1.0", "2.0"]
 
 
 def test_anndata_wrapper_warns_when_no_predicted_label_is_a_true_label():
-    rng = np.random.default_rng(2)
-    codes = rng.integers(0, 3, 60)
-    obs = pd.DataFrame(
-        {"label": codes, "sct_label": pd.Categorical([f"type_{c}" for c in codes])},
-        index=[f"c{i}" for i in range(60)],
-    )
-    adata = AnnData(obs=obs)
+    codes, adata = _integer_truth_and_predictions("type_{}")
     message = (
         r"none of the predicted labels in adata.obs\['sct_label'\] \('type_0', 'type_1', 'type_2'\) is a "
         r"true label of adata.obs\['label'\] \('0', '1', '2'\), so every prediction counts as wrong.*rename"
