@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -50,4 +50,28 @@ def expressed_per_cell(adata: AnnData, *, layer: str | None, chunk_size: int = 1
         else:
             counts = np.count_nonzero(np.asarray(block), axis=1)
         out[start : start + len(counts)] = counts
+    return out
+
+
+def cells_expressing(matrix, column_sets: Sequence[np.ndarray], *, chunk_size: int = 10_000) -> np.ndarray:
+    """``(n_cells, len(column_sets))``: whether each cell has a count > 0 in any column of each set.
+
+    One pass over ``matrix`` (cells x genes, in memory or backed) in row chunks, like
+    :func:`expressed_per_cell`; a backed matrix is never loaded whole.
+    """
+    n_cells = matrix.shape[0]
+    out = np.zeros((n_cells, len(column_sets)), dtype=bool)
+    columns = np.concatenate([np.asarray(c, dtype=np.int64) for c in column_sets] + [np.zeros(0, np.int64)])
+    owner = np.repeat(np.arange(len(column_sets)), [len(c) for c in column_sets])  # the set of each column
+    if len(columns) == 0:
+        return out
+    for start in range(0, n_cells, chunk_size):
+        block = matrix[start : start + chunk_size]
+        if sp.issparse(block):
+            hits = sp.csr_matrix(block)[:, columns].tocoo()
+            positive = hits.data > 0
+            rows, at = hits.row[positive], hits.col[positive]
+        else:
+            rows, at = np.nonzero(np.asarray(block)[:, columns] > 0)
+        out[start + rows, owner[at]] = True
     return out

@@ -19,6 +19,7 @@ from anndata import AnnData
 from sctransformer._constants import SETUP_ARGS
 from sctransformer._settings import settings
 from sctransformer.data import ShardedAnnData, category_codes, get_matrix, to_torch_csr
+from sctransformer.data._loader import cells_expressing
 from sctransformer.data._validation import positive_int
 from sctransformer.module import TokenizedCells
 
@@ -58,28 +59,6 @@ class PerturbationResult:
     expression_change: pd.DataFrame | None
     cell_shifts: dict[str, np.ndarray]
     mode: str
-
-
-def _expressing_cells(matrix, n_cells: int, column_sets: Sequence[np.ndarray]) -> np.ndarray:
-    """``(n_cells, len(column_sets))``: whether each cell has a count > 0 in any column of each set.
-
-    One pass over the matrix in row chunks (a backed matrix is never loaded whole).
-    """
-    out = np.zeros((n_cells, len(column_sets)), dtype=bool)
-    columns = np.concatenate([np.asarray(c, dtype=np.int64) for c in column_sets] + [np.zeros(0, np.int64)])
-    owner = np.repeat(np.arange(len(column_sets)), [len(c) for c in column_sets])  # the set of each column
-    if len(columns) == 0:
-        return out
-    for start in range(0, n_cells, _CHUNK_ROWS):
-        block = matrix[start : start + _CHUNK_ROWS]
-        if sp.issparse(block):
-            hits = sp.csr_matrix(block)[:, columns].tocoo()
-            positive = hits.data > 0
-            rows, at = hits.row[positive], hits.col[positive]
-        else:
-            rows, at = np.nonzero(np.asarray(block)[:, columns] > 0)
-        out[start + rows, owner[at]] = True
-    return out
 
 
 class ExpressionMixin:
@@ -561,7 +540,7 @@ class ExpressionMixin:
             if mode == "overexpress"
             else [np.flatnonzero(column_to_gene == target) for target in targets]
         )
-        expressing = _expressing_cells(matrix, adata.n_obs, column_sets)
+        expressing = cells_expressing(matrix, column_sets, chunk_size=_CHUNK_ROWS)
         perturbed = {}
         for j, name in enumerate(names):
             if mode == "overexpress":
