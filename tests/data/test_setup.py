@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -50,6 +52,24 @@ def test_vocabulary_alignment_and_coverage(caplog):
     np.testing.assert_array_equal(mapping, [3, -1, 0])
     with pytest.raises(ValueError, match="shares 0 genes"):
         vocab.column_to_gene(pd.Index(["x", "y"]))
+
+
+def test_vocabulary_logs_the_coverage_of_missing_model_genes_and_warns_when_most_are(caplog):
+    vocab = GeneVocabulary([f"g{i}" for i in range(10)])
+    with (
+        caplog.at_level("INFO", logger="sctransformer"),
+        pytest.warns(UserWarning, match="^the AnnData has 2 of"),
+    ):
+        vocab.column_to_gene(pd.Index(["g0", "g1"]))  # no gene unknown to the model, most of its missing
+    assert "2 / 2 genes in vocabulary (2 of the model's 10 genes present)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sctransformer"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vocab.column_to_gene(pd.Index([f"g{i}" for i in range(6)] + ["g0"]))  # 60%: no warning
+        assert "7 / 7 genes in vocabulary (6 of the model's 10 genes present)" in caplog.text
+        caplog.clear()
+        vocab.column_to_gene(pd.Index([f"g{i}" for i in range(10)]))  # all of them: nothing to say
+        assert caplog.text == ""
 
 
 def test_categorical_phenotypes_keep_their_category_order(adata):

@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 
 import sctransformer as sct
 
+from ..conftest import TINY
+
 
 @pytest.fixture(autouse=True)
 def _close():
@@ -82,6 +84,22 @@ def test_embedding_of_a_view_draws_the_parents_umap_and_leaves_the_view_a_view(t
     assert not np.array_equal(subset.obsm["X_sct_umap"], full[mask][::-1])
 
 
+def test_embedding_of_a_view_of_a_backed_adata_draws_a_current_umap_and_refuses_to_compute_one(
+    trained, tmp_path
+):
+    model, data = trained
+    adata = data.copy()
+    sct.tl.embed(adata, model)
+    adata.write_h5ad(tmp_path / "embedded.h5ad")
+    backed = ad.read_h5ad(tmp_path / "embedded.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"a view of a backed AnnData.*to_memory\(\)"):
+        sct.pl.embedding(backed[:50], color="cell_type", show=False)  # no UMAP yet: one to compute
+    sct.pl.embedding(adata, color="cell_type", show=False)
+    adata.write_h5ad(tmp_path / "with_umap.h5ad")
+    backed = ad.read_h5ad(tmp_path / "with_umap.h5ad", backed="r")
+    sct.pl.embedding(backed[:50], color="cell_type", show=False)  # current: read, not written
+
+
 def test_embedding_without_the_embedding_says_what_to_run(trained):
     _, data = trained
     with pytest.raises(KeyError, match=r"sct\.tl\.embed"):
@@ -110,6 +128,49 @@ def test_training_history_takes_one_metric_as_a_string(trained):
     _, ax = plt.subplots()
     assert sct.pl.training_history(model, metrics="loss", ax=ax, show=False) is ax
     assert ax.get_title() == "loss"
+
+
+def test_training_history_and_integration_leave_the_layout_of_the_callers_figure_alone(trained):
+    model, _ = trained
+    scores = pd.DataFrame(
+        {"iLISI": [0.2, 0.4], "Batch correction": [0.2, 0.4], "Total": [0.56, 0.52]}, index=["X_pca", "X_sct"]
+    )
+    draws = [
+        lambda ax: sct.pl.training_history(model, metrics="loss", ax=ax, show=False),
+        lambda ax: sct.pl.integration(scores, ax=ax, show=False),
+    ]
+    for draw in draws:
+        fig, axes = plt.subplots(1, 2, layout="constrained")
+        engine = fig.get_layout_engine()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "The figure layout has changed to tight"
+            assert draw(axes[0]) is axes[0]
+        assert fig.get_layout_engine() is engine
+    # a figure of their own is still laid out tight
+    for fig in (
+        sct.pl.training_history(model, return_fig=True),
+        sct.pl.integration(scores, return_fig=True),
+    ):
+        assert fig.subplotpars.left != plt.rcParams["figure.subplot.left"]  # moved by tight_layout
+
+
+def test_training_history_says_what_is_wrong_with_the_model_or_the_arguments(trained):
+    model, _ = trained
+    cells = sct.datasets.synthetic(n_cells=40, n_genes=20, n_cell_types=2, n_markers=4, seed=0)
+    sct.setup_anndata(cells, layer="counts")
+    unlogged = sct.GeneTransformer(cells, **TINY)
+    with pytest.raises(ValueError, match="no training history; train it first"):
+        sct.pl.training_history(unlogged, show=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unlogged.train(max_epochs=1, batch_size=20, enable_progress_bar=False, logger=False)
+    with pytest.raises(ValueError, match=r"recorded no training curves.*logger=False"):
+        sct.pl.training_history(unlogged, show=False)
+    with pytest.raises(ValueError, match=r"metrics is empty; pass one or more of \['loss'"):
+        sct.pl.training_history(model, metrics=[], show=False)
+    for ncols in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=f"ncols must be a positive integer, got {ncols}"):
+            sct.pl.training_history(model, ncols=ncols, show=False)
 
 
 def _response_of(cells, swap: dict) -> ad.AnnData:

@@ -60,7 +60,8 @@ def test_tools_run_on_an_unregistered_query_without_changing_it(trained):
     sct.tl.embed(query, model)
     sct.tl.predict(query, model)
     assert not any(c.startswith("_scvi") for c in query.obs)
-    assert set(query.uns) == {"sct"}
+    # the run record, and the colours that true and predicted labels share (scanpy's defaults)
+    assert set(query.uns) == {"sct", "cell_type_colors", "sct_cell_type_colors"}
 
 
 def test_predicted_labels_reuse_the_colours_of_the_true_labels(trained):
@@ -252,13 +253,35 @@ def test_predicted_labels_reuse_the_true_colours_next_to_a_grey_unknown(trained)
         colors = dict(zip(categories, adata.uns[f"{column}_colors"], strict=True))
         assert colors == {c: truth.get(c, "#bbbbbb") for c in categories}
     assert "unknown" in adata.obs["sct_cell_type"].cat.categories
-    # colours that cannot be reused are removed, not left from the earlier run
-    adata.uns["cell_type_colors"] = ["#ff0000"]  # too few: scanpy would replace them
+    # too few true colours: replaced by scanpy's defaults, as its plots would, and shared
+    adata.uns["cell_type_colors"] = ["#ff0000"]
     sct.tl.predict(adata, model, min_confidence=threshold)
-    assert "sct_cell_type_colors" not in adata.uns
-    del adata.uns["cell_type_colors"]
+    assert len(adata.uns["cell_type_colors"]) == 3 and "sct_cell_type_colors" in adata.uns
+    # colours that cannot be reused (true labels that are not categorical) are removed, not left from the
+    # earlier run
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
     sct.tl.predict(adata, model)
     assert "sct_cell_type_colors" not in adata.uns
+
+
+def test_predicted_labels_share_the_default_colours_of_true_labels_without_colours(trained):
+    from scanpy.plotting._utils import _set_default_colors_for_categorical_obs
+
+    model, data = trained
+    adata = data.copy()
+    adata.uns.pop("cell_type_colors", None)
+    threshold = float(np.median(model.predict(data)["cell_type_confidence"]))
+    sct.tl.predict(adata, model, min_confidence=threshold)  # "unknown" is a label of its own
+    # the true labels get the colours scanpy's plots would give them ...
+    scanpys = ad.AnnData(obs=data.obs[["cell_type"]].copy())
+    _set_default_colors_for_categorical_obs(scanpys, "cell_type")
+    assert list(adata.uns["cell_type_colors"]) == list(scanpys.uns["cell_type_colors"])
+    # ... and each predicted label the colour of the same true label
+    truth = dict(zip(adata.obs["cell_type"].cat.categories, adata.uns["cell_type_colors"], strict=True))
+    predicted = list(adata.obs["sct_cell_type"].cat.categories)
+    assert "unknown" in predicted
+    colors = dict(zip(predicted, adata.uns["sct_cell_type_colors"], strict=True))
+    assert colors == {c: truth.get(c, "#bbbbbb") for c in predicted}
 
 
 def test_perturb_replaces_the_cell_shifts_of_an_earlier_run(trained, tmp_path):
@@ -341,6 +364,25 @@ def test_every_tool_refuses_to_copy_a_backed_adata_before_computing(trained, tmp
     }
     with pytest.raises(ValueError, match=r"copy=True cannot copy a backed AnnData.*to_memory\(\)"):
         calls[tool]()
+
+
+@pytest.mark.parametrize("tool", ["embed", "predict", "perturb", "gene_graph", "gene_embedding"])
+def test_every_tool_refuses_a_view_of_a_backed_adata_before_computing(trained, tmp_path, tool):
+    model, data = trained
+    data.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    view = backed[: data.n_obs // 2]  # results cannot be written into it: anndata copies a backed view
+    calls = {
+        "embed": lambda: sct.tl.embed(view, model),
+        "predict": lambda: sct.tl.predict(view, model),
+        "perturb": lambda: sct.tl.perturb(view, model, "gene_0", predict_expression=False),
+        "gene_graph": lambda: sct.tl.gene_graph(view, model),
+        "gene_embedding": lambda: sct.tl.gene_embedding(view, model, kind="contextual"),
+    }
+    with mock.patch.object(model, "_forward", side_effect=AssertionError("computed")):
+        with pytest.raises(ValueError, match=r"a view of a backed AnnData.*backed\[mask\]\.to_memory\(\)"):
+            calls[tool]()
+    assert view.is_view
 
 
 def test_a_phenotype_key_with_a_slash_is_refused_at_setup():

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
 
 logger = logging.getLogger("sctransformer")
+
+#: Share of the model's genes that an AnnData must have for :meth:`GeneVocabulary.column_to_gene`
+#: not to warn. Below half of them, most of what the model learned to read is missing from the
+#: cells (a mismatch of identifiers, or a panel or gene subset much smaller than the training data).
+MIN_VOCABULARY_SHARE = 0.5
 
 
 class GeneVocabulary:
@@ -35,8 +41,11 @@ class GeneVocabulary:
     def column_to_gene(self, identifiers: pd.Index, *, min_overlap: int = 1) -> np.ndarray:
         """Vocabulary row of each AnnData column (``-1`` where the gene is not in the vocabulary).
 
-        Logs the coverage ("712 / 765 genes in vocabulary") and raises if fewer than
-        ``min_overlap`` genes are shared.
+        Logs the coverage ("712 / 765 genes in vocabulary (712 of the model's 2000 genes
+        present)") whenever some of the AnnData's genes are not in the vocabulary or some of the
+        vocabulary's genes are not in the AnnData, warns when fewer than
+        :data:`MIN_VOCABULARY_SHARE` of the vocabulary's genes are present, and raises if fewer
+        than ``min_overlap`` genes are shared.
         """
         mapping = self.index.get_indexer(pd.Index(identifiers).astype(str)).astype(np.int64)
         n_found = int((mapping >= 0).sum())
@@ -47,12 +56,24 @@ class GeneVocabulary:
                 f"genes (its identifiers look like {example}, the vocabulary's like "
                 f"{self.genes[:3]}); pass gene_key= the .var column with matching identifiers"
             )
-        if n_found < len(identifiers):
+        n_present = len(np.unique(mapping[mapping >= 0]))  # distinct genes: columns may repeat one
+        if n_found < len(identifiers) or n_present < len(self):
             logger.info(
                 "%d / %d genes in vocabulary (%d of the model's %d genes present)",
                 n_found,
                 len(identifiers),
-                n_found,
+                n_present,
                 len(self),
+            )
+        if n_present < MIN_VOCABULARY_SHARE * len(self):
+            warnings.warn(
+                f"the AnnData has {n_present} of the model's {len(self)} genes "
+                f"({n_present / len(self):.0%}, under {MIN_VOCABULARY_SHARE:.0%}): the model sees its cells "
+                "through few of the genes it learned from, so their embeddings and predictions may be "
+                "unreliable; keep all genes of the AnnData (not a subset such as highly variable genes), "
+                "check that its identifiers match the vocabulary's (pass gene_key= the .var column "
+                "that does), or use a model trained on these genes",
+                UserWarning,
+                stacklevel=2,
             )
         return mapping

@@ -12,6 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from sctransformer._keys import KEYS
+from sctransformer.tl._utils import refuse_backed_copy
 
 from ._utils import finish
 
@@ -100,13 +101,15 @@ def embedding(
     -------
     As above; sets ``.obsm[f"{basis}_umap"]``, ``.obsp[f"{basis}_neighbors_*"]`` and
     ``.uns[f"{basis}_neighbors"]`` / ``.uns[f"{basis}_umap"]`` when it (re)computes them (on a
-    view, which then becomes an AnnData of its own, as with scanpy's functions).
+    view, which then becomes an AnnData of its own, as with scanpy's functions; a view of a
+    backed AnnData cannot, and is refused: load it first with ``.to_memory()``).
     """
     if basis not in adata.obsm:
         raise KeyError(f"adata.obsm[{basis!r}] not found; run sct.tl.embed(adata, model) first")
     neighbors_key = f"{basis}_neighbors"
     umap_key = f"{basis}_umap"
     if recompute or not _umap_is_current(adata, basis, umap_key, neighbors_key, n_neighbors):
+        refuse_backed_copy(adata, copy=False)  # a view of a backed AnnData cannot take the UMAP
         sc.pp.neighbors(adata, use_rep=basis, n_neighbors=n_neighbors, key_added=neighbors_key)
         sc.tl.umap(adata, neighbors_key=neighbors_key, key_added=umap_key)
         fingerprints = np.unique(_cell_fingerprints(adata.obsm[basis], adata.obsm[umap_key]))

@@ -33,7 +33,8 @@ def integration(
     cmap
         Colour map of the metric circles.
     ax
-        Axes to draw into; default a new figure sized to the table.
+        Axes to draw into (its figure's layout is left as it is); default a new figure sized to
+        the table, laid out tight.
     show, return_fig
         As in scanpy: a Figure if ``return_fig``, nothing when shown, else the Axes.
     """
@@ -47,6 +48,7 @@ def integration(
     metrics.sort(key=lambda c: (metric_type.get(c) != "Bio conservation", list(table.columns).index(c)))
     columns = metrics + [c for c in _AGGREGATES if c in table]
     n_rows, n_cols = table.shape[0], len(columns)
+    own_figure = ax is None  # the caller's figure keeps its layout
     fig, ax = new_axes(ax, (1.0 + 1.1 * n_cols, 0.9 + 0.55 * n_rows))
     colours = plt.get_cmap(cmap)
     for j, column in enumerate(columns):
@@ -67,5 +69,6 @@ def integration(
         spine.set_visible(False)
     ax.tick_params(length=0)
     ax.set_title("integration scores (scIB metrics)")
-    fig.tight_layout()
+    if own_figure:
+        fig.tight_layout()
     return finish(fig, ax, show=show, return_fig=return_fig)

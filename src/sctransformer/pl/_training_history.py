@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from sctransformer.data._validation import positive_int
+
 from ._utils import finish
 
 if TYPE_CHECKING:
@@ -36,9 +38,10 @@ def training_history(
         Metric name(s) without the stage suffix (``"loss"``, ``"expression"``,
         ``"phenotype_cell_type_accuracy"``, ...): one name or a list; default all that were logged.
     ncols
-        Panels per row.
+        Panels per row (a positive integer).
     ax
-        Axes to draw a single metric into (requires exactly one metric).
+        Axes to draw a single metric into (requires exactly one metric); its figure's layout is
+        left as it is. Default a new figure, laid out tight.
     show, return_fig
         As in scanpy: a Figure if ``return_fig``, nothing when shown, else the Axes.
 
@@ -47,17 +50,25 @@ def training_history(
     The Figure if ``return_fig``; ``None`` when shown; else the list of Axes (the one Axes when
     ``ax`` was given).
     """
+    ncols = positive_int(ncols, "ncols")
     history = model.history
-    if not history:
-        raise ValueError("the model has no training history; train it first")
     available = sorted({name.rsplit("_", 1)[0] for name in history if name.rsplit("_", 1)[-1] in _STAGES})
     available.sort(key=lambda name: (name != "loss", "accuracy" in name, name))
+    if not available:
+        if model.is_trained_:
+            raise ValueError(
+                "the model recorded no training curves (it was trained without a logger, e.g. with "
+                "logger=False); train it with the default logger to record them"
+            )
+        raise ValueError("the model has no training history; train it first")
     if metrics is None:
         metrics = available
     elif isinstance(metrics, str):
         metrics = [metrics]
     else:
         metrics = list(metrics)
+    if not metrics:
+        raise ValueError(f"metrics is empty; pass one or more of {available}, or None for all")
     unknown = [m for m in metrics if m not in available]
     if unknown:
         raise KeyError(f"metrics {unknown} were not logged; available: {available}")
@@ -81,5 +92,6 @@ def training_history(
         panel.set_title(metric)
         panel.set_xlabel("epoch")
         panel.legend(frameon=False)
-    fig.tight_layout()
+    if ax is None:  # the caller's figure keeps its layout
+        fig.tight_layout()
     return finish(fig, axes[0] if ax is not None else axes, show=show, return_fig=return_fig)

@@ -31,7 +31,9 @@ def embed(
     Parameters
     ----------
     adata
-        AnnData holding counts in the model's layer (need not be set up).
+        AnnData holding counts in the model's layer (need not be set up). Not a view of a backed
+        AnnData, which the results cannot be written into (load the subset first with
+        ``.to_memory()``).
     model
         Trained :class:`~sctransformer.GeneTransformer`.
     key_added

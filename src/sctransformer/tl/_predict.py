@@ -131,21 +131,27 @@ def probability_labels(
 def _reuse_colors(adata: AnnData, source: str, target: str) -> None:
     """Give the labels of ``.obs[target]`` the colours of the same labels of ``.obs[source]``.
 
-    ``"unknown"`` (``min_confidence``) is grey unless the true labels give it a colour. Where
-    some label gets no colour (no or too few colours in ``.uns[f"{source}_colors"]``, or a label
-    that ``source`` does not have), ``.uns[f"{target}_colors"]`` is removed, so that no colours
+    Where the true labels ``.obs[source]`` (categorical) have no colours, or fewer than their
+    categories, they first get scanpy's default ones, the colours its plots would give them, so that
+    a label is drawn in one colour in both. ``"unknown"`` (``min_confidence``) is grey unless the
+    true labels give it a colour. Where some label gets no colour (no categorical ``.obs[source]``,
+    or a label that it does not have), ``.uns[f"{target}_colors"]`` is removed, so that no colours
     of an earlier run remain and scanpy picks new ones.
     """
     adata.uns.pop(f"{target}_colors", None)
-    colors = adata.uns.get(f"{source}_colors")
     column = adata.obs.get(source)
-    if colors is None or column is None or not isinstance(column.dtype, pd.CategoricalDtype):
+    if column is None or not isinstance(column.dtype, pd.CategoricalDtype):
         return
     categories = column.cat.categories.astype(str)
-    colors = list(colors)
-    if len(colors) < len(categories):  # stale: scanpy would replace them too
-        return
-    by_label = dict(zip(categories, colors, strict=False))
+    colors = adata.uns.get(f"{source}_colors")
+    if colors is None or len(colors) < len(categories):  # as scanpy's plots, which would replace them
+        try:  # scanpy's own default colours (a private helper: without it, scanpy picks colours later)
+            from scanpy.plotting._utils import _set_default_colors_for_categorical_obs
+        except ImportError:
+            return
+        _set_default_colors_for_categorical_obs(adata, source)
+        colors = adata.uns[f"{source}_colors"]
+    by_label = dict(zip(categories, list(colors), strict=False))
     by_label.setdefault(KEYS.UNKNOWN, UNKNOWN_COLOR)
     predicted = adata.obs[target].cat.categories.astype(str)
     if all(label in by_label for label in predicted):
@@ -226,7 +232,9 @@ def predict(
     Parameters
     ----------
     adata
-        AnnData holding counts in the model's layer (need not be set up; labels are not used).
+        AnnData holding counts in the model's layer (need not be set up; labels are not used). Not
+        a view of a backed AnnData, which the results cannot be written into (load the subset first
+        with ``.to_memory()``).
     model
         Trained :class:`~sctransformer.GeneTransformer` with phenotype keys.
     phenotype
@@ -279,10 +287,13 @@ def predict(
         With ``majority_voting`` and no ``over_clustering``: the leiden clusters used (removed by
         a later run with the same ``key_added`` that does not compute them).
     ``.uns["<key_added>_<key>_colors"]``, ``.uns["<key_added>_<key>_majority_voting_colors"]``
-        The colours of ``.uns["<key>_colors"]``, when the AnnData has one for every predicted
-        label (``"unknown"`` is grey, ``"#bbbbbb"``, if the true labels have no colour for it), so
-        that true and predicted labels share colours in plots; otherwise removed, so that no
-        colours of an earlier run remain.
+        The colours of the true labels ``.uns["<key>_colors"]``, so that true and predicted labels
+        share colours in plots (``"unknown"`` is grey, ``"#bbbbbb"``, if the true labels have no
+        colour for it). True labels (a categorical ``.obs["<key>"]``) without colours, or with
+        fewer than their categories, first get scanpy's default colours in
+        ``.uns["<key>_colors"]``, those its plots would give them. Removed where some predicted
+        label has no colour this way (no categorical ``.obs["<key>"]``, or a label it does not
+        have), so that no colours of an earlier run remain.
     ``.uns["sct"][key_added]``
         The parameters of the run (``"params"``) and, in ``"categories"``, the model's categories
         of each phenotype, in the order of the columns of the probabilities.

@@ -48,11 +48,23 @@ def suffixed_key(key_added: str, suffix: object) -> str:
 
 
 def refuse_backed_copy(adata: AnnData, copy: bool) -> None:
-    """Raise before any computation where ``copy=True`` cannot copy ``adata`` (a backed AnnData)."""
-    if copy and getattr(adata, "isbacked", False):
+    """Raise before any computation where the results could not be written: anndata cannot copy ``adata``.
+
+    A backed AnnData is copied only to a new file, so ``copy=True`` fails on one, and so does writing
+    into a view of one (``backed[mask]``), which anndata turns into an AnnData of its own by copying it.
+    """
+    if not getattr(adata, "isbacked", False):
+        return
+    if copy:
         raise ValueError(
             "copy=True cannot copy a backed AnnData (anndata copies those only to a new file); load it "
             "first with adata = adata.to_memory(), or pass copy=False to write the results into adata"
+        )
+    if getattr(adata, "is_view", False):
+        raise ValueError(
+            "adata is a view of a backed AnnData, which the results cannot be written into (anndata "
+            "would have to copy it, and copies a backed AnnData only to a new file); load the subset "
+            "first, e.g. adata = backed[mask].to_memory()"
         )
 
 
