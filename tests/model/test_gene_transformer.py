@@ -48,6 +48,33 @@ def test_training_reduces_the_loss_and_learns_cell_types(adata):
     assert (predicted == adata.obs["cell_type"].astype(str).to_numpy()).mean() > 0.9
 
 
+def test_max_steps_alone_trains_that_many_steps_over_the_whole_schedule(adata):
+    """Not cut short by the default number of epochs (50 for 120 cells, here of 1 step each)."""
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    train_quietly(model, max_epochs=None, max_steps=51, batch_size=128, train_size=1.0, calibrate=False)
+    plan = model.trainer.lightning_module
+    assert model.trainer.global_step == plan.total_steps == 51
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # decayed
+
+
+def test_external_indexing_sets_the_validation_cells_and_early_stopping_needs_some(adata):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    cells = np.arange(adata.n_obs)
+    split = [cells[:100], cells[100:], cells[:0]]
+    train_quietly(model, max_epochs=1, train_size=1.0, datasplitter_kwargs={"external_indexing": split})
+    assert len(model.validation_indices) == 20
+    assert np.isfinite(model.history["loss_validation"].to_numpy()).all()
+    with pytest.raises(ValueError, match=r"early_stopping needs validation cells.*external_indexing"):
+        train_quietly(
+            model,
+            max_epochs=1,
+            early_stopping=True,
+            datasplitter_kwargs={"external_indexing": [cells, cells[:0], cells[:0]]},
+        )
+
+
 def test_bf16_mixed_precision_on_the_cpu_learns_cell_types_and_keeps_float32_weights(adata):
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     model = sct.GeneTransformer(adata, **TINY)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,3 +124,36 @@ def test_a_head_that_scored_nothing_in_a_step_is_left_as_it_is_by_the_optimizer(
     assert all(p.grad is None for p in module.phenotype_heads[1].parameters())
     assert not moved & {id(p) for p in module.phenotype_heads[1].parameters()}
     assert {id(p) for p in module.phenotype_heads[0].parameters()} <= moved
+
+
+@pytest.mark.parametrize(
+    ("max_epochs", "max_steps", "total"),
+    [
+        (4, -1, 12),  # 3 steps per epoch
+        (4, 7, 7),
+        (2, 20, 6),
+        (None, 20, 20),  # max_steps alone: Lightning trains as many epochs as the steps take
+        (-1, 20, 20),
+    ],
+)
+def test_the_learning_rate_schedule_spans_the_steps_that_end_the_run(max_epochs, max_steps, total):
+    module = make_module(50, n_layers=1, max_length=30)
+    plan = MaskedModelingPlan(module, column_to_gene=np.arange(50), phenotype_keys=[])
+    plan.trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(batches_per_epoch=lambda world_size: 3),
+        world_size=1,
+        limit_train_batches=1.0,
+        accumulate_grad_batches=1,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+    )
+    assert plan._run_steps() == total
+
+
+def test_a_run_without_end_has_no_learning_rate_schedule():
+    plan = MaskedModelingPlan(
+        make_module(50, n_layers=1, max_length=30), column_to_gene=np.arange(50), phenotype_keys=[]
+    )
+    plan.trainer = SimpleNamespace(max_epochs=-1, max_steps=-1)
+    with pytest.raises(ValueError, match="set max_epochs or max_steps"):
+        plan._run_steps()

@@ -16,7 +16,7 @@ import torch
 
 import sctransformer as sct
 
-from ..conftest import QUIET
+from ..conftest import QUIET, TINY
 
 SETUP = textwrap.dedent(
     """
@@ -218,6 +218,79 @@ def test_resuming_with_other_minibatches_is_refused_and_the_checkpoint_still_res
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
 
 
+def test_resuming_with_other_optimisation_settings_is_refused_and_an_older_checkpoint_still_resumes(tmp_path):
+    """The checkpoint holds AdamW's learning rates and weight decay and the schedule's step count.
+
+    A run resumed with others would take the checkpoint's and record its own, or mix the two.
+    """
+    make_model, settings, _ = _make_model_and_settings()
+    checkpoints = tmp_path / "ckpt"
+    with pytest.raises(_Stop):
+        _train(
+            make_model("anndata", tmp_path),
+            **settings,
+            checkpoint_dir=checkpoints,
+            checkpoint_every_n_steps=2,
+            callbacks=[_StopAtStep(5)],
+        )
+    written = (checkpoints / "last.ckpt").read_bytes()
+    for change, named in [
+        ({"lr": 0.01}, "lr: 0.001 in the checkpoint, 0.01 now"),
+        ({"weight_decay": 0.5}, "weight_decay: 0.01 in the checkpoint, 0.5 now"),
+        ({"warmup_fraction": 0.5}, "warmup_fraction: 0.1 in the checkpoint, 0.5 now"),
+        ({"max_epochs": 5}, "max_epochs (-1: as many as max_steps take): 4 in the checkpoint, 5 now"),
+        ({"freeze": "embeddings"}, "number of trained parameters (set by freeze)"),
+    ]:
+        model = make_model("anndata", tmp_path)
+        with pytest.raises(ValueError, match="cannot resume from this checkpoint") as error:
+            _train(model, **{**settings, **change}, checkpoint_dir=checkpoints, resume=True)
+        assert named in str(error.value)
+        assert "same arguments" in str(error.value) and "resume=False" in str(error.value)
+        assert getattr(model, "train_settings_", None) is None  # nothing recorded
+        assert (checkpoints / "last.ckpt").read_bytes() == written  # nothing written over it
+    # a checkpoint of an older version records no optimisation settings: not checked
+    from sctransformer.train._plan import OPTIMISATION_SETTINGS_KEY
+
+    checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    del checkpoint[OPTIMISATION_SETTINGS_KEY]
+    torch.save(checkpoint, checkpoints / "last.ckpt")
+    model = make_model("anndata", tmp_path)
+    _train(model, **{**settings, "lr": 0.01}, checkpoint_dir=checkpoints, resume=True)
+    assert len(model.history["loss_train"]) == 3  # epochs 2 to 4, the first resumed midway
+
+
+class _ColumnsUsed(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.column_to_gene = module.column_to_gene.clone()
+
+
+def test_a_resumed_run_reads_the_genes_of_its_own_anndata(tmp_path):
+    """The same cells with their columns reversed: genes are matched by identifier, also in a resumed run."""
+    make_model, settings, _ = _make_model_and_settings()
+    model = make_model("anndata", tmp_path)
+    model.save(tmp_path / "model")
+    checkpoints = tmp_path / "ckpt"
+    with pytest.raises(_Stop):
+        _train(
+            model,
+            **settings,
+            checkpoint_dir=checkpoints,
+            checkpoint_every_n_steps=2,
+            callbacks=[_StopAtStep(5)],
+        )
+    # a checkpoint of an older version also holds the columns of the AnnData it was written with
+    checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    checkpoint["state_dict"]["column_to_gene"] = torch.as_tensor(model._column_to_gene(model.adata))
+    torch.save(checkpoint, checkpoints / "last.ckpt")
+    reversed_columns = model.adata[:, ::-1].copy()
+    model = sct.GeneTransformer.load(tmp_path / "model", adata=reversed_columns)
+    used = _ColumnsUsed()
+    _train(model, **settings, checkpoint_dir=checkpoints, resume=True, callbacks=[used])
+    expected = torch.as_tensor(model._column_to_gene(reversed_columns))
+    assert not torch.equal(expected, checkpoint["state_dict"]["column_to_gene"])
+    assert torch.equal(used.column_to_gene, expected)
+
+
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):
     make_model, settings, _ = _make_model_and_settings()
     uninterrupted = _train(make_model("anndata", tmp_path), **settings)
@@ -237,6 +310,15 @@ def test_resume_needs_a_checkpoint_directory(adata):
         model.train(resume=True)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         model.train(checkpoint_every_n_steps=10)
+
+
+def test_a_checkpoint_dir_that_cannot_be_a_directory_is_refused_before_training(adata, tmp_path):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    path = tmp_path / "a_file"
+    path.write_text("not a directory")
+    with pytest.raises(ValueError, match=r"a_file.* as the directory of the checkpoints"):
+        model.train(max_epochs=1, checkpoint_dir=path, callbacks=[_StopAtStep(0)], **QUIET)  # no step taken
 
 
 @pytest.mark.parametrize(

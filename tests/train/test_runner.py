@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 
 import sctransformer as sct
+from sctransformer.train import HistoryTrainRunner
 
 from ..conftest import QUIET, TINY
 
@@ -33,3 +36,29 @@ def test_logger_true_and_a_run_without_a_logger_keep_the_history(adata, tmp_path
     _train(model, logger=True, default_root_dir=str(tmp_path))  # Lightning's default logger, and the history
     assert len(model.history["loss_train"]) == 2
     assert any(tmp_path.iterdir())  # the default logger wrote its files there
+
+
+def test_a_later_run_numbers_its_epochs_on_and_keeps_the_spacing_of_its_validation(adata):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    for _ in range(2):
+        _train(model, check_val_every_n_epoch=2, calibrate=False)  # validated after epoch 1 of each run
+    assert model.history["loss_train"].index.tolist() == [0, 1, 2, 3]
+    assert model.history["loss_validation"].index.tolist() == [1, 3]
+
+
+def test_a_run_after_a_resumed_one_is_numbered_after_the_resumed_epochs():
+    """A resumed run's history holds its own epochs (2 and 3 here); the next run's 0 and 1 follow them."""
+    runner = HistoryTrainRunner.__new__(HistoryTrainRunner)  # its history update only
+    resumed = {"loss_train": pd.DataFrame({"loss_train": [4.0, 3.0]}, index=pd.Index([2, 3], name="epoch"))}
+    runner.model = SimpleNamespace(is_trained_=True, history_=resumed)
+    logged = {
+        "loss_train": pd.DataFrame({"loss_train": [2.0, 1.0]}, index=pd.Index([0, 1], name="epoch")),
+        "loss_validation": pd.DataFrame({"loss_validation": [1.5]}, index=pd.Index([1], name="epoch")),
+    }
+    runner.trainer = SimpleNamespace(is_global_zero=True, logger=SimpleNamespace(history=logged))
+    runner._update_history()
+    history = runner.model.history_
+    assert history["loss_train"].index.tolist() == [2, 3, 4, 5]
+    assert history["loss_train"]["loss_train"].tolist() == [4.0, 3.0, 2.0, 1.0]
+    assert history["loss_validation"].index.tolist() == [5]

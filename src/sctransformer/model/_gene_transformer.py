@@ -26,7 +26,6 @@ from scvi.data import AnnDataManager
 from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data._utils import _assign_adata_uuid
 from scvi.data.fields import LayerField, ObsmField
-from scvi.dataloaders._data_splitting import validate_data_split
 from scvi.model.base import BaseModelClass
 from scvi.train._logger import SimpleLogger  # the logger scvi-tools reads the history from
 
@@ -1067,7 +1066,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         ----------
         max_epochs
             Passes over the training cells; default scales with the number of cells
-            (``clip(20_000 // n_cells, 5, 50)``).
+            (``clip(20_000 // n_cells, 5, 50)``), or, given Lightning's ``max_steps`` alone, as
+            many as its steps take. The learning-rate schedule spans the steps of the run.
         batch_size
             Cells per minibatch.
         lr, weight_decay
@@ -1112,7 +1112,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             (:meth:`calibrate`) so that prediction confidences are calibrated.
         train_size, validation_size
             Shares of cells for training and validation (scvi-tools' ``DataSplitter``); cells in
-            neither are a test set, listed in ``model.test_indices``.
+            neither are a test set, listed in ``model.test_indices``. Not used with
+            ``datasplitter_kwargs={"external_indexing": [train, validation, test]}``, whose
+            validation cells are validated on.
         accelerator, devices
             Lightning device selection; ``"auto"`` takes a GPU when there is one.
         precision
@@ -1142,7 +1144,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             Arguments that change the training minibatches (the data, ``batch_size``, ``seed``,
             ``train_size``/``validation_size``, ``devices``, ``length_bucketing``, ``block_size``,
             ``shuffle_buffer`` or ``drop_last`` in ``datasplitter_kwargs``) raise a
-            :class:`ValueError` naming them before training.
+            :class:`ValueError` naming them before training, as do those of the optimisation, whose
+            state the checkpoint holds (``lr``, ``weight_decay``, ``warmup_fraction``, ``max_epochs``,
+            ``adversary_lr_factor``, ``freeze``, and the Trainer's ``max_steps``,
+            ``accumulate_grad_batches`` and ``limit_train_batches``). The current AnnData's genes are
+            used, matched to the model's by identifier as in any run.
             Checkpoints are Lightning's format, which Lightning reads by unpickling: resume only
             from checkpoints you wrote (saved models, by contrast, are safetensors + JSON).
         deterministic
@@ -1265,9 +1271,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 "length_bucketing is not available for sharded data; pass length_bucketing=False"
             )
         seed = _check_seed(settings.seed if seed is None else seed)
-        shard_datamodule = None
+        external = (datasplitter_kwargs or {}).get("external_indexing") is not None
         if self.shards_ is not None:
-            shard_datamodule = ShardedDataModule(
+            datamodule = ShardedDataModule(
                 self.shards_,
                 batch_size=batch_size,
                 train_size=train_size,
@@ -1275,22 +1281,48 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 seed=seed,
                 **(datasplitter_kwargs or {}),
             )
-            n_validation = shard_datamodule.n_val
         else:
-            try:  # scvi-tools' own rule, the one its DataSplitter applies
-                _, n_validation = validate_data_split(source.n_obs, train_size, validation_size)
-            except ValueError as err:
-                raise ValueError(
-                    f"train_size={train_size}, validation_size={validation_size} do not split "
-                    f"{source.n_obs} cells: {err}"
-                ) from err
-        if early_stopping and n_validation == 0:
-            raise ValueError(
-                f"early_stopping needs validation cells, and train_size={train_size} leaves none of "
-                f"{source.n_obs}; lower train_size or pass early_stopping=False"
+            lengths = (
+                np.minimum(
+                    expressed_per_cell(self.adata, layer=self.setup_args_[SETUP_ARGS.LAYER]),
+                    self.hyperparameters_["max_length"],
+                )
+                if length_bucketing
+                else None
             )
-        if max_epochs is None:
+            try:  # scvi-tools' DataSplitter checks the split it will make (its seeded draw is in setup)
+                datamodule = self._data_splitter_cls(
+                    self.adata_manager,
+                    train_size=train_size,
+                    validation_size=validation_size,
+                    batch_size=batch_size,
+                    shuffle_set_split=True,
+                    load_sparse_tensor=True,
+                    seed=seed,
+                    lengths=lengths,
+                    **(datasplitter_kwargs or {}),
+                )
+            except ValueError as err:
+                split = (
+                    "the indices of datasplitter_kwargs['external_indexing']"
+                    if external
+                    else f"train_size={train_size}, validation_size={validation_size}"
+                )
+                raise ValueError(f"{split} do not split {source.n_obs} cells: {err}") from err
+        n_validation = datamodule.n_val  # the validation cells the data module will use
+        if early_stopping and n_validation == 0:
+            cause, fix = (
+                ("datasplitter_kwargs['external_indexing'] gives none", "give validation indices")
+                if external
+                else (f"train_size={train_size} leaves none of {source.n_obs}", "lower train_size")
+            )
+            raise ValueError(
+                f"early_stopping needs validation cells, and {cause}; {fix} or pass early_stopping=False"
+            )
+        max_steps = trainer_kwargs.get("max_steps")
+        if max_epochs is None and not (max_steps is not None and max_steps >= 0):
             max_epochs = int(np.clip(20_000 // max(1, source.n_obs), 5, 50))
+        # else max_epochs None with max_steps: Lightning trains until max_steps, however many epochs
         accelerator_is_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         if precision is None and accelerator_is_gpu and torch.cuda.is_bf16_supported():
             precision = "bf16-mixed"
@@ -1339,27 +1371,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         self.temperatures_, self.calibration_ = {}, {}
         try:
             pl.seed_everything(seed, workers=True, verbose=False)
-            datamodule = (
-                shard_datamodule
-                if shard_datamodule is not None
-                else self._data_splitter_cls(
-                    self.adata_manager,
-                    train_size=train_size,
-                    validation_size=validation_size,
-                    batch_size=batch_size,
-                    shuffle_set_split=True,
-                    load_sparse_tensor=True,
-                    seed=seed,
-                    lengths=np.minimum(
-                        expressed_per_cell(self.adata, layer=self.setup_args_[SETUP_ARGS.LAYER]),
-                        self.hyperparameters_["max_length"],
-                    )
-                    if length_bucketing
-                    else None,
-                    **(datasplitter_kwargs or {}),
-                )
-            )
-            if shard_datamodule is None:
+            if self.shards_ is None:
                 datamodule.setup()  # the split (seeded): its training cells set the class weights
             plan = self._training_plan_cls(
                 self.module,

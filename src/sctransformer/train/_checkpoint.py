@@ -49,15 +49,27 @@ class PeriodicCheckpoint(Callback):
     Parameters
     ----------
     dirpath
-        Directory of ``last.ckpt``.
+        Directory of ``last.ckpt``, created here (with its parents) if missing.
     every_n_steps
         Also checkpoint after every this many optimisation steps; ``None``: at epoch ends only.
+
+    Raises
+    ------
+    ValueError
+        If ``dirpath`` cannot be created as a directory (e.g. it is a file): before any training.
     """
 
     def __init__(self, dirpath: str | os.PathLike, every_n_steps: int | None = None) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
         self.dirpath = Path(dirpath)
+        try:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(
+                f"cannot use {str(self.dirpath)!r} as the directory of the checkpoints ({err}); pass "
+                "checkpoint_dir= a directory, or the path of one to create"
+            ) from err
         self.every_n_steps = every_n_steps
         self._last_step = -1
         self._resumed_loader_states: list[dict[str, Any]] = []
@@ -182,7 +194,6 @@ class PeriodicCheckpoint(Callback):
         self, trainer: pl.Trainer, checkpoint: dict[str, Any] | None = None, synchronize: bool = True
     ) -> None:
         """Write ``checkpoint`` (default: the trainer's present state) as :attr:`last`."""
-        self.dirpath.mkdir(parents=True, exist_ok=True)
         partial = self.dirpath / f".{LAST_CHECKPOINT}.partial"
         if checkpoint is None:
             trainer.save_checkpoint(partial, weights_only=False)

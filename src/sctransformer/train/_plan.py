@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import lightning.pytorch as pl
 import numpy as np
@@ -76,6 +77,64 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_factor:
 
 #: Checkpoint entry of the training sums of an epoch checkpointed midway (``on_save_checkpoint``)
 EPOCH_SUMS_KEY = "sctransformer_train_epoch_sums"
+#: Checkpoint entry of the optimisation settings of the run that wrote it (``on_save_checkpoint``)
+OPTIMISATION_SETTINGS_KEY = "sctransformer_optimisation_settings"
+#: Settings a checkpoint records besides the optimizer's and schedule's states, as error messages
+#: name them: a run resumed with other values would mix them with the checkpoint's (AdamW's
+#: learning rates and weight decay come from the checkpoint, the schedule's shape from this run).
+#: With the minibatches (checked with the training loader's state) they set the schedule's length.
+OPTIMISATION_SETTINGS = {
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "warmup_fraction": "warmup_fraction",
+    "max_epochs": "max_epochs (-1: as many as max_steps take)",
+    "max_steps": "max_steps (-1: as many as max_epochs take)",
+    "accumulate_grad_batches": "accumulate_grad_batches",
+    "limit_train_batches": "limit_train_batches",
+    "adversary_lr_factor": "adversary_lr_factor",
+    "trained_parameters": "number of trained parameters (set by freeze)",
+}
+
+
+def check_optimisation_settings(recorded: Mapping[str, object], current: Mapping[str, object]) -> None:
+    """Raise if a checkpoint was written by a run optimised with other settings than ``current``.
+
+    Only the settings of ``OPTIMISATION_SETTINGS`` that both record are compared: a checkpoint of
+    an older version, which records none, is not checked. The optimizer's counterpart of the
+    check of the training minibatches (``check_order_settings`` of ``sctransformer.data``).
+
+    Parameters
+    ----------
+    recorded
+        The settings in the checkpoint (:meth:`MaskedModelingPlan.optimisation_settings`).
+    current
+        This run's settings.
+
+    Raises
+    ------
+    ValueError
+        Naming each differing setting with its value in the checkpoint and now.
+    """
+    differing = [
+        key
+        for key in OPTIMISATION_SETTINGS
+        if key in recorded and key in current and recorded[key] != current[key]
+    ]
+    if not differing:
+        return
+    details = "; ".join(
+        f"{OPTIMISATION_SETTINGS[key]}: {recorded[key]!r} in the checkpoint, {current[key]!r} now"
+        for key in differing
+    )
+    raise ValueError(
+        "cannot resume from this checkpoint: the run that wrote it was optimised with other settings "
+        f"than this run ({details}); a resumed run takes the optimizer's learning rates, weight decay "
+        "and step count from the checkpoint, so these would be ignored or mixed with the checkpoint's. "
+        "Resume with the same arguments as the run that wrote it (lr, weight_decay, warmup_fraction, "
+        "max_epochs, max_steps, accumulate_grad_batches, limit_train_batches, adversary_lr_factor, "
+        "freeze), or start a new run: another checkpoint_dir, or resume=False (its checkpoints then "
+        "replace this one)"
+    )
 
 
 class MaskedModelingPlan(pl.LightningModule):
@@ -91,7 +150,8 @@ class MaskedModelingPlan(pl.LightningModule):
     module
         The module to train.
     column_to_gene
-        Vocabulary index of each column of the training AnnData (``-1``: not in vocabulary).
+        Vocabulary index of each column of the training AnnData (``-1``: not in vocabulary). Not
+        part of a checkpoint: a resumed run reads its own AnnData's columns.
     phenotype_keys
         Phenotype column names, in the module's slot order.
     lr, weight_decay
@@ -159,7 +219,10 @@ class MaskedModelingPlan(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.module = module
-        self.register_buffer("column_to_gene", torch.as_tensor(column_to_gene, dtype=torch.long))
+        # a property of the AnnData trained on, not of the run: not checkpointed
+        self.register_buffer(
+            "column_to_gene", torch.as_tensor(column_to_gene, dtype=torch.long), persistent=False
+        )
         self.phenotype_keys = list(phenotype_keys)
         self.lr = lr
         self.weight_decay = weight_decay
@@ -310,14 +373,48 @@ class MaskedModelingPlan(pl.LightningModule):
                     reduce_fx="max",
                 )
 
+    def optimisation_settings(self) -> dict[str, float | int]:
+        """What sets the optimizer's and learning-rate schedule's states: a resumed run must match it.
+
+        The trainer's loop limits are Lightning's, once it has parsed them (``max_epochs`` ``-1``
+        where only ``max_steps`` ends the run).
+        """
+        trainer = self.trainer
+        settings = {
+            "lr": float(self.lr),
+            "weight_decay": float(self.weight_decay),
+            "warmup_fraction": float(self.warmup_fraction),
+            "max_epochs": trainer.max_epochs,
+            "max_steps": trainer.max_steps,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "limit_train_batches": trainer.limit_train_batches,
+            "trained_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
+        }
+        if self.module.batch_adversary:
+            settings["adversary_lr_factor"] = float(self.adversary_lr_factor)
+        return settings
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the sums of an epoch checkpointed midway, so a resumed run's epoch means cover all of it."""
+        """Record the optimisation settings and keep the sums of an epoch checkpointed midway.
+
+        The sums make a resumed run's epoch means cover all of the epoch.
+        """
+        checkpoint[OPTIMISATION_SETTINGS_KEY] = self.optimisation_settings()
         if "train" in self._epoch_sums:
             sums, counts = self._epoch_sums["train"]
             checkpoint[EPOCH_SUMS_KEY] = ({k: v.cpu() for k, v in sums.items()}, dict(counts))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Take the sums of the epoch the checkpoint was written in, to go on from at the start."""
+        """Check the checkpoint's optimisation settings; take the sums of the epoch it was written in.
+
+        Called before Lightning restores the weights and the optimizer: a run resumed with other
+        settings (:func:`check_optimisation_settings`) raises before it trains. The checkpoints of
+        older versions hold ``column_to_gene``, which is this run's AnnData's: it is dropped.
+        """
+        check_optimisation_settings(
+            checkpoint.get(OPTIMISATION_SETTINGS_KEY, {}), self.optimisation_settings()
+        )
+        checkpoint.get("state_dict", {}).pop("column_to_gene", None)
         self._resumed_sums = checkpoint.get(EPOCH_SUMS_KEY)
 
     def on_train_start(self) -> None:
@@ -426,18 +523,32 @@ class MaskedModelingPlan(pl.LightningModule):
 
         Counted from the minibatches each rank gets per epoch (the data module's
         ``batches_per_epoch``), Lightning's ``limit_train_batches``, ``accumulate_grad_batches``,
-        ``max_epochs`` and ``max_steps``. Not Lightning's ``estimated_stepping_batches``: it builds
-        the training loader before a checkpoint is restored, which loses the loader's position.
+        ``max_epochs`` and ``max_steps``, whichever ends the run first (``max_epochs`` ``None`` or
+        ``-1``: no limit of epochs; ``max_steps`` ``-1``: no limit of steps). Not Lightning's
+        ``estimated_stepping_batches``: it builds the training loader before a checkpoint is
+        restored, which loses the loader's position.
+
+        Raises
+        ------
+        ValueError
+            Where neither ``max_epochs`` nor ``max_steps`` ends the run: the schedule has no length.
         """
         if self.total_steps is None:
             trainer = self.trainer
-            per_epoch = trainer.datamodule.batches_per_epoch(trainer.world_size)
-            limit = trainer.limit_train_batches
-            per_epoch = min(per_epoch, int(limit)) if isinstance(limit, int) else int(per_epoch * limit)
-            steps = math.ceil(per_epoch / trainer.accumulate_grad_batches) * max(1, trainer.max_epochs or 1)
-            if trainer.max_steps is not None and trainer.max_steps > 0:
-                steps = min(steps, trainer.max_steps)
-            self.total_steps = max(1, steps)
+            limits = []
+            if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+                per_epoch = trainer.datamodule.batches_per_epoch(trainer.world_size)
+                limit = trainer.limit_train_batches
+                per_epoch = min(per_epoch, int(limit)) if isinstance(limit, int) else int(per_epoch * limit)
+                limits.append(math.ceil(per_epoch / trainer.accumulate_grad_batches) * trainer.max_epochs)
+            if trainer.max_steps is not None and trainer.max_steps >= 0:
+                limits.append(trainer.max_steps)
+            if not limits:
+                raise ValueError(
+                    f"max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps} train without end, so "
+                    "the learning-rate schedule has no length; set max_epochs or max_steps (or total_steps)"
+                )
+            self.total_steps = max(1, min(limits))
         return self.total_steps
 
     def configure_optimizers(self):

@@ -14,8 +14,10 @@ class HistoryTrainRunner(TrainRunner):
     scvi-tools extends only the curves a model already had after its first training, so curves
     that first appear in a later run (phenotype losses after :meth:`load_query_data`, validation
     after a run without validation cells, anything after a run with ``logger=False``) were lost.
-    Here every curve of the run is appended; a new one is indexed from the number of epochs
-    trained so far.
+    Here every curve of the run is appended. The run's epochs are numbered on from the last epoch
+    of the history (in any curve) and keep their spacing: validation every second epoch stays
+    every second epoch, and a run resumed from a checkpoint (whose epochs do not start at 0) is
+    followed by the next run's epochs, never by the same numbers again.
     """
 
     def _update_history(self) -> None:
@@ -24,11 +26,14 @@ class HistoryTrainRunner(TrainRunner):
             super()._update_history()
             return
         new = _safe_load_logger_history(self.trainer) or {}
-        trained_epochs = max((len(frame) for frame in previous.values()), default=0)
+        ends = [frame.index.max() for frame in previous.values() if len(frame)]
+        offset = int(max(ends)) + 1 if ends else 0
+        starts = [frame.index.min() for frame in new.values() if len(frame)]
+        first = int(min(starts)) if starts else 0  # the first epoch of this run
         history = dict(previous)
         for key, frame in new.items():
-            start = len(previous[key]) if key in previous else trained_epochs
-            frame.index = pd.Index(np.arange(start, start + len(frame)), name=frame.index.name)
+            index = np.asarray(frame.index, dtype=np.int64) - first + offset
+            frame.index = pd.Index(index, name=frame.index.name)
             if key in previous:
                 frame.index.name = previous[key].index.name
                 frame = pd.concat([previous[key], frame])
