@@ -11,7 +11,12 @@ On CUDA (bf16 autocast): ``sdpa``, ``varlen`` (torch's ``varlen_attn``) and ``fl
 when installed). On CPU the packed kernels do not exist; ``reference`` then runs the packed code
 path with one SDPA call per cell, to show that packing is correct, not to time it.
 
+With ``--profile STEPS``: where a training step's time goes, per phase (tokenize, mask, forward,
+backward, optimizer), for each backend and the BERT baseline: host and device milliseconds,
+operators, kernel launches and host reads (which make the host wait for the GPU).
+
 Usage: python benchmarks/attention.py [--cells 1024] [--batch-size 32] [--d-model 256] [--layers 4]
+[--profile STEPS]
 """
 
 from __future__ import annotations
@@ -84,6 +89,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="STEPS", help="also profile STEPS training steps per phase"
+    )
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -135,12 +143,11 @@ def main() -> None:
             module.attention = backend
             optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
             generator = torch.Generator(device=device).manual_seed(0)
-            flops = real = 0.0
+            lengths = []  # real tokens per cell of each timed step, read after the clock stops
             for step, batch in enumerate([batches[0], *batches]):  # the first is a warm-up
                 if step == 1:
                     synchronize(device)
                     start = time.perf_counter()
-                    flops = real = 0.0
                 tokens = module.tokenize(to_torch_csr(counts[batch]).to(device), column_to_gene)
                 value_mask, _ = mask_tokens(
                     tokens, none, gene_mask_prob=0.15, phenotype_mask_prob=0.0, generator=generator
@@ -153,22 +160,21 @@ def main() -> None:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                real += float(tokens.is_token.sum())
-                flops += train_flops(
-                    tokens,
-                    d_model=args.d_model,
-                    d_ff=4 * args.d_model,
-                    n_layers=args.layers,
-                    n_prefix=module.n_prefix,
-                    n_bins=module.n_bins,
-                )
+                if step > 0:
+                    lengths.append(tokens.is_token.sum(1))
             synchronize(device)
             seconds = time.perf_counter() - start
+            real, flops = step_work(lengths, args, n_prefix=module.n_prefix, n_bins=module.n_bins)
             print(
                 f"| {backend if cuda else backend.replace('varlen', 'reference')} | {order_name} | {len(batches) * bs / seconds:,.1f} | {real / seconds:,.0f} | "
                 f"{flops / seconds / peak:.1%} | {abs(first_loss[backend] - first_loss['sdpa']):.2e} |"
             )
         bert_row(model, args, batches, counts, column_to_gene, order_name, autocast, peak)
+        if args.profile and order_name == "random":
+            profiled = (batches, backends if cuda else ["sdpa"])
+    if args.profile:
+        module.load_state_dict(initial)
+        profile_steps(model, args, profiled[0], counts, column_to_gene, profiled[1], autocast, device)
     model.module.attention = "auto"
     if not cuda:  # the end-to-end run uses the real kernel choice
         _attention.VARLEN_KERNELS.update(kernels)
@@ -218,6 +224,141 @@ def sdpa_length_cost(n_cells: int = 64, heads: int = 8, d_head: int = 32) -> Non
         print(f"| {name} | {passes[0]:.1f} | {passes[1]:.1f} |")
 
 
+# metadata-only operators: no kernel behind them
+_VIEWS = {
+    "aten::view",
+    "aten::as_strided",
+    "aten::empty",
+    "aten::empty_strided",
+    "aten::resolve_conj",
+    "aten::detach",
+    "aten::resize_",
+    "aten::_reshape_alias",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::t",
+    "aten::transpose",
+    "aten::expand",
+    "aten::permute",
+    "aten::slice",
+    "aten::select",
+    "aten::alias",
+    "aten::_unsafe_view",
+    "aten::reshape",
+    "aten::lift_fresh",
+    "aten::as_strided_",
+}
+# operators that make the host wait for the device (on CUDA; on CPU they only mark where it would)
+_HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero"}
+
+
+def profile_phases(step, n_steps: int, device: torch.device) -> list[tuple[str, float, float, int, int, int]]:
+    """Per phase of ``step`` (marked with ``record_function("phase:<name>")``), per step: host
+    milliseconds, device milliseconds, operators run, kernels launched and host reads."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n_steps):
+            step()
+        synchronize(device)
+    events = list(prof.events())
+    phases = sorted((e for e in events if e.name.startswith("phase:")), key=lambda e: e.time_range.start)
+    totals: dict[str, list[float]] = {}
+    for phase in phases:
+        totals.setdefault(phase.name[6:], [0.0, 0.0, 0, 0, 0])[0] += phase.time_range.elapsed_us()
+    # host events only: a kernel's own event runs on the device's clock, and its time is also
+    # the device time of the operator that launched it
+    for event in (e for e in events if e.device_type == DeviceType.CPU):
+        inside = [p for p in phases if p.time_range.start <= event.time_range.start < p.time_range.end]
+        if not inside or event.name.startswith("phase:"):
+            continue
+        total = totals[inside[-1].name[6:]]
+        total[1] += event.self_device_time_total
+        if event.name.startswith("aten::") and not event.cpu_children and event.name not in _VIEWS:
+            total[2] += 1
+        total[3] += "LaunchKernel" in event.name
+        total[4] += event.name in _HOST_READS
+    return [
+        (name, t[0] / 1e3 / n_steps, t[1] / 1e3 / n_steps, t[2] // n_steps, t[3] // n_steps, t[4] // n_steps)
+        for name, t in totals.items()
+    ]
+
+
+def print_profile(name: str, step, n_steps: int, device: torch.device, bs: int) -> None:
+    """One model's profile table, after its unprofiled step time."""
+    step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / n_steps
+    rows = profile_phases(step, n_steps, device)
+    cuda = device.type == "cuda"
+    print(f"\n# {name}: {seconds * 1e3:.1f} ms per step of {bs} cells without the profiler")
+    print("| phase | host ms | device ms | operators | kernel launches | host reads |")
+    print("|---|---|---|---|---|---|")
+    total = ("all", *(sum(row[i] for row in rows) for i in range(1, 6)))
+    for phase, host, busy, ops, launches, reads in [*rows, total]:
+        device_ms, launched = (f"{busy:.1f}", str(launches)) if cuda else ("", "")
+        print(f"| {phase} | {host:.1f} | {device_ms} | {ops} | {launched} | {reads} |")
+
+
+def profile_steps(model, args, batches, counts, column_to_gene, backends, autocast, device) -> None:
+    """Where a training step's time goes, per backend and for the BERT baseline (``--profile``)."""
+    from torch.profiler import record_function
+
+    module, bs = model.module, args.batch_size
+    none = torch.zeros(bs, 0, dtype=torch.long, device=device)
+    cells = to_torch_csr(counts[batches[0]]).to(device)
+    for backend in backends:
+        module.attention = backend
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+        def step(optimizer=optimizer) -> None:
+            with record_function("phase:tokenize"):
+                tokens = module.tokenize(cells, column_to_gene)
+            with record_function("phase:mask"):
+                value_mask, _ = mask_tokens(tokens, none, gene_mask_prob=0.15, phenotype_mask_prob=0.0)
+            with record_function("phase:forward"), autocast:
+                hidden = module.encode(tokens, none, value_mask)
+                loss = module.loss(hidden, tokens, value_mask, none, none.bool(), []).total
+            with record_function("phase:backward"):
+                optimizer.zero_grad()
+                loss.backward()
+            with record_function("phase:optimizer"):
+                optimizer.step()
+
+        print_profile(f"sctransformer, attention={backend!r}", step, args.profile, device, bs)
+    bert = make_bert(args.d_model, args.layers, len(model.vocabulary_), args.max_length, device, args.heads)
+    if bert is not None:
+        tokens = module.tokenize(cells, column_to_gene)
+        print_profile(
+            "Hugging Face BertModel, padded", lambda: bert.step(tokens, autocast), args.profile, device, bs
+        )
+
+
+def step_work(lengths: list[torch.Tensor], args, *, n_prefix: int, n_bins: int) -> tuple[float, float]:
+    """Real tokens and model FLOPs of the timed steps, from each step's real tokens per cell."""
+    real = float(sum(float(step.sum()) for step in lengths))
+    flops = sum(
+        train_flops(
+            step,
+            d_model=args.d_model,
+            d_ff=4 * args.d_model,
+            n_layers=args.layers,
+            n_prefix=n_prefix,
+            n_bins=n_bins,
+        )
+        for step in lengths
+    )
+    return real, flops
+
+
 def bert_row(model, args, batches, counts, column_to_gene, order_name, autocast, peak) -> None:
     """The same minibatches through a Hugging Face ``BertModel`` of the same size, padded, bf16 autocast."""
     module = model.module
@@ -227,19 +368,18 @@ def bert_row(model, args, batches, counts, column_to_gene, order_name, autocast,
     if bert is None:
         print(f"| hf-bert (padded) | {order_name} | transformers is not installed | | | |")
         return
-    flops = real = 0.0
+    lengths = []
     for step, batch in enumerate([batches[0], *batches]):
         tokens = module.tokenize(to_torch_csr(counts[batch]).to(module.cls.device), column_to_gene)
         if step == 1:
             synchronize(module.cls.device)
             start = time.perf_counter()
-            flops = real = 0.0
-        real += bert.step(tokens, autocast)
-        flops += train_flops(
-            tokens, d_model=args.d_model, d_ff=4 * args.d_model, n_layers=args.layers, n_prefix=0, n_bins=16
-        )
+        bert.step(tokens, autocast)
+        if step > 0:
+            lengths.append(tokens.is_token.sum(1))
     synchronize(module.cls.device)
     seconds = time.perf_counter() - start
+    real, flops = step_work(lengths, args, n_prefix=0, n_bins=16)
     print(
         f"| hf-bert (padded) | {order_name} | {len(batches) * args.batch_size / seconds:,.1f} | "
         f"{real / seconds:,.0f} | {flops / seconds / peak:.1%} | |"

@@ -28,6 +28,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
+from torch.profiler import record_function
 
 import sctransformer as sct
 from sctransformer.data import (
@@ -72,15 +73,19 @@ def matmul_peak(n: int = 2048, repeat: int = 10) -> float:
     return 2 * n**3 / timed(lambda: a @ b, repeat)
 
 
-def train_flops(tokens, *, d_model: int, d_ff: int, n_layers: int, n_prefix: int, n_bins: int) -> float:
+def train_flops(
+    real_lengths: torch.Tensor, *, d_model: int, d_ff: int, n_layers: int, n_prefix: int, n_bins: int
+) -> float:
     """Model FLOPs of one training step on the real (not padded) tokens: 3x the forward pass.
+
+    ``real_lengths`` holds each cell's number of gene tokens (``tokens.is_token.sum(1)``).
 
     Per layer and token the four attention projections and the feed-forward layers
     (``2 * (4 d^2 + 2 d d_ff)``), per layer and cell the attention scores and weighted sum over
     its real length ``L`` (``4 L^2 d``), and the expression head per token (``2 d n_bins``);
     embeddings and the small heads are left out, as is usual.
     """
-    lengths = tokens.is_token.sum(1).double() + n_prefix
+    lengths = real_lengths.double() + n_prefix
     per_token = n_layers * 2 * (4 * d_model**2 + 2 * d_model * d_ff) + 2 * d_model * n_bins
     forward = float(lengths.sum()) * per_token + n_layers * 4 * d_model * float((lengths**2).sum())
     return 3 * forward
@@ -130,22 +135,28 @@ class BertBaseline:
         self.optimizer = torch.optim.AdamW([*self.bert.parameters(), *self.head.parameters()], lr=1e-4)
         self.generator = torch.Generator(device=device).manual_seed(0)
 
-    def step(self, tokens, autocast: AbstractContextManager | None = None) -> int:
-        """One training step on ``tokens`` (under ``autocast``); returns its number of real tokens."""
-        input_ids = torch.where(tokens.is_token, tokens.gene_ids + 2, 0)
-        masked = (
-            torch.rand(input_ids.shape, generator=self.generator, device=input_ids.device) < 0.15
-        ) & tokens.is_token
-        with autocast or nullcontext():
+    def step(self, tokens, autocast: AbstractContextManager | None = None) -> torch.Tensor:
+        """One training step on ``tokens`` (under ``autocast``); returns its number of real tokens.
+
+        The count stays a tensor on the device: reading it would wait for the GPU every step.
+        """
+        with record_function("phase:mask"):
+            input_ids = torch.where(tokens.is_token, tokens.gene_ids + 2, 0)
+            masked = (
+                torch.rand(input_ids.shape, generator=self.generator, device=input_ids.device) < 0.15
+            ) & tokens.is_token
+        with record_function("phase:forward"), autocast or nullcontext():
             hidden = self.bert(
                 input_ids=input_ids.masked_fill(masked, 1), attention_mask=tokens.is_token.long()
             ).last_hidden_state
             target = tokens.bins.clamp(min=0)
             loss = torch.nn.functional.cross_entropy(self.head(hidden[masked]), target[masked])
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return int(tokens.is_token.sum())
+        with record_function("phase:backward"):
+            self.optimizer.zero_grad()
+            loss.backward()
+        with record_function("phase:optimizer"):
+            self.optimizer.step()
+        return tokens.is_token.sum()
 
 
 def make_bert(*args: Any, **kwargs: Any) -> BertBaseline | None:
@@ -205,7 +216,7 @@ def bucketing_rows(n_cells: int, bs: int) -> list[tuple[str, str, str]]:
         ]
         bert.step(cells[0])  # warm-up
         start = time.perf_counter()
-        bert_real = sum(bert.step(tokens) for tokens in cells)
+        bert_real = float(sum(bert.step(tokens) for tokens in cells))
         bert_seconds = time.perf_counter() - start
         rows.append(
             (
@@ -294,7 +305,7 @@ def main() -> None:
         tokens = step()
         t_step = timed(step, 5)
         flops = train_flops(
-            tokens,
+            tokens.is_token.sum(1),
             d_model=d_model,
             d_ff=4 * d_model,
             n_layers=n_layers,
