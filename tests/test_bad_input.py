@@ -176,6 +176,77 @@ def test_model_on_an_adata_that_is_not_set_up(adata):
         sct.GeneTransformer(adata)
 
 
+def test_model_on_a_subset_copied_after_setup_says_to_set_it_up_again(adata):
+    sct.setup_anndata(adata, layer="counts")
+    subset = adata[adata.obs["batch"] == adata.obs["batch"].iloc[0]].copy()  # e.g. QC after setup
+    with pytest.raises(
+        ValueError, match=r"subset or copy .* after setup_anndata.*setup_anndata\(adata, \.\.\.\) again"
+    ):
+        sct.GeneTransformer(subset, **TINY)
+    sct.setup_anndata(subset, layer="counts")  # the fix works
+    sct.GeneTransformer(subset, **TINY)
+
+
+@pytest.fixture(scope="module")
+def x_model(tmp_path_factory):
+    """An untrained model that reads counts from ``adata.X`` and genes from ``adata.var_names``, saved."""
+    data = sct.datasets.synthetic(n_cells=40, n_genes=60, n_cell_types=3, n_markers=8, seed=0)
+    data.X = data.layers.pop("counts")
+    sct.setup_anndata(data, phenotype_keys=["cell_type"])
+    path = tmp_path_factory.mktemp("x_model") / "m"
+    model = sct.GeneTransformer(data, **TINY)
+    model.save(path)
+    return model, path
+
+
+def _normalised_x(query):  # the usual shape: X normalised, counts in a layer
+    query.X = query.layers["counts"].astype(np.float32) * 0.5
+
+
+def _ids_in_a_var_column(query):
+    query.var["symbol"] = query.var_names
+    query.var_names = [f"ENSG{i:011d}" for i in range(query.n_vars)]
+
+
+def _duplicated_var_names(query):  # e.g. read_10x_mtx without make_unique
+    query.var_names = ["gene_0", *query.var_names[:-1]]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "fix"),
+    [
+        (_normalised_x, "adata.X = adata.layers['counts']"),
+        (_ids_in_a_var_column, "adata.var_names = adata.var['symbol'].astype(str)"),
+        (_duplicated_var_names, "adata.var_names_make_unique()"),
+    ],
+    ids=["normalised X", "gene ids in a .var column", "duplicated var_names"],
+)
+@pytest.mark.parametrize("entry", ["tl.embed", "tl.predict", "load", "load_query_data"])
+def test_inference_and_loading_say_how_to_meet_the_models_settings_not_to_pass_them(
+    x_model, entry, corrupt, fix
+):
+    model, path = x_model
+    query = sct.datasets.synthetic(n_cells=20, n_genes=60, n_cell_types=3, n_markers=8, seed=1)
+    query.X = query.layers["counts"].copy()
+    corrupt(query)
+    calls = {
+        "tl.embed": lambda: sct.tl.embed(query, model),
+        "tl.predict": lambda: sct.tl.predict(query, model),
+        "load": lambda: sct.GeneTransformer.load(path, adata=query),
+        "load_query_data": lambda: sct.GeneTransformer.load_query_data(query, path),
+    }
+    with warnings.catch_warnings(), pytest.raises(ValueError) as err:
+        warnings.simplefilter("ignore")  # anndata's about duplicated names
+        calls[entry]()
+    message = str(err.value)
+    # none of these takes layer= or gene_key=: the message says what to change in adata instead
+    assert fix in message and "layer=" not in message and "gene_key=" not in message, message
+    if corrupt is not _ids_in_a_var_column:  # setup_anndata does take them, and still says so
+        with warnings.catch_warnings(), pytest.raises(ValueError, match=r"layer=|gene_key="):
+            warnings.simplefilter("ignore")
+            sct.setup_anndata(query)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -238,6 +238,60 @@ def test_load_query_data_refuses_requested_phenotype_keys_the_query_lacks(traine
     assert list(q.phenotype_categories_) == ["cell_type"]
 
 
+def _training_target_logs(caplog) -> list:
+    return [r for r in caplog.records if "are training targets" in r.getMessage()]
+
+
+def test_load_query_data_takes_only_the_query_labels_it_is_given_and_says_when_they_would_leak(
+    trained, caplog
+):
+    model, _ = trained
+    query = synthetic(seed=14, n_cells=40)  # keeps its true labels, to score the predictions against
+    # phenotype_keys=[]: none of the query's labels; the reference's key is still predicted
+    kept = query.copy()
+    with caplog.at_level("INFO", logger="sctransformer"):
+        q = sct.GeneTransformer.load_query_data(kept, model, phenotype_keys=[])
+    assert (q._registered_codes("cell_type") == -1).all() and "_scvi_phenotype_cell_type" not in kept.obs
+    assert list(q.phenotype_categories_) == ["cell_type"]
+    assert not _training_target_logs(caplog)
+    # nor do training and its calibration read them from the column of that name
+    train_quietly(q, max_epochs=1, freeze="backbone")
+    assert q.temperatures_ == {} and not q.calibration_
+    assert q.calibrate().empty and q.temperatures_ == {}  # its validation cells have no labels
+    # by default the column named as the reference's key is a training target: a warning says so
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sctransformer"):
+        q = sct.GeneTransformer.load_query_data(query.copy(), model)
+    assert (q._registered_codes("cell_type") >= 0).sum() == 40
+    (record,) = _training_target_logs(caplog)
+    assert record.levelname == "WARNING"
+    assert "adata.obs['cell_type'] (40 labelled cells)" in record.getMessage()
+    assert "phenotype_keys=[]" in record.getMessage()
+    # asked for, they are trained on without a warning (logged as information)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sctransformer"):
+        sct.GeneTransformer.load_query_data(query.copy(), model, phenotype_keys=["cell_type"])
+    assert [r.levelname for r in _training_target_logs(caplog)] == ["INFO"]
+
+
+def test_training_a_query_without_labels_warns_that_the_reference_calibration_is_dropped(trained):
+    model, _ = trained
+    assert model.temperatures_  # fitted on the validation cells
+    query = synthetic(seed=12, n_cells=60)
+    query.obs = query.obs.drop(columns="cell_type")
+    q = sct.GeneTransformer.load_query_data(query, model)
+    assert q.temperatures_ == model.temperatures_
+    with pytest.warns(
+        UserWarning,
+        match=r"temperatures of \['cell_type'\].*no labels of them.*uncalibrated confidences.*"
+        r"model\.calibrate\(labelled_adata\)",
+    ):
+        q.train(max_epochs=1, batch_size=32, freeze="backbone", **QUIET)
+    assert q.temperatures_ == {}
+    q.calibrate(synthetic(seed=13, n_cells=60))  # the fix it names
+    assert set(q.temperatures_) == {"cell_type"}
+
+
 def test_load_query_data_refuses_too_few_genes_and_bad_references(trained, tmp_path):
     model, _ = trained
     query = synthetic(seed=9, n_cells=30)

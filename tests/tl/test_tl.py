@@ -388,9 +388,32 @@ def test_every_tool_refuses_a_view_of_a_backed_adata_before_computing(trained, t
 def test_a_phenotype_key_with_a_slash_is_refused_at_setup():
     data = sct.datasets.synthetic(n_cells=30, n_genes=20, n_cell_types=2, n_markers=4, seed=0)
     data.obs["cell/type"] = data.obs["cell_type"]
-    with pytest.raises(ValueError, match=r"contain '/'.*rename the columns"):
+    with pytest.raises(ValueError, match=r"'cell/type' contains '/'.*rename the column"):
         sct.setup_anndata(data, layer="counts", phenotype_keys=["cell/type"])
     assert "_scvi_manager_uuid" not in data.uns
+
+
+def test_a_new_phenotype_key_with_a_slash_is_refused_by_load_query_data_before_registering(trained):
+    model, _ = trained
+    query = sct.datasets.synthetic(n_cells=30, n_genes=60, n_cell_types=3, n_markers=8, seed=4)
+    query.obs["cell/type"] = query.obs["cell_type"]
+    before = fingerprint(query)
+    with pytest.raises(ValueError, match=r"'cell/type' contains '/'.*rename the column"):
+        sct.GeneTransformer.load_query_data(query, model, phenotype_keys=["cell/type"])
+    assert fingerprint(query) == before and "_scvi_manager_uuid" not in query.uns
+
+
+@pytest.mark.parametrize("tool", [sct.tl.embed, sct.tl.predict])
+def test_embed_and_predict_refuse_a_key_added_with_a_slash_before_computing(trained, tool):
+    model, data = trained
+    adata = data.copy()
+    before = fingerprint(adata)
+    with (
+        mock.patch.object(model, "_forward", side_effect=AssertionError("computed")),
+        pytest.raises(ValueError, match=r"key_added must be a string without '/'.*got 'run/1'"),
+    ):
+        tool(adata, model, key_added="run/1")
+    assert fingerprint(adata) == before
 
 
 def test_min_confidence_is_refused_for_a_model_with_a_class_named_unknown(trained):

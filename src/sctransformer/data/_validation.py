@@ -49,6 +49,19 @@ def get_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
+def _counts_fix(adata: AnnData, layer: str | None) -> str:
+    """How to put counts where a model reads them: ``", e.g. adata.X = adata.layers['counts']"``.
+
+    The source is another layer (one whose name mentions counts first) or, for a model's layer,
+    ``adata.X``; empty where ``adata`` has none.
+    """
+    target = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    others = sorted((k for k in adata.layers if k != layer), key=lambda k: "count" not in str(k).lower())
+    if others:
+        return f", e.g. {target} = adata.layers[{others[0]!r}]"
+    return f", e.g. {target} = adata.X" if layer is not None and adata.X is not None else ""
+
+
 def check_model_layer(adata: AnnData, layer: str | None) -> None:
     """Raise if ``adata`` lacks the count matrix a saved model reads, saying how to put the counts there.
 
@@ -63,31 +76,41 @@ def check_model_layer(adata: AnnData, layer: str | None) -> None:
     """
     if layer is None:
         if adata.X is None:
-            fix = f", e.g. adata.X = adata.layers[{next(iter(adata.layers))!r}]" if adata.layers else ""
             raise ValueError(
-                f"the model reads counts from adata.X, which is empty; put the counts there{fix}"
+                f"the model reads counts from adata.X, which is empty; put the counts there"
+                f"{_counts_fix(adata, layer)}"
             )
     elif layer not in adata.layers:
-        if adata.layers:
-            fix = f", e.g. adata.layers[{layer!r}] = adata.layers[{next(iter(adata.layers))!r}]"
-        else:
-            fix = f", e.g. adata.layers[{layer!r}] = adata.X" if adata.X is not None else ""
         raise KeyError(
             f"the model reads counts from adata.layers[{layer!r}], which adata lacks (its layers: "
-            f"{list(adata.layers)}); put the counts there{fix}"
+            f"{list(adata.layers)}); put the counts there{_counts_fix(adata, layer)}"
         )
 
 
-def check_counts(adata: AnnData, layer: str | None) -> np.ndarray:
+def check_counts(adata: AnnData, layer: str | None, *, model: bool = False) -> np.ndarray:
     """Raise if the count matrix is empty, not numeric, or holds NaN/inf, negative or fractional values.
 
     Every stored value is checked, chunk by chunk (backed matrices are never loaded whole).
+
+    Parameters
+    ----------
+    adata
+        The cells.
+    layer
+        Layer of the counts (``None``: ``adata.X``).
+    model
+        ``layer`` is a model's, which the caller cannot change (inference, loading, training a
+        model): the errors say how to put the counts there instead of to pass ``layer=``.
 
     Returns
     -------
     The total count of each cell (from the same single pass over the matrix).
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if model:  # the layer is fixed: say how to fill it
+        fix = f"the model reads raw integer counts from {where}: put them there{_counts_fix(adata, layer)}"
+    else:
+        fix = "pass the layer that holds them (e.g. layer='counts')"
     if adata.n_obs == 0:
         raise ValueError("adata has zero cells; there is nothing to train on or embed")
     if adata.n_vars == 0:
@@ -97,7 +120,9 @@ def check_counts(adata: AnnData, layer: str | None) -> np.ndarray:
     if dtype is None or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
         raise TypeError(f"{where} has dtype {dtype}; it must hold numeric counts")
     if dtype == np.bool_:
-        raise TypeError(f"{where} holds booleans; pass integer counts (e.g. layer='counts')")
+        raise TypeError(
+            f"{where} holds booleans; " + (fix if model else "pass integer counts (e.g. layer='counts')")
+        )
     if dtype == np.float16:
         raise TypeError(
             f"{where} is float16, which cannot hold counts above 2048 exactly; convert it, e.g. "
@@ -117,10 +142,10 @@ def check_counts(adata: AnnData, layer: str | None) -> np.ndarray:
             fractional = values != np.round(values)
             if fractional.any():
                 raise ValueError(
-                    f"{where} holds non-integer values (e.g. {values[fractional][0]:.4g}); sctransformer "
-                    "reads raw integer counts: pass the layer that holds them (e.g. layer='counts'), not "
-                    "normalised or log-transformed data. Fractional counts (EM quantification, ambient-RNA "
-                    "correction) can be rounded first: np.round(...)"
+                    f"{where} holds non-integer values (e.g. {values[fractional][0]:.4g}); "
+                    + ("" if model else "sctransformer reads raw integer counts: ")
+                    + f"{fix}, not normalised or log-transformed data. Fractional counts (EM "
+                    "quantification, ambient-RNA correction) can be rounded first: np.round(...)"
                 )
         if (values < 0).any():
             raise ValueError(f"{where} holds negative values; pass raw, non-negative counts")
@@ -128,13 +153,74 @@ def check_counts(adata: AnnData, layer: str | None) -> np.ndarray:
     return totals
 
 
-def gene_identifiers(adata: AnnData, gene_key: str | None) -> pd.Index:
-    """Gene identifiers: ``adata.var[gene_key]`` or ``adata.var_names``, checked to be unique."""
+def _is_text(column: pd.Series) -> bool:
+    """Whether a ``.var`` column holds text (identifiers could be read from it)."""
+    dtype = column.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        dtype = dtype.categories.dtype
+    return pd.api.types.is_object_dtype(dtype) or pd.api.types.is_string_dtype(dtype)
+
+
+def model_gene_fix(adata: AnnData, gene_key: str | None, vocabulary: pd.Index) -> str:
+    """How to give ``adata`` the vocabulary's kind of gene identifiers where a model reads them.
+
+    A model's ``gene_key`` is fixed, so the fix is to put the identifiers there, not to pass
+    ``gene_key=``.
+
+    Parameters
+    ----------
+    adata
+        The cells.
+    gene_key
+        The model's ``.var`` column of identifiers (``None``: ``adata.var_names``).
+    vocabulary
+        The model's identifiers: the ``.var`` column sharing most of them is named in the example.
+
+    Returns
+    -------
+    A clause such as ``"the model reads its genes from adata.var_names: put identifiers of the
+    vocabulary's kind there, e.g. adata.var_names = adata.var['feature_name'].astype(str)"``.
+    """
+    where = "adata.var_names" if gene_key is None else f"adata.var[{gene_key!r}]"
+    candidates = {"adata.var_names": adata.var_names} if gene_key is not None else {}
+    candidates |= {
+        f"adata.var[{c!r}].astype(str)": adata.var[c]
+        for c in adata.var.columns
+        if c != gene_key and _is_text(adata.var[c])
+    }
+    shared = {name: int(vocabulary.isin(values.astype(str)).sum()) for name, values in candidates.items()}
+    best = max(shared, key=shared.get, default=None)
+    example = f", e.g. {where} = {best}" if best is not None and shared[best] > 0 else ""
+    return (
+        f"the model reads its genes from {where}: put identifiers of the vocabulary's kind (symbols or "
+        f"Ensembl ids) there{example}"
+    )
+
+
+def gene_identifiers(adata: AnnData, gene_key: str | None, *, model: bool = False) -> pd.Index:
+    """Gene identifiers: ``adata.var[gene_key]`` or ``adata.var_names``, checked to be unique.
+
+    Parameters
+    ----------
+    adata
+        The cells.
+    gene_key
+        ``.var`` column of identifiers (``None``: ``adata.var_names``).
+    model
+        ``gene_key`` is a model's, which the caller cannot change (inference, loading): the errors
+        say how to put identifiers there instead of to pass ``gene_key=``.
+    """
     if gene_key is None:
         ids = pd.Index(adata.var_names.astype(str))
         where = "adata.var_names"
     else:
         if gene_key not in adata.var:
+            if model:
+                raise KeyError(
+                    f"the model reads its genes from adata.var[{gene_key!r}], which adata lacks (its .var "
+                    f"columns: {list(adata.var.columns)}); add it, e.g. adata.var[{gene_key!r}] = "
+                    "adata.var_names"
+                )
             raise KeyError(
                 f"gene_key {gene_key!r} not found in adata.var (available: {list(adata.var.columns)})"
             )
@@ -145,6 +231,16 @@ def gene_identifiers(adata: AnnData, gene_key: str | None) -> pd.Index:
         where = f"adata.var[{gene_key!r}]"
     if not ids.is_unique:
         dup = ids[ids.duplicated()].unique()[:5].tolist()
+        if model:  # the model's gene key is fixed: make the identifiers there unique
+            fix = (
+                "adata.var_names_make_unique()"
+                if gene_key is None
+                else f"drop the duplicated genes: adata = adata[:, ~adata.var[{gene_key!r}].duplicated()].copy()"
+            )
+            raise ValueError(
+                f"{where} has duplicate gene identifiers (e.g. {dup}), and the model reads its genes from "
+                f"there; make them unique, e.g. {fix}"
+            )
         raise ValueError(
             f"{where} has duplicate gene identifiers (e.g. {dup}); make them unique, e.g. with "
             "adata.var_names_make_unique(), or pass gene_key= a column of unique identifiers"
@@ -159,7 +255,17 @@ def check_obs_key(adata: AnnData, key: str, role: str) -> None:
 
 
 def check_phenotype_column(adata: AnnData, key: str) -> None:
-    """Raise if a phenotype column has no known value; warn if it has one category only."""
+    """Raise if a new phenotype key holds ``/`` or its column has no known value; warn if it has one category.
+
+    ``/`` is refused because the results named after the key (``.obs`` columns, ``.obsm`` and
+    ``.uns`` entries) could not be read back from .h5ad or .zarr.
+    """
+    if "/" in str(key):
+        raise ValueError(
+            f"phenotype key {key!r} contains '/': the results named after it (.obs, .obsm, .uns) could not "
+            "be read back from .h5ad or .zarr; rename the column, e.g. "
+            f"adata.obs = adata.obs.rename(columns={{{key!r}: {str(key).replace('/', '_')!r}}})"
+        )
     check_obs_key(adata, key, "phenotype key")
     column = adata.obs[key]
     if column.notna().sum() == 0:

@@ -14,6 +14,9 @@ logger = logging.getLogger("sctransformer")
 #: not to warn. Below half of them, most of what the model learned to read is missing from the
 #: cells (a mismatch of identifiers, or a panel or gene subset much smaller than the training data).
 MIN_VOCABULARY_SHARE = 0.5
+#: How :meth:`GeneVocabulary.column_to_gene` says to fix identifiers unlike the vocabulary's where
+#: the caller takes a ``gene_key`` (``setup_anndata``); a model's own settings need another fix.
+GENE_KEY_FIX = "pass gene_key= the .var column with matching identifiers"
 
 
 class GeneVocabulary:
@@ -38,7 +41,9 @@ class GeneVocabulary:
         """Gene identifiers in embedding-row order."""
         return self.index.tolist()
 
-    def column_to_gene(self, identifiers: pd.Index, *, min_overlap: int = 1) -> np.ndarray:
+    def column_to_gene(
+        self, identifiers: pd.Index, *, min_overlap: int = 1, fix: str = GENE_KEY_FIX
+    ) -> np.ndarray:
         """Vocabulary row of each AnnData column (``-1`` where the gene is not in the vocabulary).
 
         Logs the coverage ("712 / 765 genes in vocabulary (712 of the model's 2000 genes
@@ -46,6 +51,18 @@ class GeneVocabulary:
         vocabulary's genes are not in the AnnData, warns when fewer than
         :data:`MIN_VOCABULARY_SHARE` of the vocabulary's genes are present, and raises if fewer
         than ``min_overlap`` genes are shared.
+
+        Parameters
+        ----------
+        identifiers
+            Gene identifier of each AnnData column.
+        min_overlap
+            Fewest shared genes accepted.
+        fix
+            How to give the AnnData matching identifiers, said in the error and the warning;
+            default :data:`GENE_KEY_FIX` (pass ``gene_key=``). Where the ``gene_key`` is a
+            model's, which inference and loading do not take: where to put the identifiers
+            (``model_gene_fix`` of ``data/_validation.py``).
         """
         mapping = self.index.get_indexer(pd.Index(identifiers).astype(str)).astype(np.int64)
         n_found = int((mapping >= 0).sum())
@@ -54,7 +71,7 @@ class GeneVocabulary:
             raise ValueError(
                 f"the AnnData shares {n_found} genes with the model's vocabulary of {len(self)} "
                 f"genes (its identifiers look like {example}, the vocabulary's like "
-                f"{self.genes[:3]}); pass gene_key= the .var column with matching identifiers"
+                f"{self.genes[:3]}); {fix}"
             )
         n_present = len(np.unique(mapping[mapping >= 0]))  # distinct genes: columns may repeat one
         if n_found < len(identifiers) or n_present < len(self):
@@ -71,8 +88,8 @@ class GeneVocabulary:
                 f"({n_present / len(self):.0%}, under {MIN_VOCABULARY_SHARE:.0%}): the model sees its cells "
                 "through few of the genes it learned from, so their embeddings and predictions may be "
                 "unreliable; keep all genes of the AnnData (not a subset such as highly variable genes), "
-                "check that its identifiers match the vocabulary's (pass gene_key= the .var column "
-                "that does), or use a model trained on these genes",
+                f"check that its identifiers match the vocabulary's ({fix}), or use a model trained on "
+                "these genes",
                 UserWarning,
                 stacklevel=2,
             )

@@ -53,6 +53,7 @@ from sctransformer.data._validation import (
     check_model_layer,
     check_obs_key,
     check_phenotype_column,
+    model_gene_fix,
     positive_int,
 )
 from sctransformer.metrics import expected_calibration_error, log1p_normalise
@@ -489,6 +490,28 @@ def _check_state(state: Any, source: str) -> None:
             raise damaged(f"temperatures[{key!r}] must be a finite number > 0, got {value!r}")
 
 
+def _log_query_labels(model: GeneTransformer, keys: list[str], by_name: list[str]) -> None:
+    """Log the query columns whose labels :meth:`GeneTransformer.train` will fit the model to.
+
+    Predictions evaluated against labels the model was trained on are optimistic, so this says how
+    to keep them out: as a warning where a column was taken for its name alone (``by_name``: a
+    reference key the query has a column of), as information where it was asked for.
+    """
+    counts = {key: int((model._registered_codes(key) >= 0).sum()) for key in keys}
+    counts = {key: n for key, n in counts.items() if n > 0}
+    if not counts:
+        return
+    logger.log(
+        logging.WARNING if set(by_name) & set(counts) else logging.INFO,
+        "the query's labels in %s are training targets: train() fits the phenotype heads and the "
+        "calibration to them, so predictions evaluated against these labels after training are "
+        "optimistic (the labels leak into the model); to annotate the query without using its labels, "
+        "pass phenotype_keys=[] to load_query_data (or remove the column%s first)",
+        ", ".join(f"adata.obs[{key!r}] ({n} labelled cells)" for key, n in counts.items()),
+        "s" if len(counts) > 1 else "",
+    )
+
+
 def _cells_fingerprint(adata: AnnData | ShardedAnnData) -> dict[str, int | str]:
     """Number of cells and a SHA-256 of their names: recognises the cells a model's split indexes."""
     digest = hashlib.sha256("\x1f".join(map(str, adata.obs_names)).encode()).hexdigest()
@@ -645,13 +668,20 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         _check_hyperparameters(**hyperparameters)
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
-        if self._get_most_recent_anndata_manager(adata) is None:
+        manager = self._registered_manager(adata)
+        if manager is None:
+            if _SCVI_UUID_KEY in adata.uns:  # the ids of a setup without the setup: a copy made after it
+                raise ValueError(
+                    "adata is a subset or copy of a set-up AnnData made after setup_anndata (e.g. "
+                    "adata = adata[mask].copy()), which does not carry the setup over; call "
+                    "sctransformer.setup_anndata(adata, ...) again on it before creating the model"
+                )
             raise ValueError(
                 "adata is not set up; call sctransformer.setup_anndata(adata, ...) before creating the model"
             )
         if align_obsm is not None:  # register the second modality with the counts
             align_dim = positive_int(align_dim, "align_dim")
-            registered = self._get_most_recent_anndata_manager(adata).registry["setup_args"]
+            registered = manager.registry["setup_args"]
             self._register(
                 adata,
                 layer=registered[SETUP_ARGS.LAYER],
@@ -898,7 +928,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         ``phenotype_categories`` fixes the categories of the keys it names (a saved model's);
         ``batch_categories`` are a reference's batches, extended by the new ones. With
         ``phenotype_categories`` given (also empty), these are a saved model's settings: a missing
-        count matrix is reported as the model's layer to fill, not as a ``layer=`` to pass.
+        or non-count matrix is reported as the model's layer to fill, and unusable gene
+        identifiers as the model's gene key to fill, not as a ``layer=`` or ``gene_key=`` to pass.
         """
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
@@ -912,13 +943,6 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         phenotype_keys = [] if phenotype_keys is None else list(phenotype_keys)  # also a pd.Index
         if len(set(phenotype_keys)) != len(phenotype_keys):
             raise ValueError(f"phenotype_keys has duplicates: {phenotype_keys}")
-        slashed = [key for key in phenotype_keys if "/" in str(key)]
-        if slashed and phenotype_categories is None:  # a saved model's keys were checked when it was set up
-            raise ValueError(
-                f"phenotype keys {slashed} contain '/': the results named after them (.obsm, .uns) could "
-                "not be written to .h5ad or .zarr; rename the columns, e.g. "
-                f"adata.obs = adata.obs.rename(columns={{{slashed[0]!r}: {slashed[0].replace('/', '_')!r}}})"
-            )
         if batch_key is not None:
             check_obs_key(adata, batch_key, "batch_key")
             if adata.obs[batch_key].isna().any():
@@ -938,8 +962,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 check_phenotype_column(adata, key)
             else:
                 check_obs_key(adata, key, "phenotype key")
-        gene_identifiers(adata, gene_key)
-        if phenotype_categories is not None:  # a saved model's layer: load() etc. take no layer=
+        model_settings = phenotype_categories is not None  # load() etc. take no layer= or gene_key=
+        gene_identifiers(adata, gene_key, model=model_settings)
+        if model_settings:
             check_model_layer(adata, layer)
         matrix = adata.X if layer is None else adata.layers.get(layer)
         if isinstance(
@@ -950,7 +975,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 f"{where} is a scipy sparse array ({type(matrix).__name__}); setup_anndata needs a sparse "
                 f"matrix: {where} = scipy.sparse.csr_matrix({where})"
             )
-        n_empty = int((check_counts(adata, layer) == 0).sum())
+        n_empty = int((check_counts(adata, layer, model=model_settings) == 0).sum())
         if n_empty:
             warnings.warn(
                 f"{n_empty} cells have no counts; they are embedded from the [CLS] and phenotype "
@@ -1109,7 +1134,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             reverse; ``"none"``/``None`` trains all.
         calibrate
             After training, fit a temperature per phenotype on the validation cells
-            (:meth:`calibrate`) so that prediction confidences are calibrated.
+            (:meth:`calibrate`) so that prediction confidences are calibrated. Temperatures fitted
+            before (e.g. the reference's, kept by :meth:`load_query_data`) belong to the weights
+            this run changes: where they cannot be fitted again (``calibrate=False``, or no
+            labelled validation cells, as for an unlabelled query) they are dropped with a
+            warning, and confidences are uncalibrated until :meth:`calibrate` is called on
+            labelled cells.
         train_size, validation_size
             Shares of cells for training and validation (scvi-tools' ``DataSplitter``); cells in
             neither are a test set, listed in ``model.test_indices``. Not used with
@@ -1265,7 +1295,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 _check_align_input(self.adata, self.hyperparameters_["align_obsm"], self.module.align_dims[0])
             self._validate_anndata(self.adata)
             self._check_unchanged_since_setup(self.adata)
-            check_counts(self.adata, self.setup_args_[SETUP_ARGS.LAYER])  # e.g. normalised in place since
+            # e.g. normalised in place since
+            check_counts(self.adata, self.setup_args_[SETUP_ARGS.LAYER], model=True)
         elif length_bucketing:
             raise ValueError(
                 "length_bucketing is not available for sharded data; pass length_bucketing=False"
@@ -1446,6 +1477,23 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         }
         if calibrate and self.phenotype_categories_ and self._labelled_validation_cells():
             self.calibrate()
+        dropped = [key for key in calibration[0] if key not in self.temperatures_]
+        if dropped:  # fitted to the weights before this run: not refitted, so not kept
+            if not calibrate:
+                reason = "calibrate=False"
+            elif n_validation == 0:
+                reason = "no validation cells were held out to fit new ones on"
+            else:
+                reason = "the validation cells have no labels of them to fit new ones on (e.g. an unlabelled query)"
+            warnings.warn(
+                f"training changed the weights that the calibration temperatures of {dropped} were fitted "
+                f"to, and {reason}, so they were dropped: predict() and sct.tl.predict now give "
+                "uncalibrated confidences (temperature 1), which min_confidence thresholds differently. "
+                "Recalibrate on labelled cells, ideally ones the model was not trained on: "
+                f"model.calibrate(labelled_adata), with labels in labelled_adata.obs[{dropped[0]!r}]",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _frozen_parameters(self, freeze: Freeze | None) -> list[torch.nn.Parameter]:
         """Parameters that ``freeze`` keeps fixed (only those that are trainable now)."""
@@ -1492,11 +1540,19 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             weights.append(torch.as_tensor(w, dtype=torch.float32))
         return weights
 
+    def _labels_registered(self, key: str) -> bool:
+        """Whether the model's AnnData has labels of phenotype ``key`` registered (training targets)."""
+        return phenotype_registry_key(key) in self.adata_manager.data_registry
+
     def _registered_codes(self, key: str) -> np.ndarray:
-        """Category codes of phenotype ``key`` of the model's cells (``-1``: unknown / absent)."""
+        """Category codes of phenotype ``key`` of the model's cells (``-1``: unknown / absent).
+
+        A column of the AnnData that was not registered (e.g. a query's labels left out of
+        ``load_query_data(phenotype_keys=...)``) gives no labels.
+        """
         if self.shards_ is not None:
             return self.shards_.phenotype_codes[key].astype(np.int64)
-        if key not in self.adata.obs:
+        if key not in self.adata.obs or not self._labels_registered(key):
             return np.full(self.adata.n_obs, -1, dtype=np.int64)
         return category_codes(self.adata.obs[key], self.phenotype_categories_[key])
 
@@ -1510,8 +1566,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
     def _column_to_gene(self, adata: AnnData | ShardedAnnData) -> np.ndarray:
         if isinstance(adata, ShardedAnnData):  # its last column sums the genes outside its vocabulary
             return np.append(self.vocabulary_.column_to_gene(adata.genes), -1)
-        ids = gene_identifiers(adata, self.setup_args_[SETUP_ARGS.GENE_KEY])
-        return self.vocabulary_.column_to_gene(ids)
+        gene_key = self.setup_args_[SETUP_ARGS.GENE_KEY]
+        ids = gene_identifiers(adata, gene_key, model=True)
+        fix = model_gene_fix(adata, gene_key, self.vocabulary_.index)
+        return self.vocabulary_.column_to_gene(ids, fix=fix)
 
     def _inference_adata(self, adata: AnnData | ShardedAnnData | None) -> AnnData | ShardedAnnData:
         """The cells to run on: ``adata``, else the model's own (AnnData or shards)."""
@@ -1532,7 +1590,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         elif not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData or a ShardedAnnData, got {type(adata).__name__}")
         check_model_layer(adata, self.setup_args_[SETUP_ARGS.LAYER])
-        check_counts(adata, self.setup_args_[SETUP_ARGS.LAYER])
+        check_counts(adata, self.setup_args_[SETUP_ARGS.LAYER], model=True)
         return adata
 
     def _forward(
@@ -1909,6 +1967,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
 
         n_bins = positive_int(n_bins, "n_bins")  # before the forward pass
         keys = self._phenotype_selection(phenotype)
+        own = adata is None  # the model's cells: labels only as registered, not any column of the name
         if adata is None:
             if self.adata is None and self.shards_ is None:
                 raise ValueError("the model has no AnnData attached; pass a labelled adata=...")
@@ -1940,7 +1999,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         else:
             if indices is not None:
                 adata = adata[indices]
-            labelled = [key for key in keys if key in adata.obs]
+            labelled = [key for key in keys if key in adata.obs and (not own or self._labels_registered(key))]
             logits = self._phenotype_logits(adata, labelled, batch_size)
             all_codes = {
                 key: category_codes(adata.obs[key], self.phenotype_categories_[key]) for key in labelled
@@ -2098,13 +2157,16 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         batch_categories: list[str] | None = None,
         setup_again: bool = False,
         extend_batches: bool = False,
+        label_keys: list[str] | None = None,
     ) -> GeneTransformer:
         """Rebuild a model; phenotype keys beyond the saved ones get new, freshly initialised slots.
 
         ``adata`` is set up with the saved settings if it is not set up, or if ``setup_again``;
         only once the weights have loaded, so that a model that fails to load leaves it untouched.
         With ``extend_batches`` (a query), the model's batches are those of that setup: the
-        reference's, extended by the new ones.
+        reference's, extended by the new ones. ``label_keys`` are the phenotype columns of
+        ``adata`` registered as labels (training targets); default every phenotype key of the
+        model that ``adata.obs`` has.
         """
         _check_accelerator(accelerator)
         vocabulary = GeneVocabulary(state["vocabulary"])
@@ -2115,7 +2177,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         if adata is not None:
             if not isinstance(adata, AnnData):
                 raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
-            vocabulary.column_to_gene(gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY]))
+            gene_key = setup_args[SETUP_ARGS.GENE_KEY]
+            vocabulary.column_to_gene(
+                gene_identifiers(adata, gene_key, model=True),
+                fix=model_gene_fix(adata, gene_key, vocabulary.index),
+            )
             _check_align_width(adata, state)
         hyperparameters = dict(state["hyperparameters"])
         if "n_unexpressed" in hyperparameters:  # saved before query tokens replaced the is-zero head
@@ -2154,7 +2220,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                     adata,
                     layer=setup_args[SETUP_ARGS.LAYER],
                     batch_key=batch_key if batch_key in adata.obs else None,
-                    phenotype_keys=[k for k in categories if k in adata.obs],
+                    phenotype_keys=[
+                        k for k in categories if (k in adata.obs if label_keys is None else k in label_keys)
+                    ],
                     gene_key=setup_args[SETUP_ARGS.GENE_KEY],
                     phenotype_categories=categories,
                     batch_categories=batch_categories,
@@ -2275,8 +2343,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         """A reference model attached to new cells, ready for prediction or fine-tuning (scArches-style).
 
         The query keeps the reference's gene vocabulary, bin definitions, phenotype categories,
-        calibration and weights; its genes are aligned to the vocabulary by identifier and its
-        batches are appended to the reference's. Phenotype keys the reference does not have
+        weights and calibration (until :meth:`train` changes the weights, see its ``calibrate``);
+        its genes are aligned to the vocabulary by identifier and its batches are appended to the
+        reference's. Phenotype keys the reference does not have
         (e.g. ``cell_type`` on a model pre-trained without labels) get new token slots and heads,
         to be trained with :meth:`train` (e.g. ``freeze="backbone"``). A new slot's token (its
         ``[MASK]`` until trained, and ``freeze="backbone"`` trains the phenotype tables) is read by
@@ -2287,17 +2356,23 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         ----------
         adata
             Query cells with counts in the reference's layer (not a view). It is set up again
-            with the reference's settings; labels in a reference phenotype column with categories
-            the reference does not know are treated as unknown (a warning lists them), so
-            predictions always use the reference's categories.
+            with the reference's settings; labels of a reference phenotype (see
+            ``phenotype_keys``) in categories the reference does not know are treated as unknown
+            (a warning lists them), so predictions always use the reference's categories.
         reference
             Directory of a saved model, or a model.
         phenotype_keys
-            ``.obs`` columns to model; keys the reference lacks get new slots. Each key given
-            must be a column of ``adata.obs`` (a :class:`ValueError` names those that are not).
-            Default: the phenotype keys ``adata`` was set up with, if it was set up, plus the
-            reference's; a reference key without a column in ``adata.obs`` is then unknown for
-            every query cell (a query to annotate).
+            The query's ``.obs`` columns used as labels: :meth:`train` fits the phenotype heads and
+            the calibration to them. Keys the reference lacks get new slots; reference keys left
+            out are still predicted, and every query cell is unlabelled for them (also where
+            ``adata.obs`` has a column of that name). Each key given must be a column of
+            ``adata.obs`` (a :class:`ValueError` names those that are not). ``[]`` uses none of
+            the query's labels: a query to annotate that keeps its labels to evaluate the
+            predictions against. Default: the phenotype keys ``adata`` was set up with, if it was
+            set up, plus every reference key that ``adata.obs`` has a column of (such a column
+            found by its name alone is logged as a warning where it labels cells: predictions
+            evaluated against labels the model was trained on are optimistic); a reference key
+            without a column is unknown for every query cell (a query to annotate).
         min_gene_overlap
             Refuse the query if the genes it shares with the vocabulary are fewer than this share
             of the smaller of the two gene sets (query genes, vocabulary).
@@ -2320,8 +2395,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         setup_args = state["setup_args"]
         _check_align_width(adata, state)
         vocabulary = GeneVocabulary(state["vocabulary"])
-        ids = gene_identifiers(adata, setup_args[SETUP_ARGS.GENE_KEY])
-        n_shared = int((vocabulary.column_to_gene(ids) >= 0).sum())
+        gene_key = setup_args[SETUP_ARGS.GENE_KEY]
+        ids = gene_identifiers(adata, gene_key, model=True)
+        fix = model_gene_fix(adata, gene_key, vocabulary.index)
+        n_shared = int((vocabulary.column_to_gene(ids, fix=fix) >= 0).sum())
         coverage = {
             "n_shared": n_shared,
             "n_query_genes": len(ids),
@@ -2347,11 +2424,14 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             100 * coverage["share_of_vocabulary"],
         )
         saved = {k: list(v) for k, v in state["phenotype_categories"].items()}
+        by_name: list[str] = []  # reference keys taken as labels because the query has such a column
         if phenotype_keys is None:
             manager = cls._registered_manager(adata)
             phenotype_keys = (
                 list(manager.registry["setup_args"][SETUP_ARGS.PHENOTYPE_KEYS] or []) if manager else []
             )
+            by_name = [k for k in saved if k in adata.obs and k not in phenotype_keys]
+            phenotype_keys = [*phenotype_keys, *by_name]
         else:
             if isinstance(phenotype_keys, str):
                 phenotype_keys = [phenotype_keys]
@@ -2367,8 +2447,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         for key in new_keys:
             check_phenotype_column(adata, key)
         categories = saved | {k: observed_categories(adata.obs[k]) for k in new_keys}
-        for key in saved:
-            if key in adata.obs:  # matched as registration matches them (older spellings too)
+        for key in phenotype_keys:
+            if key in saved:  # matched as registration matches them (older spellings too)
                 column = adata.obs[key]
                 lost = column.notna().to_numpy() & (category_codes(column, saved[key]) < 0)
                 unseen = observed_categories(column[lost]) if lost.any() else []
@@ -2388,10 +2468,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             phenotype_categories=categories,
             setup_again=True,
             extend_batches=True,
+            label_keys=phenotype_keys,
         )
         for key in new_keys:
             model.temperatures_.pop(key, None)
         model.gene_coverage_ = coverage
+        _log_query_labels(model, phenotype_keys, by_name)
         return model
 
     def __repr__(self) -> str:

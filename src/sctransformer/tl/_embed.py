@@ -11,7 +11,7 @@ from sctransformer.data import ShardedAnnData
 from sctransformer.model import GeneTransformer
 from sctransformer.module import Pooling
 
-from ._utils import counts_of, record_run, refuse_backed_copy
+from ._utils import check_key_added, counts_of, record_run, refuse_backed_copy
 
 
 def embed(
@@ -37,7 +37,7 @@ def embed(
     model
         Trained :class:`~sctransformer.GeneTransformer`.
     key_added
-        ``.obsm`` key to write.
+        ``.obsm`` key to write (without ``/``, which .h5ad cannot read back).
     pooling
         ``"profile"``, ``"cls"`` or ``"mean"``; default the model's
         (:meth:`~sctransformer.GeneTransformer.get_latent_representation`).
@@ -66,6 +66,7 @@ def embed(
         The parameters of the run.
     """
     refuse_backed_copy(adata, copy)
+    check_key_added(key_added)
     if space != "cell":  # the aligned spaces project the default cell embedding
         embedding = model.get_latent_representation(
             adata if space == "aligned_other" else counts_of(adata, counts),

@@ -16,7 +16,14 @@ from sctransformer._keys import KEYS
 from sctransformer.data._validation import positive_int
 from sctransformer.model import GeneTransformer
 
-from ._utils import check_distinct_keys, record_run, recorded_runs, refuse_backed_copy, suffixed_key
+from ._utils import (
+    check_distinct_keys,
+    check_key_added,
+    record_run,
+    recorded_runs,
+    refuse_backed_copy,
+    suffixed_key,
+)
 
 Normalize = Literal["coexpression", "none"]
 Layers = Literal["first", "last", "all"] | int | list[int]
@@ -193,14 +200,6 @@ class CoAttentionAccumulator:
 def _stacked(rows: list[sp.csr_matrix], n_genes: int) -> sp.csc_matrix:
     """Minibatches of cells x genes rows as one CSC matrix (column slices are cheap)."""
     return sp.vstack(rows).tocsc() if rows else sp.csc_matrix((0, n_genes))
-
-
-def _check_key_added(key_added: str) -> None:
-    """Raise if ``key_added`` holds ``/``, which .h5ad files cannot read back in a key."""
-    if not isinstance(key_added, str) or "/" in key_added:
-        raise ValueError(
-            f"key_added must be a string without '/' (.h5ad cannot read such keys back), got {key_added!r}"
-        )
 
 
 def _check_scorable(adata: AnnData, what: str) -> None:
@@ -454,7 +453,7 @@ def gene_graph(
         ``key_added`` (a group now skipped loses its old graph); the ungrouped graph stays.
     """
     refuse_backed_copy(adata, copy)
-    _check_key_added(key_added)
+    check_key_added(key_added)
     model._inference_adata(adata)  # checks the counts
     columns, vocabulary_to_graph = _graph_genes(adata, model, genes)
     n_genes = len(columns)
@@ -611,7 +610,7 @@ def gene_embedding(
     key_added = key_added or (
         KEYS.GENE_EMBEDDING if kind == "identity" else f"{KEYS.GENE_EMBEDDING}_contextual"
     )
-    _check_key_added(key_added)
+    check_key_added(key_added)
     column_to_gene = model._column_to_gene(adata)
     known = column_to_gene >= 0
     d_model = model.hyperparameters_["d_model"]
@@ -696,7 +695,7 @@ def gene_modules(
     ``.uns["sct"][key_added]``.
     """
     refuse_backed_copy(adata, copy)
-    _check_key_added(key_added)
+    check_key_added(key_added)
     graph = stored_graph(adata, key)
     if score:
         _check_scorable(adata, "sct.tl.gene_modules(score=True)")

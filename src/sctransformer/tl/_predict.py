@@ -16,7 +16,14 @@ from sctransformer._settings import settings
 from sctransformer.data import ShardedAnnData
 from sctransformer.model import GeneTransformer
 
-from ._utils import counts_of, previous_run, record_run, recorded_runs, refuse_backed_copy
+from ._utils import (
+    check_key_added,
+    counts_of,
+    previous_run,
+    record_run,
+    recorded_runs,
+    refuse_backed_copy,
+)
 
 #: Colour of the ``"unknown"`` label (``min_confidence``) where the true labels have none.
 UNKNOWN_COLOR = "#bbbbbb"
@@ -255,7 +262,7 @@ def predict(
     resolution
         Leiden resolution of the default over-clustering (high: many small clusters).
     key_added
-        Prefix of the written keys.
+        Prefix of the written keys (without ``/``, which .h5ad cannot read back).
     batch_size
         Cells per minibatch.
     copy
@@ -299,6 +306,7 @@ def predict(
         of each phenotype, in the order of the columns of the probabilities.
     """
     refuse_backed_copy(adata, copy)
+    check_key_added(key_added)
     if over_clustering is not None:
         if not majority_voting:
             raise ValueError("over_clustering is only used with majority_voting=True")

@@ -42,6 +42,17 @@ def previous_run(adata: AnnData, key_added: str, function: str) -> Mapping[str, 
     return run if isinstance(run, Mapping) and run.get("function") == function else {}
 
 
+def check_key_added(key_added: str) -> None:
+    """Raise if ``key_added`` is not a string or holds ``/``, which .h5ad files cannot read back in a key.
+
+    Called before any computation, so that a bad key costs nothing.
+    """
+    if not isinstance(key_added, str) or "/" in key_added:
+        raise ValueError(
+            f"key_added must be a string without '/' (.h5ad cannot read such keys back), got {key_added!r}"
+        )
+
+
 def suffixed_key(key_added: str, suffix: object) -> str:
     """``f"{key_added}_{suffix}"`` with ``/`` (not allowed in .h5ad keys) as ``_``."""
     return f"{key_added}_{suffix}".replace("/", "_")
