@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -423,3 +424,270 @@ def test_a_bad_output_is_refused_before_the_model_is_loaded(
     err = capsys.readouterr().err
     assert message in err and "--overwrite" not in err, err  # a directory cannot be overwritten
     assert not (tmp_path / "out.h5ad").exists() and not list(tmp_path.rglob(".*.partial"))
+
+
+def _train_must_not_run(monkeypatch) -> None:
+    """Make training fail loudly: a check said to come before it must have refused the run."""
+
+    @functools.wraps(sct.GeneTransformer.train)  # its signature: read_config checks the options by it
+    def train(*args, **kwargs):
+        raise AssertionError("training ran before the config was refused")
+
+    monkeypatch.setattr(sct.GeneTransformer, "train", train)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resuming_a_checkpoint_of_other_cells_of_the_same_number_is_refused_before_anything_is_saved(
+    tmp_path, capsys, streaming
+):
+    data = sct.datasets.synthetic(n_cells=60, n_genes=30, n_cell_types=3, n_markers=5, seed=0)
+    data.write_h5ad(tmp_path / "a.h5ad")
+    other = data.copy()
+    other.obs_names = [f"other_{name}" for name in other.obs_names]  # other cells, as many
+    other.write_h5ad(tmp_path / "b.h5ad")
+    for name in ("a", "b"):
+        config = {
+            "data": {"paths": [f"{name}.h5ad"], "layer": "counts", "streaming": streaming},
+            "model": dict(TINY),
+            "train": {"max_epochs": 1, "batch_size": 32, "enable_progress_bar": False}
+            | {"checkpoint_dir": "ckpt", "resume": True},
+            "log": {"loggers": ["csv"]},
+            "output": f"model_{name}",
+        }
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "--config", str(tmp_path / "a.yaml")]) == 0
+    # the checkpoint's run has finished: nothing is left to train, yet the data are checked
+    assert main(["pretrain", "--config", str(tmp_path / "b.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from this checkpoint" in err and "training cells' names" in err, err
+    assert not (tmp_path / "model_b").exists()  # not model_a's weights saved as a model of b.h5ad
+
+
+def test_only_global_rank_0_saves_and_prints(tmp_path, capsys, monkeypatch):
+    import torch.distributed as dist
+
+    config = write_config(tmp_path, log={"loggers": ["csv"]})
+    train, barriers = sct.GeneTransformer.train, []
+
+    @functools.wraps(train)
+    def train_as_rank_1(model, *args, **kwargs):
+        train(model, *args, **kwargs)
+        # as Lightning's ddp leaves the second of two processes: in the process group, rank 1
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_rank", lambda *args: 1)
+        monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: barriers.append(1))
+
+    monkeypatch.setattr(sct.GeneTransformer, "train", train_as_rank_1)
+    assert main(["pretrain", "--config", config]) == 0
+    assert not (tmp_path / "model").exists()  # rank 0 saves; two saves would race for the directory
+    assert capsys.readouterr().out.strip() == ""  # one success line per run, printed by rank 0
+    assert barriers == [1]  # waited for rank 0's save
+
+
+def test_a_model_saved_into_the_output_during_training_names_the_overwrite_option(
+    tmp_path, capsys, monkeypatch
+):
+    config = write_config(tmp_path, log={"loggers": ["csv"]})
+    train = sct.GeneTransformer.train
+
+    @functools.wraps(train)
+    def train_then_save_elsewhere(model, *args, **kwargs):  # e.g. another run saved there meanwhile
+        train(model, *args, **kwargs)
+        model.save(tmp_path / "model")
+
+    monkeypatch.setattr(sct.GeneTransformer, "train", train_then_save_elsewhere)
+    assert main(["pretrain", "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert "holds a saved model; pass --overwrite" in err and "overwrite=True" not in err, err
+
+
+@pytest.mark.parametrize(("section", "key"), [("output", None), ("log", "dir")])
+def test_an_output_or_log_dir_below_a_file_is_refused_before_training(
+    tmp_path, capsys, monkeypatch, section, key
+):
+    (tmp_path / "runs").write_text("a leftover file where the run folder was meant to be")
+    if section == "output":
+        config = write_config(tmp_path, output="runs/model", log={"loggers": ["csv"]})
+    else:
+        config = write_config(tmp_path, log={"loggers": ["csv"], "dir": "runs/logs"})
+    _train_must_not_run(monkeypatch)
+    assert main(["pretrain", "--config", config]) == 2
+    err = capsys.readouterr().err
+    name = "output" if section == "output" else "log.dir"
+    assert (
+        f"{name}: cannot create or write the directory" in err and f"{tmp_path / 'runs'}' is a file" in err
+    ), err
+
+
+def test_the_config_saved_beside_a_pretrained_model_runs_again_without_tensorboard(tmp_path, monkeypatch):
+    config = write_config(tmp_path)  # no log section: the loggers are this machine's default
+    assert main(["pretrain", "--config", config]) == 0
+    saved = (tmp_path / "model" / "config.yaml").read_text()
+    (tmp_path / "again.yaml").write_text(saved.replace(f"{tmp_path}/model", f"{tmp_path}/again"))
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as on a machine without tensorboard
+    assert main(["pretrain", "--config", str(tmp_path / "again.yaml")]) == 0
+    assert (tmp_path / "again" / "model.json").is_file()
+
+
+def test_the_config_saved_beside_a_finetuned_model_runs_again(tmp_path):
+    write_shards(tmp_path)
+    reference = ad.read_h5ad(tmp_path / "shard_0.h5ad")
+    sct.setup_anndata(reference, layer="counts")
+    sct.GeneTransformer(reference, **TINY).save(tmp_path / "ref")
+    finetune = {
+        "data": {"paths": ["shard_0.h5ad"], "phenotype_keys": ["cell_type"]},
+        "reference": "ref",
+        "train": {"max_epochs": 1, "batch_size": 32, "enable_progress_bar": False},
+        "log": {"loggers": ["csv"]},
+        "output": "tuned",
+    }
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(finetune))
+    assert main(["finetune", "--config", str(tmp_path / "finetune.yaml")]) == 0
+    saved = (tmp_path / "tuned" / "config.yaml").read_text()
+    assert "model" not in yaml.safe_load(saved)  # a section finetune refuses is not recorded
+    (tmp_path / "again.yaml").write_text(saved.replace(f"{tmp_path}/tuned", f"{tmp_path}/again"))
+    assert main(["finetune", "--config", str(tmp_path / "again.yaml")]) == 0
+    assert (tmp_path / "again" / "model.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_steps", -5),
+        ("limit_train_batches", 2.5),
+        ("limit_val_batches", -1),
+        ("accumulate_grad_batches", 0),
+        ("log_every_n_steps", 1.5),
+        ("num_nodes", True),
+        ("gradient_clip_val", -1.0),
+        ("enable_progress_bar", "no"),
+        ("strategy", 4),
+    ],
+)
+def test_a_trainer_option_lightning_would_refuse_is_refused_when_the_config_is_read(
+    tmp_path, capsys, monkeypatch, option, value
+):
+    config = write_config(tmp_path)
+    settings = yaml.safe_load(open(config))
+    settings["train"][option] = value
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(ConfigError, match=rf"^train\.{option} must be .*, got {value!r}$"):
+        read_config(tmp_path / "bad.yaml")
+    for fine in (None, 1, 0.5, 1.0) if option.startswith("limit_") else ():
+        settings["train"][option] = fine
+        (tmp_path / "fine.yaml").write_text(yaml.safe_dump(settings))
+        read_config(tmp_path / "fine.yaml")
+
+
+def test_a_trainer_setting_lightning_refuses_is_one_line_with_status_2(tmp_path, capsys):
+    config = write_config(tmp_path, log={"loggers": ["csv"]})
+    settings = yaml.safe_load(open(config))
+    settings["train"] |= {"accelerator": "cpu", "devices": 0}  # Lightning's MisconfigurationException
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(settings))
+    assert main(["pretrain", "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sctransformer pretrain: error: ") and "devices" in err[-1], err
+    assert not (tmp_path / "model").exists()
+
+
+def test_embed_names_a_file_of_the_layout_before_anndata_0_7_and_the_rewrite_that_fixes_it(tmp_path, capsys):
+    data = sct.datasets.synthetic(n_cells=20, n_genes=30, n_markers=5, seed=0)
+    data.X = data.layers["counts"]  # a model of X, as the legacy file holds its counts there
+    sct.setup_anndata(data)
+    sct.GeneTransformer(data, **TINY).save(tmp_path / "model")
+    legacy = tmp_path / "legacy.h5ad"
+    with h5py.File(legacy, "w") as file:  # as anndata < 0.7 wrote it (scanpy's 10x_pbmc68k_reduced.h5ad)
+        file["X"] = data.layers["counts"].toarray().astype(np.float32)
+        file["obs"] = np.array([(name.encode(),) for name in data.obs_names], dtype=[("index", "S16")])
+        file["var"] = np.array([(name.encode(),) for name in data.var_names], dtype=[("index", "S16")])
+    out = tmp_path / "out.h5ad"
+    assert (
+        main(["embed", "--model", str(tmp_path / "model"), "--input", str(legacy), "--output", str(out)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert str(legacy) in err and "before 0.7" in err and f"anndata.read_h5ad({str(legacy)!r})" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("problem", "data", "error", "message"),
+    [
+        (
+            "gene_key column missing",
+            {"gene_key": "symbol"},
+            KeyError,
+            r"shard_0\.h5ad: \.var has no column 'symbol'",
+        ),
+        ("a gene twice", {}, ValueError, r"twice\.h5ad: the gene identifiers in \.var_names are not unique"),
+        (
+            "layer missing in the 2nd file",
+            {"layer": "counts"},
+            KeyError,
+            r"in_x\.h5ad: layer 'counts' not found",
+        ),
+    ],
+)
+def test_in_memory_files_are_each_checked_before_they_are_joined(tmp_path, problem, data, error, message):
+    paths = [str(tmp_path / name) for name in write_shards(tmp_path)]
+    if problem == "a gene twice":
+        twice = ad.read_h5ad(paths[1])
+        twice.var_names = [*twice.var_names[:-1], twice.var_names[-2]]
+        twice.write_h5ad(tmp_path / "twice.h5ad")
+        paths[1] = str(tmp_path / "twice.h5ad")
+    elif problem == "layer missing in the 2nd file":
+        in_x = ad.read_h5ad(paths[1])
+        in_x.X = in_x.layers.pop("counts")
+        in_x.write_h5ad(tmp_path / "in_x.h5ad")
+        paths[1] = str(tmp_path / "in_x.h5ad")
+    with pytest.raises(error, match=message):
+        _load_data({"paths": paths, **data})
+
+
+def test_each_run_finishes_its_weights_and_biases_run(tmp_path, monkeypatch):
+    import importlib.machinery
+    import types
+
+    import lightning.pytorch.loggers.wandb as lightning_wandb
+
+    runs = []
+
+    class Run:  # what WandbLogger uses of a wandb run
+        def __init__(self, **init) -> None:
+            self.init, self.finished, self.logged = init, False, []
+            self.id = self.name = f"run-{len(runs)}"
+            self.config = types.SimpleNamespace(update=lambda *args, **kwargs: None)
+
+        def define_metric(self, *args, **kwargs) -> None:
+            pass
+
+        def log(self, metrics, *args, **kwargs) -> None:
+            self.logged.append(metrics)
+
+        def finish(self) -> None:  # as wandb's: the process has no open run any more
+            self.finished, wandb.run = True, None
+
+    def init(**kwargs) -> Run:
+        runs.append(Run(**kwargs))
+        wandb.run = runs[-1]
+        return wandb.run
+
+    wandb = types.ModuleType("wandb")  # a stand-in for wandb, with its one open run per process
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    wandb.run, wandb.init = None, init
+    sdk, lib, wandb_run = (types.ModuleType(f"wandb.{n}") for n in ("sdk", "sdk.lib", "wandb_run"))
+    lib.RunDisabled, wandb_run.Run = type("RunDisabled", (), {}), Run
+    for name, module in [
+        ("wandb", wandb),
+        ("wandb.sdk", sdk),
+        ("wandb.sdk.lib", lib),
+        ("wandb.wandb_run", wandb_run),
+    ]:
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(lightning_wandb, "_WANDB_AVAILABLE", True)
+
+    for name in ("first", "second"):
+        config = write_config(tmp_path, output=name, log={"loggers": ["wandb"], "wandb_project": name})
+        assert main(["pretrain", "--config", config]) == 0
+    assert [run.init["project"] for run in runs] == ["first", "second"]  # not the first run reused
+    assert all(run.finished and run.logged for run in runs)
+    assert wandb.run is None

@@ -20,7 +20,16 @@ Relative paths are taken beside the config file. Each data file is listed once (
 ``./a.h5ad`` are the same file: an error), and a key or section given twice is an error, not the
 last one silently kept. The save replaces the whole ``output`` directory, so ``train.checkpoint_dir``
 and ``log.dir`` must lie outside it (an error before training; put them beside it, e.g.
-``checkpoint_dir: model-ckpt/``).
+``checkpoint_dir: model-ckpt/``); a path where they cannot be created (below a file, in a
+read-only folder) is an error before training too. Lightning ``Trainer`` options in ``train`` are
+checked when the config is read (e.g. ``accumulate_grad_batches`` a positive integer). With
+``resume: true``, a checkpoint written on other data (other cells by name, or other genes) is
+refused before training. Under ``strategy: ddp`` every process runs the command; the first
+(global rank 0) saves the model and prints the result line.
+
+The saved ``config.yaml`` runs again as it is (with another ``output``): it records what was
+given and resolved, but not defaults that depend on the machine (``log.loggers`` left out) or
+sections the command refuses (``model`` for ``finetune``).
 
 ``finetune`` takes the same config with ``reference: <saved model directory>`` in place of
 ``model``: the reference is attached to the data (its genes, bins and categories kept; new
@@ -29,11 +38,16 @@ e.g. with ``train: {freeze: backbone}``. The data are loaded into memory and rea
 reference was set up: ``data.layer``, ``data.gene_key`` and ``data.batch_key`` may be left out
 (the saved config records the reference's), and are an error where they differ from it.
 
-Metrics are logged per epoch to CSV (and TensorBoard when it is installed) in ``log.dir``
-(default ``<output>-logs/``, beside the output, also for ``output: model/``); ``wandb`` in
-``log.loggers`` logs to Weights & Biases, if installed.
+Metrics are logged per epoch to CSV (and TensorBoard when it is installed, where ``log.loggers``
+is left out) in ``log.dir`` (default ``<output>-logs/``, beside the output, also for
+``output: model/``); ``wandb`` in ``log.loggers`` logs to Weights & Biases, if installed, one W&B
+run per command (finished when training ends).
 
-Data loaded into memory (``streaming: false``) from several files record each cell's file in
+Data loaded into memory (``streaming: false``, and ``finetune``) are checked file by file before
+they are joined, as streamed shards are (``data.layer`` and the ``data.gene_key`` column present,
+gene identifiers unique); an error names the file. Files written by anndata before 0.7 cannot
+be streamed (nor read by ``embed``/``predict``): rewrite them once with
+``anndata.read_h5ad(old).write_h5ad(new)``. In memory, data from several files record each cell's file in
 ``.obs["source_file"]``, as its path relative to the folder the files share (``sample_0/filtered.h5ad``
 and ``sample_1/filtered.h5ad`` stay apart); where the files already have a ``source_file`` column, it is
 kept and the file is recorded in ``source_file_1`` (or the next free name) instead.
@@ -56,14 +70,19 @@ import sys
 import warnings
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import pandas as pd
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from sctransformer._settings import logger
+from sctransformer.data._sharded import check_gene_column, check_gene_identifiers, check_layer
 from sctransformer.model._save_load import CONFIG_FILE, check_save_target
+
+if TYPE_CHECKING:
+    from sctransformer.model import GeneTransformer
 
 SECTIONS = {"data", "model", "reference", "train", "log", "output"}
 DATA_KEYS = {"paths", "layer", "batch_key", "phenotype_keys", "gene_key", "streaming", "join"}
@@ -112,8 +131,11 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
     """Read and check a ``pretrain`` or ``finetune`` config (YAML or JSON).
 
     Every problem is a :class:`ConfigError`; relative paths are resolved beside the config file,
-    and every path is normalised. A key given twice, a data file listed twice, or a checkpoint or
-    log directory inside the output directory (which the save replaces) is refused.
+    and every path is normalised. A key given twice, a data file listed twice, a checkpoint or
+    log directory inside the output directory (which the save replaces), or a ``Trainer`` option
+    of ``train`` that Lightning would refuse is refused. Nothing is added for a section the
+    command refuses, nor ``log.loggers`` where it is left out, so that the config, once saved
+    beside the model, runs again on any machine.
     """
     from sctransformer.model import GeneTransformer
 
@@ -142,6 +164,8 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
             + (" (the reference's hyper-parameters are kept)" if command == "finetune" else "")
         )
     for section in ("data", "model", "train", "log"):
+        if section == forbidden:  # not recorded either: the saved config must run again as it is
+            continue
         config.setdefault(section, {})
         if not isinstance(config[section] or {}, dict):
             raise ConfigError(f"config section {section!r} must be a mapping of options")
@@ -191,10 +215,14 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
         raise ConfigError(
             f"unknown keys in 'log': {sorted(set(log) - LOG_KEYS)}; allowed: {sorted(LOG_KEYS)}"
         )
-    loggers = log.setdefault("loggers", ["csv", "tensorboard"] if _installed("tensorboard") else ["csv"])
+    # loggers left out are chosen when the run starts (_default_loggers), and not recorded: the
+    # saved config then runs again on a machine without tensorboard
+    loggers = log.get("loggers")
     if isinstance(loggers, str):
         loggers = log["loggers"] = [loggers]
-    if not isinstance(loggers, list) or set(loggers) - set(LOGGERS):
+    if loggers is None:
+        loggers = _default_loggers()
+    elif not isinstance(loggers, list) or set(loggers) - set(LOGGERS):
         raise ConfigError(f"log.loggers must be a list of {list(LOGGERS)}, got {loggers!r}")
     for name in ("tensorboard", "wandb"):
         if name in loggers and not _installed(name):
@@ -206,13 +234,14 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
         )
     for section, function in (("model", GeneTransformer.__init__), ("train", GeneTransformer.train)):
         allowed = set(inspect.signature(function).parameters) - {"self", "adata", "trainer_kwargs"}
-        bad = set(config[section]) - allowed
+        bad = set(config.get(section, {})) - allowed
         if section == "train":
             bad -= _TRAINER_OPTIONS
         if bad:
             raise ConfigError(
                 f"unknown {section} options {sorted(bad)}; see GeneTransformer{'.train' * (section == 'train')}"
             )
+    _check_trainer_options(config["train"])
     if not isinstance(config["output"], str) or not config["output"]:
         raise ConfigError("output must be the path of the directory to save the model in")
     output = config["output"] = _absolute(config["output"], base)  # "model/": logs beside it, not in it
@@ -233,18 +262,54 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-#: Lightning ``Trainer`` options accepted in the ``train`` section (passed through ``**trainer_kwargs``).
-_TRAINER_OPTIONS = {
-    "num_nodes",
-    "strategy",
-    "max_steps",
-    "gradient_clip_val",
-    "accumulate_grad_batches",
-    "log_every_n_steps",
-    "enable_progress_bar",
-    "limit_train_batches",
-    "limit_val_batches",
+def _default_loggers() -> list[str]:
+    """The loggers of a config without ``log.loggers``: CSV, and TensorBoard where it is installed."""
+    return ["csv", "tensorboard"] if _installed("tensorboard") else ["csv"]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+#: What each Lightning ``Trainer`` option of the ``train`` section must be, as (check, description).
+_TRAINER_OPTION_RULES = {
+    "num_nodes": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "strategy": (lambda v: isinstance(v, str) and v != "", "the name of a Lightning strategy (e.g. ddp)"),
+    "max_steps": (lambda v: _is_int(v) and v >= -1, "a non-negative integer, or -1 for no limit"),
+    "gradient_clip_val": (lambda v: v is None or (_is_number(v) and v >= 0), "a number >= 0, or null"),
+    "accumulate_grad_batches": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "enable_progress_bar": (lambda v: isinstance(v, bool), "true or false"),
+    "limit_train_batches": (
+        lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
+        "a share of the minibatches (a float from 0.0 to 1.0), a number of minibatches (an integer "
+        ">= 0), or null for all",
+    ),
+    "limit_val_batches": (
+        lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
+        "a share of the minibatches (a float from 0.0 to 1.0), a number of minibatches (an integer "
+        ">= 0), or null for all",
+    ),
 }
+
+
+def _check_trainer_options(train: dict[str, Any]) -> None:
+    """Raise a :class:`ConfigError` for a ``Trainer`` option of the ``train`` section that Lightning would refuse.
+
+    Checked when the config is read, so that a bad value is one line before anything runs, not a
+    traceback from Lightning (or a division by zero) once the data are loaded.
+    """
+    for key, (valid, description) in _TRAINER_OPTION_RULES.items():
+        if key in train and not valid(train[key]):
+            raise ConfigError(f"train.{key} must be {description}, got {train[key]!r}")
+
+
+#: Lightning ``Trainer`` options accepted in the ``train`` section (passed through ``**trainer_kwargs``).
+_TRAINER_OPTIONS = set(_TRAINER_OPTION_RULES)
 
 
 def _load_data(data: dict[str, Any]) -> ad.AnnData:
@@ -252,8 +317,10 @@ def _load_data(data: dict[str, Any]) -> ad.AnnData:
 
     Layers and ``.obsm`` entries are those every file has; ``.obs`` columns are those of any file,
     missing values (NaN) where a file lacks one (its cells are unknown for a phenotype column). An
-    unreadable file is an error naming it; a file without cells is skipped with a warning; the
-    genes each file loses in the join are logged. Each cell's file is recorded in
+    unreadable file is an error naming it, and so is one without ``data.layer``, without the
+    ``data.gene_key`` column or with a gene identifier missing or given twice (checked as for
+    streamed shards, before the files are joined); a file without cells is skipped with a
+    warning; the genes each file loses in the join are logged. Each cell's file is recorded in
     ``.obs["source_file"]`` as its path relative to the folder the files share (``source_file_1``
     or the next free name where a file has a ``source_file`` column of its own, which is kept).
     """
@@ -264,7 +331,8 @@ def _load_data(data: dict[str, Any]) -> ad.AnnData:
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:
         raise ValueError(f"data files listed twice: {twice}; list each file once")
-    parts, names = [], []
+    layer, gene_key = data.get("layer"), data.get("gene_key")
+    parts, names, identifiers = [], [], []
     for path, key in zip(data["paths"], keys, strict=True):
         try:
             part = ad.read_h5ad(path)
@@ -273,14 +341,20 @@ def _load_data(data: dict[str, Any]) -> ad.AnnData:
         if part.n_obs == 0:
             warnings.warn(f"data file {path!r} has no cells; skipped", UserWarning, stacklevel=2)
             continue
+        # each file checked as a shard is: else the join drops a layer one file lacks, or fails
+        # on a repeated gene, with an error that names neither the file nor the cause
+        if layer is not None:
+            check_layer(path, list(part.layers), layer)
+        if gene_key is not None:
+            check_gene_column(path, list(part.var.columns), gene_key)
+        ids = check_gene_identifiers(path, part.var[gene_key] if gene_key else part.var_names, gene_key)
         parts.append(part)
         names.append(key)
+        identifiers.append(pd.Index(ids))
     if not parts:
         raise ValueError("every data file is empty; nothing to train on")
     if len(parts) == 1:
         return parts[0]
-    gene_key = data.get("gene_key")
-    identifiers = [pd.Index(p.var[gene_key] if gene_key else p.var_names) for p in parts]
     shared = identifiers[0]
     for ids in identifiers[1:]:
         shared = shared.intersection(ids, sort=False)
@@ -290,8 +364,8 @@ def _load_data(data: dict[str, Any]) -> ad.AnnData:
     if len(shared) == 0:
         raise ValueError(f"the data files share no gene identifier: {names}")
     if gene_key:  # join on the identifiers, not on whatever var_names hold
-        for part in parts:
-            part.var_names = pd.Index(part.var[gene_key].astype(str))
+        for part, ids in zip(parts, identifiers, strict=True):
+            part.var_names = ids
     columns = set().union(*(part.obs.columns for part in parts))
     label, n = "source_file", 0
     while label in columns:
@@ -337,11 +411,12 @@ def _check_reference_setup(data: dict[str, Any], reference: str, setup_args: dic
 
 
 def _loggers(log: dict[str, Any]) -> list:
-    """The Lightning loggers the ``log`` section asks for, writing under ``log["dir"]``."""
+    """The Lightning loggers the ``log`` section asks for (default :func:`_default_loggers`), writing under ``log["dir"]``."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
     made = []
-    for name in log["loggers"]:
+    names = log.get("loggers")
+    for name in _default_loggers() if names is None else names:
         if name == "csv":
             made.append(CSVLogger(log["dir"], name="csv"))
         elif name == "tensorboard":
@@ -351,16 +426,91 @@ def _loggers(log: dict[str, Any]) -> list:
     return made
 
 
+def _finish_runs(loggers: Sequence[object]) -> None:
+    """Finish the Weights & Biases run of each ``WandbLogger`` of ``loggers`` that started one.
+
+    W&B keeps a run open for the whole process, and a ``WandbLogger`` made while one is open logs
+    into it: a second run in the same process (e.g. ``main`` called twice) would go on in the first.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    for made in loggers:
+        # the started run, if any (as Lightning's finalize reads it): ``experiment`` would start one
+        run = made._experiment if isinstance(made, WandbLogger) else None
+        if run is not None:
+            run.finish()
+
+
+def _distributed() -> bool:
+    """Whether this process is one of several training together (its process group outlives training)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _global_rank() -> int:
+    """The rank of this process among distributed training processes (0 where there are none)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if _distributed() else 0
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """Raise a :class:`ConfigError` where the model cannot be saved in ``output`` (:func:`check_save_target`)."""
+    try:
+        check_save_target(output, overwrite=overwrite, overwrite_option="--overwrite")
+    except ValueError as err:
+        raise ConfigError(f"output: {err}") from err
+
+
+def _check_directory(directory: Path, name: str) -> None:
+    """Raise a :class:`ConfigError` naming the config key ``name`` where ``directory`` cannot be created or written.
+
+    Checked (nothing created) before training, so that a path below a file or a read-only folder is
+    not found out only when the run saves its model or logs.
+    """
+    existing = next(p for p in (directory, *directory.parents) if p.exists())  # "/" at the latest
+    if not existing.is_dir():
+        cause = f"{str(existing)!r} is a file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        cause = f"{str(existing)!r} is not writable"
+    else:
+        return
+    raise ConfigError(
+        f"{name}: cannot create or write the directory {str(directory)!r} ({cause}); choose another path"
+    )
+
+
+def _save(model: GeneTransformer, output: Path, config: dict[str, Any], overwrite: bool) -> None:
+    """Save the model and its config into ``output`` on global rank 0; other distributed ranks wait for it.
+
+    Every distributed process runs the command (Lightning's ``ddp`` starts the others as copies of
+    it); were each to save, they would race for ``output``, one failing on the model another saved.
+    """
+    import torch.distributed as dist
+
+    try:
+        if _global_rank() == 0:
+            _check_output(output, overwrite)  # e.g. another run saved there while this one trained
+            model.save(output, overwrite=overwrite)
+            (output / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    finally:
+        if _distributed():
+            dist.barrier()  # the other ranks end once the model is saved (or its save failed)
+
+
 def pretrain(config_path: str, *, overwrite: bool = False, command: str = "pretrain") -> Path:
-    """Train and save a model as the config says (``command``: pretrain or finetune); returns its directory."""
+    """Train and save a model as the config says (``command``: pretrain or finetune); returns its directory.
+
+    Under distributed training every process runs this; only global rank 0 saves.
+    """
     import sctransformer as sct
 
     config = read_config(config_path, command)
     output = Path(config["output"])
-    try:  # before any training
-        check_save_target(output, overwrite=overwrite, overwrite_option="--overwrite")
-    except ValueError as err:
-        raise ConfigError(f"output: {err}") from err
+    _check_output(output, overwrite)  # before any training, as are the directories below
+    _check_directory(output.parent, "output")
+    _check_directory(Path(config["log"]["dir"]), "log.dir")
     data = config["data"]
     reference = None
     if command == "finetune":  # checked before the data are read
@@ -379,9 +529,12 @@ def pretrain(config_path: str, *, overwrite: bool = False, command: str = "pretr
         else:
             sct.setup_anndata(adata, **setup)
             model = sct.GeneTransformer(adata, **config["model"])
-    model.train(**config["train"], logger=_loggers(config["log"]))
-    model.save(output, overwrite=overwrite)
-    (output / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    loggers = _loggers(config["log"])
+    try:
+        model.train(**config["train"], logger=loggers)
+    finally:
+        _finish_runs(loggers)
+    _save(model, output, config, overwrite)
     return output
 
 
@@ -524,11 +677,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = pretrain(args.config, overwrite=args.overwrite, command=args.command)
         else:
             out = _apply(args, args.command)
-    except (ValueError, TypeError, KeyError, OSError) as err:
+    except (ValueError, TypeError, KeyError, OSError, MisconfigurationException) as err:
+        # MisconfigurationException: a Trainer setting Lightning refuses (e.g. accelerator: gpu
+        # on a machine without one), raised before training
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"sctransformer {args.command}: error: {message}", file=sys.stderr)
         return 2
-    print(json.dumps({"command": args.command, "output": str(out)}))
+    if _global_rank() == 0:  # one line per run, not one per distributed process
+        print(json.dumps({"command": args.command, "output": str(out)}))
     return 0
 
 

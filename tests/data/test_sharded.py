@@ -578,3 +578,53 @@ def test_a_shard_with_missing_gene_identifiers_is_refused_as_in_memory(cells, tm
     path = _write(cells, tmp_path / "missing.h5ad")
     with pytest.raises(ValueError, match=r"missing\.h5ad: \.var\['symbol'\] has missing gene identifiers"):
         ShardedAnnData([path], layer="counts", gene_key="symbol")
+
+
+def test_a_data_module_refuses_the_state_of_a_checkpoint_of_other_cells_when_its_loader_is_made(
+    cells, tmp_path
+):
+    # Lightning hands the data module its checkpointed state before it asks for the training loader,
+    # also for a run with nothing left to train, whose loader state is never checked
+    other = cells.copy()
+    other.obs_names = [f"other_{name}" for name in cells.obs_names]  # as many cells, other ones
+    paths = [_write(cells, tmp_path / "a.h5ad"), _write(other, tmp_path / "b.h5ad")]
+    modules = [
+        ShardedDataModule(
+            ShardedAnnData([path], layer="counts"),
+            batch_size=16,
+            train_size=0.9,
+            validation_size=None,
+            seed=0,
+        )
+        for path in paths
+    ]
+    modules[0].train_dataloader()
+    state = modules[0].state_dict()
+    again = ShardedDataModule(
+        ShardedAnnData([paths[0]], layer="counts"),
+        batch_size=16,
+        train_size=0.9,
+        validation_size=None,
+        seed=0,
+    )
+    again.load_state_dict(state)
+    again.train_dataloader()  # the same cells: accepted
+    modules[1].load_state_dict(state)
+    with pytest.raises(ValueError, match=r"cannot resume from this checkpoint.*training cells' names"):
+        modules[1].train_dataloader()
+
+
+def test_a_shard_in_the_layout_before_anndata_0_7_is_named_with_the_rewrite_that_fixes_it(cells, tmp_path):
+    path = tmp_path / "legacy.h5ad"
+    with h5py.File(path, "w") as file:  # .obs/.var as compound datasets, as anndata < 0.7 wrote them
+        file["X"] = cells.layers["counts"].toarray().astype(np.float32)
+        file["obs"] = np.array([(n.encode(),) for n in cells.obs_names], dtype=[("index", "S16")])
+        file["var"] = np.array([(n.encode(),) for n in cells.var_names], dtype=[("index", "S16")])
+    with pytest.raises(
+        ValueError, match=r"legacy\.h5ad from disk: it is in the \.h5ad layout of anndata before 0\.7"
+    ):
+        ShardedAnnData([path])
+    with pytest.raises(ValueError, match=r"anndata\.read_h5ad\(.*legacy\.h5ad'\)\.write_h5ad"):
+        ShardedAnnData([path])
+    ad.read_h5ad(path).write_h5ad(tmp_path / "rewritten.h5ad")  # the rewrite the error proposes works
+    assert ShardedAnnData([tmp_path / "rewritten.h5ad"]).n_obs == cells.n_obs

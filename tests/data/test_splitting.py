@@ -175,7 +175,9 @@ def test_one_item_minibatches_on_ranks_of_unequal_shares_are_never_empty():
     assert sorted(seen) == list(range(30))
 
 
-def _resumable_loader(n: int, batch_size: int, seed: int) -> tuple[DataLoader, EpochBatchSampler]:
+def _resumable_loader(
+    n: int, batch_size: int, seed: int, **names: list[str]
+) -> tuple[DataLoader, EpochBatchSampler]:
     """A training loader as the data splitter makes it, with a stand-in trainer 2 minibatches into epoch 0."""
     sampler = EpochBatchSampler(EpochSeededRandomSampler(n, seed=seed), batch_size)
     loader = DataLoader(range(n), sampler=sampler, batch_size=None)
@@ -183,7 +185,7 @@ def _resumable_loader(n: int, batch_size: int, seed: int) -> tuple[DataLoader, E
     trainer = SimpleNamespace(
         current_epoch=0, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
     )
-    make_resumable(loader, SimpleNamespace(trainer=trainer), sampler, items=np.arange(n))
+    make_resumable(loader, SimpleNamespace(trainer=trainer), sampler, items=np.arange(n), **names)
     return loader, sampler
 
 
@@ -211,4 +213,30 @@ def test_a_loader_state_records_what_cuts_the_minibatches_and_refuses_other_sett
 def test_a_loader_state_of_an_older_checkpoint_without_settings_still_resumes():
     loader, sampler = _resumable_loader(90, 16, seed=3)
     loader.load_state_dict({"epoch": 0, "batches": 2})  # the position alone: nothing to check
+    assert list(sampler) == sampler.batches()[2:]
+
+
+def test_a_loader_state_of_other_cells_or_genes_of_the_same_number_is_refused():
+    cells, genes = [f"cell_{i}" for i in range(90)], [f"gene_{i}" for i in range(30)]
+    state = _resumable_loader(90, 32, seed=2, cell_names=cells, genes=genes)[0].state_dict()
+    loader, sampler = _resumable_loader(90, 32, seed=2, cell_names=cells, genes=genes)
+    loader.load_state_dict(state)  # the same cells and genes: the epoch goes on
+    assert list(sampler) == sampler.batches()[2:]
+    # the same genes in another column order: matched by identifier, the same data
+    loader, sampler = _resumable_loader(90, 32, seed=2, cell_names=cells, genes=genes[::-1])
+    loader.load_state_dict(state)
+    assert list(sampler) == sampler.batches()[2:]
+    for other, named in [
+        ({"cell_names": [f"other_{i}" for i in range(90)], "genes": genes}, "training cells' names"),
+        ({"cell_names": cells[::-1], "genes": genes}, "training cells' names"),  # the same, reordered
+        ({"cell_names": cells, "genes": [f"ENSG{i}" for i in range(30)]}, "checksum of the data's genes"),
+    ]:
+        loader, sampler = _resumable_loader(90, 32, seed=2, **other)
+        with pytest.raises(ValueError, match="cannot resume from this checkpoint") as error:
+            loader.load_state_dict(state)
+        assert named in str(error.value) and sampler.skip == 0
+    # a checkpoint written before the names were recorded resumes as it did
+    older = {k: v for k, v in state.items() if k not in ("cell_names_checksum", "genes_checksum")}
+    loader, sampler = _resumable_loader(90, 32, seed=2, cell_names=cells[::-1], genes=genes)
+    loader.load_state_dict(older)
     assert list(sampler) == sampler.batches()[2:]

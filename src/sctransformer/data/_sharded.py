@@ -12,7 +12,6 @@ from pathlib import Path
 
 import anndata as ad
 import h5py
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -24,7 +23,13 @@ from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, phenotype_regist
 
 from ._fields import category_codes, observed_categories
 from ._loader import to_torch_csr
-from ._splitting import ResumableBatchSampler, epoch_seed, make_resumable, rank_batch_sizes
+from ._splitting import (
+    ResumableBatchSampler,
+    ResumableDataModule,
+    epoch_seed,
+    make_resumable,
+    rank_batch_sizes,
+)
 from ._validation import positive_int
 
 logger = logging.getLogger("sctransformer")
@@ -57,8 +62,40 @@ def _concat_labels(columns: Sequence[pd.Series | None], sizes: Sequence[int]) ->
     return pd.concat(parts, ignore_index=True)
 
 
-def _index_key(group: h5py.Group) -> str:
+def _index_key(group: h5py.Group, path: Path) -> str:
+    """Name of the column holding the index of an on-disk ``.obs``/``.var`` (anndata 0.7 and later)."""
+    if "_index" not in group.attrs:
+        raise ValueError(
+            f"cannot read shard {path}: its {group.name} has no '_index' attribute, so it was not "
+            "written by anndata (0.7 or later); rewrite it with anndata: "
+            f"anndata.read_h5ad({str(path)!r}).write_h5ad(<new path>)"
+        )
     return group.attrs["_index"]
+
+
+def check_h5ad_layout(file: h5py.File, path: Path) -> None:
+    """Raise if ``file`` is not an ``.h5ad`` file in the layout of anndata 0.7 and later.
+
+    Files of anndata before 0.7 store ``.obs`` and ``.var`` as compound datasets (and sparse
+    matrices without encoding attributes), which can only be read whole; ``anndata.read_h5ad``
+    reads them, and ``write_h5ad`` rewrites them in the current layout, readable by row blocks.
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the one-line rewrite that fixes it.
+    """
+    missing = [name for name in ("obs", "var") if name not in file]
+    if missing:
+        raise ValueError(f"cannot read shard {path}: it has no {missing}; is it an .h5ad file?")
+    legacy = [name for name in ("obs", "var") if not isinstance(file[name], h5py.Group)]
+    if legacy:
+        raise ValueError(
+            f"cannot read shard {path} from disk: it is in the .h5ad layout of anndata before 0.7 "
+            f"({'/'.join(legacy)} stored as a table, not a group of columns); rewrite it once in the "
+            f"current layout, e.g. anndata.read_h5ad({str(path)!r}).write_h5ad(<new path>), and use "
+            "the new file"
+        )
 
 
 def _read_element(path: Path, where: str, read: Callable, *args: object):
@@ -67,6 +104,77 @@ def _read_element(path: Path, where: str, read: Callable, *args: object):
         return read(*args)
     except Exception as err:  # h5py and anndata raise many types (OSError, IORegistryError, ...)
         raise ValueError(f"cannot read {where} of shard {path}: {type(err).__name__}: {err}") from err
+
+
+def check_gene_column(path: str | os.PathLike, columns: Sequence[str], gene_key: str) -> None:
+    """Raise if a data file's ``.var`` has no column ``gene_key`` (its ``columns``).
+
+    One check for shards and for files loaded into memory (the command line's ``data.gene_key``).
+
+    Raises
+    ------
+    KeyError
+        Naming the file, its columns and the fix.
+    """
+    if gene_key not in columns:
+        raise KeyError(
+            f"{path}: .var has no column {gene_key!r} (gene_key; its columns: {list(columns)}); pass "
+            "gene_key= a .var column of gene identifiers that every file has, or None for the var names"
+        )
+
+
+def check_gene_identifiers(
+    path: str | os.PathLike, identifiers: Sequence | pd.Index | pd.Series, gene_key: str | None
+) -> list[str]:
+    """A data file's gene identifiers as strings; raise if one is missing or two are the same.
+
+    One check for shards and for files loaded into memory: the genes of several files are joined
+    by identifier, which must name one gene of each file.
+
+    Parameters
+    ----------
+    path
+        The file, named in errors.
+    identifiers
+        Its ``.var[gene_key]``, or its var names where ``gene_key`` is ``None``.
+    gene_key
+        The ``.var`` column they were read from (``None``: the var names).
+
+    Raises
+    ------
+    ValueError
+        Naming the file, the first repeated identifiers and the fix.
+    """
+    where = ".var_names" if gene_key is None else f".var[{gene_key!r}]"
+    values = pd.Series(np.asarray(identifiers, dtype=object))
+    if values.isna().any():  # else NaN would be read as the gene "nan"
+        raise ValueError(f"{path}: {where} has missing gene identifiers; fill or drop them")
+    genes = values.astype(str)
+    if not genes.is_unique:
+        repeated = genes[genes.duplicated()].unique()[:5].tolist()
+        raise ValueError(
+            f"{path}: the gene identifiers in {where} are not unique (e.g. {repeated}); make them "
+            "unique (adata.var_names_make_unique()) or pass gene_key= a column of unique identifiers"
+        )
+    return genes.tolist()
+
+
+def check_layer(path: str | os.PathLike, layers: Sequence[str], layer: str) -> None:
+    """Raise if a data file has no ``layer`` among its ``layers``.
+
+    One check for shards and for files loaded into memory, where an inner join would otherwise
+    drop a layer that one file lacks from all of them.
+
+    Raises
+    ------
+    KeyError
+        Naming the file, its layers and the fix.
+    """
+    if layer not in layers:
+        raise KeyError(
+            f"{path}: layer {layer!r} not found (available: {list(layers)}); every file needs the "
+            "layer of raw counts (layer=None reads X)"
+        )
 
 
 #: Open sparse matrices without caching their whole ``indptr``: a shard reopened for each block
@@ -246,26 +354,15 @@ class ShardedAnnData:
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read shard {path}: {err}") from err
         with file:
-            missing = [name for name in ("obs", "var") if name not in file]
-            if missing:
-                raise ValueError(f"cannot read shard {path}: it has no {missing}; is it an .h5ad file?")
+            check_h5ad_layout(file, path)
             obs, var = file["obs"], file["var"]
             matrix = self._matrix_element(file, path)
             n_obs = int(matrix.attrs["shape"][0] if isinstance(matrix, h5py.Group) else matrix.shape[0])
-            gene_key = self.gene_key or _index_key(var)
-            if gene_key not in var:
-                raise KeyError(f"{path}: .var has no column {gene_key!r} (gene_key)")
+            if self.gene_key is not None:
+                check_gene_column(path, [k for k in var if k != "__categories"], self.gene_key)
+            gene_key = self.gene_key or _index_key(var, path)
             column = _read_element(path, f".var[{gene_key!r}]", _read_column, var, gene_key)
-            if column.isna().any():  # else NaN would be read as the gene "nan"
-                raise ValueError(
-                    f"{path}: .var[{gene_key!r}] has missing gene identifiers; fill or drop them"
-                )
-            shard_genes = [str(g) for g in column]
-            if len(set(shard_genes)) != len(shard_genes):
-                raise ValueError(
-                    f"{path}: the gene identifiers are not unique; make them unique "
-                    "(adata.var_names_make_unique()) or pass gene_key= a column of unique identifiers"
-                )
+            shard_genes = check_gene_identifiers(path, column, self.gene_key)
             labels = {}
             for key in self.phenotype_keys:
                 labels[key] = (
@@ -290,9 +387,7 @@ class ShardedAnnData:
                 raise KeyError(f"{path} has no X; pass the layer that holds counts with layer=...")
             element, where, fix = file["X"], "X", "adata.X = adata.X.tocsr()"
         else:
-            if "layers" not in file or self.layer not in file["layers"]:
-                available = list(file["layers"]) if "layers" in file else []
-                raise KeyError(f"{path}: layer {self.layer!r} not found (available: {available})")
+            check_layer(path, list(file["layers"]) if "layers" in file else [], self.layer)
             element = file["layers"][self.layer]
             where, fix = f"layer {self.layer!r}", "adata.layers[...] = adata.layers[...].tocsr()"
         if isinstance(element, h5py.Group) and element.attrs.get("encoding-type") == "csc_matrix":
@@ -334,7 +429,7 @@ class ShardedAnnData:
         names = []
         for path in self.paths:
             with h5py.File(path, "r") as file:
-                names.append(_read_column(file["obs"], _index_key(file["obs"])))
+                names.append(_read_column(file["obs"], _index_key(file["obs"], path)))
         return pd.Index(pd.concat(names, ignore_index=True).astype(str))
 
     def __repr__(self) -> str:
@@ -666,7 +761,7 @@ class ShardBlockSampler(ResumableBatchSampler):
         return _cut(blocks, [self._start, *self._sizes])[1:]
 
 
-class ShardedDataModule(pl.LightningDataModule):
+class ShardedDataModule(ResumableDataModule):
     """Training and validation minibatches of a :class:`ShardedAnnData`, streamed from disk.
 
     Cells are split into training, validation and test cells by blocks of ``block_size``
@@ -675,8 +770,9 @@ class ShardedDataModule(pl.LightningDataModule):
     memory (:func:`split_train_validation_test`). The training loader is
     :class:`ShardBlockSampler`'s: random blocks per epoch, a disjoint share of the cells on each
     distributed rank, and a position that Lightning checkpoints, so an epoch resumed midway
-    continues where it stopped. DataLoader workers (``num_workers``) each open the shards
-    themselves.
+    continues where it stopped; a run resumed from a checkpoint of other cells (by the shards'
+    cell names) or genes is refused (:class:`~sctransformer.data._splitting.ResumableDataModule`).
+    DataLoader workers (``num_workers``) each open the shards themselves.
 
     Parameters
     ----------
@@ -791,7 +887,14 @@ class ShardedDataModule(pl.LightningDataModule):
         sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0)
         self._samplers.append(sampler)
         loader = self._loader(sampler)
-        make_resumable(loader, self, sampler, items=self.train_blocks)
+        make_resumable(
+            loader,
+            self,
+            sampler,
+            items=self.train_blocks,
+            cell_names=self.data.obs_names[self.train_idx],
+            genes=self.data.genes,
+        )
         return loader
 
     def val_dataloader(self) -> DataLoader | list:

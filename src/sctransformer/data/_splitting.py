@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import torch
 from scvi.dataloaders import DataSplitter
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+
+from sctransformer._constants import SETUP_ARGS
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -252,6 +256,8 @@ ORDER_SETTINGS = {
     "seed": "seed",
     "cells": "number of training cells",
     "cells_checksum": "checksum of which cells are training cells",
+    "cell_names_checksum": "checksum of the training cells' names (.obs_names, in order)",
+    "genes_checksum": "checksum of the data's genes (their identifiers, in any order)",
     "batch_size": "batch_size",
     "drop_last": "drop_last",
     "world_size": "number of distributed processes (devices x nodes)",
@@ -260,12 +266,35 @@ ORDER_SETTINGS = {
     "shuffle_buffer": "shuffle_buffer (None: all blocks shuffled together)",
 }
 #: Order settings added after checkpoints began to record them, with the value older versions had.
+#: The checksums of the data's names added later (``cell_names_checksum``, ``genes_checksum``) are
+#: not listed: their value in an older checkpoint is unknown, so a checkpoint without them is not
+#: checked for them and still resumes.
 LATER_ORDER_SETTINGS = {"shuffle_buffer": None}
 
 
 def items_checksum(items: np.ndarray | torch.Tensor | Sequence[int]) -> int:
     """CRC-32 of integer ``items`` (e.g. the training cells' positions), to recognise them again."""
     return zlib.crc32(np.ascontiguousarray(np.asarray(items), dtype=np.int64).tobytes())
+
+
+def names_checksum(names: Iterable[object], chunk_size: int = 65_536) -> int:
+    """CRC-32 of ``names`` in order, each as a string (e.g. cell names or gene identifiers).
+
+    Read in chunks, so that millions of cell names are never joined into one string.
+
+    Parameters
+    ----------
+    names
+        The names, e.g. ``adata.obs_names`` of the training cells.
+    chunk_size
+        Names joined per step (the checksum does not depend on it).
+    """
+    checksum = 0
+    names = list(names) if not isinstance(names, Sequence | np.ndarray | pd.Index) else names
+    for start in range(0, len(names), chunk_size):
+        chunk = "".join(f"{name}\0" for name in names[start : start + chunk_size])
+        checksum = zlib.crc32(chunk.encode("utf-8", "surrogatepass"), checksum)
+    return checksum
 
 
 def check_order_settings(recorded: Mapping[str, object], current: Mapping[str, object]) -> None:
@@ -308,12 +337,50 @@ def check_order_settings(recorded: Mapping[str, object], current: Mapping[str, o
     )
 
 
+class ResumableDataModule(pl.LightningDataModule):
+    """A data module whose checkpointed state is its training loader's order settings.
+
+    Lightning hands a data module its state from the checkpoint before it asks for the training
+    loader, also where the checkpoint's run has nothing left to train (the loader's own state is
+    then never checked: training does not start). :func:`make_resumable` checks the loader it makes
+    against that state, so a run resumed on other data (other cells or genes, see
+    :data:`ORDER_SETTINGS`) is refused before it trains or saves anything, whether the checkpoint
+    was written midway or at the end of its run.
+    """
+
+    _order_settings: dict[str, Any] | None = None
+    _resumed_order_settings: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The order settings of the latest training loader (empty before one was made)."""
+        return {} if self._order_settings is None else {"train_order_settings": dict(self._order_settings)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's order settings, to check the next training loader against them."""
+        self._resumed_order_settings = state_dict.get("train_order_settings")
+
+    def record_order_settings(self, settings: Mapping[str, Any]) -> None:
+        """Record a new training loader's ``settings``; raise if a resumed checkpoint's differ.
+
+        Raises
+        ------
+        ValueError
+            From :func:`check_order_settings`, naming each differing setting.
+        """
+        resumed, self._resumed_order_settings = self._resumed_order_settings, None
+        if resumed is not None:
+            check_order_settings(resumed, settings)
+        self._order_settings = dict(settings)
+
+
 def make_resumable(
     loader: DataLoader,
     datamodule: pl.LightningDataModule,
     sampler: ResumableBatchSampler,
     *,
     items: np.ndarray | torch.Tensor | Sequence[int] | None = None,
+    cell_names: Iterable[object] | None = None,
+    genes: Iterable[object] | None = None,
 ) -> None:
     """Give a training loader Lightning's ``state_dict`` interface: its position in the epoch.
 
@@ -321,8 +388,10 @@ def make_resumable(
     in a resumed run; an epoch interrupted after ``k`` minibatches then leaves out its first ``k``
     (:meth:`ResumableBatchSampler.skip_batches`) and goes on with minibatch ``k + 1``, exactly as
     the uninterrupted run did. The state also records what sets the minibatches
-    (:meth:`ResumableBatchSampler.order_settings`, a checksum of ``items``): a run resumed with
-    other ones raises a :class:`ValueError` (:func:`check_order_settings`) before it trains.
+    (:meth:`ResumableBatchSampler.order_settings`, checksums of ``items``, ``cell_names`` and
+    ``genes``): a run resumed with other ones raises a :class:`ValueError`
+    (:func:`check_order_settings`) before it trains; a :class:`ResumableDataModule` checks them
+    here, as the loader is made, also against the checkpoint of a finished run.
 
     Parameters
     ----------
@@ -335,10 +404,29 @@ def make_resumable(
     items
         What the sampler's order permutes (the training cells' positions, or blocks of them): its
         checksum is recorded, so that other training cells of the same number are recognised.
+    cell_names
+        The training cells' names, in the order of ``items``' cells: their checksum is recorded,
+        so that other data with as many cells (another file) are recognised.
+    genes
+        The data's gene identifiers: the checksum of the sorted identifiers is recorded, so that
+        data of other genes are recognised (the same genes in another column order are the same
+        data: genes are matched by identifier).
+
+    Raises
+    ------
+    ValueError
+        If ``datamodule`` is a :class:`ResumableDataModule` handed the state of a checkpoint whose
+        training loader had other settings.
     """
     settings = sampler.order_settings()
     if items is not None:
         settings["cells_checksum"] = items_checksum(items)
+    if cell_names is not None:
+        settings["cell_names_checksum"] = names_checksum(cell_names)
+    if genes is not None:
+        settings["genes_checksum"] = names_checksum(sorted(map(str, genes)))
+    if isinstance(datamodule, ResumableDataModule):
+        datamodule.record_order_settings(settings)
 
     def state_dict() -> dict[str, int | bool]:
         trainer = datamodule.trainer
@@ -357,7 +445,7 @@ def make_resumable(
     loader.load_state_dict = load_state_dict
 
 
-class EpochSeededDataSplitter(DataSplitter):
+class EpochSeededDataSplitter(DataSplitter, ResumableDataModule):
     """scvi-tools' :class:`~scvi.dataloaders.DataSplitter`, sparse to the end and reproducibly shuffled.
 
     Minibatches stay sparse CSR on the device (scvi-tools densifies them after the transfer; the
@@ -365,6 +453,8 @@ class EpochSeededDataSplitter(DataSplitter):
     in an order set by ``(seed, epoch)`` alone, through :class:`EpochSeededRandomSampler`, so a run
     resumed from a checkpoint sees the same minibatches as an uninterrupted one; under
     distributed training each rank takes its own share of that order (:class:`EpochBatchSampler`).
+    A run resumed from a checkpoint of other cells (by name) or genes is refused
+    (:class:`ResumableDataModule`).
 
     Parameters
     ----------
@@ -432,5 +522,14 @@ class EpochSeededDataSplitter(DataSplitter):
             pin_memory=loader.pin_memory,
             generator=torch.Generator(),  # the seed a loader draws per iterator stays off the global RNG
         )
-        make_resumable(epoch_loader, self, sampler, items=loader.indices)
+        adata = self.adata_manager.adata
+        gene_key = self.adata_manager.registry.get("setup_args", {}).get(SETUP_ARGS.GENE_KEY)
+        make_resumable(
+            epoch_loader,
+            self,
+            sampler,
+            items=loader.indices,
+            cell_names=adata.obs_names[np.asarray(loader.indices)],
+            genes=adata.var_names if gene_key is None else adata.var[gene_key],
+        )
         return epoch_loader
