@@ -5,6 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import warnings
+from unittest import mock
 
 import anndata as ad
 import matplotlib.pyplot as plt
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 import sctransformer as sct
@@ -114,5 +116,55 @@ def test_gene_modules_plot_with_an_empty_x_says_what_it_needs(with_graph):
     _, graph = with_graph
     adata = graph.copy()
     adata.X = None
-    with pytest.raises(ValueError, match=r"log-normalised.*adata\.X"):
+    with pytest.raises(ValueError, match=r"log-normalised.*adata\.X") as error:
         sct.pl.gene_modules(adata, "cell_type", show=False)
+    assert "score=False" not in str(error.value)  # an option of sct.tl.gene_modules, not of the plot
+
+
+def test_gene_modules_plot_of_a_backed_adata_says_to_load_it_not_to_skip_scores(with_graph, tmp_path):
+    _, graph = with_graph
+    graph.write_h5ad(tmp_path / "modules.h5ad")
+    backed = ad.read_h5ad(tmp_path / "modules.h5ad", backed="r")
+    try:
+        with pytest.raises(ValueError, match=r"sct\.pl\.gene_modules.*backed.*to_memory\(\)$") as error:
+            sct.pl.gene_modules(backed, "cell_type", show=False)
+        assert "score=False" not in str(error.value)
+    finally:
+        backed.file.close()
+
+
+def test_gene_graph_plot_draws_neighbours_that_share_a_name_as_separate_nodes():
+    """Duplicate var_names (allowed under gene_key): each column is its own node, with its own edge."""
+    names = ["A", "DUP", "DUP", "DUP", "B"]
+    weights = {1: 0.9, 2: 0.5, 3: 0.2, 4: 0.1}  # A's edges, by column
+    graph = sp.lil_matrix((5, 5), dtype=np.float32)
+    for j, w in weights.items():
+        graph[0, j] = graph[j, 0] = w
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata: var_names not unique
+        adata = ad.AnnData(
+            X=np.zeros((2, 5), np.float32), var=pd.DataFrame(index=names), varp={"g": graph.tocsr()}
+        )
+    ax = sct.pl.gene_graph(adata, "A", key="g", n_neighbors=3, show=False)
+    assert sorted(t.get_text() for t in ax.texts) == ["A", "DUP", "DUP", "DUP"]
+    (edges,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert len(edges.get_paths()) == 3  # one edge per neighbour column
+    expected = [0.5 + 3 * w / 0.9 for w in (0.9, 0.5, 0.2)]  # width grows with each column's own score
+    np.testing.assert_allclose(sorted(edges.get_linewidths(), reverse=True), expected, rtol=1e-6)
+
+
+def test_attention_plot_refuses_an_obs_name_of_several_cells(with_graph):
+    model, graph = with_graph
+    adata = graph[:20].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata: obs_names not unique
+        adata.obs_names = [*adata.obs_names[:-1], adata.obs_names[0]]
+    name = adata.obs_names[0]
+    with (
+        mock.patch.object(model, "_gene_attention", side_effect=AssertionError("computed")),
+        pytest.raises(
+            ValueError, match=rf"obs name '{name}' names 2 cells \(positions 0, 19\); pass a position"
+        ),
+    ):
+        sct.pl.attention(adata, model, cell=name, show=False)
+    sct.pl.attention(adata, model, cell=0, n_genes=4, show=False)  # a position still works

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -249,6 +250,13 @@ def test_gene_graph_by_group_and_restricted_genes(trained, tmp_path):
         ({"min_cells": 0}, ValueError, "min_cells"),
         ({"groupby": "nope"}, KeyError, "nope"),
         ({"groupby": "cell_type", "min_group_size": 10_000}, ValueError, "min_group_size"),
+        ({"groupby": "cell_type", "min_group_size": None}, ValueError, "min_group_size must be a positive"),
+        ({"groupby": "cell_type", "min_group_size": "10"}, ValueError, "min_group_size must be a positive"),
+        ({"groupby": "cell_type", "min_group_size": -5}, ValueError, "min_group_size must be a positive"),
+        ({"groupby": "cell_type", "min_group_size": 0}, ValueError, "min_group_size must be a positive"),
+        ({"groupby": "cell_type", "min_group_size": 2.5}, ValueError, "min_group_size must be a positive"),
+        ({"groupby": ["cell_type"]}, TypeError, r"groupby must be the name of one column"),
+        ({"score": "attention", "symmetrize": "no"}, TypeError, "symmetrize must be True or False"),
     ],
 )
 def test_gene_graph_refuses_bad_arguments_before_any_work(trained, kwargs, error, message):
@@ -326,6 +334,29 @@ def test_gene_graph_refuses_groups_whose_varp_keys_would_clash(trained):
     with pytest.raises(ValueError, match=r"share a \.varp key.*CD4/CD8.*CD4_CD8"):
         sct.tl.gene_graph(adata, model, groupby="group", top_k=3)
     assert fingerprint(adata) == before
+
+
+def test_gene_graph_refuses_labels_of_mixed_types_that_share_a_varp_key_before_any_work(trained):
+    """1 and "1" are two groups of an object column, but both would be .varp["sct_gene_graph_1"]."""
+    model, data = trained
+    adata = data.copy()
+    adata.obs["group"] = pd.Series(
+        [1 if i % 2 == 0 else "1" for i in range(adata.n_obs)], index=adata.obs_names, dtype=object
+    )
+    before = fingerprint(adata)
+    with (
+        mock.patch.object(model, "_gene_attention", side_effect=AssertionError("computed")),
+        pytest.raises(
+            ValueError, match=r"share a \.varp key.*1 and '1' -> 'sct_gene_graph_1'.*astype\(str\)"
+        ),
+    ):
+        sct.tl.gene_graph(adata, model, groupby="group", top_k=3, min_group_size=10)
+    assert fingerprint(adata) == before and "sct" not in adata.uns
+    # the fix the message gives: one group of every cell
+    adata.obs["group"] = adata.obs["group"].astype(str)
+    sct.tl.gene_graph(adata, model, groupby="group", top_k=3, min_group_size=10)
+    assert [k for k in adata.varp if k.startswith("sct_gene_graph")] == ["sct_gene_graph_1"]
+    assert adata.uns["sct"]["sct_gene_graph_1"]["params"]["group"] == "1"
 
 
 def test_graph_and_modules_work_with_duplicate_var_names_under_gene_key():
@@ -408,6 +439,23 @@ def test_key_added_with_a_slash_is_refused_before_any_work(graphed):
         sct.tl.gene_embedding(adata, model, key_added="emb/id")
     with pytest.raises(ValueError, match="without '/'"):
         sct.tl.gene_modules(adata, key_added="modules/v1")
+    assert fingerprint(adata) == before
+
+
+@pytest.mark.parametrize("key", ["", "   "])
+def test_an_empty_or_blank_key_added_is_refused_before_any_work(graphed, key):
+    """An empty key makes the written .h5ad unreadable; a blank one names nothing visible."""
+    model, with_graph = graphed
+    adata = with_graph.copy()
+    before = fingerprint(adata)
+    message = r"key_added must be a string without '/', neither empty nor blank.*got " + repr(key)
+    with mock.patch.object(model, "_gene_attention", side_effect=AssertionError("computed")):
+        with pytest.raises(ValueError, match=message):
+            sct.tl.gene_graph(adata, model, top_k=3, key_added=key)
+    with pytest.raises(ValueError, match=message):
+        sct.tl.gene_embedding(adata, model, key_added=key)  # not replaced by the default key
+    with pytest.raises(ValueError, match=message):
+        sct.tl.gene_modules(adata, key_added=key)
     assert fingerprint(adata) == before
 
 

@@ -403,17 +403,32 @@ def test_a_new_phenotype_key_with_a_slash_is_refused_by_load_query_data_before_r
     assert fingerprint(query) == before and "_scvi_manager_uuid" not in query.uns
 
 
+@pytest.mark.parametrize("key", ["run/1", ""])
 @pytest.mark.parametrize("tool", [sct.tl.embed, sct.tl.predict])
-def test_embed_and_predict_refuse_a_key_added_with_a_slash_before_computing(trained, tool):
+def test_embed_and_predict_refuse_a_key_added_with_a_slash_before_computing(trained, tool, key):
     model, data = trained
     adata = data.copy()
     before = fingerprint(adata)
     with (
         mock.patch.object(model, "_forward", side_effect=AssertionError("computed")),
-        pytest.raises(ValueError, match=r"key_added must be a string without '/'.*got 'run/1'"),
+        pytest.raises(ValueError, match=r"key_added must be a string without '/'.*got " + repr(key)),
     ):
-        tool(adata, model, key_added="run/1")
+        tool(adata, model, key_added=key)
     assert fingerprint(adata) == before
+
+
+@pytest.mark.parametrize("key", ["run/1", "", "  "])
+def test_perturb_refuses_a_key_added_hdf5_cannot_read_back_before_computing(trained, key):
+    """tl.perturb writes .uns[key_added]: the same key check as the other tools, before the run."""
+    model, data = trained
+    adata = data.copy()
+    before = fingerprint(adata)
+    with (
+        mock.patch.object(model, "perturb", side_effect=AssertionError("computed")),
+        pytest.raises(ValueError, match=r"key_added must be a string without '/'.*got " + repr(key)),
+    ):
+        sct.tl.perturb(adata, model, "gene_0", predict_expression=False, key_added=key)
+    assert fingerprint(adata) == before and key not in adata.uns
 
 
 def test_min_confidence_is_refused_for_a_model_with_a_class_named_unknown(trained):

@@ -39,7 +39,9 @@ def gene_graph(
 
     Each named gene (large, dark nodes) is drawn with its ``n_neighbors`` highest-scoring edges
     in ``.varp[key]`` (:func:`sctransformer.tl.gene_graph`); edge width grows with the score;
-    spring layout (networkx), seeded.
+    spring layout (networkx), seeded. A node is a column of ``adata``, labelled with its
+    ``var_name``: neighbours that share a name (duplicate ``var_names``, allowed with a model set
+    up with ``gene_key``) are separate nodes.
 
     Parameters
     ----------
@@ -80,24 +82,27 @@ def gene_graph(
                 "adata in the model's vocabulary (or the genes= of sct.tl.gene_graph)"
             )
     n_neighbors = positive_int(n_neighbors, "n_neighbors")
-    names = adata.var_names
+    names = np.asarray(adata.var_names.astype(str))
+    # nodes are column positions (var_names may repeat under gene_key); names are only labels
+    centres = list(dict.fromkeys(int(np.flatnonzero(adata.var_names == gene)[0]) for gene in genes))
     network = nx.Graph()
-    for gene in genes:
-        i = names.get_loc(gene)
+    for i in centres:
         row = graph.getrow(i)
-        network.add_node(gene)
+        network.add_node(i)
         for j in row.indices[np.argsort(-row.data)[:n_neighbors]]:
-            network.add_edge(gene, names[j], weight=float(graph[i, j]))
-    isolated = [g for g in genes if network.degree(g) == 0]
+            network.add_edge(i, int(j), weight=float(graph[i, j]))
+    isolated = [names[i] for i in centres if network.degree(i) == 0]
     fig, ax = new_axes(ax, (6, 6))
     position = nx.spring_layout(network, seed=layout_seed, weight="weight")
     weights = np.array([d["weight"] for *_, d in network.edges(data=True)])
     widths = 0.5 + 3 * weights / weights.max() if len(weights) else []
     nx.draw_networkx_edges(network, position, width=widths, edge_color="0.6", ax=ax)
-    others = [n for n in network.nodes if n not in genes]
+    others = [n for n in network.nodes if n not in set(centres)]
     nx.draw_networkx_nodes(network, position, nodelist=others, node_size=120, node_color="#9ecae1", ax=ax)
-    nx.draw_networkx_nodes(network, position, nodelist=genes, node_size=300, node_color="#08519c", ax=ax)
-    nx.draw_networkx_labels(network, position, font_size=8, ax=ax)
+    nx.draw_networkx_nodes(network, position, nodelist=centres, node_size=300, node_color="#08519c", ax=ax)
+    nx.draw_networkx_labels(
+        network, position, labels={n: names[n] for n in network.nodes}, font_size=8, ax=ax
+    )
     title = f"{key}: {n_neighbors} strongest edges per gene"
     if isolated:
         title += f"\n(no edges: {', '.join(isolated)})"
@@ -132,7 +137,7 @@ def attention(
     model
         Trained :class:`~sctransformer.GeneTransformer`.
     cell
-        Position or ``obs_names`` entry of the cell.
+        Position or ``obs_names`` entry of the cell (a name must name one cell only).
     layers, heads
         Which attention, see :func:`sctransformer.tl.gene_graph`.
     n_genes
@@ -143,9 +148,15 @@ def attention(
         As in scanpy.
     """
     if isinstance(cell, str):
-        if cell not in adata.obs_names:
+        matches = np.flatnonzero(adata.obs_names == cell)
+        if len(matches) == 0:
             raise KeyError(f"cell {cell!r} is not in adata.obs_names")
-        cell = adata.obs_names.get_loc(cell)
+        if len(matches) > 1:
+            raise ValueError(
+                f"obs name {cell!r} names {len(matches)} cells (positions {', '.join(map(str, matches[:10]))}); "
+                "pass a position or make obs_names unique (adata.obs_names_make_unique())"
+            )
+        cell = int(matches[0])
     if isinstance(cell, bool) or not isinstance(cell, int | np.integer) or not 0 <= cell < adata.n_obs:
         raise ValueError(f"cell must be a position in [0, {adata.n_obs}) or an obs name, got {cell!r}")
     if isinstance(n_genes, bool) or not isinstance(n_genes, int | np.integer) or n_genes < 2:
@@ -209,7 +220,7 @@ def gene_modules(
     modules = pd.Categorical(adata.var[key])
     if len(modules.categories) == 0:
         raise ValueError(f"adata.var[{key!r}] holds no module")
-    _check_scorable(adata, "sct.pl.gene_modules")
+    _check_scorable(adata, "sct.pl.gene_modules")  # no alternative: the plot needs X
     x = get_matrix(adata, None)
     columns = []
     for name in modules.categories:

@@ -202,17 +202,29 @@ def _stacked(rows: list[sp.csr_matrix], n_genes: int) -> sp.csc_matrix:
     return sp.vstack(rows).tocsc() if rows else sp.csc_matrix((0, n_genes))
 
 
-def _check_scorable(adata: AnnData, what: str) -> None:
-    """Raise unless ``adata.X`` holds in-memory values that module scores can be computed from."""
+def _check_scorable(adata: AnnData, what: str, alternative: str = "") -> None:
+    """Raise unless ``adata.X`` holds in-memory values that module scores can be computed from.
+
+    Parameters
+    ----------
+    adata
+        The AnnData whose ``.X`` is read.
+    what
+        The call that reads it, named in the messages.
+    alternative
+        A way to do without ``.X`` (e.g. ``"or skip the scores: ..."``), appended to the messages;
+        empty where there is none.
+    """
+    tail = f"; {alternative}" if alternative else ""
     if adata.X is None:
         raise ValueError(
             f"{what} reads log-normalised expression from adata.X, which is empty; put it there "
-            "(e.g. adata.X = adata.layers[...]). sct.tl.gene_modules(adata, score=False) skips the scores"
+            f"(e.g. adata.X = adata.layers[...]){tail}"
         )
     if getattr(adata, "isbacked", False):
         raise ValueError(
-            f"{what} cannot read adata.X of a backed AnnData; load it first with adata = adata.to_memory(), "
-            "or pass score=False to sct.tl.gene_modules to skip the scores"
+            f"{what} cannot read adata.X of a backed AnnData; load it first with "
+            f"adata = adata.to_memory(){tail}"
         )
 
 
@@ -405,9 +417,11 @@ def gene_graph(
     model
         Trained :class:`~sctransformer.GeneTransformer`.
     groupby
-        ``.obs`` column: one graph per group, from that group's cells only, in
-        ``.varp[f"{key_added}_{group}"]`` (``/`` in a group name becomes ``_``). Groups with fewer than ``min_group_size`` cells are
-        skipped with a warning.
+        Name of an ``.obs`` column: one graph per group, from that group's cells only, in
+        ``.varp[f"{key_added}_{group}"]`` (``/`` in a group name becomes ``_``). Groups with fewer
+        than ``min_group_size`` cells are skipped with a warning. Groups whose keys would be the
+        same (``"A/B"`` and ``"A_B"``, or ``1`` and ``"1"`` in a column of mixed types) raise a
+        ``ValueError`` before anything is computed.
     genes
         Genes of the graph (names in ``adata.var_names``); default every gene of ``adata`` in the
         model's vocabulary. With ``score="attention"`` memory is ``4 n_genes^2`` bytes (1.6 GB for
@@ -430,13 +444,14 @@ def gene_graph(
     min_cells
         Minimum number of cells in which both genes are tokens for an edge.
     min_group_size
-        Smallest group given its own graph with ``groupby``.
+        Smallest group given its own graph with ``groupby``: a positive integer (``1`` gives
+        every group a graph).
     symmetrize
-        ``score="attention"`` only: make the graph symmetric (see above).
+        ``True`` or ``False``; ``score="attention"`` only: make the graph symmetric (see above).
     batch_size
         Cells per minibatch.
     key_added
-        ``.varp`` key (prefix with ``groupby``).
+        ``.varp`` key (prefix with ``groupby``): a string without ``/``, neither empty nor blank.
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -460,6 +475,9 @@ def gene_graph(
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or not 1 <= top_k < n_genes:
         raise ValueError(f"top_k must be an integer in [1, {n_genes}) (the graph's genes), got {top_k!r}")
     min_cells = positive_int(min_cells, "min_cells")
+    min_group_size = positive_int(min_group_size, "min_group_size")
+    if not isinstance(symmetrize, bool | np.bool_):
+        raise TypeError(f"symmetrize must be True or False, got {symmetrize!r}")
     if score not in ("attention", "co-attention"):
         raise ValueError(f"score must be 'attention' or 'co-attention', got {score!r}")
     if normalize not in ("coexpression", "none"):
@@ -469,14 +487,19 @@ def gene_graph(
     # layers and heads (GeneTransformer._gene_attention) are checked where they are used, before
     # the first forward pass
     if groupby is None:
-        subsets = {None: np.arange(adata.n_obs)}
+        subsets = {key_added: (None, np.arange(adata.n_obs))}
     else:
+        if not isinstance(groupby, str):
+            raise TypeError(
+                f"groupby must be the name of one column of adata.obs (a str), got {groupby!r}; "
+                "for several columns, combine them into one first"
+            )
         if groupby not in adata.obs:
             raise KeyError(f"groupby={groupby!r} is not a column of adata.obs")
         labels = adata.obs[groupby]
         if labels.isna().any():
             raise ValueError(f"adata.obs[{groupby!r}] has missing values; fill or drop those cells")
-        subsets = {}
+        groups = {}
         for group, idx in labels.groupby(labels, observed=True).indices.items():
             if len(idx) < min_group_size:
                 warnings.warn(
@@ -486,13 +509,23 @@ def gene_graph(
                     stacklevel=2,
                 )
                 continue
-            subsets[group] = idx
-        if not subsets:
+            groups[group] = idx
+        if not groups:
             raise ValueError(f"no group of {groupby!r} has min_group_size={min_group_size} cells")
-        check_distinct_keys(key_added, subsets, f"groups of {groupby!r}", ".varp", fix="rename them")
+        check_distinct_keys(
+            key_added,
+            groups,
+            f"groups of {groupby!r}",
+            ".varp",
+            fix=(
+                "rename them (labels of different types, such as 1 and '1', are made one group by "
+                f"adata.obs[{groupby!r}] = adata.obs[{groupby!r}].astype(str))"
+            ),
+        )
+        subsets = {suffixed_key(key_added, group): (group, idx) for group, idx in groups.items()}
 
-    graphs = {}
-    for group, idx in subsets.items():
+    graphs = {}  # .varp key -> graph, one per entry of subsets (checked distinct above)
+    for key, (group, idx) in subsets.items():
         cells = adata if group is None else adata[idx]
         accumulator = _accumulate(
             cells,
@@ -511,7 +544,7 @@ def gene_graph(
             (small.data, (columns[small.row], columns[small.col])), shape=(adata.n_vars, adata.n_vars)
         )
         full.sort_indices()
-        graphs[key_added if group is None else suffixed_key(key_added, group)] = full
+        graphs[key] = full
 
     adata = adata.copy() if copy else adata
     if groupby is not None:  # the graphs of an earlier grouped run of key_added go: this run replaces them
@@ -541,11 +574,11 @@ def gene_graph(
         "normalize": normalize if score == "attention" else None,
         "top_k": int(top_k),
         "min_cells": int(min_cells),
-        "symmetrize": symmetrize if score == "attention" else True,
+        "symmetrize": bool(symmetrize) if score == "attention" else True,
     }
     # the genes of the graph, by name (pl.gene_graph refuses others)
     covered = {"genes": [str(name) for name in adata.var_names[columns]]}
-    for key, group in zip(graphs, subsets, strict=True):  # one record per graph, under its own key
+    for key, (group, _) in subsets.items():  # one record per graph, under its own key
         record_run(
             adata,
             key,
@@ -607,9 +640,8 @@ def gene_embedding(
         raise ValueError(f"kind must be 'identity' or 'contextual', got {kind!r}")
     if not isinstance(adata, AnnData):
         raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
-    key_added = key_added or (
-        KEYS.GENE_EMBEDDING if kind == "identity" else f"{KEYS.GENE_EMBEDDING}_contextual"
-    )
+    if key_added is None:
+        key_added = KEYS.GENE_EMBEDDING if kind == "identity" else f"{KEYS.GENE_EMBEDDING}_contextual"
     check_key_added(key_added)
     column_to_gene = model._column_to_gene(adata)
     known = column_to_gene >= 0
@@ -698,7 +730,11 @@ def gene_modules(
     check_key_added(key_added)
     graph = stored_graph(adata, key)
     if score:
-        _check_scorable(adata, "sct.tl.gene_modules(score=True)")
+        _check_scorable(
+            adata,
+            "sct.tl.gene_modules(score=True)",
+            "or skip the scores: sct.tl.gene_modules(adata, score=False)",
+        )
     if not resolution > 0:
         raise ValueError(f"resolution must be positive, got {resolution!r}")
     min_size = positive_int(min_size, "min_size")

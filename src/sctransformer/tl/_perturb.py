@@ -13,7 +13,14 @@ from sctransformer._keys import KEYS
 from sctransformer.model import GeneTransformer
 from sctransformer.model._expression import PerturbationMode
 
-from ._utils import check_distinct_keys, previous_run, record_run, refuse_backed_copy, suffixed_key
+from ._utils import (
+    check_distinct_keys,
+    check_key_added,
+    previous_run,
+    record_run,
+    refuse_backed_copy,
+    suffixed_key,
+)
 
 
 def perturb(
@@ -62,8 +69,9 @@ def perturb(
         (``"A/B"`` and ``"A_B"``) raise a ``ValueError`` before anything is computed; perturb
         them in separate runs with different ``key_added``.
     key_added
-        Where results go. The results of an earlier run with the same ``key_added``, its cell
-        shifts included, are replaced.
+        Where results go: a string without ``/``, neither empty nor blank (``ValueError``
+        before anything is computed; .h5ad files cannot read such keys back). The results of an
+        earlier run with the same ``key_added``, its cell shifts included, are replaced.
     copy
         Return a modified copy instead of writing into ``adata`` (which is left untouched). As
         :meth:`anndata.AnnData.copy`, this refuses a backed AnnData (``ValueError``, before
@@ -86,6 +94,7 @@ def perturb(
         keys of the cell shifts it wrote (empty without ``store_cell_shifts``).
     """
     refuse_backed_copy(adata, copy)
+    check_key_added(key_added)
     if store_cell_shifts:  # before the run: genes whose .obsm keys would be the same
         genes = [genes] if isinstance(genes, str) else list(genes)
         check_distinct_keys(key_added, genes, "genes", ".obsm")

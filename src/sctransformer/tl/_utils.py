@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import pandas as pd
 from anndata import AnnData
 
 from sctransformer._keys import KEYS
@@ -43,13 +42,16 @@ def previous_run(adata: AnnData, key_added: str, function: str) -> Mapping[str, 
 
 
 def check_key_added(key_added: str) -> None:
-    """Raise if ``key_added`` is not a string or holds ``/``, which .h5ad files cannot read back in a key.
+    """Raise if ``key_added`` is not a string, is empty or blank, or holds ``/``.
 
-    Called before any computation, so that a bad key costs nothing.
+    .h5ad files cannot read back a key that is empty or holds ``/``; a blank key (only
+    whitespace) is refused too, as it names nothing a user can see. Called before any
+    computation, so that a bad key costs nothing.
     """
-    if not isinstance(key_added, str) or "/" in key_added:
+    if not isinstance(key_added, str) or "/" in key_added or not key_added.strip():
         raise ValueError(
-            f"key_added must be a string without '/' (.h5ad cannot read such keys back), got {key_added!r}"
+            "key_added must be a string without '/', neither empty nor blank (.h5ad cannot read "
+            f"such keys back); pass a name such as 'sct_run1', got {key_added!r}"
         )
 
 
@@ -86,14 +88,23 @@ def check_distinct_keys(
     where: str,
     fix: str = "run them separately, each with its own key_added",
 ) -> None:
-    """Raise if distinct ``suffixes`` would share a :func:`suffixed_key` (``"A/B"`` and ``"A_B"``)."""
-    names = pd.Series(list(dict.fromkeys(str(s) for s in suffixes)), dtype=object)
-    keys = names.groupby([suffixed_key(key_added, name) for name in names]).agg(list)
+    """Raise if distinct ``suffixes`` would share a :func:`suffixed_key`.
+
+    Two values share a key when their text is the same once ``/`` becomes ``_`` (``"A/B"`` and
+    ``"A_B"``), and also when they differ only in type (``1`` and ``"1"``). Equal values given
+    more than once are one value.
+    """
+    by_key: dict[str, list[object]] = {}
+    for value in dict.fromkeys(suffixes):  # distinct values, in order
+        by_key.setdefault(suffixed_key(key_added, value), []).append(value)
     clashes = [
-        f"{' and '.join(map(repr, group))} -> {key!r}" for key, group in keys.items() if len(group) > 1
+        f"{' and '.join(map(repr, values))} -> {key!r}" for key, values in by_key.items() if len(values) > 1
     ]
     if clashes:
-        raise ValueError(f"{what} would share a {where} key ('/' becomes '_'): {'; '.join(clashes)}; {fix}")
+        raise ValueError(
+            f"{what} would share a {where} key (a key holds a value's text, '/' becoming '_'): "
+            f"{'; '.join(clashes)}; {fix}"
+        )
 
 
 def counts_of(adata: AnnData, counts: ShardedAnnData | None) -> AnnData | ShardedAnnData:
