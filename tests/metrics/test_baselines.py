@@ -101,3 +101,35 @@ def test_sparse_input_is_not_densified(data, monkeypatch):
     monkeypatch.setattr(sp.csr_matrix, "toarray", refuse)
     monkeypatch.setattr(sp.csr_matrix, "todense", refuse)
     annotation_baselines(counts, labels, train, test, n_top_genes=40, n_pcs=5)
+
+
+@pytest.mark.parametrize("kind", ["int", "bool"])  # float: tests/metrics/test_probes.py
+def test_labels_of_any_kind_get_the_predictions_of_the_same_labels_as_text(data, kind):
+    # were refused by scikit-learn: "Unknown label type: unknown"
+    counts, labels, train, test = data
+    codes = np.unique(labels, return_inverse=True)[1]  # "type_0" < "type_1" < ...: 0 < 1 < ...
+    values = {"int": codes, "bool": codes > 0}[kind]
+    text = {"int": labels, "bool": np.where(codes > 0, "true", "false")}[kind]
+    kwargs = {"n_top_genes": 40, "n_pcs": 5}
+    by_value = annotation_baselines(counts, values, train, test, **kwargs)
+    by_text = annotation_baselines(counts, text, train, test, **kwargs)
+    back = dict(zip(text, values, strict=True))
+    for name in BASELINES:
+        assert list(by_value[name]) == [back[label] for label in by_text[name]], name
+        assert {type(v) for v in by_value[name]} == {type(values.tolist()[0])}, name  # the labels' values
+
+
+def test_predictions_do_not_depend_on_the_order_of_the_training_cells():
+    # cells 0 ("a") and 1 ("b") have the test cell's counts: the nearest neighbour was the one
+    # that came first in train_idx
+    counts = np.random.default_rng(0).poisson(3, size=(12, 8))
+    counts[[1, 11]] = counts[0]
+    labels = np.array(["a", "b"] * 6)
+    train = np.arange(11)
+    predicted = {
+        annotation_baselines(
+            counts, labels, order, [11], methods=["knn_pca"], n_neighbors=1, n_pcs=3, n_top_genes=8
+        )["knn_pca"][0]
+        for order in (train, train[::-1], np.r_[1, 0, train[2:]])
+    }
+    assert len(predicted) == 1

@@ -20,10 +20,9 @@ from sctransformer.metrics._classification import _bootstrap_scores, _encode
 
 
 def naive_ece(confidence, correct, n_bins):
-    edges = np.linspace(0, 1, n_bins + 1)
     total = 0.0
     for b in range(n_bins):
-        lo, hi = edges[b], edges[b + 1]
+        lo, hi = b / n_bins, (b + 1) / n_bins  # bins (lo, hi]: a confidence k / n_bins closes bin k - 1
         inside = [(c > lo or (b == 0 and c == 0)) and c <= hi for c in confidence]
         members = [i for i, x in enumerate(inside) if x]
         if members:
@@ -43,15 +42,27 @@ def noisy_labels(n, n_classes=4, accuracy=0.8, seed=0):
     return y_true, y_pred
 
 
-@pytest.mark.parametrize("n_bins", [1, 5, 15])
+@pytest.mark.parametrize("n_bins", [1, 5, 6, 7, 9, 12, 15])
 def test_ece_matches_a_per_bin_loop(n_bins):
+    # 6, 7, 9, 12: the edges of np.linspace put a confidence k / n_bins one bin too high for some k
     rng = np.random.default_rng(0)
     confidence = rng.random(300)
-    confidence[:4] = [0.0, 1.0, 0.2, 0.4]  # bin edges
+    confidence[: n_bins + 1] = np.arange(n_bins + 1) / n_bins  # every bin edge
     correct = rng.random(300) < confidence
     assert expected_calibration_error(confidence, correct, n_bins=n_bins) == pytest.approx(
         naive_ece(confidence, correct, n_bins)
     )
+
+
+@pytest.mark.parametrize("n_bins", [5, 6, 7, 9, 12, 15])
+def test_a_confidence_on_a_bin_edge_counts_in_the_bin_it_closes(n_bins):
+    # a right prediction of confidence k / n_bins closes bin k - 1 and a wrong one of (k + 0.5) / n_bins
+    # lies in bin k: their gaps add up. The edges of np.linspace put both in bin k for some k and
+    # n_bins (6: k = 5, ECE 0.367 instead of 0.533)
+    for k in range(1, n_bins):
+        above = (k + 0.5) / n_bins
+        ece = expected_calibration_error([k / n_bins, above], [1, 0], n_bins=n_bins)
+        assert ece == pytest.approx(0.5 * (1 - k / n_bins) + 0.5 * above), k
 
 
 def test_ece_is_zero_when_calibrated_and_the_gap_when_overconfident():
@@ -68,6 +79,9 @@ def test_ece_is_zero_when_calibrated_and_the_gap_when_overconfident():
         ([], [], {}, "empty"),
         ([0.5], [2], {}, "0/1"),
         ([0.5], [1], {"n_bins": 0}, "n_bins"),
+        ([0.9, 0.8], pd.array([True, pd.NA], dtype="boolean"), {}, r"correct is missing .* for 1 of 2"),
+        ([0.9, 0.8], [True, None], {}, "correct is missing"),
+        ([0.9, 0.8], [1.0, np.nan], {}, "correct is missing"),
     ],
 )
 def test_ece_refuses_bad_input(confidence, correct, kwargs, match):

@@ -73,3 +73,67 @@ def test_probes_leave_out_cells_without_a_label():
     assert len(predicted) == len(test) and set(predicted) == {"a", "b"}
     with pytest.raises(ValueError, match="no cell of test_idx has a label"):
         knn_probe_accuracy(embedding, labels, train, [1, 27])
+
+
+@pytest.mark.parametrize(
+    ("kind", "zero", "one"), [("int", 0, 1), ("float with a missing label", 0.0, 1.0), ("bool", False, True)]
+)
+def test_probes_take_labels_of_any_kind_and_predict_them_as_given(kind, zero, one):
+    # were refused by scikit-learn: "Unknown label type: unknown"
+    rng = np.random.default_rng(3)
+    embedding = rng.normal(size=(40, 3))
+    numbers = (embedding[:, 0] > 0).astype(int)
+    labels = {"int": numbers, "float with a missing label": numbers.astype(float), "bool": numbers == 1}[kind]
+    as_text = np.where(numbers == 1, "one", "zero").astype(object)  # sorts as zero < one does: same classes
+    if kind.startswith("float"):
+        labels[[0, 35]] = np.nan  # an integer column with a missing label is float
+        as_text[[0, 35]] = None
+    train, test = np.arange(30), np.arange(30, 40)
+    accuracy = knn_probe_accuracy(embedding, labels, train, test, n_neighbors=5)
+    assert accuracy == knn_probe_accuracy(embedding, as_text, train, test, n_neighbors=5)
+    predicted = logistic_regression_baseline(embedding, labels, train, test)
+    expected = logistic_regression_baseline(embedding, as_text, train, test)
+    assert list(predicted) == [{"one": one, "zero": zero}[e] for e in expected]
+    assert {type(p) for p in predicted} == {type(one)}  # the values of labels, not codes or strings
+
+
+@pytest.mark.parametrize(
+    ("embedding", "labels", "n_neighbors"),
+    [
+        ([[-1.0], [1.0], [0.0]], ["a", "b", "b"], 1),  # the test cell is as far from "a" as from "b"
+        ([[-1.0], [1.0], [1.0], [0.0]], ["a", "b", "c", "a"], 2),
+    ],
+)
+def test_knn_probe_does_not_depend_on_the_order_of_the_training_cells(embedding, labels, n_neighbors):
+    # equidistant neighbours were taken in the order of train_idx: 0.0 for [0, 1], 1.0 for [1, 0]
+    embedding, labels = np.array(embedding), np.array(labels)
+    train, test = np.arange(len(labels) - 1), [len(labels) - 1]
+    accuracies = {
+        knn_probe_accuracy(embedding, labels, order, test, n_neighbors=n_neighbors)
+        for order in (train, train[::-1], np.roll(train, 1))
+    }
+    assert len(accuracies) == 1
+
+
+@pytest.mark.parametrize("kind", ["DataFrame", "list", "sparse"])
+def test_probes_take_a_dataframe_a_list_or_a_sparse_matrix_like_an_array(kind):
+    import pandas as pd
+
+    rng = np.random.default_rng(4)
+    embedding = rng.normal(size=(30, 3))
+    labels = np.where(embedding[:, 0] > 0, "a", "b")
+    other = {
+        "DataFrame": pd.DataFrame(embedding),
+        "list": embedding.tolist(),
+        "sparse": sp.coo_matrix(embedding),
+    }
+    train, test = np.arange(20), np.arange(20, 30)
+    assert knn_probe_accuracy(other[kind], labels, train, test, n_neighbors=3) == knn_probe_accuracy(
+        embedding, labels, train, test, n_neighbors=3
+    )
+    np.testing.assert_array_equal(
+        logistic_regression_baseline(other[kind], labels, train, test),
+        logistic_regression_baseline(embedding, labels, train, test),
+    )
+    with pytest.raises(ValueError, match=r"one row per label \(29\)"):
+        knn_probe_accuracy(embedding, labels[:29], train, [20])

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
@@ -16,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 from sctransformer.data._validation import cell_positions, positive_int
 
-from ._probes import log1p_normalise
+from ._probes import _label_codes, log1p_normalise
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -57,7 +56,10 @@ def annotation_baselines(
     """Predicted labels of the test cells from the simple baselines of cell annotation.
 
     Every baseline is fitted on the training cells only (gene selection, scaling and PCA
-    included); normalisation is per cell, so it leaks nothing between the two sets.
+    included); normalisation is per cell, so it leaks nothing between the two sets. The training
+    cells are taken in increasing index order, so the predictions do not depend on the order of
+    ``train_idx`` (the rounding of the fits, and which of several equidistant neighbours
+    ``"knn_pca"`` takes, would).
 
     ``"logreg_all_genes"``
         :class:`~sklearn.linear_model.LogisticRegression` (``max_iter=2000``) on
@@ -79,7 +81,8 @@ def annotation_baselines(
     counts
         Cells x genes raw counts, dense or scipy sparse.
     labels
-        Label of each cell; those of the training cells must not be missing.
+        Label of each cell (strings, integers, floats or booleans); those of the training cells
+        must not be missing.
     train_idx, test_idx
         Integer indices (or boolean masks) of the training and test cells; they must not overlap.
     n_top_genes
@@ -88,7 +91,8 @@ def annotation_baselines(
         Principal components, at most ``min(n_train - 1, n_genes - 1)`` (fewer are used where
         the data have fewer).
     n_neighbors
-        Neighbours of ``"knn_pca"`` (at most the training cells).
+        Neighbours of ``"knn_pca"`` (at most the training cells); a tied vote goes to the label
+        that sorts first.
     seed
         Random state of the PCA and the logistic regressions.
     methods
@@ -97,8 +101,8 @@ def annotation_baselines(
 
     Returns
     -------
-    Predicted labels of the ``test_idx`` cells (in that order) per baseline name, in the order of
-    ``methods``.
+    Predicted labels of the ``test_idx`` cells (in that order; object arrays of the values of
+    ``labels``) per baseline name, in the order of ``methods``.
 
     Examples
     --------
@@ -126,12 +130,10 @@ def annotation_baselines(
     if counts.ndim != 2:
         raise ValueError(f"counts must be a cells x genes matrix, got shape {counts.shape}")
     n_cells = counts.shape[0]
-    labels = np.asarray(labels, dtype=object)  # a list mixing strings and NaN keeps its NaN
-    if labels.shape != (n_cells,):
-        raise ValueError(
-            f"labels must have one entry per cell (row of counts: {n_cells}), got {labels.shape}"
-        )
-    train_idx = cell_positions(train_idx, n_cells, "train_idx")
+    codes, classes = _label_codes(labels)  # scikit-learn is fitted on codes: labels of any kind
+    if codes.shape != (n_cells,):
+        raise ValueError(f"labels must have one entry per cell (row of counts: {n_cells}), got {codes.shape}")
+    train_idx = np.sort(cell_positions(train_idx, n_cells, "train_idx"))
     test_idx = cell_positions(test_idx, n_cells, "test_idx")
     overlap = np.intersect1d(train_idx, test_idx)
     if len(overlap):
@@ -139,10 +141,10 @@ def annotation_baselines(
             f"train_idx and test_idx share {len(overlap)} cells (e.g. {overlap[:5].tolist()}); "
             "pass disjoint training and test cells"
         )
-    y_train = labels[train_idx]
-    if pd.isna(y_train).any():
+    y_train = codes[train_idx]
+    if (y_train < 0).any():
         raise ValueError("some training cells have no label; drop them from train_idx")
-    if len(pd.unique(y_train)) < 2:
+    if len(np.unique(y_train)) < 2:
         raise ValueError("the training cells carry fewer than two labels; nothing to learn")
 
     x_train, x_test = counts[train_idx], counts[test_idx]
@@ -154,7 +156,7 @@ def annotation_baselines(
 
     def logreg(train, test) -> np.ndarray:
         model = LogisticRegression(max_iter=2000, random_state=seed)
-        return model.fit(train, y_train).predict(test)
+        return classes[model.fit(train, y_train).predict(test)]
 
     predictions: dict[str, np.ndarray] = {}
     if "logreg_all_genes" in methods:
@@ -176,5 +178,5 @@ def annotation_baselines(
                 predictions["logreg_pca"] = logreg(pcs_train, pcs_test)
             if "knn_pca" in methods:
                 knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(train_idx)))
-                predictions["knn_pca"] = knn.fit(pcs_train, y_train).predict(pcs_test)
+                predictions["knn_pca"] = classes[knn.fit(pcs_train, y_train).predict(pcs_test)]
     return {name: predictions[name] for name in methods}

@@ -32,9 +32,15 @@ PER_CLASS_COLUMNS = ["precision", "recall", "f1", "support", "f1_ci_low", "f1_ci
 
 
 def _bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:
-    """Index of the equal-width bin of [0, 1] of each confidence: bins ``(lo, hi]``, 0 in the first."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return np.searchsorted(edges[1:-1], confidence, side="left")
+    """Index of the equal-width bin of [0, 1] of each confidence: bins ``(lo, hi]``, 0 in the first.
+
+    The inner edges are ``k / n_bins`` (``k = 1 .. n_bins - 1``) as floating-point division gives
+    them, so a confidence written as ``k / n_bins`` lies in the bin it closes. (The edges of
+    :func:`numpy.linspace` are ``k * (1 / n_bins)``, which for some ``n_bins``, e.g. 6, 7, 9 and 12,
+    differ from ``k / n_bins`` in the last bit and put such a confidence one bin off.)
+    """
+    edges = np.arange(1, n_bins) / n_bins
+    return np.searchsorted(edges, confidence, side="left")
 
 
 def _check_confidence(confidence, correct, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +59,12 @@ def _check_confidence(confidence, correct, n_bins: int) -> tuple[np.ndarray, np.
     if not np.all(np.isfinite(confidence)) or confidence.min() < -1e-9 or confidence.max() > 1 + 1e-9:
         raise ValueError("confidence must hold finite values in [0, 1]; drop cells without a prediction")
     confidence = np.clip(confidence, 0.0, 1.0)  # rounding error of a softmax
+    missing = _is_missing(correct)
+    if missing.any():
+        raise ValueError(
+            f"correct is missing (None / NaN / pd.NA) for {int(missing.sum())} of {len(correct)} cells; "
+            "drop the cells whose true label or prediction is unknown, or pass booleans"
+        )
     if correct.dtype != bool:
         if not np.all(np.isin(correct, [0, 1])):
             raise ValueError("correct must hold booleans or 0/1 (is the prediction right?)")

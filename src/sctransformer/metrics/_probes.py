@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -10,6 +12,9 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from sctransformer._constants import TARGET_SUM
 from sctransformer.data._validation import cell_positions
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 
 def log1p_normalise(counts, *, target_sum: float = TARGET_SUM) -> np.ndarray | sp.csr_matrix:
@@ -48,40 +53,102 @@ def mean_log1p_normalised(
     return total / len(rows)
 
 
-def _labelled(positions: np.ndarray, labels: np.ndarray, name: str) -> np.ndarray:
-    """The cells of ``positions`` that have a label; an error if none has."""
-    kept = positions[pd.notna(labels[positions])]
+def _label_codes(labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Integer code of each cell's label (-1 where it is missing) and the labels the codes stand for.
+
+    scikit-learn's classifiers refuse labels of no single kind ("Unknown label type"), such as the
+    object arrays that keep a missing label's NaN beside integers, so they are fitted on these codes
+    and their predictions mapped back. The codes number the labels in sorted order (order of first
+    appearance where labels of mixed types do not sort), as scikit-learn numbers its classes: a
+    classifier fitted on the codes predicts what it would on labels it accepts as they are.
+
+    Parameters
+    ----------
+    labels
+        Label of each cell (strings, integers, floats or booleans; ``None`` / NaN where missing).
+
+    Returns
+    -------
+    The code of each cell and the distinct labels (an object array), ``labels[code]``.
+    """
+    # object dtype: np.asarray of a list mixing strings and NaN would turn the NaN into the string "nan"
+    values = np.asarray(labels, dtype=object)
+    if values.ndim != 1:
+        raise ValueError(f"labels must be 1-D (one label per cell), got shape {values.shape}")
+    codes, uniques = pd.factorize(values, sort=True)
+    return codes, np.asarray(uniques, dtype=object)
+
+
+def _cells_matrix(x: ArrayLike | sp.spmatrix, n_cells: int, name: str) -> np.ndarray | sp.csr_matrix:
+    """``x`` as a cells x features matrix that integer positions index: CSR if sparse, else an array.
+
+    A :class:`pandas.DataFrame` (which ``x[positions]`` would index by column) or a list of rows
+    becomes an array; ``x`` must have one row per label.
+    """
+    x = x.tocsr() if sp.issparse(x) else np.asarray(x)
+    if x.ndim != 2 or x.shape[0] != n_cells:
+        raise ValueError(
+            f"{name} must be a cells x features matrix with one row per label ({n_cells}), "
+            f"got shape {x.shape}"
+        )
+    return x
+
+
+def _labelled(positions: np.ndarray, codes: np.ndarray, name: str) -> np.ndarray:
+    """The cells of ``positions`` that have a label (code >= 0); an error if none has."""
+    kept = positions[codes[positions] >= 0]
     if len(kept) == 0:
         raise ValueError(f"no cell of {name} has a label")
     return kept
 
 
 def knn_probe_accuracy(
-    embedding: np.ndarray,
-    labels: np.ndarray,
-    train_idx: np.ndarray,
-    test_idx: np.ndarray,
+    embedding: ArrayLike | sp.spmatrix,
+    labels: ArrayLike,
+    train_idx: ArrayLike,
+    test_idx: ArrayLike,
     *,
     n_neighbors: int = 15,
 ) -> float:
     """Accuracy on ``test_idx`` of a k-nearest-neighbour classifier fitted on ``train_idx`` cells.
 
-    A measure of how much of ``labels`` an embedding carries (Euclidean distance, majority vote).
-    Cells without a label (NaN / None) are left out of both sets.
+    A measure of how much of ``labels`` an embedding carries: a
+    :class:`~sklearn.neighbors.KNeighborsClassifier` (Euclidean distance, majority vote; a tied vote
+    goes to the label that sorts first). Cells without a label (NaN / None) are left out of both
+    sets. The training cells are fitted in increasing index order, so the accuracy does not depend
+    on the order of ``train_idx``; among neighbours at equal distance, scikit-learn's search picks
+    from the cells in that order.
+
+    Parameters
+    ----------
+    embedding
+        Cells x dimensions: an array, a :class:`pandas.DataFrame`, a list of rows or a scipy
+        sparse matrix.
+    labels
+        Label of each cell: strings, integers, floats or booleans.
+    train_idx, test_idx
+        Integer positions (or boolean masks) of the training and test cells.
+    n_neighbors
+        Neighbours of each test cell (at most the labelled training cells).
+
+    Returns
+    -------
+    The share of labelled test cells whose predicted label is their label.
     """
-    labels = np.asarray(labels, dtype=object)
-    train_idx = _labelled(cell_positions(train_idx, len(labels), "train_idx"), labels, "train_idx")
-    test_idx = _labelled(cell_positions(test_idx, len(labels), "test_idx"), labels, "test_idx")
+    codes, _ = _label_codes(labels)
+    embedding = _cells_matrix(embedding, len(codes), "embedding")
+    train_idx = np.sort(_labelled(cell_positions(train_idx, len(codes), "train_idx"), codes, "train_idx"))
+    test_idx = _labelled(cell_positions(test_idx, len(codes), "test_idx"), codes, "test_idx")
     knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(train_idx)))
-    knn.fit(embedding[train_idx], labels[train_idx])
-    return float((knn.predict(embedding[test_idx]) == labels[test_idx]).mean())
+    knn.fit(embedding[train_idx], codes[train_idx])
+    return float((knn.predict(embedding[test_idx]) == codes[test_idx]).mean())
 
 
 def logistic_regression_baseline(
-    features,
-    labels: np.ndarray,
-    train_idx: np.ndarray,
-    test_idx: np.ndarray,
+    features: ArrayLike | sp.spmatrix,
+    labels: ArrayLike,
+    train_idx: ArrayLike,
+    test_idx: ArrayLike,
     *,
     max_iter: int = 2000,
 ) -> np.ndarray:
@@ -90,10 +157,28 @@ def logistic_regression_baseline(
     Use with :func:`log1p_normalise` counts of all genes: often the strongest simple baseline of
     cell annotation. Training cells without a label (NaN / None) are left out; every test cell
     gets a prediction.
+
+    Parameters
+    ----------
+    features
+        Cells x features: an array, a :class:`pandas.DataFrame`, a list of rows or a scipy sparse
+        matrix (kept sparse).
+    labels
+        Label of each cell: strings, integers, floats or booleans.
+    train_idx, test_idx
+        Integer positions (or boolean masks) of the training and test cells.
+    max_iter
+        Iterations of :class:`~sklearn.linear_model.LogisticRegression`.
+
+    Returns
+    -------
+    The predicted label of each ``test_idx`` cell, in that order: an object array of the values of
+    ``labels``.
     """
-    labels = np.asarray(labels, dtype=object)
-    train_idx = _labelled(cell_positions(train_idx, len(labels), "train_idx"), labels, "train_idx")
-    test_idx = cell_positions(test_idx, len(labels), "test_idx")
+    codes, classes = _label_codes(labels)
+    features = _cells_matrix(features, len(codes), "features")
+    train_idx = _labelled(cell_positions(train_idx, len(codes), "train_idx"), codes, "train_idx")
+    test_idx = cell_positions(test_idx, len(codes), "test_idx")
     clf = LogisticRegression(max_iter=max_iter)
-    clf.fit(features[train_idx], labels[train_idx])
-    return clf.predict(features[test_idx])
+    clf.fit(features[train_idx], codes[train_idx])
+    return classes[clf.predict(features[test_idx])]
