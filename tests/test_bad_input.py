@@ -180,7 +180,8 @@ def test_model_on_a_subset_copied_after_setup_says_to_set_it_up_again(adata):
     sct.setup_anndata(adata, layer="counts")
     subset = adata[adata.obs["batch"] == adata.obs["batch"].iloc[0]].copy()  # e.g. QC after setup
     with pytest.raises(
-        ValueError, match=r"subset or copy .* after setup_anndata.*setup_anndata\(adata, \.\.\.\) again"
+        ValueError,
+        match=r"not set up for sctransformer.*a subset or copy made after setup_anndata.*setup_anndata\(adata, \.\.\.\) on it",
     ):
         sct.GeneTransformer(subset, **TINY)
     sct.setup_anndata(subset, layer="counts")  # the fix works
@@ -245,6 +246,25 @@ def test_inference_and_loading_say_how_to_meet_the_models_settings_not_to_pass_t
         with warnings.catch_warnings(), pytest.raises(ValueError, match=r"layer=|gene_key="):
             warnings.simplefilter("ignore")
             sct.setup_anndata(query)
+
+
+def test_inference_words_a_gene_fix_only_when_it_says_one_and_reads_var_with_repeated_columns(
+    x_model, monkeypatch
+):
+    """The fix is worked out only for an error or warning (it scans .var); a .var column name twice is no matter."""
+    model, _ = x_model
+    query = sct.datasets.synthetic(n_cells=20, n_genes=60, n_cell_types=3, n_markers=8, seed=1)
+    query.X = query.layers["counts"].copy()
+    query.var = pd.concat([query.var, pd.DataFrame({"s": "x", "t": "y"}, index=query.var_names)], axis=1)
+    query.var.columns = [*query.var.columns[:-2], "symbol", "symbol"]
+    from sctransformer.data import _validation
+
+    def unwanted(*args, **kwargs):
+        raise AssertionError("the fix was worked out though nothing is wrong")
+
+    monkeypatch.setattr(_validation, "model_gene_fix", unwanted)
+    monkeypatch.setattr(sct.model._gene_transformer, "model_gene_fix", unwanted)
+    assert model.get_latent_representation(query).shape[0] == 20
 
 
 @pytest.mark.parametrize(

@@ -529,6 +529,18 @@ def test_the_config_saved_beside_a_pretrained_model_runs_again_without_tensorboa
     assert (tmp_path / "again" / "model.json").is_file()
 
 
+def test_a_saved_config_run_with_another_output_logs_beside_that_output(tmp_path):
+    config = write_config(tmp_path)  # no log.dir: the default, <output>-logs
+    assert main(["pretrain", "--config", config]) == 0
+    saved = yaml.safe_load((tmp_path / "model" / "config.yaml").read_text())
+    assert "dir" not in saved["log"]  # the default follows the output; it is not recorded
+    saved["output"] = str(tmp_path / "again")
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["pretrain", "--config", str(tmp_path / "again.yaml")]) == 0
+    assert (tmp_path / "again-logs").is_dir()
+    assert len(list((tmp_path / "model-logs").rglob("metrics.csv"))) == 1  # the first run's logs alone
+
+
 def test_the_config_saved_beside_a_finetuned_model_runs_again(tmp_path):
     write_shards(tmp_path)
     reference = ad.read_h5ad(tmp_path / "shard_0.h5ad")
@@ -548,6 +560,28 @@ def test_the_config_saved_beside_a_finetuned_model_runs_again(tmp_path):
     (tmp_path / "again.yaml").write_text(saved.replace(f"{tmp_path}/tuned", f"{tmp_path}/again"))
     assert main(["finetune", "--config", str(tmp_path / "again.yaml")]) == 0
     assert (tmp_path / "again" / "model.json").is_file()
+
+
+def test_finetune_of_a_labelled_reference_trains_on_its_labels_without_a_leak_warning(tmp_path, caplog):
+    """Fine-tuning is meant to train on the data's labels: no warning that they are training targets."""
+    write_shards(tmp_path)
+    reference = ad.read_h5ad(tmp_path / "shard_0.h5ad")
+    sct.setup_anndata(reference, layer="counts", phenotype_keys=["cell_type"])
+    sct.GeneTransformer(reference, **TINY).save(tmp_path / "ref")
+    finetune = {
+        "data": {"paths": ["shard_1.h5ad"]},  # no phenotype_keys: the reference's
+        "reference": "ref",
+        "train": {"max_epochs": 1, "batch_size": 32, "enable_progress_bar": False},
+        "log": {"loggers": ["csv"]},
+        "output": "tuned",
+    }
+    (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(finetune))
+    with caplog.at_level("INFO", logger="sctransformer"):
+        assert main(["finetune", "--config", str(tmp_path / "finetune.yaml")]) == 0
+    targets = [r for r in caplog.records if "are training targets" in r.getMessage()]
+    assert [r.levelname for r in targets] == ["INFO"]  # said, as asked for, not warned
+    tuned = sct.GeneTransformer.load(tmp_path / "tuned")
+    assert "phenotype_cell_type_train" in tuned.history
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,7 @@ config is reported in one line, before any training, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import inspect
 import json
@@ -493,10 +494,22 @@ def _save(model: GeneTransformer, output: Path, config: dict[str, Any], overwrit
         if _global_rank() == 0:
             _check_output(output, overwrite)  # e.g. another run saved there while this one trained
             model.save(output, overwrite=overwrite)
-            (output / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+            (output / CONFIG_FILE).write_text(yaml.safe_dump(_recorded(config), sort_keys=False))
     finally:
         if _distributed():
             dist.barrier()  # the other ranks end once the model is saved (or its save failed)
+
+
+def _recorded(config: dict[str, Any]) -> dict[str, Any]:
+    """The config to save beside the model: ``config`` without a ``log.dir`` that is the default.
+
+    The default follows ``output`` (``<output>-logs``), so a saved config run again with another
+    output logs beside that output, not into the first run's logs.
+    """
+    recorded = copy.deepcopy(config)
+    if recorded["log"].get("dir") == f"{recorded['output']}-logs":
+        del recorded["log"]["dir"]
+    return recorded
 
 
 def pretrain(config_path: str, *, overwrite: bool = False, command: str = "pretrain") -> Path:
@@ -523,9 +536,10 @@ def pretrain(config_path: str, *, overwrite: bool = False, command: str = "pretr
     else:
         adata = _load_data(data)
         if reference is not None:
-            model = sct.GeneTransformer.load_query_data(
-                adata, reference, phenotype_keys=setup["phenotype_keys"]
-            )
+            keys = setup["phenotype_keys"]
+            if keys is None:  # fine-tuning: the reference's phenotypes in the data are the targets, as asked
+                keys = [key for key in reference.phenotype_categories_ if key in adata.obs]
+            model = sct.GeneTransformer.load_query_data(adata, reference, phenotype_keys=keys)
         else:
             sct.setup_anndata(adata, **setup)
             model = sct.GeneTransformer(adata, **config["model"])

@@ -274,6 +274,32 @@ def test_load_query_data_takes_only_the_query_labels_it_is_given_and_says_when_t
     assert [r.levelname for r in _training_target_logs(caplog)] == ["INFO"]
 
 
+def test_labels_left_out_of_training_may_change_after_an_earlier_setup_registered_them(trained):
+    """A query first loaded with its labels, then with phenotype_keys=[]: editing them later is no change to refuse."""
+    model, _ = trained
+    query = synthetic(seed=15, n_cells=40)
+    sct.GeneTransformer.load_query_data(query, model)  # the default: registers the labels (and their codes)
+    q = sct.GeneTransformer.load_query_data(query, model, phenotype_keys=[])
+    query.obs["cell_type"] = query.obs["cell_type"].cat.rename_categories(lambda c: f"{c}_coarse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dropped calibration: not what this test is about
+        train_quietly(q, max_epochs=1, freeze="backbone")
+    assert q.is_trained_
+
+
+def test_labels_left_out_of_a_query_stay_out_when_it_is_saved_and_loaded_again(trained, tmp_path):
+    model, _ = trained
+    query = synthetic(seed=16, n_cells=40)  # keeps its true labels, to score the predictions against
+    q = sct.GeneTransformer.load_query_data(query, model, phenotype_keys=[])
+    q.save(tmp_path / "query_model")
+    again = sct.GeneTransformer.load(tmp_path / "query_model", adata=query)
+    assert not again._labels_registered("cell_type") and (again._registered_codes("cell_type") == -1).all()
+    # the reference, saved with its labels, still registers a query's labels when loaded onto it
+    model.save(tmp_path / "reference")
+    labelled = sct.GeneTransformer.load(tmp_path / "reference", adata=synthetic(seed=17, n_cells=40))
+    assert (labelled._registered_codes("cell_type") >= 0).all()
+
+
 def test_training_a_query_without_labels_warns_that_the_reference_calibration_is_dropped(trained):
     model, _ = trained
     assert model.temperatures_  # fitted on the validation cells

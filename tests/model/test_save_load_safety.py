@@ -16,6 +16,8 @@ import pytest
 
 import sctransformer as sct
 
+from ..conftest import fingerprint
+
 
 class _CreatesAFileWhenUnpickled:
     def __init__(self, path: str) -> None:
@@ -282,3 +284,80 @@ def test_loading_onto_an_anndata_set_up_otherwise_sets_it_up_again_with_the_mode
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # set up as the model was: nothing to say
         sct.GeneTransformer.load(tmp_path / "model", adata=same)
+
+
+_CURVE = {"epoch": [0, 1], "value": [1.0, 0.5]}
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "message"),
+    [
+        (["history"], None, r"history must be a mapping of curve name .* got NoneType"),
+        (["history", "loss"], [1.0, 0.5], r"history\['loss'\] must be a mapping, got list"),
+        (["history", "loss"], {"epoch": [0, 1]}, r"missing key 'value' in history\['loss'\]"),
+        (
+            ["history", "loss"],
+            _CURVE | {"epoch": ["0", 1]},
+            r"\['epoch'\] must be a list of integers; entry 0",
+        ),
+        (
+            ["history", "loss"],
+            _CURVE | {"value": [1.0, "x"]},
+            r"\['value'\] must be a list of numbers; entry 1",
+        ),
+        (["history", "loss"], _CURVE | {"value": [1.0]}, r"history\['loss'\] has 2 epochs but 1 values"),
+        (["calibration"], [1.0], "calibration must be a mapping"),
+        (["calibration"], {"cell_type": 3}, r"calibration\['cell_type'\] must be a mapping"),
+        (["indices"], [0, 1], "indices must be a mapping"),
+        (["indices", "test"], ..., "missing key 'test' in indices"),
+        (["indices", "everything"], [0], r"unknown splits \['everything'\]"),
+        (["indices", "train"], ["0", "1"], r"indices\['train'\] must be a list of cell positions"),
+        (["indices", "train"], [0, 1.0], r"indices\['train'\] .*; entry 1 is 1\.0"),
+        (["indices", "validation"], 5, r"indices\['validation'\] must be a list .* or null, got int"),
+        (["indices", "validation"], [3, -1], r"indices\['validation'\] must hold cell positions >= 0"),
+    ],
+    ids=[
+        "history null",
+        "curve a list",
+        "curve without values",
+        "epoch a string",
+        "value a string",
+        "epochs and values unpaired",
+        "calibration a list",
+        "calibration entry a number",
+        "indices a list",
+        "split missing",
+        "unknown split",
+        "positions strings",
+        "position a float",
+        "split a number",
+        "negative position",
+    ],
+)
+def test_a_damaged_history_calibration_or_split_is_refused_before_adata_is_set_up(
+    saved, where, value, message
+):
+    # were an AttributeError / TypeError raised after adata was set up, or a split of strings loaded
+    path, _, data = saved
+    state = json.loads((path / "model.json").read_text())
+    *parents, last = where
+    target = state
+    for key in parents:
+        target = target[key]
+    if value is ...:
+        del target[last]
+    else:
+        target[last] = value
+    (path / "model.json").write_text(json.dumps(state))
+    adata = data.copy()
+    adata.obs = adata.obs[[c for c in adata.obs if not c.startswith("_scvi")]]
+    adata.uns.clear()
+    before = fingerprint(adata)
+    for load in (
+        lambda: sct.GeneTransformer.load(path),
+        lambda: sct.GeneTransformer.load(path, adata=adata),
+        lambda: sct.GeneTransformer.load_query_data(adata, path),
+    ):
+        with pytest.raises(ValueError, match=f"damaged model.json in .*{message}"):
+            load()
+    assert fingerprint(adata) == before  # no _scvi_* columns in .obs, no keys in .uns

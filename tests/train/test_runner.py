@@ -62,3 +62,22 @@ def test_a_run_after_a_resumed_one_is_numbered_after_the_resumed_epochs():
     assert history["loss_train"].index.tolist() == [2, 3, 4, 5]
     assert history["loss_train"]["loss_train"].tolist() == [4.0, 3.0, 2.0, 1.0]
     assert history["loss_validation"].index.tolist() == [5]
+
+
+def test_curves_of_steps_neither_move_the_epochs_nor_are_renumbered_as_epochs():
+    """A learning-rate monitor's curve has a value per step: 10 steps do not make the next run's epochs 10 on."""
+    runner = HistoryTrainRunner.__new__(HistoryTrainRunner)  # its history update only
+    earlier = {
+        "loss_train": pd.DataFrame({"loss_train": [4.0, 3.0]}, index=pd.Index([0, 1], name="epoch")),
+        "lr-AdamW": pd.DataFrame({"lr-AdamW": np.linspace(0, 1, 10)}, index=pd.Index(range(10), name="step")),
+    }
+    runner.model = SimpleNamespace(is_trained_=True, history_=earlier)
+    logged = {
+        "loss_train": pd.DataFrame({"loss_train": [2.0, 1.0]}, index=pd.Index([0, 1], name="epoch")),
+        "lr-AdamW": pd.DataFrame({"lr-AdamW": np.linspace(1, 0, 10)}, index=pd.Index(range(10), name="step")),
+    }
+    runner.trainer = SimpleNamespace(is_global_zero=True, logger=SimpleNamespace(history=logged))
+    runner._update_history()
+    history = runner.model.history_
+    assert history["loss_train"].index.tolist() == [0, 1, 2, 3]
+    assert history["lr-AdamW"].index.tolist() == list(range(20))

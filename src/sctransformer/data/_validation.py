@@ -185,8 +185,8 @@ def model_gene_fix(adata: AnnData, gene_key: str | None, vocabulary: pd.Index) -
     candidates = {"adata.var_names": adata.var_names} if gene_key is not None else {}
     candidates |= {
         f"adata.var[{c!r}].astype(str)": adata.var[c]
-        for c in adata.var.columns
-        if c != gene_key and _is_text(adata.var[c])
+        for c in adata.var.columns.unique()
+        if c != gene_key and isinstance(adata.var[c], pd.Series) and _is_text(adata.var[c])
     }
     shared = {name: int(vocabulary.isin(values.astype(str)).sum()) for name, values in candidates.items()}
     best = max(shared, key=shared.get, default=None)

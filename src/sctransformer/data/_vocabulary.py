@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -42,7 +43,7 @@ class GeneVocabulary:
         return self.index.tolist()
 
     def column_to_gene(
-        self, identifiers: pd.Index, *, min_overlap: int = 1, fix: str = GENE_KEY_FIX
+        self, identifiers: pd.Index, *, min_overlap: int = 1, fix: str | Callable[[], str] = GENE_KEY_FIX
     ) -> np.ndarray:
         """Vocabulary row of each AnnData column (``-1`` where the gene is not in the vocabulary).
 
@@ -59,10 +60,10 @@ class GeneVocabulary:
         min_overlap
             Fewest shared genes accepted.
         fix
-            How to give the AnnData matching identifiers, said in the error and the warning;
-            default :data:`GENE_KEY_FIX` (pass ``gene_key=``). Where the ``gene_key`` is a
-            model's, which inference and loading do not take: where to put the identifiers
-            (``model_gene_fix`` of ``data/_validation.py``).
+            How to give the AnnData matching identifiers, said in the error and the warning (or
+            a function that writes it, called only then); default :data:`GENE_KEY_FIX` (pass
+            ``gene_key=``). Where the ``gene_key`` is a model's, which inference and loading do
+            not take: where to put the identifiers (``model_gene_fix`` of ``data/_validation.py``).
         """
         mapping = self.index.get_indexer(pd.Index(identifiers).astype(str)).astype(np.int64)
         n_found = int((mapping >= 0).sum())
@@ -71,7 +72,7 @@ class GeneVocabulary:
             raise ValueError(
                 f"the AnnData shares {n_found} genes with the model's vocabulary of {len(self)} "
                 f"genes (its identifiers look like {example}, the vocabulary's like "
-                f"{self.genes[:3]}); {fix}"
+                f"{self.genes[:3]}); {fix() if callable(fix) else fix}"
             )
         n_present = len(np.unique(mapping[mapping >= 0]))  # distinct genes: columns may repeat one
         if n_found < len(identifiers) or n_present < len(self):
@@ -83,6 +84,7 @@ class GeneVocabulary:
                 len(self),
             )
         if n_present < MIN_VOCABULARY_SHARE * len(self):
+            fix = fix() if callable(fix) else fix
             warnings.warn(
                 f"the AnnData has {n_present} of the model's {len(self)} genes "
                 f"({n_present / len(self):.0%}, under {MIN_VOCABULARY_SHARE:.0%}): the model sees its cells "

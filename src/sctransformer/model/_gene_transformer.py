@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -427,13 +428,18 @@ _SAVED_HYPERPARAMETERS = (
     "seed",
 )
 _SAVED_SETUP_ARGS = (SETUP_ARGS.LAYER, SETUP_ARGS.GENE_KEY, SETUP_ARGS.BATCH_KEY)
+#: The splits whose cell positions model.json saves under "indices"
+_SAVED_SPLITS = ("train", "validation", "test")
 
 
 def _check_state(state: Any, source: str) -> None:
     """Raise a :class:`ValueError` naming what is wrong if a saved model's state cannot be loaded as is.
 
     model.json may have been edited by hand: every key the loader needs, hyper-parameters in range,
-    category lists of unique names and temperatures that are positive numbers.
+    category lists of unique names, temperatures that are positive numbers, a calibration table per
+    phenotype, training curves of integer epochs and numbers, and splits of cell positions. Every
+    value :meth:`GeneTransformer._from_state` reads is checked here, so that a damaged file is
+    refused before anything (``adata`` included) is touched.
     """
 
     def damaged(problem: str) -> ValueError:
@@ -453,6 +459,14 @@ def _check_state(state: Any, source: str) -> None:
             or len(set(value)) != len(value)
         ):
             raise damaged(f"{what} must be a list of distinct strings, got {value!r}")
+
+    def numbers(value: Any, what: str, kind: type, expected: str) -> None:
+        """Raise unless ``value`` is a list of ``kind`` (booleans excluded), naming the first that is not."""
+        if not isinstance(value, list):
+            raise damaged(f"{what} must be a list of {expected}, got {type(value).__name__}")
+        for i, v in enumerate(value):
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise damaged(f"{what} must be a list of {expected}; entry {i} is {v!r}")
 
     require(state, _STATE_KEYS, "the state")
     hp = state["hyperparameters"]
@@ -482,12 +496,54 @@ def _check_state(state: Any, source: str) -> None:
         names(value, f"phenotype_categories[{key!r}]")
     if state.get("batch_categories") is not None:
         names(state["batch_categories"], "batch_categories")
+    if state.get("label_keys") is not None:  # saved since labels could be left out of training
+        names(state["label_keys"], "label_keys")
+        unknown = [key for key in state["label_keys"] if key not in categories]
+        if unknown:
+            raise damaged(f"label_keys {unknown} are not phenotypes of the model ({list(categories)})")
     temperatures = state.get("temperatures") or {}
     if not isinstance(temperatures, dict):
         raise damaged(f"temperatures must be a mapping, got {type(temperatures).__name__}")
     for key, value in temperatures.items():
         if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value > 0):
             raise damaged(f"temperatures[{key!r}] must be a finite number > 0, got {value!r}")
+    calibration = state.get("calibration") or {}
+    if not isinstance(calibration, dict):
+        raise damaged(
+            f"calibration must be a mapping (phenotype -> its fit), got {type(calibration).__name__}"
+        )
+    for key, fit in calibration.items():
+        if not isinstance(fit, dict):
+            raise damaged(
+                f"calibration[{key!r}] must be a mapping (temperature, n_cells, ...), got {type(fit).__name__}"
+            )
+    history = state["history"]
+    if not isinstance(history, dict):
+        raise damaged(
+            "history must be a mapping of curve name to {'epoch': [...], 'value': [...]}, "
+            f"got {type(history).__name__}"
+        )
+    for name, curve in history.items():
+        where = f"history[{name!r}]"
+        require(curve, ("epoch", "value"), where)
+        numbers(curve["epoch"], f"{where}['epoch']", int, "integers")
+        numbers(curve["value"], f"{where}['value']", Real, "numbers")
+        if len(curve["epoch"]) != len(curve["value"]):
+            raise damaged(
+                f"{where} has {len(curve['epoch'])} epochs but {len(curve['value'])} values; "
+                "they must pair up"
+            )
+    indices = state["indices"]
+    require(indices, _SAVED_SPLITS, "indices")
+    unknown = [key for key in indices if key not in _SAVED_SPLITS]
+    if unknown:
+        raise damaged(f"indices has unknown splits {unknown}; only {list(_SAVED_SPLITS)} are saved")
+    for split in _SAVED_SPLITS:
+        positions = indices[split]
+        if positions is not None:  # null: no such split
+            numbers(positions, f"indices[{split!r}]", int, "cell positions (integers >= 0) or null")
+            if any(i < 0 for i in positions):
+                raise damaged(f"indices[{split!r}] must hold cell positions >= 0, got {min(positions)}")
 
 
 def _log_query_labels(model: GeneTransformer, keys: list[str], by_name: list[str]) -> None:
@@ -670,11 +726,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
         manager = self._registered_manager(adata)
         if manager is None:
-            if _SCVI_UUID_KEY in adata.uns:  # the ids of a setup without the setup: a copy made after it
+            if _SCVI_UUID_KEY in adata.uns:  # the ids of a setup without the setup
                 raise ValueError(
-                    "adata is a subset or copy of a set-up AnnData made after setup_anndata (e.g. "
-                    "adata = adata[mask].copy()), which does not carry the setup over; call "
-                    "sctransformer.setup_anndata(adata, ...) again on it before creating the model"
+                    "adata is not set up for sctransformer in this session, though it carries the ids of "
+                    "a setup: a subset or copy made after setup_anndata (e.g. adata = adata[mask].copy()), "
+                    "a file read back, or a setup for another scvi-tools model, none of which carries the "
+                    "setup over; call sctransformer.setup_anndata(adata, ...) on it before creating the model"
                 )
             raise ValueError(
                 "adata is not set up; call sctransformer.setup_anndata(adata, ...) before creating the model"
@@ -1036,6 +1093,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 "setup_anndata again (and create a new model if it has new batches)"
             )
         for key, categories in self.phenotype_categories_.items():
+            if not self._labels_registered(key):  # not read (load_query_data(phenotype_keys=[])): no matter
+                continue
             if _registered_codes_differ(adata, key, categories):
                 change = "changed" if key in adata.obs else "was removed"
                 raise ValueError(
@@ -1568,7 +1627,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             return np.append(self.vocabulary_.column_to_gene(adata.genes), -1)
         gene_key = self.setup_args_[SETUP_ARGS.GENE_KEY]
         ids = gene_identifiers(adata, gene_key, model=True)
-        fix = model_gene_fix(adata, gene_key, self.vocabulary_.index)
+        fix = functools.partial(model_gene_fix, adata, gene_key, self.vocabulary_.index)  # only if needed
         return self.vocabulary_.column_to_gene(ids, fix=fix)
 
     def _inference_adata(self, adata: AnnData | ShardedAnnData | None) -> AnnData | ShardedAnnData:
@@ -2093,6 +2152,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             "setup_args": self.setup_args_,
             "vocabulary": self.vocabulary_.genes,
             "phenotype_categories": self.phenotype_categories_,
+            # the phenotypes whose labels of the attached cells are training targets (a query's may
+            # be none: load_query_data(phenotype_keys=[])); loading onto cells registers only these
+            "label_keys": None
+            if self.adata is None
+            else [key for key in self.phenotype_categories_ if self._labels_registered(key)],
             "batch_categories": self.batch_categories_,
             "temperatures": self.temperatures_,
             "calibration": self.calibration_,
@@ -2180,7 +2244,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             gene_key = setup_args[SETUP_ARGS.GENE_KEY]
             vocabulary.column_to_gene(
                 gene_identifiers(adata, gene_key, model=True),
-                fix=model_gene_fix(adata, gene_key, vocabulary.index),
+                fix=functools.partial(model_gene_fix, adata, gene_key, vocabulary.index),
             )
             _check_align_width(adata, state)
         hyperparameters = dict(state["hyperparameters"])
@@ -2213,6 +2277,25 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 f"{bad_missing[:5]}, unexpected {list(unexpected)[:5]}); the model files are inconsistent"
             )
         summary = model._model_summary_string  # BaseModelClass.__init__ blanks it
+        # the saved attributes, read before adata is set up (a failure then leaves it untouched) and
+        # set after BaseModelClass.__init__, which resets them
+        temperatures = {k: float(v) for k, v in (state.get("temperatures") or {}).items()}
+        calibration = {k: dict(v) for k, v in (state.get("calibration") or {}).items()}
+        history = {
+            name: pd.DataFrame({name: h["value"]}, index=pd.Index(h["epoch"], name="epoch"))
+            for name, h in state["history"].items()
+        }
+        # the split's cell positions mean something only for the cells trained on: not for a query
+        recorded = state.get("indexed_cells")
+        same_cells = adata is None or (
+            _cells_fingerprint(adata) == recorded
+            if recorded is not None
+            else all(idx is None or max(idx, default=-1) < adata.n_obs for idx in state["indices"].values())
+        )
+        indices = {
+            name: None if idx is None or not same_cells else np.asarray(idx)
+            for name, idx in state["indices"].items()
+        }
         if adata is not None:  # the model loads: now adata may be set up
             if setup_again or cls._registered_manager(adata) is None:
                 batch_key = setup_args[SETUP_ARGS.BATCH_KEY]
@@ -2221,7 +2304,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                     layer=setup_args[SETUP_ARGS.LAYER],
                     batch_key=batch_key if batch_key in adata.obs else None,
                     phenotype_keys=[
-                        k for k in categories if (k in adata.obs if label_keys is None else k in label_keys)
+                        k for k in categories if k in adata.obs and (label_keys is None or k in label_keys)
                     ],
                     gene_key=setup_args[SETUP_ARGS.GENE_KEY],
                     phenotype_categories=categories,
@@ -2237,21 +2320,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         model.init_params_ = {"kwargs": {}, "non_kwargs": dict(state["hyperparameters"])}
         model.is_trained_ = state["is_trained"]
         model.train_settings_ = state.get("train_settings")
-        model.temperatures_ = {k: float(v) for k, v in (state.get("temperatures") or {}).items()}
-        model.calibration_ = {k: dict(v) for k, v in (state.get("calibration") or {}).items()}
-        model.history_ = {
-            name: pd.DataFrame({name: h["value"]}, index=pd.Index(h["epoch"], name="epoch"))
-            for name, h in state["history"].items()
-        }
-        # the split's cell positions mean something only for the cells trained on: not for a query
-        recorded = state.get("indexed_cells")
-        same_cells = adata is None or (
-            _cells_fingerprint(adata) == recorded
-            if recorded is not None
-            else all(idx is None or max(idx, default=-1) < adata.n_obs for idx in state["indices"].values())
-        )
-        for name, idx in state["indices"].items():
-            setattr(model, f"{name}_indices_", None if idx is None or not same_cells else np.asarray(idx))
+        model.temperatures_ = temperatures
+        model.calibration_ = calibration
+        model.history_ = history
+        for name, idx in indices.items():
+            setattr(model, f"{name}_indices_", idx)
         model._indexed_cells = recorded if adata is None else None  # saved again with the indices
         model.module.eval()
         model.to_device(
@@ -2307,6 +2380,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             accelerator=accelerator,
             source=str(dir_path),
             setup_again=bool(differences) or unaligned,
+            label_keys=state.get("label_keys"),
         )
 
     @staticmethod
@@ -2323,9 +2397,15 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         if batches and mapping is not None:
             if mapping[: len(batches)] != list(batches):
                 differences.append(f"batch codes {mapping[: len(batches)]}, the model's {list(batches)}")
+        label_keys = state.get("label_keys")  # None: every phenotype with a column is a label
         for key, categories in state["phenotype_categories"].items():
-            if key in adata.obs and phenotype_registry_key(key) not in manager.data_registry:
+            is_label = label_keys is None or key in label_keys
+            if is_label and key in adata.obs and phenotype_registry_key(key) not in manager.data_registry:
                 differences.append(f"phenotype {key!r} in .obs but not registered")
+            elif not is_label and phenotype_registry_key(key) in manager.data_registry:
+                differences.append(
+                    f"phenotype {key!r} registered, but the model trains on none of its labels"
+                )
             elif _registered_codes_differ(adata, key, categories):
                 differences.append(f"codes of {key!r}")
         return differences
@@ -2397,7 +2477,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         vocabulary = GeneVocabulary(state["vocabulary"])
         gene_key = setup_args[SETUP_ARGS.GENE_KEY]
         ids = gene_identifiers(adata, gene_key, model=True)
-        fix = model_gene_fix(adata, gene_key, vocabulary.index)
+        fix = functools.partial(model_gene_fix, adata, gene_key, vocabulary.index)
         n_shared = int((vocabulary.column_to_gene(ids, fix=fix) >= 0).sum())
         coverage = {
             "n_shared": n_shared,

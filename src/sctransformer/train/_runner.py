@@ -14,10 +14,12 @@ class HistoryTrainRunner(TrainRunner):
     scvi-tools extends only the curves a model already had after its first training, so curves
     that first appear in a later run (phenotype losses after :meth:`load_query_data`, validation
     after a run without validation cells, anything after a run with ``logger=False``) were lost.
-    Here every curve of the run is appended. The run's epochs are numbered on from the last epoch
-    of the history (in any curve) and keep their spacing: validation every second epoch stays
-    every second epoch, and a run resumed from a checkpoint (whose epochs do not start at 0) is
-    followed by the next run's epochs, never by the same numbers again.
+    Here every curve of the run is appended. The run's epoch curves (``<name>_train``,
+    ``<name>_validation``) are numbered on from the last epoch of the history's epoch curves and
+    keep their spacing: validation every second epoch stays every second epoch, and a run resumed
+    from a checkpoint (whose epochs do not start at 0) is followed by the next run's epochs, never
+    by the same numbers again. Other curves (e.g. a ``LearningRateMonitor``'s, one value per step)
+    go on from their own length.
     """
 
     def _update_history(self) -> None:
@@ -26,16 +28,25 @@ class HistoryTrainRunner(TrainRunner):
             super()._update_history()
             return
         new = _safe_load_logger_history(self.trainer) or {}
-        ends = [frame.index.max() for frame in previous.values() if len(frame)]
+        ends = [frame.index.max() for key, frame in previous.items() if _per_epoch(key) and len(frame)]
         offset = int(max(ends)) + 1 if ends else 0
-        starts = [frame.index.min() for frame in new.values() if len(frame)]
+        starts = [frame.index.min() for key, frame in new.items() if _per_epoch(key) and len(frame)]
         first = int(min(starts)) if starts else 0  # the first epoch of this run
         history = dict(previous)
         for key, frame in new.items():
-            index = np.asarray(frame.index, dtype=np.int64) - first + offset
+            if _per_epoch(key):
+                index = np.asarray(frame.index, dtype=np.int64) - first + offset
+            else:  # a curve of steps (or anything else): on from its own length
+                start = len(previous[key]) if key in previous else 0
+                index = np.arange(start, start + len(frame))
             frame.index = pd.Index(index, name=frame.index.name)
             if key in previous:
                 frame.index.name = previous[key].index.name
                 frame = pd.concat([previous[key], frame])
             history[key] = frame
         self.model.history_ = history
+
+
+def _per_epoch(key: str) -> bool:
+    """Whether a history curve holds one value per epoch (the training plan's ``<name>_<stage>``)."""
+    return key.rsplit("_", 1)[-1] in ("train", "validation")
