@@ -294,6 +294,10 @@ def test_labels_left_out_of_a_query_stay_out_when_it_is_saved_and_loaded_again(t
     q.save(tmp_path / "query_model")
     again = sct.GeneTransformer.load(tmp_path / "query_model", adata=query)
     assert not again._labels_registered("cell_type") and (again._registered_codes("cell_type") == -1).all()
+    # also when saved again by a copy loaded without cells
+    sct.GeneTransformer.load(tmp_path / "query_model").save(tmp_path / "resaved")
+    again = sct.GeneTransformer.load(tmp_path / "resaved", adata=query.copy())
+    assert not again._labels_registered("cell_type")
     # the reference, saved with its labels, still registers a query's labels when loaded onto it
     model.save(tmp_path / "reference")
     labelled = sct.GeneTransformer.load(tmp_path / "reference", adata=synthetic(seed=17, n_cells=40))

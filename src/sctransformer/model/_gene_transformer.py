@@ -2154,7 +2154,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             "phenotype_categories": self.phenotype_categories_,
             # the phenotypes whose labels of the attached cells are training targets (a query's may
             # be none: load_query_data(phenotype_keys=[])); loading onto cells registers only these
-            "label_keys": None
+            # (with no cells attached, those of the model loaded: kept as they were saved)
+            "label_keys": getattr(self, "_label_keys", None)
             if self.adata is None
             else [key for key in self.phenotype_categories_ if self._labels_registered(key)],
             "batch_categories": self.batch_categories_,
@@ -2326,6 +2327,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         for name, idx in indices.items():
             setattr(model, f"{name}_indices_", idx)
         model._indexed_cells = recorded if adata is None else None  # saved again with the indices
+        model._label_keys = state.get("label_keys") if adata is None else None  # and with the labels
         model.module.eval()
         model.to_device(
             "cuda"
