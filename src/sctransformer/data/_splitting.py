@@ -297,6 +297,21 @@ def names_checksum(names: Iterable[object], chunk_size: int = 65_536) -> int:
     return checksum
 
 
+def settings_differences(
+    recorded: Mapping[str, object], current: Mapping[str, object], names: Mapping[str, str]
+) -> str:
+    """The settings of ``names`` that both record and that differ, described for an error message.
+
+    ``names`` maps each key to its name in messages; the result reads ``"<name>: <value> in the
+    checkpoint, <value> now; ..."``, empty where no setting differs.
+    """
+    return "; ".join(
+        f"{name}: {recorded[key]!r} in the checkpoint, {current[key]!r} now"
+        for key, name in names.items()
+        if key in recorded and key in current and recorded[key] != current[key]
+    )
+
+
 def check_order_settings(recorded: Mapping[str, object], current: Mapping[str, object]) -> None:
     """Raise if a checkpointed loader state was written with other training minibatches than ``current``.
 
@@ -318,15 +333,9 @@ def check_order_settings(recorded: Mapping[str, object], current: Mapping[str, o
     """
     if any(key in recorded for key in ORDER_SETTINGS):
         recorded = LATER_ORDER_SETTINGS | dict(recorded)
-    differing = [
-        key for key in ORDER_SETTINGS if key in recorded and key in current and recorded[key] != current[key]
-    ]
-    if not differing:
+    details = settings_differences(recorded, current, ORDER_SETTINGS)
+    if not details:
         return
-    details = "; ".join(
-        f"{ORDER_SETTINGS[key]}: {recorded[key]!r} in the checkpoint, {current[key]!r} now"
-        for key in differing
-    )
     raise ValueError(
         "cannot resume from this checkpoint: the run that wrote it cut other training minibatches "
         f"than this run ({details}), so resuming would not continue that run (cells would be "

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from sctransformer._constants import REGISTRY_KEYS, phenotype_registry_key
+from sctransformer.data._splitting import settings_differences
 from sctransformer.module import GeneTransformerModule, LossOutput, TokenizedCells
 
 
@@ -115,17 +116,9 @@ def check_optimisation_settings(recorded: Mapping[str, object], current: Mapping
     ValueError
         Naming each differing setting with its value in the checkpoint and now.
     """
-    differing = [
-        key
-        for key in OPTIMISATION_SETTINGS
-        if key in recorded and key in current and recorded[key] != current[key]
-    ]
-    if not differing:
+    details = settings_differences(recorded, current, OPTIMISATION_SETTINGS)
+    if not details:
         return
-    details = "; ".join(
-        f"{OPTIMISATION_SETTINGS[key]}: {recorded[key]!r} in the checkpoint, {current[key]!r} now"
-        for key in differing
-    )
     raise ValueError(
         "cannot resume from this checkpoint: the run that wrote it was optimised with other settings "
         f"than this run ({details}); a resumed run takes the optimizer's learning rates, weight decay "
