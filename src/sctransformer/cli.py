@@ -246,7 +246,7 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
     if not isinstance(config["output"], str) or not config["output"]:
         raise ConfigError("output must be the path of the directory to save the model in")
     output = config["output"] = _absolute(config["output"], base)  # "model/": logs beside it, not in it
-    log["dir"] = _absolute(log.get("dir") or f"{output}-logs", base)
+    log["dir"] = _absolute(log.get("dir") or _default_log_dir(output), base)
     if config["train"].get("checkpoint_dir") is not None:
         config["train"]["checkpoint_dir"] = _absolute(config["train"]["checkpoint_dir"], base)
     for name, directory in (("train.checkpoint_dir", config["train"].get("checkpoint_dir")),
@@ -263,6 +263,11 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _default_log_dir(output: str) -> str:
+    """``log.dir`` where the config leaves it out: beside the output, ``<output>-logs``."""
+    return f"{output}-logs"
+
+
 def _default_loggers() -> list[str]:
     """The loggers of a config without ``log.loggers``: CSV, and TensorBoard where it is installed."""
     return ["csv", "tensorboard"] if _installed("tensorboard") else ["csv"]
@@ -276,6 +281,12 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+#: Lightning's limits of minibatches per epoch (``limit_train_batches``, ``limit_val_batches``).
+_LIMIT_RULE = (
+    lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
+    "a share of the minibatches (a float from 0.0 to 1.0), a number of minibatches (an integer "
+    ">= 0), or null for all",
+)
 #: What each Lightning ``Trainer`` option of the ``train`` section must be, as (check, description).
 _TRAINER_OPTION_RULES = {
     "num_nodes": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
@@ -285,16 +296,8 @@ _TRAINER_OPTION_RULES = {
     "accumulate_grad_batches": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "enable_progress_bar": (lambda v: isinstance(v, bool), "true or false"),
-    "limit_train_batches": (
-        lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
-        "a share of the minibatches (a float from 0.0 to 1.0), a number of minibatches (an integer "
-        ">= 0), or null for all",
-    ),
-    "limit_val_batches": (
-        lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
-        "a share of the minibatches (a float from 0.0 to 1.0), a number of minibatches (an integer "
-        ">= 0), or null for all",
-    ),
+    "limit_train_batches": _LIMIT_RULE,
+    "limit_val_batches": _LIMIT_RULE,
 }
 
 
@@ -507,7 +510,7 @@ def _recorded(config: dict[str, Any]) -> dict[str, Any]:
     output logs beside that output, not into the first run's logs.
     """
     recorded = copy.deepcopy(config)
-    if recorded["log"].get("dir") == f"{recorded['output']}-logs":
+    if recorded["log"].get("dir") == _default_log_dir(recorded["output"]):
         del recorded["log"]["dir"]
     return recorded
 
