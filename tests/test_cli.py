@@ -35,6 +35,14 @@ def write_shards(tmp_path) -> list[str]:
     return paths
 
 
+def save_reference(tmp_path, **setup) -> None:
+    """Write the shards and save, as ``ref``, an untrained model of the first one set up with ``setup``."""
+    write_shards(tmp_path)
+    reference = ad.read_h5ad(tmp_path / "shard_0.h5ad")
+    sct.setup_anndata(reference, **setup)
+    sct.GeneTransformer(reference, **TINY).save(tmp_path / "ref")
+
+
 def write_config(tmp_path, **overrides) -> str:
     config = {
         "data": {"paths": write_shards(tmp_path), "layer": "counts", "phenotype_keys": ["cell_type"]},
@@ -211,10 +219,7 @@ def test_in_memory_data_keep_a_label_column_that_only_some_files_have(tmp_path):
 
 
 def test_finetune_refuses_data_settings_that_differ_from_the_reference(tmp_path, capsys):
-    write_shards(tmp_path)
-    reference = ad.read_h5ad(tmp_path / "shard_0.h5ad")
-    sct.setup_anndata(reference, layer="counts", batch_key="batch")
-    sct.GeneTransformer(reference, **TINY).save(tmp_path / "ref")
+    save_reference(tmp_path, layer="counts", batch_key="batch")
     finetune = {
         "data": {"paths": ["shard_0.h5ad"], "phenotype_keys": ["cell_type"]},
         "reference": "ref",
@@ -542,10 +547,7 @@ def test_a_saved_config_run_with_another_output_logs_beside_that_output(tmp_path
 
 
 def test_the_config_saved_beside_a_finetuned_model_runs_again(tmp_path):
-    write_shards(tmp_path)
-    reference = ad.read_h5ad(tmp_path / "shard_0.h5ad")
-    sct.setup_anndata(reference, layer="counts")
-    sct.GeneTransformer(reference, **TINY).save(tmp_path / "ref")
+    save_reference(tmp_path, layer="counts")
     finetune = {
         "data": {"paths": ["shard_0.h5ad"], "phenotype_keys": ["cell_type"]},
         "reference": "ref",
@@ -564,10 +566,7 @@ def test_the_config_saved_beside_a_finetuned_model_runs_again(tmp_path):
 
 def test_finetune_of_a_labelled_reference_trains_on_its_labels_without_a_leak_warning(tmp_path, caplog):
     """Fine-tuning is meant to train on the data's labels: no warning that they are training targets."""
-    write_shards(tmp_path)
-    reference = ad.read_h5ad(tmp_path / "shard_0.h5ad")
-    sct.setup_anndata(reference, layer="counts", phenotype_keys=["cell_type"])
-    sct.GeneTransformer(reference, **TINY).save(tmp_path / "ref")
+    save_reference(tmp_path, layer="counts", phenotype_keys=["cell_type"])
     finetune = {
         "data": {"paths": ["shard_1.h5ad"]},  # no phenotype_keys: the reference's
         "reference": "ref",
