@@ -31,11 +31,22 @@ N_GENES = 20_000
 CELLS_PER_SHARD = 10_000
 
 
+def distinct_counts(draws: np.ndarray, rng: np.random.Generator, n_genes: int):
+    """Cells x genes counts (CSR) from each cell's sorted gene draws, repeats dropped; values geometric."""
+    import scipy.sparse as sp
+
+    keep = np.ones_like(draws, dtype=bool)
+    keep[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    indices = draws[keep]
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
+    data = rng.geometric(0.4, size=indices.size).astype(np.float32)
+    return sp.csr_matrix((data, indices, indptr), shape=(len(draws), n_genes))
+
+
 def write_shards(workdir: Path, n_shards: int, expressed: int, seed: int = 0) -> list[Path]:
     """Synthetic count shards (reused when present)."""
     import anndata as ad
     import pandas as pd
-    import scipy.sparse as sp
 
     workdir.mkdir(parents=True, exist_ok=True)
     genes = pd.Index([f"gene_{i:05d}" for i in range(N_GENES)])
@@ -50,12 +61,7 @@ def write_shards(workdir: Path, n_shards: int, expressed: int, seed: int = 0) ->
         # ~expressed distinct genes per cell, drawn with a skew so that some genes are common
         draws = (N_GENES * rng.power(0.5, size=(n, int(expressed * 1.1)))).astype(np.int32)
         draws.sort(axis=1)
-        keep = np.ones_like(draws, dtype=bool)
-        keep[:, 1:] = draws[:, 1:] != draws[:, :-1]
-        indices = draws[keep]
-        indptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
-        data = rng.geometric(0.4, size=indices.size).astype(np.float32)
-        counts = sp.csr_matrix((data, indices, indptr), shape=(n, N_GENES))
+        counts = distinct_counts(draws, rng, N_GENES)
         obs = pd.DataFrame(
             {"cell_type": pd.Categorical(rng.choice([f"type_{i}" for i in range(8)], size=n))},
             index=[f"cell_{shard}_{i}" for i in range(n)],

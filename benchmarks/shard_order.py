@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -23,9 +24,11 @@ import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from sctransformer.data import ShardBatches, ShardBlockSampler, ShardedAnnData, _sharded, split_blocks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import distinct_counts
 
 N_GENES = 20_000
 N_TYPES = 8
@@ -46,11 +49,7 @@ def write_shards(
             continue
         rng = np.random.default_rng([0, shard])
         columns = np.sort(rng.choice(N_GENES, size=(n_cells, expressed), replace=True), axis=1)
-        keep = np.ones_like(columns, dtype=bool)
-        keep[:, 1:] = columns[:, 1:] != columns[:, :-1]
-        indptr = np.concatenate([[0], np.cumsum(keep.sum(1))])
-        data = rng.geometric(0.4, size=int(keep.sum())).astype(np.float32)
-        counts = sp.csr_matrix((data, columns[keep], indptr), shape=(n_cells, N_GENES))
+        counts = distinct_counts(columns, rng, N_GENES)
         cell_type = np.sort(rng.integers(0, N_TYPES, size=n_cells))  # stored sorted by type
         obs = pd.DataFrame(
             {"cell_type": pd.Categorical([f"type_{t}" for t in cell_type])},
