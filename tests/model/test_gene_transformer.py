@@ -87,10 +87,11 @@ def test_bf16_mixed_precision_on_the_cpu_learns_cell_types_and_keeps_float32_wei
     assert model.get_latent_representation().dtype == np.float32
 
 
+@pytest.mark.parametrize("value_encoding", ["binned", "continuous"])
 @pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
-def test_true_precisions_train_on_the_cpu_and_leave_a_usable_float32_model(adata, precision):
+def test_true_precisions_train_on_the_cpu_and_leave_a_usable_float32_model(adata, precision, value_encoding):
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
-    model = sct.GeneTransformer(adata, **TINY)
+    model = sct.GeneTransformer(adata, **TINY, value_encoding=value_encoding)
     train_quietly(model, precision=precision, accelerator="cpu")
     tensors = [*model.module.parameters(), *model.module.buffers()]
     assert all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())

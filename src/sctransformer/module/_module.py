@@ -378,7 +378,7 @@ class GeneTransformerModule(nn.Module):
             bins = tokens.bins.masked_fill(hidden_values | (tokens.bins < 0), self.n_bins)
             values = self.bin_embedding(bins)
         else:
-            values = self.value_mlp(tokens.values.unsqueeze(-1))
+            values = self.value_mlp(tokens.values.unsqueeze(-1).to(genes.dtype))
             values = torch.where(hidden_values.unsqueeze(-1), self.value_mask, values)
         gene_tokens = genes + values
         if self.expression_queries:
