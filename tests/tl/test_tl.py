@@ -462,3 +462,27 @@ def test_predicting_cells_without_counts_in_the_models_genes_warns(trained):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.predict(data[10:20].copy())  # cells with counts: no warning
+
+
+@pytest.mark.parametrize("tool", [sct.tl.embed, sct.tl.predict])
+def test_tools_reading_counts_from_shards_refuse_cells_in_another_order_before_computing(
+    trained, tool, tmp_path
+):
+    from sctransformer.data import ShardedAnnData
+
+    model, data = trained
+    data.write_h5ad(tmp_path / "cells.h5ad")
+    shards = ShardedAnnData([str(tmp_path / "cells.h5ad")], layer="counts")
+    in_order = ad.AnnData(obs=data.obs.copy())
+    tool(in_order, model, counts=shards)
+    if tool is sct.tl.embed:
+        np.testing.assert_allclose(in_order.obsm["X_sct"], model.get_latent_representation(data), atol=1e-6)
+    else:
+        assert in_order.obs["sct_cell_type"].notna().all()
+    reordered = ad.AnnData(obs=data.obs.iloc[::-1].copy())  # the same cells, another order
+    renamed = ad.AnnData(obs=data.obs.set_axis([f"x{i}" for i in range(data.n_obs)]))
+    for adata in (reordered, renamed):
+        before = fingerprint(adata)
+        with pytest.raises(ValueError, match=r"other cells or another order: \d+ of \d+ cell names differ"):
+            tool(adata, model, counts=shards)
+        assert fingerprint(adata) == before

@@ -47,7 +47,9 @@ def embed(
         Return a modified copy instead of writing into ``adata``.
     counts
         Read the counts of ``adata``'s cells (the same cells, in order) from these files instead of
-        from ``adata``, for data too large to load: ``adata`` then needs only its ``.obs``.
+        from ``adata``, for data too large to load: ``adata`` then needs only its ``.obs`` (its
+        cell names are checked against the shards'). With ``batch="own"`` each cell's batch is
+        read from the shards, which must then be read with ``batch_key``.
     batch
         The ``[BATCH]`` token of models with one: ``None`` ("no batch"), a batch name, or
         ``"own"``, see :meth:`~sctransformer.GeneTransformer.get_latent_representation`.

@@ -269,7 +269,8 @@ def predict(
         Return a modified copy instead of writing into ``adata``.
     counts
         Read the counts of ``adata``'s cells (the same cells, in order) from these files instead of
-        from ``adata``, for data too large to load: ``adata`` then needs only its ``.obs``.
+        from ``adata``, for data too large to load: ``adata`` then needs only its ``.obs`` (its
+        cell names are checked against the shards').
 
     Returns
     -------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 from anndata import AnnData
 
 from sctransformer._keys import KEYS
@@ -116,5 +117,14 @@ def counts_of(adata: AnnData, counts: ShardedAnnData | None) -> AnnData | Sharde
     if counts.n_obs != adata.n_obs:
         raise ValueError(
             f"counts has {counts.n_obs} cells and adata {adata.n_obs}; they must be the same cells, in order"
+        )
+    ours, theirs = np.asarray(adata.obs_names, dtype=str), np.asarray(counts.obs_names, dtype=str)
+    differ = np.flatnonzero(ours != theirs)
+    if differ.size:
+        i = int(differ[0])
+        raise ValueError(
+            f"counts and adata hold other cells or another order: {differ.size} of {adata.n_obs} cell "
+            f"names differ, the first at position {i} ({theirs[i]!r} in counts, {ours[i]!r} in adata); "
+            "pass adata with the shards' cells in the shards' order (e.g. adata[counts.obs_names])"
         )
     return counts
