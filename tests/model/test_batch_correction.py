@@ -93,6 +93,23 @@ def test_the_batch_token_sets_the_embedding_and_can_be_dropped_or_set(adata):
         model.get_latent_representation(batch="nonexistent")
 
 
+def test_own_batches_of_shards_are_read_from_them_and_asked_for_when_they_were_read_without(adata, tmp_path):
+    from sctransformer.data import ShardedAnnData
+
+    model = _batched(adata, "token")
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    with_batches = ShardedAnnData([str(tmp_path / "cells.h5ad")], layer="counts", batch_key="batch")
+    np.testing.assert_allclose(
+        model.get_latent_representation(with_batches, batch="own"),
+        model.get_latent_representation(batch="own"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    without = ShardedAnnData([str(tmp_path / "cells.h5ad")], layer="counts")
+    with pytest.raises(ValueError, match=r"read them with ShardedAnnData\(\.\.\., batch_key='batch'\)"):
+        model.get_latent_representation(without, batch="own")
+
+
 def test_a_query_batch_is_refused_as_batch_and_not_offered_in_the_message(adata, tmp_path):
     model = _batched(adata, "token")
     model.save(tmp_path / "m")

@@ -1736,7 +1736,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         key = self.setup_args_[SETUP_ARGS.BATCH_KEY]
         if isinstance(adata, ShardedAnnData):
             if adata.batch_codes is None:
-                raise ValueError("batch='own' needs shards read with batch_key=")
+                raise ValueError(
+                    "batch='own' reads each cell's batch from the shards, which were read without one: "
+                    f"read them with ShardedAnnData(..., batch_key={key!r})"
+                )
             labels = pd.Series(adata.batch_categories, dtype=object).reindex(adata.batch_codes)
         else:
             check_obs_key(adata, key, "batch_key")
