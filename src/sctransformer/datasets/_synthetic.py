@@ -28,13 +28,15 @@ def synthetic(
         Shape, at least 1 each.
     n_cell_types
         Number of cell types, at least 1; type ``t`` over-expresses genes ``t * n_markers`` to
-        ``(t + 1) * n_markers - 1`` eight-fold.
+        ``(t + 1) * n_markers - 1``: their rates are multiplied by eight before each cell's rates
+        are scaled to its library size, so the fold change in counts is somewhat less or more.
     n_batches
         Number of batches, at least 1; each scales all genes by a random batch factor.
     n_markers
         Marker genes per cell type, at least 0; ``n_cell_types * n_markers`` at most ``n_genes``.
     mean_counts
-        Mean library size, finite and positive.
+        Median library size (libraries are log-normal with sigma 0.3 around it, so their mean is
+        about 4.6% higher), finite and positive.
     seed
         Random seed.
 
