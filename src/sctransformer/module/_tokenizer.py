@@ -418,8 +418,10 @@ class Tokenizer(nn.Module):
         """Tokenize cells given as log1p-normalised values of the vocabulary genes ``genes``.
 
         ``values`` is ``(n_cells, len(genes))``; positive entries are expressed. Tokens are
-        ordered and truncated as in :meth:`forward`; per-cell quantile bins are taken among the
-        cell's expressed values. Used to feed generated cells back to the model.
+        ordered and truncated as in :meth:`forward`, up to rounding: with a ``gene_scale`` not all
+        ones, two genes whose counts over scale tie exactly may come in either order here, as
+        the order is read from ``expm1(value) / scale``. Per-cell quantile bins are taken among
+        the cell's expressed values. Used to feed generated cells back to the model.
         """
         n_cells = values.shape[0]
         row, column = torch.nonzero(values > 0, as_tuple=True)
