@@ -99,6 +99,9 @@ _HEADS = (
 )
 
 
+#: Range searched for a calibration temperature (see ``GeneTransformer.calibrate``)
+TEMPERATURE_RANGE = (0.05, 20.0)
+
 #: Lightning precisions that train() accepts; ``"16-true"`` is not one (see ``_check_precision``)
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 _PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
@@ -2002,8 +2005,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         """Fit a softmax temperature per phenotype on labelled cells (temperature scaling).
 
         The temperature ``T`` minimises the negative log-likelihood of the true labels under
-        ``softmax(logits / T)``; it changes confidences, never the predicted labels. :meth:`train`
-        calls this on the validation cells; :meth:`predict` then uses the fitted temperatures.
+        ``softmax(logits / T)`` within ``TEMPERATURE_RANGE`` (0.05 to 20, a warning when it ends
+        on either limit); it changes confidences, never the predicted labels. Where every cell is
+        predicted correctly no temperature minimises it (the likelihood rises as ``T`` falls to
+        0): ``T`` stays 1, with a warning. :meth:`train` calls this on the validation cells;
+        :meth:`predict` then uses the fitted temperatures.
 
         Parameters
         ----------
@@ -2082,8 +2088,30 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             def nll(log_t: float, z: torch.Tensor = z, target: torch.Tensor = target) -> float:
                 return float(torch.nn.functional.cross_entropy(z / np.exp(log_t), target))
 
-            fit = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
-            temperature = float(np.exp(fit.x))
+            if bool((z.argmax(-1) == target).all()):
+                # every cell right: the likelihood keeps rising as the temperature falls to 0, so the
+                # data say nothing about calibration but that the cells are easy
+                warnings.warn(
+                    f"all {int(known.sum())} calibration cells of {key!r} are predicted correctly, so no "
+                    "temperature can be fitted to them (the fit would run to its lower bound and make "
+                    "every prediction near-certain); its temperature stays 1. Calibrate on more, or "
+                    "harder, labelled cells: model.calibrate(adata=..., indices=...)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                temperature, fitted_nll = 1.0, nll(0.0)
+            else:
+                bounds = (np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1]))
+                fit = minimize_scalar(nll, bounds=bounds, method="bounded")
+                temperature, fitted_nll = float(np.exp(fit.x)), float(fit.fun)
+                if min(abs(fit.x - bound) for bound in bounds) < 1e-3:
+                    warnings.warn(
+                        f"the temperature of {key!r} reached the end of its range {TEMPERATURE_RANGE} "
+                        f"({temperature:.3g}, fitted on {int(known.sum())} cells); its predictions may "
+                        "still be over- or under-confident",
+                        UserWarning,
+                        stacklevel=2,
+                    )
 
             def ece(t: float, z: torch.Tensor = z, target: torch.Tensor = target) -> float:
                 p = (z / t).softmax(-1)
@@ -2096,7 +2124,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 "temperature": temperature,
                 "n_cells": int(known.sum()),
                 "nll_before": nll(0.0),
-                "nll_after": float(fit.fun),
+                "nll_after": fitted_nll,
                 "ece_before": ece(1.0),
                 "ece_after": ece(temperature),
             }
