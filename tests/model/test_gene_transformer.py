@@ -105,6 +105,23 @@ def test_true_precisions_train_on_the_cpu_and_leave_a_usable_float32_model(adata
     assert np.isfinite(model.get_latent_representation()).all()
 
 
+def test_a_bf16_true_run_leaves_frozen_weights_and_buffers_exactly_as_they_were(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY, binning="fixed")
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    for buffer in ("tokenizer.gene_scale", "tokenizer.bin_edges"):  # bf16 would round them
+        assert not torch.equal(before[buffer].bfloat16().float(), before[buffer])
+    train_quietly(model, precision="bf16-true", accelerator="cpu", freeze="backbone")
+    after = model.module.state_dict()
+    frozen = {id(p) for p in model._frozen_parameters("backbone")}
+    names = [n for n, p in model.module.named_parameters() if id(p) in frozen]
+    assert "blocks.0.attention.qkv.weight" in names
+    for name in [*names, "tokenizer.gene_scale", "tokenizer.bin_edges"]:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+    head = "phenotype_heads.0.3.weight"  # trained, in bf16: changed
+    assert not torch.equal(after[head], before[head])
+
+
 def test_a_failed_training_run_leaves_the_weights_their_dtype_and_the_calibration_as_they_were(adata):
     import lightning.pytorch as pl
 

@@ -1460,6 +1460,15 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         # a "-true" precision casts the weights; a run that fails before its first optimizer step
         # keeps the previous calibration (after one, the weights it was fitted to have changed)
         dtype = next(self.module.parameters()).dtype
+        # ... and rounds what it does not train: the frozen weights and the buffers come back as they were
+        untrained: dict[str, torch.Tensor] = {}
+        if precision is not None and precision.endswith("-true") and precision != "32-true":
+            untrained = {
+                n: p.detach().clone() for n, p in self.module.named_parameters() if not p.requires_grad
+            }
+            untrained |= {
+                n: b.detach().clone() for n, b in self.module.named_buffers() if b.is_floating_point()
+            }
         calibration, finished, plan = (self.temperatures_, self.calibration_), False, None
         self.temperatures_, self.calibration_ = {}, {}
         try:
@@ -1512,6 +1521,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             for param in frozen:
                 param.requires_grad_(True)
             self.module.to(dtype)
+            if untrained:
+                current = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
+                with torch.no_grad():
+                    for name, tensor in untrained.items():
+                        current[name].copy_(tensor)
             if not finished and (plan is None or plan.global_step == 0):
                 self.temperatures_, self.calibration_ = calibration
             self.module.eval()
