@@ -7,6 +7,7 @@ import math
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -203,3 +204,64 @@ def test_an_aligned_model_loads_onto_cells_set_up_by_setup_anndata_without_a_war
         warnings.simplefilter("ignore")
         loaded.train(max_epochs=1, batch_size=32, **QUIET)
     assert "alignment_train" in loaded.history
+
+
+def test_a_second_modality_without_features_is_refused():
+    adata = _paired()
+    adata.obsm["X_empty"] = np.zeros((adata.n_obs, 0), dtype=np.float32)
+    sct.setup_anndata(adata, layer="counts")
+    with pytest.raises(ValueError, match="at least one feature, got shape \\(200, 0\\)"):
+        sct.GeneTransformer(adata, **TINY, align_obsm="X_empty")
+
+
+def test_freezing_the_backbone_trains_both_projections_and_the_alignment_temperature():
+    adata = _paired()
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY, align_obsm="X_protein", align_dim=8)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=2, batch_size=32, freeze="backbone", **QUIET)
+    after = model.module.state_dict()
+    for name in ("align_logit_scale", "align_transcriptome.weight", "align_other.0.weight"):
+        assert not torch.equal(after[name], before[name]), name
+    assert torch.equal(after["blocks.0.attention.qkv.weight"], before["blocks.0.attention.qkv.weight"])
+
+
+def test_training_only_the_other_side_keeps_the_phenotype_calibration_of_a_query(tmp_path):
+    adata = _paired()
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY, align_obsm="X_protein", align_dim=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=2, batch_size=32, **QUIET)
+    assert model.temperatures_
+    model.save(tmp_path / "m")
+    query = _paired(seed=1)
+    query = sct.GeneTransformer.load_query_data(query, tmp_path / "m", phenotype_keys=[])  # unlabelled
+    before = query.predict()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        query.train(max_epochs=1, batch_size=32, freeze="transcriptome", **QUIET)
+    assert not [w for w in record if "dropped" in str(w.message)]
+    assert query.temperatures_ == model.temperatures_
+    assert query.calibration_["cell_type"] == model.calibration_["cell_type"]
+    pd.testing.assert_frame_equal(query.predict(), before)  # the same calibrated confidences
+
+
+def test_loading_onto_cells_set_up_with_another_models_second_modality_sets_them_up_again(tmp_path):
+    from sctransformer._constants import SETUP_ARGS
+
+    adata = _paired()
+    adata.obsm["X_other"] = adata.obsm["X_protein"][:, :5].copy()
+    sct.setup_anndata(adata, layer="counts")
+    sct.GeneTransformer(adata, **TINY, align_obsm="X_other", align_dim=4).save(tmp_path / "m")
+    cells = _paired(seed=1)  # set up by a model of another modality; no X_other
+    sct.setup_anndata(cells, layer="counts")
+    sct.GeneTransformer(cells, **TINY, align_obsm="X_protein", align_dim=4)
+    loaded = sct.GeneTransformer.load(tmp_path / "m", adata=cells)
+    assert loaded.adata_manager.registry["setup_args"].get(SETUP_ARGS.ALIGN_OBSM) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded.train(max_epochs=1, batch_size=32, **QUIET)  # without alignment, as a query lacking it
+    assert "alignment_train" not in loaded.history

@@ -299,10 +299,15 @@ def _check_align_obsm(adata: AnnData, key: str) -> None:
     if sp.issparse(values):
         raise TypeError(f"adata.obsm[{key!r}] is sparse; pass a dense matrix, e.g. its PCA")
     values = np.asarray(values)
-    if values.ndim != 2 or values.shape[0] != adata.n_obs or not np.issubdtype(values.dtype, np.number):
+    if (
+        values.ndim != 2
+        or values.shape[0] != adata.n_obs
+        or values.shape[1] == 0
+        or not np.issubdtype(values.dtype, np.number)
+    ):
         raise ValueError(
-            f"adata.obsm[{key!r}] must be a numeric cells x features matrix with {adata.n_obs} rows, "
-            f"got shape {values.shape} of {values.dtype}"
+            f"adata.obsm[{key!r}] must be a numeric cells x features matrix with {adata.n_obs} rows "
+            f"and at least one feature, got shape {values.shape} of {values.dtype}"
         )
     if not np.isfinite(values).all():
         raise ValueError(f"adata.obsm[{key!r}] holds NaN or infinite values; fill or remove those cells")
@@ -1190,10 +1195,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         freeze
             Parameters kept fixed (fine-tuning): ``"embeddings"`` freezes the gene, value, profile
             (with its layer norm) and batch embeddings; ``"backbone"`` also freezes ``[CLS]`` and
-            the transformer blocks, training only the output heads and the phenotype token tables;
-            with ``align_obsm``, ``"transcriptome"`` keeps the transcriptome side of the alignment
-            (encoder and its projection) fixed and trains the other modality's MLP, ``"other"`` the
-            reverse; ``"none"``/``None`` trains all.
+            the transformer blocks, training only the output heads (with ``align_obsm``, both
+            projections and the alignment's temperature) and the phenotype token tables; with
+            ``align_obsm``, ``"transcriptome"`` keeps the transcriptome side of the alignment
+            (encoder and its projection) fixed and trains the other modality's MLP and the
+            alignment's temperature (phenotype predictions, and their calibration, stay as they
+            were), ``"other"`` the reverse; ``"none"``/``None`` trains all.
         calibrate
             After training, fit a temperature per phenotype on the validation cells
             (:meth:`calibrate`) so that prediction confidences are calibrated. Temperatures fitted
@@ -1553,6 +1560,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         }
         if calibrate and self.phenotype_categories_ and self._labelled_validation_cells():
             self.calibrate()
+        if freeze == "transcriptome":  # the phenotype logits did not change: neither does their calibration
+            for key in [key for key in calibration[0] if key not in self.temperatures_]:
+                self.temperatures_[key] = calibration[0][key]
+                if key in calibration[1]:
+                    self.calibration_[key] = calibration[1][key]
         dropped = [key for key in calibration[0] if key not in self.temperatures_]
         if dropped:  # fitted to the weights before this run: not refitted, so not kept
             if not calibrate:
@@ -1595,7 +1607,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             elif freeze == "other":
                 is_frozen = top == "align_other"
             else:  # backbone: everything but the heads and the phenotype token tables
-                is_frozen = top not in (*_HEADS, "phenotype_embeddings", "align_transcriptome", "align_other")
+                is_frozen = top not in (
+                    *_HEADS,
+                    "phenotype_embeddings",
+                    "align_transcriptome",
+                    "align_other",
+                    "align_logit_scale",
+                )
             if is_frozen and param.requires_grad:
                 frozen.append(param)
         return frozen
@@ -2413,12 +2431,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 UserWarning,
                 stacklevel=2,
             )
-        # an aligned model registers its second modality with the counts, as creating it does
-        align_obsm = state["hyperparameters"].get("align_obsm")
+        # an aligned model registers its second modality with the counts, as creating it does (where
+        # the cells have it), and no other model's
+        align_obsm = _present_obsm(adata, state["hyperparameters"].get("align_obsm"))
         unaligned = (
-            manager is not None
-            and _present_obsm(adata, align_obsm) is not None
-            and manager.registry["setup_args"].get(SETUP_ARGS.ALIGN_OBSM) != align_obsm
+            manager is not None and manager.registry["setup_args"].get(SETUP_ARGS.ALIGN_OBSM) != align_obsm
         )
         return cls._from_state(
             state,
