@@ -75,6 +75,48 @@ def test_external_indexing_sets_the_validation_cells_and_early_stopping_needs_so
         )
 
 
+def test_external_indexing_takes_boolean_masks_and_refuses_bad_sets_before_training(adata):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    n = adata.n_obs
+    train = np.zeros(n, dtype=bool)
+    train[:100] = True
+    train_quietly(model, max_epochs=1, datasplitter_kwargs={"external_indexing": [train, ~train, []]})
+    np.testing.assert_array_equal(np.sort(model.train_indices), np.arange(100))
+    np.testing.assert_array_equal(np.sort(model.validation_indices), np.arange(100, n))
+    cells = np.arange(n)
+    weights = {k: v.clone() for k, v in model.module.state_dict().items()}
+    bad = [
+        ([np.r_[cells[:99], -1], cells[100:110], cells[110:]], r"must lie in \[0, 120\).*negative positions"),
+        ([cells[:100], cells[100:], np.array([n])], r"must lie in \[0, 120\)"),
+        ([cells[:100].astype(float), cells[100:], []], "integer cell positions or a boolean mask"),
+        ([np.r_[cells[:100], 5], cells[100:], []], r"training cells list cells more than once: \[5\]"),
+        ([cells[:100], cells[90:], []], "training and validation cells overlap in 10 cells"),
+        ([cells[:100], cells[100:110], []], "leaves 10 of 120 cells in none of its sets"),
+        ([cells[:0], cells, []], "training cells are empty"),
+        ([cells, []], r"must be \[train, validation, test\]"),
+        (cells, r"must be \[train, validation, test\]"),
+    ]
+    for split, message in bad:
+        with pytest.raises(ValueError, match=message):
+            model.train(max_epochs=1, datasplitter_kwargs={"external_indexing": split}, **QUIET)
+    for option, argument in [("batch_size", "batch_size"), ("seed", "seed"), ("lengths", "length_bucketing")]:
+        with pytest.raises(
+            ValueError, match=rf"\['{option}'\] are set by train\(\) itself.*train\({argument}="
+        ):
+            model.train(max_epochs=1, datasplitter_kwargs={option: 8}, **QUIET)
+    assert all(torch.equal(v, weights[k]) for k, v in model.module.state_dict().items())
+
+
+def test_shuffle_set_split_false_splits_the_cells_in_their_order(adata):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    train_quietly(model, max_epochs=1, train_size=0.75, datasplitter_kwargs={"shuffle_set_split": False})
+    train, validation = np.sort(model.train_indices), np.sort(model.validation_indices)
+    assert len(train) == 90 and (np.diff(train) == 1).all()  # one run of consecutive cells
+    np.testing.assert_array_equal(np.sort(np.r_[train, validation]), np.arange(adata.n_obs))
+
+
 def test_bf16_mixed_precision_on_the_cpu_learns_cell_types_and_keeps_float32_weights(adata):
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     model = sct.GeneTransformer(adata, **TINY)

@@ -454,6 +454,98 @@ def make_resumable(
     loader.load_state_dict = load_state_dict
 
 
+#: Options of the data splitter that ``GeneTransformer.train`` sets from its own arguments
+TRAIN_OWNED_SPLITTER_OPTIONS = {
+    "batch_size": "batch_size",
+    "train_size": "train_size",
+    "validation_size": "validation_size",
+    "seed": "seed",
+    "lengths": "length_bucketing",
+    "load_sparse_tensor": None,
+}
+
+
+def check_splitter_options(options: Mapping[str, Any] | None, n_cells: int) -> dict[str, Any]:
+    """The data-splitter options ``options`` of ``GeneTransformer.train``, checked; a new dict.
+
+    Options ``train`` sets itself are refused, naming its argument. ``external_indexing`` must be
+    three sets of cells (training, validation, test), each as positions in ``[0, n_cells)`` or a
+    boolean mask, disjoint, without repeats and together every cell; validation and test may be
+    empty. They are returned as integer positions.
+    """
+    options = dict(options or {})
+    owned = [key for key in TRAIN_OWNED_SPLITTER_OPTIONS if key in options]
+    if owned:
+        fixes = [
+            f"{key}: train({TRAIN_OWNED_SPLITTER_OPTIONS[key]}=...)"
+            if TRAIN_OWNED_SPLITTER_OPTIONS[key]
+            else f"{key}: always set"
+            for key in owned
+        ]
+        raise ValueError(
+            f"datasplitter_kwargs {owned} are set by train() itself; pass them as its arguments ({'; '.join(fixes)})"
+        )
+    indexing = options.get("external_indexing")
+    if indexing is None:
+        return options
+    if (
+        isinstance(indexing, str | bytes)
+        or not isinstance(indexing, Sequence | np.ndarray)
+        or len(indexing) != 3
+    ):
+        raise ValueError(
+            "datasplitter_kwargs['external_indexing'] must be [train, validation, test]: three arrays of "
+            "cell positions or boolean masks (validation and test may be empty)"
+        )
+    sets = []
+    for name, cells in zip(("training", "validation", "test"), indexing, strict=True):
+        cells = np.asarray([] if cells is None else cells)
+        where = f"external_indexing's {name} cells"
+        if cells.dtype == bool:
+            if cells.shape != (n_cells,):
+                raise ValueError(
+                    f"{where}, as a boolean mask, must have one entry per cell ({n_cells}), got {cells.shape}"
+                )
+            cells = np.flatnonzero(cells)
+        elif cells.size == 0:
+            cells = cells.astype(np.int64)
+        if cells.ndim != 1 or not np.issubdtype(cells.dtype, np.integer):
+            raise ValueError(
+                f"{where} must be a 1-D array of integer cell positions or a boolean mask, got {cells.dtype}"
+            )
+        if cells.size and (cells.min() < 0 or cells.max() >= n_cells):
+            raise ValueError(
+                f"{where} must lie in [0, {n_cells}) (positions of the cells; negative positions are not "
+                f"read from the end), got {cells.min()} to {cells.max()}"
+            )
+        repeated = np.unique(cells[pd.Index(cells).duplicated()])
+        if repeated.size:
+            raise ValueError(f"{where} list cells more than once: {repeated[:10].tolist()}")
+        sets.append(cells.astype(np.int64))
+    if sets[0].size == 0:
+        raise ValueError("external_indexing's training cells are empty; give at least one")
+    for (a, name_a), (b, name_b) in (
+        ((0, "training"), (1, "validation")),
+        ((0, "training"), (2, "test")),
+        ((1, "validation"), (2, "test")),
+    ):
+        shared = np.intersect1d(sets[a], sets[b])
+        if shared.size:
+            raise ValueError(
+                f"external_indexing's {name_a} and {name_b} cells overlap in {shared.size} cells "
+                f"(e.g. {shared[:5].tolist()}); each cell may be in one set only"
+            )
+    missing = np.setdiff1d(np.arange(n_cells), np.concatenate(sets))
+    if missing.size:
+        raise ValueError(
+            f"external_indexing leaves {missing.size} of {n_cells} cells in none of its sets (e.g. "
+            f"{missing[:5].tolist()}); every cell must be in one: put the cells to leave out of training "
+            "in the test set"
+        )
+    options["external_indexing"] = sets
+    return options
+
+
 class EpochSeededDataSplitter(DataSplitter, ResumableDataModule):
     """scvi-tools' :class:`~scvi.dataloaders.DataSplitter`, sparse to the end and reproducibly shuffled.
 

@@ -49,6 +49,7 @@ from sctransformer.data import (
     iter_minibatches,
     observed_categories,
 )
+from sctransformer.data._splitting import check_splitter_options
 from sctransformer.data._validation import (
     cell_positions,
     check_model_layer,
@@ -1267,9 +1268,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             minibatches are padded to their longest cell, so this wastes less compute on padding.
             The order stays random between batches and is set by the seed and epoch.
         datasplitter_kwargs
-            More options of :class:`scvi.dataloaders.DataSplitter`, e.g. ``num_workers``; for
-            sharded data, of :class:`~sctransformer.data.ShardedDataModule` (``num_workers``,
-            ``block_size``, ``shuffle_buffer``).
+            More options of :class:`scvi.dataloaders.DataSplitter`, e.g. ``num_workers``,
+            ``shuffle_set_split`` or ``external_indexing`` (``[train, validation, test]``: cell
+            positions or boolean masks, disjoint and together every cell; validation and test may
+            be empty), not those ``train`` sets from its own arguments (``batch_size``,
+            ``train_size``, ``validation_size``, ``seed``); for sharded data, of
+            :class:`~sctransformer.data.ShardedDataModule` (``num_workers``, ``block_size``,
+            ``shuffle_buffer``).
         **trainer_kwargs
             More options of :class:`scvi.train.Trainer` (a Lightning ``Trainer``).
         """
@@ -1371,6 +1376,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 "length_bucketing is not available for sharded data; pass length_bucketing=False"
             )
         seed = _check_seed(settings.seed if seed is None else seed)
+        if self.shards_ is None:
+            datasplitter_kwargs = check_splitter_options(datasplitter_kwargs, source.n_obs)
         external = (datasplitter_kwargs or {}).get("external_indexing") is not None
         if self.shards_ is not None:
             datamodule = ShardedDataModule(
@@ -1396,11 +1403,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                     train_size=train_size,
                     validation_size=validation_size,
                     batch_size=batch_size,
-                    shuffle_set_split=True,
                     load_sparse_tensor=True,
                     seed=seed,
                     lengths=lengths,
-                    **(datasplitter_kwargs or {}),
+                    **({"shuffle_set_split": True} | datasplitter_kwargs),
                 )
             except ValueError as err:
                 split = (
