@@ -3,7 +3,9 @@ from __future__ import annotations
 import warnings
 from types import SimpleNamespace
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -62,6 +64,29 @@ def test_expressed_per_cell_counts_non_zeros_of_sparse_dense_and_explicit_zeros(
     assert x.nnz == (x.data != 0).sum() + 5  # the user's matrix keeps its explicit zeros
     adata.X = x.toarray()
     np.testing.assert_array_equal(expressed_per_cell(adata, layer=None, chunk_size=7), expected)
+    columns = np.array([0, 3, 4, 17, 29])
+    for matrix in (x, x.toarray()):
+        adata.X = matrix
+        np.testing.assert_array_equal(
+            expressed_per_cell(adata, layer=None, columns=columns, chunk_size=7),
+            (x.toarray()[:, columns] != 0).sum(1),
+        )
+
+
+def test_length_buckets_count_only_the_genes_of_the_vocabulary(adata, tmp_path):
+    sct.setup_anndata(adata, layer="counts")
+    sct.GeneTransformer(adata, **TINY).save(tmp_path / "m")
+    extra = sp.random(adata.n_obs, 40, density=0.5, format="csr", random_state=1, dtype=np.float32)
+    extra.data = np.ceil(extra.data * 5)
+    counts = sp.hstack([adata.layers["counts"], extra]).tocsr()
+    names = [*adata.var_names, *(f"unknown_{i}" for i in range(40))]
+    query = ad.AnnData(counts, obs=adata.obs.copy(), var=pd.DataFrame(index=names), layers={"counts": counts})
+    model = sct.GeneTransformer.load(tmp_path / "m", adata=query)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=16, length_bucketing=True, **QUIET)
+    tokens = np.minimum((adata.layers["counts"] != 0).sum(1).A1, TINY["max_length"])
+    np.testing.assert_array_equal(model.trainer.datamodule.lengths, tokens)
 
 
 def test_training_with_length_buckets_is_seeded_and_learns(adata):

@@ -39,12 +39,19 @@ def iter_minibatches(
         yield np.arange(start, stop), to_torch_csr(matrix[start:stop])
 
 
-def expressed_per_cell(adata: AnnData, *, layer: str | None, chunk_size: int = 10_000) -> np.ndarray:
-    """Number of non-zero entries of each cell, read in row chunks (backed matrices are never loaded whole)."""
+def expressed_per_cell(
+    adata: AnnData, *, layer: str | None, columns: np.ndarray | None = None, chunk_size: int = 10_000
+) -> np.ndarray:
+    """Number of non-zero entries of each cell, read in row chunks (backed matrices are never loaded whole).
+
+    With ``columns`` (positions of genes), only the entries of those columns count.
+    """
     matrix = get_matrix(adata, layer)
     out = np.zeros(adata.n_obs, dtype=np.int64)
     for start in range(0, adata.n_obs, chunk_size):
         block = matrix[start : start + chunk_size]
+        if columns is not None:
+            block = sp.csr_matrix(block)[:, columns] if sp.issparse(block) else np.asarray(block)[:, columns]
         if sp.issparse(block):  # != 0 builds a new matrix: the user's is never touched
             counts = np.asarray((block != 0).sum(axis=1)).ravel()
         else:

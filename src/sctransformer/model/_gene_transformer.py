@@ -1389,14 +1389,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 **(datasplitter_kwargs or {}),
             )
         else:
-            lengths = (
-                np.minimum(
-                    expressed_per_cell(self.adata, layer=self.setup_args_[SETUP_ARGS.LAYER]),
-                    self.hyperparameters_["max_length"],
-                )
-                if length_bucketing
-                else None
-            )
+            lengths = None
+            if length_bucketing:  # the cells' tokens: expressed genes of the vocabulary
+                in_vocabulary = np.flatnonzero(self._column_to_gene(self.adata) >= 0)
+                columns = None if len(in_vocabulary) == self.adata.n_vars else in_vocabulary
+                layer = self.setup_args_[SETUP_ARGS.LAYER]
+                expressed = expressed_per_cell(self.adata, layer=layer, columns=columns)
+                lengths = np.minimum(expressed, self.hyperparameters_["max_length"])
             try:  # scvi-tools' DataSplitter checks the split it will make (its seeded draw is in setup)
                 datamodule = self._data_splitter_cls(
                     self.adata_manager,
