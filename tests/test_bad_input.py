@@ -78,6 +78,12 @@ SETUP_CASES = {
         ValueError,
         "duplicate gene",
     ),
+    "duplicate genes in gene_key": (
+        lambda a: a.var.__setitem__("symbol", ["g0"] * 2 + list(a.var_names[2:])),
+        {"gene_key": "symbol"},
+        ValueError,
+        r"adata\.var\['symbol'\] has duplicate gene identifiers.*~adata\.var\['symbol'\]\.duplicated\(\)",
+    ),
     "phenotype all NaN": (
         _set_obs("cell_type", lambda a: np.nan),
         {"phenotype_keys": ["cell_type"]},

@@ -241,10 +241,13 @@ def gene_identifiers(adata: AnnData, gene_key: str | None, *, model: bool = Fals
                 f"{where} has duplicate gene identifiers (e.g. {dup}), and the model reads its genes from "
                 f"there; make them unique, e.g. {fix}"
             )
-        raise ValueError(
-            f"{where} has duplicate gene identifiers (e.g. {dup}); make them unique, e.g. with "
-            "adata.var_names_make_unique(), or pass gene_key= a column of unique identifiers"
+        fix = (
+            "with adata.var_names_make_unique(), or pass gene_key= a column of unique identifiers"
+            if gene_key is None
+            else f"drop the duplicated genes (adata = adata[:, ~adata.var[{gene_key!r}].duplicated()].copy()), "
+            "or pass another gene_key, or none to use adata.var_names"
         )
+        raise ValueError(f"{where} has duplicate gene identifiers (e.g. {dup}); make them unique, e.g. {fix}")
     return ids
 
 
