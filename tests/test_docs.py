@@ -17,3 +17,17 @@ def test_every_notebook_is_a_tutorial_of_the_docs_and_the_same_file():
         if (ROOT / "notebooks" / name).read_bytes() != (ROOT / "docs" / "tutorials" / name).read_bytes()
     ]
     assert not differ, f"edit notebooks/ and copy to docs/tutorials/: {differ} differ"
+
+
+def test_the_api_reference_lists_every_public_name_of_the_subpackages():
+    import importlib
+
+    api = (ROOT / "docs" / "api.md").read_text()
+    listed = {line.strip() for line in api.splitlines() if line.startswith("   ")}
+    missing = [
+        f"{package}.{name}"
+        for package in ("data", "datasets", "metrics", "pl", "tl")
+        for name in importlib.import_module(f"sctransformer.{package}").__all__
+        if f"{package}.{name}" not in listed
+    ]
+    assert not missing, f"add to an autosummary of docs/api.md: {missing}"
