@@ -326,3 +326,27 @@ def test_confusion_matrix_warns_when_no_predicted_label_is_a_true_label(numeric)
     adata.obs["sct_label"] = pd.Categorical([f"type_{c}" for c in predicted_codes])  # another model's names
     with pytest.warns(UserWarning, match=r"none of the predicted labels in adata.obs\['sct_label'\]"):
         sct.pl.confusion_matrix(adata, "label", "sct_label", show=False)
+
+
+def test_cells_without_a_prediction_get_a_column_apart_from_a_label_named_na():
+    obs = pd.DataFrame(
+        {"t": ["NA", "NA", "A", "A", "B"], "p": [np.nan, "A", np.nan, "A", "B"]}, index=list("abcde")
+    )
+    ax = sct.pl.confusion_matrix(AnnData(obs=obs), "t", "p", normalize=None, show=False)
+    columns = [t.get_text() for t in ax.get_xticklabels()]
+    assert columns == ["A", "B", "NA", "NA (no prediction)"]
+    # true "NA" without a prediction is not a correct "NA" prediction
+    np.testing.assert_array_equal(ax.images[0].get_array(), [[1, 0, 0, 1], [0, 1, 0, 0], [1, 0, 0, 1]])
+    obs = pd.DataFrame({"t": ["A", "A", "B", "B"], "p": ["NA", np.nan, "B", "B"]}, index=list("abcd"))
+    ax = sct.pl.confusion_matrix(AnnData(obs=obs), "t", "p", normalize=None, show=False)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["A", "B", "NA", "NA (no prediction)"]
+    np.testing.assert_array_equal(ax.images[0].get_array(), [[0, 0, 1, 1], [0, 2, 0, 0]])
+
+
+def test_annotations_switch_to_white_in_the_upper_half_of_the_colour_scale():
+    # recall 0.4 everywhere: on the 0-1 scale of normalize="true", 0.4 is light and takes black text
+    true = np.repeat(list("ABCD"), 5)
+    pred = np.array([t if i < 2 else "ABCD"[("ABCD".index(t) + 1) % 4] for t in "ABCD" for i in range(5)])
+    ax = sct.pl.confusion_matrix(AnnData(obs=pd.DataFrame({"t": true, "p": pred})), "t", "p", show=False)
+    colours = {text.get_text(): text.get_color() for text in ax.texts}
+    assert colours["0.40"] == "black" and colours["0.60"] == "white"

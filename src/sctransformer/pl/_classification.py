@@ -60,7 +60,8 @@ def confusion_matrix(
     ``"0"`` of a model trained on a column of integers, and integers that a missing value made
     float (``0.0``) match the predictions ``"0"`` where the predictions are so named. Warns where
     no predicted label is a true label. Cells without a true label are left out; cells without a
-    prediction get a column ``"NA"``. ``adata`` is not modified.
+    prediction get a column ``"NA"`` (``"NA (no prediction)"`` where a label is named ``"NA"``).
+    ``adata`` is not modified.
 
     Parameters
     ----------
@@ -100,9 +101,13 @@ def confusion_matrix(
     in_rows = set(rows)
     columns = rows + [label for label in pred_order if label in present_pred and label not in in_rows]
     missing = pd.isna(y_pred)
-    if missing.any():  # cells without a prediction: a column of their own
-        y_pred[missing] = "NA"
-        columns += [] if "NA" in columns else ["NA"]
+    if missing.any():  # cells without a prediction: a column of their own, named apart from the labels
+        taken = in_rows | present_pred
+        no_prediction = "NA" if "NA" not in taken else "NA (no prediction)"
+        while no_prediction in taken:
+            no_prediction += "_"
+        y_pred[missing] = no_prediction
+        columns.append(no_prediction)
     index = pd.Index(columns, dtype=object)
     matrix = sklearn_confusion_matrix(
         index.get_indexer(y_true),
@@ -121,7 +126,7 @@ def confusion_matrix(
     label = {"true": "share of true cells", "pred": "share of predicted cells", "all": "share of cells"}
     fig.colorbar(image, ax=ax, label=label.get(normalize, "cells"), shrink=0.8)
     if annotate:
-        threshold = (np.nanmax(matrix) if matrix.size else 0) / 2
+        threshold = (image.norm.vmin + image.norm.vmax) / 2  # the middle of the colour scale drawn
         for (i, j), value in np.ndenumerate(matrix):
             text = f"{value:.2f}" if normalize else f"{int(value)}"
             color = "white" if value > threshold else "black"
