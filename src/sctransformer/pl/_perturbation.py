@@ -31,7 +31,8 @@ def _perturbation_tables(
     if isinstance(data, AnnData):
         if key not in data.uns or "summary" not in data.uns[key]:
             raise KeyError(
-                f"adata.uns[{key!r}] holds no perturbation results; run sctransformer.tl.perturb first"
+                f"adata.uns[{key!r}] holds no perturbation results; run sctransformer.tl.perturb first, or "
+                "pass key= the key_added of the run that wrote them"
             )
         stored = data.uns[key]
         change = stored.get("expression_change")
