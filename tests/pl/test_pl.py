@@ -57,6 +57,30 @@ def test_embedding_recomputes_the_umap_when_n_neighbors_changes(trained):
     assert not np.array_equal(adata.obsm["X_sct_umap"], first)
 
 
+def test_embedding_keeps_a_umap_the_user_computed_from_its_graph_and_then_tracks_it(trained):
+    import scanpy as sc
+
+    model, data = trained
+    adata = data.copy()
+    sct.tl.embed(adata, model)
+    sc.pp.neighbors(adata, use_rep="X_sct", n_neighbors=15, key_added="X_sct_neighbors")
+    sc.tl.umap(adata, neighbors_key="X_sct_neighbors", key_added="X_sct_umap", min_dist=1.0, random_state=7)
+    own = adata.obsm["X_sct_umap"].copy()
+    sct.pl.embedding(adata, color="cell_type", show=False)
+    np.testing.assert_array_equal(adata.obsm["X_sct_umap"], own)  # kept
+    assert len(adata.uns["X_sct_umap"]["cell_fingerprints"]) == adata.n_obs
+    adata.obsm["X_sct"] = adata.obsm["X_sct"] + 1.0  # stale now: recomputed
+    sct.pl.embedding(adata, color="cell_type", show=False)
+    assert not np.array_equal(adata.obsm["X_sct_umap"], own)
+    other = data.copy()  # a UMAP of another representation's graph is not taken
+    sct.tl.embed(other, model)
+    sc.pp.neighbors(other, n_neighbors=15, key_added="X_sct_neighbors")
+    sc.tl.umap(other, neighbors_key="X_sct_neighbors", key_added="X_sct_umap", random_state=7)
+    theirs = other.obsm["X_sct_umap"].copy()
+    sct.pl.embedding(other, color="cell_type", show=False)
+    assert not np.array_equal(other.obsm["X_sct_umap"], theirs)
+
+
 def test_embedding_of_a_view_draws_the_parents_umap_and_leaves_the_view_a_view(trained):
     model, data = trained
     adata = data.copy()

@@ -51,10 +51,12 @@ def _umap_is_current(adata: AnnData, basis: str, umap_key: str, neighbors_key: s
     """
     if umap_key not in adata.obsm:
         return False
-    used = adata.uns.get(neighbors_key, {}).get("params", {}).get("n_neighbors")
-    recorded = adata.uns.get(umap_key, {}).get("cell_fingerprints")
-    if used != n_neighbors or recorded is None:
+    params = adata.uns.get(neighbors_key, {}).get("params", {})
+    if params.get("n_neighbors") != n_neighbors:
         return False
+    recorded = adata.uns.get(umap_key, {}).get("cell_fingerprints")
+    if recorded is None:  # computed outside this function (sc.tl.umap): taken if its graph is of this basis
+        return params.get("use_rep") == basis
     current = _cell_fingerprints(adata.obsm[basis], adata.obsm[umap_key])
     return bool(np.isin(current, np.asarray(recorded, dtype=np.uint64)).all())
 
@@ -78,7 +80,9 @@ def embedding(
     they are stale is decided cell by cell (a hash of each cell's embedding row and UMAP
     coordinates is kept in ``.uns[f"{basis}_umap"]["cell_fingerprints"]``), so a subset of the
     cells, e.g. the view ``adata[mask]``, is drawn at its coordinates in the whole data's UMAP, as
-    ``sc.pl.umap(adata[mask])`` does, and the view is left a view.
+    ``sc.pl.umap(adata[mask])`` does, and the view is left a view. A UMAP computed with scanpy
+    into ``.obsm[f"{basis}_umap"]`` from the graph ``.uns[f"{basis}_neighbors"]`` of this basis
+    and ``n_neighbors`` is kept as it is (and recorded as computed from the current rows).
 
     Parameters
     ----------
@@ -115,6 +119,10 @@ def embedding(
         fingerprints = np.unique(_cell_fingerprints(adata.obsm[basis], adata.obsm[umap_key]))
         record = {k: v for k, v in adata.uns.get(umap_key, {}).items() if k != "source_fingerprint"}
         adata.uns[umap_key] = {**record, "cell_fingerprints": fingerprints}
+    elif "cell_fingerprints" not in adata.uns.get(umap_key, {}) and not adata.is_view:
+        # a UMAP the user computed: kept, and from now on recognised as computed from these rows
+        fingerprints = np.unique(_cell_fingerprints(adata.obsm[basis], adata.obsm[umap_key]))
+        adata.uns[umap_key] = {**adata.uns.get(umap_key, {}), "cell_fingerprints": fingerprints}
     axes = sc.pl.embedding(adata, basis=umap_key, color=color, ax=ax, show=False, **kwargs)
     fig = (axes[0] if isinstance(axes, list) else axes).figure
     return finish(fig, axes, show=show, return_fig=return_fig)
