@@ -361,3 +361,51 @@ def test_a_damaged_history_calibration_or_split_is_refused_before_adata_is_set_u
         with pytest.raises(ValueError, match=f"damaged model.json in .*{message}"):
             load()
     assert fingerprint(adata) == before  # no _scvi_* columns in .obs, no keys in .uns
+
+
+def test_an_overwriting_save_swaps_the_directories_in_one_step_where_the_system_can(
+    saved, tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    from sctransformer.model import _save_load
+
+    path, model, data = saved
+    probe_a, probe_b = tmp_path / "probe_a", tmp_path / "probe_b"
+    probe_a.mkdir(), probe_b.mkdir()
+    (probe_a / "a").touch()
+    if not _save_load._exchange(probe_a, probe_b):
+        pytest.skip("this system or file system cannot exchange two paths in one step")
+    assert (probe_b / "a").exists() and not (probe_a / "a").exists()
+
+    def no_rename(self, target):  # the two-rename fallback must not be needed
+        raise AssertionError(f"renamed {self} -> {target}")
+
+    monkeypatch.setattr(Path, "rename", no_rename)
+    model.save(path, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".model")) == []
+    np.testing.assert_array_equal(
+        sct.GeneTransformer.load(path).get_latent_representation(data), model.get_latent_representation(data)
+    )
+
+
+def test_without_an_exchange_a_save_renames_twice_and_load_points_to_a_model_left_between(
+    saved, tmp_path, monkeypatch
+):
+    import os
+
+    from sctransformer.model import _save_load
+
+    path, model, _ = saved
+    monkeypatch.setattr(_save_load, "_exchange", lambda a, b: False)
+    model.save(path, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")] == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes a directory, not private
+    path.rename(tmp_path / ".model.old-12345")  # as a save killed between its two renames leaves it
+    with pytest.raises(
+        FileNotFoundError, match=r"interrupted, and the model it replaced is at .*\.model\.old-12345"
+    ):
+        sct.GeneTransformer.load(path)

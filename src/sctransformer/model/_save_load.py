@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -77,20 +80,62 @@ def check_save_target(
     return target
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``).
+
+    Returns ``False``, having changed nothing, where the system or the file system cannot.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk (directories: where the system allows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. directories on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_model_dir(
     dir_path: str | os.PathLike, state: dict[str, Any], weights: dict[str, torch.Tensor], *, overwrite: bool
 ) -> Path:
     """Write ``state`` (JSON) and ``weights`` (safetensors) into ``dir_path``.
 
-    Files are written into a temporary directory beside the target, which is then renamed into
-    place, so an interrupted save never leaves a half-written model where a good one was.
+    Files are written into a temporary directory beside the target and flushed to disk; the
+    directory then takes the target's place in one step (on Linux; elsewhere, and on file systems
+    that cannot, by two renames, between which the previous model is beside the target as
+    ``.<name>.old-<pid>``), so an interrupted save never leaves a half-written model where a good
+    one was.
     """
     target = check_save_target(dir_path, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # a directory as mkdir makes it (mkdtemp's is private)
         weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(weights, staging / WEIGHTS_FILE)
+        _fsync(staging / WEIGHTS_FILE)
         state = {
             **state,
             "format_version": MODEL_FORMAT_VERSION,
@@ -100,17 +145,21 @@ def write_model_dir(
             json.dump(state, f, indent=1, default=_json_value)
             f.flush()
             os.fsync(f.fileno())
+        _fsync(staging)
         if target.exists():
-            retired = target.parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(retired)
-            try:
-                staging.rename(target)
-            except OSError:
-                retired.rename(target)  # put the old model back where it was
-                raise
-            shutil.rmtree(retired, ignore_errors=True)
+            # after an exchange, staging holds the previous model, removed below
+            if not _exchange(staging, target):
+                retired = target.parent / f".{target.name}.old-{os.getpid()}"
+                target.rename(retired)
+                try:
+                    staging.rename(target)
+                except OSError:
+                    retired.rename(target)  # put the old model back where it was
+                    raise
+                shutil.rmtree(retired, ignore_errors=True)
         else:
             staging.rename(target)
+        _fsync(target.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -121,7 +170,14 @@ def read_model_dir(dir_path: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     """Read and check a model directory written by :func:`write_model_dir`."""
     path = Path(dir_path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory holding a saved sctransformer model")
+        retired = sorted(path.parent.glob(f".{path.name}.old-*")) if not path.exists() else []
+        hint = (
+            f"; a save onto it was interrupted, and the model it replaced is at {retired[0]}: rename that "
+            "back to load it"
+            if retired
+            else ""
+        )
+        raise FileNotFoundError(f"{path} is not a directory holding a saved sctransformer model{hint}")
     missing = [name for name in (STATE_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(
