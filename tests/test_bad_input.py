@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -59,6 +60,27 @@ SETUP_CASES = {
         "infinite",
     ),
     "int8 overflow": (_set_layer(_int8_overflow), {}, ValueError, "negative"),
+    "beyond float32": (
+        _set_layer(
+            lambda x: sp.csr_matrix(np.where(np.eye(*x.shape) > 0, 1e300, x.toarray().astype(np.float64)))
+        ),
+        {},
+        ValueError,
+        "too large for float32",
+    ),
+    "complex": (_set_layer(lambda x: x.toarray().astype(np.complex64)), {}, TypeError, "complex numbers"),
+    "phenotype of lists": (
+        _set_obs("cell_type", lambda a: pd.Series([["a"]] * a.n_obs, index=a.obs_names, dtype=object)),
+        {"phenotype_keys": ["cell_type"]},
+        TypeError,
+        "values that are not labels",
+    ),
+    "batch of lists": (
+        _set_obs("batch", lambda a: pd.Series([[1, 2]] * a.n_obs, index=a.obs_names, dtype=object)),
+        {"batch_key": "batch"},
+        TypeError,
+        "values that are not labels",
+    ),
     "strings": (_set_layer(lambda x: x.toarray().astype(str).astype(object)), {}, TypeError, "numeric"),
     "booleans": (_set_layer(lambda x: x > 0), {}, TypeError, "booleans"),
     "float16": (_set_layer(lambda x: x.toarray().astype(np.float16)), {}, TypeError, "float16"),
@@ -140,6 +162,15 @@ def test_setup_refuses_bad_input_and_leaves_adata_unchanged(adata, case):
 def test_setup_refuses_empty_views_and_non_anndata(adata, make, error, message):
     with pytest.raises(error, match=message):
         sct.setup_anndata(make(adata), layer="counts")
+
+
+def test_a_backed_file_with_column_major_counts_is_refused_with_the_rewrite(adata, tmp_path):
+    adata.X = sp.csc_matrix(adata.layers.pop("counts"))
+    adata.write_h5ad(tmp_path / "csc.h5ad")
+    backed = ad.read_h5ad(tmp_path / "csc.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"stored column-major \(CSC\) in the backed file.*tocsr\(\)"):
+        sct.setup_anndata(backed)
+    assert "_scvi_uuid" not in backed.uns
 
 
 def test_documented_warnings_single_category_and_empty_cells(adata):

@@ -119,6 +119,14 @@ def check_counts(adata: AnnData, layer: str | None, *, model: bool = False) -> n
     dtype = getattr(matrix, "dtype", None)
     if dtype is None or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
         raise TypeError(f"{where} has dtype {dtype}; it must hold numeric counts")
+    if np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(f"{where} holds complex numbers ({dtype}); counts are real integers: {fix}")
+    if adata.isbacked and not sp.issparse(matrix) and getattr(matrix, "format", None) == "csc":
+        raise ValueError(
+            f"{where} is stored column-major (CSC) in the backed file, so every block of cells would read "
+            f"the whole matrix; rewrite the file as CSR ({where} = {where}.tocsr() in memory, then "
+            "write_h5ad) or load it with adata = adata.to_memory()"
+        )
     if dtype == np.bool_:
         raise TypeError(
             f"{where} holds booleans; " + (fix if model else "pass integer counts (e.g. layer='counts')")
@@ -138,6 +146,11 @@ def check_counts(adata: AnnData, layer: str | None, *, model: bool = False) -> n
             if not np.isfinite(values).all():
                 raise ValueError(
                     f"{where} holds NaN or infinite values; remove or fix them before setup_anndata"
+                )
+            if values.dtype.itemsize > 4 and np.abs(values).max() > np.finfo(np.float32).max:
+                raise ValueError(
+                    f"{where} holds values too large for float32 (up to {np.abs(values).max():.3g}), in "
+                    "which the model computes; these are not counts"
                 )
             fractional = values != np.round(values)
             if fractional.any():
@@ -252,9 +265,18 @@ def gene_identifiers(adata: AnnData, gene_key: str | None, *, model: bool = Fals
 
 
 def check_obs_key(adata: AnnData, key: str, role: str) -> None:
-    """Raise if ``key`` is not a column of ``adata.obs``."""
+    """Raise if ``key`` is not a column of ``adata.obs``, or one of labels that cannot be compared (e.g. lists)."""
     if key not in adata.obs:
         raise KeyError(f"{role} {key!r} not found in adata.obs (available: {list(adata.obs.columns)})")
+    column = adata.obs[key]
+    if column.dtype == object:
+        try:
+            column.nunique()
+        except TypeError as err:  # unhashable values: lists, dicts, arrays
+            raise TypeError(
+                f"adata.obs[{key!r}] ({role}) holds values that are not labels ({err}); give each cell one "
+                f"label, e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)"
+            ) from err
 
 
 def check_phenotype_column(adata: AnnData, key: str) -> None:
