@@ -84,6 +84,10 @@ def test_external_indexing_takes_boolean_masks_and_refuses_bad_sets_before_train
     train_quietly(model, max_epochs=1, datasplitter_kwargs={"external_indexing": [train, ~train, []]})
     np.testing.assert_array_equal(np.sort(model.train_indices), np.arange(100))
     np.testing.assert_array_equal(np.sort(model.validation_indices), np.arange(100, n))
+    train_quietly(
+        model, max_epochs=1, datasplitter_kwargs={"external_indexing": [train, ~train]}
+    )  # as scvi-tools
+    np.testing.assert_array_equal(np.sort(model.validation_indices), np.arange(100, n))
     cells = np.arange(n)
     weights = {k: v.clone() for k, v in model.module.state_dict().items()}
     bad = [
@@ -94,7 +98,7 @@ def test_external_indexing_takes_boolean_masks_and_refuses_bad_sets_before_train
         ([cells[:100], cells[90:], []], "training and validation cells overlap in 10 cells"),
         ([cells[:100], cells[100:110], []], "leaves 10 of 120 cells in none of its sets"),
         ([cells[:0], cells, []], "training cells are empty"),
-        ([cells, []], r"must be \[train, validation, test\]"),
+        ([cells, [], [], []], r"must be \[train, validation, test\]"),
         (cells, r"must be \[train, validation, test\]"),
     ]
     for split, message in bad:
@@ -322,8 +326,11 @@ def test_save_replaces_a_saved_model_only_with_overwrite_and_never_other_files(t
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
-def test_a_save_that_fails_to_rename_into_place_leaves_the_old_model(trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_a_save_that_fails_to_rename_into_place_leaves_the_old_model(trained, tmp_path, monkeypatch, swap):
     from pathlib import Path
+
+    from sctransformer.model import _save_load
 
     model, _ = trained
     target = tmp_path / "m"
@@ -336,7 +343,14 @@ def test_a_save_that_fails_to_rename_into_place_leaves_the_old_model(trained, tm
             raise OSError("disk full")
         return real_rename(self, destination)
 
-    monkeypatch.setattr(Path, "rename", failing_rename)
+    def failing_exchange(a, b):
+        raise OSError("disk full")
+
+    if swap == "exchange":
+        monkeypatch.setattr(_save_load, "_exchange", failing_exchange)
+    else:
+        monkeypatch.setattr(_save_load, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(Path, "rename", failing_rename)
     with pytest.raises(OSError, match="disk full"):
         model.save(target, overwrite=True)
     monkeypatch.undo()

@@ -469,9 +469,9 @@ def check_splitter_options(options: Mapping[str, Any] | None, n_cells: int) -> d
     """The data-splitter options ``options`` of ``GeneTransformer.train``, checked; a new dict.
 
     Options ``train`` sets itself are refused, naming its argument. ``external_indexing`` must be
-    three sets of cells (training, validation, test), each as positions in ``[0, n_cells)`` or a
-    boolean mask, disjoint, without repeats and together every cell; validation and test may be
-    empty. They are returned as integer positions.
+    up to three sets of cells (training, validation, test), each as positions in ``[0, n_cells)``
+    or a boolean mask, disjoint, without repeats and together every cell; validation and test may
+    be empty or left out. They are returned as three arrays of integer positions.
     """
     options = dict(options or {})
     owned = [key for key in TRAIN_OWNED_SPLITTER_OPTIONS if key in options]
@@ -491,14 +491,15 @@ def check_splitter_options(options: Mapping[str, Any] | None, n_cells: int) -> d
     if (
         isinstance(indexing, str | bytes)
         or not isinstance(indexing, Sequence | np.ndarray)
-        or len(indexing) != 3
+        or not 1 <= len(indexing) <= 3
     ):
         raise ValueError(
-            "datasplitter_kwargs['external_indexing'] must be [train, validation, test]: three arrays of "
-            "cell positions or boolean masks (validation and test may be empty)"
+            "datasplitter_kwargs['external_indexing'] must be [train, validation, test]: up to three arrays "
+            "of cell positions or boolean masks (validation and test may be empty or left out)"
         )
     sets = []
-    for name, cells in zip(("training", "validation", "test"), indexing, strict=True):
+    padded = [*indexing, *[None] * (3 - len(indexing))]  # as scvi-tools reads a shorter list
+    for name, cells in zip(("training", "validation", "test"), padded, strict=True):
         cells = np.asarray([] if cells is None else cells)
         where = f"external_indexing's {name} cells"
         if cells.dtype == bool:
