@@ -450,6 +450,38 @@ def test_a_shard_without_the_layer_or_with_normalised_values_is_named(cells, sha
         ShardedAnnData([shards[0], path], layer="counts")
 
 
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (
+            lambda x: x.astype(np.float64) * np.where(np.arange(x.shape[1]) == 0, 1e300, 1),
+            "values too large for float32",
+        ),
+        (lambda x: x.astype(np.complex64), "complex numbers"),
+        (lambda x: x - 1, "negative values"),
+    ],
+    ids=["beyond float32", "complex", "negative"],
+)
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_shard_is_checked_as_an_anndata_is(cells, tmp_path, corrupt, message, dense):
+    bad = cells[:30].copy()
+    values = corrupt(bad.layers["counts"].toarray())
+    bad.layers["counts"] = values if dense else sp.csr_matrix(values)
+    path = _write(bad, tmp_path / "bad.h5ad")
+    with pytest.raises(ValueError, match=rf"bad\.h5ad: layer 'counts' \(rows 0:\d+\) holds {message}"):
+        ShardedAnnData([path], layer="counts")
+
+
+def test_repeated_identifiers_in_a_shards_gene_key_get_the_fix_for_that_column(cells, tmp_path):
+    shard = cells[:30].copy()
+    shard.var["symbol"] = ["g0", "g0", *shard.var_names[2:]]
+    path = _write(shard, tmp_path / "repeated.h5ad")
+    with pytest.raises(
+        ValueError, match=r"\.var\['symbol'\] are not unique.*~adata\.var\['symbol'\]\.duplicated\(\)"
+    ):
+        ShardedAnnData([path], layer="counts", gene_key="symbol")
+
+
 def test_a_shard_failing_the_count_check_is_closed(cells, tmp_path):
     normalised = cells[:30].copy()
     normalised.layers["counts"] = normalised.layers["counts"] * 0.5

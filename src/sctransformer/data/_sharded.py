@@ -30,7 +30,7 @@ from ._splitting import (
     make_resumable,
     rank_batch_sizes,
 )
-from ._validation import positive_int
+from ._validation import count_values_problem, duplicate_genes_fix, positive_int
 
 logger = logging.getLogger("sctransformer")
 
@@ -154,7 +154,7 @@ def check_gene_identifiers(
         repeated = genes[genes.duplicated()].unique()[:5].tolist()
         raise ValueError(
             f"{path}: the gene identifiers in {where} are not unique (e.g. {repeated}); make them "
-            "unique (adata.var_names_make_unique()) or pass gene_key= a column of unique identifiers"
+            f"unique, e.g. {duplicate_genes_fix(gene_key, can_pass_gene_key=True)}"
         )
     return genes.tolist()
 
@@ -188,18 +188,15 @@ _SPARSE_OPTIONS = (
 
 
 def _check_block(values: np.ndarray, path: Path, where: str) -> None:
-    """Raise if counts read from disk are not finite, non-negative integers."""
-    if values.size == 0:
-        return
-    if np.issubdtype(values.dtype, np.floating):
-        if not np.isfinite(values).all():
-            raise ValueError(f"{path}: {where} holds NaN or infinite values; fix the shard")
-        if (values != np.round(values)).any():
-            raise ValueError(
-                f"{path}: {where} holds non-integer values; pass raw counts (layer=...), not normalised data"
-            )
-    if (values < 0).any():
-        raise ValueError(f"{path}: {where} holds negative values; pass raw, non-negative counts")
+    """Raise if counts read from disk are not finite, non-negative integers that float32 holds."""
+    problem = count_values_problem(values)
+    if problem is not None:
+        kind, what = problem
+        remedy = {
+            "fractional": "pass raw counts (layer=...), not normalised data",
+            "negative": "pass raw, non-negative counts",
+        }.get(kind, "fix the shard")
+        raise ValueError(f"{path}: {where} holds {what}; {remedy}")
 
 
 class ShardedAnnData:
@@ -479,7 +476,7 @@ class ShardedAnnData:
         where = "X" if self.layer is None else f"layer {self.layer!r}"
         matrix = self._matrix(shard)
         block = _read_element(self.paths[shard], f"{where} (rows {start}:{stop})", lambda: matrix[start:stop])
-        block = sp.csr_matrix(block, dtype=np.float32) if not sp.issparse(block) else block.tocsr()
+        block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()  # its dtype, checked
         _check_block(block.data, self.paths[shard], f"{where} (rows {start}:{stop})")
         genes = self._column_to_gene[shard][block.indices]
         genes = np.where(genes >= 0, genes, self.n_vars)  # genes outside the vocabulary: summed

@@ -140,30 +140,45 @@ def check_counts(adata: AnnData, layer: str | None, *, model: bool = False) -> n
     for start in range(0, adata.n_obs, _CHUNK_ROWS):
         chunk = matrix[start : start + _CHUNK_ROWS]
         values = chunk.data if sp.issparse(chunk) else np.asarray(chunk)
-        if values.size == 0:
-            continue
-        if np.issubdtype(values.dtype, np.floating):
-            if not np.isfinite(values).all():
-                raise ValueError(
-                    f"{where} holds NaN or infinite values; remove or fix them before setup_anndata"
-                )
-            if values.dtype.itemsize > 4 and np.abs(values).max() > np.finfo(np.float32).max:
-                raise ValueError(
-                    f"{where} holds values too large for float32 (up to {np.abs(values).max():.3g}), in "
-                    "which the model computes; these are not counts"
-                )
-            fractional = values != np.round(values)
-            if fractional.any():
-                raise ValueError(
-                    f"{where} holds non-integer values (e.g. {values[fractional][0]:.4g}); "
-                    + ("" if model else "sctransformer reads raw integer counts: ")
-                    + f"{fix}, not normalised or log-transformed data. Fractional counts (EM "
-                    "quantification, ambient-RNA correction) can be rounded first: np.round(...)"
-                )
-        if (values < 0).any():
-            raise ValueError(f"{where} holds negative values; pass raw, non-negative counts")
+        problem = count_values_problem(values)
+        if problem is not None:
+            kind, what = problem
+            remedy = {
+                "fractional": ("" if model else "sctransformer reads raw integer counts: ")
+                + f"{fix}, not normalised or log-transformed data. Fractional counts (EM quantification, "
+                "ambient-RNA correction) can be rounded first: np.round(...)",
+                "non-finite": "remove or fix them before setup_anndata",
+                "negative": "pass raw, non-negative counts",
+            }.get(kind, "these are not counts")
+            raise ValueError(f"{where} holds {what}; {remedy}")
         totals[start : start + chunk.shape[0]] = np.asarray(chunk.sum(axis=1)).ravel()
     return totals
+
+
+def count_values_problem(values: np.ndarray) -> tuple[str, str] | None:
+    """Why stored counts are not finite, non-negative integers that float32 holds, or ``None``.
+
+    Returns the kind of problem (``"complex"``, ``"non-finite"``, ``"too large"``, ``"fractional"``
+    or ``"negative"``) and a description of it; for the checks of in-memory, backed and sharded data.
+    """
+    if values.size == 0:
+        return None
+    if np.iscomplexobj(values):
+        return "complex", f"complex numbers ({values.dtype})"
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.isfinite(values).all():
+            return "non-finite", "NaN or infinite values"
+        if values.dtype.itemsize > 4 and np.abs(values).max() > np.finfo(np.float32).max:
+            return (
+                "too large",
+                f"values too large for float32 (up to {np.abs(values).max():.3g}), in which the model computes",
+            )
+        fractional = values != np.round(values)
+        if fractional.any():
+            return "fractional", f"non-integer values (e.g. {values[fractional][0]:.4g})"
+    if (values < 0).any():
+        return "negative", "negative values"
+    return None
 
 
 def _is_text(column: pd.Series) -> bool:
@@ -244,24 +259,21 @@ def gene_identifiers(adata: AnnData, gene_key: str | None, *, model: bool = Fals
         where = f"adata.var[{gene_key!r}]"
     if not ids.is_unique:
         dup = ids[ids.duplicated()].unique()[:5].tolist()
-        if model:  # the model's gene key is fixed: make the identifiers there unique
-            fix = (
-                "adata.var_names_make_unique()"
-                if gene_key is None
-                else f"drop the duplicated genes: adata = adata[:, ~adata.var[{gene_key!r}].duplicated()].copy()"
-            )
-            raise ValueError(
-                f"{where} has duplicate gene identifiers (e.g. {dup}), and the model reads its genes from "
-                f"there; make them unique, e.g. {fix}"
-            )
-        fix = (
-            "with adata.var_names_make_unique(), or pass gene_key= a column of unique identifiers"
-            if gene_key is None
-            else f"drop the duplicated genes (adata = adata[:, ~adata.var[{gene_key!r}].duplicated()].copy()), "
-            "or pass another gene_key, or none to use adata.var_names"
+        reads = ", and the model reads its genes from there" if model else ""
+        raise ValueError(
+            f"{where} has duplicate gene identifiers (e.g. {dup}){reads}; make them unique, e.g. "
+            f"{duplicate_genes_fix(gene_key, can_pass_gene_key=not model)}"
         )
-        raise ValueError(f"{where} has duplicate gene identifiers (e.g. {dup}); make them unique, e.g. {fix}")
     return ids
+
+
+def duplicate_genes_fix(gene_key: str | None, *, can_pass_gene_key: bool) -> str:
+    """How to make the gene identifiers read from ``gene_key`` (``None``: the var names) unique."""
+    if gene_key is None:
+        fix = "adata.var_names_make_unique()"
+        return f"{fix}, or pass gene_key= a column of unique identifiers" if can_pass_gene_key else fix
+    fix = f"drop the duplicated genes: adata = adata[:, ~adata.var[{gene_key!r}].duplicated()].copy()"
+    return f"{fix}, or pass another gene_key (or none, for adata.var_names)" if can_pass_gene_key else fix
 
 
 def check_obs_key(adata: AnnData, key: str, role: str) -> None:
