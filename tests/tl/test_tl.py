@@ -486,3 +486,23 @@ def test_tools_reading_counts_from_shards_refuse_cells_in_another_order_before_c
         with pytest.raises(ValueError, match=r"other cells or another order: \d+ of \d+ cell names differ"):
             tool(adata, model, counts=shards)
         assert fingerprint(adata) == before
+
+
+def test_tools_reading_counts_from_shards_take_repeated_cell_names_made_unique(trained, tmp_path):
+    from sctransformer.data import ShardedAnnData
+
+    model, data = trained
+    paths = []
+    for i, part in enumerate((data[:70], data[70:140])):  # barcodes repeated across two samples
+        part = part.copy()
+        part.obs_names = [f"BC{j:04d}-1" for j in range(part.n_obs)]
+        part.write_h5ad(tmp_path / f"s{i}.h5ad")
+        paths.append(str(tmp_path / f"s{i}.h5ad"))
+    shards = ShardedAnnData(paths, layer="counts")
+    obs = ad.AnnData(obs=pd.concat([data.obs[:70], data.obs[70:140]]).set_axis(list(shards.obs_names)))
+    obs.obs_names_make_unique()
+    sct.tl.embed(obs, model, counts=shards)
+    np.testing.assert_allclose(obs.obsm["X_sct"], model.get_latent_representation(data[:140]), atol=1e-6)
+    obs.obs_names = [*obs.obs_names[:-2], obs.obs_names[-1], obs.obs_names[-2]]  # two cells swapped
+    with pytest.raises(ValueError, match="2 of 140 cell names differ"):
+        sct.tl.embed(obs, model, counts=shards)

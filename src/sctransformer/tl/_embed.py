@@ -48,7 +48,8 @@ def embed(
     counts
         Read the counts of ``adata``'s cells (the same cells, in order) from these files instead of
         from ``adata``, for data too large to load: ``adata`` then needs only its ``.obs`` (its
-        cell names are checked against the shards'). With ``batch="own"`` each cell's batch is
+        cell names are checked against the shards', or against them made unique by
+        ``obs_names_make_unique()``). With ``batch="own"`` each cell's batch is
         read from the shards, which must then be read with ``batch_key``.
     batch
         The ``[BATCH]`` token of models with one: ``None`` ("no batch"), a batch name, or

@@ -270,7 +270,8 @@ def predict(
     counts
         Read the counts of ``adata``'s cells (the same cells, in order) from these files instead of
         from ``adata``, for data too large to load: ``adata`` then needs only its ``.obs`` (its
-        cell names are checked against the shards').
+        cell names are checked against the shards', or against them made unique by
+        ``obs_names_make_unique()``).
 
     Returns
     -------

@@ -6,7 +6,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
+from anndata.utils import make_index_unique
 
 from sctransformer._keys import KEYS
 from sctransformer.data import ShardedAnnData
@@ -119,12 +121,17 @@ def counts_of(adata: AnnData, counts: ShardedAnnData | None) -> AnnData | Sharde
             f"counts has {counts.n_obs} cells and adata {adata.n_obs}; they must be the same cells, in order"
         )
     ours, theirs = np.asarray(adata.obs_names, dtype=str), np.asarray(counts.obs_names, dtype=str)
+    if not pd.Index(
+        theirs
+    ).is_unique:  # e.g. barcodes repeated across samples: as obs_names_make_unique() reads them
+        unique = np.asarray(make_index_unique(pd.Index(theirs)), dtype=str)
+        theirs = min((theirs, unique), key=lambda names: int((names != ours).sum()))
     differ = np.flatnonzero(ours != theirs)
     if differ.size:
         i = int(differ[0])
         raise ValueError(
             f"counts and adata hold other cells or another order: {differ.size} of {adata.n_obs} cell "
-            f"names differ, the first at position {i} ({theirs[i]!r} in counts, {ours[i]!r} in adata); "
+            f"names differ, the first at position {i} ({str(theirs[i])!r} in counts, {str(ours[i])!r} in adata); "
             "pass adata with the shards' cells in the shards' order (e.g. adata[counts.obs_names])"
         )
     return counts
