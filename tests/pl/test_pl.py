@@ -72,6 +72,14 @@ def test_embedding_keeps_a_umap_the_user_computed_from_its_graph_and_then_tracks
     adata.obsm["X_sct"] = adata.obsm["X_sct"] + 1.0  # stale now: recomputed
     sct.pl.embedding(adata, color="cell_type", show=False)
     assert not np.array_equal(adata.obsm["X_sct_umap"], own)
+    again = data.copy()  # the user's graph and UMAP of an embedding since replaced are not taken
+    sct.tl.embed(again, model)
+    sc.pp.neighbors(again, use_rep="X_sct", n_neighbors=15, key_added="X_sct_neighbors")
+    sc.tl.umap(again, neighbors_key="X_sct_neighbors", key_added="X_sct_umap", random_state=7)
+    stale = again.obsm["X_sct_umap"].copy()
+    again.obsm["X_sct"] = again.obsm["X_sct"][::-1].copy()  # e.g. another model's embedding
+    sct.pl.embedding(again, color="cell_type", show=False)
+    assert not np.array_equal(again.obsm["X_sct_umap"], stale)
     other = data.copy()  # a UMAP of another representation's graph is not taken
     sct.tl.embed(other, model)
     sc.pp.neighbors(other, n_neighbors=15, key_added="X_sct_neighbors")

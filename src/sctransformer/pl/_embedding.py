@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scanpy as sc
+import scipy.sparse as sp
 from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -44,6 +45,31 @@ def _cell_fingerprints(embedding: Any, umap: Any) -> np.ndarray:
     return pd.util.hash_pandas_object(pairs, index=False).to_numpy(dtype=np.uint64)
 
 
+def _graph_is_of(adata: AnnData, basis: str, neighbors_key: str, n_checked: int = 200) -> bool:
+    """Whether ``.uns[neighbors_key]`` is a Euclidean neighbour graph of the current ``.obsm[basis]``.
+
+    The stored distances of up to ``n_checked`` cells (spread over the data) must equal the
+    distances between their current rows.
+    """
+    record = adata.uns.get(neighbors_key, {})
+    params = record.get("params", {})
+    distances = adata.obsp.get(record.get("distances_key", ""))
+    if (
+        params.get("use_rep") != basis
+        or params.get("metric", "euclidean") != "euclidean"
+        or distances is None
+    ):
+        return False
+    distances = sp.csr_matrix(distances)
+    x = np.asarray(adata.obsm[basis], dtype=np.float64)
+    for i in np.unique(np.linspace(0, adata.n_obs - 1, min(n_checked, adata.n_obs)).astype(int)):
+        row = slice(distances.indptr[i], distances.indptr[i + 1])
+        actual = np.linalg.norm(x[distances.indices[row]] - x[i], axis=1)
+        if not np.allclose(distances.data[row], actual, rtol=1e-4, atol=1e-5):
+            return False
+    return True
+
+
 def _umap_is_current(adata: AnnData, basis: str, umap_key: str, neighbors_key: str, n_neighbors: int) -> bool:
     """Whether every cell's ``.obsm[umap_key]`` was computed from its ``.obsm[basis]`` with ``n_neighbors``.
 
@@ -55,8 +81,8 @@ def _umap_is_current(adata: AnnData, basis: str, umap_key: str, neighbors_key: s
     if params.get("n_neighbors") != n_neighbors:
         return False
     recorded = adata.uns.get(umap_key, {}).get("cell_fingerprints")
-    if recorded is None:  # computed outside this function (sc.tl.umap): taken if its graph is of this basis
-        return params.get("use_rep") == basis
+    if recorded is None:  # computed outside this function (sc.tl.umap): taken if its graph is of these rows
+        return _graph_is_of(adata, basis, neighbors_key)
     current = _cell_fingerprints(adata.obsm[basis], adata.obsm[umap_key])
     return bool(np.isin(current, np.asarray(recorded, dtype=np.uint64)).all())
 
@@ -81,8 +107,9 @@ def embedding(
     coordinates is kept in ``.uns[f"{basis}_umap"]["cell_fingerprints"]``), so a subset of the
     cells, e.g. the view ``adata[mask]``, is drawn at its coordinates in the whole data's UMAP, as
     ``sc.pl.umap(adata[mask])`` does, and the view is left a view. A UMAP computed with scanpy
-    into ``.obsm[f"{basis}_umap"]`` from the graph ``.uns[f"{basis}_neighbors"]`` of this basis
-    and ``n_neighbors`` is kept as it is (and recorded as computed from the current rows).
+    into ``.obsm[f"{basis}_umap"]`` from the graph ``.uns[f"{basis}_neighbors"]`` is kept as it is
+    where that graph has ``n_neighbors`` and its stored distances are those of the current
+    ``.obsm[basis]`` (then it is recorded as computed from these rows).
 
     Parameters
     ----------
