@@ -2042,10 +2042,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         """Fit a softmax temperature per phenotype on labelled cells (temperature scaling).
 
         The temperature ``T`` minimises the negative log-likelihood of the true labels under
-        ``softmax(logits / T)`` within ``TEMPERATURE_RANGE`` (0.05 to 20, a warning when it ends
-        on either limit); it changes confidences, never the predicted labels. Where every cell is
-        predicted correctly no temperature minimises it (the likelihood rises as ``T`` falls to
-        0): ``T`` stays 1, with a warning. :meth:`train` calls this on the validation cells;
+        ``softmax(logits / T)`` within ``TEMPERATURE_RANGE`` (0.05 to 20; a warning is logged when
+        it ends on either limit); it changes confidences, never the predicted labels. Where every
+        cell is predicted correctly no temperature minimises it (the likelihood rises as ``T``
+        falls to 0): ``T`` stays 1, and a warning is logged. :meth:`train` calls this on the validation cells;
         :meth:`predict` then uses the fitted temperatures.
 
         Parameters
@@ -2128,13 +2128,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             if bool((z.argmax(-1) == target).all()):
                 # every cell right: the likelihood keeps rising as the temperature falls to 0, so the
                 # data say nothing about calibration but that the cells are easy
-                warnings.warn(
-                    f"all {int(known.sum())} calibration cells of {key!r} are predicted correctly, so no "
-                    "temperature can be fitted to them (the fit would run to its lower bound and make "
-                    "every prediction near-certain); its temperature stays 1. Calibrate on more, or "
-                    "harder, labelled cells: model.calibrate(adata=..., indices=...)",
-                    UserWarning,
-                    stacklevel=2,
+                logger.warning(
+                    "all %d calibration cells of %r are predicted correctly, so no temperature can be fitted "
+                    "to them (the fit would run to its lower bound and make every prediction near-certain); "
+                    "its temperature stays 1. Calibrate on more, or harder, labelled cells: "
+                    "model.calibrate(adata=..., indices=...)",
+                    int(known.sum()),
+                    key,
                 )
                 temperature, fitted_nll = 1.0, nll(0.0)
             else:
@@ -2142,12 +2142,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 fit = minimize_scalar(nll, bounds=bounds, method="bounded")
                 temperature, fitted_nll = float(np.exp(fit.x)), float(fit.fun)
                 if min(abs(fit.x - bound) for bound in bounds) < 1e-3:
-                    warnings.warn(
-                        f"the temperature of {key!r} reached the end of its range {TEMPERATURE_RANGE} "
-                        f"({temperature:.3g}, fitted on {int(known.sum())} cells); its predictions may "
-                        "still be over- or under-confident",
-                        UserWarning,
-                        stacklevel=2,
+                    logger.warning(
+                        "the temperature of %r reached the end of its range %s (%.3g, fitted on %d cells); "
+                        "its predictions may still be over- or under-confident",
+                        key,
+                        TEMPERATURE_RANGE,
+                        temperature,
+                        int(known.sum()),
                     )
 
             def ece(t: float, z: torch.Tensor = z, target: torch.Tensor = target) -> float:
