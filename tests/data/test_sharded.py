@@ -472,6 +472,30 @@ def test_a_shard_is_checked_as_an_anndata_is(cells, tmp_path, corrupt, message, 
         ShardedAnnData([path], layer="counts")
 
 
+def test_dense_shards_of_any_byte_order_are_read_and_near_integers_are_named_exactly(cells, tmp_path):
+    import h5py
+
+    dense = cells[:30].copy()
+    expected = dense.layers["counts"].toarray()
+    dense.layers["counts"] = expected.astype(">f8")  # big-endian, as some writers store it
+    path = _write(dense, tmp_path / "big_endian.h5ad")
+    with h5py.File(path) as file:
+        assert file["layers/counts"].dtype.byteorder == ">"
+    data = ShardedAnnData([path], layer="counts")
+    rows = data.read_rows(0, 0, 30)
+    assert rows.dtype == np.float32
+    np.testing.assert_array_equal(
+        np.sort(rows.toarray(), axis=1)[:, -expected.shape[1] :], np.sort(expected, axis=1)
+    )
+    noisy = cells[:30].copy()
+    values = noisy.layers["counts"].toarray().astype(np.float64)
+    values[values > 0] += 1e-12
+    noisy.layers["counts"] = values
+    path = _write(noisy, tmp_path / "noisy.h5ad")
+    with pytest.raises(ValueError, match=r"non-integer values \(e\.g\. \d+\.0000000000\d+\)"):
+        ShardedAnnData([path], layer="counts")
+
+
 def test_repeated_identifiers_in_a_shards_gene_key_get_the_fix_for_that_column(cells, tmp_path):
     shard = cells[:30].copy()
     shard.var["symbol"] = ["g0", "g0", *shard.var_names[2:]]

@@ -476,8 +476,13 @@ class ShardedAnnData:
         where = "X" if self.layer is None else f"layer {self.layer!r}"
         matrix = self._matrix(shard)
         block = _read_element(self.paths[shard], f"{where} (rows {start}:{stop})", lambda: matrix[start:stop])
-        block = sp.csr_matrix(block) if not sp.issparse(block) else block.tocsr()  # its dtype, checked
-        _check_block(block.data, self.paths[shard], f"{where} (rows {start}:{stop})")
+        if sp.issparse(block):
+            block = block.tocsr()
+            _check_block(block.data, self.paths[shard], f"{where} (rows {start}:{stop})")
+        else:  # checked in the file's dtype (and byte order), then cast
+            block = np.asarray(block)
+            _check_block(block, self.paths[shard], f"{where} (rows {start}:{stop})")
+            block = sp.csr_matrix(block.astype(np.float32))
         genes = self._column_to_gene[shard][block.indices]
         genes = np.where(genes >= 0, genes, self.n_vars)  # genes outside the vocabulary: summed
         rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))

@@ -168,14 +168,15 @@ def count_values_problem(values: np.ndarray) -> tuple[str, str] | None:
     if np.issubdtype(values.dtype, np.floating):
         if not np.isfinite(values).all():
             return "non-finite", "NaN or infinite values"
-        if values.dtype.itemsize > 4 and np.abs(values).max() > np.finfo(np.float32).max:
+        largest = max(values.max(), -values.min())
+        if values.dtype.itemsize > 4 and largest > np.finfo(np.float32).max:
             return (
                 "too large",
-                f"values too large for float32 (up to {np.abs(values).max():.3g}), in which the model computes",
+                f"values too large for float32 (up to {largest:.3g}), in which the model computes",
             )
         fractional = values != np.round(values)
         if fractional.any():
-            return "fractional", f"non-integer values (e.g. {values[fractional][0]:.4g})"
+            return "fractional", f"non-integer values (e.g. {float(values[fractional][0])!r})"
     if (values < 0).any():
         return "negative", "negative values"
     return None
