@@ -68,6 +68,14 @@ def test_embedding_keeps_a_umap_the_user_computed_from_its_graph_and_then_tracks
     own = adata.obsm["X_sct_umap"].copy()
     sct.pl.embedding(adata, color="cell_type", show=False)
     np.testing.assert_array_equal(adata.obsm["X_sct_umap"], own)  # kept
+    cosine = data.copy()  # also a graph of another metric
+    sct.tl.embed(cosine, model)
+    sc.pp.neighbors(cosine, use_rep="X_sct", n_neighbors=15, metric="cosine", key_added="X_sct_neighbors")
+    sc.tl.umap(cosine, neighbors_key="X_sct_neighbors", key_added="X_sct_umap", random_state=7)
+    theirs = cosine.obsm["X_sct_umap"].copy()
+    sct.pl.embedding(cosine, color="cell_type", show=False)
+    np.testing.assert_array_equal(cosine.obsm["X_sct_umap"], theirs)
+    assert cosine.uns["X_sct_neighbors"]["params"]["metric"] == "cosine"
     assert len(adata.uns["X_sct_umap"]["cell_fingerprints"]) == adata.n_obs
     adata.obsm["X_sct"] = adata.obsm["X_sct"] + 1.0  # stale now: recomputed
     sct.pl.embedding(adata, color="cell_type", show=False)

@@ -46,25 +46,29 @@ def _cell_fingerprints(embedding: Any, umap: Any) -> np.ndarray:
 
 
 def _graph_is_of(adata: AnnData, basis: str, neighbors_key: str, n_checked: int = 200) -> bool:
-    """Whether ``.uns[neighbors_key]`` is a Euclidean neighbour graph of the current ``.obsm[basis]``.
+    """Whether ``.uns[neighbors_key]`` is a neighbour graph of the current ``.obsm[basis]``.
 
     The stored distances of up to ``n_checked`` cells (spread over the data) must equal the
-    distances between their current rows.
+    distances, in the graph's recorded metric (and ``n_pcs`` columns), between their current rows.
     """
+    from sklearn.metrics import pairwise_distances
+
     record = adata.uns.get(neighbors_key, {})
     params = record.get("params", {})
     distances = adata.obsp.get(record.get("distances_key", ""))
-    if (
-        params.get("use_rep") != basis
-        or params.get("metric", "euclidean") != "euclidean"
-        or distances is None
-    ):
+    if params.get("use_rep") != basis or distances is None:
         return False
     distances = sp.csr_matrix(distances)
-    x = np.asarray(adata.obsm[basis], dtype=np.float64)
+    x = np.asarray(adata.obsm[basis], dtype=np.float64)[:, : params.get("n_pcs")]
+    metric, kwds = params.get("metric", "euclidean"), dict(params.get("metric_kwds", {}))
     for i in np.unique(np.linspace(0, adata.n_obs - 1, min(n_checked, adata.n_obs)).astype(int)):
         row = slice(distances.indptr[i], distances.indptr[i + 1])
-        actual = np.linalg.norm(x[distances.indices[row]] - x[i], axis=1)
+        try:
+            actual = pairwise_distances(
+                x[distances.indices[row]], x[i : i + 1], metric=metric, **kwds
+            ).ravel()
+        except (ValueError, TypeError):  # a metric sklearn does not know: cannot tell, so not taken
+            return False
         if not np.allclose(distances.data[row], actual, rtol=1e-4, atol=1e-5):
             return False
     return True
