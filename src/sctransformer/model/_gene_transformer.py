@@ -1271,7 +1271,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             More options of :class:`scvi.dataloaders.DataSplitter`, e.g. ``num_workers``,
             ``shuffle_set_split`` or ``external_indexing`` (``[train, validation, test]``: cell
             positions or boolean masks, disjoint and together every cell; validation and test may
-            be empty), not those ``train`` sets from its own arguments (``batch_size``,
+            be empty or left out), not those ``train`` sets from its own arguments (``batch_size``,
             ``train_size``, ``validation_size``, ``seed``); for sharded data, of
             :class:`~sctransformer.data.ShardedDataModule` (``num_workers``, ``block_size``,
             ``shuffle_buffer``).
