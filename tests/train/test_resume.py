@@ -240,6 +240,8 @@ def test_resuming_with_other_optimisation_settings_is_refused_and_an_older_check
         ({"warmup_fraction": 0.5}, "warmup_fraction: 0.1 in the checkpoint, 0.5 now"),
         ({"max_epochs": 5}, "max_epochs (-1: as many as max_steps take): 4 in the checkpoint, 5 now"),
         ({"freeze": "embeddings"}, "number of trained parameters (set by freeze)"),
+        # the default 1.0 (every minibatch) equals the int 1 (one minibatch) in Python, not to Lightning
+        ({"limit_train_batches": 1}, "limit_train_batches as a share (a float: 1.0 is every minibatch"),
     ]:
         model = make_model("anndata", tmp_path)
         with pytest.raises(ValueError, match="cannot resume from this checkpoint") as error:

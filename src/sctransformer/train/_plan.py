@@ -92,6 +92,7 @@ OPTIMISATION_SETTINGS = {
     "max_steps": "max_steps (-1: as many as max_epochs take)",
     "accumulate_grad_batches": "accumulate_grad_batches",
     "limit_train_batches": "limit_train_batches",
+    "limit_train_batches_is_share": "limit_train_batches as a share (a float: 1.0 is every minibatch, the int 1 one)",
     "adversary_lr_factor": "adversary_lr_factor",
     "trained_parameters": "number of trained parameters (set by freeze)",
 }
@@ -381,6 +382,8 @@ class MaskedModelingPlan(pl.LightningModule):
             "max_steps": trainer.max_steps,
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
             "limit_train_batches": trainer.limit_train_batches,
+            # 1 and 1.0 compare equal but are one minibatch and all of them to Lightning
+            "limit_train_batches_is_share": isinstance(trainer.limit_train_batches, float),
             "trained_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
         }
         if self.module.batch_adversary:
