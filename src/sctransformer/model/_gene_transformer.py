@@ -1230,7 +1230,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         early_stopping
             Stop when ``loss_validation`` stops improving.
         seed
-            Seed of the data split and masking; default ``sctransformer.settings.seed``.
+            Seed of the data split and masking; default ``sctransformer.settings.seed``. A further
+            ``train()`` of the same model with the same seed draws the same minibatch order and
+            masks, epoch by epoch, as the first did. Another seed draws new ones and also splits the
+            cells anew (cells validated on before may then be trained on); to keep the split, pass
+            it: ``datasplitter_kwargs={"external_indexing": [model.train_indices,
+            model.validation_indices, model.test_indices]}``.
         checkpoint_dir
             Write a Lightning checkpoint (weights, optimizer, scheduler, loop and data position;
             the RNG is seeded per minibatch) to ``checkpoint_dir/last.ckpt`` after every epoch.
