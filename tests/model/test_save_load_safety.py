@@ -245,6 +245,32 @@ def test_a_model_loaded_without_cells_and_saved_again_keeps_the_cells_its_split_
     assert json.loads((again / "model.json").read_text())["indexed_cells"] == recorded
 
 
+def test_cells_filtered_in_place_after_training_keep_their_split_out_of_calibrate_and_save(tmp_path):
+    import scanpy as sc
+
+    from ..conftest import QUIET, TINY
+
+    data = sct.datasets.synthetic(n_cells=150, n_genes=60, n_cell_types=3, n_markers=8, seed=1)
+    sct.setup_anndata(data, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(data, **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=2, **QUIET)
+    model.save(tmp_path / "before")
+    original = data.copy()
+    model.calibrate()  # the cells it was split on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.filter_cells(data, min_counts=np.median(data.layers["counts"].sum(1)))  # in place
+    assert 0 < data.n_obs < original.n_obs
+    with pytest.raises(ValueError, match="cells changed since they were split"):
+        model.calibrate()
+    model.save(tmp_path / "after")  # the split still names the cells it was drawn on
+    assert sct.GeneTransformer.load(tmp_path / "after", adata=data).validation_indices is None
+    restored = sct.GeneTransformer.load(tmp_path / "after", adata=original)
+    np.testing.assert_array_equal(restored.validation_indices, model.validation_indices)
+
+
 def test_numpy_settings_save_and_saving_follows_a_symlink(tmp_path, monkeypatch):
     data = sct.datasets.synthetic(n_cells=60, n_genes=20, n_cell_types=2, n_markers=4, seed=2)
     sct.setup_anndata(data, layer="counts")

@@ -1548,6 +1548,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             self.module.eval()
             if self.shards_ is not None:
                 self.shards_.close()
+        self._indexed_cells = _cells_fingerprint(source)  # the cells the split's positions point into
         self.train_settings_ = {
             "max_epochs": max_epochs,
             "batch_size": batch_size,
@@ -2089,6 +2090,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                         "the model has no validation cells to calibrate on; pass a labelled adata= "
                         "(and indices=) or train with train_size < 1"
                     )
+                indexed = getattr(self, "_indexed_cells", None)
+                if indexed is not None and _cells_fingerprint(adata) != indexed:
+                    raise ValueError(
+                        "the model's cells changed since they were split (e.g. filtered in place), so its "
+                        "validation_indices no longer point at its validation cells; calibrate on labelled "
+                        "cells the model was not trained on: model.calibrate(adata=..., indices=...)"
+                    )
         adata = self._inference_adata(adata)
         if indices is not None:
             indices = np.sort(cell_positions(indices, adata.n_obs, "indices"))
@@ -2244,11 +2252,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 else [int(i) for i in getattr(self, f"{name}_indices_")]
                 for name in ("train", "validation", "test")
             },
-            # which cells the indices point into: restored only onto those cells (see _from_state);
-            # with no cells attached (loaded without adata), those the loaded model recorded
-            "indexed_cells": getattr(self, "_indexed_cells", None)
-            if self.adata is None and self.shards_ is None
-            else _cells_fingerprint(self.adata if self.adata is not None else self.shards_),
+            # which cells the indices point into (as split, not as the AnnData may be now): restored
+            # only onto those cells (see _from_state)
+            "indexed_cells": getattr(self, "_indexed_cells", None),
         }
 
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -2400,7 +2406,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         model.history_ = history
         for name, idx in indices.items():
             setattr(model, f"{name}_indices_", idx)
-        model._indexed_cells = recorded if adata is None else None  # saved again with the indices
+        # saved again with the indices: the cells they point into
+        model._indexed_cells = (
+            recorded if adata is None else (_cells_fingerprint(adata) if same_cells else None)
+        )
         model._label_keys = state.get("label_keys") if adata is None else None  # and with the labels
         model.module.eval()
         model.to_device(
