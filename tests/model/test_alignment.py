@@ -265,3 +265,21 @@ def test_loading_onto_cells_set_up_with_another_models_second_modality_sets_them
         warnings.simplefilter("ignore")
         loaded.train(max_epochs=1, batch_size=32, **QUIET)  # without alignment, as a query lacking it
     assert "alignment_train" not in loaded.history
+
+
+def test_the_other_side_is_mapped_in_minibatches_of_batch_size(monkeypatch):
+    adata = _paired()
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY, align_obsm="X_protein", align_dim=8)
+    whole = model.get_latent_representation(space="aligned_other")
+    rows = []
+    forward = model.module.aligned_other
+    monkeypatch.setattr(model.module, "aligned_other", lambda x: rows.append(len(x)) or forward(x))
+    np.testing.assert_allclose(
+        model.get_latent_representation(space="aligned_other", batch_size=64), whole, atol=1e-6
+    )
+    assert rows == [64, 64, 64, 8]
+    with pytest.raises(ValueError, match="batch_size"):
+        model.get_latent_representation(space="aligned_other", batch_size=0)
+    with pytest.raises(ValueError, match="no \\[BATCH\\] token; leave batch=None"):
+        model.get_latent_representation(space="aligned_other", batch="own")

@@ -673,3 +673,14 @@ def test_setting_up_a_copy_leaves_the_original_set_up(adata, tmp_path):
         # both stay set up (was: "The provided AnnData object does not match ... Did you make a copy?")
         assert sct.GeneTransformer(adata, **TINY).adata is adata
         assert sct.GeneTransformer(copy, **TINY).adata is copy
+
+
+def test_device_and_attaching_cells_follow_scvi_tools_or_say_how(trained, tmp_path):
+    model, data = trained
+    assert model.device == "cpu"
+    model.save(tmp_path / "m")
+    loaded = sct.GeneTransformer.load(tmp_path / "m")
+    assert loaded.device == "cpu" and loaded.adata is None
+    with pytest.raises(ValueError, match=r"GeneTransformer\.load\(dir, adata=\.\.\.\)"):
+        loaded.adata = data.copy()
+    assert loaded.adata is None

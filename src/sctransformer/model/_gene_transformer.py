@@ -1899,6 +1899,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             for idx, tokens, hidden in self._forward(adata, batch_size, batch=batch):
                 out[idx] = self.module.aligned(hidden, tokens).cpu().numpy()
             return out
+        batch_size = self._check_batch_size(batch_size)
+        if batch is not None:
+            raise ValueError(
+                "space='aligned_other' maps the second modality, which has no [BATCH] token; leave batch=None"
+            )
         adata = self.adata if adata is None else adata
         key = self.hyperparameters_["align_obsm"]
         if adata is None or not isinstance(adata, AnnData):
@@ -1913,7 +1918,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         self.module.eval()
         try:
             with torch.inference_mode():
-                return self.module.aligned_other(torch.as_tensor(values, device=device)).cpu().numpy()
+                blocks = [
+                    self.module.aligned_other(
+                        torch.as_tensor(values[start : start + batch_size], device=device)
+                    )
+                    for start in range(0, max(len(values), 1), batch_size)
+                ]
+                return torch.cat(blocks).cpu().numpy()
         finally:
             self.module.train(was_training)
 
@@ -2639,6 +2650,26 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         model.gene_coverage_ = coverage
         _log_query_labels(model, phenotype_keys, by_name)
         return model
+
+    @property
+    def device(self) -> str:
+        """The device the model's weights are on (``"cpu"``, ``"cuda:0"``, ...)."""
+        return str(next(self.module.parameters()).device)
+
+    @property
+    def adata(self) -> AnnData | None:
+        """The AnnData attached to the model (``None`` for a model loaded without cells, or of shards)."""
+        return self._adata
+
+    @adata.setter
+    def adata(self, adata: AnnData) -> None:
+        if self._adata is None:  # scvi-tools would set it up from a registry such a model does not have
+            raise ValueError(
+                "this model has no AnnData to take the setup from (it was loaded without cells, or "
+                "made from shards); attach cells with GeneTransformer.load(dir, adata=...), or "
+                "GeneTransformer.load_query_data(adata, dir) for new cells"
+            )
+        BaseModelClass.adata.fset(self, adata)
 
     def __repr__(self) -> str:
         trained = "trained" if self.is_trained_ else "not trained"
