@@ -435,3 +435,18 @@ def test_without_an_exchange_a_save_renames_twice_and_load_points_to_a_model_lef
         FileNotFoundError, match=r"interrupted, and the model it replaced is at .*\.model\.old-12345"
     ):
         sct.GeneTransformer.load(path)
+
+
+def test_the_cells_fingerprint_hashed_in_chunks_is_the_digest_older_models_saved():
+    import hashlib
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from sctransformer.model._gene_transformer import _cells_fingerprint
+
+    for n in (0, 1, 7, 8, 20):
+        names = pd.Index([f"cell_{i}" for i in range(n)])
+        joined = hashlib.sha256("\x1f".join(names).encode()).hexdigest()  # as saved before chunking
+        cells = SimpleNamespace(obs_names=names, n_obs=n)
+        assert _cells_fingerprint(cells, chunk_size=7) == {"n_obs": n, "obs_names_sha256": joined}

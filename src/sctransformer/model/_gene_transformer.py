@@ -577,10 +577,19 @@ def _log_query_labels(model: GeneTransformer, keys: list[str], by_name: list[str
     )
 
 
-def _cells_fingerprint(adata: AnnData | ShardedAnnData) -> dict[str, int | str]:
-    """Number of cells and a SHA-256 of their names: recognises the cells a model's split indexes."""
-    digest = hashlib.sha256("\x1f".join(map(str, adata.obs_names)).encode()).hexdigest()
-    return {"n_obs": int(adata.n_obs), "obs_names_sha256": digest}
+def _cells_fingerprint(adata: AnnData | ShardedAnnData, chunk_size: int = 65_536) -> dict[str, int | str]:
+    """Number of cells and a SHA-256 of their names: recognises the cells a model's split indexes.
+
+    The digest is that of the names joined by the unit separator (U+001F), hashed in chunks (never
+    one string of millions of names).
+    """
+    names = adata.obs_names
+    digest = hashlib.sha256()
+    for start in range(0, len(names), chunk_size):
+        digest.update(
+            (("\x1f" if start else "") + "\x1f".join(map(str, names[start : start + chunk_size]))).encode()
+        )
+    return {"n_obs": int(adata.n_obs), "obs_names_sha256": digest.hexdigest()}
 
 
 class GeneTransformer(ExpressionMixin, BaseModelClass):
@@ -2101,8 +2110,14 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                         "the model has no validation cells to calibrate on; pass a labelled adata= "
                         "(and indices=) or train with train_size < 1"
                     )
-                indexed = getattr(self, "_indexed_cells", None)
-                if indexed is not None and _cells_fingerprint(adata) != indexed:
+                indexed = getattr(
+                    self, "_indexed_cells", None
+                )  # AnnData may be filtered in place; shards not
+                if (
+                    indexed is not None
+                    and isinstance(adata, AnnData)
+                    and _cells_fingerprint(adata) != indexed
+                ):
                     raise ValueError(
                         "the model's cells changed since they were split (e.g. filtered in place), so its "
                         "validation_indices no longer point at its validation cells; calibrate on labelled "
