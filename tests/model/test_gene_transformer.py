@@ -684,3 +684,18 @@ def test_device_and_attaching_cells_follow_scvi_tools_or_say_how(trained, tmp_pa
     with pytest.raises(ValueError, match=r"GeneTransformer\.load\(dir, adata=\.\.\.\)"):
         loaded.adata = data.copy()
     assert loaded.adata is None
+
+
+def test_scvi_tools_helpers_work_or_say_what_to_call_on_saved_models(trained, tmp_path, capsys):
+    model, data = trained
+    model.save(tmp_path / "m")
+    loaded = sct.GeneTransformer.load(tmp_path / "m")  # no cells attached
+    np.testing.assert_array_equal(loaded.get_var_names(), model.vocabulary_.genes)
+    np.testing.assert_array_equal(model.get_var_names(), data.var_names)  # as scvi-tools, with cells
+    sct.GeneTransformer.view_setup_args(tmp_path / "m")
+    assert "layer: 'counts'" in capsys.readouterr().out
+    with pytest.raises(NotImplementedError, match=r"view_setup_args\(dir\)"):
+        sct.GeneTransformer.load_registry(tmp_path / "m")
+    with pytest.raises(NotImplementedError, match="need no conversion"):
+        sct.GeneTransformer.convert_legacy_save(tmp_path / "m", tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()

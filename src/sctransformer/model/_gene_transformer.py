@@ -2666,6 +2666,35 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         _log_query_labels(model, phenotype_keys, by_name)
         return model
 
+    def get_var_names(self, legacy_mudata_format: bool = False) -> np.ndarray:
+        """Gene names: the attached AnnData's (as scvi-tools), else the model's vocabulary."""
+        if self.adata is not None:
+            return super().get_var_names(legacy_mudata_format=legacy_mudata_format)
+        return np.asarray(self.vocabulary_.genes)
+
+    @staticmethod
+    def view_setup_args(dir_path: str | os.PathLike, prefix: str | None = None) -> None:
+        """Print the ``setup_anndata`` arguments of a model saved with :meth:`save`."""
+        state, _ = read_model_dir(dir_path)
+        for key, value in state["setup_args"].items():
+            print(f"{key}: {value!r}")
+
+    @staticmethod
+    def load_registry(dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
+        """Not saved: a model keeps its settings in ``model.json`` instead of a scvi-tools registry."""
+        raise NotImplementedError(
+            "GeneTransformer saves no scvi-tools registry; its setup arguments are printed by "
+            "GeneTransformer.view_setup_args(dir), and GeneTransformer.load(dir) restores the model"
+        )
+
+    @classmethod
+    def convert_legacy_save(cls, *args: Any, **kwargs: Any) -> None:
+        """Not needed: models are saved as ``model.json`` and ``model.safetensors``, in one format."""
+        raise NotImplementedError(
+            "GeneTransformer models are saved as model.json and model.safetensors and need no "
+            "conversion; load them with GeneTransformer.load(dir)"
+        )
+
     @property
     def device(self) -> str:
         """The device the model's weights are on (``"cpu"``, ``"cuda:0"``, ...)."""
