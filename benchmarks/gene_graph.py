@@ -43,6 +43,7 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import anndata as ad
@@ -111,16 +112,21 @@ def marker_context(
     return markers, gene_types, marker_idx, np.nan_to_num(np.corrcoef(x.T))
 
 
-def random_same_type(pairs: set[tuple[int, int]], gene_types: list[set[str]], n_random: int) -> float:
-    """Mean number of same-type edges of ``n_random`` graphs with the degrees of ``pairs`` (double-edge swaps)."""
+def degree_preserving_shuffles(pairs: set[tuple[int, int]], n_random: int) -> Iterator[set[tuple[int, int]]]:
+    """``n_random`` random graphs with the degrees of ``pairs`` (networkx double-edge swaps, seeds 0, 1, ...)."""
     network = nx.Graph(list(pairs))
     n_edges = len(pairs)
-    counts = []
     for seed in range(n_random):
         shuffled = network.copy()
         nx.double_edge_swap(shuffled, nswap=4 * n_edges, max_tries=100 * n_edges, seed=seed)
-        counts.append(same_type({tuple(sorted(e)) for e in shuffled.edges}, gene_types))
-    return float(np.mean(counts))
+        yield {tuple(sorted(e)) for e in shuffled.edges}
+
+
+def random_same_type(pairs: set[tuple[int, int]], gene_types: list[set[str]], n_random: int) -> float:
+    """Mean number of same-type edges of ``n_random`` graphs with the degrees of ``pairs``."""
+    return float(
+        np.mean([same_type(graph, gene_types) for graph in degree_preserving_shuffles(pairs, n_random)])
+    )
 
 
 def embedding_auroc(

@@ -51,7 +51,6 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
-import networkx as nx
 import numpy as np
 import scanpy as sc
 import scipy.sparse as sp
@@ -61,7 +60,12 @@ from sklearn.metrics import roc_auc_score
 import sctransformer as sct
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gene_graph import edges, same_count, top_k_union  # the marker benchmark's graphs, counted alike
+from gene_graph import (
+    degree_preserving_shuffles,
+    edges,
+    same_count,
+    top_k_union,
+)  # the marker benchmark's graphs, counted alike
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -182,13 +186,7 @@ def aurocs(score: np.ndarray, truth: dict) -> dict[str, float]:
 
 def random_counts(pairs: set[tuple[int, int]], truth: dict, n_random: int) -> dict[str, float]:
     """Mean counts of ``n_random`` graphs with the degrees of ``pairs`` (double-edge swaps)."""
-    network = nx.Graph(list(pairs))
-    n_edges = len(pairs)
-    rows = []
-    for seed in range(n_random):
-        shuffled = network.copy()
-        nx.double_edge_swap(shuffled, nswap=4 * n_edges, max_tries=100 * n_edges, seed=seed)
-        rows.append(counts({tuple(sorted(e)) for e in shuffled.edges}, truth))
+    rows = [counts(graph, truth) for graph in degree_preserving_shuffles(pairs, n_random)]
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
