@@ -2110,9 +2110,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                         "the model has no validation cells to calibrate on; pass a labelled adata= "
                         "(and indices=) or train with train_size < 1"
                     )
-                indexed = getattr(
-                    self, "_indexed_cells", None
-                )  # AnnData may be filtered in place; shards not
+                # an AnnData may have been filtered in place since the split (shards cannot be)
+                indexed = getattr(self, "_indexed_cells", None)
                 if (
                     indexed is not None
                     and isinstance(adata, AnnData)
