@@ -684,3 +684,31 @@ def test_a_shard_in_the_layout_before_anndata_0_7_is_named_with_the_rewrite_that
         ShardedAnnData([path])
     ad.read_h5ad(path).write_h5ad(tmp_path / "rewritten.h5ad")  # the rewrite the error proposes works
     assert ShardedAnnData([tmp_path / "rewritten.h5ad"]).n_obs == cells.n_obs
+
+
+def _rewrite_as_anndata_0_7(path: str, group: str, key: str) -> None:
+    """Store categorical column ``key`` of ``group`` as anndata 0.7 did: codes referring to ``__categories``."""
+    with h5py.File(path, "r+") as file:
+        frame = file[group]
+        codes, names = frame[key]["codes"][()], frame[key]["categories"][()]
+        del frame[key]
+        stored = frame.require_group("__categories").create_dataset(key, data=names)
+        frame.create_dataset(key, data=codes).attrs["categories"] = stored.ref
+        frame.attrs["encoding-version"] = "0.1.0"
+
+
+def test_categorical_columns_of_anndata_0_7_files_are_read_as_names_not_codes(cells, tmp_path):
+    first, second = cells[:60].copy(), cells[60:, 10:].copy()  # the second lacks the first 10 genes
+    for part in (first, second):
+        part.var["symbol"] = pd.Categorical([f"sym{name}" for name in part.var_names])
+    paths = [_write(first, tmp_path / "a.h5ad"), _write(second, tmp_path / "b.h5ad")]
+    for path in paths:
+        _rewrite_as_anndata_0_7(path, "obs", "cell_type")
+        _rewrite_as_anndata_0_7(path, "var", "symbol")
+    assert ad.read_h5ad(paths[0]).obs["cell_type"].equals(first.obs["cell_type"])  # the layout anndata reads
+    data = ShardedAnnData(paths, layer="counts", phenotype_keys="cell_type", gene_key="symbol")
+    assert data.phenotype_categories["cell_type"] == sorted(cells.obs["cell_type"].unique())
+    assert list(data.genes) == [f"sym{name}" for name in cells.var_names[10:]]
+    np.testing.assert_array_equal(
+        data.read_rows(1, 0, 5).toarray()[:, :-1], _reference_rows(second[:5], second.var_names)
+    )

@@ -38,14 +38,28 @@ Segment = tuple[int, int, int]
 """Rows ``start:stop`` of shard ``i``, as ``(i, start, stop)``."""
 
 
+def _read_values(group: h5py.Group, key: str) -> np.ndarray | pd.Categorical:
+    """One ``.obs``/``.var`` column as stored, categorical columns of anndata 0.7's layout decoded.
+
+    anndata 0.7 stored a categorical column as a dataset of integer codes whose ``categories``
+    attribute refers to the names (in ``__categories``); ``read_elem`` alone returns the codes.
+    """
+    element = group[key]
+    if isinstance(element, h5py.Dataset) and "categories" in element.attrs:
+        names = group[element.attrs["categories"]]
+        ordered = bool(names.attrs.get("ordered", False))
+        return pd.Categorical.from_codes(ad.io.read_elem(element), ad.io.read_elem(names), ordered=ordered)
+    return ad.io.read_elem(element)
+
+
 def _read_column(group: h5py.Group, key: str) -> pd.Series:
     """One ``.obs``/``.var`` column (or the index, by its name) of an on-disk AnnData."""
-    return pd.Series(np.asarray(ad.io.read_elem(group[key]), dtype=object))
+    return pd.Series(np.asarray(_read_values(group, key), dtype=object))
 
 
 def _read_labels(group: h5py.Group, key: str) -> pd.Series:
     """One ``.obs`` column of an on-disk AnnData, in its stored dtype (int, float, categorical, ...)."""
-    return pd.Series(ad.io.read_elem(group[key]))
+    return pd.Series(_read_values(group, key))
 
 
 def _concat_labels(columns: Sequence[pd.Series | None], sizes: Sequence[int]) -> pd.Series:
