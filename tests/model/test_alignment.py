@@ -206,6 +206,15 @@ def test_an_aligned_model_loads_onto_cells_set_up_by_setup_anndata_without_a_war
     assert "alignment_train" in loaded.history
 
 
+def test_an_aligned_model_loads_without_cells_and_embeds_as_before(adata, tmp_path):
+    adata.obsm["X_other"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5)).astype(np.float32)
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY, align_obsm="X_other", align_dim=4)
+    model.save(tmp_path / "m")
+    loaded = sct.GeneTransformer.load(tmp_path / "m")  # for inference only, as the CLI loads it
+    np.testing.assert_array_equal(loaded.get_latent_representation(adata), model.get_latent_representation())
+
+
 def test_a_second_modality_without_features_is_refused():
     adata = _paired()
     adata.obsm["X_empty"] = np.zeros((adata.n_obs, 0), dtype=np.float32)

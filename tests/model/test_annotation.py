@@ -249,6 +249,17 @@ def test_unseen_query_categories_warn_and_count_as_unknown(trained):
     assert set(q.predict(query)["cell_type"].cat.categories) == {"type_0", "type_1", "type_2"}
 
 
+def test_load_onto_cells_of_unseen_categories_warns_as_load_query_data_does(trained, tmp_path):
+    model, _ = trained
+    model.save(tmp_path / "m")
+    query = synthetic(seed=8, n_cells=40)
+    query.obs["cell_type"] = query.obs["cell_type"].cat.rename_categories(["type_0", "type_1", "novel"])
+    with pytest.warns(UserWarning, match=r"categories the reference does not know: \['novel'\]"):
+        sct.GeneTransformer.load(tmp_path / "m", adata=query)
+    novel = (query.obs["cell_type"] == "novel").to_numpy()
+    assert (query.obs["_scvi_phenotype_cell_type"].to_numpy()[novel] == -1).all()
+
+
 def test_load_query_data_refuses_requested_phenotype_keys_the_query_lacks(trained):
     model, _ = trained
     query = synthetic(seed=10, n_cells=30)
@@ -396,7 +407,9 @@ def test_a_query_matching_a_models_older_label_spelling_is_not_warned_about(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no "categories the reference does not know"
         q = sct.GeneTransformer.load_query_data(query, tmp_path / "m")
+        loaded = sct.GeneTransformer.load(tmp_path / "m", adata=query.copy())
     assert (q.adata_manager.get_from_registry("phenotype:dose").ravel() >= 0).all()
+    assert (loaded.adata_manager.get_from_registry("phenotype:dose").ravel() >= 0).all()
 
 
 def test_a_query_without_the_models_layer_is_told_how_to_fill_it(trained, tmp_path):

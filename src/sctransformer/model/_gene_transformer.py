@@ -11,7 +11,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from numbers import Real
 from typing import Any, Literal
@@ -314,9 +314,26 @@ def _check_align_obsm(adata: AnnData, key: str) -> None:
         raise ValueError(f"adata.obsm[{key!r}] holds NaN or infinite values; fill or remove those cells")
 
 
-def _present_obsm(adata: AnnData, key: str | None) -> str | None:
-    """``key`` if ``adata.obsm`` has it (a query may come without the second modality)."""
-    return key if key is not None and key in adata.obsm else None
+def _present_obsm(adata: AnnData | None, key: str | None) -> str | None:
+    """``key`` if ``adata.obsm`` has it (a query may come without the second modality, a model no cells)."""
+    return key if key is not None and adata is not None and key in adata.obsm else None
+
+
+def _warn_unseen_categories(adata: AnnData, categories: dict[str, list[str]], keys: Iterable[str]) -> None:
+    """Warn for each label column of ``keys`` holding categories the model does not know."""
+    for key in keys:
+        if key not in categories or key not in adata.obs:
+            continue
+        column = adata.obs[key]  # matched as registration matches them (older spellings too)
+        lost = column.notna().to_numpy() & (category_codes(column, categories[key]) < 0)
+        unseen = observed_categories(column[lost]) if lost.any() else []
+        if unseen:
+            warnings.warn(
+                f"adata.obs[{key!r}] has categories the reference does not know: {unseen[:10]}; "
+                "those cells count as unknown, and predictions use the reference's categories",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _batch_categories(manager: AnnDataManager) -> list[str] | None:
@@ -2459,7 +2476,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             are aligned to the saved vocabulary by identifier; genes outside it get no token but
             still count towards each cell's library size (the total counts of the whole cell, by
             which its values are normalised). If it is not set up, it is set up with the saved
-            settings (phenotype columns it lacks are treated as unknown). The training split (``train_indices`` etc.) is restored only if
+            settings (phenotype columns it lacks are treated as unknown, and so are, with a warning, cells
+            in categories the model does not know). The training split (``train_indices`` etc.) is restored only if
             these are the cells the model was saved with (same names, same order).
         accelerator
             ``"cpu"``, ``"cuda"`` or ``"auto"``.
@@ -2479,6 +2497,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         # an aligned model registers its second modality with the counts, as creating it does (where
         # the cells have it), and no other model's
         align_obsm = _present_obsm(adata, state["hyperparameters"].get("align_obsm"))
+        if isinstance(adata, AnnData):
+            label_keys = state.get("label_keys")
+            _warn_unseen_categories(
+                adata,
+                state["phenotype_categories"],
+                state["phenotype_categories"] if label_keys is None else label_keys,
+            )
         unaligned = (
             manager is not None and manager.registry["setup_args"].get(SETUP_ARGS.ALIGN_OBSM) != align_obsm
         )
@@ -2636,18 +2661,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         for key in new_keys:
             check_phenotype_column(adata, key)
         categories = saved | {k: observed_categories(adata.obs[k]) for k in new_keys}
-        for key in phenotype_keys:
-            if key in saved:  # matched as registration matches them (older spellings too)
-                column = adata.obs[key]
-                lost = column.notna().to_numpy() & (category_codes(column, saved[key]) < 0)
-                unseen = observed_categories(column[lost]) if lost.any() else []
-                if unseen:
-                    warnings.warn(
-                        f"adata.obs[{key!r}] has categories the reference does not know: {unseen[:10]}; "
-                        "those cells count as unknown, and predictions use the reference's categories",
-                        UserWarning,
-                        stacklevel=2,
-                    )
+        _warn_unseen_categories(adata, saved, phenotype_keys)
         model = cls._from_state(  # sets adata up with the reference's settings once the weights load
             state,
             weights,
