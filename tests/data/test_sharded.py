@@ -414,6 +414,23 @@ def test_a_model_trained_from_shards_embeds_them_as_it_embeds_the_same_cells_in_
     np.testing.assert_array_equal(loaded.get_latent_representation(data, batch_size=7), from_shards)
 
 
+def test_another_models_inference_on_shards_keeps_genes_that_one_shard_lacks(cells, shards):
+    sct.setup_anndata(cells, layer="counts")
+    model = sct.GeneTransformer(cells, **TINY)  # knows all 40 genes; the third shard lacks 5
+    data = ShardedAnnData(shards, layer="counts")  # an inner join: those 5 out of every shard
+    assert len(data.genes) == 35
+    in_memory = model.get_latent_representation(ad.concat([ad.read_h5ad(p) for p in shards], join="outer"))
+    np.testing.assert_allclose(model.get_latent_representation(data), in_memory, rtol=1e-5, atol=1e-5)
+    alone = model.get_latent_representation(ShardedAnnData(shards[:1], layer="counts"))
+    np.testing.assert_allclose(alone, in_memory[:60], rtol=1e-5, atol=1e-5)  # whatever else is listed
+    aligned = data.with_genes(cells.var_names)
+    assert list(data.genes) == list(data.genes) and len(aligned.genes) == 40  # data itself is unchanged
+    np.testing.assert_array_equal(
+        aligned.read_rows(2, 0, 5).toarray()[:, :-1],
+        _reference_rows(cells[100:105], cells.var_names) * cells.var_names.isin(data.shard_genes[2]),
+    )
+
+
 def test_class_weights_of_a_sharded_model_count_its_training_cells(shards):
     data = ShardedAnnData(shards, layer="counts", phenotype_keys=["cell_type"])
     model = sct.GeneTransformer.from_shards(data, **TINY)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -220,7 +221,9 @@ class ShardedAnnData:
     rows are read from disk in row blocks when they are needed, checked as they are read, and put
     into the columns of the shared gene vocabulary. Shards whose genes differ are aligned by
     identifier (``join="inner"`` keeps the genes of every shard, as the safe default, since a gene
-    a shard did not measure is not a zero; ``"outer"`` keeps the genes of any shard).
+    a shard did not measure is not a zero; ``"outer"`` keeps the genes of any shard). For a
+    trained model's inference the join does not matter: each shard is read onto the model's genes
+    (:meth:`with_genes`), so that a cell keeps every gene of the model it measured.
 
     Parameters
     ----------
@@ -319,8 +322,9 @@ class ShardedAnnData:
                 "the shards share no gene identifier; check that they use the same kind of identifier "
                 "(gene_key= names the .var column), or pass join='outer'"
             )
+        self.shard_genes = [pd.Index(g) for g in genes]
         self.genes = pd.Index(vocabulary)
-        self._column_to_gene = [self.genes.get_indexer(pd.Index(g)).astype(np.int64) for g in genes]
+        self._column_to_gene = [self.genes.get_indexer(g).astype(np.int64) for g in self.shard_genes]
         for path, shard_genes, mapping in zip(self.paths, genes, self._column_to_gene, strict=True):
             n_kept = int((mapping >= 0).sum())
             if n_kept < len(shard_genes) or n_kept < len(self.genes):
@@ -442,6 +446,19 @@ class ShardedAnnData:
             with h5py.File(path, "r") as file:
                 names.append(_read_column(file["obs"], _index_key(file["obs"], path)))
         return pd.Index(pd.concat(names, ignore_index=True).astype(str))
+
+    def with_genes(self, genes: Sequence[str]) -> ShardedAnnData:
+        """The same shards, read onto ``genes``: each shard's genes outside them add to the last column.
+
+        A shard lacking one of ``genes`` reads 0 there. Inference on another model's vocabulary
+        uses this, so that a gene one shard lacks is not dropped from the others (as an inner join
+        of the shards does).
+        """
+        aligned = copy.copy(self)
+        aligned._handles = OrderedDict()  # its own open files
+        aligned.genes = pd.Index(genes)
+        aligned._column_to_gene = [aligned.genes.get_indexer(g).astype(np.int64) for g in self.shard_genes]
+        return aligned
 
     def __repr__(self) -> str:
         return f"ShardedAnnData: {self.n_obs} cells x {self.n_vars} genes in {len(self.paths)} shards"

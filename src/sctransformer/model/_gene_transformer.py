@@ -1717,7 +1717,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                     adata.layer,
                     self.setup_args_[SETUP_ARGS.LAYER],
                 )
-            return adata  # its rows are checked as they are read
+            # each shard onto the model's genes it has: an inner join of the shards drops, from
+            # every shard, genes that one shard lacks
+            every_gene = pd.Index(dict.fromkeys(g for genes in adata.shard_genes for g in genes))
+            known = every_gene[self.vocabulary_.index.get_indexer(every_gene.astype(str)) >= 0]
+            return adata if known.isin(adata.genes).all() else adata.with_genes(known)  # rows checked as read
         elif not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData or a ShardedAnnData, got {type(adata).__name__}")
         check_model_layer(adata, self.setup_args_[SETUP_ARGS.LAYER])
