@@ -279,6 +279,18 @@ def test_shard_options_on_in_memory_data_are_refused_before_training(cells):
     assert model.history is None or len(model.history) == 0
 
 
+def test_in_memory_options_on_shards_are_refused_by_name_before_training(shards):
+    model = sct.GeneTransformer.from_shards(ShardedAnnData(shards, layer="counts"), **TINY)
+    for option, message in [
+        ({"drop_last": True}, r"\['drop_last'\] do not apply to data streamed from shards, which takes"),
+        ({"pin_memory": True, "num_workers": 0}, r"\['pin_memory'\] do not apply"),
+        ({"batch_size": 8}, r"\['batch_size'\] are set by train\(\) itself.*train\(batch_size=...\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.train(max_epochs=1, accelerator="cpu", datasplitter_kwargs=option, **QUIET)
+    assert not model.is_trained
+
+
 def test_a_model_trains_on_shards_read_shard_by_shard(shards):
     data = ShardedAnnData(shards, layer="counts", phenotype_keys=["cell_type"])
     model = sct.GeneTransformer.from_shards(data, **TINY)

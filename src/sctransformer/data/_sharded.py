@@ -10,6 +10,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import h5py
@@ -30,6 +31,7 @@ from ._splitting import (
     epoch_seed,
     make_resumable,
     rank_batch_sizes,
+    refuse_train_owned_options,
 )
 from ._validation import count_values_problem, duplicate_genes_fix, positive_int
 
@@ -586,6 +588,24 @@ class ShardBatches(Dataset):
         if self.data.batch_codes is not None:
             batch[REGISTRY_KEYS.BATCH_KEY] = torch.as_tensor(self.data.batch_codes[positions])[:, None]
         return batch
+
+
+#: The ``datasplitter_kwargs`` that training on shards takes (options of :class:`ShardedDataModule`).
+SHARD_SPLITTER_OPTIONS = ("block_size", "shuffle_buffer", "num_workers")
+
+
+def check_shard_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """``datasplitter_kwargs`` of training on shards, checked before anything runs; a new dict."""
+    options = dict(options or {})
+    refuse_train_owned_options(options)
+    other = sorted(set(options) - set(SHARD_SPLITTER_OPTIONS))
+    if other:
+        raise ValueError(
+            f"datasplitter_kwargs {other} do not apply to data streamed from shards, which takes "
+            f"{list(SHARD_SPLITTER_OPTIONS)} (options of scvi-tools' DataSplitter, such as drop_last, "
+            "pin_memory or external_indexing, are for in-memory AnnData)"
+        )
+    return options
 
 
 def split_blocks(n_cells: Sequence[int], block_size: int) -> np.ndarray:

@@ -465,15 +465,8 @@ TRAIN_OWNED_SPLITTER_OPTIONS = {
 }
 
 
-def check_splitter_options(options: Mapping[str, Any] | None, n_cells: int) -> dict[str, Any]:
-    """The data-splitter options ``options`` of ``GeneTransformer.train``, checked; a new dict.
-
-    Options ``train`` sets itself are refused, naming its argument. ``external_indexing`` must be
-    up to three sets of cells (training, validation, test), each as positions in ``[0, n_cells)``
-    or a boolean mask, disjoint, without repeats and together every cell; validation and test may
-    be empty or left out. They are returned as three arrays of integer positions.
-    """
-    options = dict(options or {})
+def refuse_train_owned_options(options: Mapping[str, Any]) -> None:
+    """Raise if ``options`` (``datasplitter_kwargs``) set what ``GeneTransformer.train`` sets, naming its argument."""
     owned = [key for key in TRAIN_OWNED_SPLITTER_OPTIONS if key in options]
     if owned:
         fixes = [
@@ -485,6 +478,18 @@ def check_splitter_options(options: Mapping[str, Any] | None, n_cells: int) -> d
         raise ValueError(
             f"datasplitter_kwargs {owned} are set by train() itself; pass them as its arguments ({'; '.join(fixes)})"
         )
+
+
+def check_splitter_options(options: Mapping[str, Any] | None, n_cells: int) -> dict[str, Any]:
+    """The data-splitter options ``options`` of ``GeneTransformer.train``, checked; a new dict.
+
+    Options ``train`` sets itself are refused, naming its argument. ``external_indexing`` must be
+    up to three sets of cells (training, validation, test), each as positions in ``[0, n_cells)``
+    or a boolean mask, disjoint, without repeats and together every cell; validation and test may
+    be empty or left out. They are returned as three arrays of integer positions.
+    """
+    options = dict(options or {})
+    refuse_train_owned_options(options)
     indexing = options.get("external_indexing")
     if indexing is None:
         return options

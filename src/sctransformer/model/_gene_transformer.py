@@ -49,6 +49,7 @@ from sctransformer.data import (
     iter_minibatches,
     observed_categories,
 )
+from sctransformer.data._sharded import check_shard_options
 from sctransformer.data._splitting import check_splitter_options
 from sctransformer.data._validation import (
     cell_positions,
@@ -1409,6 +1410,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         seed = _check_seed(settings.seed if seed is None else seed)
         if self.shards_ is None:
             datasplitter_kwargs = check_splitter_options(datasplitter_kwargs, source.n_obs)
+        else:
+            datasplitter_kwargs = check_shard_options(datasplitter_kwargs)
         external = (datasplitter_kwargs or {}).get("external_indexing") is not None
         if self.shards_ is not None:
             datamodule = ShardedDataModule(
