@@ -282,6 +282,19 @@ def test_embedding_and_prediction_do_not_modify_adata_and_accept_views(trained):
     )
 
 
+def test_outputs_of_an_untrained_model_come_with_a_warning_and_a_trained_models_without(trained, adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    untrained = sct.GeneTransformer(adata, **TINY)
+    for output in (untrained.get_latent_representation, untrained.predict):
+        with pytest.warns(UserWarning, match=r"not been trained.*call model\.train\(\) first"):
+            output()
+    model, data = trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.get_latent_representation(data)
+        model.predict(data)
+
+
 def test_predictions_do_not_use_the_labels(trained):
     model, data = trained
     relabelled = data.copy()

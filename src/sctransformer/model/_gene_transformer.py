@@ -1707,6 +1707,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
 
     def _inference_adata(self, adata: AnnData | ShardedAnnData | None) -> AnnData | ShardedAnnData:
         """The cells to run on: ``adata``, else the model's own (AnnData or shards)."""
+        if not self.is_trained_:  # scvi-tools raises here; an untrained model is a useful control
+            warnings.warn(
+                "the model has not been trained: its outputs come from its initial random weights; "
+                "call model.train() first, or load a trained model",
+                UserWarning,
+                stacklevel=3,
+            )
         if adata is None:
             if self.adata is None and self.shards_ is None:
                 raise ValueError("the model has no AnnData attached; pass adata=...")
