@@ -118,6 +118,12 @@ SETUP_CASES = {
         ValueError,
         "looks continuous",
     ),
+    "phenotype of per-cell integers": (
+        _set_obs("n_genes", lambda a: np.arange(a.n_obs) * 3),
+        {"phenotype_keys": ["n_genes"]},
+        ValueError,
+        r"looks like a count or an index .*\.astype\('category'\)",
+    ),
     "batch with NaN": (
         _set_obs("batch", lambda a: pd.Categorical([np.nan] + ["b"] * (a.n_obs - 1))),
         {"batch_key": "batch"},

@@ -310,10 +310,17 @@ def check_phenotype_column(adata: AnnData, key: str) -> None:
         raise ValueError(
             f"phenotype column {key!r} has no known value (all NaN); drop it from phenotype_keys"
         )
-    if pd.api.types.is_float_dtype(column.dtype) and column.dropna().nunique() > 0.5 * len(column):
+    n_values = column.dropna().nunique()
+    if pd.api.types.is_float_dtype(column.dtype) and n_values > 0.5 * len(column):
         raise ValueError(
-            f"phenotype column {key!r} looks continuous ({column.dropna().nunique()} distinct "
+            f"phenotype column {key!r} looks continuous ({n_values} distinct "
             "float values); phenotypes must be categorical labels"
+        )
+    if pd.api.types.is_integer_dtype(column.dtype) and n_values > max(0.5 * len(column), 20):
+        raise ValueError(
+            f"phenotype column {key!r} looks like a count or an index ({n_values} distinct integers "
+            f"over {len(column)} cells), not labels; phenotypes must be categorical labels (to use "
+            f"integer codes as labels anyway: adata.obs[{key!r}] = adata.obs[{key!r}].astype('category'))"
         )
     if column.dropna().nunique() == 1:
         warnings.warn(
