@@ -146,6 +146,23 @@ def test_embedding_without_the_embedding_says_what_to_run(trained):
         sct.pl.embedding(data.copy(), color="cell_type")
 
 
+def test_embedding_with_an_unknown_color_key_fails_before_computing_anything(trained):
+    model, data = trained
+    adata = data.copy()
+    sct.tl.embed(adata, model)
+    before = (set(adata.uns), set(adata.obsm), set(adata.obsp))
+    with pytest.raises(KeyError, match=r"color \['cell_typ'\] are neither adata\.obs columns nor genes"):
+        sct.pl.embedding(adata, color=["cell_type", "cell_typ"])
+    assert (set(adata.uns), set(adata.obsm), set(adata.obsp)) == before
+    view = adata[:20]
+    with pytest.raises(KeyError, match="cell_typ"):
+        sct.pl.embedding(view, color="cell_typ")
+    assert view.is_view
+    adata.var["symbol"] = [f"sym{g}" for g in adata.var_names]  # genes, by name or by symbol
+    sct.pl.embedding(adata, color=[adata.var_names[0], None], show=False)
+    sct.pl.embedding(adata, color="sym" + adata.var_names[1], gene_symbols="symbol", show=False)
+
+
 def test_training_history_draws_train_and_validation_per_component(trained):
     model, _ = trained
     fig = sct.pl.training_history(model, return_fig=True)

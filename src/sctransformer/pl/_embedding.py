@@ -91,6 +91,20 @@ def _umap_is_current(adata: AnnData, basis: str, umap_key: str, neighbors_key: s
     return bool(np.isin(current, np.asarray(recorded, dtype=np.uint64)).all())
 
 
+def _check_color(adata: AnnData, color: str | list[str] | None, gene_symbols: str | None) -> None:
+    """Raise if a ``color`` key is neither an ``.obs`` column nor a gene (of ``.var`` or ``.raw``)."""
+    keys = [color] if isinstance(color, str) else list(color or [])
+    known = set(adata.obs.columns) | set(adata.var_names)
+    for var in [adata.var] + ([] if adata.raw is None else [adata.raw.var]):
+        known |= set(var.index) | (set(var[gene_symbols]) if gene_symbols in var else set())
+    unknown = [key for key in keys if key is not None and key not in known]
+    if unknown:
+        raise KeyError(
+            f"color {unknown} are neither adata.obs columns nor genes (e.g. {list(adata.obs.columns[:8])}); "
+            "nothing was computed"
+        )
+
+
 def embedding(
     adata: AnnData,
     *,
@@ -141,6 +155,7 @@ def embedding(
     """
     if basis not in adata.obsm:
         raise KeyError(f"adata.obsm[{basis!r}] not found; run sct.tl.embed(adata, model) first")
+    _check_color(adata, color, kwargs.get("gene_symbols"))  # before a UMAP is computed for nothing
     neighbors_key = f"{basis}_neighbors"
     umap_key = f"{basis}_umap"
     if recompute or not _umap_is_current(adata, basis, umap_key, neighbors_key, n_neighbors):
