@@ -70,6 +70,33 @@ def test_vocabulary_logs_the_coverage_of_missing_model_genes_and_warns_when_most
         caplog.clear()
         vocab.column_to_gene(pd.Index([f"g{i}" for i in range(10)]))  # all of them: nothing to say
         assert caplog.text == ""
+    big = GeneVocabulary([f"g{i}" for i in range(765)])
+    with pytest.warns(UserWarning, match=r"380 of the model's 765 genes \(49\.7%, under 50%\)"):
+        big.column_to_gene(pd.Index([f"g{i}" for i in range(380)]))
+
+
+def test_advice_on_normalised_values_names_only_matrices_that_hold_counts(adata):
+    counts = adata.layers["counts"]
+    adata.layers["counts"] = counts.log1p()  # "counts" holds log values; X holds counts
+    adata.X = counts.copy()
+    with pytest.raises(ValueError, match=r"pass layer=None, adata\.X looks like counts"):
+        sct.setup_anndata(adata, layer="counts")
+    adata.X = counts.log1p()
+    adata.layers["raw"] = counts.copy()
+    with pytest.raises(ValueError, match=r"e\.g\. layer='raw'"):
+        sct.setup_anndata(adata, layer="counts")
+    del adata.layers["raw"]
+    with pytest.raises(ValueError, match="no other matrix of adata looks like counts"):
+        sct.setup_anndata(adata, layer="counts")
+    reference = sct.datasets.synthetic(n_cells=30, n_genes=adata.n_vars, seed=5)
+    sct.setup_anndata(reference, layer="counts")
+    model = sct.GeneTransformer(reference, d_model=8, n_heads=2)
+    with pytest.raises(ValueError, match=r"put them there, not normalised") as error:  # no source to copy
+        model.get_latent_representation(adata)
+    assert "= adata." not in str(error.value)
+    adata.X = counts.copy()
+    with pytest.raises(ValueError, match=r"put them there, e\.g\. adata\.layers\['counts'\] = adata\.X"):
+        model.get_latent_representation(adata)
 
 
 def test_categorical_phenotypes_keep_their_category_order(adata):

@@ -219,6 +219,10 @@ def test_perturbation_bad_input(querying):
     with pytest.warns(UserWarning, match="gene_9 is expressed in no cell"):
         result = model.perturb(silent, ["gene_9", "gene_1"], predict_expression=False)
     assert list(result.summary["perturbed"]) == ["gene_1"]
+    with pytest.warns(UserWarning, match="gene_9 is not among adata's genes; its deletion is skipped"):
+        model.perturb(
+            data[:, data.var_names != "gene_9"].copy(), ["gene_9", "gene_1"], predict_expression=False
+        )
     with pytest.raises(ValueError, match="mode must be"):
         model.perturb(data, "gene_1", mode="knockdown")
     with pytest.raises(ValueError, match="value is the over-expressed"):

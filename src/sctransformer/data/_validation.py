@@ -49,17 +49,46 @@ def get_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
+def _looks_like_counts(matrix: object, n_values: int = 100_000) -> bool:
+    """Whether the first ``n_values`` stored values of an in-memory ``matrix`` are counts (for advice only)."""
+    if sp.issparse(matrix):
+        values = matrix.data[:n_values]
+    elif isinstance(matrix, np.ndarray) and matrix.ndim == 2:
+        values = matrix[: max(1, n_values // max(1, matrix.shape[1]))]
+    else:  # backed or of another kind: not read for advice
+        return False
+    values = np.asarray(values)
+    return values.size > 0 and np.issubdtype(values.dtype, np.number) and count_values_problem(values) is None
+
+
 def _counts_fix(adata: AnnData, layer: str | None) -> str:
     """How to put counts where a model reads them: ``", e.g. adata.X = adata.layers['counts']"``.
 
-    The source is another layer (one whose name mentions counts first) or, for a model's layer,
-    ``adata.X``; empty where ``adata`` has none.
+    The source is another layer (one whose name mentions counts first) or ``adata.X``, whichever
+    first holds what looks like counts; empty where none does.
     """
     target = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    source = _count_source(adata, layer)
+    return "" if source is None else f", e.g. {target} = {source}"
+
+
+def _count_source(adata: AnnData, layer: str | None) -> str | None:
+    """Another matrix of ``adata`` than ``layer`` that looks like counts, as code (``"adata.X"``)."""
     others = sorted((k for k in adata.layers if k != layer), key=lambda k: "count" not in str(k).lower())
-    if others:
-        return f", e.g. {target} = adata.layers[{others[0]!r}]"
-    return f", e.g. {target} = adata.X" if layer is not None and adata.X is not None else ""
+    sources = {f"adata.layers[{k!r}]": adata.layers[k] for k in others}
+    if layer is not None and adata.X is not None:
+        sources["adata.X"] = adata.X
+    return next((name for name, matrix in sources.items() if _looks_like_counts(matrix)), None)
+
+
+def _setup_counts_fix(adata: AnnData, layer: str | None) -> str:
+    """How to point ``setup_anndata`` at counts when ``layer`` holds something else."""
+    source = _count_source(adata, layer)
+    if source == "adata.X":
+        return "pass layer=None, adata.X looks like counts"
+    if source is not None:
+        return f"pass the layer that holds them (e.g. layer={source.split('[', 1)[1][:-1]})"
+    return "pass the layer that holds them with layer= (no other matrix of adata looks like counts)"
 
 
 def check_model_layer(adata: AnnData, layer: str | None) -> None:
@@ -107,10 +136,14 @@ def check_counts(adata: AnnData, layer: str | None, *, model: bool = False) -> n
     The total count of each cell (from the same single pass over the matrix).
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    if model:  # the layer is fixed: say how to fill it
-        fix = f"the model reads raw integer counts from {where}: put them there{_counts_fix(adata, layer)}"
-    else:
-        fix = "pass the layer that holds them (e.g. layer='counts')"
+
+    def fix() -> str:  # only when raising: it looks at the other matrices
+        if model:  # the layer is fixed: say how to fill it
+            return (
+                f"the model reads raw integer counts from {where}: put them there{_counts_fix(adata, layer)}"
+            )
+        return _setup_counts_fix(adata, layer)
+
     if adata.n_obs == 0:
         raise ValueError("adata has zero cells; there is nothing to train on or embed")
     if adata.n_vars == 0:
@@ -120,7 +153,7 @@ def check_counts(adata: AnnData, layer: str | None, *, model: bool = False) -> n
     if dtype is None or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
         raise TypeError(f"{where} has dtype {dtype}; it must hold numeric counts")
     if np.issubdtype(dtype, np.complexfloating):
-        raise TypeError(f"{where} holds complex numbers ({dtype}); counts are real integers: {fix}")
+        raise TypeError(f"{where} holds complex numbers ({dtype}); counts are real integers: {fix()}")
     if adata.isbacked and not sp.issparse(matrix) and getattr(matrix, "format", None) == "csc":
         raise ValueError(
             f"{where} is stored column-major (CSC) in the backed file, so every block of cells would read "
@@ -129,7 +162,7 @@ def check_counts(adata: AnnData, layer: str | None, *, model: bool = False) -> n
         )
     if dtype == np.bool_:
         raise TypeError(
-            f"{where} holds booleans; " + (fix if model else "pass integer counts (e.g. layer='counts')")
+            f"{where} holds booleans; " + (fix() if model else "pass integer counts (e.g. layer='counts')")
         )
     if dtype == np.float16:
         raise TypeError(
@@ -145,7 +178,7 @@ def check_counts(adata: AnnData, layer: str | None, *, model: bool = False) -> n
             kind, what = problem
             remedy = {
                 "fractional": ("" if model else "sctransformer reads raw integer counts: ")
-                + f"{fix}, not normalised or log-transformed data. Fractional counts (EM quantification, "
+                + f"{fix()}, not normalised or log-transformed data. Fractional counts (EM quantification, "
                 "ambient-RNA correction) can be rounded first: np.round(...)",
                 "non-finite": "remove or fix them before setup_anndata",
                 "negative": "pass raw, non-negative counts",

@@ -87,7 +87,7 @@ class GeneVocabulary:
             fix = fix() if callable(fix) else fix
             warnings.warn(
                 f"the AnnData has {n_present} of the model's {len(self)} genes "
-                f"({n_present / len(self):.0%}, under {MIN_VOCABULARY_SHARE:.0%}): the model sees its cells "
+                f"({n_present / len(self):.1%}, under {MIN_VOCABULARY_SHARE:.0%}): the model sees its cells "
                 "through few of the genes it learned from, so their embeddings and predictions may be "
                 "unreliable; keep all genes of the AnnData (not a subset such as highly variable genes), "
                 f"check that its identifiers match the vocabulary's ({fix}), or use a model trained on "

@@ -547,7 +547,12 @@ class ExpressionMixin:
                 perturbed[name] = expressing[:, 0].copy()
                 continue
             if not expressing[:, j].any():
-                warnings.warn(f"{name} is expressed in no cell; its deletion is skipped", stacklevel=2)
+                why = (
+                    "is expressed in no cell"
+                    if (column_to_gene == targets[j]).any()
+                    else "is not among adata's genes"
+                )
+                warnings.warn(f"{name} {why}; its deletion is skipped", stacklevel=2)
                 continue
             perturbed[name] = expressing[:, j]
         chosen = [(int(t), name) for t, name in zip(targets, names, strict=True) if name in perturbed]
