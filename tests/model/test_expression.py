@@ -113,6 +113,21 @@ def test_predict_response_returns_the_swapped_prediction_and_the_baseline(queryi
         model.predict_response(controls, {"condition": "lps"})
     with pytest.raises(ValueError, match="not a phenotype of the model"):
         model.predict_response(controls, {"donor": "a"})
+    one = model.predict_response(controls, {"condition": "stim"}, genes="gene_3")  # one gene, as a string
+    assert list(one.var_names) == ["gene_3"]
+    np.testing.assert_allclose(one.X[:, 0], out[:, "gene_3"].X[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_phenotype_value_is_matched_as_the_cells_labels_are(tmp_path):
+    data = sct.datasets.synthetic(n_cells=60, n_genes=40, seed=2)
+    data.obs["dose"] = np.where(np.arange(60) % 2, 10, 0)  # integers: categories "0" and "10"
+    sct.setup_anndata(data, layer="counts", phenotype_keys=["dose"])
+    model = sct.GeneTransformer(data, d_model=8, n_heads=2, n_layers=1, max_length=16, expression_queries=4)
+    expected = model._check_phenotype_values({"dose": "10"}, "set")
+    for value in (10, np.int64(10), 10.0, np.float32(10.0)):
+        assert model._check_phenotype_values({"dose": value}, "set") == expected == {"dose": 1}
+    with pytest.raises(ValueError, match="never saw"):
+        model._check_phenotype_values({"dose": 10.5}, "set")
 
 
 def test_refined_response_feeds_each_prediction_back_as_the_cells_input(querying):

@@ -137,11 +137,13 @@ class ExpressionMixin:
                     f"(its phenotypes: {list(self.phenotype_categories_)})"
                 )
             categories = self.phenotype_categories_[key]
-            if str(value) not in categories:
+            # matched as cells' labels are (10.0 is the category "10")
+            code = int(category_codes(pd.Series([value]), categories)[0]) if value is not None else -1
+            if code < 0:
                 raise ValueError(
                     f"{argument}[{key!r}] = {value!r} is a value the model never saw; known values: {categories}"
                 )
-            codes[key] = categories.index(str(value))
+            codes[key] = code
         return codes
 
     def _phenotype_inputs(self, adata: AnnData | None, n_cells: int, overrides: dict[str, int]) -> np.ndarray:
@@ -421,6 +423,8 @@ class ExpressionMixin:
         if genes is None:
             rows = self._column_to_gene(adata)
             genes = [self.vocabulary_.genes[r] for r in rows if r >= 0]
+        elif isinstance(genes, str):  # one gene, as the other getters take it
+            genes = [genes]
         rows = self._vocabulary_indices(genes)
         swapped, baseline = (
             self._predicted_expression(adata, rows, codes, n_folds, batch_size, refine_rounds=refine_rounds)
