@@ -185,6 +185,30 @@ def test_embed_reads_a_layer_from_disk_and_keeps_the_files_other_embeddings(tmp_
     assert not bad.exists()
 
 
+def test_embed_reads_the_inputs_own_layer_and_gene_column_when_named(tmp_path, capsys):
+    assert main(["pretrain", "--config", write_config(tmp_path)]) == 0
+    adata = ad.read_h5ad(tmp_path / "shard_0.h5ad")
+    model = sct.GeneTransformer.load(tmp_path / "model")
+    expected = model.get_latent_representation(adata)
+    other = ad.AnnData(adata.layers["counts"].copy(), obs=adata.obs[[]], var=adata.var[[]])  # counts in X
+    other.var["symbol"] = other.var_names
+    other.var_names = [f"id{i}" for i in range(other.n_vars)]
+    other.write_h5ad(tmp_path / "x.h5ad")
+    args = ["embed", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "x.h5ad")]
+    assert main([*args, "--output", str(tmp_path / "a.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "layer 'counts' not found (available: []); name the input's layer of raw counts with --layer" in err
+    )
+    assert main([*args, "--output", str(tmp_path / "a.h5ad"), "--layer", "X", "--gene-key", "gene"]) == 2
+    assert (
+        "no column 'gene' (gene_key; its columns: ['symbol']); name the .var column"
+        in capsys.readouterr().err
+    )
+    assert main([*args, "--output", str(tmp_path / "a.h5ad"), "--layer", "X", "--gene-key", "symbol"]) == 0
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "a.h5ad").obsm["X_sct"], expected, atol=1e-6)
+
+
 def test_a_wandb_project_without_the_wandb_logger_is_refused(tmp_path, capsys):
     config = write_config(tmp_path, log={"loggers": ["csv"], "wandb_project": "atlas"})
     assert main(["pretrain", "--config", config]) == 2
@@ -343,6 +367,20 @@ def test_a_key_or_section_given_twice_is_refused(tmp_path, capsys):
         "output: model\n"
     )
     assert read_config(tmp_path / "merge.yaml")["model"] == {"d_model": 16, "n_layers": 1}
+
+
+def test_a_json_config_indented_with_tabs_is_read(tmp_path):
+    write_shards(tmp_path)
+    config = {
+        "data": {"paths": ["shard_0.h5ad"], "layer": "counts"},
+        "train": {"max_epochs": 1},
+        "output": "m",
+    }
+    (tmp_path / "tabs.json").write_text(json.dumps(config, indent="\t"))
+    assert read_config(tmp_path / "tabs.json")["train"] == {"max_epochs": 1}
+    (tmp_path / "broken.json").write_text('{"data": ')
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        read_config(tmp_path / "broken.json")
 
 
 @pytest.mark.parametrize("streaming", [False, True])

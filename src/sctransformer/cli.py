@@ -54,7 +54,9 @@ kept and the file is recorded in ``source_file_1`` (or the next free name) inste
 
 ``embed`` and ``predict`` apply a saved model to an ``.h5ad`` file and write a copy with the results;
 the count matrix is read from disk in row blocks (never loaded whole, whether in X or a layer) and
-the results are written into the copy without reading it. Every error in the arguments or the
+the results are written into the copy without reading it. The counts are read from the model's
+layer and its genes matched by its ``gene_key``, unless ``--layer`` (``X`` for ``.X``) or
+``--gene-key`` (``var_names`` for the var names) name the input's own. Every error in the arguments or the
 config is reported in one line, before any training, with exit status 2.
 """
 
@@ -74,12 +76,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anndata as ad
+import h5py
 import pandas as pd
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from sctransformer._settings import logger
-from sctransformer.data._sharded import check_gene_column, check_gene_identifiers, check_layer
+from sctransformer.data._sharded import (
+    check_gene_column,
+    check_gene_identifiers,
+    check_h5ad_layout,
+    check_layer,
+    var_columns,
+)
 from sctransformer.model._save_load import CONFIG_FILE, check_save_target
 
 if TYPE_CHECKING:
@@ -128,6 +137,16 @@ def _inside(path: str, directory: str) -> bool:
     return path == directory or directory in path.parents
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key given twice (``json`` keeps the last silently)."""
+    config: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in config:
+            raise ValueError(f"found the key {key!r} twice; keep one (else the last would be used silently)")
+        config[key] = value
+    return config
+
+
 def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
     """Read and check a ``pretrain`` or ``finetune`` config (YAML or JSON).
 
@@ -143,10 +162,15 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
     try:
-        config = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {err}") from err
+        if path.suffix.lower() == ".json":  # JSON may be indented with tabs, which YAML refuses
+            config = json.loads(text, object_pairs_hook=_unique_keys)
+        else:
+            config = yaml.load(text, Loader=_UniqueKeyLoader)
+    except (yaml.YAMLError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML/JSON"
+        raise ConfigError(f"config file {str(path)!r} is not valid {kind}: {err}") from err
     if not isinstance(config, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping with sections {sorted(SECTIONS)}")
     unknown = set(config) - SECTIONS
@@ -602,6 +626,27 @@ def _read_annotations(path: Path) -> ad.AnnData:
     return ad.AnnData(obs=obs, uns=uns)
 
 
+def _check_input_keys(source: Path, layer: str | None, gene_key: str | None) -> None:
+    """Raise if the input of ``embed``/``predict`` lacks ``layer`` or the ``gene_key`` column, naming the flag."""
+    try:
+        with h5py.File(source, "r") as file:
+            check_h5ad_layout(file, source)
+            layers = list(file["layers"]) if "layers" in file else []
+            columns = var_columns(file["var"]) if "var" in file else []
+    except OSError as err:
+        raise ValueError(f"cannot read {str(source)!r}: {err}") from err
+    if layer is not None:
+        check_layer(source, layers, layer, fix="name the input's layer of raw counts with --layer (X: .X)")
+    if gene_key is not None:
+        check_gene_column(
+            source,
+            columns,
+            gene_key,
+            fix="name the .var column with the model's kind of gene identifiers with --gene-key "
+            "(var_names: the var names)",
+        )
+
+
 def _apply(args: argparse.Namespace, tool: str) -> Path:
     """Embed or predict the cells of an ``.h5ad`` file, its counts read from disk in row blocks."""
     import sctransformer as sct
@@ -628,9 +673,14 @@ def _apply(args: argparse.Namespace, tool: str) -> Path:
             f"those as groups), got {args.key_added!r}"
         )
     model = sct.GeneTransformer.load(args.model)
-    counts = sct.data.ShardedAnnData(
-        [source], layer=model.setup_args_["layer"], gene_key=model.setup_args_["gene_key"], join="outer"
+    layer = model.setup_args_["layer"] if args.layer is None else (None if args.layer == "X" else args.layer)
+    gene_key = (
+        model.setup_args_["gene_key"]
+        if args.gene_key is None
+        else (None if args.gene_key == "var_names" else args.gene_key)
     )
+    _check_input_keys(source, layer, gene_key)
+    counts = sct.data.ShardedAnnData([source], layer=layer, gene_key=gene_key, join="outer")
     annotations = _read_annotations(source)
     if tool == "embed":
         sct.tl.embed(
@@ -671,7 +721,18 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = commands.add_parser(name, help=help_)
         p.add_argument("--model", required=True, help="directory of a saved model")
-        p.add_argument("--input", required=True, help=".h5ad file with counts in the model's layer")
+        p.add_argument("--input", required=True, help=".h5ad file with raw counts")
+        p.add_argument(
+            "--layer",
+            default=None,
+            help="layer of the input holding raw counts; X reads .X (default: the model's layer)",
+        )
+        p.add_argument(
+            "--gene-key",
+            default=None,
+            help=".var column of the input with the model's kind of gene identifiers; var_names reads "
+            "the var names (default: the model's gene_key)",
+        )
         p.add_argument(
             "--output", required=True, help=".h5ad file to write (a copy of the input with the results)"
         )

@@ -123,10 +123,21 @@ def _read_element(path: Path, where: str, read: Callable, *args: object):
         raise ValueError(f"cannot read {where} of shard {path}: {type(err).__name__}: {err}") from err
 
 
-def check_gene_column(path: str | os.PathLike, columns: Sequence[str], gene_key: str) -> None:
+def var_columns(var: h5py.Group) -> list[str]:
+    """The columns of an on-disk ``.var`` (not its index, nor anndata 0.7's ``__categories``)."""
+    return [k for k in var if k not in ("__categories", var.attrs.get("_index"))]
+
+
+def check_gene_column(
+    path: str | os.PathLike,
+    columns: Sequence[str],
+    gene_key: str,
+    fix: str = "pass gene_key= a .var column of gene identifiers that every file has, or None for the var names",
+) -> None:
     """Raise if a data file's ``.var`` has no column ``gene_key`` (its ``columns``).
 
-    One check for shards and for files loaded into memory (the command line's ``data.gene_key``).
+    One check for shards and for files loaded into memory (the command line's ``data.gene_key``);
+    ``fix`` says how to choose another column where it is chosen.
 
     Raises
     ------
@@ -135,8 +146,7 @@ def check_gene_column(path: str | os.PathLike, columns: Sequence[str], gene_key:
     """
     if gene_key not in columns:
         raise KeyError(
-            f"{path}: .var has no column {gene_key!r} (gene_key; its columns: {list(columns)}); pass "
-            "gene_key= a .var column of gene identifiers that every file has, or None for the var names"
+            f"{path}: .var has no column {gene_key!r} (gene_key; its columns: {list(columns)}); {fix}"
         )
 
 
@@ -176,11 +186,16 @@ def check_gene_identifiers(
     return genes.tolist()
 
 
-def check_layer(path: str | os.PathLike, layers: Sequence[str], layer: str) -> None:
+def check_layer(
+    path: str | os.PathLike,
+    layers: Sequence[str],
+    layer: str,
+    fix: str = "every file needs the layer of raw counts (layer=None reads X)",
+) -> None:
     """Raise if a data file has no ``layer`` among its ``layers``.
 
     One check for shards and for files loaded into memory, where an inner join would otherwise
-    drop a layer that one file lacks from all of them.
+    drop a layer that one file lacks from all of them; ``fix`` says how to choose another layer.
 
     Raises
     ------
@@ -188,10 +203,7 @@ def check_layer(path: str | os.PathLike, layers: Sequence[str], layer: str) -> N
         Naming the file, its layers and the fix.
     """
     if layer not in layers:
-        raise KeyError(
-            f"{path}: layer {layer!r} not found (available: {list(layers)}); every file needs the "
-            "layer of raw counts (layer=None reads X)"
-        )
+        raise KeyError(f"{path}: layer {layer!r} not found (available: {list(layers)}); {fix}")
 
 
 #: Open sparse matrices without caching their whole ``indptr``: a shard reopened for each block
@@ -376,7 +388,7 @@ class ShardedAnnData:
             matrix = self._matrix_element(file, path)
             n_obs = int(matrix.attrs["shape"][0] if isinstance(matrix, h5py.Group) else matrix.shape[0])
             if self.gene_key is not None:
-                check_gene_column(path, [k for k in var if k != "__categories"], self.gene_key)
+                check_gene_column(path, var_columns(var), self.gene_key)
             gene_key = self.gene_key or _index_key(var, path)
             column = _read_element(path, f".var[{gene_key!r}]", _read_column, var, gene_key)
             shard_genes = check_gene_identifiers(path, column, self.gene_key)
