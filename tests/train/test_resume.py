@@ -261,6 +261,37 @@ def test_resuming_with_other_optimisation_settings_is_refused_and_an_older_check
     assert len(model.history["loss_train"]) == 3  # epochs 2 to 4, the first resumed midway
 
 
+def test_resuming_with_a_model_of_other_hyper_parameters_is_refused_before_the_weights_load(tmp_path):
+    make_model, settings, _ = _make_model_and_settings()
+    checkpoints = tmp_path / "ckpt"
+    with pytest.raises(_Stop):
+        _train(
+            make_model("anndata", tmp_path),
+            **settings,
+            checkpoint_dir=checkpoints,
+            checkpoint_every_n_steps=2,
+            callbacks=[_StopAtStep(5)],
+        )
+    written = (checkpoints / "last.ckpt").read_bytes()
+    adata = sct.datasets.synthetic(n_cells=100, n_genes=40, seed=0)
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    base = dict(d_model=16, n_layers=1, n_heads=2, max_length=32, n_bins=5, dropout=0.1, seed=1)
+    for change, named in [
+        ({"n_heads": 4}, "n_heads: 2 in the checkpoint, 4 now"),  # the same weights' shapes
+        ({"d_model": 32}, "d_model: 16 in the checkpoint, 32 now"),
+    ]:
+        model = sct.GeneTransformer(adata, **{**base, **change})
+        before = {k: v.clone() for k, v in model.module.state_dict().items()}
+        with pytest.raises(ValueError, match="written by a model of other hyper-parameters") as error:
+            _train(model, **settings, checkpoint_dir=checkpoints, resume=True)
+        assert named in str(error.value)
+        assert all(torch.equal(v, before[k]) for k, v in model.module.state_dict().items())
+        assert (checkpoints / "last.ckpt").read_bytes() == written
+    model = sct.GeneTransformer(adata, **{**base, "seed": 7, "attention": "sdpa"})  # neither shapes it
+    _train(model, **settings, checkpoint_dir=checkpoints, resume=True)
+    assert len(model.history["loss_train"]) == 3
+
+
 class _ColumnsUsed(pl.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self.column_to_gene = module.column_to_gene.clone()

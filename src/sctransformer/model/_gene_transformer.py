@@ -1279,7 +1279,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             :class:`ValueError` naming them before training, as do those of the optimisation, whose
             state the checkpoint holds (``lr``, ``weight_decay``, ``warmup_fraction``, ``max_epochs``,
             ``adversary_lr_factor``, ``freeze``, and the Trainer's ``max_steps``,
-            ``accumulate_grad_batches`` and ``limit_train_batches``). The current AnnData's genes are
+            ``accumulate_grad_batches`` and ``limit_train_batches``), and so does a model of other
+            hyper-parameters (those of ``GeneTransformer`` but ``attention`` and ``seed``). The current AnnData's genes are
             used, matched to the model's by identifier as in any run.
             Checkpoints are Lightning's format, which Lightning reads by unpickling: resume only
             from checkpoints you wrote (saved models, by contrast, are safetensors + JSON).
@@ -1544,6 +1545,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 adversary_schedule=adversary_schedule,
                 adversary_lr_factor=float(adversary_lr_factor),
                 align_weight=float(align_weight),
+                # a kernel choice and the initial weights' seed do not shape a checkpoint's model
+                model_settings={
+                    k: v for k, v in self.hyperparameters_.items() if k not in ("attention", "seed")
+                },
             )
             runner = self._train_runner_cls(
                 self,

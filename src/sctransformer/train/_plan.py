@@ -96,6 +96,25 @@ OPTIMISATION_SETTINGS = {
     "adversary_lr_factor": "adversary_lr_factor",
     "trained_parameters": "number of trained parameters (set by freeze)",
 }
+#: Checkpoint entry of the hyper-parameters of the model that wrote it (those that shape the model)
+MODEL_SETTINGS_KEY = "sctransformer_model_settings"
+
+
+def check_model_settings(recorded: Mapping[str, object], current: Mapping[str, object]) -> None:
+    """Raise if a checkpoint was written by a model of other hyper-parameters than ``current``.
+
+    Only the hyper-parameters both record are compared (a checkpoint of an older version records
+    none). Weights of the same shapes would otherwise load into a model that uses them otherwise
+    (e.g. ``n_heads``), and weights of other shapes fail inside Lightning.
+    """
+    names = {key: key for key in recorded if key in current}
+    details = settings_differences(recorded, current, names)
+    if details:
+        raise ValueError(
+            f"cannot resume from this checkpoint: it was written by a model of other hyper-parameters "
+            f"({details}); create the model with the checkpoint's hyper-parameters, or start a new run: "
+            "another checkpoint_dir, or resume=False (its checkpoints then replace this one)"
+        )
 
 
 def check_optimisation_settings(recorded: Mapping[str, object], current: Mapping[str, object]) -> None:
@@ -185,6 +204,9 @@ class MaskedModelingPlan(pl.LightningModule):
     total_steps
         Optimisation steps of the whole run, for the learning-rate schedule; default counted from
         the data module and the trainer's settings when training starts.
+    model_settings
+        The hyper-parameters that shape the module (``GeneTransformer``'s), recorded in each
+        checkpoint: a run resumed with other values is refused before the weights load.
     """
 
     def __init__(
@@ -210,9 +232,11 @@ class MaskedModelingPlan(pl.LightningModule):
         align_weight: float = 1.0,
         has_batches: bool = True,
         gene_prediction_prob: float = 0.0,
+        model_settings: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__()
         self.module = module
+        self.model_settings = dict(model_settings or {})
         # a property of the AnnData trained on, not of the run: not checkpointed
         self.register_buffer(
             "column_to_gene", torch.as_tensor(column_to_gene, dtype=torch.long), persistent=False
@@ -396,6 +420,7 @@ class MaskedModelingPlan(pl.LightningModule):
         The sums make a resumed run's epoch means cover all of the epoch.
         """
         checkpoint[OPTIMISATION_SETTINGS_KEY] = self.optimisation_settings()
+        checkpoint[MODEL_SETTINGS_KEY] = dict(self.model_settings)
         if "train" in self._epoch_sums:
             sums, counts = self._epoch_sums["train"]
             checkpoint[EPOCH_SUMS_KEY] = ({k: v.cpu() for k, v in sums.items()}, dict(counts))
@@ -407,6 +432,7 @@ class MaskedModelingPlan(pl.LightningModule):
         settings (:func:`check_optimisation_settings`) raises before it trains. The checkpoints of
         older versions hold ``column_to_gene``, which is this run's AnnData's: it is dropped.
         """
+        check_model_settings(checkpoint.get(MODEL_SETTINGS_KEY, {}), self.model_settings)
         check_optimisation_settings(
             checkpoint.get(OPTIMISATION_SETTINGS_KEY, {}), self.optimisation_settings()
         )
