@@ -369,6 +369,26 @@ def test_a_key_or_section_given_twice_is_refused(tmp_path, capsys):
     assert read_config(tmp_path / "merge.yaml")["model"] == {"d_model": 16, "n_layers": 1}
 
 
+@pytest.mark.parametrize(
+    ("streaming", "options", "message"),
+    [
+        (False, {"num_worker": 1}, r"train\.datasplitter_kwargs \['num_worker'\] are options of neither"),
+        (False, {"block_size": 4}, r"\['block_size'\] apply to data streamed from shards"),
+        (True, {"drop_last": True}, r"\['drop_last'\] do not apply to data streamed from shards"),
+        (False, [1], "must be a mapping"),
+    ],
+)
+def test_misspelt_or_misplaced_data_splitter_options_are_refused_when_the_config_is_read(
+    tmp_path, streaming, options, message
+):
+    config = write_config(tmp_path, train={"max_epochs": 1, "datasplitter_kwargs": options})
+    text = yaml.safe_load(open(config))
+    text["data"]["streaming"] = streaming
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(text))
+    with pytest.raises(ConfigError, match=message):
+        read_config(config)
+
+
 def test_a_json_config_indented_with_tabs_is_read(tmp_path):
     write_shards(tmp_path)
     config = {

@@ -87,8 +87,10 @@ from sctransformer.data._sharded import (
     check_gene_identifiers,
     check_h5ad_layout,
     check_layer,
+    check_shard_options,
     var_columns,
 )
+from sctransformer.data._splitting import check_splitter_option_names
 from sctransformer.model._save_load import CONFIG_FILE, check_save_target
 
 if TYPE_CHECKING:
@@ -267,6 +269,14 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
                 f"unknown {section} options {sorted(bad)}; see GeneTransformer{'.train' * (section == 'train')}"
             )
     _check_trainer_options(config["train"])
+    splitter = config["train"].get("datasplitter_kwargs")
+    if splitter is not None:  # else a misspelt option fails once the data are loaded
+        if not isinstance(splitter, dict):
+            raise ConfigError("train.datasplitter_kwargs must be a mapping of options")
+        try:
+            (check_shard_options if data.get("streaming") else check_splitter_option_names)(splitter)
+        except ValueError as err:
+            raise ConfigError(f"train.{err}") from err
     if not isinstance(config["output"], str) or not config["output"]:
         raise ConfigError("output must be the path of the directory to save the model in")
     output = config["output"] = _absolute(config["output"], base)  # "model/": logs beside it, not in it

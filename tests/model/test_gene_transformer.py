@@ -109,6 +109,10 @@ def test_external_indexing_takes_boolean_masks_and_refuses_bad_sets_before_train
             ValueError, match=rf"\['{option}'\] are set by train\(\) itself.*train\({argument}="
         ):
             model.train(max_epochs=1, datasplitter_kwargs={option: 8}, **QUIET)
+    with pytest.raises(
+        ValueError, match=r"\['num_worker'\] are options of neither.*did you mean 'num_workers'"
+    ):
+        model.train(max_epochs=1, datasplitter_kwargs={"num_worker": 1}, **QUIET)
     assert all(torch.equal(v, weights[k]) for k, v in model.module.state_dict().items())
 
 

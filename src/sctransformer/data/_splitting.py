@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from difflib import get_close_matches
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
-from scvi.dataloaders import DataSplitter
+from scvi.dataloaders import AnnDataLoader, DataSplitter
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from sctransformer._constants import SETUP_ARGS
@@ -480,6 +482,36 @@ def refuse_train_owned_options(options: Mapping[str, Any]) -> None:
         )
 
 
+def check_splitter_option_names(options: Mapping[str, Any]) -> None:
+    """Raise if ``datasplitter_kwargs`` of in-memory training name an option ``train`` sets or none that exists."""
+    refuse_train_owned_options(options)
+    sharded_only = sorted({"block_size", "shuffle_buffer"} & set(options))
+    if sharded_only:
+        raise ValueError(
+            f"datasplitter_kwargs {sharded_only} apply to data streamed from shards "
+            "(GeneTransformer.from_shards; in the CLI, data.streaming: true); in-memory "
+            "AnnData is shuffled cell by cell"
+        )
+    known = {
+        name
+        for kind in (DataSplitter, AnnDataLoader, DataLoader)
+        for name in inspect.signature(kind.__init__).parameters
+        if name not in ("self", "kwargs")
+    }
+    unknown = sorted(set(options) - known)
+    if unknown:
+        hints = [
+            f"{key!r} (did you mean {close[0]!r}?)"
+            for key in unknown
+            if (close := get_close_matches(key, known, 1))
+        ]
+        raise ValueError(
+            f"datasplitter_kwargs {unknown} are options of neither scvi-tools' DataSplitter nor its data "
+            f"loaders (e.g. num_workers, pin_memory, drop_last, shuffle_set_split, external_indexing)"
+            + (f"; {', '.join(hints)}" if hints else "")
+        )
+
+
 def check_splitter_options(options: Mapping[str, Any] | None, n_cells: int) -> dict[str, Any]:
     """The data-splitter options ``options`` of ``GeneTransformer.train``, checked; a new dict.
 
@@ -489,7 +521,7 @@ def check_splitter_options(options: Mapping[str, Any] | None, n_cells: int) -> d
     be empty or left out. They are returned as three arrays of integer positions.
     """
     options = dict(options or {})
-    refuse_train_owned_options(options)
+    check_splitter_option_names(options)
     indexing = options.get("external_indexing")
     if indexing is None:
         return options

@@ -1387,13 +1387,6 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         if source is None:
             raise ValueError("the model has no AnnData to train on; load it with adata=...")
         if self.shards_ is None:
-            sharded_only = sorted({"block_size", "shuffle_buffer"} & set(datasplitter_kwargs or {}))
-            if sharded_only:
-                raise ValueError(
-                    f"datasplitter_kwargs {sharded_only} apply to data streamed from shards "
-                    "(GeneTransformer.from_shards; in the CLI, data.streaming: true); in-memory "
-                    "AnnData is shuffled cell by cell"
-                )
             if (
                 self.module.align_dims is not None
                 and REGISTRY_KEYS.ALIGN_KEY in self.adata_manager.data_registry
