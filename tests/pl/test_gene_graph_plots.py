@@ -54,6 +54,23 @@ def test_gene_graph_plot_draws_each_gene_with_its_strongest_edges(with_graph):
         sct.pl.gene_graph(adata, ["gene_0"], key="missing", show=False)
 
 
+def test_a_directed_graph_is_drawn_with_arrows_and_each_genes_own_scores():
+    adata = ad.AnnData(np.zeros((3, 3), dtype=np.float32), var=pd.DataFrame(index=["a", "b", "c"]))
+    adata.varp["sct_gene_graph"] = sp.csr_matrix(np.array([[0, 1.0, 0], [3.0, 0, 0], [0, 0, 0]], np.float32))
+    with mock.patch("networkx.draw_networkx_edges") as draw:
+        sct.pl.gene_graph(adata, ["a", "b"], n_neighbors=1, show=False)
+    network = draw.call_args.args[0]
+    assert network.is_directed() and draw.call_args.kwargs["arrows"]
+    assert {(u, v, d["weight"]) for u, v, d in network.edges(data=True)} == {
+        (0, 1, 1.0),
+        (1, 0, 3.0),
+    }
+    adata.varp["sct_gene_graph"] = sp.csr_matrix(np.array([[0, 2.0, 0], [2.0, 0, 0], [0, 0, 0]], np.float32))
+    with mock.patch("networkx.draw_networkx_edges") as draw:
+        sct.pl.gene_graph(adata, ["a", "b"], n_neighbors=1, show=False)
+    assert not draw.call_args.args[0].is_directed() and not draw.call_args.kwargs["arrows"]
+
+
 def test_attention_plot_shows_one_cells_token_attention(with_graph):
     model, adata = with_graph
     fig = sct.pl.attention(adata, model, cell=adata.obs_names[3], n_genes=8, return_fig=True)

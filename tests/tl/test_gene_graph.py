@@ -165,6 +165,9 @@ def test_co_attention_accumulator_matches_a_naive_correlation_over_cells():
         expected = sorted(score[i][score[i] > 0], reverse=True)[:2]
         assert all(np.isclose(graph[i], value, rtol=1e-5).any() for value in expected)
         assert set(np.flatnonzero(graph[i])) <= set(np.flatnonzero(score[i] > 0))
+    for top_k in (0, -2, 2.5, True):  # as tl.gene_graph refuses them
+        with pytest.raises(ValueError, match="top_k must be a positive integer"):
+            accumulator.graph(top_k, min_cells=1)
 
 
 def test_co_attention_graph_equals_the_cls_attention_of_each_cell_correlated_by_hand(trained):

@@ -39,7 +39,8 @@ def gene_graph(
 
     Each named gene (large, dark nodes) is drawn with its ``n_neighbors`` highest-scoring edges
     in ``.varp[key]`` (:func:`sctransformer.tl.gene_graph`); edge width grows with the score;
-    spring layout (networkx), seeded. A node is a column of ``adata``, labelled with its
+    spring layout (networkx), seeded. A graph that is not symmetric (``symmetrize=False``) is
+    drawn with arrows from each gene to its neighbours, each with its own score. A node is a column of ``adata``, labelled with its
     ``var_name``: neighbours that share a name (duplicate ``var_names``, allowed with a model set
     up with ``gene_key``) are separate nodes.
 
@@ -85,7 +86,9 @@ def gene_graph(
     names = np.asarray(adata.var_names.astype(str))
     # nodes are column positions (var_names may repeat under gene_key); names are only labels
     centres = list(dict.fromkeys(int(np.flatnonzero(adata.var_names == gene)[0]) for gene in genes))
-    network = nx.Graph()
+    # an unsymmetrised graph (symmetrize=False) is directed: each gene's own scores, as arrows
+    directed = (graph != graph.T).nnz > 0
+    network = nx.DiGraph() if directed else nx.Graph()
     for i in centres:
         row = graph.getrow(i)
         network.add_node(i)
@@ -96,7 +99,7 @@ def gene_graph(
     position = nx.spring_layout(network, seed=layout_seed, weight="weight")
     weights = np.array([d["weight"] for *_, d in network.edges(data=True)])
     widths = 0.5 + 3 * weights / weights.max() if len(weights) else []
-    nx.draw_networkx_edges(network, position, width=widths, edge_color="0.6", ax=ax)
+    nx.draw_networkx_edges(network, position, width=widths, edge_color="0.6", arrows=directed, ax=ax)
     others = [n for n in network.nodes if n not in set(centres)]
     nx.draw_networkx_nodes(network, position, nodelist=others, node_size=120, node_color="#9ecae1", ax=ax)
     nx.draw_networkx_nodes(network, position, nodelist=centres, node_size=300, node_color="#08519c", ax=ax)

@@ -236,7 +236,7 @@ def _top_k_graph(score, n: int, top_k: int, *, symmetrize: bool) -> sp.csr_matri
     """
     block = max(1, _BLOCK_BYTES // (8 * max(n, 1)))
     rows, cols, vals = [], [], []
-    k = min(top_k, n - 1)
+    k = min(positive_int(top_k, "top_k"), n - 1)
     for start in range(0, n, block):
         stop = min(start + block, n)
         scores = score(start, stop)
