@@ -389,6 +389,27 @@ def test_misspelt_or_misplaced_data_splitter_options_are_refused_when_the_config
         read_config(config)
 
 
+def test_a_yaml_number_in_e_notation_without_a_dot_is_a_float(tmp_path):
+    write_shards(tmp_path)
+    (tmp_path / "e.yaml").write_text(
+        "data: {paths: [shard_0.h5ad], layer: counts}\ntrain: {max_epochs: 1, lr: 1e-4}\noutput: m\n"
+    )
+    assert read_config(tmp_path / "e.yaml")["train"]["lr"] == pytest.approx(1e-4)
+
+
+def test_embed_matches_genes_by_a_column_that_also_names_the_index(tmp_path):
+    data = sct.datasets.synthetic(n_cells=40, n_genes=30, seed=0)
+    data.var["gene_ids"] = [f"ENS{name}" for name in data.var_names]
+    data.var_names = data.var["gene_ids"]
+    data.write_h5ad(tmp_path / "in.h5ad")
+    sct.setup_anndata(data, layer="counts", gene_key="gene_ids")
+    sct.GeneTransformer(data, **TINY).save(tmp_path / "m")
+    args = ["embed", "--model", str(tmp_path / "m"), "--input", str(tmp_path / "in.h5ad")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained model
+        assert main([*args, "--output", str(tmp_path / "out.h5ad")]) == 0
+
+
 def test_a_json_config_indented_with_tabs_is_read(tmp_path):
     write_shards(tmp_path)
     config = {

@@ -68,6 +68,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -126,6 +127,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 if isinstance(key, Hashable):
                     seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e-4 as a string: it wants a dot (1.0e-4); YAML 1.2 and JSON read a float
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def _absolute(path: str | os.PathLike, base: Path) -> str:

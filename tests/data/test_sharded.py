@@ -435,8 +435,9 @@ def test_another_models_inference_on_shards_keeps_genes_that_one_shard_lacks(cel
     np.testing.assert_allclose(model.get_latent_representation(data), in_memory, rtol=1e-5, atol=1e-5)
     alone = model.get_latent_representation(ShardedAnnData(shards[:1], layer="counts"))
     np.testing.assert_allclose(alone, in_memory[:60], rtol=1e-5, atol=1e-5)  # whatever else is listed
+    genes_before = list(data.genes)
     aligned = data.with_genes(cells.var_names)
-    assert list(data.genes) == list(data.genes) and len(aligned.genes) == 40  # data itself is unchanged
+    assert list(data.genes) == genes_before and len(aligned.genes) == 40  # data itself is unchanged
     np.testing.assert_array_equal(
         aligned.read_rows(2, 0, 5).toarray()[:, :-1],
         _reference_rows(cells[100:105], cells.var_names) * cells.var_names.isin(data.shard_genes[2]),
@@ -724,6 +725,23 @@ def _rewrite_as_anndata_0_7(path: str, group: str, key: str) -> None:
         stored = frame.require_group("__categories").create_dataset(key, data=names)
         frame.create_dataset(key, data=codes).attrs["categories"] = stored.ref
         frame.attrs["encoding-version"] = "0.1.0"
+
+
+def test_a_gene_key_column_that_also_names_the_index_is_read(cells, tmp_path):
+    part = cells[:50].copy()
+    part.var["gene_ids"] = [f"ENS{name}" for name in part.var_names]
+    part.var_names = part.var["gene_ids"]  # the index and the column share one dataset on disk
+    data = ShardedAnnData([_write(part, tmp_path / "a.h5ad")], layer="counts", gene_key="gene_ids")
+    assert list(data.genes) == list(part.var["gene_ids"])
+
+
+def test_a_per_cell_integer_column_of_shards_is_refused_as_a_phenotype(cells, tmp_path):
+    part = cells[:60].copy()
+    part.obs["n_genes"] = np.arange(60) * 7
+    path = _write(part, tmp_path / "a.h5ad")
+    with pytest.raises(ValueError, match="'n_genes' looks like a count or an index"):
+        ShardedAnnData([path], layer="counts", phenotype_keys=["n_genes"])
+    assert ShardedAnnData([path], layer="counts", phenotype_keys=["cell_type"]).n_obs == 60
 
 
 def test_categorical_columns_of_anndata_0_7_files_are_read_as_names_not_codes(cells, tmp_path):

@@ -128,6 +128,8 @@ def test_a_phenotype_value_is_matched_as_the_cells_labels_are(tmp_path):
         assert model._check_phenotype_values({"dose": value}, "set") == expected == {"dose": 1}
     with pytest.raises(ValueError, match="never saw"):
         model._check_phenotype_values({"dose": 10.5}, "set")
+    response = model.predict_response(data[:5], {"dose": 10.0}, genes=["gene_1"])
+    assert response.uns["sct_response"]["set"] == {"dose": "10"}  # the category used, as named
 
 
 def test_refined_response_feeds_each_prediction_back_as_the_cells_input(querying):

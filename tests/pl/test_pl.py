@@ -160,6 +160,8 @@ def test_embedding_with_an_unknown_color_key_fails_before_computing_anything(tra
     assert view.is_view
     adata.var["symbol"] = [f"sym{g}" for g in adata.var_names]  # genes, by name or by symbol
     sct.pl.embedding(adata, color=[adata.var_names[0], None], show=False)
+    sct.pl.embedding(adata, color=adata.var_names[:2], show=False)  # an Index, as scanpy takes it
+    sct.pl.embedding(adata, color=np.asarray(["cell_type"]), show=False)
     sct.pl.embedding(adata, color="sym" + adata.var_names[1], gene_symbols="symbol", show=False)
 
 

@@ -287,9 +287,12 @@ def test_resuming_with_a_model_of_other_hyper_parameters_is_refused_before_the_w
         assert named in str(error.value)
         assert all(torch.equal(v, before[k]) for k, v in model.module.state_dict().items())
         assert (checkpoints / "last.ckpt").read_bytes() == written
-    model = sct.GeneTransformer(adata, **{**base, "seed": 7, "attention": "sdpa"})  # neither shapes it
+    model = sct.GeneTransformer(adata, **{**base, "seed": 7, "attention": "sdpa", "n_heads": np.int64(2)})
     _train(model, **settings, checkpoint_dir=checkpoints, resume=True)
     assert len(model.history["loss_train"]) == 3
+    # its checkpoints, written with a NumPy hyper-parameter, are read again (weights_only loading)
+    again = sct.GeneTransformer(adata, **{**base, "n_heads": np.int64(2)})
+    _train(again, **settings, checkpoint_dir=checkpoints, resume=True)
 
 
 class _ColumnsUsed(pl.Callback):

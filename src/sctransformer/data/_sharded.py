@@ -33,7 +33,7 @@ from ._splitting import (
     rank_batch_sizes,
     refuse_train_owned_options,
 )
-from ._validation import count_values_problem, duplicate_genes_fix, positive_int
+from ._validation import check_label_values, count_values_problem, duplicate_genes_fix, positive_int
 
 logger = logging.getLogger("sctransformer")
 
@@ -124,7 +124,13 @@ def _read_element(path: Path, where: str, read: Callable, *args: object):
 
 
 def var_columns(var: h5py.Group) -> list[str]:
-    """The columns of an on-disk ``.var`` (not its index, nor anndata 0.7's ``__categories``)."""
+    """The columns of an on-disk ``.var`` (not its index, nor anndata 0.7's ``__categories``).
+
+    As its ``column-order`` lists them: the index may share its dataset with a column of the same
+    name (``adata.var_names = adata.var["gene_ids"]`` keeps the column).
+    """
+    if "column-order" in var.attrs:
+        return [str(c) for c in np.atleast_1d(var.attrs["column-order"])]
     return [k for k in var if k not in ("__categories", var.attrs.get("_index"))]
 
 
@@ -358,6 +364,7 @@ class ShardedAnnData:
                 raise KeyError(f"phenotype column {key!r} is in no shard's .obs")
             # one column over all shards, so that the same value has one name in every shard
             values = _concat_labels(labels[key], self.shard_sizes)
+            check_label_values(values, key)  # as setup_anndata checks an AnnData's
             categories = observed_categories(values)  # named as in memory (e.g. float32, dates)
             if not categories:
                 raise ValueError(f"phenotype column {key!r} has no known value in any shard")

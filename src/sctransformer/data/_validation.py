@@ -325,6 +325,23 @@ def check_obs_key(adata: AnnData, key: str, role: str) -> None:
             ) from err
 
 
+def check_label_values(column: pd.Series, key: str) -> None:
+    """Raise if a phenotype column holds numbers rather than labels: a value per cell, or nearly."""
+    n_values = column.dropna().nunique()
+    if pd.api.types.is_float_dtype(column.dtype) and n_values > 0.5 * len(column):
+        raise ValueError(
+            f"phenotype column {key!r} looks continuous ({n_values} distinct "
+            "float values); phenotypes must be categorical labels"
+        )
+    if pd.api.types.is_integer_dtype(column.dtype) and n_values > max(0.5 * len(column), 20):
+        raise ValueError(
+            f"phenotype column {key!r} looks like a count or an index ({n_values} distinct integers "
+            f"over {len(column)} cells), not labels; phenotypes must be categorical labels (to use "
+            f"integer codes as labels anyway, store the column as categorical: "
+            f"adata.obs[{key!r}] = adata.obs[{key!r}].astype('category'))"
+        )
+
+
 def check_phenotype_column(adata: AnnData, key: str) -> None:
     """Raise if a new phenotype key holds ``/`` or its column has no known value; warn if it has one category.
 
@@ -343,18 +360,7 @@ def check_phenotype_column(adata: AnnData, key: str) -> None:
         raise ValueError(
             f"phenotype column {key!r} has no known value (all NaN); drop it from phenotype_keys"
         )
-    n_values = column.dropna().nunique()
-    if pd.api.types.is_float_dtype(column.dtype) and n_values > 0.5 * len(column):
-        raise ValueError(
-            f"phenotype column {key!r} looks continuous ({n_values} distinct "
-            "float values); phenotypes must be categorical labels"
-        )
-    if pd.api.types.is_integer_dtype(column.dtype) and n_values > max(0.5 * len(column), 20):
-        raise ValueError(
-            f"phenotype column {key!r} looks like a count or an index ({n_values} distinct integers "
-            f"over {len(column)} cells), not labels; phenotypes must be categorical labels (to use "
-            f"integer codes as labels anyway: adata.obs[{key!r}] = adata.obs[{key!r}].astype('category'))"
-        )
+    check_label_values(column, key)
     if column.dropna().nunique() == 1:
         warnings.warn(
             f"phenotype column {key!r} has a single category; its head learns nothing useful",

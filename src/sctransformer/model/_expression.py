@@ -437,7 +437,7 @@ class ExpressionMixin:
             layers={"sct_baseline": baseline},
         )
         out.uns["sct_response"] = {
-            "set": {k: str(v) for k, v in set.items()},
+            "set": {k: self.phenotype_categories_[k][code] for k, code in overrides.items()},  # as matched
             "n_folds": int(n_folds),
             "refine_rounds": int(refine_rounds),
             "units": "log1p(count / library * 1e4)",

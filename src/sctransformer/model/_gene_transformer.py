@@ -1539,8 +1539,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 adversary_lr_factor=float(adversary_lr_factor),
                 align_weight=float(align_weight),
                 # a kernel choice and the initial weights' seed do not shape a checkpoint's model
-                model_settings={
-                    k: v for k, v in self.hyperparameters_.items() if k not in ("attention", "seed")
+                model_settings={  # as Python values: a checkpoint is read with weights_only=True
+                    k: v.item() if isinstance(v, np.generic) else v
+                    for k, v in self.hyperparameters_.items()
+                    if k not in ("attention", "seed")
                 },
             )
             runner = self._train_runner_cls(

@@ -93,7 +93,7 @@ def _umap_is_current(adata: AnnData, basis: str, umap_key: str, neighbors_key: s
 
 def _check_color(adata: AnnData, color: str | list[str] | None, gene_symbols: str | None) -> None:
     """Raise if a ``color`` key is neither an ``.obs`` column nor a gene (of ``.var`` or ``.raw``)."""
-    keys = [color] if isinstance(color, str) else list(color or [])
+    keys = [color] if isinstance(color, str) or color is None else list(color)  # an Index too
     known = set(adata.obs.columns) | set(adata.var_names)
     for var in [adata.var] + ([] if adata.raw is None else [adata.raw.var]):
         known |= set(var.index) | (set(var[gene_symbols]) if gene_symbols in var else set())
