@@ -474,7 +474,10 @@ class ExpressionMixin:
         that says how many. Predicted expression (``predict_expression``) is computed by gene
         folds, before and after the same edit, with the perturbed gene kept in every fold's input:
         ``n_folds + 1`` more passes per gene. The cells to perturb are found in one pass over the
-        count matrix in row chunks, so a backed AnnData is never loaded whole.
+        count matrix in row chunks, so a backed AnnData is never loaded whole. The cells' own
+        phenotype labels are fed, as :meth:`get_normalized_expression` feeds them, so the
+        embeddings compared are not those of :meth:`get_latent_representation` (which hides the
+        labels): the shifts are within this model's reading of the labelled cells.
 
         Parameters
         ----------
