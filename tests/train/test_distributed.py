@@ -196,3 +196,75 @@ def test_ranks_whose_minibatches_have_no_label_train_and_log_as_one_process(tmp_
             d = len(one) // 3
             ddp, one = torch.cat([ddp[:d], ddp[2 * d :]]), torch.cat([one[:d], one[2 * d :]])
         torch.testing.assert_close(ddp, one, rtol=1e-5, atol=1e-6)
+
+
+def test_early_stopping_under_ddp_stops_every_rank_where_one_process_stops(tmp_path, monkeypatch):
+    """scvi-tools' Trainer drops early stopping under strategy="ddp"; the model adds it itself."""
+    overrides = {
+        "max_steps": -1,
+        "max_epochs": 6,
+        "train_size": 0.75,
+        "lr": 0.05,
+        "early_stopping": True,
+        "early_stopping_patience": 1,
+    }
+    _run_ddp(tmp_path, "anndata", overrides, timeout=300)
+    curves = json.loads((tmp_path / "ddp_weights.pt.history").read_text())
+    assert not (tmp_path / "lightning_logs").exists()  # the default logger keeps the history in memory
+
+    namespace = _namespace()
+    make_model, settings = namespace["make_model"], namespace["TRAIN"] | overrides
+    monkeypatch.setattr(_splitting, "EpochBatchSampler", _interleaved(_splitting.EpochBatchSampler))
+    model = make_model("anndata", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(**settings | {"logger": QUIET["logger"]}, accumulate_grad_batches=2)
+    validation = model.history["loss_validation"].iloc[:, 0].tolist()
+    assert len(validation) < overrides["max_epochs"]  # it did stop early
+    assert curves["loss_validation"] == pytest.approx(validation, rel=1e-5)
+
+
+CRASH_RUN = SETUP + textwrap.dedent(
+    """
+    import json, os, sys
+    import lightning.pytorch as pl
+
+    kind, workdir, out, phase = sys.argv[1:5]
+
+    class FailMidEpoch(pl.Callback):  # after the checkpoint of step 4, in the middle of the second epoch
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 1:
+                raise RuntimeError("stop")
+
+    model = make_model(kind, workdir)
+    settings = TRAIN | dict(max_steps=-1, max_epochs=3, train_size=0.75, logger=None)
+    settings |= dict(checkpoint_dir=f"{workdir}/ckpt_{phase != 'whole'}", checkpoint_every_n_steps=2)
+    try:
+        model.train(**settings, accelerator="cpu", devices=2, strategy="ddp",
+                    callbacks=[FailMidEpoch()] if phase == "failing" else None, resume=phase == "resumed")
+    except RuntimeError:
+        pass
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        with open(out, "w") as f:
+            json.dump({name: frame.iloc[:, 0].tolist() for name, frame in model.history.items()}, f)
+    """
+)
+
+
+def test_a_ddp_run_resumed_mid_epoch_logs_the_epoch_of_an_uninterrupted_run(tmp_path):
+    """The checkpoint keeps the running sums of every rank, not only of the rank that writes it."""
+    script = tmp_path / "crash_run.py"
+    script.write_text(CRASH_RUN)
+    curves = {}
+    for phase in ("whole", "failing", "resumed"):
+        out = tmp_path / f"{phase}.json"
+        run = subprocess.run(
+            [sys.executable, str(script), "anndata", str(tmp_path), str(out), phase],
+            capture_output=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stderr.decode()[-3000:]
+        curves[phase] = json.loads(out.read_text())
+    assert len(curves["failing"]["loss_train"]) == 1  # it failed in the second epoch
+    assert curves["resumed"]["loss_train"] == pytest.approx(curves["whole"]["loss_train"][1:], rel=1e-6)

@@ -28,6 +28,7 @@ from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data._utils import _assign_adata_uuid
 from scvi.data.fields import LayerField, ObsmField
 from scvi.model.base import BaseModelClass
+from scvi.train._callbacks import LoudEarlyStopping
 from scvi.train._logger import SimpleLogger  # the logger scvi-tools reads the history from
 
 from sctransformer._compat import quiet_sparse_tensors
@@ -1255,7 +1256,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             1.1-2.1x faster and the default ``d_model=64`` slower, with the same accuracy there
             (measured at ``d_model=64`` only; ``benchmarks/cpu_precision.py``).
         early_stopping
-            Stop when ``loss_validation`` stops improving.
+            Stop when ``loss_validation`` stops improving (scvi-tools' ``LoudEarlyStopping``, options
+            ``early_stopping_patience``, ``_min_delta``, ``_warmup_epochs``, ``_monitor``, ``_mode`` in
+            ``trainer_kwargs``), also under ``strategy="ddp"``, where every rank stops at the same epoch.
         seed
             Seed of the data split and masking; default ``sctransformer.settings.seed``. A further
             ``train()`` of the same model with the same seed draws the same minibatch order and
@@ -1466,12 +1469,34 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         if n_validation == 0:
             trainer_kwargs.setdefault("limit_val_batches", 0)
         trainer_kwargs.setdefault("gradient_clip_val", 1.0)
-        trainer_kwargs.setdefault("early_stopping_monitor", "loss_validation")
+        # made here, not by scvi-tools' Trainer, which drops it under strategy="ddp" (the plan
+        # reduces the validation loss over the ranks, so that every rank stops at the same epoch)
+        stopping = {
+            name: trainer_kwargs.pop(f"early_stopping_{name}")
+            for name in ("monitor", "min_delta", "patience", "warmup_epochs", "mode")
+            if f"early_stopping_{name}" in trainer_kwargs
+        }
+        early_stopper = (
+            LoudEarlyStopping(
+                **{
+                    "monitor": "loss_validation",
+                    "min_delta": 0.0,
+                    "patience": 45,
+                    "warmup_epochs": 0,
+                    "mode": "min",
+                }
+                | stopping
+            )
+            if early_stopping
+            else None
+        )
         trainer_kwargs.setdefault("log_every_n_steps", 1)
         loggers = trainer_kwargs.get("logger")
         if loggers is True:  # Lightning's default logger, as Lightning would make it
             loggers = _default_logger(trainer_kwargs.get("default_root_dir") or os.getcwd())
-        if loggers not in (None, False):  # scvi-tools' logger first: it records model.history
+        if loggers is None:  # in memory: scvi-tools' default pickles it to ./lightning_logs under DDP
+            trainer_kwargs["logger"] = SimpleLogger()
+        elif loggers is not False:  # scvi-tools' logger first: it records model.history
             loggers = loggers if isinstance(loggers, list | tuple) else [loggers]
             trainer_kwargs["logger"] = [SimpleLogger(), *loggers]
         # the training samplers share cells out between distributed ranks themselves
@@ -1482,6 +1507,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         trainer_kwargs.setdefault("benchmark", accelerator_is_gpu)
 
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        if early_stopper is not None:
+            callbacks.append(early_stopper)
         if checkpoint_dir is not None:
             checkpointer = PeriodicCheckpoint(checkpoint_dir, checkpoint_every_n_steps)
             callbacks.append(checkpointer)
@@ -1545,16 +1572,18 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                     if k not in ("attention", "seed")
                 },
             )
-            runner = self._train_runner_cls(
-                self,
-                training_plan=plan,
-                data_splitter=datamodule,
-                max_epochs=max_epochs,
-                accelerator=accelerator,
-                devices=devices,
-                early_stopping=early_stopping,
-                **trainer_kwargs,
-            )
+            with warnings.catch_warnings():  # scvi-tools' early stopping, not this run's
+                warnings.filterwarnings("ignore", message="early_stopping was automatically disabled")
+                runner = self._train_runner_cls(
+                    self,
+                    training_plan=plan,
+                    data_splitter=datamodule,
+                    max_epochs=max_epochs,
+                    accelerator=accelerator,
+                    devices=devices,
+                    early_stopping=False,  # in the callbacks already, see early_stopper
+                    **trainer_kwargs,
+                )
             # a loaded model is in eval mode, which Lightning keeps: dropout must be on while training
             self.module.train()
             with quiet_sparse_tensors(), warnings.catch_warnings():

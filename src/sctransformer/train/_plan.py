@@ -353,15 +353,10 @@ class MaskedModelingPlan(pl.LightningModule):
             sums[name] = sums.get(name, 0.0) + value.detach().float() * count
             counts[name] = counts.get(name, 0) + count
 
-    def _log_epoch(self, stage: str) -> None:
-        """Log the epoch means of ``stage`` as ``<name>_<stage>``, over the items of every distributed rank.
-
-        Each rank sums each value times its count and the counts; one all-reduce adds up the ranks'
-        sums of every name the module may log (0 where a rank scored none), so every rank logs the
-        same names, a mean over the very items a single process would average, and nothing for a
-        name that no rank scored in the epoch.
-        """
-        sums, counts = self._epoch_sums.pop(stage, ({}, {}))
+    def _sums_over_ranks(
+        self, sums: dict[str, torch.Tensor], counts: dict[str, int]
+    ) -> tuple[list[str], torch.Tensor]:
+        """Every name the module may log, and the sums then the counts of each over all ranks (one all-reduce)."""
         names = ["loss", *self.module.loss_names(self.phenotype_keys)]
         unknown = sorted(set(sums) - set(names))
         if unknown:
@@ -375,7 +370,17 @@ class MaskedModelingPlan(pl.LightningModule):
                 ),
             ]
         )
-        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        return names, self.trainer.strategy.reduce(totals, reduce_op="sum")
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch means of ``stage`` as ``<name>_<stage>``, over the items of every distributed rank.
+
+        Each rank sums each value times its count and the counts; one all-reduce adds up the ranks'
+        sums of every name the module may log (0 where a rank scored none), so every rank logs the
+        same names, a mean over the very items a single process would average, and nothing for a
+        name that no rank scored in the epoch.
+        """
+        names, totals = self._sums_over_ranks(*self._epoch_sums.pop(stage, ({}, {})))
         means, scored = (totals[: len(names)] / totals[len(names) :]).float(), totals[len(names) :] > 0
         for name, mean, is_scored in zip(names, means, scored.tolist(), strict=True):
             if is_scored:
@@ -417,13 +422,19 @@ class MaskedModelingPlan(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the optimisation settings and keep the sums of an epoch checkpointed midway.
 
-        The sums make a resumed run's epoch means cover all of the epoch.
+        The sums make a resumed run's epoch means cover all of the epoch. They are those of every
+        rank (every rank takes the checkpoint at once; one writes it), and a resumed run gives them
+        to its first rank only.
         """
         checkpoint[OPTIMISATION_SETTINGS_KEY] = self.optimisation_settings()
         checkpoint[MODEL_SETTINGS_KEY] = dict(self.model_settings)
         if "train" in self._epoch_sums:
-            sums, counts = self._epoch_sums["train"]
-            checkpoint[EPOCH_SUMS_KEY] = ({k: v.cpu() for k, v in sums.items()}, dict(counts))
+            names, totals = self._sums_over_ranks(*self._epoch_sums["train"])
+            kept = [i for i in range(len(names)) if totals[len(names) + i] > 0]
+            checkpoint[EPOCH_SUMS_KEY] = (  # float32, as summed: a single process resumes exactly
+                {names[i]: totals[i].float().cpu() for i in kept},
+                {names[i]: int(totals[len(names) + i]) for i in kept},
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Check the checkpoint's optimisation settings; take the sums of the epoch it was written in.
@@ -445,7 +456,7 @@ class MaskedModelingPlan(pl.LightningModule):
         Lightning calls :meth:`on_train_epoch_start` for the next epoch, not for the one resumed.
         """
         resumed, self._resumed_sums = self._resumed_sums, None
-        if resumed is not None:
+        if resumed is not None and self.trainer.is_global_zero:  # the sums of every rank
             sums, counts = resumed
             self._epoch_sums["train"] = ({k: v.to(self.device) for k, v in sums.items()}, dict(counts))
 
