@@ -121,8 +121,14 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/sct_memory")
     parser.add_argument("--shards", type=int, default=100)
     parser.add_argument("--expressed", type=int, default=1000)
-    parser.add_argument("--embed-cells", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
-    parser.add_argument("--train-cells", type=int, default=200_000)
+    parser.add_argument(
+        "--embed-cells",
+        type=int,
+        nargs="+",
+        default=[100_000, 300_000, 1_000_000],
+        help="multiples of 10,000",
+    )
+    parser.add_argument("--train-cells", type=int, default=200_000, help="a multiple of 10,000")
     parser.add_argument("--d-model", type=int, default=32)
     parser.add_argument("--n-layers", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=128)
@@ -133,6 +139,12 @@ def main() -> None:
     if args.phase:
         print(json.dumps(run_phase(args)))
         return
+    for n in [*args.embed_cells, args.train_cells]:  # whole shards of CELLS_PER_SHARD cells each
+        if n <= 0 or n % CELLS_PER_SHARD or n > args.shards * CELLS_PER_SHARD:
+            parser.error(
+                f"cell counts must be multiples of {CELLS_PER_SHARD:,} (the cells of a shard) up to "
+                f"--shards x {CELLS_PER_SHARD:,} = {args.shards * CELLS_PER_SHARD:,}, got {n:,}"
+            )
 
     start = time.perf_counter()
     write_shards(Path(args.workdir), args.shards, args.expressed)
