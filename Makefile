@@ -5,9 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint docs benchmark clean
+.PHONY: demo test test-fast lint docs benchmark clean FORCE
 
-$(VENV)/.installed: pyproject.toml
+# the torch requirement, rewritten only when it changes: another TORCH=... installs again
+$(VENV)/.torch: FORCE
+	@mkdir -p $(VENV)
+	@echo "$(TORCH)" | cmp -s - $@ || echo "$(TORCH)" > $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" -e ".[dev]"

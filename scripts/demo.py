@@ -60,6 +60,7 @@ def main() -> None:
     # 70% train, 10% validation (curves), 20% test: held out from training altogether
     model.train(max_epochs=args.max_epochs, train_size=0.7, validation_size=0.1, enable_progress_bar=False)
     train_minutes = (time.perf_counter() - start) / 60
+    train_threads = torch.get_num_threads()  # scanpy's neighbours change it later
     # the validation cells only feed the curves (no early stopping, no selection), so the baseline
     # is fitted on exactly the cells the model was fitted on
     train_idx = np.sort(model.train_indices)
@@ -152,7 +153,7 @@ def main() -> None:
         f"X_sct {summary['knn_accuracy_X_sct']:.3f}, 50 PCs of log1p counts {summary['knn_accuracy_pca50']:.3f}"
     )
     print(
-        f"training: {train_minutes:.1f} min on {platform.machine()} with {torch.get_num_threads()} torch threads; "
+        f"training: {train_minutes:.1f} min on {platform.machine()} with {train_threads} torch threads; "
         f"reloading the saved model gives the same embedding: {same}"
     )
     print(

@@ -28,6 +28,19 @@ def test_synthetic_shape_and_marker_structure():
     assert frac[~is_0, 5:10].mean() > 3 * frac[is_0, 5:10].mean()
 
 
+def test_synthetic_categories_are_every_type_and_batch_in_numeric_order():
+    adata = sct.datasets.synthetic(n_cells=20, n_genes=120, n_cell_types=12, n_markers=5, n_batches=4, seed=0)
+    assert list(adata.obs["cell_type"].cat.categories) == [f"type_{t}" for t in range(12)]  # some undrawn
+    assert list(adata.obs["batch"].cat.categories) == [f"batch_{b}" for b in range(4)]
+    x = adata.layers["counts"].toarray()
+    frac = x / x.sum(1, keepdims=True)
+    for code, name in enumerate(adata.obs["cell_type"].cat.categories):  # type_t marks block t
+        cells = (adata.obs["cell_type"] == name).to_numpy()
+        if cells.any():
+            block = frac[:, 5 * code : 5 * code + 5].sum(1)
+            assert block[cells].mean() > 2 * block[~cells].mean(), name
+
+
 @pytest.mark.parametrize(
     ("arguments", "error", "message"),
     [
@@ -49,6 +62,8 @@ def test_synthetic_shape_and_marker_structure():
         ({"mean_counts": float("nan")}, ValueError, "mean_counts must be finite and positive"),
         ({"mean_counts": float("inf")}, ValueError, "mean_counts must be finite and positive"),
         ({"mean_counts": "300"}, TypeError, "mean_counts must be a number"),
+        ({"seed": -1}, ValueError, "seed must be a non-negative integer, got -1"),
+        ({"seed": 1.5}, ValueError, "seed must be a non-negative integer, got 1.5"),
     ],
 )
 def test_synthetic_refuses_bad_arguments_naming_them(arguments, error, message):

@@ -49,8 +49,9 @@ def synthetic(
 
     Returns
     -------
-    AnnData with counts in ``X`` and ``layers["counts"]`` (CSR), ``obs["cell_type"]``,
-    ``obs["batch"]`` and gene names ``gene_0`` ... in ``var_names``.
+    AnnData with counts in ``X`` and ``layers["counts"]`` (CSR), ``obs["cell_type"]`` (categories
+    ``type_0`` ... ``type_<n_cell_types - 1>`` in that order, also those no cell drew),
+    ``obs["batch"]`` (likewise) and gene names ``gene_0`` ... in ``var_names``.
     """
     for name, value, least in (
         ("n_cells", n_cells, 1),
@@ -68,6 +69,8 @@ def synthetic(
             f"n_cell_types * n_markers ({n_cell_types} * {n_markers}) must not exceed n_genes ({n_genes}): "
             "each cell type has its own marker genes"
         )
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(mean_counts, bool) or not isinstance(mean_counts, Real):
         raise TypeError(f"mean_counts must be a number, got {mean_counts!r}")
     if not (np.isfinite(mean_counts) and mean_counts > 0):
@@ -87,8 +90,9 @@ def synthetic(
     x = sp.csr_matrix(counts)
     obs = pd.DataFrame(
         {
-            "cell_type": pd.Categorical([f"type_{t}" for t in cell_type]),
-            "batch": pd.Categorical([f"batch_{b}" for b in batch]),
+            # every type and batch, in numeric order: type_t is code t (type_10 after type_9)
+            "cell_type": pd.Categorical.from_codes(cell_type, [f"type_{t}" for t in range(n_cell_types)]),
+            "batch": pd.Categorical.from_codes(batch, [f"batch_{b}" for b in range(n_batches)]),
         },
         index=[f"cell_{i}" for i in range(n_cells)],
     )

@@ -254,7 +254,8 @@ def predict(
     majority_voting
         Also relabel each cluster of cells with its most frequent predicted label (as
         CellTypist does), which smooths out isolated errors but can merge rare types into a
-        neighbouring cluster's label.
+        neighbouring cluster's label. With ``min_confidence``, ``"unknown"`` is a label that
+        votes: a cluster whose cells are mostly below it becomes ``"unknown"`` as a whole.
     over_clustering
         ``.obs`` column of clusters for the vote; default leiden clusters of the model's
         embedding at ``resolution`` (computed on a temporary object, written to
