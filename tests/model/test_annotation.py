@@ -97,6 +97,41 @@ def test_calibration_fits_the_nll_minimising_temperature_and_keeps_labels(traine
         assert not np.allclose(calibrated["cell_type_confidence"], raw["cell_type_confidence"])
 
 
+def test_calibration_on_labels_the_model_does_not_know_is_refused_or_warned_about(trained):
+    model, data = trained
+    before = dict(model.temperatures_)
+    cells = data[:60].copy()
+    cells.obs["cell_type"] = cells.obs["cell_type"].cat.rename_categories(lambda c: f"{c} cell")
+    with (
+        pytest.warns(UserWarning, match="categories the reference does not know"),
+        pytest.raises(ValueError, match="no cell has a label of 'cell_type' that the model knows"),
+    ):
+        model.calibrate(cells, phenotype="cell_type")
+    assert model.temperatures_ == before
+    partly = data[:60].copy()
+    partly.obs["cell_type"] = partly.obs["cell_type"].cat.rename_categories({"type_0": "novel"})
+    n_known = int((partly.obs["cell_type"] != "novel").sum())
+    with pytest.warns(UserWarning, match=r"does not know: \['novel'\]"):
+        table = model.calibrate(partly)
+    assert table.loc["cell_type", "n_cells"] == n_known
+    model.temperatures_ = before
+
+
+def test_an_uncalibrated_threshold_is_warned_about_and_the_temperatures_used_are_recorded(trained):
+    model, data = trained
+    before = dict(model.temperatures_)
+    try:
+        adata = data.copy()
+        sct.tl.predict(adata, model, min_confidence=0.5)
+        assert adata.uns["sct"]["sct"]["params"]["temperatures"] == {"cell_type": before["cell_type"]}
+        model.temperatures_ = {}
+        with pytest.warns(UserWarning, match=r"no calibration temperature for \['cell_type'\]"):
+            sct.tl.predict(adata, model, min_confidence=0.5)
+        assert adata.uns["sct"]["sct"]["params"]["temperatures"] == {"cell_type": 1.0}
+    finally:
+        model.temperatures_ = before
+
+
 def test_calibration_keeps_temperature_1_when_every_cell_is_right_and_warns_at_the_range_end(trained, caplog):
     model, data = trained
     temperatures, calibration = dict(model.temperatures_), dict(model.calibration_)

@@ -2098,6 +2098,16 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 "cells below it, so abstentions would count as that class; predict without min_confidence "
                 "or rename the class and train again"
             )
+        uncalibrated = [key for key in keys if key not in self.temperatures_]
+        if calibrated and min_confidence is not None and uncalibrated:
+            warnings.warn(
+                f"no calibration temperature for {uncalibrated} (trained with calibrate=False, without "
+                "labelled validation cells, or dropped by a later train()): their confidences are "
+                "uncalibrated (temperature 1), which min_confidence cuts at another point; fit one with "
+                "model.calibrate(adata=..., indices=...) on labelled cells the model was not trained on",
+                UserWarning,
+                stacklevel=2,
+            )
         adata = self._inference_adata(adata)
         logits = self._phenotype_logits(adata, keys, batch_size)
         table = pd.DataFrame(index=adata.obs_names.copy())
@@ -2203,6 +2213,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             if indices is not None:
                 adata = adata[indices]
             labelled = [key for key in keys if key in adata.obs and (not own or self._labels_registered(key))]
+            _warn_unseen_categories(adata, self.phenotype_categories_, labelled)  # left out of the fit
             logits = self._phenotype_logits(adata, labelled, batch_size)
             all_codes = {
                 key: category_codes(adata.obs[key], self.phenotype_categories_[key]) for key in labelled
@@ -2215,7 +2226,16 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             codes = all_codes[key]
             known = codes >= 0
             if known.sum() == 0:
-                logger.info("no labelled cells of %r to calibrate on; its temperature stays 1", key)
+                if phenotype is not None:  # asked for by name: not silently left as it was
+                    raise ValueError(
+                        f"no cell has a label of {key!r} that the model knows (its categories: "
+                        f"{self.phenotype_categories_[key][:10]}); nothing to calibrate its temperature on"
+                    )
+                logger.info(
+                    "no labelled cells of %r to calibrate on; its temperature is left as it was (%s)",
+                    key,
+                    self.temperatures_.get(key, "none: 1"),
+                )
                 continue
             z = torch.as_tensor(logits[key][known], dtype=torch.float64)
             target = torch.as_tensor(codes[known])

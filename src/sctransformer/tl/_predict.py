@@ -373,6 +373,10 @@ def predict(
             "phenotypes": list(probabilities),
             "min_confidence": min_confidence,
             "calibrated": calibrated,
+            # the temperature each phenotype's confidences were computed with (1: uncalibrated)
+            "temperatures": {
+                key: float(model.temperatures_.get(key, 1.0)) if calibrated else 1.0 for key in probabilities
+            },
             "majority_voting": majority_voting,
             "over_clustering": over_clustering,
             "resolution": resolution if majority_voting and over_clustering is None else None,
