@@ -742,6 +742,16 @@ def test_a_per_cell_integer_column_of_shards_is_refused_as_a_phenotype(cells, tm
     with pytest.raises(ValueError, match="'n_genes' looks like a count or an index"):
         ShardedAnnData([path], layer="counts", phenotype_keys=["n_genes"])
     assert ShardedAnnData([path], layer="counts", phenotype_keys=["cell_type"]).n_obs == 60
+    labelled = cells[:100].copy()  # integer names, stored as categorical: labels, as in memory
+    labelled.obs["clone"] = pd.Categorical(np.minimum(np.arange(100), 69) + 1000)
+    paths = [
+        _write(labelled[:50].copy(), tmp_path / "c0.h5ad"),
+        _write(labelled[50:].copy(), tmp_path / "c1.h5ad"),
+    ]
+    assert (
+        len(ShardedAnnData(paths, layer="counts", phenotype_keys=["clone"]).phenotype_categories["clone"])
+        == 70
+    )
 
 
 def test_categorical_columns_of_anndata_0_7_files_are_read_as_names_not_codes(cells, tmp_path):

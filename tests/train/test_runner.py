@@ -38,6 +38,28 @@ def test_logger_true_and_a_run_without_a_logger_keep_the_history(adata, tmp_path
     assert any(tmp_path.iterdir())  # the default logger wrote its files there
 
 
+def test_the_default_logger_writes_its_history_only_to_log_save_dir(adata, tmp_path, monkeypatch):
+    sct.setup_anndata(adata, layer="counts")
+    monkeypatch.chdir(tmp_path)
+    model = sct.GeneTransformer(adata, **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)  # logger left to the default
+        assert not any(tmp_path.iterdir()) and len(model.history["loss_train"]) == 1
+        model.train(
+            max_epochs=1, batch_size=32, enable_progress_bar=False, log_save_dir=str(tmp_path / "logs")
+        )
+    assert list((tmp_path / "logs").rglob("history.pkl"))  # scvi-tools' option, honoured
+
+
+def test_early_stopping_validates_every_epoch_when_check_val_every_n_epoch_is_none(adata):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    settings = {"early_stopping": True, "early_stopping_patience": 1, "early_stopping_min_delta": 10.0}
+    _train(model, max_epochs=6, check_val_every_n_epoch=None, **settings)
+    assert len(model.history["loss_validation"]) == 2  # no epoch improves by 10: it stops after the second
+
+
 def test_a_later_run_numbers_its_epochs_on_and_keeps_the_spacing_of_its_validation(adata):
     sct.setup_anndata(adata, layer="counts")
     model = sct.GeneTransformer(adata, **TINY)

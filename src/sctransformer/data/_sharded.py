@@ -364,7 +364,8 @@ class ShardedAnnData:
                 raise KeyError(f"phenotype column {key!r} is in no shard's .obs")
             # one column over all shards, so that the same value has one name in every shard
             values = _concat_labels(labels[key], self.shard_sizes)
-            check_label_values(values, key)  # as setup_anndata checks an AnnData's
+            if not all(c is None or isinstance(c.dtype, pd.CategoricalDtype) for c in labels[key]):
+                check_label_values(values, key)  # as setup_anndata checks an AnnData's (not categoricals)
             categories = observed_categories(values)  # named as in memory (e.g. float32, dates)
             if not categories:
                 raise ValueError(f"phenotype column {key!r} has no known value in any shard")

@@ -1476,6 +1476,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             for name in ("monitor", "min_delta", "patience", "warmup_epochs", "mode")
             if f"early_stopping_{name}" in trainer_kwargs
         }
+        if early_stopping and trainer_kwargs.get("check_val_every_n_epoch") is None:
+            trainer_kwargs["check_val_every_n_epoch"] = 1  # as scvi-tools' Trainer sets it for its own
         early_stopper = (
             LoudEarlyStopping(
                 **{
@@ -1494,8 +1496,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         loggers = trainer_kwargs.get("logger")
         if loggers is True:  # Lightning's default logger, as Lightning would make it
             loggers = _default_logger(trainer_kwargs.get("default_root_dir") or os.getcwd())
-        if loggers is None:  # in memory: scvi-tools' default pickles it to ./lightning_logs under DDP
-            trainer_kwargs["logger"] = SimpleLogger()
+        if loggers is None:  # scvi-tools' default pickles it to ./lightning_logs under DDP: only where asked
+            save_dir = trainer_kwargs.get("log_save_dir")
+            trainer_kwargs["logger"] = SimpleLogger(save_dir=save_dir, save_log_on_disk=save_dir is not None)
         elif loggers is not False:  # scvi-tools' logger first: it records model.history
             loggers = loggers if isinstance(loggers, list | tuple) else [loggers]
             trainer_kwargs["logger"] = [SimpleLogger(), *loggers]
@@ -2213,7 +2216,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             if indices is not None:
                 adata = adata[indices]
             labelled = [key for key in keys if key in adata.obs and (not own or self._labels_registered(key))]
-            _warn_unseen_categories(adata, self.phenotype_categories_, labelled)  # left out of the fit
+            if not own:  # the model's own cells were registered with its categories (and warned about)
+                _warn_unseen_categories(adata, self.phenotype_categories_, labelled)  # left out of the fit
             logits = self._phenotype_logits(adata, labelled, batch_size)
             all_codes = {
                 key: category_codes(adata.obs[key], self.phenotype_categories_[key]) for key in labelled
