@@ -437,6 +437,33 @@ def test_a_non_finite_loss_mid_run_keeps_the_last_good_checkpoint(adata, tmp_pat
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
 
 
+def test_a_diverged_run_puts_back_the_weights_and_calibration_it_started_from(adata):
+    import lightning.pytorch as pl
+
+    class Poison(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                with torch.no_grad():
+                    pl_module.module.gene_embedding.weight.fill_(float("inf"))
+
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=2, batch_size=32, **QUIET)  # trained and calibrated
+    weights = {k: v.clone() for k, v in model.module.state_dict().items()}
+    temperatures = dict(model.temperatures_)
+    with pytest.raises(FloatingPointError, match="puts back the weights"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=2, batch_size=32, callbacks=[Poison()], **QUIET)
+    assert all(torch.equal(v, weights[k]) for k, v in model.module.state_dict().items())
+    assert model.temperatures_ == temperatures and temperatures
+    with warnings.catch_warnings():  # and a retry trains from them
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, batch_size=32, **QUIET)
+    assert all(torch.isfinite(v).all() for v in model.module.state_dict().values() if v.is_floating_point())
+
+
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
@@ -717,3 +744,12 @@ def test_duplicate_cell_names_are_accepted_and_results_follow_positions(trained)
     sct.tl.predict(duplicated, model)
     expected = model.predict(data)["cell_type"].to_numpy()
     np.testing.assert_array_equal(duplicated.obs["sct_cell_type"].to_numpy(), expected)
+
+
+@pytest.mark.parametrize("value", [2**40, -1, 1.5, True, "0"])
+def test_a_default_seed_that_could_not_be_saved_and_loaded_is_refused_when_set(value):
+    with pytest.raises(
+        ValueError, match=r"sctransformer\.settings\.seed must be an integer >= 0 and < 2\*\*32"
+    ):
+        sct.settings.seed = value
+    assert sct.settings.seed == 0  # unchanged

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
+
+import numpy as np
 
 logger = logging.getLogger("sctransformer")
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as a Python int; refuse anything but an integer in ``[0, 2**32)`` (Lightning's and NumPy's)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        raise ValueError(f"{name} must be an integer >= 0 and < 2**32, got {seed!r}")
+    return int(seed)
 
 
 class Settings:
@@ -23,9 +32,18 @@ class Settings:
     """
 
     def __init__(self) -> None:
-        self.seed: int = 0
+        self.seed = 0
         self.batch_size: int = 64
         self.verbosity = logging.INFO
+
+    @property
+    def seed(self) -> int:
+        """Seed used when a function is not given one (checked when set, as a seed passed is)."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._seed = check_seed(value, "sctransformer.settings.seed")
 
     @property
     def verbosity(self) -> int:

@@ -34,7 +34,7 @@ from scvi.train._logger import SimpleLogger  # the logger scvi-tools reads the h
 from sctransformer._compat import quiet_sparse_tensors
 from sctransformer._constants import REGISTRY_KEYS, SETUP_ARGS, TARGET_SUM, phenotype_registry_key
 from sctransformer._keys import KEYS
-from sctransformer._settings import settings
+from sctransformer._settings import check_seed, settings
 from sctransformer.data import (
     BatchObsField,
     EpochSeededDataSplitter,
@@ -198,7 +198,7 @@ def _check_hyperparameters(
         if not isinstance(value, bool | np.bool_):
             raise TypeError(f"{name} must be True or False, got {value!r}")
     if seed is not None:
-        _check_seed(seed)
+        check_seed(seed)
 
 
 def _global_rng_state() -> tuple[Any, ...]:
@@ -234,13 +234,6 @@ def _default_logger(save_dir: str | os.PathLike) -> Any:
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         return TensorBoardLogger(save_dir=save_dir)
     return CSVLogger(save_dir=save_dir)
-
-
-def _check_seed(seed: Any) -> int:
-    """``seed`` as a Python int; refuse anything but an integer in ``[0, 2**32)`` (Lightning's and NumPy's)."""
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer >= 0 and < 2**32, got {seed!r}")
-    return int(seed)
 
 
 def _sample_counts(adata: AnnData, layer: str | None, seed: int) -> sp.csr_matrix:
@@ -505,7 +498,7 @@ def _check_state(state: Any, source: str) -> None:
         require(hp, ("align_in_dim", "align_dim"), "hyperparameters")
     try:  # models saved before these hyper-parameters existed lack them
         _check_hyperparameters(**({"expression_queries": 0, "gene_ranking": "expression"} | hp))
-        _check_seed(hp["seed"])
+        check_seed(hp["seed"])
         if aligned:
             positive_int(hp["align_in_dim"], "align_in_dim")
             positive_int(hp["align_dim"], "align_dim")
@@ -1404,7 +1397,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             raise ValueError(
                 "length_bucketing is not available for sharded data; pass length_bucketing=False"
             )
-        seed = _check_seed(settings.seed if seed is None else seed)
+        seed = check_seed(settings.seed if seed is None else seed)
         if self.shards_ is None:
             datasplitter_kwargs = check_splitter_options(datasplitter_kwargs, source.n_obs)
         else:
@@ -1541,6 +1534,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             }
         calibration, finished, plan = (self.temperatures_, self.calibration_), False, None
         self.temperatures_, self.calibration_ = {}, {}
+        # the weights to go back to if the loss diverges: every retry would start from the wreck
+        before = {
+            name: tensor.detach().to("cpu", copy=True) for name, tensor in self.module.state_dict().items()
+        }
+        diverged = False
         try:
             pl.seed_everything(seed, workers=True, verbose=False)
             if self.shards_ is None:
@@ -1593,6 +1591,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
                 runner()
             finished = True
+        except FloatingPointError:  # a non-finite loss (the training plan's)
+            diverged = True
+            raise
         finally:
             scvi.settings.seed = previous_seed
             _set_global_rng_state(previous_rng)  # the user's random draws go on as if untouched
@@ -1604,7 +1605,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 with torch.no_grad():
                     for name, tensor in untrained.items():
                         current[name].copy_(tensor)
-            if not finished and (plan is None or plan.global_step == 0):
+            if diverged:
+                self.module.load_state_dict(before)
+            if not finished and (plan is None or plan.global_step == 0 or diverged):
                 self.temperatures_, self.calibration_ = calibration
             self.module.eval()
             if self.shards_ is not None:

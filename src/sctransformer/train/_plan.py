@@ -542,7 +542,8 @@ class MaskedModelingPlan(pl.LightningModule):
             bad = [k for k, v in out.components.items() if not torch.isfinite(v)]
             raise FloatingPointError(
                 f"non-finite training loss at step {self.global_step} (components {bad}); "
-                "lower the learning rate (lr=...) or check the input counts"
+                "lower the learning rate (lr=...) or check the input counts (GeneTransformer.train "
+                "puts back the weights it started from)"
             )
         return out.total
 
