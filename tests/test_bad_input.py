@@ -201,6 +201,7 @@ def test_documented_warnings_single_category_and_empty_cells(adata):
         ({"dropout": 1.0}, "dropout"),
         ({"label_smoothing": -0.1}, "label_smoothing"),
         ({"expression_queries": -1}, "expression_queries"),
+        ({"expression_queries": 61}, r"expression_queries=61 exceeds the 60 genes of the vocabulary"),
         ({"value_encoding": "log"}, "value_encoding"),
         ({"binning": "uniform"}, "binning"),
         ({"seed": 2**64}, r"seed must be an integer >= 0 and < 2\*\*32"),  # was an overflow after sampling
@@ -327,6 +328,15 @@ def test_inference_words_a_gene_fix_only_when_it_says_one_and_reads_var_with_rep
         ({"deterministic": "yes"}, "deterministic"),
         ({"precision": "16-true"}, "precision must be one of"),
         ({"precision": "transformer-engine"}, "precision must be one of"),
+        (
+            {"warmup_fraction": None},
+            "warmup_fraction must be a finite number, got None",
+        ),  # was a bare TypeError
+        ({"gene_mask_prob": "0.15"}, "gene_mask_prob must be a finite number"),
+        ({"phenotype_mask_prob": None}, "phenotype_mask_prob must be a finite number"),
+        ({"train_size": "0.9"}, "train_size must be a finite number"),
+        ({"focal_gamma": True}, "focal_gamma must be a finite number"),
+        ({"accumulate_grad_batches": 0}, "accumulate_grad_batches must be a positive integer"),  # was 1/0
     ],
 )
 def test_training_options_out_of_range_are_refused(adata, kwargs, message):

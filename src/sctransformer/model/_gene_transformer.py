@@ -888,6 +888,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         bin_edges = (
             _fixed_bin_edges(sample, hp["n_bins"], column_to_gene) if hp["binning"] == "fixed" else None
         )
+        if hp["expression_queries"] > len(vocabulary):  # every query beyond the genes would be padding
+            raise ValueError(
+                f"expression_queries={hp['expression_queries']} exceeds the {len(vocabulary)} genes of the "
+                f"vocabulary, which are all a cell can query; pass at most {len(vocabulary)} (e.g. 32)"
+            )
         self._build(hp, vocabulary, categories, setup_args, bin_edges, batch_categories, gene_scale)
         if hp["expression_queries"] > 0:
             self.module.init_query_bias(*_query_statistics(sample, column_to_gene, len(vocabulary)))
@@ -1315,8 +1320,16 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             ("adversary_weight", adversary_weight),
             ("adversary_lr_factor", adversary_lr_factor),
             ("align_weight", align_weight),
+            ("warmup_fraction", warmup_fraction),
+            ("gene_mask_prob", gene_mask_prob),
+            ("phenotype_mask_prob", phenotype_mask_prob),
+            ("focal_gamma", focal_gamma),
+            ("train_size", train_size),
         ):
             _check_finite(name, value)
+        accumulate = trainer_kwargs.get("accumulate_grad_batches", 1)  # the plan divides by it
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int | np.integer) or accumulate < 1:
+            raise ValueError(f"accumulate_grad_batches must be a positive integer, got {accumulate!r}")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if weight_decay < 0:
