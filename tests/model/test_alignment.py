@@ -15,7 +15,7 @@ import sctransformer as sct
 from sctransformer.metrics import retrieval_ranks
 from sctransformer.module import symmetric_info_nce
 
-from ..conftest import QUIET, TINY
+from ..conftest import QUIET, TINY, fingerprint
 
 
 def test_symmetric_info_nce_matches_a_naive_loop():
@@ -213,6 +213,23 @@ def test_an_aligned_model_loads_without_cells_and_embeds_as_before(adata, tmp_pa
     model.save(tmp_path / "m")
     loaded = sct.GeneTransformer.load(tmp_path / "m")  # for inference only, as the CLI loads it
     np.testing.assert_array_equal(loaded.get_latent_representation(adata), model.get_latent_representation())
+
+
+def test_a_refused_aligned_model_leaves_adata_as_it_was_and_a_plain_model_needs_no_second_modality(adata):
+    adata.obsm["X_other"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5)).astype(np.float32)
+    sct.setup_anndata(adata, layer="counts")
+    before, manager = fingerprint(adata), adata.uns["_scvi_manager_uuid"]
+    with pytest.raises(ValueError, match="needs at least 2 batches"):  # no batch key was set up
+        sct.GeneTransformer(adata, **TINY, align_obsm="X_other", batch_correction="token")
+    assert fingerprint(adata) == before and adata.uns["_scvi_manager_uuid"] == manager  # not registered again
+    aligned = sct.GeneTransformer(adata, **TINY, align_obsm="X_other", align_dim=4)
+    plain = sct.GeneTransformer(adata, **TINY)  # made after an aligned model on the same cells
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        aligned.train(max_epochs=1, batch_size=32, **QUIET)
+        del adata.obsm["X_other"]
+        plain.train(max_epochs=1, batch_size=32, **QUIET)
+    assert "alignment_train" in aligned.history and "alignment_train" not in plain.history
 
 
 def test_a_second_modality_without_features_is_refused():

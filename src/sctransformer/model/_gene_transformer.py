@@ -309,6 +309,30 @@ def _check_align_obsm(adata: AnnData, key: str) -> None:
         raise ValueError(f"adata.obsm[{key!r}] holds NaN or infinite values; fill or remove those cells")
 
 
+def _check_fits_data(hyperparameters: dict[str, Any], n_genes: int, n_batches_present: int) -> None:
+    """Refuse hyper-parameters the data cannot serve: batch correction without batches, more queries than genes."""
+    correction = hyperparameters["batch_correction"]
+    if correction != "none" and n_batches_present < 2:
+        raise ValueError(
+            f"batch_correction={correction!r} needs at least 2 batches, and the data have "
+            f"{n_batches_present or 'no batch key'}{'' if n_batches_present != 1 else ' batch'}; pass "
+            "setup_anndata(batch_key=...) with a column of several batches, or batch_correction='none'"
+        )
+    queries = hyperparameters["expression_queries"]
+    if queries > n_genes:  # every query beyond the genes would be padding
+        raise ValueError(
+            f"expression_queries={queries} exceeds the {n_genes} genes of the vocabulary, which are all a "
+            f"cell can query; pass at most {n_genes} (e.g. 32)"
+        )
+
+
+def _batches_present(manager: AnnDataManager) -> int:
+    """Batches with cells in a registration (a categorical column may have unused categories)."""
+    if manager.registry["setup_args"][SETUP_ARGS.BATCH_KEY] is None:
+        return 0
+    return len(np.unique(manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)))
+
+
 def _present_obsm(adata: AnnData | None, key: str | None) -> str | None:
     """``key`` if ``adata.obsm`` has it (a query may come without the second modality, a model no cells)."""
     return key if key is not None and adata is not None and key in adata.obsm else None
@@ -766,9 +790,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             raise ValueError(
                 "adata is not set up; call sctransformer.setup_anndata(adata, ...) before creating the model"
             )
-        if align_obsm is not None:  # register the second modality with the counts
-            align_dim = positive_int(align_dim, "align_dim")
-            registered = manager.registry["setup_args"]
+        registered = manager.registry["setup_args"]
+        # before registering anything: a refused model leaves adata as it was
+        _check_fits_data(hyperparameters, adata.n_vars, _batches_present(manager))
+        if align_obsm is not None or registered.get(SETUP_ARGS.ALIGN_OBSM) is not None:
+            # the second modality registered with the counts, or an earlier aligned model's dropped
+            if align_obsm is not None:
+                align_dim = positive_int(align_dim, "align_dim")
             self._register(
                 adata,
                 layer=registered[SETUP_ARGS.LAYER],
@@ -869,15 +897,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
     ) -> None:
         """Gene scales and bin edges from the sampled counts, then the module."""
         n_batches = len(batch_categories or [])
-        n_present = n_batches  # batches with cells (a categorical column may have unused categories)
-        if self.adata is not None and n_batches:
-            n_present = len(np.unique(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)))
-        if hyperparameters["batch_correction"] != "none" and n_present < 2:
-            raise ValueError(
-                f"batch_correction={hyperparameters['batch_correction']!r} needs at least 2 batches, and the "
-                f"data have {n_present or 'no batch key'}{'' if n_present != 1 else ' batch'}; pass "
-                "setup_anndata(batch_key=...) with a column of several batches, or batch_correction='none'"
-            )
+        n_present = _batches_present(self.adata_manager) if self.adata is not None else n_batches
+        _check_fits_data(hyperparameters, len(vocabulary), n_present)
         hp = hyperparameters | {"n_batches": n_batches}
         if hp.get("align_obsm") is not None:
             if self.adata is None:
@@ -888,11 +909,6 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         bin_edges = (
             _fixed_bin_edges(sample, hp["n_bins"], column_to_gene) if hp["binning"] == "fixed" else None
         )
-        if hp["expression_queries"] > len(vocabulary):  # every query beyond the genes would be padding
-            raise ValueError(
-                f"expression_queries={hp['expression_queries']} exceeds the {len(vocabulary)} genes of the "
-                f"vocabulary, which are all a cell can query; pass at most {len(vocabulary)} (e.g. 32)"
-            )
         self._build(hp, vocabulary, categories, setup_args, bin_edges, batch_categories, gene_scale)
         if hp["expression_queries"] > 0:
             self.module.init_query_bias(*_query_statistics(sample, column_to_gene, len(vocabulary)))
