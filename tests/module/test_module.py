@@ -380,3 +380,26 @@ def test_profile_carries_no_trace_of_a_hidden_gene_even_under_bf16_autocast(auto
         c = module.profile(tokens, None)
     assert torch.equal(a, b)  # which gene was hidden cannot be read from the profile
     assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"n_heads": 3}, "n_heads must divide d_model, got d_model=16, n_heads=3"),
+        ({"n_heads": 0}, "n_heads must be a positive integer"),
+        ({"max_length": 0}, "max_length must be a positive integer"),
+        ({"n_bins": 1}, "n_bins must be at least 2"),
+        ({"value_encoding": "log"}, r"value_encoding must be one of \['binned', 'continuous'\]"),
+        ({"binning": "uniform"}, "binning must be one of"),
+        ({"phenotype_input": "mean"}, "phenotype_input must be one of"),
+        ({"label_smoothing": 2.0}, r"label_smoothing must be a number in \[0, 1\)"),
+    ],
+)
+def test_the_public_module_refuses_settings_it_cannot_run_with(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_module(**overrides)
+
+
+def test_self_attention_refuses_heads_that_do_not_divide_the_width():
+    with pytest.raises(ValueError, match="n_heads must divide d_model, got d_model=15, n_heads=2"):
+        SelfAttention(15, 2)

@@ -19,6 +19,12 @@ def positive_int(value: object, name: str) -> int:
     return int(value)
 
 
+def check_choice(value: object, name: str, choices: tuple) -> None:
+    """Raise a ValueError naming ``name`` and its ``choices`` unless ``value`` is one of them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
 def cell_positions(indices, n_cells: int, name: str) -> np.ndarray:
     """Integer positions of cells given as positions or as a boolean mask; raise if out of range or empty."""
     indices = np.asarray(indices)

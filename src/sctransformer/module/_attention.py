@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sctransformer.data._validation import positive_int
+
 AttentionBackend = Literal["auto", "sdpa", "varlen", "flash"]
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flash")
 _HALF = (torch.float16, torch.bfloat16)
@@ -265,6 +267,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
+        if positive_int(d_model, "d_model") % positive_int(n_heads, "n_heads"):
+            raise ValueError(f"n_heads must divide d_model, got d_model={d_model}, n_heads={n_heads}")
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)

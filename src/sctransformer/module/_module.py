@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sctransformer.data._validation import check_choice, positive_int
 
 from ._attention import (
     VARLEN_KERNELS,
@@ -209,6 +211,11 @@ class GeneTransformerModule(nn.Module):
     ) -> None:
         super().__init__()
         check_attention(attention)
+        check_choice(phenotype_input, "phenotype_input", get_args(PhenotypeInput))
+        if isinstance(label_smoothing, bool) or not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+        if positive_int(d_model, "d_model") % positive_int(n_heads, "n_heads"):
+            raise ValueError(f"n_heads must divide d_model, got d_model={d_model}, n_heads={n_heads}")
         #: The attention backend asked for (``"auto"``, ``"sdpa"``, ``"varlen"`` or ``"flash"``).
         self.attention = attention
         self.head_dim = d_model // n_heads

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from sctransformer._compat import quiet_sparse_tensors
 from sctransformer._constants import TARGET_SUM
+from sctransformer.data._validation import check_choice, positive_int
 
 ValueEncoding = Literal["binned", "continuous"]
 Binning = Literal["quantile", "fixed"]
@@ -232,6 +233,12 @@ class Tokenizer(nn.Module):
         gene_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        positive_int(n_genes, "n_genes")
+        positive_int(max_length, "max_length")
+        check_choice(value_encoding, "value_encoding", get_args(ValueEncoding))
+        check_choice(binning, "binning", get_args(Binning))
+        if positive_int(n_bins, "n_bins") < 2:
+            raise ValueError(f"n_bins must be at least 2, got {n_bins}")
         self.n_genes = n_genes
         self.max_length = max_length
         self.value_encoding = value_encoding
