@@ -451,8 +451,11 @@ def test_a_diverged_run_puts_back_the_weights_and_calibration_it_started_from(ad
     import lightning.pytorch as pl
 
     class Poison(pl.Callback):
+        def __init__(self, step: int) -> None:
+            self.step = step
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 2:
+            if trainer.global_step == self.step:
                 with torch.no_grad():
                     pl_module.module.gene_embedding.weight.fill_(float("inf"))
 
@@ -465,8 +468,9 @@ def test_a_diverged_run_puts_back_the_weights_and_calibration_it_started_from(ad
     temperatures = dict(model.temperatures_)
     with pytest.raises(FloatingPointError, match="puts back the weights"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.train(max_epochs=2, batch_size=32, callbacks=[Poison()], **QUIET)
+        model.train(max_epochs=4, batch_size=32, callbacks=[Poison(step=7)], **QUIET)  # in its third epoch
     assert all(torch.equal(v, weights[k]) for k, v in model.module.state_dict().items())
+    assert len(model.history["loss_train"]) == 2  # the epochs of the weights it went back to
     assert model.temperatures_ == temperatures and temperatures
     with warnings.catch_warnings():  # and a retry trains from them
         warnings.simplefilter("ignore")

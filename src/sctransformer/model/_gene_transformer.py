@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -1567,6 +1568,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         before = {
             name: tensor.detach().to("cpu", copy=True) for name, tensor in self.module.state_dict().items()
         }
+        history = (copy.copy(self.history_), self.is_trained_)  # scvi-tools appends a failed run's epochs
         diverged = False
         try:
             pl.seed_everything(seed, workers=True, verbose=False)
@@ -1636,6 +1638,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                         current[name].copy_(tensor)
             if diverged:
                 self.module.load_state_dict(before)
+                self.history_, self.is_trained_ = history
             if not finished and (plan is None or plan.global_step == 0 or diverged):
                 self.temperatures_, self.calibration_ = calibration
             self.module.eval()
