@@ -218,11 +218,9 @@ def test_resuming_with_other_minibatches_is_refused_and_the_checkpoint_still_res
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
 
 
-def test_resuming_with_other_optimisation_settings_is_refused_and_an_older_checkpoint_still_resumes(tmp_path):
-    """The checkpoint holds AdamW's learning rates and weight decay and the schedule's step count.
-
-    A run resumed with others would take the checkpoint's and record its own, or mix the two.
-    """
+def _stopped_midway(tmp_path):
+    """A run stopped at step 5 (midway through epoch 2) with checkpoints every 2 steps: its model
+    factory, settings, checkpoint directory and the bytes of its last checkpoint."""
     make_model, settings, _ = _make_model_and_settings()
     checkpoints = tmp_path / "ckpt"
     with pytest.raises(_Stop):
@@ -233,7 +231,15 @@ def test_resuming_with_other_optimisation_settings_is_refused_and_an_older_check
             checkpoint_every_n_steps=2,
             callbacks=[_StopAtStep(5)],
         )
-    written = (checkpoints / "last.ckpt").read_bytes()
+    return make_model, settings, checkpoints, (checkpoints / "last.ckpt").read_bytes()
+
+
+def test_resuming_with_other_optimisation_settings_is_refused_and_an_older_checkpoint_still_resumes(tmp_path):
+    """The checkpoint holds AdamW's learning rates and weight decay and the schedule's step count.
+
+    A run resumed with others would take the checkpoint's and record its own, or mix the two.
+    """
+    make_model, settings, checkpoints, written = _stopped_midway(tmp_path)
     for change, named in [
         ({"lr": 0.01}, "lr: 0.001 in the checkpoint, 0.01 now"),
         ({"weight_decay": 0.5}, "weight_decay: 0.01 in the checkpoint, 0.5 now"),
@@ -262,17 +268,7 @@ def test_resuming_with_other_optimisation_settings_is_refused_and_an_older_check
 
 
 def test_resuming_with_a_model_of_other_hyper_parameters_is_refused_before_the_weights_load(tmp_path):
-    make_model, settings, _ = _make_model_and_settings()
-    checkpoints = tmp_path / "ckpt"
-    with pytest.raises(_Stop):
-        _train(
-            make_model("anndata", tmp_path),
-            **settings,
-            checkpoint_dir=checkpoints,
-            checkpoint_every_n_steps=2,
-            callbacks=[_StopAtStep(5)],
-        )
-    written = (checkpoints / "last.ckpt").read_bytes()
+    _, settings, checkpoints, written = _stopped_midway(tmp_path)
     adata = sct.datasets.synthetic(n_cells=100, n_genes=40, seed=0)
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     base = dict(d_model=16, n_layers=1, n_heads=2, max_length=32, n_bins=5, dropout=0.1, seed=1)
