@@ -866,6 +866,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         hp = defaults | hyperparameters
         _check_hyperparameters(**hp)
         hp["seed"] = settings.seed if hp["seed"] is None else hp["seed"]
+        _check_fits_data(hp, len(data.genes), len(data.batch_categories or []))  # before reading cells
         model = cls.__new__(cls)
         BaseModelClass.__init__(model, registry={"setup_args": data.setup_args, "field_registries": {}})
         vocabulary = GeneVocabulary(data.genes)
@@ -897,9 +898,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         column_to_gene: np.ndarray,
     ) -> None:
         """Gene scales and bin edges from the sampled counts, then the module."""
-        n_batches = len(batch_categories or [])
-        n_present = _batches_present(self.adata_manager) if self.adata is not None else n_batches
-        _check_fits_data(hyperparameters, len(vocabulary), n_present)
+        n_batches = len(batch_categories or [])  # the data's fit was checked by __init__ / from_shards
         hp = hyperparameters | {"n_batches": n_batches}
         if hp.get("align_obsm") is not None:
             if self.adata is None:
