@@ -6,6 +6,13 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# scvi-tools' `view_anndata_setup` calls `rich.pretty.pprint` without importing `rich.pretty` (1.4.2): imported
+# here, so that `model.view_anndata_setup()` prints the registry instead of raising AttributeError.
+try:
+    import rich.pretty  # noqa: F401
+except ImportError:  # a later scvi-tools without rich: nothing to mend
+    pass
+
 _SPARSE_WARNINGS = (
     ".*Sparse CSR tensor support is in beta.*",
     ".*Sparse invariant checks are implicitly disabled.*",

@@ -716,3 +716,11 @@ def test_scvi_tools_helpers_work_or_say_what_to_call_on_saved_models(trained, tm
     with pytest.raises(NotImplementedError, match="need no conversion"):
         sct.GeneTransformer.convert_legacy_save(tmp_path / "m", tmp_path / "converted")
     assert not (tmp_path / "converted").exists()
+
+
+def test_view_anndata_setup_prints_the_registry(adata, capsys):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    m = sct.GeneTransformer(adata, **TINY)
+    m.view_anndata_setup()
+    out = capsys.readouterr().out
+    assert "phenotype_keys" in out and "Data Registry" in out
