@@ -252,7 +252,14 @@ def test_tl_perturb_writes_results_and_they_plot(querying):
     summary = sct.tl.perturb(adata, model, ["gene_1", "gene_4"], store_cell_shifts=True)
     assert list(summary["perturbed"]) == ["gene_1", "gene_4"]
     stored = adata.uns["sct_perturb"]
-    assert stored["expression_change"].shape == (2, adata.n_vars)
+    # genes as rows: anndata writes each column under its own key, which cannot hold "/"
+    assert stored["expression_change"].shape == (adata.n_vars, 2)
+    assert list(stored["expression_change"].columns) == ["0", "1"]
+    pd.testing.assert_frame_equal(
+        stored["expression_change"].T.reset_index(drop=True),
+        model.perturb(data, ["gene_1", "gene_4"]).expression_change.reset_index(drop=True),
+    )
+    assert adata.uns["sct"]["sct_perturb"]["params"]["genes"] == ["gene_1", "gene_4"]
     assert adata.obsm["sct_perturb_gene_1"].shape == (adata.n_obs, TINY["d_model"])
     assert sct.pl.perturbation(adata, show=False) is not None
     assert sct.pl.perturbation(adata, gene="gene_4", n=5, show=False) is not None
@@ -427,3 +434,53 @@ def test_deletion_without_a_profile_warns_of_expressing_cells_beyond_max_length(
     skipped, total = map(int, message.split(" cells expressing")[0].split(" of the "))
     n_cells = int(result.summary["n_cells"].iloc[0])
     assert total == expressing and skipped > 0 and n_cells == expressing - skipped
+
+
+def test_genes_perturbed_in_no_cell_get_no_cell_shifts():
+    data = sct.datasets.synthetic(n_cells=60, n_genes=40, n_cell_types=3, n_markers=6, seed=3)
+    sct.setup_anndata(data, layer="counts")
+    model = sct.GeneTransformer(data, **{**TINY, "max_length": 4}, cell_profile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = model.perturb(data, list(data.var_names), predict_expression=False, return_cell_shifts=True)
+    with_rows = set(result.summary["perturbed"])
+    assert len(with_rows) < data.n_vars  # some genes are beyond max_length in every cell expressing them
+    assert set(result.cell_shifts) == with_rows
+    assert all(np.abs(shifts).sum() > 0 for shifts in result.cell_shifts.values())
+
+
+def test_perturb_refuses_a_value_that_is_not_a_number(querying):
+    model, data = querying
+    for bad in ("2", True, np.ones(3)):
+        with pytest.raises(TypeError, match="value must be a number"):
+            model.perturb(data, "gene_1", mode="overexpress", value=bad)
+    assert model.perturb(data, "gene_1", mode="overexpress", value=np.float32(2.0), predict_expression=False)
+
+
+def test_tl_perturb_refuses_the_run_records_key_and_leaves_them(querying):
+    model, data = querying
+    adata = data.copy()
+    sct.tl.embed(adata, model)
+    records = dict(adata.uns["sct"])
+    with pytest.raises(ValueError, match="records every tool's runs"):
+        sct.tl.perturb(adata, model, "gene_1", key_added="sct")
+    assert dict(adata.uns["sct"]).keys() == records.keys()
+
+
+def test_tl_perturb_results_of_a_gene_named_with_a_slash_write_to_h5ad_and_zarr(tmp_path):
+    data = sct.datasets.synthetic(n_cells=40, n_genes=20, n_cell_types=2, n_markers=4, seed=3)
+    data.var_names = ["HLA-A/B" if name == "gene_1" else name for name in data.var_names]
+    sct.setup_anndata(data, layer="counts")
+    model = sct.GeneTransformer(data, **TINY, expression_queries=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained model's outputs
+        sct.tl.perturb(data, model, "gene_4")
+    assert "HLA-A/B" in data.uns["sct_perturb"]["expression_change"].index
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # anndata warns before it refuses "/" in h5 keys
+        data.write_h5ad(tmp_path / "perturbed.h5ad")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*zarr v2.*")
+        data.write_zarr(tmp_path / "perturbed.zarr")
+    back = ad.read_h5ad(tmp_path / "perturbed.h5ad")
+    assert sct.pl.perturbation(back, gene="gene_4", n=3, show=False) is not None

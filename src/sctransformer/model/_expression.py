@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -510,6 +511,10 @@ class ExpressionMixin:
         """
         if mode not in ("delete", "overexpress"):
             raise ValueError(f"mode must be 'delete' or 'overexpress', got {mode!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise TypeError(
+                f"value must be a number (the over-expressed log1p-normalised value), got {value!r}"
+            )
         if value is not None and (mode != "overexpress" or not np.isfinite(value) or value <= 0):
             raise ValueError(
                 "value is the over-expressed log1p-normalised value: a finite number > 0 with "
@@ -665,7 +670,8 @@ class ExpressionMixin:
                     )
                     row["max_abs_change"] = float(np.abs(mean_change[order]).max()) if order else 0.0
                 rows.append(row)
-        cell_shifts = shifts_full
+        # a gene whose every expressing cell was skipped has no result: no all-zero shifts either
+        cell_shifts = {name: s for name, s in shifts_full.items() if perturbed[name].any()}
         columns = ["perturbed", "group", "n_cells", "embedding_shift"]
         columns += ["most_changed", "max_abs_change"] if predict_expression else []
         summary = pd.DataFrame(rows, columns=columns)

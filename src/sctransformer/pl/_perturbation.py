@@ -35,9 +35,12 @@ def _perturbation_tables(
                 "pass key= the key_added of the run that wrote them"
             )
         stored = data.uns[key]
-        change = stored.get("expression_change")
+        summary, change = stored["summary"], stored.get("expression_change")
+        rows = [str(i) for i in range(len(summary))]
+        if change is not None and list(map(str, change.index)) != rows:
+            change = change.T  # stored with genes as rows (earlier versions: as columns)
         change = None if change is None else change.reset_index(drop=True)
-        return stored["summary"].reset_index(drop=True), change, str(stored.get("mode", "perturbation"))
+        return summary.reset_index(drop=True), change, str(stored.get("mode", "perturbation"))
     if isinstance(data, pd.DataFrame) and {"perturbed", "embedding_shift"} <= set(data.columns):
         return data.reset_index(drop=True), None, "perturbation"
     raise TypeError(

@@ -70,8 +70,9 @@ def perturb(
         them in separate runs with different ``key_added``.
     key_added
         Where results go: a string without ``/``, neither empty nor blank (``ValueError``
-        before anything is computed; .h5ad files cannot read such keys back). The results of an
-        earlier run with the same ``key_added``, its cell shifts included, are replaced.
+        before anything is computed; .h5ad files cannot read such keys back), and not ``"sct"``,
+        which holds the run records of every tool. The results of an earlier run with the same
+        ``key_added``, its cell shifts included, are replaced.
     copy
         Return a modified copy instead of writing into ``adata`` (which is left untouched). As
         :meth:`anndata.AnnData.copy`, this refuses a backed AnnData (``ValueError``, before
@@ -84,19 +85,26 @@ def perturb(
     group, see :class:`~sctransformer.model.PerturbationResult`); written:
 
     ``.uns["<key_added>"]``
-        ``{"summary": table, "expression_change": DataFrame (rows as the table's, columns the
-        vocabulary genes), "mode": mode}``.
+        ``{"summary": table, "expression_change": DataFrame (rows the vocabulary genes, columns
+        the table's rows by position, ``"0"``, ``"1"``, ...), "mode": mode}``: genes as rows,
+        because anndata writes each column under its own key, which cannot hold a ``/``.
     ``.obsm["<key_added>_<gene>"]``
-        With ``store_cell_shifts``: perturbed minus original embedding (zero where not perturbed).
+        With ``store_cell_shifts``: perturbed minus original embedding (zero where not
+        perturbed), for each gene perturbed in at least one cell.
         Those of an earlier run with the same ``key_added`` are removed.
     ``.uns["sct"][key_added]``
-        The parameters of the run (``"params"``) and, in ``"cell_shift_keys"``, the ``.obsm``
+        The parameters of the run (``"params"``, ``"genes"`` as asked for, each once) and, in ``"cell_shift_keys"``, the ``.obsm``
         keys of the cell shifts it wrote (empty without ``store_cell_shifts``).
     """
     refuse_backed_copy(adata, copy)
     check_key_added(key_added)
+    if key_added == KEYS.UNS:
+        raise ValueError(
+            f"key_added {KEYS.UNS!r} is where sctransformer records every tool's runs "
+            f"(adata.uns[{KEYS.UNS!r}]); pass another name, such as the default {KEYS.PERTURBATION!r}"
+        )
+    genes = [genes] if isinstance(genes, str) else list(genes)
     if store_cell_shifts:  # before the run: genes whose .obsm keys would be the same
-        genes = [genes] if isinstance(genes, str) else list(genes)
         check_distinct_keys(key_added, genes, "genes", ".obsm")
     result = model.perturb(
         adata,
@@ -116,8 +124,8 @@ def perturb(
     summary = result.summary
     stored: dict[str, Any] = {"summary": summary, "mode": mode}
     if result.expression_change is not None:
-        stored["expression_change"] = result.expression_change.reset_index(drop=True).set_axis(
-            summary.index.astype(str), axis=0
+        stored["expression_change"] = (
+            result.expression_change.reset_index(drop=True).set_axis(summary.index.astype(str), axis=0).T
         )
     adata.uns[key_added] = stored
     shift_keys = []
@@ -130,7 +138,7 @@ def perturb(
         "perturb",
         model,
         {
-            "genes": list(summary["perturbed"].unique()),
+            "genes": [str(gene) for gene in dict.fromkeys(genes)],
             "mode": mode,
             "value": value,
             "groupby": groupby,
