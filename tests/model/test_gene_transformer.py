@@ -274,6 +274,19 @@ def test_embedding_does_not_depend_on_batch_size_or_order(trained):
     )
 
 
+def test_the_same_cells_with_their_genes_in_another_order_give_identical_outputs(trained):
+    model, data = trained
+    columns = np.random.default_rng(2).permutation(data.n_vars)
+    permuted = data[:, columns].copy()
+    np.testing.assert_array_equal(
+        model.get_latent_representation(permuted), model.get_latent_representation(data)
+    )
+    np.testing.assert_array_equal(
+        model.predict(permuted, return_probabilities=True)[1]["cell_type"],
+        model.predict(data, return_probabilities=True)[1]["cell_type"],
+    )
+
+
 def test_embedding_and_prediction_do_not_modify_adata_and_accept_views(trained):
     model, data = trained
     before = fingerprint(data)

@@ -303,6 +303,12 @@ class Tokenizer(nn.Module):
         gene = column_to_gene.to(device)[column]
         keep = (val > 0) & (gene >= 0)
         row, gene, val = row[keep], gene[keep], val[keep]
+        # one order of the entries (cell, then vocabulary gene) whatever the order of the columns:
+        # the same cells give the same profile sums and random draws with their genes in any order
+        order_key = row * self.n_genes + gene
+        if order_key.numel() > 1 and not bool((order_key[1:] >= order_key[:-1]).all()):
+            order = torch.argsort(order_key)
+            row, gene, val = row[order], gene[order], val[order]
         n_all = torch.bincount(row, minlength=n_cells)
 
         held_share = torch.zeros(n_cells, dtype=val.dtype, device=device)
