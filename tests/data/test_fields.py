@@ -237,6 +237,7 @@ def test_new_query_batches_are_appended_in_value_order():
         (["0.0", "1.0"], pd.array([1, 0] * 3, dtype="Int64")),
         (["0.0", "1.0"], pd.Categorical([1, 0] * 3)),
         (["0.0", "1"], np.array([1, 0] * 3)),
+        (["0.0", "1.0"], np.array([1, 0.0] * 3, dtype=object)),  # Python ints and floats, mixed
     ],
 )
 def test_integer_query_batches_match_a_reference_whose_batches_were_float(names, values):
@@ -315,3 +316,12 @@ def test_a_model_loads_with_its_own_training_data_and_takes_queries_of_its_batch
     queried = sct.GeneTransformer.load_query_data(query, tmp_path / "model")
     assert queried.batch_categories_ == model.batch_categories_
     np.testing.assert_array_equal(query.obs["_scvi_batch"], [1, 0] * 20)
+
+
+def test_an_object_batch_column_of_ints_and_floats_sets_up_a_model():
+    # scvi-tools registers it as floats ("1.0", "2.5"); the model names the int 1 "1" and also "1.0"
+    cells = sct.datasets.synthetic(n_cells=40, n_genes=20, n_cell_types=2, n_markers=4, seed=0)
+    cells.obs["batch"] = np.array([1, 2.5] * 20, dtype=object)
+    sct.setup_anndata(cells, layer="counts", batch_key="batch")
+    model = sct.GeneTransformer(cells, d_model=16, n_layers=1, n_heads=2, max_length=32)
+    assert model.batch_categories_ == ["1.0", "2.5"]

@@ -252,6 +252,23 @@ def test_load_query_data_matches_integer_batches_to_the_reference(adata, tmp_pat
         sct.GeneTransformer.load_query_data(query, sct.GeneTransformer(named, **TINY))
 
 
+def test_a_refused_query_keeps_its_setup_id_and_the_reference_batch_key_is_no_phenotype(adata, tmp_path):
+    sct.setup_anndata(adata, layer="counts", batch_key="batch")
+    sct.GeneTransformer(adata, **TINY).save(tmp_path / "ref")
+    query = synthetic(seed=3, n_cells=40)
+    sct.setup_anndata(query, layer="counts", batch_key="batch")
+    query = query.copy()  # a copy of a set-up AnnData: registering it gives it an id of its own
+    query.obs["batch"] = np.arange(40) % 2  # integers cannot be the reference's "batch_0", ...
+    before = dict(query.uns)
+    with pytest.raises(ValueError, match="the reference names its batches"):
+        sct.GeneTransformer.load_query_data(query, tmp_path / "ref")
+    assert dict(query.uns) == before
+    with pytest.raises(ValueError, match=r"is the reference's batch key.*copy it to another column"):
+        sct.GeneTransformer.load_query_data(
+            synthetic(seed=3, n_cells=40), tmp_path / "ref", phenotype_keys=["batch"]
+        )
+
+
 def test_pretrained_model_gets_new_phenotype_slots_and_fine_tunes(adata, tmp_path):
     sct.setup_anndata(adata, layer="counts")
     pretrained = sct.GeneTransformer(adata, **TINY)

@@ -737,3 +737,21 @@ def test_view_anndata_setup_prints_the_registry(adata, capsys):
     m.view_anndata_setup()
     out = capsys.readouterr().out
     assert "phenotype_keys" in out and "Data Registry" in out
+
+
+def test_bad_split_options_are_refused_before_the_counts_are_read(adata, monkeypatch):
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+
+    def read_counts(*args, **kwargs):
+        raise AssertionError("the counts were read before the options were checked")
+
+    monkeypatch.setattr("sctransformer.model._gene_transformer.check_counts", read_counts)
+    for options, message in (
+        ({"validation_size": 1.5}, "validation_size must be in"),
+        ({"validation_size": 0.5, "train_size": 0.8}, "train_size \\+ validation_size <= 1"),
+        ({"validation_size": float("nan")}, "validation_size"),
+        ({"datasplitter_kwargs": {"shuffle_set_splt": False}}, "shuffle_set_split"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model.train(max_epochs=1, **QUIET, **options)

@@ -40,7 +40,7 @@ def _distinct_values(values: pd.Series) -> tuple[np.ndarray, pd.Index, list[str]
         codes, named = pd.factorize(values.map(str, na_action="ignore"), use_na_sentinel=True)
         present, first = np.unique(codes, return_index=True)
         distinct = pd.Index(values.to_numpy()[first[present >= 0]], dtype=object)
-        return codes, distinct, list(named), list(named)
+        return codes, distinct, list(named), [_other_name(v, n) for v, n in zip(distinct, named, strict=True)]
     else:
         codes, distinct = pd.factorize(values, use_na_sentinel=True)
     held = distinct.to_numpy()
@@ -55,6 +55,22 @@ def _distinct_values(values: pd.Series) -> tuple[np.ndarray, pd.Index, list[str]
         exact = [int(float(v)) == int(v) for v in held]  # not 2**53 + 1, which a float rounds
         other = [str(float(v)) if e else o for v, e, o in zip(held, exact, other, strict=True)]
     return codes, distinct, names, other
+
+
+def _other_name(value: object, name: str) -> str:
+    """The other name of one value of an object column, as :func:`category_codes` gives it.
+
+    As for NumPy columns: an integer that a float holds exactly is also ``"1.0"`` (scvi-tools
+    registers a column of Python ints and floats as floats), a float that is a whole number also
+    ``"1"``; any other value (booleans included) has only its own name.
+    """
+    if isinstance(value, bool | np.bool_):
+        return name
+    if isinstance(value, int | np.integer):
+        return str(float(value)) if int(float(value)) == int(value) else name
+    if isinstance(value, float | np.floating) and np.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return name
 
 
 def _codes_among(

@@ -1113,11 +1113,17 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         previous = cls._setup_adata_manager_store.get(adata.uns.get(_SCVI_UUID_KEY))
+        uuid = adata.uns.get(_SCVI_UUID_KEY)
         if previous is not None and previous.adata is not adata:  # a copy: its id is the original's
             _assign_adata_uuid(adata, overwrite=True)  # else the copy would take the original's setup over
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not contain unnormalized count data.*")
-            manager.register_fields(adata)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*does not contain unnormalized count data.*")
+                manager.register_fields(adata)
+        except Exception:  # e.g. batches that do not match the reference's: adata as it was
+            if uuid is not None:
+                adata.uns[_SCVI_UUID_KEY] = uuid
+            raise
         cls.register_manager(manager)
 
     @classmethod
@@ -1341,6 +1347,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             ("phenotype_mask_prob", phenotype_mask_prob),
             ("focal_gamma", focal_gamma),
             ("train_size", train_size),
+            *([("validation_size", validation_size)] if validation_size is not None else []),
         ):
             _check_finite(name, value)
         accumulate = trainer_kwargs.get("accumulate_grad_batches", 1)  # the plan divides by it
@@ -1399,6 +1406,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             )
         if not 0 < train_size <= 1:
             raise ValueError(f"train_size must be in (0, 1], got {train_size!r}")
+        if validation_size is not None and not (
+            0 <= validation_size < 1 and train_size + validation_size <= 1
+        ):
+            raise ValueError(
+                f"validation_size must be in [0, 1) with train_size + validation_size <= 1, got "
+                f"validation_size={validation_size!r} and train_size={train_size!r}"
+            )
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir= the directory of the checkpoints")
         if checkpoint_every_n_steps is not None and checkpoint_dir is None:
@@ -1420,17 +1434,16 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 _check_align_input(self.adata, self.hyperparameters_["align_obsm"], self.module.align_dims[0])
             self._validate_anndata(self.adata)
             self._check_unchanged_since_setup(self.adata)
+            datasplitter_kwargs = check_splitter_options(datasplitter_kwargs, source.n_obs)
             # e.g. normalised in place since
             check_counts(self.adata, self.setup_args_[SETUP_ARGS.LAYER], model=True)
         elif length_bucketing:
             raise ValueError(
                 "length_bucketing is not available for sharded data; pass length_bucketing=False"
             )
-        seed = check_seed(settings.seed if seed is None else seed)
-        if self.shards_ is None:
-            datasplitter_kwargs = check_splitter_options(datasplitter_kwargs, source.n_obs)
         else:
             datasplitter_kwargs = check_shard_options(datasplitter_kwargs)
+        seed = check_seed(settings.seed if seed is None else seed)
         external = (datasplitter_kwargs or {}).get("external_indexing") is not None
         if self.shards_ is not None:
             datamodule = ShardedDataModule(
@@ -2758,6 +2771,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                     "add the column(s), with NaN for cells of unknown label, or leave the key(s) out "
                     "of phenotype_keys (a reference key left out is unknown for the query's cells)"
                 )
+        reference_batch_key = setup_args[SETUP_ARGS.BATCH_KEY]
+        if reference_batch_key is not None and reference_batch_key in phenotype_keys:
+            raise ValueError(
+                f"{reference_batch_key!r} is the reference's batch key, so it cannot also be a phenotype "
+                f"key; to use it as labels too, copy it to another column (adata.obs["
+                f"'{reference_batch_key}_label'] = adata.obs[{reference_batch_key!r}]) and pass that name"
+            )
         new_keys = [k for k in phenotype_keys if k not in saved]
         for key in new_keys:
             check_phenotype_column(adata, key)
