@@ -93,6 +93,17 @@ def test_the_batch_token_sets_the_embedding_and_can_be_dropped_or_set(adata):
         model.get_latent_representation(batch="nonexistent")
 
 
+def test_batch_given_as_the_columns_own_value_is_matched_by_name(adata):
+    adata.obs["plate"] = adata.obs["batch"].cat.codes.astype(int) + 1  # plates 1 and 2, named "1", "2"
+    sct.setup_anndata(adata, layer="counts", batch_key="plate")
+    model = sct.GeneTransformer(adata, **TINY, batch_correction="token")
+    as_name = model.get_latent_representation(batch="1")
+    for value in (1, np.int64(1), 1.0):
+        np.testing.assert_array_equal(model.get_latent_representation(batch=value), as_name)
+    with pytest.raises(ValueError, match="not one of the batches the model was trained on"):
+        model.get_latent_representation(batch=3)
+
+
 def test_own_batches_of_shards_are_read_from_them_and_asked_for_when_they_were_read_without(adata, tmp_path):
     from sctransformer.data import ShardedAnnData
 

@@ -1890,14 +1890,20 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 "(batch_correction='token' or 'both' adds it)"
             )
         categories = self.batch_categories_ or []
-        if batch != "own":
+        if not (isinstance(batch, str) and batch == "own"):
             trained = categories[: self.module.n_batches]  # later ones: a query's, with no embedding
-            if batch not in trained:
+            # matched by name as the batch column is: the integer 1 is the batch "1" (or "1.0")
+            code = (
+                (trained.index(batch) if batch in trained else -1)
+                if isinstance(batch, str)
+                else int(category_codes(pd.Series([batch]), trained)[0])
+            )
+            if code < 0:
                 raise ValueError(
                     f"batch {batch!r} is not one of the batches the model was trained on {trained}"
                     " (or pass batch='own')"
                 )
-            return np.full(adata.n_obs, categories.index(batch), dtype=np.int64)
+            return np.full(adata.n_obs, code, dtype=np.int64)
         key = self.setup_args_[SETUP_ARGS.BATCH_KEY]
         if isinstance(adata, ShardedAnnData):
             if adata.batch_codes is None:
@@ -1976,7 +1982,8 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         batch
             For models with a ``[BATCH]`` token (``batch_correction="token"`` or ``"both"``):
             ``None`` (default) feeds "no batch", which the model was also trained with; a batch
-            name feeds that batch to every cell (a reference batch); ``"own"`` feeds each cell's
+            name feeds that batch to every cell (a reference batch; a value of the batch column,
+            such as the integer ``1``, is matched by its name, ``"1"``); ``"own"`` feeds each cell's
             own batch from the batch column (batches the model never saw: "no batch").
         space
             ``"cell"``: the cell embedding; for models with ``align_obsm``, ``"aligned"``: the
