@@ -219,6 +219,24 @@ def test_a_predict_run_without_a_vote_removes_the_votes_of_an_earlier_run(traine
     assert adata.uns["sct"]["sct"]["params"]["majority_voting"] is False
 
 
+def test_tools_sharing_a_key_added_still_remove_their_own_stale_outputs(trained, tmp_path):
+    model, data = trained
+    adata = data.copy()
+    options = {"predict_expression": False, "n_folds": 2}
+    sct.tl.predict(adata, model, key_added="run1", majority_voting=True, resolution=0.5)
+    sct.tl.perturb(adata, model, ["gene_0"], store_cell_shifts=True, key_added="run1", **options)
+    sct.tl.embed(adata, model, key_added="run1")  # the last record of run1; the others kept in it
+    assert set(adata.uns["sct"]["run1"]["others"]) == {"predict", "perturb"}
+    adata.write_h5ad(tmp_path / "shared.h5ad")
+    adata = ad.read_h5ad(tmp_path / "shared.h5ad")
+    sct.tl.predict(adata, model, key_added="run1")  # no vote: the earlier run's clusters go
+    assert "run1_over_clustering" not in adata.obs and "run1_cell_type_majority_voting" not in adata.obs
+    sct.tl.perturb(adata, model, ["gene_1"], store_cell_shifts=True, key_added="run1", **options)
+    assert "run1_gene_0" not in adata.obsm and "run1_gene_1" in adata.obsm
+    assert "run1" in adata.obsm  # the embedding, which no later run replaced
+    assert set(adata.uns["sct"]["run1"]["others"]) == {"predict", "embed"}
+
+
 def test_each_key_added_votes_on_clusters_of_its_own(trained):
     model, data = trained
     adata = data.copy()

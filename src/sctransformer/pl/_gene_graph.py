@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 import networkx as nx
@@ -16,7 +15,7 @@ from matplotlib.figure import Figure
 from sctransformer._keys import KEYS
 from sctransformer.data._validation import get_matrix, positive_int
 from sctransformer.tl._gene_graph import _check_scorable, stored_graph
-from sctransformer.tl._utils import recorded_runs
+from sctransformer.tl._utils import previous_run
 
 from ._utils import finish, new_axes
 
@@ -73,8 +72,7 @@ def gene_graph(
             f"genes named by more than one column of adata.var_names: {ambiguous[:10]}; "
             "make adata.var_names unique (adata.var_names_make_unique()) to choose among them"
         )
-    run = recorded_runs(adata).get(key)
-    covered = run.get("genes") if isinstance(run, Mapping) else None
+    covered = previous_run(adata, key, "gene_graph").get("genes")
     if covered is not None:  # graphs written before this record have none: no check
         outside = [g for g in genes if g not in set(np.asarray(covered).astype(str))]
         if outside:

@@ -23,6 +23,7 @@ from ._utils import (
     record_run,
     recorded_runs,
     refuse_backed_copy,
+    tool_records,
 )
 
 #: Colour of the ``"unknown"`` label (``min_confidence``) where the true labels have none.
@@ -86,8 +87,9 @@ def probability_columns(categories: Iterable[object]) -> list[str]:
 def _recorded_categories(adata: AnnData, pred_key: str) -> list[list[str]]:
     """Category lists that :func:`predict` runs recorded for the probabilities of ``pred_key``."""
     found = []
-    for run_key, run in recorded_runs(adata).items():
-        if not isinstance(run, Mapping) or run.get("function") != "predict":
+    for run_key, record in recorded_runs(adata).items():
+        run = next((r for r in tool_records(record) if r.get("function") == "predict"), None)
+        if run is None:
             continue
         categories = run.get("categories")
         if not isinstance(categories, Mapping):

@@ -22,13 +22,27 @@ def record_run(
     params: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Record a tool's parameters (and ``extra`` entries beside them) in ``adata.uns["sct"][key_added]``."""
+    """Record a tool's parameters (and ``extra`` entries beside them) in ``adata.uns["sct"][key_added]``.
+
+    The last record of each other tool run with the same ``key_added`` is kept in the new record's
+    ``"others"`` (by function name), so that a later run of that tool still finds what it wrote.
+    """
     runs = dict(recorded_runs(adata))
     # None cannot be written to .h5ad; an absent parameter means None
     params = {k: v for k, v in params.items() if v is not None}
-    runs[key_added] = {"function": function, "params": params, **(extra or {})}
+    old = runs.get(key_added)
+    others: dict[str, Any] = {}
+    if isinstance(old, Mapping):
+        others = {str(k): v for k, v in dict(old.get("others") or {}).items() if isinstance(v, Mapping)}
+        if old.get("function") is not None:
+            others[str(old["function"])] = {k: v for k, v in old.items() if k != "others"}
+    others.pop(function, None)
+    record = {"function": function, "params": params, **(extra or {})}
     if model is not None:
-        runs[key_added]["model"] = repr(model)
+        record["model"] = repr(model)
+    if others:
+        record["others"] = others
+    runs[key_added] = record
     adata.uns[KEYS.UNS] = runs
 
 
@@ -38,10 +52,21 @@ def recorded_runs(adata: AnnData) -> Mapping[str, Any]:
     return runs if isinstance(runs, Mapping) else {}
 
 
+def tool_records(run: object) -> list[Mapping[str, Any]]:
+    """A record of ``adata.uns["sct"]`` and the records of other tools kept in its ``"others"``."""
+    if not isinstance(run, Mapping):
+        return []
+    others = run.get("others")
+    return [
+        run,
+        *(r for r in (others.values() if isinstance(others, Mapping) else ()) if isinstance(r, Mapping)),
+    ]
+
+
 def previous_run(adata: AnnData, key_added: str, function: str) -> Mapping[str, Any]:
     """The record of the last ``function`` run with ``key_added`` (empty if there is none)."""
-    run = recorded_runs(adata).get(key_added)
-    return run if isinstance(run, Mapping) and run.get("function") == function else {}
+    found = [r for r in tool_records(recorded_runs(adata).get(key_added)) if r.get("function") == function]
+    return found[0] if found else {}
 
 
 def check_key_added(key_added: str) -> None:
