@@ -7,6 +7,7 @@ and the fix, before any long computation, and a failed setup leaves the AnnData 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 
 import matplotlib
@@ -767,3 +768,34 @@ def test_a_default_seed_that_could_not_be_saved_and_loaded_is_refused_when_set(v
     ):
         sct.settings.seed = value
     assert sct.settings.seed == 0  # unchanged
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "8", None, True])
+def test_a_default_batch_size_that_is_not_a_positive_integer_is_refused_when_set(value):
+    with pytest.raises(ValueError, match=r"sctransformer\.settings\.batch_size must be a positive integer"):
+        sct.settings.batch_size = value
+    assert sct.settings.batch_size == 64  # unchanged
+
+
+def test_an_unknown_verbosity_is_refused_with_the_names_it_takes():
+    before = sct.settings.verbosity
+    with pytest.raises(ValueError, match=r"verbosity must be one of \['debug', 'info', 'warning', 'error'\]"):
+        sct.settings.verbosity = "verbose"
+    assert sct.settings.verbosity == before
+    sct.settings.verbosity = "WARNING"
+    assert sct.settings.verbosity == logging.WARNING
+    sct.settings.verbosity = before
+
+
+def test_predict_with_no_phenotype_and_plots_with_no_bars_are_refused(trained):
+    model, data = trained
+    adata = data.copy()
+    sct.tl.predict(adata, model)
+    before = fingerprint(adata), list(adata.uns["sct"]["sct"]["params"]["phenotypes"])
+    with pytest.raises(ValueError, match="phenotype is empty"):
+        sct.tl.predict(adata, model, phenotype=[])
+    assert (fingerprint(adata), list(adata.uns["sct"]["sct"]["params"]["phenotypes"])) == before
+    sct.tl.perturb(adata, model, ["gene_0", "gene_1"], predict_expression=False, n_folds=2)
+    for n in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="n must be a positive integer"):
+            sct.pl.perturbation(adata, n=n, show=False)

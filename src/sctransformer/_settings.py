@@ -33,7 +33,7 @@ class Settings:
 
     def __init__(self) -> None:
         self.seed = 0
-        self.batch_size: int = 64
+        self.batch_size = 64
         self.verbosity = logging.INFO
 
     @property
@@ -46,15 +46,37 @@ class Settings:
         self._seed = check_seed(value, "sctransformer.settings.seed")
 
     @property
+    def batch_size(self) -> int:
+        """Default minibatch size for inference (checked when set, as a ``batch_size`` passed is)."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"sctransformer.settings.batch_size must be a positive integer, got {value!r}")
+        self._batch_size = int(value)
+
+    @property
     def verbosity(self) -> int:
         """Logging level of the ``sctransformer`` logger."""
         return logger.level
 
     @verbosity.setter
     def verbosity(self, level: int | Literal["debug", "info", "warning", "error"]) -> None:
-        if isinstance(level, str):
-            level = getattr(logging, level.upper())
-        logger.setLevel(level)
+        names = {
+            "debug": logging.DEBUG,
+            "info": logging.INFO,
+            "warning": logging.WARNING,
+            "error": logging.ERROR,
+        }
+        if isinstance(level, str) and level.lower() in names:
+            level = names[level.lower()]
+        if isinstance(level, bool) or not isinstance(level, int | np.integer):
+            raise ValueError(
+                f"sctransformer.settings.verbosity must be one of {list(names)} or a logging level "
+                f"(logging.INFO), got {level!r}"
+            )
+        logger.setLevel(int(level))
         if not logger.handlers:
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s sctransformer: %(message)s"))

@@ -31,6 +31,30 @@ def test_nan_in_a_phenotype_means_unknown_and_is_kept(adata):
     assert model.phenotype_categories_ == {"tissue": ["a"]}
 
 
+def test_labels_that_look_like_missing_values_warn_with_the_fix(adata):
+    labels = adata.obs["cell_type"].astype(object)
+    labels.iloc[::4] = np.nan
+    adata.obs["cell_type"] = labels.astype(str)  # NaN becomes the label "nan"
+    with pytest.warns(UserWarning, match=r"labels \['nan'\] that look like missing values.*replace"):
+        sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    adata.obs["cell_type"] = labels  # NaN itself: unknown, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+
+
+def test_integer_labels_with_a_missing_value_are_labels_as_without_it():
+    cells = sct.datasets.synthetic(n_cells=20, n_genes=30, n_cell_types=2, n_markers=4, seed=0)
+    cells.obs["cluster"] = np.arange(20) % 12  # 12 integer labels over 20 cells: labels
+    sct.setup_anndata(cells, layer="counts", phenotype_keys=["cluster"])
+    cells.obs["cluster"] = cells.obs["cluster"].astype(float)
+    cells.obs.iloc[0, cells.obs.columns.get_loc("cluster")] = np.nan  # pandas makes integers float so
+    sct.setup_anndata(cells, layer="counts", phenotype_keys=["cluster"])
+    cells.obs["cluster"] = np.linspace(0, 1, 20)  # but fractions are continuous
+    with pytest.raises(ValueError, match="looks continuous"):
+        sct.setup_anndata(cells, layer="counts", phenotype_keys=["cluster"])
+
+
 def test_cells_without_counts_warn(adata):
     x = adata.layers["counts"].tolil()
     x[:3] = 0

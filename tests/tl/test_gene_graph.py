@@ -462,6 +462,19 @@ def test_an_empty_or_blank_key_added_is_refused_before_any_work(graphed, key):
     assert fingerprint(adata) == before
 
 
+def test_module_scores_of_raw_counts_in_x_warn_with_the_fix(graphed):
+    _, with_graph = graphed
+    adata = with_graph.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # log-normalised X: no warning
+        sct.tl.gene_modules(adata, min_size=3)
+    adata.X = adata.layers["counts"].copy()
+    with pytest.warns(UserWarning, match=r"adata.X looks like raw counts.*sc.pp.normalize_total"):
+        sct.tl.gene_modules(adata, min_size=3)
+    with pytest.warns(UserWarning, match=r"adata.X looks like raw counts"):
+        sct.pl.gene_modules(adata, groupby="cell_type", show=False)
+
+
 def test_gene_modules_refuses_to_score_a_backed_adata(graphed, tmp_path, monkeypatch):
     """scanpy cannot score a backed X; that is not 'no control genes' (all-NaN scores)."""
     import anndata as ad

@@ -333,19 +333,31 @@ def check_obs_key(adata: AnnData, key: str, role: str) -> None:
 
 def check_label_values(column: pd.Series, key: str) -> None:
     """Raise if a phenotype column holds numbers rather than labels: a value per cell, or nearly."""
-    n_values = column.dropna().nunique()
-    if pd.api.types.is_float_dtype(column.dtype) and n_values > 0.5 * len(column):
+    known = column.dropna()
+    n_values = known.nunique()
+    # integers that a missing value made float are integers still (NaN: an unknown label)
+    integers = pd.api.types.is_integer_dtype(column.dtype) or (
+        pd.api.types.is_float_dtype(column.dtype)
+        and len(known) > 0
+        and bool(np.isfinite(known).all())
+        and bool((known == np.round(known)).all())
+    )
+    if not integers and pd.api.types.is_float_dtype(column.dtype) and n_values > 0.5 * len(column):
         raise ValueError(
             f"phenotype column {key!r} looks continuous ({n_values} distinct "
             "float values); phenotypes must be categorical labels"
         )
-    if pd.api.types.is_integer_dtype(column.dtype) and n_values > max(0.5 * len(column), 20):
+    if integers and n_values > max(0.5 * len(column), 20):
         raise ValueError(
             f"phenotype column {key!r} looks like a count or an index ({n_values} distinct integers "
             f"over {len(column)} cells), not labels; phenotypes must be categorical labels (to use "
             f"integer codes as labels anyway, store the column as categorical: "
             f"adata.obs[{key!r}] = adata.obs[{key!r}].astype('category'))"
         )
+
+
+#: Labels that :meth:`pandas.Series.astype` ``(str)`` and file readers make of missing values
+MISSING_LIKE_LABELS = frozenset({"nan", "NaN", "None", "<NA>", "NA", "N/A", "", "null"})
 
 
 def check_phenotype_column(adata: AnnData, key: str) -> None:
@@ -367,6 +379,15 @@ def check_phenotype_column(adata: AnnData, key: str) -> None:
             f"phenotype column {key!r} has no known value (all NaN); drop it from phenotype_keys"
         )
     check_label_values(column, key)
+    missing_like = sorted({str(v) for v in column.dropna().unique()} & MISSING_LIKE_LABELS)
+    if missing_like:
+        warnings.warn(
+            f"phenotype column {key!r} has labels {missing_like} that look like missing values (e.g. from "
+            ".astype(str) on NaN); they are trained as a class of their own. To mark those cells unknown: "
+            f"adata.obs[{key!r}] = adata.obs[{key!r}].replace({missing_like!r}, np.nan)",
+            UserWarning,
+            stacklevel=3,
+        )
     if column.dropna().nunique() == 1:
         warnings.warn(
             f"phenotype column {key!r} has a single category; its head learns nothing useful",

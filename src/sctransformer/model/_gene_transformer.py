@@ -2365,6 +2365,11 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             if phenotype is None
             else ([phenotype] if isinstance(phenotype, str) else list(phenotype))
         )
+        if not keys:
+            raise ValueError(
+                f"phenotype is empty; name at least one of {list(self.phenotype_categories_)}, or pass "
+                "None for all of them"
+            )
         unknown = [k for k in keys if k not in self.phenotype_categories_]
         if unknown:
             raise KeyError(

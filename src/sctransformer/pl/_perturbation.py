@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from sctransformer._keys import KEYS
 from sctransformer.data import category_codes, gene_identifiers, get_matrix
+from sctransformer.data._validation import positive_int
 from sctransformer.metrics._probes import mean_log1p_normalised
 from sctransformer.model import PerturbationResult
 
@@ -87,6 +88,7 @@ def perturbation(
     ax, show, return_fig
         As in scanpy.
     """
+    n = positive_int(n, "n")
     summary, change, mode = _perturbation_tables(data, key)
     if summary.empty:
         raise ValueError("the perturbation results are empty (no gene was perturbed)")

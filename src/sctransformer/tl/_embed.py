@@ -64,7 +64,7 @@ def embed(
     ``adata`` (or its copy) if ``copy``, else ``None``; sets
 
     ``.obsm[key_added]``
-        Cells x ``d_model`` embedding.
+        Cells x ``d_model`` embedding (cells x ``align_dim`` for the aligned spaces).
     ``.uns["sct"][key_added]``
         The parameters of the run.
     """

@@ -13,7 +13,7 @@ import torch
 from anndata import AnnData
 
 from sctransformer._keys import KEYS
-from sctransformer.data._validation import positive_int
+from sctransformer.data._validation import _looks_like_counts, positive_int
 from sctransformer.model import GeneTransformer
 
 from ._utils import (
@@ -225,6 +225,15 @@ def _check_scorable(adata: AnnData, what: str, alternative: str = "") -> None:
         raise ValueError(
             f"{what} cannot read adata.X of a backed AnnData; load it first with "
             f"adata = adata.to_memory(){tail}"
+        )
+    if _looks_like_counts(adata.X):  # e.g. counts in X for label-free pre-training
+        warnings.warn(
+            f"adata.X looks like raw counts; {what} reads log-normalised expression from it (scores "
+            "of counts weigh highly expressed genes and large cells most). Normalise first: "
+            "sc.pp.normalize_total(adata); sc.pp.log1p(adata) (keep the counts in a layer)"
+            f"{tail}",
+            UserWarning,
+            stacklevel=3,
         )
 
 
