@@ -5,8 +5,8 @@ Two data sets from ``../shared/data``, one run, one table each:
 - ``cellbench``: the singlet (``SNG``) cells of 5 batches (CEL-seq2 and Drop-seq) of 5 cell lines;
   mix ``batch``, keep ``cell_line`` apart.
 - ``kang18``: PBMCs, control and interferon-stimulated; mix ``condition``, keep the cell types of
-  the 832 labelled cells apart. Methods see the labelled cells and ``--kang-cells`` others drawn
-  at random (default 3,000 in all, for CPU time); metrics use the labelled cells.
+  the 832 labelled cells apart. Methods see ``--kang-cells`` cells in all (default 3,000, for CPU
+  time): the labelled ones and others drawn at random; metrics use the labelled cells.
 
 Every method gets the same genes (the 2,000 most variable, scanpy's ``seurat_v3`` on counts, batch
 aware): PCA (50 components of log1p-normalised counts), Harmony on those components (harmonypy),
@@ -130,10 +130,11 @@ def main() -> None:
     )
     parser.add_argument("--out", default="integration_out")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kang-cells", type=int, default=3000)
+    parser.add_argument(
+        "--kang-cells", type=int, default=3000, help="kang18 cells in all: the 832 labelled ones and others"
+    )
     parser.add_argument("--datasets", nargs="+", default=["cellbench", "kang18"])
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads; seed {args.seed}")
     for name in args.datasets:
         results = run(name, args)

@@ -85,6 +85,23 @@ def test_a_single_label_is_refused_before_scoring(monkeypatch):
         sct.metrics.integration(one_with_batch, batch_key="batch", label_key="label", embeddings="mixed")
 
 
+def test_keys_that_cannot_be_scored_are_refused_before_scoring(monkeypatch):
+    import scib_metrics.benchmark
+
+    def fail(*args, **kwargs):
+        raise AssertionError("scored")
+
+    monkeypatch.setattr(scib_metrics.benchmark.Benchmarker, "benchmark", fail)
+    adata = _cells()
+    with pytest.raises(ValueError, match="batch_key and label_key are both 'batch'"):
+        sct.metrics.integration(adata, batch_key="batch", label_key="batch", embeddings=["mixed"])
+    with pytest.raises(ValueError, match=r"embeddings names \['mixed'\] more than once"):
+        sct.metrics.integration(adata, batch_key="batch", label_key="label", embeddings=["mixed", "mixed"])
+    del adata.obsm["X_pca"]
+    with pytest.raises(KeyError, match=r"pre_integrated 'X_pca'.*sc.pp.pca.*pre_integrated=None"):
+        sct.metrics.integration(adata, batch_key="batch", label_key="label", embeddings=["mixed"])
+
+
 def test_a_sparse_embedding_is_scored_as_its_dense_values():
     import scipy.sparse as sp
 

@@ -68,9 +68,23 @@ def integration(
     for key, role in ((batch_key, "batch_key"), (label_key, "label_key")):
         if key not in adata.obs:
             raise KeyError(f"{role} {key!r} not found in adata.obs (available: {list(adata.obs.columns)})")
+    if batch_key == label_key:
+        raise ValueError(
+            f"batch_key and label_key are both {batch_key!r}; they must be different columns: the batches "
+            "are to be mixed, the labels kept apart"
+        )
     keys = [embeddings] if isinstance(embeddings, str) else list(embeddings)
     if not keys:
         raise ValueError("embeddings must name at least one .obsm key")
+    repeated = sorted({str(key) for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"embeddings names {repeated} more than once; name each .obsm key once")
+    if pre_integrated and pre_integrated not in adata.obsm:
+        raise KeyError(
+            f"pre_integrated {pre_integrated!r} (the embedding before integration, which the PCR comparison "
+            f"scores against) not found in adata.obsm (available: {list(adata.obsm)}); compute it "
+            "(sc.pp.pca(adata) for the default 'X_pca') or pass pre_integrated=None to leave that metric out"
+        )
     for key in [*keys, *([pre_integrated] if pre_integrated else [])]:
         if key not in adata.obsm:
             raise KeyError(f"embedding {key!r} not found in adata.obsm (available: {list(adata.obsm)})")
