@@ -205,6 +205,10 @@ def test_embed_reads_the_inputs_own_layer_and_gene_column_when_named(tmp_path, c
         "no column 'gene' (gene_key; its columns: ['symbol']); name the .var column"
         in capsys.readouterr().err
     )
+    # the var names (id0, id1, ...) share no gene with the model: the flag that fixes it, not gene_key=
+    assert main([*args, "--output", str(tmp_path / "a.h5ad"), "--layer", "X"]) == 2
+    err = capsys.readouterr().err
+    assert "shares 0 genes" in err and "with --gene-key" in err and "gene_key=" not in err, err
     assert main([*args, "--output", str(tmp_path / "a.h5ad"), "--layer", "X", "--gene-key", "symbol"]) == 0
     np.testing.assert_allclose(ad.read_h5ad(tmp_path / "a.h5ad").obsm["X_sct"], expected, atol=1e-6)
 
@@ -674,6 +678,8 @@ def test_finetune_of_a_labelled_reference_trains_on_its_labels_without_a_leak_wa
         ("gradient_clip_val", -1.0),
         ("enable_progress_bar", "no"),
         ("strategy", 4),
+        ("early_stopping_patience", 0),
+        ("early_stopping_mode", "up"),
     ],
 )
 def test_a_trainer_option_lightning_would_refuse_is_refused_when_the_config_is_read(
@@ -689,6 +695,29 @@ def test_a_trainer_option_lightning_would_refuse_is_refused_when_the_config_is_r
         settings["train"][option] = fine
         (tmp_path / "fine.yaml").write_text(yaml.safe_dump(settings))
         read_config(tmp_path / "fine.yaml")
+
+
+def test_early_stopping_and_other_trainer_options_are_taken_and_misspelt_ones_refused(tmp_path):
+    config = write_config(tmp_path)
+    settings = yaml.safe_load(open(config))
+    settings["train"] |= {
+        "early_stopping": True,
+        "early_stopping_patience": 2,
+        "early_stopping_monitor": "loss_validation",
+        "check_val_every_n_epoch": 1,
+        "max_time": "00:00:10:00",
+    }
+    (tmp_path / "fine.yaml").write_text(yaml.safe_dump(settings))
+    assert read_config(tmp_path / "fine.yaml")["train"]["early_stopping_patience"] == 2
+    settings["train"]["early_stoping_patience"] = 2
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(ConfigError, match=r"unknown train options \['early_stoping_patience'\]"):
+        read_config(tmp_path / "bad.yaml")
+    for managed in ("callbacks", "logger"):  # the command sets them itself
+        settings["train"] = {"max_epochs": 1, managed: None}
+        (tmp_path / "managed.yaml").write_text(yaml.safe_dump(settings))
+        with pytest.raises(ConfigError, match=f"unknown train options \\['{managed}'\\]"):
+            read_config(tmp_path / "managed.yaml")
 
 
 def test_a_trainer_setting_lightning_refuses_is_one_line_with_status_2(tmp_path, capsys):

@@ -21,8 +21,11 @@ Relative paths are taken beside the config file. Each data file is listed once (
 last one silently kept. The save replaces the whole ``output`` directory, so ``train.checkpoint_dir``
 and ``log.dir`` must lie outside it (an error before training; put them beside it, e.g.
 ``checkpoint_dir: model-ckpt/``); a path where they cannot be created (below a file, in a
-read-only folder) is an error before training too. Lightning ``Trainer`` options in ``train`` are
-checked when the config is read (e.g. ``accumulate_grad_batches`` a positive integer). With
+read-only folder) is an error before training too. ``train`` takes the options of
+``GeneTransformer.train``, its early stopping's (``early_stopping_patience``, ...) and those of
+Lightning's ``Trainer`` (all but ``logger``, ``callbacks``, ``plugins`` and ``default_root_dir``, which
+the command sets); the common ones are checked when the config is read (e.g.
+``accumulate_grad_batches`` a positive integer), the others by Lightning. With
 ``resume: true``, a checkpoint written on other data (other cells by name, or other genes) is
 refused before training. Under ``strategy: ddp`` every process runs the command; the first
 (global rank 0) saves the model and prints the result line.
@@ -81,6 +84,7 @@ import h5py
 import pandas as pd
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 
 from sctransformer._settings import logger
 from sctransformer.data._sharded import (
@@ -92,6 +96,7 @@ from sctransformer.data._sharded import (
     var_columns,
 )
 from sctransformer.data._splitting import check_splitter_option_names
+from sctransformer.data._vocabulary import GENE_KEY_FIX
 from sctransformer.model._save_load import CONFIG_FILE, check_save_target
 
 if TYPE_CHECKING:
@@ -341,6 +346,11 @@ _TRAINER_OPTION_RULES = {
     "enable_progress_bar": (lambda v: isinstance(v, bool), "true or false"),
     "limit_train_batches": _LIMIT_RULE,
     "limit_val_batches": _LIMIT_RULE,
+    "early_stopping_monitor": (lambda v: isinstance(v, str) and v != "", "the name of a logged metric"),
+    "early_stopping_min_delta": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "early_stopping_patience": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "early_stopping_warmup_epochs": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "early_stopping_mode": (lambda v: v in ("min", "max"), "min or max"),
 }
 
 
@@ -355,8 +365,20 @@ def _check_trainer_options(train: dict[str, Any]) -> None:
             raise ConfigError(f"train.{key} must be {description}, got {train[key]!r}")
 
 
-#: Lightning ``Trainer`` options accepted in the ``train`` section (passed through ``**trainer_kwargs``).
-_TRAINER_OPTIONS = set(_TRAINER_OPTION_RULES)
+#: Options of the early stopping ``train`` sets up with ``early_stopping: true`` (as ``GeneTransformer.train``)
+_EARLY_STOPPING_OPTIONS = {
+    f"early_stopping_{name}" for name in ("monitor", "min_delta", "patience", "warmup_epochs", "mode")
+}
+#: Lightning ``Trainer`` options accepted in the ``train`` section (passed through ``**trainer_kwargs``):
+#: every one but those the command sets itself (loggers, callbacks, plugins, the root directory)
+_TRAINER_OPTIONS = (
+    set(_TRAINER_OPTION_RULES)
+    | _EARLY_STOPPING_OPTIONS
+    | (
+        set(inspect.signature(Trainer.__init__).parameters)
+        - {"self", "logger", "callbacks", "plugins", "default_root_dir"}
+    )
+)
 
 
 def _load_data(data: dict[str, Any]) -> ad.AnnData:
@@ -701,19 +723,33 @@ def _apply(args: argparse.Namespace, tool: str) -> Path:
     _check_input_keys(source, layer, gene_key)
     counts = sct.data.ShardedAnnData([source], layer=layer, gene_key=gene_key, join="outer")
     annotations = _read_annotations(source)
-    if tool == "embed":
-        sct.tl.embed(
-            annotations,
-            model,
-            key_added=args.key_added,
-            pooling=args.pooling,
-            batch_size=args.batch_size,
-            counts=counts,
-        )
-    else:
-        sct.tl.predict(
-            annotations, model, min_confidence=args.min_confidence, batch_size=args.batch_size, counts=counts
-        )
+    try:
+        if tool == "embed":
+            sct.tl.embed(
+                annotations,
+                model,
+                key_added=args.key_added,
+                pooling=args.pooling,
+                batch_size=args.batch_size,
+                counts=counts,
+            )
+        else:
+            sct.tl.predict(
+                annotations,
+                model,
+                min_confidence=args.min_confidence,
+                batch_size=args.batch_size,
+                counts=counts,
+            )
+    except ValueError as err:  # the Python argument's advice, as the flag that sets it here
+        if GENE_KEY_FIX not in str(err):
+            raise
+        raise ValueError(
+            str(err).replace(
+                GENE_KEY_FIX,
+                "name the .var column with matching identifiers with --gene-key (var_names for the var names)",
+            )
+        ) from None
     _write_results(source, target, annotations)
     return target
 

@@ -3,8 +3,11 @@ from __future__ import annotations
 import warnings
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
+import pytest
+from scvi.train import _trainrunner
 
 import sctransformer as sct
 from sctransformer.train import HistoryTrainRunner
@@ -27,6 +30,19 @@ def test_history_gains_curves_first_logged_in_a_later_run(adata, tmp_path):
     assert model.history["loss_train"].index.tolist() == [0, 1, 2, 3]
     assert model.history["loss_validation"].index.tolist() == [2, 3]  # indexed by epochs trained
     assert np.isfinite(model.history["loss_validation"].to_numpy()).all()
+
+
+def test_a_failed_run_raises_its_error_once_and_prints_nothing(adata, capsys):
+    class Fail(pl.Callback):
+        def on_train_batch_start(self, *args, **kwargs):
+            raise ValueError("stopped by the test")
+
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    with pytest.raises(ValueError, match="stopped by the test"):
+        _train(model, callbacks=[Fail()])
+    assert capsys.readouterr().out == ""  # scvi-tools prints a notice labelled NameError to stdout
+    assert "print" not in vars(_trainrunner)  # its module as it was
 
 
 def test_logger_true_and_a_run_without_a_logger_keep_the_history(adata, tmp_path):

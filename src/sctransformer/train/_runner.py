@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import numpy as np
 import pandas as pd
-from scvi.train import TrainRunner
+from scvi.train import TrainRunner, _trainrunner
 from scvi.train._trainrunner import _safe_load_logger_history
+
+#: What scvi-tools' runner prints to stdout (labelled NameError) before it re-raises a training error
+_SCVI_FAILURE_NOTICE = "Exception raised during training."
+
+
+@contextmanager
+def _without_failure_notice() -> Iterator[None]:
+    """Drop scvi-tools' printed notice of a failed run: the error itself is raised, once, as it is."""
+
+    def quiet(*args: Any, **kwargs: Any) -> None:
+        if not (args and args[0] == _SCVI_FAILURE_NOTICE):
+            builtins.print(*args, **kwargs)
+
+    had = "print" in vars(_trainrunner)
+    previous = vars(_trainrunner).get("print")
+    _trainrunner.print = quiet  # the module's global name shadows the builtin it calls
+    try:
+        yield
+    finally:
+        if had:
+            _trainrunner.print = previous
+        else:
+            del _trainrunner.print
 
 
 class HistoryTrainRunner(TrainRunner):
@@ -19,8 +47,13 @@ class HistoryTrainRunner(TrainRunner):
     keep their spacing: validation every second epoch stays every second epoch, and a run resumed
     from a checkpoint (whose epochs do not start at 0) is followed by the next run's epochs, never
     by the same numbers again. Other curves (e.g. a ``LearningRateMonitor``'s, one value per step)
-    go on from their own length.
+    go on from their own length. A failed run raises its error without scvi-tools' printed
+    notice (on stdout, labelled ``NameError``).
     """
+
+    def _run_training_core(self) -> None:
+        with _without_failure_notice():
+            super()._run_training_core()
 
     def _update_history(self) -> None:
         previous = self.model.history_
