@@ -500,7 +500,7 @@ class ExpressionMixin:
         n_top
             Genes listed in ``most_changed``.
         batch_size
-            Cells per minibatch.
+            Cells per minibatch; default ``sctransformer.settings.batch_size``.
         return_cell_shifts
             Keep each perturbed cell's embedding shift (perturbed minus original embedding).
 

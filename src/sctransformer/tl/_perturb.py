@@ -58,11 +58,14 @@ def perturb(
     value
         Over-expressed log1p-normalised value; default each cell's highest.
     groupby
-        ``.obs`` column: report each group separately.
+        ``.obs`` column: report each group separately (without it, the table's ``group`` is
+        ``"all"``).
     predict_expression
         Also report the genes whose predicted expression moves most.
-    n_folds, n_top, batch_size
+    n_folds, n_top
         See :meth:`~sctransformer.GeneTransformer.perturb`.
+    batch_size
+        Cells per minibatch; default ``sctransformer.settings.batch_size``.
     store_cell_shifts
         Write each cell's embedding shift to ``.obsm["<key_added>_<gene>"]`` (``/`` in a gene
         name becomes ``_``: .h5ad keys cannot hold it). Genes whose keys would then be the same
@@ -176,7 +179,27 @@ def predict_response(
 ) -> AnnData:
     """Predict how ``adata``'s cells would look with phenotype tokens swapped (e.g. ``{"condition": "stim"}``).
 
-    See :meth:`~sctransformer.GeneTransformer.predict_response`. ``adata`` is not modified.
+    See :meth:`~sctransformer.GeneTransformer.predict_response` for the method. ``adata`` is not
+    modified.
+
+    Parameters
+    ----------
+    adata
+        The cells to transform (e.g. the control cells), counts in the model's layer.
+    model
+        Trained :class:`~sctransformer.GeneTransformer` with ``expression_queries > 0``.
+    set
+        ``{key: category}`` fed to every cell, e.g. ``{"condition": "stim"}``.
+    genes
+        Genes to predict; default the vocabulary genes among ``adata``'s columns.
+    n_folds
+        Folds of the vocabulary genes held out in turn (as
+        :meth:`~sctransformer.GeneTransformer.get_normalized_expression`).
+    refine_rounds
+        Rounds of counterfactual refinement (each cell given its predicted profile and predicted
+        again); ``0``: the plain swap.
+    batch_size
+        Cells per minibatch; default ``sctransformer.settings.batch_size``.
 
     Returns
     -------
