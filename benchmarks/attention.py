@@ -46,7 +46,7 @@ from sctransformer.module import _attention, sdpa_varlen_reference, select_atten
 from sctransformer.train import mask_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import make_bert, train_flops
+from throughput import expression_head_flops, make_bert, train_flops
 
 warnings.filterwarnings("ignore")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -164,7 +164,12 @@ def main() -> None:
                     lengths.append(tokens.is_token.sum(1))
             synchronize(device)
             seconds = time.perf_counter() - start
-            real, flops = step_work(lengths, args, n_prefix=module.n_prefix, n_bins=module.n_bins)
+            real, flops = step_work(
+                lengths,
+                args,
+                n_prefix=module.n_prefix,
+                head_flops=expression_head_flops(args.d_model, module.n_bins, module.cell_expression_loss),
+            )
             print(
                 f"| {backend if cuda else backend.replace('varlen', 'reference')} | {order_name} | {len(batches) * bs / seconds:,.1f} | {real / seconds:,.0f} | "
                 f"{flops / seconds / peak:.1%} | {abs(first_loss[backend] - first_loss['sdpa']):.2e} |"
@@ -342,7 +347,7 @@ def profile_steps(model, args, batches, counts, column_to_gene, backends, autoca
         )
 
 
-def step_work(lengths: list[torch.Tensor], args, *, n_prefix: int, n_bins: int) -> tuple[float, float]:
+def step_work(lengths: list[torch.Tensor], args, *, n_prefix: int, head_flops: float) -> tuple[float, float]:
     """Real tokens and model FLOPs of the timed steps, from each step's real tokens per cell."""
     real = float(sum(float(step.sum()) for step in lengths))
     flops = sum(
@@ -352,7 +357,7 @@ def step_work(lengths: list[torch.Tensor], args, *, n_prefix: int, n_bins: int) 
             d_ff=4 * args.d_model,
             n_layers=args.layers,
             n_prefix=n_prefix,
-            n_bins=n_bins,
+            head_flops=head_flops,
         )
         for step in lengths
     )
@@ -379,7 +384,8 @@ def bert_row(model, args, batches, counts, column_to_gene, order_name, autocast,
             lengths.append(tokens.is_token.sum(1))
     synchronize(module.cls.device)
     seconds = time.perf_counter() - start
-    real, flops = step_work(lengths, args, n_prefix=0, n_bins=16)
+    # BERT's head: Linear(d, 16) on the 15% masked tokens
+    real, flops = step_work(lengths, args, n_prefix=0, head_flops=0.15 * 2 * args.d_model * 16)
     print(
         f"| hf-bert (padded) | {order_name} | {len(batches) * args.batch_size / seconds:,.1f} | "
         f"{real / seconds:,.0f} | {flops / seconds / peak:.1%} | |"
