@@ -335,6 +335,23 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):
         torch.testing.assert_close(fresh[key], uninterrupted[key], rtol=0, atol=0)
 
 
+def test_resuming_a_finished_run_trains_nothing_and_says_so(tmp_path):
+    make_model, settings, _ = _make_model_and_settings()
+    finished = _train(make_model("anndata", tmp_path), **settings, checkpoint_dir=tmp_path / "ckpt")
+    again = make_model("anndata", tmp_path)
+    with pytest.warns(UserWarning, match=r"written at the end of a finished run .* trained nothing"):
+        again.train(**settings, checkpoint_dir=tmp_path / "ckpt", resume=True, logger=QUIET["logger"])
+    for key, value in again.module.state_dict().items():
+        torch.testing.assert_close(value, finished[key], rtol=0, atol=0)  # the finished run's weights
+    make_model, settings, checkpoints, _ = _stopped_midway(tmp_path / "midway")
+    with warnings.catch_warnings(record=True) as caught:  # a run resumed midway trains on, unwarned
+        warnings.simplefilter("always")
+        make_model("anndata", tmp_path).train(
+            **settings, checkpoint_dir=checkpoints, resume=True, logger=QUIET["logger"]
+        )
+    assert not [w for w in caught if "finished run" in str(w.message)]
+
+
 def test_resume_needs_a_checkpoint_directory(adata):
     sct.setup_anndata(adata, layer="counts")
     model = sct.GeneTransformer(adata, d_model=8, n_heads=2, n_layers=1)

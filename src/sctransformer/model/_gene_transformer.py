@@ -1634,6 +1634,14 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
                 runner()
             finished = True
+            if plan.resumed_step is not None and plan.global_step == plan.resumed_step:
+                warnings.warn(
+                    f"the checkpoint in {checkpoint_dir} was written at the end of a finished run "
+                    f"(step {plan.resumed_step}), so resume=True trained nothing; to train again, pass "
+                    "resume=False or another checkpoint_dir (or more max_epochs to train on)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         except FloatingPointError:  # a non-finite loss (the training plan's)
             diverged = True
             raise

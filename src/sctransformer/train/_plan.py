@@ -262,6 +262,8 @@ class MaskedModelingPlan(pl.LightningModule):
         # per stage, the epoch's sums of each logged value times its count, and the counts
         self._epoch_sums: dict[str, tuple[dict[str, torch.Tensor], dict[str, int]]] = {}
         self._resumed_sums: tuple[dict[str, torch.Tensor], dict[str, int]] | None = None
+        #: The optimisation step of the checkpoint the run resumed from (``None``: not resumed)
+        self.resumed_step: int | None = None
 
     def _phenotypes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n = batch[REGISTRY_KEYS.X_KEY].shape[0]
@@ -449,6 +451,7 @@ class MaskedModelingPlan(pl.LightningModule):
         )
         checkpoint.get("state_dict", {}).pop("column_to_gene", None)
         self._resumed_sums = checkpoint.get(EPOCH_SUMS_KEY)
+        self.resumed_step = int(checkpoint.get("global_step", 0))
 
     def on_train_start(self) -> None:
         """Go on from the checkpoint's sums where the run resumes midway through an epoch.
