@@ -410,17 +410,18 @@ def test_a_query_labelled_after_setup_with_categories_the_reference_lacks_still_
     assert loaded.is_trained
 
 
-def test_training_that_hits_a_non_finite_loss_stops_naming_the_step(adata):
+def test_training_that_hits_a_non_finite_loss_stops_naming_the_step(adata, tmp_path):
     sct.setup_anndata(adata, layer="counts")
     model = sct.GeneTransformer(adata, **TINY)
     with torch.no_grad():
         model.module.gene_embedding.weight.fill_(float("nan"))
     with (
-        pytest.raises(FloatingPointError, match="non-finite training loss at step 0"),
+        pytest.raises(FloatingPointError, match="non-finite training loss at step 0") as raised,
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore")
-        model.train(max_epochs=1, **QUIET)
+        model.train(max_epochs=1, checkpoint_dir=tmp_path / "ckpt", **QUIET)
+    assert "resume=True" not in str(raised.value)  # no checkpoint was written to resume from
 
 
 def test_a_non_finite_loss_mid_run_keeps_the_last_good_checkpoint(adata, tmp_path):
@@ -438,11 +439,15 @@ def test_a_non_finite_loss_mid_run_keeps_the_last_good_checkpoint(adata, tmp_pat
     model = sct.GeneTransformer(adata, **TINY)
     steps_per_epoch = int(np.ceil(round(0.9 * adata.n_obs) / 32))
     with (
-        pytest.raises(FloatingPointError, match=f"non-finite training loss at step {steps_per_epoch + 1}"),
+        pytest.raises(
+            FloatingPointError, match=f"non-finite training loss at step {steps_per_epoch + 1}"
+        ) as raised,
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore")
         model.train(max_epochs=3, checkpoint_dir=tmp_path, callbacks=[PoisonAtStep()], **QUIET)
+    # a retry with resume=True would go on from that checkpoint, with its settings: the error says so
+    assert "resume=True would go on from it with the same settings" in str(raised.value)
     checkpoint = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)  # our own file
     assert checkpoint["epoch"] == 0  # the end of the first epoch, the last good one
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())

@@ -1642,9 +1642,15 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                     UserWarning,
                     stacklevel=2,
                 )
-        except FloatingPointError:  # a non-finite loss (the training plan's)
+        except FloatingPointError as error:  # a non-finite loss (the training plan's)
             diverged = True
-            raise
+            if checkpoint_dir is None or not checkpointer.last.exists():
+                raise
+            raise FloatingPointError(
+                f"{error}. The last checkpoint in {checkpoint_dir} was written before the loss diverged: "
+                "resume=True would go on from it with the same settings (lr included), so to try again "
+                "with others pass resume=False or another checkpoint_dir"
+            ) from error
         finally:
             scvi.settings.seed = previous_seed
             _set_global_rng_state(previous_rng)  # the user's random draws go on as if untouched
