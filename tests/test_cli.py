@@ -220,6 +220,13 @@ def test_a_wandb_project_without_the_wandb_logger_is_refused(tmp_path, capsys):
     assert not (tmp_path / "model").exists()
 
 
+def test_a_logger_named_twice_is_refused(tmp_path, capsys):
+    config = write_config(tmp_path, log={"loggers": ["csv", "csv"]})
+    assert main(["pretrain", "--config", config]) == 2
+    assert "log.loggers names ['csv'] more than once" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model-logs").exists()
+
+
 def test_in_memory_data_keep_a_label_column_that_only_some_files_have(tmp_path):
     data = sct.datasets.synthetic(n_cells=60, n_genes=30, n_cell_types=3, n_markers=5, seed=0)
     labelled, unlabelled = data[:40].copy(), data[40:, ::-1][:, 2:].copy()  # other gene order, 2 fewer

@@ -265,6 +265,9 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
         loggers = _default_loggers()
     elif not isinstance(loggers, list) or set(loggers) - set(LOGGERS):
         raise ConfigError(f"log.loggers must be a list of {list(LOGGERS)}, got {loggers!r}")
+    if len(set(loggers)) < len(loggers):  # two loggers of a kind would write into one folder or run
+        twice = sorted({name for name in loggers if loggers.count(name) > 1})
+        raise ConfigError(f"log.loggers names {twice} more than once; name each logger once")
     for name in ("tensorboard", "wandb"):
         if name in loggers and not _installed(name):
             raise ConfigError(f"log.loggers asks for {name}, which is not installed (pip install {name})")
