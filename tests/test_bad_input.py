@@ -137,6 +137,18 @@ SETUP_CASES = {
         ValueError,
         "both batch_key",
     ),
+    "phenotype key not a string": (
+        _set_obs(1, lambda a: a.obs["cell_type"].to_numpy()),  # saved as "1", which no column is named
+        {"phenotype_keys": [1]},
+        TypeError,
+        r"phenotype_keys must name by strings .*got \[1\]; .*adata\.obs\.columns\.astype\(str\)",
+    ),
+    "batch key not a string": (
+        _set_obs(0, lambda a: "b"),
+        {"batch_key": 0},
+        TypeError,
+        r"batch_key must name by strings",
+    ),
     "duplicate phenotype keys": (
         lambda a: None,
         {"phenotype_keys": ["cell_type", "cell_type"]},

@@ -630,6 +630,37 @@ def test_a_shard_listed_twice_is_refused(shards, tmp_path):
         ShardedAnnData([shards[1], link], layer="counts")
 
 
+def test_keys_that_are_not_strings_are_refused_before_any_shard_is_read(shards):
+    for keys, message in (
+        ({"phenotype_keys": [1]}, r"phenotype_keys must name by strings .*got \[1\]"),
+        ({"batch_key": 0}, "batch_key must name by strings"),
+        ({"gene_key": 2}, r"gene_key must name by strings .*adata\.var\.columns"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            ShardedAnnData(shards, layer="counts", **keys)
+
+
+def test_shard_labels_that_look_like_missing_values_warn_as_in_memory(cells, tmp_path):
+    first, second = cells[:60].copy(), cells[60:120].copy()
+    first.obs["cell_type"] = first.obs["cell_type"].astype(object)
+    first.obs.iloc[::4, first.obs.columns.get_loc("cell_type")] = np.nan  # NaN: unknown, as in memory
+    second.obs["cell_type"] = second.obs["cell_type"].astype(str)
+    second.obs.iloc[::4, second.obs.columns.get_loc("cell_type")] = "nan"  # what .astype(str) makes of NaN
+    paths = [_write(a, tmp_path / f"m{i}.h5ad") for i, a in enumerate([first, second])]
+    with pytest.warns(
+        UserWarning, match=r"labels \['nan'\] that look like missing values.*rewrite the shards"
+    ):
+        data = ShardedAnnData(paths, layer="counts", phenotype_keys=["cell_type"])
+    assert "nan" in data.phenotype_categories["cell_type"]  # kept as a class, as the warning says
+    one = cells[:60].copy()
+    one.obs["cell_type"] = "T cell"
+    with pytest.warns(UserWarning, match="single category"):
+        ShardedAnnData([_write(one, tmp_path / "one.h5ad")], layer="counts", phenotype_keys=["cell_type"])
+    with warnings.catch_warnings():  # the fixture's shards: no warning
+        warnings.simplefilter("error", UserWarning)
+        ShardedAnnData([_write(cells, tmp_path / "all.h5ad")], layer="counts", phenotype_keys=["cell_type"])
+
+
 def test_a_reopened_shard_reads_the_indptr_of_its_rows_only(cells, shards, monkeypatch):
     """Beyond MAX_OPEN shards each block reopens its file: it must not read the shard's whole indptr."""
     monkeypatch.setattr(ShardedAnnData, "MAX_OPEN", 1)

@@ -554,6 +554,22 @@ def test_load_sets_up_again_an_anndata_registered_without_the_models_phenotypes(
     assert any(key.startswith("phenotype") for key in loaded.adata_manager.data_registry)
 
 
+def test_load_onto_cells_set_up_with_phenotypes_the_model_lacks_says_so(adata, tmp_path):
+    sct.setup_anndata(adata, layer="counts")  # pre-trained without labels
+    model = sct.GeneTransformer(adata, **TINY)
+    model.save(tmp_path / "m")
+    labelled = adata.copy()
+    sct.setup_anndata(labelled, layer="counts", phenotype_keys=["cell_type"])
+    with pytest.warns(
+        UserWarning, match=r"phenotype_keys \['cell_type'\], which the model has no tokens .*load_query_data"
+    ):
+        loaded = sct.GeneTransformer.load(tmp_path / "m", adata=labelled)
+    assert loaded.phenotype_categories_ == {}
+    with warnings.catch_warnings():  # the model's own setup loads without that warning
+        warnings.simplefilter("error")
+        sct.GeneTransformer.load(tmp_path / "m", adata=adata)
+
+
 def test_a_phenotype_column_removed_after_setup_is_refused_before_training(adata):
     sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
     model = sct.GeneTransformer(adata, **TINY)

@@ -33,7 +33,14 @@ from ._splitting import (
     rank_batch_sizes,
     refuse_train_owned_options,
 )
-from ._validation import check_label_values, count_values_problem, duplicate_genes_fix, positive_int
+from ._validation import (
+    check_key_names,
+    check_label_values,
+    count_values_problem,
+    duplicate_genes_fix,
+    positive_int,
+    warn_label_problems,
+)
 
 logger = logging.getLogger("sctransformer")
 
@@ -298,6 +305,7 @@ class ShardedAnnData:
         phenotype_keys = list(phenotype_keys or [])
         if len(set(phenotype_keys)) != len(phenotype_keys):
             raise ValueError(f"phenotype_keys has duplicates: {phenotype_keys}")
+        check_key_names(phenotype_keys=phenotype_keys, batch_key=batch_key, gene_key=gene_key, layer=layer)
         if batch_key is not None and batch_key in phenotype_keys:
             raise ValueError(f"{batch_key!r} is both batch_key and a phenotype key; choose one role")
         self.layer = layer
@@ -369,6 +377,7 @@ class ShardedAnnData:
             categories = observed_categories(values)  # named as in memory (e.g. float32, dates)
             if not categories:
                 raise ValueError(f"phenotype column {key!r} has no known value in any shard")
+            warn_label_problems(values, key, shards=True)
             self.phenotype_categories[key] = categories
             self.phenotype_codes[key] = category_codes(values, categories).astype(np.int32)
         self.batch_categories: list[str] | None = None

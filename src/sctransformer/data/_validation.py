@@ -316,6 +316,32 @@ def duplicate_genes_fix(gene_key: str | None, *, can_pass_gene_key: bool) -> str
     return f"{fix}, or pass another gene_key (or none, for adata.var_names)" if can_pass_gene_key else fix
 
 
+def check_key_names(
+    *, phenotype_keys: list[object], batch_key: object = None, gene_key: object = None, layer: object = None
+) -> None:
+    """Raise if a column or layer is named by something other than a string.
+
+    A saved model records these names as JSON text, so another type (e.g. an integer column name)
+    would be saved as a name that no column has, and the model could not be loaded.
+    """
+    for role, names, where in (
+        ("phenotype_keys", phenotype_keys, "obs"),
+        ("batch_key", [batch_key], "obs"),
+        ("gene_key", [gene_key], "var"),
+        ("layer", [layer], "layers"),
+    ):
+        bad = [name for name in names if name is not None and not isinstance(name, str)]
+        if bad:
+            fix = (
+                "rename the layer with a string key"
+                if where == "layers"
+                else f"name the columns with strings, e.g. adata.{where}.columns = adata.{where}.columns.astype(str)"
+            )
+            raise TypeError(
+                f"{role} must name by strings (a saved model records the names as text), got {bad!r}; {fix}"
+            )
+
+
 def check_obs_key(adata: AnnData, key: str, role: str) -> None:
     """Raise if ``key`` is not a column of ``adata.obs``, or one of labels that cannot be compared (e.g. lists)."""
     if key not in adata.obs:
@@ -379,18 +405,32 @@ def check_phenotype_column(adata: AnnData, key: str) -> None:
             f"phenotype column {key!r} has no known value (all NaN); drop it from phenotype_keys"
         )
     check_label_values(column, key)
+    warn_label_problems(column, key, stacklevel=4)
+
+
+def warn_label_problems(column: pd.Series, key: str, *, shards: bool = False, stacklevel: int = 3) -> None:
+    """Warn if a phenotype column has labels that look like missing values, or a single category.
+
+    ``shards``: the column is that of several files' ``.obs`` (:class:`~sctransformer.data.ShardedAnnData`),
+    so the fix is to rewrite the files.
+    """
     missing_like = sorted({str(v) for v in column.dropna().unique()} & MISSING_LIKE_LABELS)
     if missing_like:
+        replace = f"obs[{key!r}] = obs[{key!r}].replace({missing_like!r}, np.nan)"
+        fix = (
+            f"rewrite the shards that have them with {replace} on each file's obs"
+            if shards
+            else f"adata.{replace}"
+        )
         warnings.warn(
             f"phenotype column {key!r} has labels {missing_like} that look like missing values (e.g. from "
-            ".astype(str) on NaN); they are trained as a class of their own. To mark those cells unknown: "
-            f"adata.obs[{key!r}] = adata.obs[{key!r}].replace({missing_like!r}, np.nan)",
+            f".astype(str) on NaN); they are trained as a class of their own. To mark those cells unknown: {fix}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     if column.dropna().nunique() == 1:
         warnings.warn(
             f"phenotype column {key!r} has a single category; its head learns nothing useful",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )

@@ -55,6 +55,7 @@ from sctransformer.data._sharded import check_shard_options
 from sctransformer.data._splitting import check_splitter_options
 from sctransformer.data._validation import (
     cell_positions,
+    check_key_names,
     check_model_layer,
     check_obs_key,
     check_phenotype_column,
@@ -1051,6 +1052,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         phenotype_keys = [] if phenotype_keys is None else list(phenotype_keys)  # also a pd.Index
         if len(set(phenotype_keys)) != len(phenotype_keys):
             raise ValueError(f"phenotype_keys has duplicates: {phenotype_keys}")
+        check_key_names(phenotype_keys=phenotype_keys, batch_key=batch_key, gene_key=gene_key, layer=layer)
         if batch_key is not None:
             check_obs_key(adata, batch_key, "batch_key")
             if adata.obs[batch_key].isna().any():
@@ -2682,6 +2684,17 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 )
             elif _registered_codes_differ(adata, key, categories):
                 differences.append(f"codes of {key!r}")
+        extra = [
+            k
+            for k in registered.get(SETUP_ARGS.PHENOTYPE_KEYS) or []
+            if k not in state["phenotype_categories"]
+        ]
+        if extra:  # set up again without them: their labels would be ignored by train() and predict()
+            differences.append(
+                f"phenotype_keys {extra}, which the model has no tokens or heads for (their labels would be "
+                "ignored; to train the model on them, use GeneTransformer.load_query_data(adata, dir_path), "
+                "which adds them)"
+            )
         return differences
 
     @classmethod
