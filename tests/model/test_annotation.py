@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from unittest.mock import patch
 
 import numpy as np
 import pandas as pd
@@ -115,6 +116,22 @@ def test_calibration_on_labels_the_model_does_not_know_is_refused_or_warned_abou
         table = model.calibrate(partly)
     assert table.loc["cell_type", "n_cells"] == n_known
     model.temperatures_ = before
+    # labels under another column name, or none the model knows: refused before any forward pass
+    renamed = data[:60].copy()
+    renamed.obs = renamed.obs.rename(columns={"cell_type": "celltype"})
+    unknown = data[:60].copy()
+    unknown.obs["cell_type"] = "novel"
+    for cells, column in ((renamed, "'celltype'"), (unknown, "'cell_type'")):
+        with (
+            warnings.catch_warnings(),
+            patch.object(type(model), "_phenotype_logits", side_effect=AssertionError("forward pass")),
+            pytest.raises(
+                ValueError, match=rf"no cell has a label the model knows .*columns: \[{column}.*adata\.obs\["
+            ),
+        ):
+            warnings.simplefilter("ignore")
+            model.calibrate(cells)
+    assert model.temperatures_ == before
 
 
 def test_an_uncalibrated_threshold_is_warned_about_and_the_temperatures_used_are_recorded(trained):

@@ -2236,6 +2236,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         negative log-likelihood (``nll_*``) and the ECE (``ece_*``) on the fitting cells (an
         optimistic estimate: judge calibration on held-out cells). Also stored in
         ``model.calibration_`` and saved with the model.
+
+        Raises
+        ------
+        ValueError
+            Where no cell has a label of the model's phenotypes in a category it knows (e.g. the
+            labels are under another column name); checked before the forward pass.
         """
         from scipy.optimize import minimize_scalar
 
@@ -2268,11 +2274,10 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         adata = self._inference_adata(adata)
         if indices is not None:
             indices = np.sort(cell_positions(indices, adata.n_obs, "indices"))
+        # the labels first: cells without usable ones are refused before the forward pass
         if isinstance(adata, ShardedAnnData):
             labelled = [key for key in keys if key in adata.phenotype_codes]
             rows_of = np.arange(adata.n_obs) if indices is None else indices
-            logits = self._phenotype_logits(adata, labelled, batch_size, rows_of)
-            logits = {key: value[rows_of] for key, value in logits.items()}
             all_codes = {
                 key: category_codes(
                     pd.Series(adata.phenotype_categories[key], dtype=object)
@@ -2282,35 +2287,47 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 )
                 for key in labelled
             }
+            columns = list(adata.phenotype_codes)
         else:
             if indices is not None:
                 adata = adata[indices]
             labelled = [key for key in keys if key in adata.obs and (not own or self._labels_registered(key))]
             if not own:  # the model's own cells were registered with its categories (and warned about)
                 _warn_unseen_categories(adata, self.phenotype_categories_, labelled)  # left out of the fit
-            logits = self._phenotype_logits(adata, labelled, batch_size)
             all_codes = {
                 key: category_codes(adata.obs[key], self.phenotype_categories_[key]) for key in labelled
             }
+            columns = [c for c in adata.obs.columns if not str(c).startswith("_scvi_")]  # the user's own
         if phenotype is not None and len(labelled) < len(keys):
             missing = sorted(set(keys) - set(labelled))
             raise KeyError(f"the cells have no labels of {missing} to calibrate against")
+        for key in [key for key in labelled if not (all_codes[key] >= 0).any()]:
+            if phenotype is not None:  # asked for by name: not silently left as it was
+                raise ValueError(
+                    f"no cell has a label of {key!r} that the model knows (its categories: "
+                    f"{self.phenotype_categories_[key][:10]}); nothing to calibrate its temperature on"
+                )
+            logger.info(
+                "no labelled cells of %r to calibrate on; its temperature is left as it was (%s)",
+                key,
+                self.temperatures_.get(key, "none: 1"),
+            )
+            labelled.remove(key)
+        if not labelled:
+            raise ValueError(
+                f"no cell has a label the model knows of its phenotypes {keys} (the cells' columns: "
+                f"{columns[:20]}), so there is nothing to calibrate on; give the labels the model's column "
+                "names and categories, e.g. adata.obs[<model's key>] = adata.obs[<your column>]"
+            )
+        if isinstance(adata, ShardedAnnData):
+            logits = self._phenotype_logits(adata, labelled, batch_size, rows_of)
+            logits = {key: value[rows_of] for key, value in logits.items()}
+        else:
+            logits = self._phenotype_logits(adata, labelled, batch_size)
         rows = {}
         for key in labelled:
             codes = all_codes[key]
             known = codes >= 0
-            if known.sum() == 0:
-                if phenotype is not None:  # asked for by name: not silently left as it was
-                    raise ValueError(
-                        f"no cell has a label of {key!r} that the model knows (its categories: "
-                        f"{self.phenotype_categories_[key][:10]}); nothing to calibrate its temperature on"
-                    )
-                logger.info(
-                    "no labelled cells of %r to calibrate on; its temperature is left as it was (%s)",
-                    key,
-                    self.temperatures_.get(key, "none: 1"),
-                )
-                continue
             z = torch.as_tensor(logits[key][known], dtype=torch.float64)
             target = torch.as_tensor(codes[known])
 
