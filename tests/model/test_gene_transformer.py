@@ -608,6 +608,22 @@ def test_phenotype_mask_prob_may_be_1_and_0_warns_that_no_head_is_trained(adata)
         model.train(max_epochs=1, phenotype_mask_prob=1.5, **QUIET)
 
 
+def test_training_with_no_loss_term_to_score_is_refused_before_it_starts(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    with pytest.raises(
+        ValueError, match=r"gene_mask_prob=0 with phenotype_mask_prob=0, .*leaves nothing to learn"
+    ):
+        model.train(max_epochs=1, gene_mask_prob=0.0, phenotype_mask_prob=0.0, **QUIET)
+    assert not model.is_trained
+    train_quietly(model, max_epochs=1, gene_mask_prob=0.0, phenotype_mask_prob=0.5)  # the phenotypes only
+    assert model.history["loss_train"].iloc[-1, 0] > 0
+    unlabelled = adata.copy()
+    sct.setup_anndata(unlabelled, layer="counts")
+    with pytest.raises(ValueError, match="gene_mask_prob=0 with no phenotype keys"):
+        sct.GeneTransformer(unlabelled, **TINY).train(max_epochs=1, gene_mask_prob=0.0, **QUIET)
+
+
 def test_training_leaves_the_users_global_random_state_as_it_was(adata):
     import random
 

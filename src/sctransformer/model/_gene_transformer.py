@@ -1402,9 +1402,13 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             raise ValueError(
                 "this model has no gene-prediction head; create it with GeneTransformer(adata, gene_prediction=0.15)"
             )
-        if gene_mask_prob == 0 and gene_prediction == 0 and not self.phenotype_categories_:
+        learns_phenotypes = bool(self.phenotype_categories_) and phenotype_mask_prob > 0
+        learns_alignment = self.module.align_dims is not None and align_weight > 0
+        if gene_mask_prob == 0 and gene_prediction == 0 and not learns_phenotypes and not learns_alignment:
+            phenotypes = "phenotype_mask_prob=0" if self.phenotype_categories_ else "no phenotype keys"
             raise ValueError(
-                "gene_mask_prob=0 with no phenotype keys and no gene prediction leaves nothing to learn"
+                f"gene_mask_prob=0 with {phenotypes}, no gene prediction and no alignment leaves nothing to "
+                "learn: no loss term would be scored; set gene_mask_prob (e.g. 0.15) or phenotype_mask_prob"
             )
         if not 0 < train_size <= 1:
             raise ValueError(f"train_size must be in (0, 1], got {train_size!r}")
