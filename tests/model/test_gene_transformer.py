@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from unittest.mock import patch
 
 import anndata as ad
 import numpy as np
@@ -622,6 +623,35 @@ def test_training_with_no_loss_term_to_score_is_refused_before_it_starts(adata):
     sct.setup_anndata(unlabelled, layer="counts")
     with pytest.raises(ValueError, match="gene_mask_prob=0 with no phenotype keys"):
         sct.GeneTransformer(unlabelled, **TINY).train(max_epochs=1, gene_mask_prob=0.0, **QUIET)
+
+
+def test_early_stopping_options_are_checked_before_training(adata):
+    sct.setup_anndata(adata, layer="counts", phenotype_keys=["cell_type"])
+    model = sct.GeneTransformer(adata, **TINY)
+    for option, value, message in (
+        ("patience", "x", r"early_stopping_patience must be an integer >= 1 \(epochs\), got 'x'"),
+        ("patience", 0, "early_stopping_patience must be an integer >= 1"),
+        ("warmup_epochs", -1, "early_stopping_warmup_epochs must be an integer >= 0"),
+        ("min_delta", float("nan"), "early_stopping_min_delta must be a finite number >= 0"),
+        ("mode", "up", "early_stopping_mode must be 'min' or 'max'"),
+        (
+            "monitor",
+            "loss_valid",
+            r"'loss_valid' is not a metric this run logs; did you mean 'loss_validation'\?",
+        ),
+    ):
+        with (
+            patch.object(type(model), "_train_runner_cls", side_effect=AssertionError("trained")),
+            pytest.raises(ValueError, match=message),
+        ):
+            model.train(max_epochs=3, early_stopping=True, **{f"early_stopping_{option}": value}, **QUIET)
+    with pytest.warns(
+        UserWarning, match=r"\['early_stopping_patience'\] are ignored without early_stopping=True"
+    ):
+        model.train(max_epochs=1, early_stopping_patience=3, **QUIET)
+    train_quietly(
+        model, max_epochs=1, early_stopping=True, early_stopping_monitor="phenotype_cell_type_validation"
+    )
 
 
 def test_training_leaves_the_users_global_random_state_as_it_was(adata):

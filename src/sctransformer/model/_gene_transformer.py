@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import hashlib
 import importlib.util
@@ -134,6 +135,38 @@ def _check_finite(name: str, value: Any) -> None:
     """Refuse a training option that is not a finite real number (NaN and inf would poison the weights)."""
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_early_stopping(options: dict[str, Any], early_stopping: bool, metrics: list[str]) -> None:
+    """Check ``train``'s ``early_stopping_*`` options before training (else they fail epochs in).
+
+    ``options``: the options given, by name without the prefix; ``metrics``: the names the run may
+    log, which ``monitor`` must be one of. Options without ``early_stopping=True`` warn: they would
+    be ignored.
+    """
+    if options and not early_stopping:
+        warnings.warn(
+            f"{sorted('early_stopping_' + name for name in options)} are ignored without early_stopping=True",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    for name, least in (("patience", 1), ("warmup_epochs", 0)):  # as the command line checks them
+        value = options.get(name, least)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            raise ValueError(f"early_stopping_{name} must be an integer >= {least} (epochs), got {value!r}")
+    min_delta = options.get("min_delta", 0.0)
+    if isinstance(min_delta, bool) or not isinstance(min_delta, Real) or not 0 <= min_delta < np.inf:
+        raise ValueError(f"early_stopping_min_delta must be a finite number >= 0, got {min_delta!r}")
+    if options.get("mode", "min") not in ("min", "max"):
+        raise ValueError(f"early_stopping_mode must be 'min' or 'max', got {options['mode']!r}")
+    monitor = options.get("monitor", "loss_validation")
+    if monitor not in metrics:
+        close = difflib.get_close_matches(str(monitor), metrics, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"early_stopping_monitor {monitor!r} is not a metric this run logs; {hint}its metrics: {metrics}"
+        )
 
 
 def _check_gene_prediction(value: Any) -> None:
@@ -1517,6 +1550,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             for name in ("monitor", "min_delta", "patience", "warmup_epochs", "mode")
             if f"early_stopping_{name}" in trainer_kwargs
         }
+        metrics = [
+            f"{name}_{stage}"
+            for stage in ("validation", "train")
+            for name in ("loss", *self.module.loss_names(list(self.phenotype_categories_)))
+        ]
+        _check_early_stopping(stopping, early_stopping, metrics)
         if early_stopping and trainer_kwargs.get("check_val_every_n_epoch") is None:
             trainer_kwargs["check_val_every_n_epoch"] = 1  # as scvi-tools' Trainer sets it for its own
         early_stopper = (
