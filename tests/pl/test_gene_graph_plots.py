@@ -93,6 +93,11 @@ def test_gene_modules_dotplot_has_one_column_per_module(with_graph):
     assert list(dotplot.var_names) == list(adata.var["sct_gene_module"].cat.categories)
     with pytest.raises(KeyError, match="gene_modules"):
         sct.pl.gene_modules(adata, "cell_type", key="missing", show=False)
+    for numbers in (adata.obs["cell_type"].cat.codes.astype(int), adata.obs["cell_type"] == "type_0"):
+        adata.obs["grouping"] = numbers.to_numpy()  # integers, booleans: one row per value, not bins
+        rows = sct.pl.gene_modules(adata, "grouping", return_fig=True).obs_tidy.index.categories
+        assert sorted(map(str, rows)) == sorted(map(str, np.unique(numbers)))
+    del adata.obs["grouping"]
 
 
 def test_gene_graph_plot_refuses_genes_outside_the_graph(trained):

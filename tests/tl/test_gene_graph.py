@@ -259,6 +259,7 @@ def test_gene_graph_by_group_and_restricted_genes(trained, tmp_path):
         ({"groupby": "cell_type", "min_group_size": 0}, ValueError, "min_group_size must be a positive"),
         ({"groupby": "cell_type", "min_group_size": 2.5}, ValueError, "min_group_size must be a positive"),
         ({"groupby": ["cell_type"]}, TypeError, r"groupby must be the name of one column"),
+        ({"min_cells": 151}, ValueError, r"min_cells=151 is more than the 150 cells"),
         ({"score": "attention", "symmetrize": "no"}, TypeError, "symmetrize must be True or False"),
     ],
 )
@@ -327,6 +328,40 @@ def test_gene_modules_are_leiden_communities_with_cell_scores(graphed):
     # a run without scores leaves no scores of the earlier modules under the same names
     sct.tl.gene_modules(adata, resolution=3.0, min_size=3, score=False)
     assert "sct_gene_module_scores" not in adata.obsm
+
+
+def test_empty_graphs_warn_and_modules_that_would_be_empty_are_refused(trained):
+    model, data = trained
+    adata = data.copy()
+    adata.obs["size"] = np.where(np.arange(adata.n_obs) < 144, "big", "small")
+    with pytest.warns(UserWarning, match=r"graph of group 'small' of 'size' \(6 cells\) has no edges"):
+        sct.tl.gene_graph(adata, model, groupby="size", min_group_size=1, min_cells=10, top_k=5)
+    assert adata.varp["sct_gene_graph_small"].nnz == 0 and adata.varp["sct_gene_graph_big"].nnz > 0
+    sct.tl.gene_modules(adata, key="sct_gene_graph_big", min_size=3, random_state=1, score=False)
+    before = adata.var["sct_gene_module"].copy()
+    assert adata.uns["sct"]["sct_gene_module"]["params"]["random_state"] == 1
+    assert adata.uns["sct"]["sct_gene_module"]["params"]["score"] is False
+    with pytest.raises(ValueError, match=r"no module .* has min_size=1000 genes \(the largest has \d+\)"):
+        sct.tl.gene_modules(adata, key="sct_gene_graph_big", min_size=1000)
+    pd.testing.assert_series_equal(adata.var["sct_gene_module"], before)  # the earlier modules stay
+
+
+def test_a_grouped_rerun_removes_its_earlier_graphs_but_not_other_tools_records(trained):
+    model, data = trained
+    adata = data.copy()
+    settings = {"key_added": "g", "top_k": 5, "min_cells": 2, "min_group_size": 10}
+    sct.tl.gene_graph(adata, model, groupby="cell_type", **settings)
+    sct.tl.gene_modules(adata, key="g_type_0", key_added="g_type_0", score=False)  # its record on top
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the batches' graphs
+        sct.tl.gene_graph(adata, model, groupby="batch", **settings)
+    assert sorted(adata.varp) == sorted(f"g_{b}" for b in adata.obs["batch"].unique())  # no type_* left
+    assert (
+        adata.uns["sct"]["g_type_0"]["function"] == "gene_modules"
+        and "others" not in adata.uns["sct"]["g_type_0"]
+    )
+    assert "g_type_1" not in adata.uns["sct"]
+    assert "g_type_0" in adata.var  # gene_modules' output is not the graph's to remove
 
 
 def test_gene_graph_refuses_groups_whose_varp_keys_would_clash(trained):

@@ -229,7 +229,8 @@ def gene_modules(
         columns.append(np.asarray(x[:, members].mean(1)).ravel())
     summary = AnnData(
         X=np.column_stack(columns).astype(np.float32),
-        obs=adata.obs[[groupby]].copy(),
+        # categorical: scanpy would bin numbers or booleans into intervals, then fail to find them
+        obs=adata.obs[[groupby]].astype("category"),
         var=pd.DataFrame(index=[str(c) for c in modules.categories]),
     )
     return sc.pl.dotplot(

@@ -19,6 +19,8 @@ from sctransformer.model import GeneTransformer
 from ._utils import (
     check_distinct_keys,
     check_key_added,
+    forget_run,
+    previous_run,
     record_run,
     recorded_runs,
     refuse_backed_copy,
@@ -451,7 +453,8 @@ def gene_graph(
     top_k
         Edges kept per gene; ``1 <= top_k < n_genes``.
     min_cells
-        Minimum number of cells in which both genes are tokens for an edge.
+        Minimum number of cells in which both genes are tokens for an edge (more than the cells
+        is refused; a graph left without edges, e.g. of a group this small, warns).
     min_group_size
         Smallest group given its own graph with ``groupby``: a positive integer (``1`` gives
         every group a graph).
@@ -496,6 +499,11 @@ def gene_graph(
     # layers and heads (GeneTransformer._gene_attention) are checked where they are used, before
     # the first forward pass
     if groupby is None:
+        if min_cells > adata.n_obs:
+            raise ValueError(
+                f"min_cells={min_cells} is more than the {adata.n_obs} cells, so no pair of genes could get an "
+                "edge; lower min_cells"
+            )
         subsets = {key_added: (None, np.arange(adata.n_obs))}
     else:
         if not isinstance(groupby, str):
@@ -553,22 +561,28 @@ def gene_graph(
             (small.data, (columns[small.row], columns[small.col])), shape=(adata.n_vars, adata.n_vars)
         )
         full.sort_indices()
+        if full.nnz == 0:
+            where = "" if group is None else f" of group {group!r} of {groupby!r} ({len(idx)} cells)"
+            warnings.warn(
+                f"the graph{where} has no edges: no pair of its genes scores above 0 with both genes tokens "
+                f"together in at least min_cells={min_cells} cells; lower min_cells",
+                UserWarning,
+                stacklevel=2,
+            )
         graphs[key] = full
 
     adata = adata.copy() if copy else adata
     if groupby is not None:  # the graphs of an earlier grouped run of key_added go: this run replaces them
         runs = dict(recorded_runs(adata))  # a copy: a view's .uns may share its parent's dict
+        earlier = {k: previous_run(adata, k, "gene_graph").get("params", {}) for k in runs}
         stale = [
             k
-            for k, run in runs.items()
-            if run.get("function") == "gene_graph"
-            and run.get("params", {}).get("key_added") == key_added
-            and run.get("params", {}).get("groupby") is not None
-            and k not in graphs
+            for k, params in earlier.items()
+            if params.get("key_added") == key_added and params.get("groupby") is not None and k not in graphs
         ]
-        for key in stale:
+        for key in stale:  # its graph and record go; other tools' records of the key stay
             adata.varp.pop(key, None)
-            runs.pop(key)
+            forget_run(runs, key, "gene_graph")
         if stale:
             adata.uns[KEYS.UNS] = runs
     for key, graph in graphs.items():
@@ -718,7 +732,8 @@ def gene_modules(
     resolution
         Leiden resolution (higher: more, smaller modules).
     min_size
-        Modules with fewer genes (and genes without edges) get no module (NaN).
+        Modules with fewer genes (and genes without edges) get no module (NaN); where no module
+        has ``min_size`` genes, nothing is written and a ``ValueError`` says so.
     score
         Also score every cell for every module with :func:`scanpy.tl.score_genes` (on
         ``adata.X``, which should hold log-normalised expression for meaningful scores).
@@ -774,6 +789,11 @@ def gene_modules(
     labels = np.full(adata.n_vars, np.nan, dtype=object)
     labels[connected] = communities.map(names).to_numpy()
     order = [names[c] for c in sorted(big, key=lambda c: (-sizes[c], int(c)))]
+    if not order:  # an all-NaN column would replace the modules of an earlier run
+        raise ValueError(
+            f"no module of the graph in adata.varp[{key!r}] has min_size={min_size} genes (the largest has "
+            f"{int(sizes.max())}); lower min_size or resolution"
+        )
     module = pd.Categorical(labels, categories=order)
 
     scores = None
@@ -798,6 +818,13 @@ def gene_modules(
         key_added,
         "gene_modules",
         None,
-        {"key": key, "resolution": float(resolution), "min_size": int(min_size), "n_modules": len(order)},
+        {
+            "key": key,
+            "resolution": float(resolution),
+            "min_size": int(min_size),
+            "random_state": None if random_state is None else int(random_state),
+            "score": bool(score),
+            "n_modules": len(order),
+        },
     )
     return adata if copy else None

@@ -69,6 +69,31 @@ def previous_run(adata: AnnData, key_added: str, function: str) -> Mapping[str, 
     return found[0] if found else {}
 
 
+def forget_run(runs: dict[str, Any], key_added: str, function: str) -> None:
+    """Remove the record of ``function`` under ``key_added`` from ``runs``, keeping other tools' records.
+
+    Where ``function``'s record is the top one, one kept in its ``"others"`` takes its place.
+    """
+    run = runs.get(key_added)
+    if not isinstance(run, Mapping):
+        return
+    others = {k: v for k, v in dict(run.get("others") or {}).items() if isinstance(v, Mapping)}
+    if run.get("function") == function:
+        if not others:
+            del runs[key_added]
+            return
+        _, top = others.popitem()  # the last recorded
+        run = dict(top)
+    else:
+        others.pop(function, None)
+        run = dict(run)
+    if others:
+        run["others"] = others
+    else:
+        run.pop("others", None)
+    runs[key_added] = run
+
+
 def check_key_added(key_added: str) -> None:
     """Raise if ``key_added`` is not a string, is empty or blank, or holds ``/``.
 
