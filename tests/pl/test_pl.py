@@ -154,6 +154,10 @@ def test_embedding_with_an_unknown_color_key_fails_before_computing_anything(tra
     with pytest.raises(KeyError, match=r"color \['cell_typ'\] are neither adata\.obs columns nor genes"):
         sct.pl.embedding(adata, color=["cell_type", "cell_typ"])
     assert (set(adata.uns), set(adata.obsm), set(adata.obsp)) == before
+    for bad in (1, "5", 2.5, True):
+        with pytest.raises(ValueError, match=rf"n_neighbors must be an integer >= 2 .*got {bad!r}"):
+            sct.pl.embedding(adata, color="cell_type", n_neighbors=bad)
+    assert (set(adata.uns), set(adata.obsm), set(adata.obsp)) == before
     view = adata[:20]
     with pytest.raises(KeyError, match="cell_typ"):
         sct.pl.embedding(view, color="cell_typ")

@@ -156,6 +156,11 @@ def embedding(
     if basis not in adata.obsm:
         raise KeyError(f"adata.obsm[{basis!r}] not found; run sct.tl.embed(adata, model) first")
     _check_color(adata, color, kwargs.get("gene_symbols"))  # before a UMAP is computed for nothing
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int | np.integer) or n_neighbors < 2:
+        raise ValueError(
+            f"n_neighbors must be an integer >= 2 (a UMAP needs neighbours), got {n_neighbors!r}"
+        )
+    n_neighbors = int(n_neighbors)
     neighbors_key = f"{basis}_neighbors"
     umap_key = f"{basis}_umap"
     if recompute or not _umap_is_current(adata, basis, umap_key, neighbors_key, n_neighbors):
