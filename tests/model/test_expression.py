@@ -265,6 +265,13 @@ def test_tl_perturb_writes_results_and_they_plot(querying):
     assert sct.pl.perturbation(adata, gene="gene_4", n=5, show=False) is not None
     with pytest.raises(ValueError, match="was not perturbed"):
         sct.pl.perturbation(adata, gene="gene_7", show=False)
+    # the returned table sorted or re-indexed in place: the stored results stay aligned
+    stored = {k: v.copy() for k, v in stored.items() if isinstance(v, pd.DataFrame)}
+    summary.sort_values("embedding_shift", ascending=False, inplace=True)
+    summary.set_index("perturbed", inplace=True)
+    for name, table in stored.items():
+        pd.testing.assert_frame_equal(adata.uns["sct_perturb"][name], table)
+    assert sct.pl.perturbation(adata, gene="gene_4", n=5, show=False) is not None
 
 
 def test_cell_shifts_of_a_gene_with_a_slash_in_its_name_can_be_written(tmp_path):

@@ -125,7 +125,9 @@ def perturb(
     for key in _previous_cell_shift_keys(adata, key_added):
         adata.obsm.pop(key, None)
     summary = result.summary
-    stored: dict[str, Any] = {"summary": summary, "mode": mode}
+    # a copy: the rows of expression_change are matched to the summary's by position, so sorting the
+    # returned table in place must not reorder the stored one
+    stored: dict[str, Any] = {"summary": summary.copy(), "mode": mode}
     if result.expression_change is not None:
         stored["expression_change"] = (
             result.expression_change.reset_index(drop=True).set_axis(summary.index.astype(str), axis=0).T
