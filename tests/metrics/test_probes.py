@@ -75,6 +75,17 @@ def test_probes_leave_out_cells_without_a_label():
         knn_probe_accuracy(embedding, labels, train, [1, 27])
 
 
+def test_probes_refuse_test_cells_that_are_also_training_cells():
+    from sctransformer.metrics import knn_probe_accuracy, logistic_regression_baseline
+
+    rng = np.random.default_rng(0)
+    embedding, labels = rng.normal(size=(60, 4)), rng.integers(0, 3, 60)  # random labels: chance is 1/3
+    cells = np.arange(60)
+    for probe in (knn_probe_accuracy, logistic_regression_baseline):
+        with pytest.raises(ValueError, match=r"train_idx and test_idx share 10 cells .*disjoint"):
+            probe(embedding, labels, cells[:40], cells[30:])  # each test cell would find itself
+
+
 @pytest.mark.parametrize(
     ("kind", "zero", "one"), [("int", 0, 1), ("float with a missing label", 0.0, 1.0), ("bool", False, True)]
 )

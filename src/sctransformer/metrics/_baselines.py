@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 from sctransformer.data._validation import cell_positions, positive_int
 
-from ._probes import _label_codes, log1p_normalise
+from ._probes import _check_disjoint, _label_codes, log1p_normalise
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -135,12 +135,7 @@ def annotation_baselines(
         raise ValueError(f"labels must have one entry per cell (row of counts: {n_cells}), got {codes.shape}")
     train_idx = np.sort(cell_positions(train_idx, n_cells, "train_idx"))
     test_idx = cell_positions(test_idx, n_cells, "test_idx")
-    overlap = np.intersect1d(train_idx, test_idx)
-    if len(overlap):
-        raise ValueError(
-            f"train_idx and test_idx share {len(overlap)} cells (e.g. {overlap[:5].tolist()}); "
-            "pass disjoint training and test cells"
-        )
+    _check_disjoint(train_idx, test_idx)
     y_train = codes[train_idx]
     if (y_train < 0).any():
         raise ValueError("some training cells have no label; drop them from train_idx")

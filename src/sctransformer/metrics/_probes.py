@@ -94,6 +94,16 @@ def _cells_matrix(x: ArrayLike | sp.spmatrix, n_cells: int, name: str) -> np.nda
     return x
 
 
+def _check_disjoint(train_idx: np.ndarray, test_idx: np.ndarray) -> None:
+    """Raise if training and test cells overlap: a test cell found among the training cells inflates a score."""
+    overlap = np.intersect1d(train_idx, test_idx)
+    if len(overlap):
+        raise ValueError(
+            f"train_idx and test_idx share {len(overlap)} cells (e.g. {overlap[:5].tolist()}); "
+            "pass disjoint training and test cells"
+        )
+
+
 def _labelled(positions: np.ndarray, codes: np.ndarray, name: str) -> np.ndarray:
     """The cells of ``positions`` that have a label (code >= 0); an error if none has."""
     kept = positions[codes[positions] >= 0]
@@ -139,6 +149,7 @@ def knn_probe_accuracy(
     embedding = _cells_matrix(embedding, len(codes), "embedding")
     train_idx = np.sort(_labelled(cell_positions(train_idx, len(codes), "train_idx"), codes, "train_idx"))
     test_idx = _labelled(cell_positions(test_idx, len(codes), "test_idx"), codes, "test_idx")
+    _check_disjoint(train_idx, test_idx)
     knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(train_idx)))
     knn.fit(embedding[train_idx], codes[train_idx])
     return float((knn.predict(embedding[test_idx]) == codes[test_idx]).mean())
@@ -179,6 +190,7 @@ def logistic_regression_baseline(
     features = _cells_matrix(features, len(codes), "features")
     train_idx = _labelled(cell_positions(train_idx, len(codes), "train_idx"), codes, "train_idx")
     test_idx = cell_positions(test_idx, len(codes), "test_idx")
+    _check_disjoint(train_idx, test_idx)
     clf = LogisticRegression(max_iter=max_iter)
     clf.fit(features[train_idx], codes[train_idx])
     return classes[clf.predict(features[test_idx])]
