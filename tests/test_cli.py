@@ -220,6 +220,28 @@ def test_a_wandb_project_without_the_wandb_logger_is_refused(tmp_path, capsys):
     assert not (tmp_path / "model").exists()
 
 
+def test_paths_starting_with_a_tilde_are_in_the_home_directory(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    config = write_config(tmp_path, output="~/models/m")
+    config_read = read_config(config)
+    assert config_read["output"] == str(home / "models" / "m")
+    assert config_read["log"]["dir"] == str(home / "models" / "m-logs")
+
+
+def test_a_diverged_run_is_one_line_with_exit_status_1(tmp_path, capsys):
+    config = write_config(
+        tmp_path, train={"max_epochs": 1, "enable_progress_bar": False, "lr": 1.0e8, "warmup_fraction": 0.0}
+    )
+    assert main(["pretrain", "--config", config]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("sctransformer pretrain: error: non-finite training loss") and err.count("\n") == 1
+    ), err
+    assert not (tmp_path / "model").exists()
+
+
 def test_a_logger_named_twice_is_refused(tmp_path, capsys):
     config = write_config(tmp_path, log={"loggers": ["csv", "csv"]})
     assert main(["pretrain", "--config", config]) == 2
@@ -687,6 +709,12 @@ def test_finetune_of_a_labelled_reference_trains_on_its_labels_without_a_leak_wa
         ("strategy", 4),
         ("early_stopping_patience", 0),
         ("early_stopping_mode", "up"),
+        ("limit_train_batches", 0),  # no training step: the initial weights saved as a trained model
+        ("max_steps", 0),
+        ("val_check_interval", 0),  # a division by zero after the first step
+        ("check_val_every_n_epoch", 0),
+        ("num_sanity_val_steps", "abc"),
+        ("overfit_batches", 2),  # Lightning's loader for it cannot batch sparse counts
     ],
 )
 def test_a_trainer_option_lightning_would_refuse_is_refused_when_the_config_is_read(

@@ -16,7 +16,7 @@
     log: {loggers: [csv, tensorboard], dir: null, wandb_project: null}   # optional
     output: model/                               # saved model; the resolved config is saved beside it
 
-Relative paths are taken beside the config file. Each data file is listed once (``a.h5ad`` and
+Relative paths are taken beside the config file (``~`` is the home directory). Each data file is listed once (``a.h5ad`` and
 ``./a.h5ad`` are the same file: an error), and a key or section given twice is an error, not the
 last one silently kept. The save replaces the whole ``output`` directory, so ``train.checkpoint_dir``
 and ``log.dir`` must lie outside it (an error before training; put them beside it, e.g.
@@ -143,8 +143,8 @@ _UniqueKeyLoader.add_implicit_resolver(
 
 
 def _absolute(path: str | os.PathLike, base: Path) -> str:
-    """``path``, taken beside ``base`` when relative, as a normalised absolute path (no trailing ``/``)."""
-    return os.path.abspath(base / path)
+    """``path`` (``~`` expanded), taken beside ``base`` when relative, as a normalised absolute path (no trailing ``/``)."""
+    return os.path.abspath(base / os.path.expanduser(path))
 
 
 def _inside(path: str, directory: str) -> bool:
@@ -338,17 +338,38 @@ _LIMIT_RULE = (
     "a share of the minibatches (a float from 0.0 to 1.0), a number of minibatches (an integer "
     ">= 0), or null for all",
 )
+#: ... where none would train nothing (and save the initial weights as a trained model)
+_TRAIN_LIMIT_RULE = (
+    lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
+    "a share of the minibatches (a float above 0.0, at most 1.0), a number of minibatches (a positive "
+    "integer), or null for all",
+)
 #: What each Lightning ``Trainer`` option of the ``train`` section must be, as (check, description).
 _TRAINER_OPTION_RULES = {
     "num_nodes": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "strategy": (lambda v: isinstance(v, str) and v != "", "the name of a Lightning strategy (e.g. ddp)"),
-    "max_steps": (lambda v: _is_int(v) and v >= -1, "a non-negative integer, or -1 for no limit"),
+    "max_steps": (lambda v: _is_int(v) and (v >= 1 or v == -1), "a positive integer, or -1 for no limit"),
     "gradient_clip_val": (lambda v: v is None or (_is_number(v) and v >= 0), "a number >= 0, or null"),
     "accumulate_grad_batches": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "log_every_n_steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "enable_progress_bar": (lambda v: isinstance(v, bool), "true or false"),
-    "limit_train_batches": _LIMIT_RULE,
+    "limit_train_batches": _TRAIN_LIMIT_RULE,
     "limit_val_batches": _LIMIT_RULE,
+    "val_check_interval": (
+        lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
+        "a share of an epoch (a float above 0.0, at most 1.0), a number of minibatches (a positive "
+        "integer), or null",
+    ),
+    "check_val_every_n_epoch": (
+        lambda v: v is None or (_is_int(v) and v >= 1),
+        "a positive integer, or null",
+    ),
+    "num_sanity_val_steps": (lambda v: _is_int(v) and v >= -1, "an integer >= 0, or -1 for all"),
+    "overfit_batches": (
+        lambda v: _is_number(v) and v == 0,
+        "0 (overfitting a few minibatches is not supported: Lightning's loader for it cannot batch the "
+        "sparse counts; use limit_train_batches instead)",
+    ),
     "early_stopping_monitor": (lambda v: isinstance(v, str) and v != "", "the name of a logged metric"),
     "early_stopping_min_delta": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "early_stopping_patience": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
@@ -805,7 +826,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad arguments, config or input)."""
+    """Run the command line; returns the exit status (2 for bad arguments, config or input; 1 where the loss diverged)."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -813,6 +834,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = pretrain(args.config, overwrite=args.overwrite, command=args.command)
         else:
             out = _apply(args, args.command)
+    except FloatingPointError as err:  # the loss diverged: the run's own failure, not the config's
+        print(f"sctransformer {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, KeyError, OSError, MisconfigurationException) as err:
         # MisconfigurationException: a Trainer setting Lightning refuses (e.g. accelerator: gpu
         # on a machine without one), raised before training

@@ -619,6 +619,9 @@ def test_training_with_no_loss_term_to_score_is_refused_before_it_starts(adata):
     assert not model.is_trained
     train_quietly(model, max_epochs=1, gene_mask_prob=0.0, phenotype_mask_prob=0.5)  # the phenotypes only
     assert model.history["loss_train"].iloc[-1, 0] > 0
+    for option in ({"max_steps": 0}, {"limit_train_batches": 0}, {"limit_train_batches": 0.0}):
+        with pytest.raises(ValueError, match="leaves no training step"):
+            model.train(max_epochs=1, **option, **QUIET)
     unlabelled = adata.copy()
     sct.setup_anndata(unlabelled, layer="counts")
     with pytest.raises(ValueError, match="gene_mask_prob=0 with no phenotype keys"):

@@ -1388,6 +1388,12 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         accumulate = trainer_kwargs.get("accumulate_grad_batches", 1)  # the plan divides by it
         if isinstance(accumulate, bool) or not isinstance(accumulate, int | np.integer) or accumulate < 1:
             raise ValueError(f"accumulate_grad_batches must be a positive integer, got {accumulate!r}")
+        # no optimisation step at all would mark the initial weights as a trained model
+        if trainer_kwargs.get("max_steps", -1) == 0 or trainer_kwargs.get("limit_train_batches") in (0, 0.0):
+            raise ValueError(
+                "max_steps=0 or limit_train_batches=0 leaves no training step; pass a positive number "
+                "(max_steps=-1 or limit_train_batches=None for no limit)"
+            )
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if weight_decay < 0:
