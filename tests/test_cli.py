@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import sctransformer as sct
-from sctransformer.cli import ConfigError, _load_data, main, read_config
+from sctransformer.cli import ConfigError, _ConfigDumper, _load_data, _recorded, main, read_config
 
 from .conftest import QUIET, TINY
 
@@ -240,6 +240,18 @@ def test_a_diverged_run_is_one_line_with_exit_status_1(tmp_path, capsys):
         err.startswith("sctransformer pretrain: error: non-finite training loss") and err.count("\n") == 1
     ), err
     assert not (tmp_path / "model").exists()
+
+
+def test_a_saved_config_reads_back_strings_that_look_like_floats_as_strings(tmp_path):
+    config = yaml.safe_load(open(write_config(tmp_path)))
+    config["data"]["layer"] = "1e3"  # a layer so named: quoted in the config, and in the saved one
+    config["train"]["lr"] = 1e-4
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config).replace("layer: 1e3", "layer: '1e3'"))
+    read = read_config(tmp_path / "c.yaml")
+    assert read["data"]["layer"] == "1e3" and read["train"]["lr"] == 1e-4
+    (tmp_path / "saved.yaml").write_text(yaml.dump(_recorded(read), Dumper=_ConfigDumper, sort_keys=False))
+    again = read_config(tmp_path / "saved.yaml")
+    assert again["data"]["layer"] == "1e3" and again["train"]["lr"] == 1e-4
 
 
 def test_a_logger_named_twice_is_refused(tmp_path, capsys):

@@ -134,12 +134,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# YAML 1.1 (PyYAML) reads 1e-4 as a string: it wants a dot (1.0e-4); YAML 1.2 and JSON read a float
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+class _ConfigDumper(yaml.SafeDumper):
+    """YAML's safe dumper, quoting the strings that :class:`_UniqueKeyLoader` would read as floats."""
+
+
+# YAML 1.1 (PyYAML) reads 1e-4 as a string: it wants a dot (1.0e-4); YAML 1.2 and JSON read a float.
+# The dumper knows it too, so that a string such as "1e3" is written quoted and read back a string.
+for _yaml_class in (_UniqueKeyLoader, _ConfigDumper):
+    _yaml_class.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+del _yaml_class
 
 
 def _absolute(path: str | os.PathLike, base: Path) -> str:
@@ -586,7 +593,9 @@ def _save(model: GeneTransformer, output: Path, config: dict[str, Any], overwrit
         if _global_rank() == 0:
             _check_output(output, overwrite)  # e.g. another run saved there while this one trained
             model.save(output, overwrite=overwrite)
-            (output / CONFIG_FILE).write_text(yaml.safe_dump(_recorded(config), sort_keys=False))
+            (output / CONFIG_FILE).write_text(
+                yaml.dump(_recorded(config), Dumper=_ConfigDumper, sort_keys=False)
+            )
     finally:
         if _distributed():
             dist.barrier()  # the other ranks end once the model is saved (or its save failed)
