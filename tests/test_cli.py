@@ -317,6 +317,38 @@ def test_finetune_refuses_data_settings_that_differ_from_the_reference(tmp_path,
     assert (saved["layer"], saved["batch_key"], saved["gene_key"]) == ("counts", "batch", None)
 
 
+def test_finetune_takes_min_gene_overlap_for_a_query_sharing_few_genes(tmp_path, capsys):
+    save_reference(tmp_path, layer="counts")
+    query = ad.read_h5ad(tmp_path / "shard_0.h5ad")
+    kept = query.n_vars // 5  # the others renamed: genes the reference does not know
+    query.var_names = [*query.var_names[:kept], *(f"novel_{i}" for i in range(query.n_vars - kept))]
+    query.write_h5ad(tmp_path / "few_genes.h5ad")
+    finetune = {
+        "data": {"paths": ["few_genes.h5ad"], "phenotype_keys": ["cell_type"]},
+        "reference": "ref",
+        "train": {"max_epochs": 1, "batch_size": 32, "enable_progress_bar": False},
+        "log": {"loggers": ["csv"]},
+        "output": "finetuned",
+    }
+    for overlap, status, message in (
+        (None, 2, "min_gene_overlap=0.5"),
+        (1.5, 2, "must be a number in (0, 1]"),
+    ):
+        data = finetune["data"] | ({} if overlap is None else {"min_gene_overlap": overlap})
+        (tmp_path / "f.yaml").write_text(yaml.safe_dump(finetune | {"data": data}))
+        assert main(["finetune", "--config", str(tmp_path / "f.yaml")]) == status
+        assert message in capsys.readouterr().err
+    (tmp_path / "f.yaml").write_text(
+        yaml.safe_dump(finetune | {"data": finetune["data"] | {"min_gene_overlap": 0.1}})
+    )
+    assert main(["finetune", "--config", str(tmp_path / "f.yaml")]) == 0
+    config = write_config(
+        tmp_path, data={"paths": ["shard_0.h5ad"], "layer": "counts", "min_gene_overlap": 0.1}
+    )
+    assert main(["pretrain", "--config", config]) == 2
+    assert "data.min_gene_overlap is finetune's" in capsys.readouterr().err
+
+
 def test_predict_writes_probabilities_of_labels_with_slashes(tmp_path):
     data = sct.datasets.synthetic(n_cells=90, n_genes=30, n_cell_types=3, n_markers=6, seed=4)
     categories = [

@@ -37,7 +37,8 @@ sections the command refuses (``model`` for ``finetune``).
 ``finetune`` takes the same config with ``reference: <saved model directory>`` in place of
 ``model``: the reference is attached to the data (its genes, bins and categories kept; new
 phenotype keys get new heads, see :meth:`GeneTransformer.load_query_data`) and trained further,
-e.g. with ``train: {freeze: backbone}``. The data are loaded into memory and read as the
+e.g. with ``train: {freeze: backbone}``; ``data.min_gene_overlap`` (default 0.5) is the share of the
+smaller gene set the data must share with the reference. The data are loaded into memory and read as the
 reference was set up: ``data.layer``, ``data.gene_key`` and ``data.batch_key`` may be left out
 (the saved config records the reference's), and are an error where they differ from it.
 
@@ -103,7 +104,16 @@ if TYPE_CHECKING:
     from sctransformer.model import GeneTransformer
 
 SECTIONS = {"data", "model", "reference", "train", "log", "output"}
-DATA_KEYS = {"paths", "layer", "batch_key", "phenotype_keys", "gene_key", "streaming", "join"}
+DATA_KEYS = {
+    "paths",
+    "layer",
+    "batch_key",
+    "phenotype_keys",
+    "gene_key",
+    "streaming",
+    "join",
+    "min_gene_overlap",
+}
 LOG_KEYS = {"loggers", "dir", "wandb_project"}
 LOGGERS = ("csv", "tensorboard", "wandb")
 
@@ -251,6 +261,14 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
         raise ConfigError("data.join: outer needs data.streaming: true")
     if command == "finetune" and data["streaming"]:
         raise ConfigError("finetune loads its data into memory; set data.streaming: false")
+    if "min_gene_overlap" in data:  # of the data with the reference's genes (load_query_data's)
+        overlap = data["min_gene_overlap"]
+        if command != "finetune":
+            raise ConfigError(
+                "data.min_gene_overlap is finetune's (the share of the reference's genes needed)"
+            )
+        if not (_is_number(overlap) and 0 < overlap <= 1):
+            raise ConfigError(f"data.min_gene_overlap must be a number in (0, 1], got {overlap!r}")
     if command == "finetune":
         reference = config["reference"]
         if not isinstance(reference, str) or not reference:
@@ -640,7 +658,9 @@ def pretrain(config_path: str, *, overwrite: bool = False, command: str = "pretr
             keys = setup["phenotype_keys"]
             if keys is None:  # fine-tuning: the reference's phenotypes in the data are the targets, as asked
                 keys = [key for key in reference.phenotype_categories_ if key in adata.obs]
-            model = sct.GeneTransformer.load_query_data(adata, reference, phenotype_keys=keys)
+            model = sct.GeneTransformer.load_query_data(
+                adata, reference, phenotype_keys=keys, min_gene_overlap=data.get("min_gene_overlap", 0.5)
+            )
         else:
             sct.setup_anndata(adata, **setup)
             model = sct.GeneTransformer(adata, **config["model"])
