@@ -622,6 +622,8 @@ def test_resuming_a_checkpoint_of_other_cells_of_the_same_number_is_refused_befo
     err = capsys.readouterr().err
     assert "cannot resume from this checkpoint" in err and "training cells' names" in err, err
     assert not (tmp_path / "model_b").exists()  # not model_a's weights saved as a model of b.h5ad
+    assert not (tmp_path / "model_b-logs").exists()  # nor empty log folders of the refused run
+    assert (tmp_path / "ckpt" / "last.ckpt").exists() and (tmp_path / "model_a-logs").exists()
 
 
 def test_only_global_rank_0_saves_and_prints(tmp_path, capsys, monkeypatch):

@@ -67,6 +67,7 @@ config is reported in one line, before any training, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import inspect
@@ -559,6 +560,22 @@ def _finish_runs(loggers: Sequence[object]) -> None:
             run.finish()
 
 
+def _remove_empty_directories(directory: Path, kept: Path) -> None:
+    """Remove the empty folders in and above ``directory`` (up to, not including, ``kept``); nothing with a file."""
+    if not directory.is_dir() or not directory.resolve().is_relative_to(kept.resolve()):
+        return
+    for root, _, _ in sorted(os.walk(directory), key=lambda entry: -len(Path(entry[0]).parts)):
+        with contextlib.suppress(OSError):  # not empty: it keeps what a run wrote there
+            os.rmdir(root)
+    for parent in directory.parents:  # those the run made, up to the first that is not empty
+        if parent.resolve() == kept.resolve():
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
 def _distributed() -> bool:
     """Whether this process is one of several training together (its process group outlives training)."""
     import torch.distributed as dist
@@ -664,9 +681,17 @@ def pretrain(config_path: str, *, overwrite: bool = False, command: str = "pretr
         else:
             sct.setup_anndata(adata, **setup)
             model = sct.GeneTransformer(adata, **config["model"])
+    made = [Path(config["log"]["dir"])]
+    if config["train"].get("checkpoint_dir") is not None:
+        made.append(Path(config["train"]["checkpoint_dir"]))
+    existed = [next(p for p in (d, *d.parents) if p.exists()) for d in made]
     loggers = _loggers(config["log"])
     try:
         model.train(**config["train"], logger=loggers)
+    except BaseException:  # a run refused or failed leaves no empty folders behind (checkpoints stay)
+        for directory, kept in zip(made, existed, strict=True):
+            _remove_empty_directories(directory, kept)
+        raise
     finally:
         _finish_runs(loggers)
     _save(model, output, config, overwrite)
