@@ -431,7 +431,16 @@ def test_a_key_or_section_given_twice_is_refused(tmp_path, capsys):
         "train: {batch_size: 64}\n"
     )
     assert main(["pretrain", "--config", str(tmp_path / "twice.yaml")]) == 2
-    assert "found the key 'train' twice" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        "found the key 'train' twice; keep one (else the last would be used silently) at line 4, column 1"
+        in err
+    )
+    assert err.count("\n") == 1, err  # one line, as every error of the command
+    (tmp_path / "broken.yaml").write_text("data: {paths: [shard_0.h5ad]\noutput: model\n")
+    assert main(["pretrain", "--config", str(tmp_path / "broken.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "is not valid YAML/JSON: " in err and "at line 2" in err and err.count("\n") == 1, err
     (tmp_path / "twice.json").write_text(
         '{"data": {"paths": ["shard_0.h5ad"], "layer": "counts", "layer": null}, "output": "model"}'
     )

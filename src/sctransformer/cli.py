@@ -204,7 +204,13 @@ def read_config(path: str | Path, command: str = "pretrain") -> dict[str, Any]:
             config = yaml.load(text, Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         kind = "JSON" if path.suffix.lower() == ".json" else "YAML/JSON"
-        raise ConfigError(f"config file {str(path)!r} is not valid {kind}: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        if isinstance(err, yaml.MarkedYAMLError) and mark is not None:  # one line, not PyYAML's excerpt
+            detail = f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+            detail = f"{err.context}: {detail}" if err.context else detail
+        else:
+            detail = " ".join(str(err).split())
+        raise ConfigError(f"config file {str(path)!r} is not valid {kind}: {detail}") from err
     if not isinstance(config, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping with sections {sorted(SECTIONS)}")
     unknown = set(config) - SECTIONS
