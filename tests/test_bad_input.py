@@ -460,6 +460,14 @@ def test_a_non_finite_loss_mid_run_keeps_the_last_good_checkpoint(adata, tmp_pat
         model.train(max_epochs=3, checkpoint_dir=tmp_path, callbacks=[PoisonAtStep()], **QUIET)
     # a retry with resume=True would go on from that checkpoint, with its settings: the error says so
     assert "resume=True would go on from it with the same settings" in str(raised.value)
+    # a new run that diverges beside that checkpoint, before writing its own, says nothing of it
+    again = sct.GeneTransformer(adata, **TINY)
+    with torch.no_grad():
+        again.module.gene_embedding.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="at step 0") as raised, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again.train(max_epochs=1, checkpoint_dir=tmp_path, **QUIET)
+    assert "resume=True" not in str(raised.value)
     checkpoint = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)  # our own file
     assert checkpoint["epoch"] == 0  # the end of the first epoch, the last good one
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())

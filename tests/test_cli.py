@@ -633,6 +633,14 @@ def test_resuming_a_checkpoint_of_other_cells_of_the_same_number_is_refused_befo
     assert not (tmp_path / "model_b").exists()  # not model_a's weights saved as a model of b.h5ad
     assert not (tmp_path / "model_b-logs").exists()  # nor empty log folders of the refused run
     assert (tmp_path / "ckpt" / "last.ckpt").exists() and (tmp_path / "model_a-logs").exists()
+    # folders that existed before a refused run stay, empty or not
+    (tmp_path / "project" / "figures").mkdir(parents=True)
+    config = yaml.safe_load((tmp_path / "b.yaml").read_text()) | {
+        "log": {"loggers": ["csv"], "dir": "project"}
+    }
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(config))
+    assert main(["pretrain", "--config", str(tmp_path / "b.yaml")]) == 2
+    assert sorted(p.name for p in (tmp_path / "project").iterdir()) == ["figures"]
 
 
 def test_only_global_rank_0_saves_and_prints(tmp_path, capsys, monkeypatch):

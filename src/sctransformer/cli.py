@@ -566,20 +566,25 @@ def _finish_runs(loggers: Sequence[object]) -> None:
             run.finish()
 
 
-def _remove_empty_directories(directory: Path, kept: Path) -> None:
-    """Remove the empty folders in and above ``directory`` (up to, not including, ``kept``); nothing with a file."""
-    if not directory.is_dir() or not directory.resolve().is_relative_to(kept.resolve()):
-        return
-    for root, _, _ in sorted(os.walk(directory), key=lambda entry: -len(Path(entry[0]).parts)):
-        with contextlib.suppress(OSError):  # not empty: it keeps what a run wrote there
-            os.rmdir(root)
-    for parent in directory.parents:  # those the run made, up to the first that is not empty
-        if parent.resolve() == kept.resolve():
-            break
-        try:
-            parent.rmdir()
-        except OSError:
-            break
+def _new_directories(directories: Sequence[Path], loggers: Sequence[object]) -> list[Path]:
+    """The folders a run is about to create: the missing ones of ``directories`` and of the loggers' own.
+
+    Read before the run, so that after a failure exactly these (where still empty) can be removed,
+    and no folder that existed before is touched.
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    paths = list(directories)
+    for made in loggers:
+        if isinstance(made, CSVLogger | TensorBoardLogger):  # version_N below the logger's name folder
+            paths += [Path(made.log_dir), Path(made.log_dir).parent]
+    new = set()
+    for path in paths:
+        for folder in (path, *path.parents):
+            if folder.exists():
+                break
+            new.add(folder)
+    return sorted(new, key=lambda folder: -len(folder.parts))  # deepest first
 
 
 def _distributed() -> bool:
@@ -687,16 +692,17 @@ def pretrain(config_path: str, *, overwrite: bool = False, command: str = "pretr
         else:
             sct.setup_anndata(adata, **setup)
             model = sct.GeneTransformer(adata, **config["model"])
-    made = [Path(config["log"]["dir"])]
-    if config["train"].get("checkpoint_dir") is not None:
-        made.append(Path(config["train"]["checkpoint_dir"]))
-    existed = [next(p for p in (d, *d.parents) if p.exists()) for d in made]
     loggers = _loggers(config["log"])
+    directories = [Path(config["log"]["dir"])]
+    if config["train"].get("checkpoint_dir") is not None:
+        directories.append(Path(config["train"]["checkpoint_dir"]))
+    new = _new_directories(directories, loggers)
     try:
         model.train(**config["train"], logger=loggers)
-    except BaseException:  # a run refused or failed leaves no empty folders behind (checkpoints stay)
-        for directory, kept in zip(made, existed, strict=True):
-            _remove_empty_directories(directory, kept)
+    except BaseException:  # a run refused or failed leaves none of its folders empty behind
+        for folder in new:
+            with contextlib.suppress(OSError):  # not empty (e.g. checkpoints): kept
+                folder.rmdir()
         raise
     finally:
         _finish_runs(loggers)

@@ -566,6 +566,7 @@ def test_load_onto_cells_set_up_with_phenotypes_the_model_lacks_says_so(adata, t
     ):
         loaded = sct.GeneTransformer.load(tmp_path / "m", adata=labelled)
     assert loaded.phenotype_categories_ == {}
+    assert sct.GeneTransformer(labelled, **TINY).phenotype_categories_  # its registration is kept
     with warnings.catch_warnings():  # the model's own setup loads without that warning
         warnings.simplefilter("error")
         sct.GeneTransformer.load(tmp_path / "m", adata=adata)
@@ -619,6 +620,9 @@ def test_training_with_no_loss_term_to_score_is_refused_before_it_starts(adata):
     assert not model.is_trained
     train_quietly(model, max_epochs=1, gene_mask_prob=0.0, phenotype_mask_prob=0.5)  # the phenotypes only
     assert model.history["loss_train"].iloc[-1, 0] > 0
+    queried = sct.GeneTransformer(adata, **TINY, expression_queries=4)  # queries score held-out genes
+    train_quietly(queried, max_epochs=1, gene_mask_prob=0.0, phenotype_mask_prob=0.0)
+    assert queried.history["query_value_train"].iloc[-1, 0] > 0
     for option in ({"max_steps": 0}, {"limit_train_batches": 0}, {"limit_train_batches": 0.0}):
         with pytest.raises(ValueError, match="leaves no training step"):
             model.train(max_epochs=1, **option, **QUIET)
@@ -654,6 +658,22 @@ def test_early_stopping_options_are_checked_before_training(adata):
         model.train(max_epochs=1, early_stopping_patience=3, **QUIET)
     train_quietly(
         model, max_epochs=1, early_stopping=True, early_stopping_monitor="phenotype_cell_type_validation"
+    )
+
+    import lightning.pytorch as pl
+
+    class Score(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            pl_module.log("my_score", float(trainer.current_epoch))
+
+    # a metric the user's own callback logs may be monitored
+    train_quietly(
+        model,
+        max_epochs=2,
+        early_stopping=True,
+        early_stopping_monitor="my_score",
+        early_stopping_mode="max",
+        callbacks=[Score()],
     )
 
 

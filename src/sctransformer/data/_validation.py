@@ -335,7 +335,8 @@ def check_key_names(
             fix = (
                 "rename the layer with a string key"
                 if where == "layers"
-                else f"name the columns with strings, e.g. adata.{where}.columns = adata.{where}.columns.astype(str)"
+                else f"name the columns with strings, e.g. adata.{where}.columns = adata.{where}.columns.astype(str) "
+                "(in a config file, quote the name)"
             )
             raise TypeError(
                 f"{role} must name by strings (a saved model records the names as text), got {bad!r}; {fix}"

@@ -144,6 +144,11 @@ def knn_probe_accuracy(
     Returns
     -------
     The share of labelled test cells whose predicted label is their label.
+
+    Raises
+    ------
+    ValueError
+        Where ``train_idx`` and ``test_idx`` share cells (a test cell would find itself).
     """
     codes, _ = _label_codes(labels)
     embedding = _cells_matrix(embedding, len(codes), "embedding")
@@ -185,6 +190,12 @@ def logistic_regression_baseline(
     -------
     The predicted label of each ``test_idx`` cell, in that order: an object array of the values of
     ``labels``.
+
+    Raises
+    ------
+    ValueError
+        Where ``train_idx`` and ``test_idx`` share cells (to predict every cell, fit on other cells:
+        e.g. a model's ``train_indices`` and its validation and test cells).
     """
     codes, classes = _label_codes(labels)
     features = _cells_matrix(features, len(codes), "features")

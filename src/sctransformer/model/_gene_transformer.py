@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from numbers import Real
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -137,12 +138,25 @@ def _check_finite(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
-def _check_early_stopping(options: dict[str, Any], early_stopping: bool, metrics: list[str]) -> None:
+def _extra_phenotype_keys(manager: AnnDataManager, state: dict[str, Any]) -> list[str]:
+    """The phenotype keys ``manager`` registered that a saved model (``state``) has no slots for."""
+    registered = manager.registry["setup_args"].get(SETUP_ARGS.PHENOTYPE_KEYS) or []
+    return [key for key in registered if key not in state["phenotype_categories"]]
+
+
+def _modified(path: Path) -> int | None:
+    """When ``path`` was last written (nanoseconds), ``None`` where it does not exist."""
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def _check_early_stopping(
+    options: dict[str, Any], early_stopping: bool, metrics: list[str], *, others: bool = False
+) -> None:
     """Check ``train``'s ``early_stopping_*`` options before training (else they fail epochs in).
 
-    ``options``: the options given, by name without the prefix; ``metrics``: the names the run may
-    log, which ``monitor`` must be one of. Options without ``early_stopping=True`` warn: they would
-    be ignored.
+    ``options``: the options given, by name without the prefix; ``metrics``: the names the run
+    logs, which ``monitor`` must be one of unless ``others`` (the user's callbacks may log more).
+    Options without ``early_stopping=True`` warn: they would be ignored.
     """
     if options and not early_stopping:
         warnings.warn(
@@ -161,7 +175,7 @@ def _check_early_stopping(options: dict[str, Any], early_stopping: bool, metrics
     if options.get("mode", "min") not in ("min", "max"):
         raise ValueError(f"early_stopping_mode must be 'min' or 'max', got {options['mode']!r}")
     monitor = options.get("monitor", "loss_validation")
-    if monitor not in metrics:
+    if monitor not in metrics and not others:
         close = difflib.get_close_matches(str(monitor), metrics, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(
@@ -1443,11 +1457,17 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             )
         learns_phenotypes = bool(self.phenotype_categories_) and phenotype_mask_prob > 0
         learns_alignment = self.module.align_dims is not None and align_weight > 0
-        if gene_mask_prob == 0 and gene_prediction == 0 and not learns_phenotypes and not learns_alignment:
+        learns_queries = bool(self.module.expression_queries)  # held-out genes, whatever gene_mask_prob
+        if (
+            gene_mask_prob == 0
+            and gene_prediction == 0
+            and not (learns_phenotypes or learns_alignment or learns_queries)
+        ):
             phenotypes = "phenotype_mask_prob=0" if self.phenotype_categories_ else "no phenotype keys"
             raise ValueError(
-                f"gene_mask_prob=0 with {phenotypes}, no gene prediction and no alignment leaves nothing to "
-                "learn: no loss term would be scored; set gene_mask_prob (e.g. 0.15) or phenotype_mask_prob"
+                f"gene_mask_prob=0 with {phenotypes}, no gene prediction, no expression queries and no "
+                "alignment leaves nothing to learn: no loss term would be scored; set gene_mask_prob (e.g. "
+                "0.15) or phenotype_mask_prob"
             )
         if not 0 < train_size <= 1:
             raise ValueError(f"train_size must be in (0, 1], got {train_size!r}")
@@ -1561,7 +1581,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
             for stage in ("validation", "train")
             for name in ("loss", *self.module.loss_names(list(self.phenotype_categories_)))
         ]
-        _check_early_stopping(stopping, early_stopping, metrics)
+        _check_early_stopping(stopping, early_stopping, metrics, others=bool(trainer_kwargs.get("callbacks")))
         if early_stopping and trainer_kwargs.get("check_val_every_n_epoch") is None:
             trainer_kwargs["check_val_every_n_epoch"] = 1  # as scvi-tools' Trainer sets it for its own
         early_stopper = (
@@ -1633,6 +1653,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         }
         history = (copy.copy(self.history_), self.is_trained_)  # scvi-tools appends a failed run's epochs
         diverged = False
+        checkpoint_before = None if checkpoint_dir is None else _modified(checkpointer.last)
         try:
             pl.seed_everything(seed, workers=True, verbose=False)
             if self.shards_ is None:
@@ -1689,13 +1710,17 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 warnings.warn(
                     f"the checkpoint in {checkpoint_dir} was written at the end of a finished run "
                     f"(step {plan.resumed_step}), so resume=True trained nothing; to train again, pass "
-                    "resume=False or another checkpoint_dir (or more max_epochs to train on)",
+                    "resume=False or another checkpoint_dir",
                     UserWarning,
                     stacklevel=2,
                 )
         except FloatingPointError as error:  # a non-finite loss (the training plan's)
             diverged = True
-            if checkpoint_dir is None or not checkpointer.last.exists():
+            # a hint only where the last checkpoint is this run's (written, or resumed from)
+            written = checkpoint_dir is not None and checkpointer.last.exists()
+            if not written or (
+                _modified(checkpointer.last) == checkpoint_before and plan.resumed_step is None
+            ):
                 raise
             raise FloatingPointError(
                 f"{error}. The last checkpoint in {checkpoint_dir} was written before the loss diverged: "
@@ -2702,6 +2727,15 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 UserWarning,
                 stacklevel=2,
             )
+        extra = [] if manager is None else _extra_phenotype_keys(manager, state)
+        if extra:  # kept registered (a new model of adata takes them), but this one cannot use them
+            warnings.warn(
+                f"adata was set up with phenotype_keys {extra}, which the model has no tokens or heads for: "
+                "their labels are ignored by train() and predict(); to train the model on them, use "
+                "GeneTransformer.load_query_data(adata, dir_path), which adds them",
+                UserWarning,
+                stacklevel=2,
+            )
         # an aligned model registers its second modality with the counts, as creating it does (where
         # the cells have it), and no other model's
         align_obsm = _present_obsm(adata, state["hyperparameters"].get("align_obsm"))
@@ -2750,17 +2784,6 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 )
             elif _registered_codes_differ(adata, key, categories):
                 differences.append(f"codes of {key!r}")
-        extra = [
-            k
-            for k in registered.get(SETUP_ARGS.PHENOTYPE_KEYS) or []
-            if k not in state["phenotype_categories"]
-        ]
-        if extra:  # set up again without them: their labels would be ignored by train() and predict()
-            differences.append(
-                f"phenotype_keys {extra}, which the model has no tokens or heads for (their labels would be "
-                "ignored; to train the model on them, use GeneTransformer.load_query_data(adata, dir_path), "
-                "which adds them)"
-            )
         return differences
 
     @classmethod
