@@ -2314,8 +2314,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         Raises
         ------
         ValueError
-            Where no cell has a label of the model's phenotypes in a category it knows (e.g. the
-            labels are under another column name); checked before the forward pass.
+            Where no cell of ``adata`` has a label of the model's phenotypes in a category it knows
+            (e.g. the labels are under another column name); checked before the forward pass. On
+            the model's own cells without labels, an empty table is returned.
         """
         from scipy.optimize import minimize_scalar
 
@@ -2387,7 +2388,9 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
                 self.temperatures_.get(key, "none: 1"),
             )
             labelled.remove(key)
-        if not labelled:
+        if not labelled and own:  # the model's cells, registered without labels: nothing to fit, as before
+            return pd.DataFrame()
+        if not labelled:  # cells given for their labels: a wrong column name, say
             raise ValueError(
                 f"no cell has a label the model knows of its phenotypes {keys} (the cells' columns: "
                 f"{columns[:20]}), so there is nothing to calibrate on; give the labels the model's column "
