@@ -212,6 +212,21 @@ def test_query_samples_are_distinct_held_out_and_of_the_right_kind():
     assert (out.bins[out.is_unexpressed] == -1).all()
 
 
+def test_genes_without_a_column_are_never_unexpressed_queries():
+    """A query panel lacking vocabulary genes: those are unmeasured, not 'not expressed' targets."""
+    rng = np.random.default_rng(5)
+    x = random_counts(rng, 16, 30, 0.3)
+    column_to_gene = torch.arange(30)
+    column_to_gene[20:] = -1  # the data have columns for vocabulary genes 0-19 only (and 10 others)
+    tokenizer = Tokenizer(40, max_length=8, n_bins=4)
+    out = tokenizer(
+        torch.as_tensor(x), column_to_gene, n_queries=8, generator=torch.Generator().manual_seed(0)
+    )
+    unexpressed = out.gene_ids[out.is_unexpressed]
+    assert unexpressed.numel() > 0 and bool((unexpressed < 20).all())
+    assert (out.n_held[:, 1] <= 20).all()
+
+
 def test_query_sampling_with_few_held_out_genes():
     x = np.ones((1, 5), dtype=np.float32)
     x[0, 2] = 0

@@ -700,7 +700,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         costs time).
     max_length
         Maximum number of gene tokens per cell (the ``[CLS]`` and phenotype tokens come on top).
-        Cells with more expressed genes keep the most expressed ones.
+        Cells with more expressed genes keep those ranked first by ``gene_ranking``.
     value_encoding
         ``"binned"``: expression bins with a cross-entropy loss; ``"continuous"``: an MLP on the
         log1p-normalised value with a mean-squared-error loss.

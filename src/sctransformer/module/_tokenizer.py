@@ -280,7 +280,8 @@ class Tokenizer(nn.Module):
             With a positive number, each cell holds a random set of vocabulary genes out of its
             context (a share drawn uniformly in ``[0, 1.1)`` per cell and capped at 1, then each
             gene independently); up to ``n_queries`` of the held-out genes it expresses and up to
-            ``n_queries`` of those it does not, chosen at random, become query tokens.
+            ``n_queries`` of those it does not (among the genes ``x`` has columns for), chosen at
+            random, become query tokens.
         held_out
             ``(n_genes,)`` or ``(n_cells, n_genes)`` boolean mask of vocabulary genes to leave out
             of the context (and of the profile); its share of the vocabulary is recorded as
@@ -363,7 +364,11 @@ class Tokenizer(nn.Module):
             # unexpressed queries: a random choice among the held-out genes it does not express
             expressed = torch.zeros(n_cells, self.n_genes, dtype=torch.bool, device=device)
             expressed[row, gene] = True
-            pool = held_out & ~expressed
+            # ... among the genes the data measure: a gene without a column is unknown, not unexpressed
+            genes_of_columns = column_to_gene.to(device)
+            measured = torch.zeros(self.n_genes, dtype=torch.bool, device=device)
+            measured[genes_of_columns[genes_of_columns >= 0]] = True
+            pool = held_out & ~expressed & measured
             sampled, valid = self._sample_among(pool, n_queries, generator)
             parts.append(
                 (
