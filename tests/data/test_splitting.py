@@ -54,6 +54,30 @@ def test_length_buckets_visit_every_item_once_and_cut_padding():
     assert all(len(b) == batch_size for b in batches[:-1]) and len(batches[-1]) == len(lengths) % batch_size
 
 
+def test_the_training_loader_takes_the_loader_options_of_datasplitter_kwargs(adata):
+    import lightning.pytorch as pl
+
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            loader = trainer.train_dataloader
+            seen.update(
+                timeout=loader.timeout, prefetch_factor=loader.prefetch_factor, init=loader.worker_init_fn
+            )
+
+    def init(worker_id: int) -> None:  # a worker_init_fn of the user's
+        return None
+
+    sct.setup_anndata(adata, layer="counts")
+    model = sct.GeneTransformer(adata, **TINY)
+    options = {"num_workers": 1, "prefetch_factor": 3, "timeout": 120, "worker_init_fn": init}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.train(max_epochs=1, datasplitter_kwargs=options, callbacks=[Spy()], **QUIET)
+    assert seen == {"timeout": 120, "prefetch_factor": 3, "init": init}
+
+
 def test_expressed_per_cell_counts_non_zeros_of_sparse_dense_and_explicit_zeros():
     x = sp.random(50, 30, density=0.3, format="csr", random_state=0, dtype=np.float32)
     x.data[:5] = 0  # explicit zeros are not expressed

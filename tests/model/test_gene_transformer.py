@@ -110,6 +110,11 @@ def test_external_indexing_takes_boolean_masks_and_refuses_bad_sets_before_train
             ValueError, match=rf"\['{option}'\] are set by train\(\) itself.*train\({argument}="
         ):
             model.train(max_epochs=1, datasplitter_kwargs={option: 8}, **QUIET)
+    for option in ("shuffle", "sampler", "batch_sampler", "distributed_sampler", "collate_fn"):
+        with pytest.raises(
+            ValueError, match=rf"\['{option}'\] are set by train\(\) itself.*{option}: no option"
+        ):
+            model.train(max_epochs=1, datasplitter_kwargs={option: None}, **QUIET)
     with pytest.raises(
         ValueError, match=r"\['num_worker'\] are options of neither.*did you mean 'num_workers'"
     ):

@@ -464,6 +464,12 @@ TRAIN_OWNED_SPLITTER_OPTIONS = {
     "seed": "seed",
     "lengths": "length_bucketing",
     "load_sparse_tensor": None,
+    # the training minibatches are train()'s own: drawn by its sampler, one sparse read each
+    "shuffle": None,
+    "sampler": None,
+    "batch_sampler": None,
+    "distributed_sampler": None,
+    "collate_fn": None,
 }
 
 
@@ -474,11 +480,12 @@ def refuse_train_owned_options(options: Mapping[str, Any]) -> None:
         fixes = [
             f"{key}: train({TRAIN_OWNED_SPLITTER_OPTIONS[key]}=...)"
             if TRAIN_OWNED_SPLITTER_OPTIONS[key]
-            else f"{key}: always set"
+            else f"{key}: no option, train() sets it"
             for key in owned
         ]
         raise ValueError(
-            f"datasplitter_kwargs {owned} are set by train() itself; pass them as its arguments ({'; '.join(fixes)})"
+            f"datasplitter_kwargs {owned} are set by train() itself; leave them out, or pass them as its "
+            f"arguments where it has one ({'; '.join(fixes)})"
         )
 
 
@@ -659,6 +666,11 @@ class EpochSeededDataSplitter(DataSplitter, ResumableDataModule):
             num_workers=loader.num_workers,
             persistent_workers=loader.persistent_workers,
             pin_memory=loader.pin_memory,
+            # the other loader options of datasplitter_kwargs, as the validation loader takes them
+            prefetch_factor=loader.prefetch_factor,
+            timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context,
             generator=torch.Generator(),  # the seed a loader draws per iterator stays off the global RNG
         )
         adata = self.adata_manager.adata
