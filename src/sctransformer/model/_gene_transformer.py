@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from numbers import Real
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -142,11 +141,6 @@ def _extra_phenotype_keys(manager: AnnDataManager, state: dict[str, Any]) -> lis
     """The phenotype keys ``manager`` registered that a saved model (``state``) has no slots for."""
     registered = manager.registry["setup_args"].get(SETUP_ARGS.PHENOTYPE_KEYS) or []
     return [key for key in registered if key not in state["phenotype_categories"]]
-
-
-def _modified(path: Path) -> int | None:
-    """When ``path`` was last written (nanoseconds), ``None`` where it does not exist."""
-    return path.stat().st_mtime_ns if path.exists() else None
 
 
 def _check_early_stopping(
@@ -1653,7 +1647,6 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         }
         history = (copy.copy(self.history_), self.is_trained_)  # scvi-tools appends a failed run's epochs
         diverged = False
-        checkpoint_before = None if checkpoint_dir is None else _modified(checkpointer.last)
         try:
             pl.seed_everything(seed, workers=True, verbose=False)
             if self.shards_ is None:
@@ -1717,10 +1710,7 @@ class GeneTransformer(ExpressionMixin, BaseModelClass):
         except FloatingPointError as error:  # a non-finite loss (the training plan's)
             diverged = True
             # a hint only where the last checkpoint is this run's (written, or resumed from)
-            written = checkpoint_dir is not None and checkpointer.last.exists()
-            if not written or (
-                _modified(checkpointer.last) == checkpoint_before and plan.resumed_step is None
-            ):
+            if checkpoint_dir is None or not (checkpointer.wrote or plan.resumed_step is not None):
                 raise
             raise FloatingPointError(
                 f"{error}. The last checkpoint in {checkpoint_dir} was written before the loss diverged: "

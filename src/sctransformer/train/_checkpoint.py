@@ -72,6 +72,8 @@ class PeriodicCheckpoint(Callback):
             ) from err
         self.every_n_steps = every_n_steps
         self._last_step = -1
+        #: Whether this run has written a checkpoint (``last`` may be an earlier run's until it has)
+        self.wrote = False
         self._resumed_loader_states: list[dict[str, Any]] = []
         self._epoch_end: dict[str, Any] | None = None  # the checkpoint of an epoch end, to be written
         self._run_state: dict[str, Any] = {}
@@ -203,3 +205,4 @@ class PeriodicCheckpoint(Callback):
                 trainer.strategy.barrier("PeriodicCheckpoint._write")
         if trainer.is_global_zero:
             os.replace(partial, self.last)
+        self.wrote = True
