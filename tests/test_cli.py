@@ -43,6 +43,17 @@ def save_reference(tmp_path, **setup) -> None:
     sct.GeneTransformer(reference, **TINY).save(tmp_path / "ref")
 
 
+def finetune_config(data: dict, output: str) -> dict:
+    """A finetune config of ``data`` against the reference ``ref`` (:func:`save_reference`): one quiet epoch."""
+    return {
+        "data": data,
+        "reference": "ref",
+        "train": {"max_epochs": 1, "batch_size": 32, "enable_progress_bar": False},
+        "log": {"loggers": ["csv"]},
+        "output": output,
+    }
+
+
 def write_config(tmp_path, **overrides) -> str:
     config = {
         "data": {"paths": write_shards(tmp_path), "layer": "counts", "phenotype_keys": ["cell_type"]},
@@ -289,13 +300,9 @@ def test_in_memory_data_keep_a_label_column_that_only_some_files_have(tmp_path):
 
 def test_finetune_refuses_data_settings_that_differ_from_the_reference(tmp_path, capsys):
     save_reference(tmp_path, layer="counts", batch_key="batch")
-    finetune = {
-        "data": {"paths": ["shard_0.h5ad"], "phenotype_keys": ["cell_type"]},
-        "reference": "ref",
-        "train": {"max_epochs": 1, "batch_size": 32, "enable_progress_bar": False},
-        "log": {"loggers": ["csv"]},
-        "output": "finetuned",
-    }
+    finetune = finetune_config(
+        {"paths": ["shard_0.h5ad"], "phenotype_keys": ["cell_type"]}, output="finetuned"
+    )
     for key, value in [
         ("layer", "no_such_layer"),
         ("layer", None),  # X, where the reference read the counts layer
@@ -323,13 +330,9 @@ def test_finetune_takes_min_gene_overlap_for_a_query_sharing_few_genes(tmp_path,
     kept = query.n_vars // 5  # the others renamed: genes the reference does not know
     query.var_names = [*query.var_names[:kept], *(f"novel_{i}" for i in range(query.n_vars - kept))]
     query.write_h5ad(tmp_path / "few_genes.h5ad")
-    finetune = {
-        "data": {"paths": ["few_genes.h5ad"], "phenotype_keys": ["cell_type"]},
-        "reference": "ref",
-        "train": {"max_epochs": 1, "batch_size": 32, "enable_progress_bar": False},
-        "log": {"loggers": ["csv"]},
-        "output": "finetuned",
-    }
+    finetune = finetune_config(
+        {"paths": ["few_genes.h5ad"], "phenotype_keys": ["cell_type"]}, output="finetuned"
+    )
     for overlap, status, message in (
         (None, 2, "min_gene_overlap=0.5"),
         (1.5, 2, "must be a number in (0, 1]"),
@@ -723,13 +726,7 @@ def test_a_saved_config_run_with_another_output_logs_beside_that_output(tmp_path
 
 def test_the_config_saved_beside_a_finetuned_model_runs_again(tmp_path):
     save_reference(tmp_path, layer="counts")
-    finetune = {
-        "data": {"paths": ["shard_0.h5ad"], "phenotype_keys": ["cell_type"]},
-        "reference": "ref",
-        "train": {"max_epochs": 1, "batch_size": 32, "enable_progress_bar": False},
-        "log": {"loggers": ["csv"]},
-        "output": "tuned",
-    }
+    finetune = finetune_config({"paths": ["shard_0.h5ad"], "phenotype_keys": ["cell_type"]}, output="tuned")
     (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(finetune))
     assert main(["finetune", "--config", str(tmp_path / "finetune.yaml")]) == 0
     saved = (tmp_path / "tuned" / "config.yaml").read_text()
@@ -742,13 +739,8 @@ def test_the_config_saved_beside_a_finetuned_model_runs_again(tmp_path):
 def test_finetune_of_a_labelled_reference_trains_on_its_labels_without_a_leak_warning(tmp_path, caplog):
     """Fine-tuning is meant to train on the data's labels: no warning that they are training targets."""
     save_reference(tmp_path, layer="counts", phenotype_keys=["cell_type"])
-    finetune = {
-        "data": {"paths": ["shard_1.h5ad"]},  # no phenotype_keys: the reference's
-        "reference": "ref",
-        "train": {"max_epochs": 1, "batch_size": 32, "enable_progress_bar": False},
-        "log": {"loggers": ["csv"]},
-        "output": "tuned",
-    }
+    # no phenotype_keys: the reference's
+    finetune = finetune_config({"paths": ["shard_1.h5ad"]}, output="tuned")
     (tmp_path / "finetune.yaml").write_text(yaml.safe_dump(finetune))
     with caplog.at_level("INFO", logger="sctransformer"):
         assert main(["finetune", "--config", str(tmp_path / "finetune.yaml")]) == 0
